@@ -1,0 +1,87 @@
+//! Events of the request path and the model lifecycle. The sink is where the audit log plugs
+//! in; until then events go to the structured log.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use super::RequestContext;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    Ok,
+    Failed(&'static str),
+}
+
+impl RequestOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestOutcome::Ok => "ok",
+            RequestOutcome::Failed(kind) => kind,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleKind {
+    /// Loaded, golden vectors reproduced, serving.
+    Activated,
+    /// Refused at load (unreadable, unsupported operator, golden mismatch, panic).
+    Refused,
+    /// Taken out of service.
+    Unloaded,
+}
+
+impl LifecycleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleKind::Activated => "activated",
+            LifecycleKind::Refused => "refused",
+            LifecycleKind::Unloaded => "unloaded",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Request { ctx: RequestContext, model: String, version: Option<String>, outcome: RequestOutcome, latency: Duration },
+    Lifecycle { model: String, version: String, kind: LifecycleKind, detail: String },
+}
+
+pub type SinkFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Receives every event. `record` resolves once the event is as durable as the sink promises;
+/// the request path waits for it before answering.
+pub trait EventSink: Send + Sync {
+    fn record(&self, event: Event) -> SinkFuture;
+}
+
+/// Writes events to the log; requests at debug level, lifecycle at info/warn.
+pub struct LogSink;
+
+impl EventSink for LogSink {
+    fn record(&self, event: Event) -> SinkFuture {
+        match &event {
+            Event::Request { ctx, model, version, outcome, latency } => tracing::debug!(
+                request_id = %ctx.id,
+                principal = %ctx.principal,
+                transport = ctx.transport.as_str(),
+                model = %model,
+                version = version.as_deref().unwrap_or("-"),
+                route = ctx.route.as_str(),
+                outcome = outcome.label(),
+                latency_us = latency.as_micros() as u64,
+                "request"
+            ),
+            Event::Lifecycle { model, version, kind, detail } => match kind {
+                LifecycleKind::Refused => {
+                    tracing::warn!(model = %model, version = %version, event = kind.as_str(), %detail, "model refused")
+                }
+                _ => {
+                    tracing::info!(model = %model, version = %version, event = kind.as_str(), %detail, "model lifecycle")
+                }
+            },
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

@@ -1,0 +1,224 @@
+//! The one inference API every adapter calls (HTTP now; MQTT and overflow routing plug in
+//! here). It owns the request path: look up the model, validate against its signature, queue,
+//! wait within the deadline, select outputs, count, and report to the event sink.
+
+pub mod events;
+pub mod repository;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use events::{Event, EventSink, LogSink, RequestOutcome};
+pub use repository::{ModelState, ModelStatus, Repository};
+
+use crate::engine::{JobError, RunError, SubmitError};
+use crate::protocol::{InferRequest, InferResponse};
+use crate::telemetry::Metrics;
+
+/// Where a request came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Mqtt,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// Where a request was (or will be) answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+        }
+    }
+}
+
+/// Everything about a request that is not its tensors.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The request id: the client's V2 `id` when given, else generated.
+    pub id: String,
+    /// Who asked: a token name or certificate subject; "anonymous" without auth.
+    pub principal: String,
+    pub transport: Transport,
+    pub deadline: Instant,
+    pub route: Route,
+    pub received: Instant,
+}
+
+impl RequestContext {
+    pub fn new(transport: Transport, timeout: Duration) -> Self {
+        let now = Instant::now();
+        RequestContext {
+            id: next_request_id(),
+            principal: "anonymous".to_owned(),
+            transport,
+            deadline: now + timeout,
+            route: Route::Local,
+            received: now,
+        }
+    }
+}
+
+/// Process-unique request ids: time-based prefix plus a counter.
+pub fn next_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        format!("{:x}{:04x}", t.as_secs(), std::process::id() & 0xffff)
+    });
+    format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Why a request failed; each adapter maps these to its own status codes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    #[error("unknown model '{0}'")]
+    ModelNotFound(String),
+    #[error("unknown version '{version}' of model '{model}'")]
+    VersionNotFound { model: String, version: String },
+    #[error("model '{0}' is not ready")]
+    NotReady(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("model '{model}' is overloaded: {reason}")]
+    Overloaded { model: String, reason: String, retry_after: Duration },
+    #[error("request deadline exceeded")]
+    DeadlineExceeded,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl InferError {
+    /// The label used in metrics and audit records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => "not_found",
+            InferError::NotReady(_) => "not_ready",
+            InferError::InvalidInput(_) => "invalid_input",
+            InferError::Overloaded { .. } => "overloaded",
+            InferError::DeadlineExceeded => "deadline",
+            InferError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The inference API shared by all adapters.
+#[derive(Clone)]
+pub struct InferenceService {
+    pub repository: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    pub events: Arc<dyn EventSink>,
+}
+
+impl InferenceService {
+    pub fn new(repository: Arc<Repository>, metrics: Arc<Metrics>, events: Arc<dyn EventSink>) -> Self {
+        InferenceService { repository, metrics, events }
+    }
+
+    /// Runs one request end to end.
+    pub async fn infer(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        version: Option<&str>,
+        request: InferRequest,
+    ) -> Result<InferResponse, InferError> {
+        let result = self.infer_inner(ctx, model, version, request).await;
+        let latency = ctx.received.elapsed();
+        let (served_version, outcome) = match &result {
+            Ok(r) => (Some(r.model_version.clone()), RequestOutcome::Ok),
+            Err(e) => (None, RequestOutcome::Failed(e.kind())),
+        };
+        let label = match &result {
+            Err(InferError::ModelNotFound(_)) => crate::telemetry::UNKNOWN_MODEL,
+            _ => model,
+        };
+        self.metrics.record_request(label, outcome.label(), latency);
+        let recorded = self
+            .events
+            .record(Event::Request {
+                ctx: ctx.clone(),
+                model: model.to_owned(),
+                version: served_version,
+                outcome,
+                latency,
+            })
+            .await;
+        // An answer whose record could not be kept is not given (fail closed).
+        match recorded {
+            Ok(()) => result,
+            Err(e) => Err(InferError::Internal(format!("event sink refused the record: {e}"))),
+        }
+    }
+
+    async fn infer_inner(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        version: Option<&str>,
+        request: InferRequest,
+    ) -> Result<InferResponse, InferError> {
+        let served = self.repository.serving(model, version)?;
+        let inputs = served.model.validate(request.inputs).map_err(|e| match e {
+            RunError::InvalidInput(m) => InferError::InvalidInput(m),
+            RunError::Engine(m) => InferError::Internal(m),
+        })?;
+        // Requested outputs must exist before any work is queued.
+        for o in &request.outputs {
+            if !served.model.signature.outputs.iter().any(|s| s.name == o.name) {
+                return Err(InferError::InvalidInput(format!("unknown output '{}'", o.name)));
+            }
+        }
+        let rx = served.submit(inputs, ctx.deadline).map_err(|e| match e {
+            SubmitError::QueueFull(_) => InferError::Overloaded {
+                model: model.to_owned(),
+                reason: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
+            SubmitError::Closed => InferError::NotReady(model.to_owned()),
+        })?;
+        let (result, _run_time) = tokio::time::timeout_at(ctx.deadline.into(), rx)
+            .await
+            .map_err(|_| InferError::DeadlineExceeded)?
+            .map_err(|_| InferError::Internal("inference worker stopped".into()))?;
+        let mut outputs = result.map_err(|e| match e {
+            JobError::Expired => InferError::DeadlineExceeded,
+            JobError::Run(RunError::InvalidInput(m)) => InferError::InvalidInput(m),
+            JobError::Run(RunError::Engine(m)) => InferError::Internal(m),
+        })?;
+        if !request.outputs.is_empty() {
+            outputs = request
+                .outputs
+                .iter()
+                .filter_map(|o| outputs.iter().position(|t| t.name == o.name).map(|i| outputs[i].clone()))
+                .collect();
+        }
+        let mut parameters = serde_json::Map::new();
+        parameters.insert("route".into(), Value::String(ctx.route.as_str().into()));
+        Ok(InferResponse {
+            model_name: served.name.clone(),
+            model_version: served.version.clone(),
+            id: request.id,
+            parameters,
+            outputs,
+        })
+    }
+}

@@ -1,0 +1,407 @@
+//! Configuration: one TOML file, parsed strictly (unknown keys are errors) and validated into
+//! [`Config`], which cannot hold an invalid state. `outpost check-config` runs the same code.
+//!
+//! Without `--config` the agent runs the *dev profile*: defaults meant for a checkout of the
+//! repository (see [`Config::dev_profile`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Largest request body the agent accepts, whatever the configuration says.
+pub const MAX_BODY_CEILING: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+// ------------------------------------------------------------------------------------------
+// The file as written
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    log: RawLog,
+    local_models: Option<RawLocalModels>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    site: Option<String>,
+    name: Option<String>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+    request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalModels {
+    dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    enabled: Option<bool>,
+    instances: Option<u32>,
+    max_queue: Option<u32>,
+    plan_cache: Option<u32>,
+}
+
+// ------------------------------------------------------------------------------------------
+// The validated configuration
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    /// Directories of unsigned local models (`<dir>/<name>/model.onnx` + `golden.json`).
+    pub local_models: Vec<PathBuf>,
+    /// Per-model settings; models not named here get [`ModelConfig::default`].
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Where this configuration came from; `None` for the dev profile.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub site: String,
+    pub name: String,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub enabled: bool,
+    /// Inference threads for this model.
+    pub instances: usize,
+    /// Requests waiting or running before new ones are refused with 503.
+    pub max_queue: usize,
+    /// Optimized plans kept, one per concrete input shape.
+    pub plan_cache: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { enabled: true, instances: 1, max_queue: 64, plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text; `path` is used in messages and to resolve relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        validate(raw, Some(path.to_owned()), &base, false)
+    }
+
+    /// The dev profile: `outpost run` with no `--config`, for a checkout of the repository.
+    /// Listens on 127.0.0.1:8080, keeps state in `./.outpost` and serves the demo models in
+    /// `models/` (and those built into `.cache/models/`, such as the MiniLM encoder).
+    pub fn dev_profile() -> Config {
+        let root = checkout_root();
+        let state_dir = match std::env::var_os("XDG_STATE_HOME") {
+            Some(x) if !root.join("models").is_dir() => PathBuf::from(x).join("outpost"),
+            _ => root.join(".outpost"),
+        };
+        let raw = RawConfig {
+            node: RawNode { state_dir: Some(state_dir), ..Default::default() },
+            local_models: Some(RawLocalModels { dirs: vec![root.join("models"), root.join(".cache").join("models")] }),
+            ..Default::default()
+        };
+        // The dev profile's values are valid by construction; fall back on the bare defaults
+        // should validation ever disagree.
+        validate(raw, None, &root, true).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "dev profile failed validation");
+            Config {
+                node: NodeConfig { site: "demo-site".into(), name: hostname(), state_dir: root.join(".outpost") },
+                http: HttpConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                    max_body_bytes: 16 << 20,
+                    request_timeout: Duration::from_secs(30),
+                },
+                log: LogConfig { level: "info".into(), format: LogFormat::Text },
+                local_models: vec![root.join("models")],
+                models: BTreeMap::new(),
+                path: None,
+            }
+        })
+    }
+
+    pub fn model(&self, name: &str) -> ModelConfig {
+        self.models.get(name).cloned().unwrap_or_default()
+    }
+
+    pub fn is_dev_profile(&self) -> bool {
+        self.path.is_none()
+    }
+}
+
+/// The repository checkout: the working directory when it holds `models/`, else the source tree
+/// this binary was built from.
+fn checkout_root() -> PathBuf {
+    if let Ok(cwd) = std::env::current_dir() {
+        if cwd.join("models").is_dir() {
+            return cwd;
+        }
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if built.join("models").is_dir() {
+        return built.canonicalize().unwrap_or(built);
+    }
+    std::env::current_dir().unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty() && valid_name(s))
+        .unwrap_or_else(|| "outpost".to_owned())
+}
+
+/// Names used in URLs, topics and file names: `[A-Za-z0-9._-]`, 1–128 chars, not starting
+/// with a dot.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parses "500us", "2ms", "60s", "5m", "1h", "1d".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. \"500us\", \"2ms\", \"60s\")"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "" => return Err(format!("'{s}' needs a unit (ns, us, ms, s, m, h, d)")),
+        u => return Err(format!("'{s}': unknown unit '{u}'")),
+    };
+    let secs = value * scale;
+    if !(secs.is_finite() && (0.0..=1e9).contains(&secs)) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Result<Config, ConfigError> {
+    let shown = path.clone().unwrap_or_else(|| PathBuf::from("<dev profile>"));
+    let err = |message: String| ConfigError::Invalid { path: shown.clone(), message };
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+    let site = raw.node.site.unwrap_or_else(|| "demo-site".to_owned());
+    if !valid_name(&site) {
+        return Err(err(format!("node.site '{site}' must be 1-128 of [A-Za-z0-9._-]")));
+    }
+    let name = raw.node.name.unwrap_or_else(hostname);
+    if !valid_name(&name) {
+        return Err(err(format!("node.name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
+    }
+    let state_dir = resolve(raw.node.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/outpost")));
+
+    let listen_s = raw.http.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let listen: SocketAddr =
+        listen_s.parse().map_err(|_| err(format!("http.listen '{listen_s}' is not an address like 127.0.0.1:8080")))?;
+    if !listen.ip().is_loopback() {
+        return Err(err(format!(
+            "http.listen {listen} is not a loopback address: serving the LAN needs [auth], which this version does not have yet"
+        )));
+    }
+    let max_body = raw.http.max_body_bytes.unwrap_or(16 << 20);
+    if max_body == 0 || max_body > MAX_BODY_CEILING as u64 {
+        return Err(err(format!("http.max_body_bytes must be between 1 and {MAX_BODY_CEILING}")));
+    }
+    let request_timeout = parse_duration(raw.http.request_timeout.as_deref().unwrap_or("30s"))
+        .map_err(|e| err(format!("http.request_timeout: {e}")))?;
+    if request_timeout.is_zero() || request_timeout > Duration::from_secs(3600) {
+        return Err(err("http.request_timeout must be between 1us and 1h".into()));
+    }
+
+    let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
+    if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+        return Err(err(format!("log.level '{level}' must be one of error, warn, info, debug, trace")));
+    }
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => return Err(err(format!("log.format '{other}' must be \"text\" or \"json\""))),
+    };
+
+    let local_models: Vec<PathBuf> =
+        raw.local_models.map(|l| l.dirs).unwrap_or_default().into_iter().map(resolve).collect();
+    if !dev {
+        for d in &local_models {
+            if !d.is_dir() {
+                return Err(err(format!("local_models.dirs: {} is not a directory", d.display())));
+            }
+        }
+    }
+
+    let mut models = BTreeMap::new();
+    for (mname, m) in raw.models {
+        if !valid_name(&mname) {
+            return Err(err(format!("[models.{mname}]: model names must be 1-128 of [A-Za-z0-9._-]")));
+        }
+        let d = ModelConfig::default();
+        let instances = m.instances.map_or(d.instances, |v| v as usize);
+        if !(1..=64).contains(&instances) {
+            return Err(err(format!("models.{mname}.instances must be between 1 and 64")));
+        }
+        let max_queue = m.max_queue.map_or(d.max_queue, |v| v as usize);
+        if !(1..=65536).contains(&max_queue) {
+            return Err(err(format!("models.{mname}.max_queue must be between 1 and 65536")));
+        }
+        let plan_cache = m.plan_cache.map_or(d.plan_cache, |v| v as usize);
+        if !(1..=256).contains(&plan_cache) {
+            return Err(err(format!("models.{mname}.plan_cache must be between 1 and 256")));
+        }
+        models.insert(mname, ModelConfig { enabled: m.enabled.unwrap_or(true), instances, max_queue, plan_cache });
+    }
+
+    Ok(Config {
+        node: NodeConfig { site, name, state_dir },
+        http: HttpConfig { listen, max_body_bytes: max_body as usize, request_timeout },
+        log: LogConfig { level, format },
+        local_models,
+        models,
+        path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/outpost/outpost.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.http.max_body_bytes, 16_777_216);
+        assert_eq!(c.node.site, "demo-site");
+        assert_eq!(c.node.state_dir, PathBuf::from("/var/lib/outpost"));
+        assert!(c.local_models.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = parse("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `lisen`"), "{e}");
+        assert!(parse("[bogus]\n").is_err());
+        assert!(parse("[models.mlp]\nmax_batch_size = 3\n").is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_key_named() {
+        for (text, key) in [
+            ("[http]\nlisten = \"nowhere\"", "http.listen"),
+            ("[http]\nlisten = \"0.0.0.0:8080\"", "[auth]"),
+            ("[http]\nmax_body_bytes = 0", "http.max_body_bytes"),
+            ("[http]\nrequest_timeout = \"10 parsecs\"", "http.request_timeout"),
+            ("[node]\nsite = \"a/b\"", "node.site"),
+            ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[models.\"../x\"]\n", "model names"),
+            ("[models.mlp]\ninstances = 0", "instances"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("60").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn dev_profile_is_valid_and_loopback() {
+        let c = Config::dev_profile();
+        assert!(c.is_dev_profile());
+        assert!(c.http.listen.ip().is_loopback());
+        assert!(c.local_models.iter().any(|d| d.ends_with("models")));
+    }
+}

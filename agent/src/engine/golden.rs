@@ -1,0 +1,123 @@
+//! Golden vectors: sample inputs with the outputs an independent runtime (ONNX Runtime)
+//! computed. A model must reproduce them within tolerance before it serves.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::model::LoadedModel;
+use crate::protocol::json::tensors_from_value;
+use crate::protocol::{Tensor, TensorData};
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerance {
+    /// Absolute tolerance for floating-point outputs.
+    pub atol: f64,
+    /// Relative tolerance, added as `rtol * |expected|`.
+    #[serde(default)]
+    pub rtol: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenFile {
+    /// Which runtime computed the expected outputs.
+    #[serde(default)]
+    pub producer: Option<String>,
+    pub tolerance: Tolerance,
+    pub cases: Vec<GoldenCaseRaw>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenCaseRaw {
+    pub inputs: Value,
+    pub outputs: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct GoldenCase {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Golden {
+    pub producer: Option<String>,
+    pub tolerance: Tolerance,
+    pub cases: Vec<GoldenCase>,
+}
+
+/// What a successful check measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GoldenReport {
+    pub cases: usize,
+    pub max_abs_error: f64,
+}
+
+impl Golden {
+    pub fn parse(bytes: &[u8]) -> Result<Golden, String> {
+        let file: GoldenFile = serde_json::from_slice(bytes).map_err(|e| format!("golden file: {e}"))?;
+        if !(file.tolerance.atol >= 0.0 && file.tolerance.rtol >= 0.0) {
+            return Err("golden file: tolerances must be non-negative".into());
+        }
+        if file.cases.is_empty() {
+            return Err("golden file has no cases".into());
+        }
+        let cases = file
+            .cases
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(GoldenCase {
+                    inputs: tensors_from_value(c.inputs).map_err(|e| format!("golden case {i} inputs: {e}"))?,
+                    outputs: tensors_from_value(c.outputs).map_err(|e| format!("golden case {i} outputs: {e}"))?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Golden { producer: file.producer, tolerance: file.tolerance, cases })
+    }
+
+    /// Runs every case; the first mismatch is the error.
+    pub fn check(&self, model: &LoadedModel) -> Result<GoldenReport, String> {
+        let mut max_err = 0.0f64;
+        for (i, case) in self.cases.iter().enumerate() {
+            let inputs = model.validate(case.inputs.clone()).map_err(|e| format!("case {i}: {e}"))?;
+            let got = model.run(inputs).map_err(|e| format!("case {i}: {e}"))?;
+            for want in &case.outputs {
+                let Some(have) = got.iter().find(|t| t.name == want.name) else {
+                    return Err(format!("case {i}: model has no output '{}'", want.name));
+                };
+                let err = compare(have, want, self.tolerance)
+                    .map_err(|e| format!("case {i}, output '{}': {e}", want.name))?;
+                max_err = max_err.max(err);
+            }
+        }
+        Ok(GoldenReport { cases: self.cases.len(), max_abs_error: max_err })
+    }
+}
+
+/// Compares one output with its expected value; returns the largest absolute error.
+pub fn compare(have: &Tensor, want: &Tensor, tol: Tolerance) -> Result<f64, String> {
+    if have.shape != want.shape {
+        return Err(format!("shape {:?}, expected {:?}", have.shape, want.shape));
+    }
+    let exact = !matches!(want.data, TensorData::F16(_) | TensorData::F32(_) | TensorData::F64(_));
+    if let (TensorData::Bytes(a), TensorData::Bytes(b)) = (&have.data, &want.data) {
+        return if a == b { Ok(0.0) } else { Err("bytes differ".into()) };
+    }
+    let (Some(a), Some(b)) = (have.data.to_f64(), want.data.to_f64()) else {
+        return Err(format!("datatype {}, expected {}", have.datatype(), want.datatype()));
+    };
+    let mut max_err = 0.0f64;
+    for (idx, (x, y)) in a.iter().zip(&b).enumerate() {
+        if x.is_nan() && y.is_nan() {
+            continue;
+        }
+        let err = (x - y).abs();
+        let limit = if exact { 0.0 } else { tol.atol + tol.rtol * y.abs() };
+        if err.is_nan() || err > limit {
+            return Err(format!("element {idx} is {x}, expected {y} (tolerance {limit:e})"));
+        }
+        max_err = max_err.max(err);
+    }
+    Ok(max_err)
+}

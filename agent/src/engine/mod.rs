@@ -1,0 +1,10 @@
+//! The engine: tract models, their golden checks and the threads that run them. No I/O here:
+//! callers hand in model bytes and tensors.
+
+pub mod golden;
+pub mod model;
+pub mod worker;
+
+pub use golden::{Golden, GoldenReport, Tolerance};
+pub use model::{Dim, LoadError, LoadedModel, RunError, Signature, TensorSpec};
+pub use worker::{JobError, Served, SubmitError};

@@ -1,0 +1,440 @@
+//! One loaded model: tract load → declutter once, then one optimized plan per concrete set of
+//! symbol values (batch size, sequence length), built on first use and kept in a small LRU.
+//!
+//! Every call into tract runs under `catch_unwind`: a tract panic refuses the model or fails the
+//! request, never the process.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::protocol::{DataType, Tensor as V2Tensor, TensorData};
+
+/// How many optimized plans (one per concrete input shape) a model keeps by default.
+pub const DEFAULT_PLAN_CACHE: usize = 8;
+
+/// A dimension of a model input or output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dim {
+    Fixed(usize),
+    /// A dynamic dimension, named by its symbol (e.g. `N` for the batch).
+    Dynamic(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub dims: Vec<Dim>,
+}
+
+impl TensorSpec {
+    /// The V2 metadata shape: -1 for dynamic dimensions.
+    pub fn v2_shape(&self) -> Vec<i64> {
+        self.dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => i64::try_from(*n).unwrap_or(i64::MAX),
+                Dim::Dynamic(_) => -1,
+            })
+            .collect()
+    }
+}
+
+/// Names, datatypes and shapes of a model's inputs and outputs.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl Signature {
+    /// True when every input has a dynamic first dimension shared by all of them.
+    pub fn batch_symbol(&self) -> Option<&str> {
+        let first = match self.inputs.first()?.dims.first()? {
+            Dim::Dynamic(s) => s.as_str(),
+            Dim::Fixed(_) => return None,
+        };
+        self.inputs.iter().all(|i| matches!(i.dims.first(), Some(Dim::Dynamic(s)) if s == first)).then_some(first)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model cannot be read: {0}")]
+    Parse(String),
+    #[error("operator not supported by the engine: {0}")]
+    Unsupported(String),
+    #[error("model input or output unsupported: {0}")]
+    Signature(String),
+    #[error("engine panicked while loading the model: {0}")]
+    Panic(String),
+    #[error("golden vectors not reproduced: {0}")]
+    Golden(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("inference failed: {0}")]
+    Engine(String),
+}
+
+struct PlanCache {
+    tick: u64,
+    plans: Vec<(Vec<usize>, Arc<TypedRunnableModel>, u64)>,
+}
+
+pub struct LoadedModel {
+    pub signature: Signature,
+    typed: TypedModel,
+    symbols: Vec<Symbol>,
+    plans: Mutex<PlanCache>,
+    plan_capacity: usize,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("signature", &self.signature).finish_non_exhaustive()
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
+fn datatype_of(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::U8,
+        DatumType::U16 => DataType::U16,
+        DatumType::U32 => DataType::U32,
+        DatumType::U64 => DataType::U64,
+        DatumType::I8 => DataType::I8,
+        DatumType::I16 => DataType::I16,
+        DatumType::I32 => DataType::I32,
+        DatumType::I64 => DataType::I64,
+        DatumType::F16 => DataType::F16,
+        DatumType::F32 => DataType::F32,
+        DatumType::F64 => DataType::F64,
+        DatumType::String => DataType::Bytes,
+        // Integer results computed from shapes (e.g. a label from ArgMax) come out as TDim;
+        // they are converted to INT64 on the way out.
+        DatumType::TDim => DataType::I64,
+        _ => return None,
+    })
+}
+
+/// Classifies a tract error chain: an unknown operator becomes `Unsupported` with its name.
+fn classify(e: TractError) -> LoadError {
+    let full = format!("{e:?}");
+    for line in full.lines() {
+        if let Some(pos) = line.find("Unimplemented(") {
+            let rest = &line[pos + "Unimplemented(".len()..];
+            let op = rest.split(')').next().unwrap_or(rest);
+            return LoadError::Unsupported(op.to_owned());
+        }
+    }
+    let short = format!("{e:#}");
+    if let Some(pos) = short.find("Unimplemented(") {
+        let rest = &short[pos + "Unimplemented(".len()..];
+        return LoadError::Unsupported(rest.split(')').next().unwrap_or(rest).to_owned());
+    }
+    LoadError::Parse(short)
+}
+
+impl LoadedModel {
+    /// Parses and declutters an ONNX model. Blocking; call off the async workers.
+    pub fn load(onnx: &[u8], plan_capacity: usize) -> Result<LoadedModel, LoadError> {
+        match catch_unwind(AssertUnwindSafe(|| Self::load_inner(onnx, plan_capacity))) {
+            Ok(r) => r,
+            Err(p) => Err(LoadError::Panic(panic_message(p))),
+        }
+    }
+
+    fn load_inner(onnx: &[u8], plan_capacity: usize) -> Result<LoadedModel, LoadError> {
+        let mut model =
+            tract_onnx::onnx().with_ignore_value_info(true).model_for_read(&mut &onnx[..]).map_err(classify)?;
+        let mut inputs = Vec::new();
+        let mut symbols: Vec<Symbol> = Vec::new();
+        let input_outlets = model.input_outlets().map_err(classify)?.to_vec();
+        for (i, outlet) in input_outlets.iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            let fact = model.input_fact(i).map_err(classify)?.clone();
+            let dt = fact
+                .datum_type
+                .concretize()
+                .ok_or_else(|| LoadError::Signature(format!("input '{name}' declares no type")))?;
+            let datatype = datatype_of(dt)
+                .ok_or_else(|| LoadError::Signature(format!("input '{name}' has unsupported type {dt:?}")))?;
+            if fact.shape.is_open() {
+                return Err(LoadError::Signature(format!("input '{name}' declares no rank")));
+            }
+            let mut dims = Vec::new();
+            let mut tdims = Vec::new();
+            for (j, d) in fact.shape.dims().enumerate() {
+                let (dim, td) = match d.concretize() {
+                    Some(TDim::Val(v)) if v >= 0 => {
+                        let v = v as usize;
+                        (Dim::Fixed(v), TDim::Val(v as i64))
+                    }
+                    Some(TDim::Sym(s)) => (Dim::Dynamic(format!("{s}")), TDim::Sym(s)),
+                    _ => {
+                        let label = if j == 0 { "N".to_owned() } else { format!("{name}_{j}") };
+                        let s = model.sym(&label);
+                        (Dim::Dynamic(label), TDim::Sym(s))
+                    }
+                };
+                if let TDim::Sym(s) = &td {
+                    if !symbols.contains(s) {
+                        symbols.push(s.clone());
+                    }
+                }
+                dims.push(dim);
+                tdims.push(td);
+            }
+            model.set_input_fact(i, InferenceFact::dt_shape(dt, tdims)).map_err(classify)?;
+            inputs.push(TensorSpec { name, datatype, dims });
+        }
+        let output_outlets = model.output_outlets().map_err(classify)?.to_vec();
+        let output_names: Vec<String> = output_outlets
+            .iter()
+            .map(|o| model.outlet_label(*o).map(str::to_owned).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .collect();
+        let typed = model.into_typed().map_err(classify)?.into_decluttered().map_err(classify)?;
+        let mut outputs = Vec::new();
+        for (i, name) in output_names.into_iter().enumerate() {
+            let fact = typed.output_fact(i).map_err(classify)?;
+            let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
+                LoadError::Signature(format!("output '{name}' has unsupported type {:?}", fact.datum_type))
+            })?;
+            let dims = fact
+                .shape
+                .iter()
+                .map(|d| match d.to_i64() {
+                    Ok(v) if v >= 0 => Dim::Fixed(v as usize),
+                    _ => Dim::Dynamic(format!("{d}")),
+                })
+                .collect();
+            outputs.push(TensorSpec { name, datatype, dims });
+        }
+        Ok(LoadedModel {
+            signature: Signature { inputs, outputs },
+            typed,
+            symbols,
+            plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new() }),
+            plan_capacity: plan_capacity.max(1),
+        })
+    }
+
+    /// Checks inputs against the signature and orders them as the model declares.
+    pub fn validate(&self, mut inputs: Vec<V2Tensor>) -> Result<Vec<V2Tensor>, RunError> {
+        let bad = |m: String| Err(RunError::InvalidInput(m));
+        if inputs.len() != self.signature.inputs.len() {
+            let want: Vec<&str> = self.signature.inputs.iter().map(|s| s.name.as_str()).collect();
+            return bad(format!("expected {} inputs {:?}, got {}", want.len(), want, inputs.len()));
+        }
+        let mut ordered = Vec::with_capacity(inputs.len());
+        let mut bound: HashMap<&str, usize> = HashMap::new();
+        for spec in &self.signature.inputs {
+            let Some(pos) = inputs.iter().position(|t| t.name == spec.name) else {
+                let got: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+                return bad(format!("missing input '{}' (got {:?})", spec.name, got));
+            };
+            let t = inputs.swap_remove(pos);
+            if t.datatype() != spec.datatype {
+                return bad(format!("input '{}' must be {}, got {}", spec.name, spec.datatype, t.datatype()));
+            }
+            if t.shape.len() != spec.dims.len() {
+                return bad(format!(
+                    "input '{}' must have rank {} (shape {:?}), got shape {:?}",
+                    spec.name,
+                    spec.dims.len(),
+                    spec.v2_shape(),
+                    t.shape
+                ));
+            }
+            for (axis, (d, &got)) in spec.dims.iter().zip(&t.shape).enumerate() {
+                match d {
+                    Dim::Fixed(n) if *n != got => {
+                        return bad(format!(
+                            "input '{}' dimension {axis} must be {n} (shape {:?}), got shape {:?}",
+                            spec.name,
+                            spec.v2_shape(),
+                            t.shape
+                        ))
+                    }
+                    Dim::Dynamic(sym) => {
+                        if got == 0 {
+                            return bad(format!("input '{}' dimension {axis} must not be 0", spec.name));
+                        }
+                        if let Some(&prev) = bound.get(sym.as_str()) {
+                            if prev != got {
+                                return bad(format!(
+                                    "input '{}' dimension {axis} is {got} but another input set {sym} = {prev}",
+                                    spec.name
+                                ));
+                            }
+                        } else {
+                            bound.insert(sym.as_str(), got);
+                        }
+                    }
+                    Dim::Fixed(_) => {}
+                }
+            }
+            if Some(t.data.len()) != V2Tensor::shape_elements(&t.shape) {
+                return bad(format!("input '{}' data does not match its shape {:?}", spec.name, t.shape));
+            }
+            ordered.push(t);
+        }
+        if let Some(extra) = inputs.first() {
+            return bad(format!("unknown input '{}'", extra.name));
+        }
+        Ok(ordered)
+    }
+
+    fn symbol_values(&self, inputs: &[V2Tensor]) -> Vec<usize> {
+        self.symbols
+            .iter()
+            .map(|sym| {
+                let name = format!("{sym}");
+                self.signature
+                    .inputs
+                    .iter()
+                    .zip(inputs)
+                    .find_map(|(spec, t)| {
+                        spec.dims
+                            .iter()
+                            .position(|d| matches!(d, Dim::Dynamic(s) if *s == name))
+                            .map(|axis| t.shape[axis])
+                    })
+                    .unwrap_or(1)
+            })
+            .collect()
+    }
+
+    fn plan(&self, key: &[usize]) -> Result<Arc<TypedRunnableModel>, RunError> {
+        {
+            let mut cache = self.plans.lock().map_err(|_| RunError::Engine("plan cache poisoned".into()))?;
+            cache.tick += 1;
+            let tick = cache.tick;
+            if let Some(entry) = cache.plans.iter_mut().find(|(k, _, _)| k == key) {
+                entry.2 = tick;
+                return Ok(entry.1.clone());
+            }
+        }
+        // Built outside the lock: two workers may build the same plan once; both are correct.
+        let subs: HashMap<Symbol, TDim> =
+            self.symbols.iter().cloned().zip(key.iter().map(|&v| TDim::Val(v as i64))).collect();
+        let built = catch_unwind(AssertUnwindSafe(|| -> TractResult<Arc<TypedRunnableModel>> {
+            let concrete = if subs.is_empty() { self.typed.clone() } else { self.typed.set_symbols(&subs)? };
+            concrete.into_optimized()?.into_runnable()
+        }));
+        let plan = match built {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(RunError::Engine(format!("cannot build plan for {key:?}: {e:#}"))),
+            Err(p) => return Err(RunError::Engine(format!("engine panicked building a plan: {}", panic_message(p)))),
+        };
+        let mut cache = self.plans.lock().map_err(|_| RunError::Engine("plan cache poisoned".into()))?;
+        let tick = cache.tick;
+        if cache.plans.len() >= self.plan_capacity {
+            if let Some(oldest) = cache.plans.iter().enumerate().min_by_key(|(_, e)| e.2).map(|(i, _)| i) {
+                cache.plans.swap_remove(oldest);
+            }
+        }
+        cache.plans.push((key.to_vec(), plan.clone(), tick));
+        Ok(plan)
+    }
+
+    /// Builds the plan for these symbol values ahead of traffic (e.g. batch 1 at load).
+    pub fn prepare(&self, key: &[usize]) -> Result<(), RunError> {
+        self.plan(key).map(|_| ())
+    }
+
+    pub fn symbol_count(&self) -> usize {
+        self.symbols.len()
+    }
+
+    /// Runs inputs already checked by [`LoadedModel::validate`]. Blocking and CPU-bound.
+    pub fn run(&self, inputs: Vec<V2Tensor>) -> Result<Vec<V2Tensor>, RunError> {
+        let key = self.symbol_values(&inputs);
+        let plan = self.plan(&key)?;
+        let mut tv: TVec<TValue> = TVec::new();
+        for t in inputs {
+            tv.push(to_tract(t)?.into());
+        }
+        let out = match catch_unwind(AssertUnwindSafe(|| plan.run(tv))) {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(RunError::Engine(format!("{e:#}"))),
+            Err(p) => return Err(RunError::Engine(format!("engine panicked: {}", panic_message(p)))),
+        };
+        out.into_iter()
+            .zip(&self.signature.outputs)
+            .map(|(v, spec)| from_tract(spec.name.clone(), &v.into_tensor()))
+            .collect()
+    }
+}
+
+fn to_tract(t: V2Tensor) -> Result<Tensor, RunError> {
+    fn arr<T: Datum>(shape: &[usize], v: Vec<T>) -> Result<Tensor, RunError> {
+        tract_ndarray::ArrayD::from_shape_vec(tract_ndarray::IxDyn(shape), v)
+            .map(|a| a.into_tensor())
+            .map_err(|e| RunError::InvalidInput(format!("data does not fit shape {shape:?}: {e}")))
+    }
+    let s = &t.shape;
+    match t.data {
+        TensorData::Bool(v) => arr(s, v),
+        TensorData::U8(v) => arr(s, v),
+        TensorData::U16(v) => arr(s, v),
+        TensorData::U32(v) => arr(s, v),
+        TensorData::U64(v) => arr(s, v),
+        TensorData::I8(v) => arr(s, v),
+        TensorData::I16(v) => arr(s, v),
+        TensorData::I32(v) => arr(s, v),
+        TensorData::I64(v) => arr(s, v),
+        TensorData::F16(v) => arr(s, v.into_iter().map(f16::from_f32).collect()),
+        TensorData::F32(v) => arr(s, v),
+        TensorData::F64(v) => arr(s, v),
+        TensorData::Bytes(v) => arr(s, v.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect()),
+    }
+}
+
+fn from_tract(name: String, t: &Tensor) -> Result<V2Tensor, RunError> {
+    fn slice<T: Datum + Clone>(t: &Tensor) -> Result<Vec<T>, RunError> {
+        t.try_as_plain_ram()
+            .and_then(|v| v.as_slice::<T>().map(|s| s.to_vec()))
+            .map_err(|e| RunError::Engine(format!("reading output: {e:#}")))
+    }
+    let data = match t.datum_type() {
+        DatumType::Bool => TensorData::Bool(slice(t)?),
+        DatumType::U8 => TensorData::U8(slice(t)?),
+        DatumType::U16 => TensorData::U16(slice(t)?),
+        DatumType::U32 => TensorData::U32(slice(t)?),
+        DatumType::U64 => TensorData::U64(slice(t)?),
+        DatumType::I8 => TensorData::I8(slice(t)?),
+        DatumType::I16 => TensorData::I16(slice(t)?),
+        DatumType::I32 => TensorData::I32(slice(t)?),
+        DatumType::I64 => TensorData::I64(slice(t)?),
+        DatumType::F16 => TensorData::F16(slice::<f16>(t)?.into_iter().map(|x| x.to_f32()).collect()),
+        DatumType::F32 => TensorData::F32(slice(t)?),
+        DatumType::F64 => TensorData::F64(slice(t)?),
+        DatumType::String => TensorData::Bytes(slice::<String>(t)?.into_iter().map(String::into_bytes).collect()),
+        DatumType::TDim => {
+            let cast =
+                t.cast_to::<i64>().map_err(|e| RunError::Engine(format!("output '{name}' is not integral: {e:#}")))?;
+            TensorData::I64(slice(&cast)?)
+        }
+        other => return Err(RunError::Engine(format!("output '{name}' has unsupported type {other:?}"))),
+    };
+    Ok(V2Tensor { name, shape: t.shape().to_vec(), data })
+}

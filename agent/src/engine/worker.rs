@@ -1,0 +1,137 @@
+//! Inference threads: each served model has a bounded queue and its own worker threads, so
+//! CPU-bound work never runs on the async runtime and one slow model cannot starve another's
+//! queue. Dropping the last handle to a [`Served`] closes its queue; the workers finish what is
+//! queued and exit, releasing the model.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::model::{LoadedModel, RunError};
+use crate::protocol::Tensor;
+
+/// The outcome a worker sends back.
+pub type JobResult = Result<Vec<Tensor>, JobError>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("request deadline passed while queued")]
+    Expired,
+}
+
+struct Job {
+    inputs: Vec<Tensor>,
+    deadline: Instant,
+    reply: oneshot::Sender<(JobResult, Duration)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("queue full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("model is shutting down")]
+    Closed,
+}
+
+/// A model with its queue and worker threads: the unit the serving table swaps.
+pub struct Served {
+    pub name: String,
+    pub version: String,
+    pub model: Arc<LoadedModel>,
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    capacity: usize,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served").field("name", &self.name).field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+impl Served {
+    pub fn start(name: &str, version: &str, model: Arc<LoadedModel>, instances: usize, max_queue: usize) -> Served {
+        let (tx, rx) = sync_channel::<Job>(max_queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let depth = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::new();
+        for i in 0..instances.max(1) {
+            let rx = rx.clone();
+            let model = model.clone();
+            let depth = depth.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("infer-{name}-{i}"))
+                .spawn(move || worker_loop(&rx, &model, &depth));
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => tracing::error!(model = name, error = %e, "cannot start inference thread"),
+            }
+        }
+        Served {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            model,
+            tx,
+            depth,
+            capacity: max_queue.max(1),
+            workers,
+        }
+    }
+
+    /// Queues a job; the answer arrives on the returned channel with the time spent running.
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<(JobResult, Duration)>, SubmitError> {
+        if self.workers.is_empty() {
+            return Err(SubmitError::Closed);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(Job { inputs, deadline, reply }) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Jobs waiting or running.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+fn worker_loop(rx: &Mutex<Receiver<Job>>, model: &LoadedModel, depth: &AtomicUsize) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            match guard.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let started = Instant::now();
+        let result =
+            if started > job.deadline { Err(JobError::Expired) } else { model.run(job.inputs).map_err(JobError::from) };
+        depth.fetch_sub(1, Ordering::SeqCst);
+        // The requester may have gone (deadline, disconnect): nothing to do then.
+        let _ = job.reply.send((result, started.elapsed()));
+    }
+}

@@ -1,0 +1,269 @@
+//! The LAN HTTP adapter: Open Inference Protocol (KServe V2) REST over axum. A thin layer:
+//! decode the request, call [`InferenceService`], encode the answer or `{"error": ...}`.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::json;
+
+use crate::api::{InferError, InferenceService, ModelState, RequestContext, Transport};
+use crate::config::Config;
+use crate::protocol::json::{parse_request, response_json};
+
+/// Shared state of the HTTP adapter.
+#[derive(Clone)]
+pub struct HttpState {
+    pub service: InferenceService,
+    /// The live configuration; replaced atomically on reload.
+    pub config: Arc<RwLock<Arc<Config>>>,
+    /// True once the initial model load has finished.
+    pub started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpState {
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// An error answer: status, `{"error": message}`, and `Retry-After` when set.
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        let status = match &e {
+            InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+            InferError::NotReady(_) | InferError::Overloaded { .. } | InferError::DeadlineExceeded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            InferError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let retry_after = match &e {
+            InferError::Overloaded { retry_after, .. } => Some(*retry_after),
+            InferError::NotReady(_) | InferError::DeadlineExceeded => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        ApiError { status, message: e.to_string(), retry_after }
+    }
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_version_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_version_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(State(s): State<HttpState>, uri: Uri) -> ApiError {
+    s.service.metrics.record_http_error();
+    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+}
+
+async fn method_not_allowed(State(s): State<HttpState>, method: Method, uri: Uri) -> ApiError {
+    s.service.metrics.record_http_error();
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {}", uri.path()))
+}
+
+async fn live() -> Response {
+    axum::Json(json!({ "live": true })).into_response()
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    let started = s.started.load(std::sync::atomic::Ordering::SeqCst);
+    let serving = s.service.repository.ready_count();
+    if started && serving > 0 {
+        axum::Json(json!({ "ready": true })).into_response()
+    } else {
+        let why = if started { "no model is serving" } else { "models are still loading" };
+        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
+        e.retry_after = Some(Duration::from_secs(1));
+        e.into_response()
+    }
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "outpost",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["model_repository"],
+    }))
+    .into_response()
+}
+
+fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let served = s.service.repository.serving(model, version)?;
+    let spec = |t: &crate::engine::TensorSpec| json!({ "name": t.name, "datatype": t.datatype.as_str(), "shape": t.v2_shape() });
+    let sig = &served.model.signature;
+    Ok(axum::Json(json!({
+        "name": served.name,
+        "versions": [served.version],
+        "platform": "onnx",
+        "inputs": sig.inputs.iter().map(spec).collect::<Vec<_>>(),
+        "outputs": sig.outputs.iter().map(spec).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+async fn model_metadata(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    metadata(&s, &model, None)
+}
+
+async fn model_version_metadata(
+    State(s): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    metadata(&s, &model, Some(&version))
+}
+
+fn readiness(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    match s.service.repository.serving(model, version) {
+        Ok(served) => {
+            Ok(axum::Json(json!({ "name": served.name, "version": served.version, "ready": true })).into_response())
+        }
+        Err(InferError::NotReady(_)) => {
+            let reason =
+                s.service.repository.status(model).and_then(|st| st.reason).unwrap_or_else(|| "loading".into());
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("model '{model}' is not ready: {reason}")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn model_ready(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    readiness(&s, &model, None)
+}
+
+async fn model_version_ready(
+    State(s): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    readiness(&s, &model, Some(&version))
+}
+
+/// Reads a body up to `limit` bytes; over the limit is 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large =
+        || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes"));
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}"))),
+    }
+}
+
+async fn infer(State(s): State<HttpState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
+    run_infer(s, model, None, req).await
+}
+
+async fn infer_version(
+    State(s): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    run_infer(s, model, Some(version), req).await
+}
+
+async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Request) -> Result<Response, ApiError> {
+    let config = s.config();
+    let (parts, body) = req.into_parts();
+    let count_rejection = |e: ApiError| {
+        s.service.metrics.record_http_error();
+        e
+    };
+    let bytes = read_body(&parts.headers, body, config.http.max_body_bytes).await.map_err(count_rejection)?;
+    if parts.headers.contains_key("inference-header-content-length") {
+        return Err(count_rejection(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the binary tensor extension is not supported by this version",
+        )));
+    }
+    // Treated as JSON whatever the Content-Type: tritonclient sends none.
+    let request =
+        parse_request(&bytes).map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?;
+    let mut ctx = RequestContext::new(Transport::Http, config.http.request_timeout);
+    if let Some(id) = &request.id {
+        ctx.id = id.clone();
+    }
+    let response = s.service.infer(&ctx, &model, version.as_deref(), request).await?;
+    let body = response_json(&response, &[]);
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
+}
+
+async fn repository_index(State(s): State<HttpState>) -> Response {
+    let models: Vec<_> = s
+        .service
+        .repository
+        .list()
+        .into_iter()
+        .map(|(name, status, _)| {
+            let mut m = json!({ "name": name, "state": status.state.as_str() });
+            if let Some(v) = status.version {
+                m["version"] = json!(v);
+            }
+            if let Some(r) = status.reason {
+                m["reason"] = json!(r);
+            }
+            m
+        })
+        .collect();
+    axum::Json(models).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let text = s.service.metrics.render(&s.service.repository);
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+}
+
+/// Whether every model that was tried is serving (used by `outpost status` later).
+pub fn all_ready(service: &InferenceService) -> bool {
+    service.repository.list().iter().all(|(_, st, _)| st.state == ModelState::Ready)
+}

@@ -1,0 +1,180 @@
+//! Outpost: an edge inference agent. See ARCHITECTURE.md for the map.
+//!
+//! [`start`] brings the whole agent up (HTTP listener, model loading) and returns an [`Agent`]
+//! handle; [`run`] serves until a shutdown future resolves. Tests use both.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod lifecycle;
+pub mod protocol;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use api::{InferenceService, LogSink, Repository};
+use config::{Config, ConfigError};
+use lifecycle::LocalModels;
+use telemetry::Metrics;
+
+/// How long in-flight HTTP requests may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors that stop the agent; each maps to a process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum FatalError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl FatalError {
+    /// sysexits(3) codes: 64 usage, 78 configuration, 69 service unavailable, 70 software.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            FatalError::Usage(_) => 64,
+            FatalError::Config(_) => 78,
+            FatalError::Bind { .. } => 69,
+            FatalError::Runtime(_) => 70,
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    started: watch::Receiver<bool>,
+    config: Arc<RwLock<Arc<Config>>>,
+    service: InferenceService,
+    local: Arc<LocalModels>,
+    server: tokio::task::JoinHandle<Result<(), FatalError>>,
+}
+
+impl Agent {
+    /// The address the HTTP listener is bound to (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn service(&self) -> &InferenceService {
+        &self.service
+    }
+
+    /// Resolves once the initial model load has finished (models serving or refused).
+    pub async fn started(&self) {
+        let mut rx = self.started.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies a new, already validated configuration: model settings and directories take
+    /// effect now; a changed listen address needs a restart.
+    pub async fn reload(&self, new: Config) {
+        let old = self.config();
+        if old.http.listen != new.http.listen {
+            tracing::warn!(old = %old.http.listen, new = %new.http.listen, "http.listen changes on restart only");
+        }
+        let new = Arc::new(new);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        let refused = self.local.reconcile(&self.service, &new).await;
+        tracing::info!(refused = refused.len(), "configuration reloaded");
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by [`SHUTDOWN_GRACE`]), stops
+    /// the models' workers.
+    pub async fn shutdown(self) -> Result<(), FatalError> {
+        self.cancel.cancel();
+        let result = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), self.server).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(FatalError::Runtime(format!("http server task failed: {e}"))),
+            Err(_) => Err(FatalError::Runtime("http server did not stop in time".into())),
+        };
+        self.tracker.close();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
+        for name in self.service.repository.names() {
+            self.service.repository.remove(&name);
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Starts the agent: binds the listener, then loads models in the background.
+pub async fn start(config: Config) -> Result<Agent, FatalError> {
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let repository = Arc::new(Repository::new());
+    let metrics = Arc::new(Metrics::new());
+    let service = InferenceService::new(repository, metrics, Arc::new(LogSink));
+    let config = Arc::new(RwLock::new(Arc::new(config)));
+    let started_flag = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = watch::channel(false);
+    let local = Arc::new(LocalModels::default());
+
+    let state = http::HttpState { service: service.clone(), config: config.clone(), started: started_flag.clone() };
+    let app = http::router(state);
+    let server_cancel = cancel.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async move { server_cancel.cancelled().await };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| FatalError::Runtime(format!("http server: {e}")))
+    });
+    tracing::info!(%addr, "listening");
+
+    {
+        let service = service.clone();
+        let local = local.clone();
+        let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                refused = local.reconcile(&service, &cfg) => {
+                    let serving = service.repository.ready_count();
+                    tracing::info!(serving, refused = refused.len(), "initial model load finished");
+                }
+                _ = cancel.cancelled() => {}
+            }
+            started_flag.store(true, Ordering::SeqCst);
+            let _ = started_tx.send(true);
+        });
+    }
+
+    Ok(Agent { addr, cancel, tracker, started: started_rx, config, service, local, server })
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), FatalError> {
+    let agent = start(config).await?;
+    shutdown.await;
+    agent.shutdown().await
+}

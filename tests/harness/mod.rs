@@ -1,0 +1,245 @@
+//! Test harness: starts the real agent on 127.0.0.1:0 (in-process or as a child process),
+//! talks to it over real loopback HTTP, and reads golden files written by ONNX Runtime.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use outpost::config::Config;
+use outpost::engine::golden::{compare, Golden};
+use outpost::protocol::json::tensors_from_value;
+use serde_json::{json, Value};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
+}
+
+/// True when the full suite is requested (CI sets OUTPOST_TEST_FULL=1).
+pub fn full_suite() -> bool {
+    std::env::var("OUTPOST_TEST_FULL").is_ok_and(|v| v == "1")
+}
+
+/// The committed demo models, every variant.
+pub const DEMO_MODELS: [&str; 6] = ["cnn", "cnn-int8-dyn", "cnn-int8-qdq", "mlp", "mlp-int8-dyn", "mlp-int8-qdq"];
+/// The transformer variants, built on demand into `.cache/models` by `scripts/gen-models.sh --minilm`.
+pub const MINILM_MODELS: [&str; 3] = ["minilm", "minilm-int8-dyn", "minilm-int8-qdq"];
+
+pub fn minilm_dir() -> PathBuf {
+    root().join(".cache").join("models")
+}
+
+/// Whether the MiniLM variants are built. In the full suite their absence is an error.
+pub fn minilm_available() -> bool {
+    let ok = MINILM_MODELS.iter().all(|m| minilm_dir().join(m).join("model.onnx").is_file());
+    assert!(ok || !full_suite(), "OUTPOST_TEST_FULL=1 but MiniLM is not built: run scripts/gen-models.sh --minilm");
+    ok
+}
+
+/// A config text with a free loopback port, a temp state dir and the given extra TOML.
+pub fn config_text(state_dir: &Path, model_dirs: &[PathBuf], extra: &str) -> String {
+    let dirs: Vec<String> = model_dirs.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+    format!(
+        "[node]\nsite = \"test-site\"\nname = \"test-node\"\nstate_dir = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[local_models]\ndirs = [{}]\n\n{extra}\n",
+        state_dir.display().to_string(),
+        dirs.join(", ")
+    )
+}
+
+/// An in-process agent with an HTTP client pointed at it.
+pub struct TestAgent {
+    pub agent: outpost::Agent,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub state: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent serving the given model directories; returns once models are loaded.
+    pub async fn start(model_dirs: &[PathBuf], extra: &str) -> Result<TestAgent> {
+        let state = tempfile::tempdir()?;
+        let text = config_text(state.path(), model_dirs, extra);
+        let path = state.path().join("outpost.toml");
+        std::fs::write(&path, &text)?;
+        let config = Config::load(&path)?;
+        let agent = outpost::start(config).await?;
+        tokio::time::timeout(Duration::from_secs(120), agent.started())
+            .await
+            .context("models did not load in 120 s")?;
+        let base = format!("http://{}", agent.addr());
+        Ok(TestAgent { agent, base, http: reqwest::Client::new(), state })
+    }
+
+    /// The committed demo models.
+    pub async fn demo() -> Result<TestAgent> {
+        Self::start(&[root().join("models")], "").await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self.http.get(self.url(path)).send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let r = self.http.post(self.url(path)).body(body).send().await?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await?;
+        Ok((status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let (s, _, v) = self.post_raw(path, serde_json::to_vec(body)?).await?;
+        Ok((s, v))
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.agent.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// A model's golden file, parsed, plus the raw JSON cases.
+pub struct GoldenSet {
+    pub golden: Golden,
+    pub raw: Value,
+}
+
+pub fn golden_for(dir: &Path) -> Result<GoldenSet> {
+    let bytes = std::fs::read(dir.join("golden.json")).with_context(|| format!("golden of {}", dir.display()))?;
+    let golden = Golden::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let raw: Value = serde_json::from_slice(&bytes)?;
+    Ok(GoldenSet { golden, raw })
+}
+
+impl GoldenSet {
+    /// Case `i` as a V2 request body.
+    pub fn request(&self, i: usize) -> Value {
+        json!({ "id": format!("golden-{i}"), "inputs": self.raw["cases"][i]["inputs"] })
+    }
+
+    /// Checks a V2 response against case `i`; returns the largest absolute error.
+    pub fn check(&self, i: usize, response: &Value) -> Result<f64> {
+        let all: Vec<&str> = self.golden.cases[i].outputs.iter().map(|t| t.name.as_str()).collect();
+        self.check_outputs(i, response, &all)
+    }
+
+    /// Checks only the named outputs of case `i`.
+    pub fn check_outputs(&self, i: usize, response: &Value, names: &[&str]) -> Result<f64> {
+        let got = tensors_from_value(response["outputs"].clone()).map_err(|e| anyhow!("response outputs: {e}"))?;
+        let mut max_err = 0.0f64;
+        for want in self.golden.cases[i].outputs.iter().filter(|t| names.contains(&t.name.as_str())) {
+            let have = got.iter().find(|t| t.name == want.name).ok_or_else(|| anyhow!("no output {}", want.name))?;
+            max_err = max_err
+                .max(compare(have, want, self.golden.tolerance).map_err(|e| anyhow!("output {}: {e}", want.name))?);
+        }
+        Ok(max_err)
+    }
+}
+
+/// The agent as a child process, with its log lines readable as they arrive.
+pub struct ChildAgent {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl ChildAgent {
+    /// Starts `bin` (the test build of the `outpost` CLI) with `args`.
+    pub fn spawn(bin: &Path, args: &[&str]) -> Result<ChildAgent> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(ChildAgent { child, lines: rx, log: Vec::new() })
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!("no log line with {needle:?} within {timeout:?}; log so far:\n{}", self.log.join("\n")),
+            }
+        }
+    }
+
+    /// The bound address, from the "listening" log line.
+    pub fn wait_listening(&mut self) -> Result<String> {
+        let line = self.wait_for("listening", Duration::from_secs(60))?;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .ok_or_else(|| anyhow!("no addr in {line}"))?;
+        Ok(addr.to_owned())
+    }
+
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{sig} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return status.code().ok_or_else(|| anyhow!("killed by a signal"));
+            }
+            // Drain log lines while waiting; the channel wakes us when the process writes.
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => self.log.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait()?;
+                    return status.code().ok_or_else(|| anyhow!("killed by a signal"));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() > end {
+                bail!("process did not exit within {timeout:?}");
+            }
+        }
+    }
+}
+
+impl Drop for ChildAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,13 @@
+//! Integration tests: the real agent over real loopback HTTP, real ONNX models, golden
+//! outputs from ONNX Runtime. One test binary; the harness is the `outpost_tests` library.
+
+mod bad_requests;
+mod cli;
+mod endpoints;
+mod models;
+mod tritonclient;
+
+/// The `outpost` CLI built for these tests (a thin wrapper around `outpost::cli::main`).
+pub fn outpost_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_outpost-under-test"))
+}

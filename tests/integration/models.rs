@@ -1,0 +1,97 @@
+//! Every demo model variant answers its golden cases over HTTP within tolerance, and models
+//! that the engine cannot run correctly are refused at load while the others serve.
+
+use outpost_tests::*;
+use serde_json::Value;
+
+async fn check_all_cases(agent: &TestAgent, dir: &std::path::Path, name: &str) -> anyhow::Result<f64> {
+    let golden = golden_for(&dir.join(name))?;
+    let mut max_err = 0.0f64;
+    for i in 0..golden.golden.cases.len() {
+        let (status, body) = agent.post(&format!("/v2/models/{name}/infer"), &golden.request(i)).await?;
+        assert_eq!(status, 200, "{name} case {i}: {body}");
+        assert_eq!(body["model_name"], name);
+        assert_eq!(body["id"], format!("golden-{i}"));
+        let err = golden.check(i, &body).map_err(|e| anyhow::anyhow!("{name} case {i}: {e}"))?;
+        max_err = max_err.max(err);
+    }
+    Ok(max_err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_demo_model_reproduces_onnx_runtime_over_http() -> anyhow::Result<()> {
+    let agent = TestAgent::demo().await?;
+    let models = root().join("models");
+    for name in DEMO_MODELS {
+        let err = check_all_cases(&agent, &models, name).await?;
+        eprintln!("{name}: max abs error vs ONNX Runtime {err:.3e}");
+    }
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_variants_reproduce_onnx_runtime_over_http() -> anyhow::Result<()> {
+    if !minilm_available() {
+        eprintln!(
+            "skipped: MiniLM not built (scripts/gen-models.sh --minilm); OUTPOST_TEST_FULL=1 makes this an error"
+        );
+        return Ok(());
+    }
+    let agent = TestAgent::start(&[minilm_dir()], "").await?;
+    for name in MINILM_MODELS {
+        let err = check_all_cases(&agent, &minilm_dir(), name).await?;
+        eprintln!("{name}: max abs error vs ONNX Runtime {err:.3e}");
+    }
+    agent.stop().await
+}
+
+fn index_entry<'a>(index: &'a Value, name: &str) -> &'a Value {
+    index.as_array().and_then(|a| a.iter().find(|m| m["name"] == name)).unwrap_or(&Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_and_unsupported_models_are_refused_while_others_serve() -> anyhow::Result<()> {
+    let fixtures = root().join("tests").join("fixtures").join("models");
+    let agent = TestAgent::start(&[root().join("models"), fixtures], "").await?;
+    let (status, index) = agent.post("/v2/repository/index", &serde_json::json!({})).await?;
+    assert_eq!(status, 200);
+
+    // An operator tract lacks: refused with the operator's name.
+    let unsupported = index_entry(&index, "unsupported-op");
+    assert_eq!(unsupported["state"], "UNAVAILABLE", "{index}");
+    let reason = unsupported["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Scaler"), "reason names the operator: {reason}");
+
+    // DequantizeLinear -> Softmax -> QuantizeLinear (uint8): tract runs it without error but
+    // wrongly; only the golden vectors catch it.
+    let u8_fixture = index_entry(&index, "qdq-softmax-u8");
+    assert_eq!(u8_fixture["state"], "UNAVAILABLE", "{index}");
+    let reason = u8_fixture["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("golden vectors not reproduced"), "{reason}");
+
+    // The int8 variant makes tract's optimizer panic (or compute wrongly): refused, process alive.
+    let i8_fixture = index_entry(&index, "qdq-softmax-i8");
+    assert_eq!(i8_fixture["state"], "UNAVAILABLE", "{index}");
+    eprintln!("qdq-softmax-i8 refused: {}", i8_fixture["reason"]);
+
+    for name in ["unsupported-op", "qdq-softmax-u8", "qdq-softmax-i8"] {
+        let (status, body) = agent.get(&format!("/v2/models/{name}/ready")).await?;
+        assert_eq!(status, 503, "{name}: {body}");
+        let golden = golden_for(&root().join("tests/fixtures/models").join(name))?;
+        let (status, body) = agent.post(&format!("/v2/models/{name}/infer"), &golden.request(0)).await?;
+        assert_eq!(status, 503, "{name}: {body}");
+        assert!(body["error"].is_string());
+    }
+
+    // The demo models serve alongside.
+    for name in DEMO_MODELS {
+        assert_eq!(index_entry(&index, name)["state"], "READY", "{name}: {index}");
+    }
+    let (status, _) = agent.get("/v2/health/ready").await?;
+    assert_eq!(status, 200);
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let (status, body) = agent.post("/v2/models/mlp/infer", &golden.request(0)).await?;
+    assert_eq!(status, 200, "{body}");
+    golden.check(0, &body)?;
+    agent.stop().await
+}
