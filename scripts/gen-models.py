@@ -58,7 +58,7 @@ def v2_tensor(name, arr):
     return {"name": name, "datatype": V2_TYPES[arr.dtype], "shape": list(arr.shape), "data": data}
 
 
-def write_golden(out_dir, model_path, cases, floor, note=""):
+def write_golden(out_dir, model_path, cases, floor, note="", cosine_min=None):
     """Run ONNX Runtime on every case and write golden.json next to the model."""
     import onnxruntime as ort
 
@@ -79,9 +79,12 @@ def write_golden(out_dir, model_path, cases, floor, note=""):
             }
         )
     atol = float(f"{max(floor, 4 * spread):.1e}")
+    tolerance = {"atol": atol, "rtol": 0.0}
+    if cosine_min is not None:
+        tolerance["cosine_min"] = cosine_min
     golden = {
         "producer": f"onnxruntime {ort.__version__} CPUExecutionProvider ORT_ENABLE_ALL, 1 thread",
-        "tolerance": {"atol": atol, "rtol": 0.0},
+        "tolerance": tolerance,
         "ort_optimization_spread": spread,
         "note": note,
         "cases": golden_cases,
@@ -614,9 +617,24 @@ def make_minilm(out):
         per_channel=True,
     )
     quantize_dynamic(str(path), str(dyn_dir / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    # The broken variant, kept as a fixture outside the served directory: ONNX Runtime's default
+    # static QDQ (every op, uint8 activations) emits DequantizeLinear -> Softmax ->
+    # QuantizeLinear, which tract 0.23 runs without error but wrongly. The agent must refuse it.
+    broken = out.parent / "fixtures" / "minilm-int8-qdq-default"
+    broken.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(path),
+        str(broken / "model.onnx"),
+        TokenReader(list(calib)),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    write_golden(broken, broken / "model.onnx", cases, 1e-3, "ORT default static QDQ", cosine_min=0.99)
     results = []
     for d, floor in [(out / "minilm", 1e-4), (qdq_dir, 1e-3), (dyn_dir, 1e-3)]:
-        atol, spread = write_golden(d, d / "model.onnx", cases, floor)
+        # Embeddings are compared by direction too: every row must keep cosine >= 0.99.
+        atol, spread = write_golden(d, d / "model.onnx", cases, floor, cosine_min=0.99)
         emb = ort_session(d / "model.onnx").run(None, {"input_ids": ids, "attention_mask": mask})[0]
         cos = float(np.min(np.sum(emb * ref, axis=1)))
         results.append((d.name, cos, atol, spread))

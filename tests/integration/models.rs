@@ -37,11 +37,19 @@ async fn minilm_variants_reproduce_onnx_runtime_over_http() -> anyhow::Result<()
         );
         return Ok(());
     }
-    let agent = TestAgent::start(&[minilm_dir()], "").await?;
+    let broken = root().join(".cache").join("fixtures");
+    let agent = TestAgent::start(&[minilm_dir(), broken], "").await?;
     for name in MINILM_MODELS {
         let err = check_all_cases(&agent, &minilm_dir(), name).await?;
         eprintln!("{name}: max abs error vs ONNX Runtime {err:.3e}");
     }
+    // ONNX Runtime's default static QDQ of the same encoder: tract runs it without error, but
+    // the embeddings point elsewhere. Refused at load by the golden vectors' cosine check.
+    let (_, index) = agent.post("/v2/repository/index", &serde_json::json!({})).await?;
+    let entry = index_entry(&index, "minilm-int8-qdq-default");
+    assert_eq!(entry["state"], "UNAVAILABLE", "{index}");
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cosine similarity"), "{reason}");
     agent.stop().await
 }
 

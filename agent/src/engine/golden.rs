@@ -16,6 +16,10 @@ pub struct Tolerance {
     /// Relative tolerance, added as `rtol * |expected|`.
     #[serde(default)]
     pub rtol: f64,
+    /// For embeddings: the least cosine similarity each row (last axis) must keep with the
+    /// expected row. Catches a wrong direction that small absolute errors would hide.
+    #[serde(default)]
+    pub cosine_min: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +122,18 @@ pub fn compare(have: &Tensor, want: &Tensor, tol: Tolerance) -> Result<f64, Stri
             return Err(format!("element {idx} is {x}, expected {y} (tolerance {limit:e})"));
         }
         max_err = max_err.max(err);
+    }
+    if let (Some(min), false) = (tol.cosine_min, exact) {
+        let width = have.shape.last().copied().unwrap_or(1).max(1);
+        for (row, (x, y)) in a.chunks(width).zip(b.chunks(width)).enumerate() {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            let nx = x.iter().map(|p| p * p).sum::<f64>().sqrt();
+            let ny = y.iter().map(|q| q * q).sum::<f64>().sqrt();
+            let cos = if nx == 0.0 && ny == 0.0 { 1.0 } else { dot / (nx * ny).max(f64::MIN_POSITIVE) };
+            if cos.is_nan() || cos < min {
+                return Err(format!("row {row} has cosine similarity {cos:.4} with the expected row, below {min}"));
+            }
+        }
     }
     Ok(max_err)
 }

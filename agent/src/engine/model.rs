@@ -150,7 +150,17 @@ fn classify(e: TractError) -> LoadError {
         let rest = &short[pos + "Unimplemented(".len()..];
         return LoadError::Unsupported(rest.split(')').next().unwrap_or(rest).to_owned());
     }
-    LoadError::Parse(short)
+    LoadError::Parse(first_line(&short, 400))
+}
+
+/// The first line of an engine message, cut to `max` characters (tract's errors can embed
+/// whole graph dumps).
+fn first_line(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    match line.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_owned(),
+    }
 }
 
 impl LoadedModel {

@@ -182,22 +182,51 @@ async fn model_version_ready(
     readiness(&s, &model, Some(&version))
 }
 
+/// How much of an oversized body is read and dropped before answering 413, so that clients that
+/// write the whole body before reading (most do) see the answer instead of a reset connection.
+const DRAIN_CAP: u64 = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// Reads a body up to `limit` bytes; over the limit is 413.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large =
         || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes"));
-    if let Some(len) =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit as u64 {
-            return Err(too_large());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        drain(body).await;
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body).await;
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
         }
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}"))),
-    }
+    Ok(Bytes::from(buf))
+}
+
+/// Reads and drops what is left of a body, bounded in bytes and time.
+async fn drain(mut body: Body) {
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > DRAIN_CAP {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 async fn infer(State(s): State<HttpState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {

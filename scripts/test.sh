@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite. Installs what it needs first (scripts/setup-test.sh).
+#   scripts/test.sh                      everything that is fast
+#   OUTPOST_TEST_FULL=1 scripts/test.sh  everything (what CI runs): missing tools are errors
+. "$(dirname "$0")/lib.sh"
+"$ROOT/scripts/setup-test.sh"
+export OUTPOST_TEST_PYTHON="$TEST_VENV/bin/python"
+cd "$ROOT"
+cargo test --workspace --locked "$@"
