@@ -32,6 +32,104 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Generate an ed25519 key pair: OUT.key (private, mode 0600) and OUT.pub.
+    Keygen {
+        /// Path without extension, e.g. keys/index-1.
+        #[arg(long)]
+        out: PathBuf,
+        /// A note stored in the private key file.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Publish and manage models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Create and maintain a registry directory.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Sign and publish a model into a registry directory. Refused unless tract loads it and
+    /// reproduces the golden vectors (outputs computed by ONNX Runtime: scripts/make-golden.py).
+    Publish {
+        /// The ONNX file.
+        model: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Semantic version, e.g. 1.2.0.
+        #[arg(long)]
+        version: String,
+        /// Index signing key(s) (.key files); as many as the index threshold needs.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        registry: PathBuf,
+        /// Golden vectors: sample inputs and ONNX Runtime's outputs.
+        #[arg(long)]
+        golden: PathBuf,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Quantization label recorded in the manifest (e.g. fp32, int8-qdq, int8-dynamic).
+        #[arg(long, default_value = "fp32")]
+        quantization: String,
+        /// Whether requests for this model may leave the site (overflow to a data centre).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        may_leave_site: bool,
+        /// How long the new index stays valid.
+        #[arg(long, default_value = "30d")]
+        expires: String,
+    },
+    /// Show installed, pending and rejected versions (reads the state directory).
+    List {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Create a registry: root v1 and an empty index.
+    Init {
+        #[arg(long)]
+        registry: PathBuf,
+        /// Root signing keys (.key files).
+        #[arg(long = "root-key", required = true)]
+        root_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        root_threshold: usize,
+        /// Index signing keys (.key files).
+        #[arg(long = "index-key", required = true)]
+        index_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        index_threshold: usize,
+        #[arg(long, default_value = "365d")]
+        expires: String,
+        /// Mark the root as demo-only: only the dev profile will trust it.
+        #[arg(long)]
+        demo_only: bool,
+    },
+    /// Write the next root version, signed by the current root keys and the new ones.
+    RotateRoot {
+        #[arg(long)]
+        registry: PathBuf,
+        /// Current root keys (.key files) that sign the rotation.
+        #[arg(long = "old-key", required = true)]
+        old_keys: Vec<PathBuf>,
+        /// The new root keys (.key files); they sign too.
+        #[arg(long = "new-key", required = true)]
+        new_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        root_threshold: usize,
+        /// Index public keys (.pub) of the new root; default: keep the current index keys.
+        #[arg(long = "index-pub")]
+        index_pubs: Vec<PathBuf>,
+        #[arg(long)]
+        index_threshold: Option<usize>,
+        #[arg(long, default_value = "365d")]
+        expires: String,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, FatalError> {
@@ -119,6 +217,25 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             println!("{} models, {} refused", sources.len(), failed);
             Ok(if failed == 0 && !sources.is_empty() { 0 } else { 1 })
         }
+        Command::Keygen { out, note } => {
+            let k = crate::registry::KeyPair::generate().map_err(|e| FatalError::Runtime(e.to_string()))?;
+            if out.with_extension("key").exists() {
+                return Err(FatalError::Usage(format!(
+                    "{} exists; not overwriting",
+                    out.with_extension("key").display()
+                )));
+            }
+            k.save(&out, note.as_deref()).map_err(|e| FatalError::Runtime(e.to_string()))?;
+            println!(
+                "keyid {}\nwrote {} (private, 0600) and {}",
+                k.keyid,
+                out.with_extension("key").display(),
+                out.with_extension("pub").display()
+            );
+            Ok(0)
+        }
+        Command::Model(cmd) => model_command(cmd),
+        Command::Registry(cmd) => registry_command(cmd),
         Command::Run { config } => {
             let c = load_config(config.as_ref())?;
             init_logging(&c);
@@ -151,4 +268,162 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
         }
     }
     agent.shutdown().await
+}
+
+fn secs(s: &str, what: &str) -> Result<i64, FatalError> {
+    crate::config::parse_duration(s).map(|d| d.as_secs() as i64).map_err(|e| FatalError::Usage(format!("{what}: {e}")))
+}
+
+fn load_keys(paths: &[PathBuf]) -> Result<Vec<crate::registry::KeyPair>, FatalError> {
+    paths.iter().map(|p| crate::registry::KeyPair::load(p).map_err(|e| FatalError::Usage(e.to_string()))).collect()
+}
+
+fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
+    match cmd {
+        ModelCommand::Publish {
+            model,
+            name,
+            version,
+            keys,
+            registry,
+            golden,
+            channel,
+            quantization,
+            may_leave_site,
+            expires,
+        } => {
+            let keys = load_keys(&keys)?;
+            let signers: Vec<&crate::registry::KeyPair> = keys.iter().collect();
+            let publication = crate::registry::publish::Publication {
+                model: &model,
+                name: &name,
+                version: &version,
+                channel: &channel,
+                golden: &golden,
+                quantization: &quantization,
+                may_leave_site,
+                index_expires_in_secs: secs(&expires, "--expires")?,
+            };
+            match crate::registry::publish::publish(&registry, &publication, &signers) {
+                Ok(sha) => {
+                    println!("published {name}@{version} on {channel}: manifest {sha}");
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("outpost: publish refused: {e}");
+                    Ok(1)
+                }
+            }
+        }
+        ModelCommand::List { config } => {
+            let c = load_config(config.as_ref())?;
+            let store = crate::store::Store::open(&c.node.state_dir)
+                .map_err(|e| FatalError::Runtime(format!("{}: {e}", c.node.state_dir.display())))?;
+            let state = store.load_state().map_err(|e| FatalError::Runtime(e.to_string()))?;
+            println!("{:<24} {:<12} {:<10} DETAIL", "MODEL", "VERSION", "STATE");
+            for (name, m) in &state.installed {
+                println!(
+                    "{:<24} {:<12} {:<10} manifest {}",
+                    name,
+                    m.current.version,
+                    "serving",
+                    &m.current.manifest_sha256[..12]
+                );
+                if let Some(p) = &m.previous {
+                    println!("{:<24} {:<12} {:<10} kept for rollback", name, p.version, "previous");
+                }
+            }
+            for (name, r) in &state.pending_errors {
+                println!("{:<24} {:<12} {:<10} {}", name, r.version, "pending", r.reason);
+            }
+            for (sha, r) in &state.rejected {
+                println!(
+                    "{:<24} {:<12} {:<10} {} (manifest {})",
+                    r.name,
+                    r.version,
+                    "rejected",
+                    r.reason,
+                    &sha[..12.min(sha.len())]
+                );
+            }
+            if let Some(e) = &state.registry_error {
+                println!("registry: {e}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn registry_command(cmd: RegistryCommand) -> Result<i32, FatalError> {
+    use crate::registry::publish::{init, rotate_root, RootSpec};
+    let fail = |e: crate::registry::RegistryError| FatalError::Runtime(e.to_string());
+    match cmd {
+        RegistryCommand::Init {
+            registry,
+            root_keys,
+            root_threshold,
+            index_keys,
+            index_threshold,
+            expires,
+            demo_only,
+        } => {
+            let roots = load_keys(&root_keys)?;
+            let indexes = load_keys(&index_keys)?;
+            let spec = RootSpec {
+                root_keys: roots.iter().map(|k| k.public()).collect(),
+                root_threshold,
+                index_keys: indexes.iter().map(|k| k.public()).collect(),
+                index_threshold,
+                expires_in_secs: secs(&expires, "--expires")?,
+                demo_only,
+            };
+            init(
+                &registry,
+                &spec,
+                &roots.iter().collect::<Vec<_>>(),
+                &indexes.iter().collect::<Vec<_>>(),
+                spec.expires_in_secs,
+            )
+            .map_err(fail)?;
+            println!("registry created in {}", registry.display());
+            Ok(0)
+        }
+        RegistryCommand::RotateRoot {
+            registry,
+            old_keys,
+            new_keys,
+            root_threshold,
+            index_pubs,
+            index_threshold,
+            expires,
+        } => {
+            let old = load_keys(&old_keys)?;
+            let new = load_keys(&new_keys)?;
+            let current = std::fs::read(registry.join("root.json"))
+                .map_err(|e| FatalError::Usage(format!("{}: {e}", registry.join("root.json").display())))?;
+            let current = crate::registry::trust::verify_root_self(&current).map_err(fail)?;
+            let (index_keys, default_threshold) = if index_pubs.is_empty() {
+                let keys = current.roles.index.keyids.iter().filter_map(|id| current.keys.get(id).cloned()).collect();
+                (keys, current.roles.index.threshold)
+            } else {
+                let keys = index_pubs
+                    .iter()
+                    .map(|p| crate::registry::keys::load_public(p).map_err(|e| FatalError::Usage(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (keys, 1)
+            };
+            let spec = RootSpec {
+                root_keys: new.iter().map(|k| k.public()).collect(),
+                root_threshold,
+                index_keys,
+                index_threshold: index_threshold.unwrap_or(default_threshold),
+                expires_in_secs: secs(&expires, "--expires")?,
+                demo_only: current.demo_only,
+            };
+            let signers: Vec<&crate::registry::KeyPair> = old.iter().chain(new.iter()).collect();
+            let v = rotate_root(&registry, &spec, &signers).map_err(fail)?;
+            println!("root version {v} written to {}", registry.display());
+            Ok(0)
+        }
+    }
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::registry::sync::RegistryConfig;
+
 /// Largest request body the agent accepts, whatever the configuration says.
 pub const MAX_BODY_CEILING: usize = 1 << 30;
 
@@ -42,8 +44,23 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     local_models: Option<RawLocalModels>,
+    registry: Option<RawRegistry>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    url: String,
+    trusted_root: PathBuf,
+    poll_interval: Option<String>,
+    channel: Option<String>,
+    allow_http: Option<bool>,
+    ca: Option<PathBuf>,
+    timeout: Option<String>,
+    max_blob_bytes: Option<u64>,
+    max_model_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +112,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Directories of unsigned local models (`<dir>/<name>/model.onnx` + `golden.json`).
     pub local_models: Vec<PathBuf>,
+    /// The signed model registry; `None` turns it off.
+    pub registry: Option<RegistryConfig>,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
     /// Where this configuration came from; `None` for the dev profile.
@@ -169,9 +188,22 @@ impl Config {
             Some(x) if !root.join("models").is_dir() => PathBuf::from(x).join("outpost"),
             _ => root.join(".outpost"),
         };
+        let demo = root.join("models").join("registry");
+        let (registry, local) = if demo.join("root.json").is_file() {
+            let reg = RawRegistry {
+                url: format!("file://{}", demo.display()),
+                trusted_root: demo.join("root.json"),
+                poll_interval: Some("10s".into()),
+                ..Default::default()
+            };
+            (Some(reg), vec![root.join(".cache").join("models")])
+        } else {
+            (None, vec![root.join("models"), root.join(".cache").join("models")])
+        };
         let raw = RawConfig {
             node: RawNode { state_dir: Some(state_dir), ..Default::default() },
-            local_models: Some(RawLocalModels { dirs: vec![root.join("models"), root.join(".cache").join("models")] }),
+            local_models: Some(RawLocalModels { dirs: local }),
+            registry,
             ..Default::default()
         };
         // The dev profile's values are valid by construction; fall back on the bare defaults
@@ -187,6 +219,7 @@ impl Config {
                 },
                 log: LogConfig { level: "info".into(), format: LogFormat::Text },
                 local_models: vec![root.join("models")],
+                registry: None,
                 models: BTreeMap::new(),
                 path: None,
             }
@@ -312,6 +345,11 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         }
     }
 
+    let registry = match raw.registry {
+        None => None,
+        Some(r) => Some(validate_registry(r, dev, &resolve).map_err(err)?),
+    };
+
     let mut models = BTreeMap::new();
     for (mname, m) in raw.models {
         if !valid_name(&mname) {
@@ -338,8 +376,66 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         http: HttpConfig { listen, max_body_bytes: max_body as usize, request_timeout },
         log: LogConfig { level, format },
         local_models,
+        registry,
         models,
         path,
+    })
+}
+
+fn validate_registry(
+    r: RawRegistry,
+    dev: bool,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<RegistryConfig, String> {
+    let allow_http = r.allow_http.unwrap_or(false);
+    if let Some(path) = r.url.strip_prefix("file://") {
+        if !Path::new(path).is_absolute() {
+            return Err(format!("registry.url '{}' must be an absolute file:// path", r.url));
+        }
+    } else if r.url.starts_with("http://") {
+        if !allow_http {
+            return Err(format!("registry.url '{}' is plain http: set registry.allow_http = true to accept it", r.url));
+        }
+    } else if !r.url.starts_with("https://") {
+        return Err(format!("registry.url '{}' must start with https://, http:// or file://", r.url));
+    }
+    let trusted_root = resolve(r.trusted_root);
+    let root_bytes =
+        std::fs::read(&trusted_root).map_err(|e| format!("registry.trusted_root {}: {e}", trusted_root.display()))?;
+    match crate::registry::trust::root_is_demo(&root_bytes) {
+        None => return Err(format!("registry.trusted_root {} is not a registry root", trusted_root.display())),
+        Some(true) if !dev => {
+            return Err(format!(
+                "registry.trusted_root {} is the demo root (demo-only key): only the dev profile may trust it",
+                trusted_root.display()
+            ))
+        }
+        Some(_) => {}
+    }
+    let poll_interval = parse_duration(r.poll_interval.as_deref().unwrap_or("60s"))
+        .map_err(|e| format!("registry.poll_interval: {e}"))?;
+    if poll_interval < Duration::from_millis(100) {
+        return Err("registry.poll_interval must be at least 100ms".into());
+    }
+    let timeout =
+        parse_duration(r.timeout.as_deref().unwrap_or("30s")).map_err(|e| format!("registry.timeout: {e}"))?;
+    if timeout.is_zero() {
+        return Err("registry.timeout must be positive".into());
+    }
+    let channel = r.channel.unwrap_or_else(|| "stable".into());
+    if !valid_name(&channel) {
+        return Err(format!("registry.channel '{channel}' must be 1-128 of [A-Za-z0-9._-]"));
+    }
+    Ok(RegistryConfig {
+        url: r.url,
+        trusted_root,
+        poll_interval,
+        channel,
+        allow_http,
+        ca: r.ca.map(resolve),
+        timeout,
+        max_blob_bytes: r.max_blob_bytes.unwrap_or(2 << 30),
+        max_model_bytes: r.max_model_bytes.unwrap_or(4 << 30),
     })
 }
 

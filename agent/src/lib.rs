@@ -7,10 +7,14 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
 pub mod protocol;
+pub mod registry;
+pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,6 +72,7 @@ pub struct Agent {
     config: Arc<RwLock<Arc<Config>>>,
     service: InferenceService,
     local: Arc<LocalModels>,
+    registry: Option<tokio::sync::mpsc::Sender<registry::sync::Command>>,
     server: tokio::task::JoinHandle<Result<(), FatalError>>,
 }
 
@@ -104,6 +109,19 @@ impl Agent {
         tracing::info!(refused = refused.len(), "configuration reloaded");
     }
 
+    /// Polls the registry now and waits for the result (instead of the poll timer).
+    pub async fn poll_registry(&self) -> Result<registry::sync::PollReport, registry::RegistryError> {
+        let tx = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| registry::RegistryError::Invalid("no [registry] configured".into()))?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(registry::sync::Command::PollNow(reply))
+            .await
+            .map_err(|_| registry::RegistryError::Io("registry task stopped".into()))?;
+        rx.await.map_err(|_| registry::RegistryError::Io("registry task stopped".into()))?
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded by [`SHUTDOWN_GRACE`]), stops
     /// the models' workers.
     pub async fn shutdown(self) -> Result<(), FatalError> {
@@ -125,6 +143,10 @@ impl Agent {
 
 /// Starts the agent: binds the listener, then loads models in the background.
 pub async fn start(config: Config) -> Result<Agent, FatalError> {
+    tls::install_crypto_provider();
+    std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
+        FatalError::Runtime(format!("cannot create state directory {}: {e}", config.node.state_dir.display()))
+    })?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
@@ -151,14 +173,29 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     });
     tracing::info!(%addr, "listening");
 
+    let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let (registry_tx, registry_first) = match &cfg.registry {
+        Some(rc) => {
+            let sync =
+                registry::sync::RegistrySync::open(rc.clone(), &cfg.node.state_dir, service.clone(), config.clone())
+                    .map_err(|e| FatalError::Runtime(format!("registry: {e}")))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            tracker.spawn(sync.run(rx, cancel.child_token(), first_tx));
+            (Some(tx), Some(first_rx))
+        }
+        None => (None, None),
+    };
     {
         let service = service.clone();
         let local = local.clone();
-        let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
             tokio::select! {
                 refused = local.reconcile(&service, &cfg) => {
+                    if let Some(first) = registry_first {
+                        let _ = first.await;
+                    }
                     let serving = service.repository.ready_count();
                     tracing::info!(serving, refused = refused.len(), "initial model load finished");
                 }
@@ -169,7 +206,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         });
     }
 
-    Ok(Agent { addr, cancel, tracker, started: started_rx, config, service, local, server })
+    Ok(Agent { addr, cancel, tracker, started: started_rx, config, service, local, registry: registry_tx, server })
 }
 
 /// Runs the agent until `shutdown` resolves.

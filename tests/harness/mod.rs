@@ -70,7 +70,7 @@ impl TestAgent {
             .await
             .context("models did not load in 120 s")?;
         let base = format!("http://{}", agent.addr());
-        Ok(TestAgent { agent, base, http: reqwest::Client::new(), state })
+        Ok(TestAgent { agent, base, http: http_client(), state })
     }
 
     /// The committed demo models.
@@ -242,4 +242,10 @@ impl Drop for ChildAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An HTTP client for tests (installs the process's rustls provider first).
+pub fn http_client() -> reqwest::Client {
+    outpost::tls::install_crypto_provider();
+    reqwest::Client::new()
 }

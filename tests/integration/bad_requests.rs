@@ -145,7 +145,7 @@ async fn configured_body_limit_applies() -> anyhow::Result<()> {
     std::fs::write(&path, text)?;
     let agent = outpost::start(outpost::config::Config::load(&path)?).await?;
     agent.started().await;
-    let http = reqwest::Client::new();
+    let http = outpost_tests::http_client();
     let url = format!("http://{}/v2/models/mlp/infer", agent.addr());
     let r = http.post(&url).body(vec![b' '; 4097]).send().await?;
     assert_eq!(r.status().as_u16(), 413);

@@ -63,7 +63,7 @@ async fn sighup_reload_and_sigterm_shutdown() -> anyhow::Result<()> {
     let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", path.to_str().unwrap_or_default()])?;
     let addr = child.wait_listening()?;
     child.wait_for("initial model load finished", Duration::from_secs(120))?;
-    let http = reqwest::Client::new();
+    let http = outpost_tests::http_client();
     let ready = |m: &str| format!("http://{addr}/v2/models/{m}/ready");
     assert_eq!(http.get(ready("cnn")).send().await?.status().as_u16(), 200);
 

@@ -24,6 +24,8 @@ impl RequestOutcome {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LifecycleKind {
+    /// Manifest signature and digests checked; the download may start.
+    Verified,
     /// Loaded, golden vectors reproduced, serving.
     Activated,
     /// Refused at load (unreadable, unsupported operator, golden mismatch, panic).
@@ -35,6 +37,7 @@ pub enum LifecycleKind {
 impl LifecycleKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            LifecycleKind::Verified => "verified",
             LifecycleKind::Activated => "activated",
             LifecycleKind::Refused => "refused",
             LifecycleKind::Unloaded => "unloaded",

@@ -1,0 +1,251 @@
+//! Fetching registry files from `https://`, `http://` (only where configured) or `file://`,
+//! every read capped before and while it happens; blob downloads resume with `Range`.
+
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::RegistryError;
+
+/// Options for reaching a registry.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    pub allow_http: bool,
+    /// Extra CA certificates (PEM) trusted for `https://` registries.
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions { allow_http: false, ca: None, timeout: Duration::from_secs(30) }
+    }
+}
+
+enum Base {
+    File(PathBuf),
+    Http { base: String, client: reqwest::Client },
+}
+
+pub struct Fetcher {
+    base: Base,
+    display: String,
+}
+
+/// The answer to a conditional GET.
+#[derive(Debug)]
+pub enum Fetched {
+    NotModified,
+    Body { bytes: Vec<u8>, etag: Option<String> },
+}
+
+impl Fetcher {
+    pub fn new(url: &str, opts: &FetchOptions) -> Result<Fetcher, RegistryError> {
+        if let Some(path) = url.strip_prefix("file://") {
+            return Ok(Fetcher { base: Base::File(PathBuf::from(path)), display: url.to_owned() });
+        }
+        let is_https = url.starts_with("https://");
+        if !is_https && !url.starts_with("http://") {
+            return Err(RegistryError::Invalid(format!("registry url '{url}' must be https://, http:// or file://")));
+        }
+        if !is_https && !opts.allow_http {
+            return Err(RegistryError::Invalid(format!(
+                "registry url '{url}' is plain http: set registry.allow_http = true"
+            )));
+        }
+        crate::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .timeout(opts.timeout)
+            .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &opts.ca {
+            let pem = std::fs::read(ca).map_err(|e| RegistryError::Io(format!("{}: {e}", ca.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| RegistryError::Invalid(format!("{}: {e}", ca.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(|e| RegistryError::Invalid(format!("http client: {e}")))?;
+        let base = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };
+        Ok(Fetcher { base: Base::Http { base, client }, display: url.to_owned() })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.display
+    }
+
+    /// Fetches `rel` (at most `cap` bytes); with an ETag, a 304 answers `NotModified`.
+    pub async fn get(&self, rel: &str, cap: u64, etag: Option<&str>) -> Result<Fetched, RegistryError> {
+        match &self.base {
+            Base::File(dir) => {
+                let path = dir.join(rel);
+                let bytes = read_file_capped(&path, cap).await?;
+                Ok(Fetched::Body { bytes, etag: None })
+            }
+            Base::Http { base, client } => {
+                let url = format!("{base}{rel}");
+                let mut req = client.get(&url);
+                if let Some(e) = etag {
+                    req = req.header(reqwest::header::IF_NONE_MATCH, e);
+                }
+                let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                match resp.status().as_u16() {
+                    304 => return Ok(Fetched::NotModified),
+                    404 => return Err(RegistryError::NotFound(url)),
+                    200 => {}
+                    s => return Err(RegistryError::Fetch(format!("{url}: HTTP {s}"))),
+                }
+                if resp.content_length().is_some_and(|l| l > cap) {
+                    return Err(RegistryError::TooLarge(format!("{url} is larger than {cap} bytes")));
+                }
+                let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let mut bytes = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))? {
+                    if bytes.len() as u64 + chunk.len() as u64 > cap {
+                        return Err(RegistryError::TooLarge(format!("{url} is larger than {cap} bytes")));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(Fetched::Body { bytes, etag })
+            }
+        }
+    }
+
+    /// Fetches `rel` unconditionally.
+    pub async fn get_body(&self, rel: &str, cap: u64) -> Result<Vec<u8>, RegistryError> {
+        match self.get(rel, cap, None).await? {
+            Fetched::Body { bytes, .. } => Ok(bytes),
+            Fetched::NotModified => Err(RegistryError::Fetch(format!("{rel}: unexpected 304"))),
+        }
+    }
+
+    /// Downloads `rel` into `dest`, appending to what an earlier attempt left there. Never
+    /// writes more than `size` bytes; fewer is an error that a later call resumes.
+    pub async fn download(&self, rel: &str, dest: &Path, size: u64) -> Result<(), RegistryError> {
+        let io = |e: std::io::Error| RegistryError::Io(format!("{}: {e}", dest.display()));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(false)
+            .write(true)
+            .truncate(false)
+            .open(dest)
+            .map_err(io)?;
+        let mut have = file.metadata().map_err(io)?.len();
+        if have > size {
+            file.set_len(0).map_err(io)?;
+            have = 0;
+        }
+        if have == size {
+            return Ok(());
+        }
+        file.seek(std::io::SeekFrom::Start(have)).map_err(io)?;
+        let progress_step = (size / 10).max(8 << 20);
+        let mut next_progress = have + progress_step;
+        let mut halfway_hit = false;
+        match &self.base {
+            Base::File(dir) => {
+                let path = dir.join(rel);
+                let meta = tokio::fs::metadata(&path).await.map_err(|e| not_found_or_io(&path, e))?;
+                if meta.len() > size {
+                    return Err(RegistryError::TooLarge(format!(
+                        "{} is larger than the {size} bytes the manifest says",
+                        path.display()
+                    )));
+                }
+                let mut src = std::fs::File::open(&path).map_err(|e| not_found_or_io(&path, e))?;
+                src.seek(std::io::SeekFrom::Start(have)).map_err(io)?;
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = std::io::Read::read(&mut src, &mut buf).map_err(io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    file.write_all(&buf[..n]).map_err(io)?;
+                    have += n as u64;
+                    if !halfway_hit && have * 2 >= size {
+                        halfway_hit = true;
+                        file.flush().map_err(io)?;
+                        crate::failpoint::hit("download-mid");
+                    }
+                }
+            }
+            Base::Http { base, client } => {
+                let url = format!("{base}{rel}");
+                let mut req = client.get(&url);
+                if have > 0 {
+                    req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+                }
+                let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                match resp.status().as_u16() {
+                    206 => {}
+                    200 => {
+                        if have > 0 {
+                            // The server ignored the range: start over.
+                            file.set_len(0).map_err(io)?;
+                            file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+                            have = 0;
+                        }
+                    }
+                    404 => return Err(RegistryError::NotFound(url)),
+                    416 => {
+                        file.set_len(0).map_err(io)?;
+                        return Err(RegistryError::Fetch(format!("{url}: range not satisfiable; restarting")));
+                    }
+                    s => return Err(RegistryError::Fetch(format!("{url}: HTTP {s}"))),
+                }
+                if resp.content_length().is_some_and(|l| have + l > size) {
+                    return Err(RegistryError::TooLarge(format!(
+                        "{url} is larger than the {size} bytes the manifest says"
+                    )));
+                }
+                while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))? {
+                    if have + chunk.len() as u64 > size {
+                        file.set_len(0).map_err(io)?;
+                        return Err(RegistryError::TooLarge(format!(
+                            "{url} sends more than the {size} bytes the manifest says"
+                        )));
+                    }
+                    file.write_all(&chunk).map_err(io)?;
+                    have += chunk.len() as u64;
+                    if have >= next_progress {
+                        tracing::info!(blob = rel, received = have, total = size, "downloading");
+                        next_progress = have + progress_step;
+                    }
+                    if !halfway_hit && have * 2 >= size {
+                        halfway_hit = true;
+                        file.flush().map_err(io)?;
+                        crate::failpoint::hit("download-mid");
+                    }
+                }
+            }
+        }
+        file.sync_all().map_err(io)?;
+        if have < size {
+            return Err(RegistryError::Fetch(format!(
+                "{rel}: truncated download, {have} of {size} bytes (will resume)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn not_found_or_io(path: &Path, e: std::io::Error) -> RegistryError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        RegistryError::NotFound(path.display().to_string())
+    } else {
+        RegistryError::Io(format!("{}: {e}", path.display()))
+    }
+}
+
+async fn read_file_capped(path: &Path, cap: u64) -> Result<Vec<u8>, RegistryError> {
+    let meta = tokio::fs::metadata(path).await.map_err(|e| not_found_or_io(path, e))?;
+    if meta.len() > cap {
+        return Err(RegistryError::TooLarge(format!("{} is larger than {cap} bytes", path.display())));
+    }
+    let bytes = tokio::fs::read(path).await.map_err(|e| not_found_or_io(path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(RegistryError::TooLarge(format!("{} is larger than {cap} bytes", path.display())));
+    }
+    Ok(bytes)
+}

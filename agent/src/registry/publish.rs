@@ -1,0 +1,225 @@
+//! The publisher's side: create a registry directory, publish a model into it, rotate its
+//! root. The output is plain files for any static host (nginx, S3/MinIO, a CDN) or a bundle.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::dsse::Envelope;
+use super::keys::{KeyPair, PublicKey};
+use super::trust::verify_root_self;
+use super::{
+    format_time, now, sha256_hex, BlobRef, DigestRef, Index, IndexEntry, ModelPredicate, RegistryError, Residency,
+    Role, Roles, Root, SemVer, Statement, Subject, TensorDecl, INDEX_TYPE, MANIFEST_TYPE, PREDICATE_TYPE, ROOT_TYPE,
+    STATEMENT_TYPE,
+};
+use crate::config::{valid_name, ModelConfig};
+use crate::store::write_atomic;
+
+fn write(dir: &Path, rel: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+    write_atomic(&dir.join(rel), bytes).map_err(|e| RegistryError::Io(format!("{}: {e}", dir.join(rel).display())))
+}
+
+fn role_of(keys: &[PublicKey], threshold: usize) -> Result<(Role, BTreeMap<String, PublicKey>), RegistryError> {
+    let mut map = BTreeMap::new();
+    for k in keys {
+        map.insert(k.keyid()?, k.clone());
+    }
+    if threshold == 0 || threshold > map.len() {
+        return Err(RegistryError::Invalid(format!("threshold {threshold} with {} distinct keys", map.len())));
+    }
+    Ok((Role { keyids: map.keys().cloned().collect(), threshold }, map))
+}
+
+/// Settings of a new root.
+pub struct RootSpec {
+    pub root_keys: Vec<PublicKey>,
+    pub root_threshold: usize,
+    pub index_keys: Vec<PublicKey>,
+    pub index_threshold: usize,
+    pub expires_in_secs: i64,
+    pub demo_only: bool,
+}
+
+fn build_root(version: u64, spec: &RootSpec) -> Result<Root, RegistryError> {
+    let (root_role, mut keys) = role_of(&spec.root_keys, spec.root_threshold)?;
+    let (index_role, index_keys) = role_of(&spec.index_keys, spec.index_threshold)?;
+    keys.extend(index_keys);
+    Ok(Root {
+        kind: "root".into(),
+        version,
+        expires: format_time(now() + spec.expires_in_secs),
+        keys,
+        roles: Roles { root: root_role, index: index_role },
+        demo_only: spec.demo_only,
+    })
+}
+
+fn sign_json<T: serde::Serialize>(payload_type: &str, value: &T, keys: &[&KeyPair]) -> Result<Vec<u8>, RegistryError> {
+    let payload = serde_json::to_vec(value).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    Ok(Envelope::sign(payload_type, &payload, keys).to_bytes())
+}
+
+/// Creates a registry: root v1 (`root.json`, `roots/1.json`) signed by the root keys, and an
+/// empty index v1 signed by the index keys.
+pub fn init(
+    dir: &Path,
+    spec: &RootSpec,
+    root_signers: &[&KeyPair],
+    index_signers: &[&KeyPair],
+    index_expires_in_secs: i64,
+) -> Result<(), RegistryError> {
+    if dir.join("root.json").exists() {
+        return Err(RegistryError::Invalid(format!("{} already holds a registry", dir.display())));
+    }
+    let root = build_root(1, spec)?;
+    let bytes = sign_json(ROOT_TYPE, &root, root_signers)?;
+    verify_root_self(&bytes)?;
+    write(dir, "roots/1.json", &bytes)?;
+    write(dir, "root.json", &bytes)?;
+    let index = Index {
+        kind: "index".into(),
+        version: 1,
+        expires: format_time(now() + index_expires_in_secs),
+        models: BTreeMap::new(),
+    };
+    write(dir, "index.json", &sign_json(INDEX_TYPE, &index, index_signers)?)?;
+    Ok(())
+}
+
+/// Writes root version N+1, signed by the old root keys and the new ones.
+pub fn rotate_root(dir: &Path, spec: &RootSpec, signers: &[&KeyPair]) -> Result<u64, RegistryError> {
+    let current = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::Io(format!("root.json: {e}")))?;
+    let old = verify_root_self(&current)?;
+    let root = build_root(old.version + 1, spec)?;
+    let bytes = sign_json(ROOT_TYPE, &root, signers)?;
+    // The same checks a client makes: threshold of the old root's keys and of the new root's.
+    let env = Envelope::parse(&bytes)?;
+    let old_keys: BTreeMap<_, _> = old
+        .roles
+        .root
+        .keyids
+        .iter()
+        .filter_map(|id| old.keys.get(id).and_then(|k| k.verifying_key().ok()).map(|k| (id.clone(), k)))
+        .collect();
+    env.verify(ROOT_TYPE, &old_keys, old.roles.root.threshold, "new root by the old root keys")?;
+    verify_root_self(&bytes)?;
+    write(dir, &format!("roots/{}.json", root.version), &bytes)?;
+    write(dir, "root.json", &bytes)?;
+    Ok(root.version)
+}
+
+/// What to publish.
+pub struct Publication<'a> {
+    pub model: &'a Path,
+    pub name: &'a str,
+    pub version: &'a str,
+    pub channel: &'a str,
+    pub golden: &'a Path,
+    pub quantization: &'a str,
+    pub may_leave_site: bool,
+    pub index_expires_in_secs: i64,
+}
+
+/// Publishes a model: refuses it unless tract loads it and reproduces the golden vectors;
+/// writes the zstd blob, the signed manifest and a new signed index with a higher version.
+/// Returns the manifest digest.
+pub fn publish(dir: &Path, p: &Publication, signers: &[&KeyPair]) -> Result<String, RegistryError> {
+    if !valid_name(p.name) {
+        return Err(RegistryError::Invalid(format!("model name '{}' must be 1-128 of [A-Za-z0-9._-]", p.name)));
+    }
+    if SemVer::parse(p.version).is_none() {
+        return Err(RegistryError::Invalid(format!("version '{}' is not semver (MAJOR.MINOR.PATCH)", p.version)));
+    }
+    if !valid_name(p.channel) {
+        return Err(RegistryError::Invalid(format!("channel '{}' must be 1-128 of [A-Za-z0-9._-]", p.channel)));
+    }
+    let onnx = std::fs::read(p.model).map_err(|e| RegistryError::Io(format!("{}: {e}", p.model.display())))?;
+    let golden_bytes =
+        std::fs::read(p.golden).map_err(|e| RegistryError::Io(format!("{}: {e}", p.golden.display())))?;
+    let golden: serde_json::Value =
+        serde_json::from_slice(&golden_bytes).map_err(|e| RegistryError::Invalid(format!("golden file: {e}")))?;
+    let prepared = crate::lifecycle::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default())
+        .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.model.display())))?;
+    let sig = &prepared.model.signature;
+    let decl = |t: &crate::engine::TensorSpec| TensorDecl {
+        name: t.name.clone(),
+        datatype: t.datatype.as_str().into(),
+        shape: t.v2_shape(),
+    };
+    let blob = zstd::bulk::compress(&onnx, 19).map_err(|e| RegistryError::Io(format!("zstd: {e}")))?;
+    let blob_sha = sha256_hex(&blob);
+    let model_sha = sha256_hex(&onnx);
+    write(dir, &format!("blobs/sha256/{blob_sha}"), &blob)?;
+    let stmt = Statement {
+        kind: STATEMENT_TYPE.into(),
+        subject: vec![Subject { name: "model.onnx".into(), digest: BTreeMap::from([("sha256".into(), model_sha)]) }],
+        predicate_type: PREDICATE_TYPE.into(),
+        predicate: ModelPredicate {
+            name: p.name.into(),
+            version: p.version.into(),
+            format: "onnx".into(),
+            opset: None,
+            quantization: p.quantization.into(),
+            inputs: sig.inputs.iter().map(decl).collect(),
+            outputs: sig.outputs.iter().map(decl).collect(),
+            blob: BlobRef {
+                sha256: blob_sha,
+                size: blob.len() as u64,
+                uncompressed_size: onnx.len() as u64,
+                encoding: "zstd".into(),
+            },
+            golden,
+            min_agent_version: None,
+            residency: Residency { may_leave_site: p.may_leave_site },
+        },
+    };
+    let manifest = sign_json(MANIFEST_TYPE, &stmt, signers)?;
+    let manifest_sha = sha256_hex(&manifest);
+    write(dir, &format!("manifests/{manifest_sha}.json"), &manifest)?;
+
+    let index_bytes =
+        std::fs::read(dir.join("index.json")).map_err(|e| RegistryError::Io(format!("index.json: {e}")))?;
+    let mut index: Index = serde_json::from_slice(&Envelope::parse(&index_bytes)?.payload_bytes()?)
+        .map_err(|e| RegistryError::Invalid(format!("index payload: {e}")))?;
+    let entries = index.models.entry(p.name.to_owned()).or_default();
+    if let Some(e) = entries.iter().find(|e| e.version == p.version && e.channel == p.channel) {
+        if e.manifest.sha256 != manifest_sha {
+            return Err(RegistryError::Invalid(format!(
+                "{}@{} is already published on channel {}; publish a new version",
+                p.name, p.version, p.channel
+            )));
+        }
+    } else {
+        entries.push(IndexEntry {
+            version: p.version.into(),
+            channel: p.channel.into(),
+            manifest: DigestRef { sha256: manifest_sha.clone(), size: manifest.len() as u64 },
+        });
+    }
+    index.version += 1;
+    index.expires = format_time(now() + p.index_expires_in_secs);
+    write(dir, "index.json", &sign_json(INDEX_TYPE, &index, signers)?)?;
+    Ok(manifest_sha)
+}
+
+/// Re-signs the index with a new version (e.g. to withdraw a version: `remove` names it).
+pub fn resign_index(
+    dir: &Path,
+    signers: &[&KeyPair],
+    expires_in_secs: i64,
+    remove: Option<(&str, &str)>,
+) -> Result<u64, RegistryError> {
+    let index_bytes =
+        std::fs::read(dir.join("index.json")).map_err(|e| RegistryError::Io(format!("index.json: {e}")))?;
+    let mut index: Index = serde_json::from_slice(&Envelope::parse(&index_bytes)?.payload_bytes()?)
+        .map_err(|e| RegistryError::Invalid(format!("index payload: {e}")))?;
+    if let Some((name, version)) = remove {
+        if let Some(entries) = index.models.get_mut(name) {
+            entries.retain(|e| e.version != version);
+        }
+    }
+    index.version += 1;
+    index.expires = format_time(now() + expires_in_secs);
+    write(dir, "index.json", &sign_json(INDEX_TYPE, &index, signers)?)?;
+    Ok(index.version)
+}

@@ -1,0 +1,216 @@
+//! Trusted registry state: the root (keys and thresholds) and the last verified index, kept
+//! under `<state_dir>/registry/` and replaced only atomically. Implements root rotation, index
+//! rollback protection and expiry (freeze) checks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use super::client::{Fetched, Fetcher};
+use super::dsse::Envelope;
+use super::{parse_time, Index, RegistryError, Role, Root, INDEX_TYPE, MAX_INDEX_BYTES, MAX_ROOT_BYTES, ROOT_TYPE};
+use crate::store::write_atomic;
+
+/// The keys of one role, with its threshold.
+#[derive(Debug, Clone)]
+pub struct RoleKeys {
+    pub keys: BTreeMap<String, VerifyingKey>,
+    pub threshold: usize,
+}
+
+fn role_keys(root: &Root, role: &Role, name: &str) -> Result<RoleKeys, RegistryError> {
+    if role.threshold == 0 || role.threshold > role.keyids.len() {
+        return Err(RegistryError::Invalid(format!(
+            "{name} role threshold {} with {} keys",
+            role.threshold,
+            role.keyids.len()
+        )));
+    }
+    let mut keys = BTreeMap::new();
+    for id in &role.keyids {
+        let pk =
+            root.keys.get(id).ok_or_else(|| RegistryError::Invalid(format!("{name} role names unknown key {id}")))?;
+        if pk.keyid()? != *id {
+            return Err(RegistryError::Invalid(format!("key {id} does not hash to its id")));
+        }
+        keys.insert(id.clone(), pk.verifying_key()?);
+    }
+    Ok(RoleKeys { keys, threshold: role.threshold })
+}
+
+/// Parses a root envelope and checks it is signed by a threshold of its own root keys.
+pub fn verify_root_self(bytes: &[u8]) -> Result<Root, RegistryError> {
+    let env = Envelope::parse(bytes)?;
+    let root: Root = serde_json::from_slice(&env.payload_bytes()?)
+        .map_err(|e| RegistryError::Invalid(format!("root payload: {e}")))?;
+    if root.kind != "root" {
+        return Err(RegistryError::Invalid(format!("root _type is '{}'", root.kind)));
+    }
+    parse_time(&root.expires)?;
+    let own = role_keys(&root, &root.roles.root, "root")?;
+    role_keys(&root, &root.roles.index, "index")?;
+    env.verify(ROOT_TYPE, &own.keys, own.threshold, &format!("root v{}", root.version))?;
+    Ok(root)
+}
+
+/// Reads only the `demo_only` flag of a root file (for config validation; not a trust decision).
+pub fn root_is_demo(bytes: &[u8]) -> Option<bool> {
+    let env = Envelope::parse(bytes).ok()?;
+    let root: Root = serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
+    Some(root.demo_only)
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    index_etag: Option<String>,
+}
+
+/// What the agent trusts right now.
+pub struct Trusted {
+    dir: PathBuf,
+    pub root: Root,
+    /// The last verified index and its envelope bytes.
+    pub index: Option<(Index, Vec<u8>)>,
+    index_etag: Option<String>,
+}
+
+impl Trusted {
+    /// Loads the persisted trusted state; the pinned root starts trust on first use and
+    /// replaces a persisted root of a lower version.
+    pub fn load(state_dir: &Path, pinned: &Path) -> Result<Trusted, RegistryError> {
+        let dir = state_dir.join("registry");
+        std::fs::create_dir_all(&dir).map_err(|e| RegistryError::Io(format!("{}: {e}", dir.display())))?;
+        let pinned_bytes =
+            std::fs::read(pinned).map_err(|e| RegistryError::Io(format!("trusted root {}: {e}", pinned.display())))?;
+        let pinned_root = verify_root_self(&pinned_bytes)
+            .map_err(|e| RegistryError::Invalid(format!("trusted root {}: {e}", pinned.display())))?;
+        let persisted =
+            std::fs::read(dir.join("root.json")).ok().and_then(|b| verify_root_self(&b).ok().map(|r| (r, b)));
+        let root = match persisted {
+            Some((r, _)) if r.version >= pinned_root.version => r,
+            _ => {
+                write_atomic(&dir.join("root.json"), &pinned_bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
+                pinned_root
+            }
+        };
+        let meta: Meta =
+            std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let mut t = Trusted { dir, root, index: None, index_etag: meta.index_etag };
+        // The persisted index is re-verified against the root (expiry aside): its version is
+        // the floor for rollback protection.
+        if let Ok(bytes) = std::fs::read(t.dir.join("index.json")) {
+            match t.verify_index(&bytes) {
+                Ok(index) => t.index = Some((index, bytes)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "persisted index no longer verifies; refetching");
+                    t.index_etag = None;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn index_keys(&self) -> Result<RoleKeys, RegistryError> {
+        role_keys(&self.root, &self.root.roles.index, "index")
+    }
+
+    fn verify_index(&self, bytes: &[u8]) -> Result<Index, RegistryError> {
+        let env = Envelope::parse(bytes)?;
+        let keys = self.index_keys()?;
+        let payload = env.verify(INDEX_TYPE, &keys.keys, keys.threshold, "index")?;
+        let index: Index =
+            serde_json::from_slice(&payload).map_err(|e| RegistryError::Invalid(format!("index payload: {e}")))?;
+        if index.kind != "index" {
+            return Err(RegistryError::Invalid(format!("index _type is '{}'", index.kind)));
+        }
+        parse_time(&index.expires)?;
+        Ok(index)
+    }
+
+    /// Follows the root rotation chain: `roots/<N+1>.json` must be signed by a threshold of
+    /// root keys of version N *and* of version N+1.
+    pub async fn update_root(&mut self, fetcher: &Fetcher) -> Result<bool, RegistryError> {
+        let mut changed = false;
+        for _ in 0..1024 {
+            let next = self.root.version + 1;
+            let bytes = match fetcher.get_body(&format!("roots/{next}.json"), MAX_ROOT_BYTES).await {
+                Ok(b) => b,
+                Err(RegistryError::NotFound(_)) => break,
+                Err(e) => return Err(e),
+            };
+            let env = Envelope::parse(&bytes)?;
+            let new: Root = serde_json::from_slice(&env.payload_bytes()?)
+                .map_err(|e| RegistryError::Invalid(format!("root v{next} payload: {e}")))?;
+            if new.version != next {
+                return Err(RegistryError::Rollback(format!("roots/{next}.json holds version {}", new.version)));
+            }
+            let old_keys = role_keys(&self.root, &self.root.roles.root, "root")?;
+            env.verify(
+                ROOT_TYPE,
+                &old_keys.keys,
+                old_keys.threshold,
+                &format!("root v{next} (by v{} keys)", self.root.version),
+            )?;
+            let checked = verify_root_self(&bytes)?;
+            write_atomic(&self.dir.join("root.json"), &bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
+            tracing::info!(version = next, "registry root rotated");
+            self.root = checked;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Fetches and verifies the index; returns the index now trusted. Errors leave the trusted
+    /// state as it was.
+    pub async fn update_index(&mut self, fetcher: &Fetcher, now: i64) -> Result<Index, RegistryError> {
+        let root_expires = parse_time(&self.root.expires)?;
+        if root_expires <= now {
+            return Err(RegistryError::Expired(format!(
+                "root v{} expired at {}",
+                self.root.version, self.root.expires
+            )));
+        }
+        let etag = if self.index.is_some() { self.index_etag.as_deref() } else { None };
+        let (bytes, new_etag) = match fetcher.get("index.json", MAX_INDEX_BYTES, etag).await? {
+            Fetched::NotModified => {
+                let Some((index, _)) = &self.index else {
+                    return Err(RegistryError::Fetch("index.json: 304 without a trusted index".into()));
+                };
+                if parse_time(&index.expires)? <= now {
+                    return Err(RegistryError::Expired(format!(
+                        "index v{} expired at {}",
+                        index.version, index.expires
+                    )));
+                }
+                return Ok(index.clone());
+            }
+            Fetched::Body { bytes, etag } => (bytes, etag),
+        };
+        let index = self.verify_index(&bytes)?;
+        if let Some((old, old_bytes)) = &self.index {
+            if index.version < old.version {
+                return Err(RegistryError::Rollback(format!(
+                    "index version {} is older than the trusted version {}",
+                    index.version, old.version
+                )));
+            }
+            if index.version == old.version && bytes != *old_bytes {
+                return Err(RegistryError::Rollback(format!(
+                    "index version {} was re-signed with different content",
+                    index.version
+                )));
+            }
+        }
+        if parse_time(&index.expires)? <= now {
+            return Err(RegistryError::Expired(format!("index v{} expired at {}", index.version, index.expires)));
+        }
+        write_atomic(&self.dir.join("index.json"), &bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
+        self.index_etag = new_etag;
+        let meta = serde_json::to_vec(&Meta { index_etag: self.index_etag.clone() }).unwrap_or_default();
+        write_atomic(&self.dir.join("meta.json"), &meta).map_err(|e| RegistryError::Io(e.to_string()))?;
+        self.index = Some((index.clone(), bytes));
+        Ok(index)
+    }
+}

@@ -1,0 +1,263 @@
+//! The model store under the state directory: content-addressed files, written atomically
+//! (temp file → fsync → rename → fsync directory), and the store's state file that says which
+//! versions are installed and which were rejected. Everything is re-hashed when read.
+//!
+//! Layout: `<state_dir>/store/{models/<sha256>.onnx, manifests/<sha256>.json, tmp/, state.json}`.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::registry::{hex, RegistryError};
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Replaces `path` with `bytes` atomically: readers see the old or the new file, never a mix,
+/// and the new content is on disk before the rename is.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_with_mode(path, bytes, 0o644)
+}
+
+/// Like [`write_atomic`], readable by the owner only (0600).
+pub fn write_secret(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_with_mode(path, bytes, 0o600)
+}
+
+/// One installed version of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledVersion {
+    pub version: String,
+    pub manifest_sha256: String,
+    pub model_sha256: String,
+    pub installed_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledModel {
+    pub current: InstalledVersion,
+    #[serde(default)]
+    pub previous: Option<InstalledVersion>,
+}
+
+/// A version that will not be installed again (failed golden vectors, rolled back, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub name: String,
+    pub version: String,
+    pub reason: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreState {
+    #[serde(default)]
+    pub installed: BTreeMap<String, InstalledModel>,
+    /// Keyed by manifest sha256.
+    #[serde(default)]
+    pub rejected: BTreeMap<String, Rejection>,
+    /// The last problem with a version that is not (yet) installed, per model name: shown by
+    /// `outpost model list`, cleared when that model installs.
+    #[serde(default)]
+    pub pending_errors: BTreeMap<String, Rejection>,
+    /// The last registry-wide problem (index signature, expiry, rollback, unreachable).
+    #[serde(default)]
+    pub registry_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn open(state_dir: &Path) -> io::Result<Store> {
+        let root = state_dir.join("store");
+        for d in ["models", "manifests", "tmp"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        // Leftovers of an interrupted install are dropped; resumable downloads (.partial) stay.
+        for dir in [root.join("tmp"), root.join("models"), root.join("manifests"), root.clone()] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".tmp") {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    pub fn load_state(&self) -> Result<StoreState, RegistryError> {
+        match std::fs::read(self.state_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                RegistryError::Io(format!("store state {} is unreadable: {e}", self.state_path().display()))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreState::default()),
+            Err(e) => Err(RegistryError::Io(format!("{}: {e}", self.state_path().display()))),
+        }
+    }
+
+    pub fn save_state(&self, state: &StoreState) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| RegistryError::Io(e.to_string()))?;
+        write_atomic(&self.state_path(), &bytes).map_err(|e| RegistryError::Io(format!("saving store state: {e}")))
+    }
+
+    pub fn model_path(&self, sha: &str) -> PathBuf {
+        self.root.join("models").join(format!("{sha}.onnx"))
+    }
+
+    pub fn manifest_path(&self, sha: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{sha}.json"))
+    }
+
+    /// Where a blob download in progress is kept (resumable across restarts).
+    pub fn partial_path(&self, blob_sha: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{blob_sha}.partial"))
+    }
+
+    pub fn put_manifest(&self, sha: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+        write_atomic(&self.manifest_path(sha), bytes).map_err(|e| RegistryError::Io(format!("storing manifest: {e}")))
+    }
+
+    /// Reads a stored manifest and checks it still has its digest.
+    pub fn read_manifest(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
+        let bytes =
+            std::fs::read(self.manifest_path(sha)).map_err(|e| RegistryError::Io(format!("manifest {sha}: {e}")))?;
+        let got = crate::registry::sha256_hex(&bytes);
+        if got != sha {
+            return Err(RegistryError::Digest(format!("stored manifest {sha} was modified (now {got})")));
+        }
+        Ok(bytes)
+    }
+
+    /// Decompresses a verified zstd blob into the store under the model's sha256: streamed,
+    /// capped at `max_size` bytes, hashed, fsynced, renamed into place.
+    pub fn install_model(&self, blob: &Path, model_sha: &str, max_size: u64) -> Result<PathBuf, RegistryError> {
+        let dest = self.model_path(model_sha);
+        let tmp = temp_sibling(&dest);
+        let result = (|| -> Result<(), RegistryError> {
+            let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
+            let mut decoder =
+                zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)
+                .map_err(|e| RegistryError::Io(format!("{}: {e}", tmp.display())))?;
+            let mut hasher = sha2::Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = decoder
+                    .read(&mut buf)
+                    .map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > max_size {
+                    return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| RegistryError::Io(e.to_string()))?;
+                crate::failpoint::hit("store-decompress");
+            }
+            let got = hex::encode(&hasher.finalize());
+            if got != model_sha {
+                return Err(RegistryError::Digest(format!(
+                    "decompressed model has sha256 {got}, manifest says {model_sha}"
+                )));
+            }
+            out.sync_all().map_err(|e| RegistryError::Io(e.to_string()))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| RegistryError::Io(e.to_string()))?;
+            fsync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| RegistryError::Io(e.to_string()))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|()| dest)
+    }
+
+    /// Reads an installed model, re-hashing it: a file changed on disk is refused.
+    pub fn read_model(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
+        let path = self.model_path(sha);
+        let bytes = std::fs::read(&path).map_err(|e| RegistryError::Io(format!("{}: {e}", path.display())))?;
+        let got = crate::registry::sha256_hex(&bytes);
+        if got != sha {
+            return Err(RegistryError::Digest(format!(
+                "stored model {} was modified on disk (sha256 now {got})",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes models and manifests no installed version refers to, and partial downloads
+    /// of blobs other than `keep_partial`.
+    pub fn gc(&self, state: &StoreState, keep_partial: &[String]) {
+        let mut keep_models = Vec::new();
+        let mut keep_manifests: Vec<String> = state.rejected.keys().cloned().collect();
+        for m in state.installed.values() {
+            for v in std::iter::once(&m.current).chain(m.previous.as_ref()) {
+                keep_models.push(format!("{}.onnx", v.model_sha256));
+                keep_manifests.push(format!("{}.json", v.manifest_sha256));
+            }
+        }
+        let sweep = |dir: PathBuf, keep: &dyn Fn(&str) -> bool| {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !keep(&name) {
+                        tracing::debug!(file = %e.path().display(), "store gc");
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        };
+        sweep(self.root.join("models"), &|n| keep_models.iter().any(|k| k == n));
+        sweep(self.root.join("manifests"), &|n| keep_manifests.iter().any(|k| *k == n || k == &n.replace(".json", "")));
+        sweep(self.root.join("tmp"), &|n| keep_partial.iter().any(|k| n == format!("{k}.partial")));
+    }
+}
