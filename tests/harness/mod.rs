@@ -13,6 +13,8 @@ use outpost::engine::golden::{compare, Golden};
 use outpost::protocol::json::tensors_from_value;
 use serde_json::{json, Value};
 
+pub mod registry;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
@@ -60,7 +62,11 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent serving the given model directories; returns once models are loaded.
     pub async fn start(model_dirs: &[PathBuf], extra: &str) -> Result<TestAgent> {
-        let state = tempfile::tempdir()?;
+        Self::start_with_state(tempfile::tempdir()?, model_dirs, extra).await
+    }
+
+    /// Like [`TestAgent::start`], in an existing state directory (a restart).
+    pub async fn start_with_state(state: tempfile::TempDir, model_dirs: &[PathBuf], extra: &str) -> Result<TestAgent> {
         let text = config_text(state.path(), model_dirs, extra);
         let path = state.path().join("outpost.toml");
         std::fs::write(&path, &text)?;
@@ -109,6 +115,16 @@ impl TestAgent {
     pub async fn stop(self) -> Result<()> {
         self.agent.shutdown().await?;
         Ok(())
+    }
+
+    /// Stops the agent and hands back its state directory for a restart.
+    pub async fn stop_keep_state(self) -> Result<tempfile::TempDir> {
+        self.agent.shutdown().await?;
+        Ok(self.state)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.state.path().join("outpost.toml")
     }
 }
 
@@ -248,4 +264,13 @@ impl Drop for ChildAgent {
 pub fn http_client() -> reqwest::Client {
     outpost::tls::install_crypto_provider();
     reqwest::Client::new()
+}
+
+/// `[registry]` TOML for a test registry (polled by hand: the timer is an hour).
+pub fn registry_toml(url: &str, trusted_root: &Path, extra: &str) -> String {
+    format!(
+        "[registry]\nurl = {:?}\ntrusted_root = {:?}\nallow_http = true\npoll_interval = \"1h\"\ntimeout = \"5s\"\n{extra}\n",
+        url,
+        trusted_root.display().to_string()
+    )
 }

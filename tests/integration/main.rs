@@ -5,6 +5,7 @@ mod bad_requests;
 mod cli;
 mod endpoints;
 mod models;
+mod registry;
 mod tritonclient;
 
 /// The `outpost` CLI built for these tests (a thin wrapper around `outpost::cli::main`).

@@ -243,9 +243,7 @@ impl RegistrySync {
                 Err(e) => {
                     tracing::warn!(model = %name, version = %entry.version, error = %e, "install refused; current version keeps serving");
                     lifecycle(&self.service, name, &entry.version, LifecycleKind::Refused, e.to_string());
-                    if self.service.repository.status(name).is_some() {
-                        self.service.repository.set_failed(name, &entry.version, &e.to_string());
-                    }
+                    self.service.repository.set_failed(name, &entry.version, &e.to_string());
                     let rejection = Rejection {
                         name: name.clone(),
                         version: entry.version.clone(),
@@ -262,8 +260,7 @@ impl RegistrySync {
             }
             self.save();
         }
-        let keep: Vec<String> = Vec::new();
-        self.store.gc(&self.state, &keep);
+        self.store.gc(&self.state);
         Ok(report)
     }
 

@@ -235,8 +235,8 @@ impl Store {
     }
 
     /// Deletes models and manifests no installed version refers to, and partial downloads
-    /// of blobs other than `keep_partial`.
-    pub fn gc(&self, state: &StoreState, keep_partial: &[String]) {
+    /// untouched for a week (younger ones are kept to resume).
+    pub fn gc(&self, state: &StoreState) {
         let mut keep_models = Vec::new();
         let mut keep_manifests: Vec<String> = state.rejected.keys().cloned().collect();
         for m in state.installed.values() {
@@ -258,6 +258,14 @@ impl Store {
         };
         sweep(self.root.join("models"), &|n| keep_models.iter().any(|k| k == n));
         sweep(self.root.join("manifests"), &|n| keep_manifests.iter().any(|k| *k == n || k == &n.replace(".json", "")));
-        sweep(self.root.join("tmp"), &|n| keep_partial.iter().any(|k| n == format!("{k}.partial")));
+        let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86400);
+        if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {
+            for e in entries.flatten() {
+                let stale = e.metadata().and_then(|m| m.modified()).map(|t| t < week_ago).unwrap_or(true);
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
