@@ -176,8 +176,14 @@ pub struct ChildAgent {
 impl ChildAgent {
     /// Starts `bin` (the test build of the `outpost` CLI) with `args`.
     pub fn spawn(bin: &Path, args: &[&str]) -> Result<ChildAgent> {
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// Like [`ChildAgent::spawn`] with extra environment variables.
+    pub fn spawn_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<ChildAgent> {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -232,18 +238,23 @@ impl ChildAgent {
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        self.wait_status(timeout)?.code().ok_or_else(|| anyhow!("killed by a signal"))
+    }
+
+    /// Waits for the process to end, however it ends.
+    pub fn wait_status(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                return status.code().ok_or_else(|| anyhow!("killed by a signal"));
+                while let Ok(line) = self.lines.try_recv() {
+                    self.log.push(line);
+                }
+                return Ok(status);
             }
             // Drain log lines while waiting; the channel wakes us when the process writes.
             match self.lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => self.log.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait()?;
-                    return status.code().ok_or_else(|| anyhow!("killed by a signal"));
-                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(self.child.wait()?),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if Instant::now() > end {

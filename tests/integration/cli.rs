@@ -85,3 +85,82 @@ async fn sighup_reload_and_sigterm_shutdown() -> anyhow::Result<()> {
     assert!(child.log.iter().any(|l| l.contains("SIGTERM")));
     Ok(())
 }
+
+#[test]
+fn keygen_init_and_rotate_root_from_the_command_line() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let run = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(outpost_bin()).args(args).current_dir(dir.path()).output()?)
+    };
+    for k in ["root1", "root2", "index1"] {
+        let out = run(&["keygen", "--out", k])?;
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let mode = std::fs::metadata(dir.path().join(format!("{k}.key")))?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "private key mode");
+    }
+    assert_eq!(run(&["keygen", "--out", "root1"])?.status.code(), Some(64), "never overwrites a key");
+    let out = run(&["registry", "init", "--registry", "reg", "--root-key", "root1.key", "--index-key", "index1.key"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Without the current root key's signature the rotation is refused.
+    let out =
+        run(&["registry", "rotate-root", "--registry", "reg", "--old-key", "root2.key", "--new-key", "root2.key"])?;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("by the old root keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("reg/roots/2.json").exists());
+    // With it, root v2 is written and verifies.
+    let out =
+        run(&["registry", "rotate-root", "--registry", "reg", "--old-key", "root1.key", "--new-key", "root2.key"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let root = outpost::registry::trust::verify_root_self(&std::fs::read(dir.path().join("reg/roots/2.json"))?)?;
+    assert_eq!(root.version, 2);
+    Ok(())
+}
+
+#[test]
+fn only_the_dev_profile_may_trust_the_demo_root() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let demo = root().join("models/registry");
+    let extra = registry_toml(&format!("file://{}", demo.display()), &demo.join("root.json"), "");
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(dir.path(), &[], &extra))?;
+    let out = std::process::Command::new(outpost_bin()).args(["check-config", "--config"]).arg(&path).output()?;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("demo root"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The dev profile trusts it and serves the demo models through it.
+    let out = std::process::Command::new(outpost_bin()).args(["check-config"]).current_dir(root()).output()?;
+    assert_eq!(out.status.code(), Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_profile_serves_the_demo_models_through_the_signed_registry() -> anyhow::Result<()> {
+    let mut config = outpost::config::Config::dev_profile();
+    let state = tempfile::tempdir()?;
+    config.node.state_dir = state.path().to_path_buf();
+    config.http.listen = "127.0.0.1:0".parse()?;
+    config.local_models.clear();
+    assert!(config.registry.is_some(), "the dev profile uses the demo registry");
+    let agent = outpost::start(config).await?;
+    agent.started().await;
+    let http = http_client();
+    for name in DEMO_MODELS {
+        let golden = golden_for(&root().join("models").join(name))?;
+        let r = http
+            .post(format!("http://{}/v2/models/{name}/infer", agent.addr()))
+            .json(&golden.request(2))
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 200, "{name}");
+        let body: serde_json::Value = r.json().await?;
+        assert_eq!(body["model_version"], "1.0.0");
+        golden.check(2, &body)?;
+    }
+    agent.shutdown().await?;
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod bad_requests;
 mod cli;
+mod crash;
 mod endpoints;
 mod models;
 mod registry;

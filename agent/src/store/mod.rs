@@ -27,7 +27,10 @@ fn temp_sibling(path: &Path) -> PathBuf {
 }
 
 fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     std::fs::create_dir_all(dir)?;
     let tmp = temp_sibling(path);
     let result = (|| {
