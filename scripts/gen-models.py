@@ -342,6 +342,78 @@ def make_fixtures(out):
     write_golden(d, d / "model.onnx", [{"x": x[:, :4]}], 1e-5, "ai.onnx.ml Scaler")
 
 
+def make_canary_fixtures(models, out):
+    """Variants of the MLP that pass the MLP's golden vectors but regress in service:
+    `mlp-slow` (same outputs, ~100x the compute) and `mlp-flaky` (fails on rows whose first
+    feature exceeds 15). Used by the canary tests."""
+    base = onnx.load(str(models / "mlp" / "model.onnx"))
+    golden = json.loads((models / "mlp" / "golden.json").read_text())
+    rng = np.random.default_rng(SEED)
+
+    def rewire(model, extra_nodes, extra_init, term):
+        """probabilities := probabilities_raw + 1e-30 * term (a [N, 1] tensor): below float32
+        resolution, so the outputs are the MLP's, yet no optimizer may drop the term."""
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for n in m.graph.node:
+            n.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in n.output]
+            n.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in n.input]
+        m.graph.initializer.extend(extra_init + [numpy_helper.from_array(np.array(1e-30, dtype=np.float32), "zero")])
+        m.graph.node.extend(
+            extra_nodes
+            + [
+                helper.make_node("Mul", [term, "zero"], ["nothing"]),
+                helper.make_node("Add", ["probabilities_raw", "nothing"], ["probabilities"]),
+            ]
+        )
+        return m
+
+    # Slow: 60 layers of one shared 256x256 matrix that contribute nothing to the outputs.
+    init = [
+        numpy_helper.from_array((rng.normal(size=(30, 256)) * 0.05).astype(np.float32), "slow_w0"),
+        numpy_helper.from_array((rng.normal(size=(256, 256)) * 0.06).astype(np.float32), "slow_w"),
+    ]
+    nodes = [helper.make_node("MatMul", ["X", "slow_w0"], ["slow_h0"]), helper.make_node("Tanh", ["slow_h0"], ["slow_a0"])]
+    for i in range(1, 61):
+        nodes.append(helper.make_node("MatMul", [f"slow_a{i-1}", "slow_w"], [f"slow_h{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"slow_h{i}"], [f"slow_a{i}"]))
+    init.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"))
+    nodes.append(helper.make_node("ReduceSum", ["slow_a60", "axis1"], ["slow_sum"], keepdims=1))
+    slow = rewire(base, nodes, init, "slow_sum")
+    d = out / "mlp-slow"
+    save(slow, d)
+    cases = [{"X": np.array(c["inputs"][0]["data"], dtype=np.float32).reshape(c["inputs"][0]["shape"])} for c in golden["cases"]]
+    write_golden(d, d / "model.onnx", cases, 1e-5, "MLP outputs, 100x the compute")
+
+    # Flaky: Gather from a 2-row table at index 5 * (X[:, 0] > 15): out of range on such rows.
+    init = [
+        numpy_helper.from_array(np.zeros((2, 1), dtype=np.float32), "flaky_table"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "flaky_start"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "flaky_end"),
+        numpy_helper.from_array(np.array(15.0, dtype=np.float32), "flaky_limit"),
+        numpy_helper.from_array(np.array(5, dtype=np.int64), "flaky_five"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["X", "flaky_start", "flaky_end", "axis1"], ["flaky_x0"]),
+        helper.make_node("Greater", ["flaky_x0", "flaky_limit"], ["flaky_big"]),
+        helper.make_node("Cast", ["flaky_big"], ["flaky_i"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["flaky_i", "flaky_five"], ["flaky_idx"]),
+        helper.make_node("Squeeze", ["flaky_idx", "axis1"], ["flaky_idx1"]),
+        helper.make_node("Gather", ["flaky_table", "flaky_idx1"], ["flaky_g"], axis=0),
+    ]
+    flaky = rewire(base, nodes, init, "flaky_g")
+    flaky.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"))
+    d = out / "mlp-flaky"
+    save(flaky, d)
+    ok = []
+    for c in golden["cases"]:
+        x = np.array(c["inputs"][0]["data"], dtype=np.float32).reshape(c["inputs"][0]["shape"])
+        x = x[x[:, 0] <= 15.0]
+        if len(x):
+            ok.append({"X": x})
+    write_golden(d, d / "model.onnx", ok, 1e-5, "MLP outputs; fails on rows with X[:, 0] > 15")
+
+
 # ----------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2: a BERT encoder built with onnx.helper from the packaged safetensors
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +717,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minilm", action="store_true", help="build all-MiniLM-L6-v2 variants only")
     ap.add_argument("--out", type=Path, help="output directory")
+    ap.add_argument("--canary-fixtures", action="store_true", help="only the canary fixtures (from models/mlp)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.minilm:
@@ -653,12 +726,16 @@ def main():
             print(f"{name}: min cosine vs float64 reference {cos:.5f}, atol {atol:g} (ORT spread {spread:.2e})")
         return
     out = args.out or ROOT / "models"
+    if args.canary_fixtures:
+        make_canary_fixtures(out, ROOT / "tests" / "fixtures" / "models")
+        return
     report = {}
     info, res = make_mlp(out)
     report["mlp"] = (info, res)
     info, res = make_cnn(out)
     report["cnn"] = (info, res)
     make_fixtures(ROOT / "tests" / "fixtures" / "models")
+    make_canary_fixtures(out, ROOT / "tests" / "fixtures" / "models")
     for key, (info, res) in report.items():
         print(info["data"])
         for name, acc, atol, spread in res:

@@ -41,6 +41,13 @@ enum Command {
         #[arg(long)]
         note: Option<String>,
     },
+    /// Show the running agent's status (GET /admin/status).
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Publish and manage models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -86,6 +93,25 @@ enum ModelCommand {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Take back a model's newest version on the running agent (its canary, else its default
+    /// version; the previous one serves again). The version is recorded as rejected.
+    Rollback {
+        model: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The agent's HTTP address; default: http.listen of the configuration.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Queue an air-gap bundle (made by `outpost registry bundle`) for the agent to verify and
+    /// install, exactly as from its registry; asks a running agent to do it now.
+    Import {
+        bundle: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +135,16 @@ enum RegistryCommand {
         /// Mark the root as demo-only: only the dev profile will trust it.
         #[arg(long)]
         demo_only: bool,
+    },
+    /// Pack a registry's files into an air-gap bundle (tar) for `outpost model import`.
+    Bundle {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Only these models (default: all).
+        #[arg(long = "model")]
+        models: Vec<String>,
     },
     /// Write the next root version, signed by the current root keys and the new ones.
     RotateRoot {
@@ -235,6 +271,12 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             Ok(0)
         }
         Command::Model(cmd) => model_command(cmd),
+        Command::Status { config, url } => {
+            let base = agent_url(config.as_ref(), url)?;
+            let (code, body) = http_call("GET", &format!("{base}/admin/status"))?;
+            println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            Ok(if code == 200 { 0 } else { 1 })
+        }
         Command::Registry(cmd) => registry_command(cmd),
         Command::Run { config } => {
             let c = load_config(config.as_ref())?;
@@ -315,6 +357,40 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
                 }
             }
         }
+        ModelCommand::Rollback { model, config, url } => {
+            let base = agent_url(config.as_ref(), url)?;
+            let (code, body) = http_call("POST", &format!("{base}/admin/models/{model}/rollback"))?;
+            if code == 200 {
+                println!("{}", body["result"].as_str().unwrap_or_default());
+                Ok(0)
+            } else {
+                eprintln!("outpost: rollback refused: {}", body["error"].as_str().unwrap_or("unknown error"));
+                Ok(1)
+            }
+        }
+        ModelCommand::Import { bundle, config, url } => {
+            let c = load_config(config.as_ref())?;
+            // Check the archive's shape now, so a bad bundle is refused at the prompt too.
+            let check = tempfile_dir(&c.node.state_dir)?;
+            let names = crate::registry::bundle::unpack(&bundle, &check, u64::MAX)
+                .map_err(|e| FatalError::Usage(format!("{}: {e}", bundle.display())));
+            let _ = std::fs::remove_dir_all(&check);
+            let names = names?;
+            let spool = c.node.state_dir.join("import");
+            std::fs::create_dir_all(&spool).map_err(|e| FatalError::Runtime(format!("{}: {e}", spool.display())))?;
+            let name = format!("{}-{}.tar", crate::registry::now(), std::process::id());
+            let tmp = spool.join(format!(".{name}.part"));
+            std::fs::copy(&bundle, &tmp).map_err(|e| FatalError::Runtime(format!("{}: {e}", bundle.display())))?;
+            std::fs::rename(&tmp, spool.join(&name)).map_err(|e| FatalError::Runtime(e.to_string()))?;
+            println!("queued {} ({} files) in {}", bundle.display(), names.len(), spool.display());
+            let base = agent_url(config.as_ref(), url)?;
+            match http_call("POST", &format!("{base}/admin/registry/poll")) {
+                Ok((200, body)) => println!("agent imported it: {body}"),
+                Ok((_, body)) => println!("agent answered: {body}"),
+                Err(_) => println!("agent not reachable at {base}: it imports the bundle at its next start or poll"),
+            }
+            Ok(0)
+        }
         ModelCommand::List { config } => {
             let c = load_config(config.as_ref())?;
             let store = crate::store::Store::open(&c.node.state_dir)
@@ -388,6 +464,12 @@ fn registry_command(cmd: RegistryCommand) -> Result<i32, FatalError> {
             println!("registry created in {}", registry.display());
             Ok(0)
         }
+        RegistryCommand::Bundle { registry, out, models } => {
+            let files = bundle_files(&registry, &models).map_err(fail)?;
+            crate::registry::bundle::pack(&registry, &files, &out).map_err(fail)?;
+            println!("wrote {} ({} files)", out.display(), files.len());
+            Ok(0)
+        }
         RegistryCommand::RotateRoot {
             registry,
             old_keys,
@@ -426,4 +508,70 @@ fn registry_command(cmd: RegistryCommand) -> Result<i32, FatalError> {
             Ok(0)
         }
     }
+}
+
+/// The files of a registry a bundle needs: the root chain, the index, and the manifests and
+/// blobs of the chosen models (all when none are named).
+fn bundle_files(registry: &std::path::Path, models: &[String]) -> Result<Vec<String>, crate::registry::RegistryError> {
+    use crate::registry::dsse::Envelope;
+    use crate::registry::RegistryError;
+    let mut files = vec!["root.json".to_owned()];
+    if let Ok(entries) = std::fs::read_dir(registry.join("roots")) {
+        let mut roots: Vec<u64> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+            .collect();
+        roots.sort();
+        files.extend(roots.into_iter().map(|n| format!("roots/{n}.json")));
+    }
+    files.push("index.json".into());
+    let index_bytes = std::fs::read(registry.join("index.json")).map_err(|e| RegistryError::Io(e.to_string()))?;
+    let index: crate::registry::Index = serde_json::from_slice(&Envelope::parse(&index_bytes)?.payload_bytes()?)
+        .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    for (name, entries) in &index.models {
+        if !models.is_empty() && !models.contains(name) {
+            continue;
+        }
+        for e in entries {
+            let rel = format!("manifests/{}.json", e.manifest.sha256);
+            let bytes = std::fs::read(registry.join(&rel)).map_err(|err| RegistryError::Io(format!("{rel}: {err}")))?;
+            let stmt: crate::registry::Statement = serde_json::from_slice(&Envelope::parse(&bytes)?.payload_bytes()?)
+                .map_err(|err| RegistryError::Invalid(err.to_string()))?;
+            files.push(rel);
+            files.push(format!("blobs/sha256/{}", stmt.predicate.blob.sha256));
+        }
+    }
+    Ok(files)
+}
+
+fn tempfile_dir(state_dir: &std::path::Path) -> Result<PathBuf, FatalError> {
+    let d = state_dir.join("import").join(format!(".check-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| FatalError::Runtime(format!("{}: {e}", d.display())))?;
+    Ok(d)
+}
+
+/// The running agent's base URL: `--url`, else `http://<http.listen>` of the configuration.
+fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, FatalError> {
+    if let Some(u) = url {
+        return Ok(u.trim_end_matches('/').to_owned());
+    }
+    let c = load_config(config)?;
+    Ok(format!("http://{}", c.http.listen))
+}
+
+/// One request to the running agent; returns the status and the JSON body.
+fn http_call(method: &str, url: &str) -> Result<(u16, serde_json::Value), FatalError> {
+    crate::tls::install_crypto_provider();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| FatalError::Runtime(e.to_string()))?;
+        let req = if method == "POST" { client.post(url) } else { client.get(url) };
+        let resp = req.send().await.map_err(|e| FatalError::Runtime(format!("{url}: {e}")))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
+    })
 }

@@ -99,6 +99,13 @@ struct RawModel {
     instances: Option<u32>,
     max_queue: Option<u32>,
     plan_cache: Option<u32>,
+    version_policy: Option<String>,
+    versions: Option<Vec<String>>,
+    canary_share: Option<f64>,
+    canary_window: Option<String>,
+    canary_min_requests: Option<u64>,
+    canary_max_error_rate: Option<f64>,
+    canary_max_latency_ratio: Option<f64>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -155,11 +162,44 @@ pub struct ModelConfig {
     pub max_queue: usize,
     /// Optimized plans kept, one per concrete input shape.
     pub plan_cache: usize,
+    pub version_policy: VersionPolicy,
+    /// Canary for new registry versions; `None` switches at once.
+    pub canary: Option<CanaryConfig>,
+}
+
+/// Which registry versions of a model serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The newest version on the channel (default).
+    Latest,
+    /// Exactly these versions, side by side under `/versions/{v}`; the highest is the default.
+    Pinned(Vec<String>),
+}
+
+/// Canary settings: a share of traffic goes to a new version; it is promoted when it holds for
+/// the window, rolled back as soon as it regresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryConfig {
+    pub share: f64,
+    pub window: Duration,
+    /// Requests the candidate must have answered before any verdict.
+    pub min_requests: u64,
+    /// Allowed increase of the candidate's error rate over the stable version's.
+    pub max_error_rate: f64,
+    /// Allowed ratio of the candidate's p99 engine latency to the stable version's.
+    pub max_latency_ratio: f64,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { enabled: true, instances: 1, max_queue: 64, plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE }
+        ModelConfig {
+            enabled: true,
+            instances: 1,
+            max_queue: 64,
+            plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
+            version_policy: VersionPolicy::Latest,
+            canary: None,
+        }
     }
 }
 
@@ -368,7 +408,64 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         if !(1..=256).contains(&plan_cache) {
             return Err(err(format!("models.{mname}.plan_cache must be between 1 and 256")));
         }
-        models.insert(mname, ModelConfig { enabled: m.enabled.unwrap_or(true), instances, max_queue, plan_cache });
+        let version_policy = match (m.version_policy.as_deref().unwrap_or("latest"), m.versions) {
+            ("latest", None) => VersionPolicy::Latest,
+            ("latest", Some(_)) => {
+                return Err(err(format!("models.{mname}.versions needs version_policy = \"pinned\"")))
+            }
+            ("pinned", Some(v)) if !v.is_empty() => {
+                for ver in &v {
+                    if crate::registry::SemVer::parse(ver).is_none() {
+                        return Err(err(format!("models.{mname}.versions: '{ver}' is not a semantic version")));
+                    }
+                }
+                VersionPolicy::Pinned(v)
+            }
+            ("pinned", _) => {
+                return Err(err(format!("models.{mname}: version_policy = \"pinned\" needs versions = [...]")))
+            }
+            (other, _) => {
+                return Err(err(format!("models.{mname}.version_policy '{other}' must be \"latest\" or \"pinned\"")))
+            }
+        };
+        let share = m.canary_share.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&share) {
+            return Err(err(format!("models.{mname}.canary_share must be between 0 and 1")));
+        }
+        let canary = if share > 0.0 {
+            let window = parse_duration(m.canary_window.as_deref().unwrap_or("60s"))
+                .map_err(|e| err(format!("models.{mname}.canary_window: {e}")))?;
+            let max_error_rate = m.canary_max_error_rate.unwrap_or(0.01);
+            let max_latency_ratio = m.canary_max_latency_ratio.unwrap_or(3.0);
+            if !(0.0..=1.0).contains(&max_error_rate) || max_latency_ratio.is_nan() || max_latency_ratio < 1.0 {
+                return Err(err(format!(
+                    "models.{mname}: canary_max_error_rate must be in [0, 1] and canary_max_latency_ratio >= 1"
+                )));
+            }
+            if version_policy != VersionPolicy::Latest {
+                return Err(err(format!("models.{mname}: a canary needs version_policy = \"latest\"")));
+            }
+            Some(CanaryConfig {
+                share,
+                window,
+                min_requests: m.canary_min_requests.unwrap_or(100).max(1),
+                max_error_rate,
+                max_latency_ratio,
+            })
+        } else {
+            None
+        };
+        models.insert(
+            mname,
+            ModelConfig {
+                enabled: m.enabled.unwrap_or(true),
+                instances,
+                max_queue,
+                plan_cache,
+                version_policy,
+                canary,
+            },
+        );
     }
 
     Ok(Config {

@@ -155,13 +155,46 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let tracker = TaskTracker::new();
     let repository = Arc::new(Repository::new());
     let metrics = Arc::new(Metrics::new());
-    let service = InferenceService::new(repository, metrics, Arc::new(LogSink));
+    let mut service = InferenceService::new(repository, metrics, Arc::new(LogSink));
     let config = Arc::new(RwLock::new(Arc::new(config)));
     let started_flag = Arc::new(AtomicBool::new(false));
     let (started_tx, started_rx) = watch::channel(false);
     let local = Arc::new(LocalModels::default());
+    let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
 
-    let state = http::HttpState { service: service.clone(), config: config.clone(), started: started_flag.clone() };
+    // The registry task first: the service must carry its verdict channel before anything
+    // clones the service.
+    let mut registry_task = None;
+    if let Some(rc) = &cfg.registry {
+        let (verdict_tx, verdict_rx) = tokio::sync::mpsc::unbounded_channel();
+        service.verdicts = Some(verdict_tx);
+        let sync = registry::sync::RegistrySync::open(rc.clone(), &cfg.node.state_dir, service.clone(), config.clone())
+            .map_err(|e| FatalError::Runtime(format!("registry: {e}")))?;
+        registry_task = Some((sync, verdict_rx));
+    }
+    let (registry_tx, registry_first) = match registry_task {
+        Some((sync, verdict_rx)) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            tracker.spawn(sync.run(rx, verdict_rx, cancel.child_token(), first_tx));
+            (Some(tx), Some(first_rx))
+        }
+        None => (None, None),
+    };
+
+    let control = Arc::new(AgentControl {
+        registry: registry_tx.clone(),
+        local: local.clone(),
+        service: service.clone(),
+        config: config.clone(),
+    });
+    let state = http::HttpState {
+        service: service.clone(),
+        config: config.clone(),
+        started: started_flag.clone(),
+        control,
+        started_at: std::time::Instant::now(),
+    };
     let app = http::router(state);
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
@@ -173,19 +206,6 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     });
     tracing::info!(%addr, "listening");
 
-    let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let (registry_tx, registry_first) = match &cfg.registry {
-        Some(rc) => {
-            let sync =
-                registry::sync::RegistrySync::open(rc.clone(), &cfg.node.state_dir, service.clone(), config.clone())
-                    .map_err(|e| FatalError::Runtime(format!("registry: {e}")))?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-            tracker.spawn(sync.run(rx, cancel.child_token(), first_tx));
-            (Some(tx), Some(first_rx))
-        }
-        None => (None, None),
-    };
     {
         let service = service.clone();
         let local = local.clone();
@@ -207,6 +227,107 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     }
 
     Ok(Agent { addr, cancel, tracker, started: started_rx, config, service, local, registry: registry_tx, server })
+}
+
+/// Model administration for the adapters: registry models through the registry task, local
+/// models through `LocalModels`.
+struct AgentControl {
+    registry: Option<tokio::sync::mpsc::Sender<registry::sync::Command>>,
+    local: Arc<LocalModels>,
+    service: InferenceService,
+    config: Arc<RwLock<Arc<Config>>>,
+}
+
+impl AgentControl {
+    async fn ask<T: Send + 'static>(
+        registry: Option<tokio::sync::mpsc::Sender<registry::sync::Command>>,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, registry::RegistryError>>) -> registry::sync::Command,
+    ) -> Option<Result<T, api::control::ControlError>> {
+        let tx = registry?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if tx.send(make(reply)).await.is_err() {
+            return Some(Err(api::control::ControlError::Unavailable("registry task stopped".into())));
+        }
+        Some(match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(registry::RegistryError::NotFound(m))) => Err(api::control::ControlError::NotFound(m)),
+            Ok(Err(e)) => Err(api::control::ControlError::Failed(e.to_string())),
+            Err(_) => Err(api::control::ControlError::Unavailable("registry task stopped".into())),
+        })
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl api::control::ModelControl for AgentControl {
+    fn load(&self, model: String) -> api::control::ControlFuture<String> {
+        let registry = self.registry.clone();
+        let local = self.local.clone();
+        let service = self.service.clone();
+        let config = self.config();
+        Box::pin(async move {
+            let m = model.clone();
+            if let Some(r) = Self::ask(registry, |reply| registry::sync::Command::Load { model: m, reply }).await {
+                if r? {
+                    return Ok(format!("{model} loaded"));
+                }
+            }
+            if !local.knows(&config, &model) {
+                return Err(api::control::ControlError::NotFound(model));
+            }
+            local.load(&service, &config, &model).await.map_err(api::control::ControlError::Failed)?;
+            Ok(format!("{model} loaded"))
+        })
+    }
+
+    fn unload(&self, model: String) -> api::control::ControlFuture<String> {
+        let registry = self.registry.clone();
+        let local = self.local.clone();
+        let service = self.service.clone();
+        let config = self.config();
+        Box::pin(async move {
+            let m = model.clone();
+            if let Some(r) = Self::ask(registry, |reply| registry::sync::Command::Unload { model: m, reply }).await {
+                if r? {
+                    return Ok(format!("{model} unloaded"));
+                }
+            }
+            if !local.knows(&config, &model) {
+                return Err(api::control::ControlError::NotFound(model));
+            }
+            local.unload(&service, &model).await;
+            Ok(format!("{model} unloaded"))
+        })
+    }
+
+    fn rollback(&self, model: String) -> api::control::ControlFuture<String> {
+        let registry = self.registry.clone();
+        Box::pin(async move {
+            match Self::ask(registry, |reply| registry::sync::Command::Rollback { model, reply }).await {
+                Some(r) => r,
+                None => Err(api::control::ControlError::Failed("rollback needs a [registry]".into())),
+            }
+        })
+    }
+
+    fn poll(&self) -> api::control::ControlFuture<serde_json::Value> {
+        let registry = self.registry.clone();
+        Box::pin(async move {
+            match Self::ask(registry, registry::sync::Command::PollNow).await {
+                Some(r) => r.map(|rep| {
+                    serde_json::json!({
+                        "index_version": rep.index_version,
+                        "installed": rep.installed,
+                        "canaries": rep.canaries,
+                        "failed": rep.failed,
+                    })
+                }),
+                None => Err(api::control::ControlError::Failed("no [registry] configured".into())),
+            }
+        })
+    }
 }
 
 /// Runs the agent until `shutdown` resolves.

@@ -50,7 +50,7 @@ async fn crash_at_every_install_step_never_leaves_a_half_installed_model() -> an
     assert_eq!(assert_store_consistent(state.path())?, vec!["mlp@1.0.0"]);
 
     reg.publish("mlp-int8-qdq", "mlp", "1.1.0")?;
-    let points = ["download-mid", "after-verify", "store-decompress", "before-persist"];
+    let points = ["download-mid", "after-verify", "store-decompress", "mid-activation", "before-persist"];
     let rounds = if full_suite() { 5 } else { 2 };
     for round in 0..rounds {
         for point in points {

@@ -32,6 +32,12 @@ pub enum LifecycleKind {
     Refused,
     /// Taken out of service.
     Unloaded,
+    /// A new version started serving a share of traffic as a canary.
+    CanaryStarted,
+    /// A canary held for its window and became the default version.
+    Promoted,
+    /// A version was taken back (canary regression or by hand); it will not be reinstalled.
+    RolledBack,
 }
 
 impl LifecycleKind {
@@ -41,6 +47,9 @@ impl LifecycleKind {
             LifecycleKind::Activated => "activated",
             LifecycleKind::Refused => "refused",
             LifecycleKind::Unloaded => "unloaded",
+            LifecycleKind::CanaryStarted => "canary_started",
+            LifecycleKind::Promoted => "promoted",
+            LifecycleKind::RolledBack => "rolled_back",
         }
     }
 }
@@ -77,7 +86,7 @@ impl EventSink for LogSink {
                 "request"
             ),
             Event::Lifecycle { model, version, kind, detail } => match kind {
-                LifecycleKind::Refused => {
+                LifecycleKind::Refused | LifecycleKind::RolledBack => {
                     tracing::warn!(model = %model, version = %version, event = kind.as_str(), %detail, "model refused")
                 }
                 _ => {

@@ -2,6 +2,7 @@
 //! here). It owns the request path: look up the model, validate against its signature, queue,
 //! wait within the deadline, select outputs, count, and report to the event sink.
 
+pub mod control;
 pub mod events;
 pub mod repository;
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use events::{Event, EventSink, LogSink, RequestOutcome};
-pub use repository::{ModelState, ModelStatus, Repository};
+pub use repository::{ModelState, ModelStatus, Repository, Verdict};
 
 use crate::engine::{JobError, RunError, SubmitError};
 use crate::protocol::{InferRequest, InferResponse};
@@ -126,11 +127,13 @@ pub struct InferenceService {
     pub repository: Arc<Repository>,
     pub metrics: Arc<Metrics>,
     pub events: Arc<dyn EventSink>,
+    /// Where canary verdicts go to be persisted (the registry task), if anywhere.
+    pub verdicts: Option<tokio::sync::mpsc::UnboundedSender<Verdict>>,
 }
 
 impl InferenceService {
     pub fn new(repository: Arc<Repository>, metrics: Arc<Metrics>, events: Arc<dyn EventSink>) -> Self {
-        InferenceService { repository, metrics, events }
+        InferenceService { repository, metrics, events, verdicts: None }
     }
 
     /// Runs one request end to end.
@@ -141,8 +144,16 @@ impl InferenceService {
         version: Option<&str>,
         request: InferRequest,
     ) -> Result<InferResponse, InferError> {
-        let result = self.infer_inner(ctx, model, version, request).await;
+        let mut served_as: Option<(String, Option<Duration>)> = None;
+        let result = self.infer_inner(ctx, model, version, request, &mut served_as).await;
         let latency = ctx.received.elapsed();
+        if let Some((v, run)) = &served_as {
+            // The model answers for engine failures and deadlines, not for bad requests.
+            let error = matches!(&result, Err(InferError::Internal(_) | InferError::DeadlineExceeded));
+            if let Some(verdict) = self.repository.observe(model, v, error, *run) {
+                self.announce(verdict).await;
+            }
+        }
         let (served_version, outcome) = match &result {
             Ok(r) => (Some(r.model_version.clone()), RequestOutcome::Ok),
             Err(e) => (None, RequestOutcome::Failed(e.kind())),
@@ -169,14 +180,32 @@ impl InferenceService {
         }
     }
 
+    /// A canary verdict was applied to the serving table: tell the log, the event sink and
+    /// whoever persists it.
+    async fn announce(&self, verdict: Verdict) {
+        let (model, version, kind, detail) = match &verdict {
+            Verdict::Promote { model, version, detail } => (model, version, events::LifecycleKind::Promoted, detail),
+            Verdict::Rollback { model, version, reason } => (model, version, events::LifecycleKind::RolledBack, reason),
+        };
+        let _ = self
+            .events
+            .record(Event::Lifecycle { model: model.clone(), version: version.clone(), kind, detail: detail.clone() })
+            .await;
+        if let Some(tx) = &self.verdicts {
+            let _ = tx.send(verdict);
+        }
+    }
+
     async fn infer_inner(
         &self,
         ctx: &RequestContext,
         model: &str,
         version: Option<&str>,
         request: InferRequest,
+        served_as: &mut Option<(String, Option<Duration>)>,
     ) -> Result<InferResponse, InferError> {
         let served = self.repository.serving(model, version)?;
+        *served_as = Some((served.version.clone(), None));
         let inputs = served.model.validate(request.inputs).map_err(|e| match e {
             RunError::InvalidInput(m) => InferError::InvalidInput(m),
             RunError::Engine(m) => InferError::Internal(m),
@@ -195,10 +224,11 @@ impl InferenceService {
             },
             SubmitError::Closed => InferError::NotReady(model.to_owned()),
         })?;
-        let (result, _run_time) = tokio::time::timeout_at(ctx.deadline.into(), rx)
+        let (result, run_time) = tokio::time::timeout_at(ctx.deadline.into(), rx)
             .await
             .map_err(|_| InferError::DeadlineExceeded)?
             .map_err(|_| InferError::Internal("inference worker stopped".into()))?;
+        *served_as = Some((served.version.clone(), Some(run_time)));
         let mut outputs = result.map_err(|e| match e {
             JobError::Expired => InferError::DeadlineExceeded,
             JobError::Run(RunError::InvalidInput(m)) => InferError::InvalidInput(m),

@@ -25,6 +25,9 @@ pub struct HttpState {
     pub config: Arc<RwLock<Arc<Config>>>,
     /// True once the initial model load has finished.
     pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// Model administration (repository extension, rollback, registry poll).
+    pub control: Arc<dyn crate::api::control::ModelControl>,
+    pub started_at: std::time::Instant,
 }
 
 impl HttpState {
@@ -90,6 +93,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route("/v2/repository/models/{model}/unload", post(repository_unload))
+        .route("/admin/models/{model}/rollback", post(admin_rollback))
+        .route("/admin/registry/poll", post(admin_poll))
+        .route("/admin/status", get(admin_status))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -138,7 +146,7 @@ fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Respons
     let sig = &served.model.signature;
     Ok(axum::Json(json!({
         "name": served.name,
-        "versions": [served.version],
+        "versions": s.service.repository.versions(model),
         "platform": "onnx",
         "inputs": sig.inputs.iter().map(spec).collect::<Vec<_>>(),
         "outputs": sig.outputs.iter().map(spec).collect::<Vec<_>>(),
@@ -292,7 +300,67 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 
-/// Whether every model that was tried is serving (used by `outpost status` later).
-pub fn all_ready(service: &InferenceService) -> bool {
-    service.repository.list().iter().all(|(_, st, _)| st.state == ModelState::Ready)
+fn control_error(e: crate::api::control::ControlError) -> ApiError {
+    use crate::api::control::ControlError;
+    match e {
+        ControlError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, format!("unknown model '{m}'")),
+        ControlError::Failed(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+        ControlError::Unavailable(m) => {
+            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m);
+            e.retry_after = Some(Duration::from_secs(1));
+            e
+        }
+    }
+}
+
+async fn repository_load(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    let msg = s.control.load(model).await.map_err(control_error)?;
+    Ok(axum::Json(json!({ "result": msg })).into_response())
+}
+
+async fn repository_unload(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    let msg = s.control.unload(model).await.map_err(control_error)?;
+    Ok(axum::Json(json!({ "result": msg })).into_response())
+}
+
+async fn admin_rollback(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    let msg = s.control.rollback(model).await.map_err(control_error)?;
+    Ok(axum::Json(json!({ "result": msg })).into_response())
+}
+
+async fn admin_poll(State(s): State<HttpState>) -> Result<Response, ApiError> {
+    let report = s.control.poll().await.map_err(control_error)?;
+    Ok(axum::Json(report).into_response())
+}
+
+/// The agent at a glance: identity, uptime, every model with its versions, canary and queue.
+async fn admin_status(State(s): State<HttpState>) -> Response {
+    let cfg = s.config();
+    let repo = &s.service.repository;
+    let models: Vec<_> = repo
+        .list()
+        .into_iter()
+        .map(|(name, status, served)| {
+            json!({
+                "name": name,
+                "state": status.state.as_str(),
+                "version": status.version,
+                "versions": repo.versions(&name),
+                "canary": repo.canary_version(&name),
+                "queue_depth": served.as_ref().map_or(0, |x| x.queue_depth()),
+                "reason": status.reason,
+            })
+        })
+        .collect();
+    let all_ready = models.iter().all(|m| m["state"] == ModelState::Ready.as_str());
+    axum::Json(json!({
+        "node": cfg.node.name,
+        "site": cfg.node.site,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": s.started_at.elapsed().as_secs(),
+        "ready": s.started.load(std::sync::atomic::Ordering::SeqCst) && repo.ready_count() > 0,
+        "all_models_ready": all_ready,
+        "models": models,
+    }))
+    .into_response()
 }

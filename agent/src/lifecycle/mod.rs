@@ -151,15 +151,15 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
 }
 
 /// Takes a model out of service.
-pub async fn unload(service: &InferenceService, name: &str) {
-    if let Some(old) = service.repository.remove(name) {
+pub async fn unload(service: &InferenceService, name: &str, why: &str) {
+    for old in service.repository.remove(name) {
         let _ = service
             .events
             .record(Event::Lifecycle {
                 model: name.to_owned(),
                 version: old.version.clone(),
                 kind: LifecycleKind::Unloaded,
-                detail: "removed from configuration".into(),
+                detail: why.to_owned(),
             })
             .await;
     }
@@ -170,6 +170,8 @@ pub async fn unload(service: &InferenceService, name: &str) {
 pub struct LocalModels {
     /// Model name → (file size, modification time) of the model.onnx that was loaded.
     loaded: std::sync::Mutex<std::collections::HashMap<String, (u64, Option<std::time::SystemTime>)>>,
+    /// Models unloaded through the repository API: not served until loaded again.
+    unloaded: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn fingerprint(path: &Path) -> (u64, Option<std::time::SystemTime>) {
@@ -179,12 +181,15 @@ fn fingerprint(path: &Path) -> (u64, Option<std::time::SystemTime>) {
 impl LocalModels {
     /// Loads new and changed models, unloads the ones gone or disabled. Returns refusals.
     pub async fn reconcile(&self, service: &InferenceService, config: &crate::config::Config) -> Vec<(String, String)> {
-        let sources: Vec<ModelSource> =
-            scan_local(&config.local_models).into_iter().filter(|s| config.model(&s.name).enabled).collect();
+        let unloaded = self.unloaded.lock().map(|u| u.clone()).unwrap_or_default();
+        let sources: Vec<ModelSource> = scan_local(&config.local_models)
+            .into_iter()
+            .filter(|s| config.model(&s.name).enabled && !unloaded.contains(&s.name))
+            .collect();
         let previous: Vec<String> = self.loaded.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default();
         for name in previous {
             if !sources.iter().any(|s| s.name == name) {
-                unload(service, &name).await;
+                unload(service, &name, "removed from configuration").await;
                 if let Ok(mut m) = self.loaded.lock() {
                     m.remove(&name);
                 }
@@ -206,5 +211,47 @@ impl LocalModels {
             }
         }
         refused
+    }
+}
+
+impl LocalModels {
+    /// Whether `name` is a model of the local directories.
+    pub fn knows(&self, config: &crate::config::Config, name: &str) -> bool {
+        scan_local(&config.local_models).iter().any(|s| s.name == name)
+    }
+
+    /// Stops serving a local model until [`LocalModels::load`].
+    pub async fn unload(&self, service: &InferenceService, name: &str) {
+        if let Ok(mut u) = self.unloaded.lock() {
+            u.insert(name.to_owned());
+        }
+        if let Ok(mut m) = self.loaded.lock() {
+            m.remove(name);
+        }
+        unload(service, name, "unloaded through the repository API").await;
+    }
+
+    /// Serves a local model again (loading it from disk).
+    pub async fn load(
+        &self,
+        service: &InferenceService,
+        config: &crate::config::Config,
+        name: &str,
+    ) -> Result<(), String> {
+        if let Ok(mut u) = self.unloaded.lock() {
+            u.remove(name);
+        }
+        if let Ok(mut m) = self.loaded.lock() {
+            m.remove(name);
+        }
+        let src = scan_local(&config.local_models)
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("unknown model '{name}'"))?;
+        let result = install_local(service, &src, &config.model(name)).await;
+        if let Ok(mut m) = self.loaded.lock() {
+            m.insert(name.to_owned(), fingerprint(&src.onnx));
+        }
+        result
     }
 }

@@ -6,6 +6,7 @@
 //! before download; manifest and blob digests must match the signed index; trusted state is
 //! persisted atomically.
 
+pub mod bundle;
 pub mod client;
 pub mod dsse;
 pub mod keys;

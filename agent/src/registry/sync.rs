@@ -1,10 +1,14 @@
-//! The registry client's loop: serve what the store holds (re-verified) before touching the
-//! network, then poll: update the root chain, verify the index, and install every model whose
-//! newest version on the configured channel is not the one serving. An install is
-//! download (resumable, capped) → verify digests and signatures → decompress → fsync → load →
-//! golden vectors → persist → activate. Any failure leaves what serves untouched.
+//! The registry client's loop and the model lifecycle of registry models.
+//!
+//! At start it serves what the store holds (re-verified) before touching the network. Each poll
+//! updates the root chain, verifies the index and brings every model to its version policy. An
+//! install is download (resumable, capped) → verify digests and signatures → decompress →
+//! fsync → load → golden vectors → warm-up → persist → activate (an atomic switch, or a canary
+//! when the model has one). Any failure leaves what serves untouched. Canary verdicts, manual
+//! rollbacks, load/unload and air-gap bundle imports arrive as commands on the same task, so
+//! the store state has one writer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,8 +23,8 @@ use super::{
     PREDICATE_TYPE, STATEMENT_TYPE,
 };
 use crate::api::events::{Event, LifecycleKind};
-use crate::api::InferenceService;
-use crate::config::{valid_name, Config};
+use crate::api::{InferenceService, Verdict};
+use crate::config::{valid_name, Config, ModelConfig, VersionPolicy};
 use crate::engine::Served;
 use crate::store::{InstalledModel, InstalledVersion, Rejection, Store, StoreState};
 
@@ -40,25 +44,50 @@ pub struct RegistryConfig {
     pub max_model_bytes: u64,
 }
 
-/// What one poll did.
+/// What one poll (or import) did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PollReport {
     pub index_version: u64,
+    /// Versions that became the default.
     pub installed: Vec<(String, String)>,
+    /// Versions that started as canaries.
+    pub canaries: Vec<(String, String)>,
     pub failed: Vec<(String, String)>,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, RegistryError>>;
+
 /// Requests to the running registry task.
 pub enum Command {
-    PollNow(oneshot::Sender<Result<PollReport, RegistryError>>),
+    PollNow(Reply<PollReport>),
+    /// Take back the newest version of a model (its canary, else its default version).
+    Rollback {
+        model: String,
+        reply: Reply<String>,
+    },
+    /// Stop serving a model until `Load`; `Ok(false)`: not a registry model.
+    Unload {
+        model: String,
+        reply: Reply<bool>,
+    },
+    Load {
+        model: String,
+        reply: Reply<bool>,
+    },
+    /// Install from an air-gap bundle (a tar of registry files).
+    Import {
+        bundle: PathBuf,
+        reply: Reply<PollReport>,
+    },
 }
 
 pub struct RegistrySync {
     cfg: RegistryConfig,
-    fetcher: Fetcher,
+    fetcher: Arc<Fetcher>,
     trusted: Trusted,
     store: Store,
     state: StoreState,
+    state_dir: PathBuf,
     service: InferenceService,
     config: Arc<RwLock<Arc<Config>>>,
 }
@@ -74,19 +103,19 @@ fn lifecycle(service: &InferenceService, model: &str, version: &str, kind: Lifec
 impl RegistrySync {
     pub fn open(
         cfg: RegistryConfig,
-        state_dir: &std::path::Path,
+        state_dir: &Path,
         service: InferenceService,
         config: Arc<RwLock<Arc<Config>>>,
     ) -> Result<RegistrySync, RegistryError> {
         let opts = FetchOptions { allow_http: cfg.allow_http, ca: cfg.ca.clone(), timeout: cfg.timeout };
-        let fetcher = Fetcher::new(&cfg.url, &opts)?;
+        let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         let trusted = Trusted::load(state_dir, &cfg.trusted_root)?;
         let store = Store::open(state_dir).map_err(|e| RegistryError::Io(format!("model store: {e}")))?;
         let state = store.load_state()?;
-        Ok(RegistrySync { cfg, fetcher, trusted, store, state, service, config })
+        Ok(RegistrySync { cfg, fetcher, trusted, store, state, state_dir: state_dir.to_owned(), service, config })
     }
 
-    fn model_config(&self, name: &str) -> crate::config::ModelConfig {
+    fn model_config(&self, name: &str) -> ModelConfig {
         self.config.read().unwrap_or_else(|p| p.into_inner()).model(name)
     }
 
@@ -96,60 +125,104 @@ impl RegistrySync {
         }
     }
 
+    fn reject(&mut self, name: &str, v: &InstalledVersion, reason: &str) {
+        self.state.rejected.insert(
+            v.manifest_sha256.clone(),
+            Rejection { name: name.to_owned(), version: v.version.clone(), reason: reason.to_owned(), at: now() },
+        );
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Serving from the store
+    // ---------------------------------------------------------------------------------------
+
     /// Serves every installed model from the store, re-hashing each file first. A tampered
-    /// or unloadable current version falls back to the previous one; the bad one is dropped
-    /// so the next poll installs it again from the registry.
+    /// or unloadable default version falls back to the previous one; the bad one is dropped so
+    /// the next poll installs it again from the registry.
     pub async fn serve_installed(&mut self) {
         let names: Vec<String> = self.state.installed.keys().cloned().collect();
         for name in names {
-            let Some(entry) = self.state.installed.get(&name).cloned() else { continue };
-            if !self.model_config(&name).enabled {
-                continue;
-            }
-            let mut served = false;
-            for (which, v) in [("current", Some(entry.current.clone())), ("previous", entry.previous.clone())] {
-                let Some(v) = v else { continue };
-                match self.activate_from_store(&name, &v).await {
-                    Ok(()) => {
-                        if which == "previous" {
-                            // The previous version is now the current one.
-                            self.state.installed.insert(name.clone(), InstalledModel { current: v, previous: None });
-                        }
-                        served = true;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(model = %name, version = %v.version, error = %e, "installed version refused at start");
-                        self.service.repository.set_failed(&name, &v.version, &e.to_string());
-                        lifecycle(&self.service, &name, &v.version, LifecycleKind::Refused, e.to_string());
-                        self.state.pending_errors.insert(
-                            name.clone(),
-                            Rejection {
-                                name: name.clone(),
-                                version: v.version.clone(),
-                                reason: e.to_string(),
-                                at: now(),
-                            },
-                        );
-                        let _ = std::fs::remove_file(self.store.model_path(&v.model_sha256));
-                    }
-                }
-            }
-            if !served {
-                self.state.installed.remove(&name);
-            }
+            self.serve_model_from_store(&name).await;
         }
         self.save();
     }
 
-    async fn activate_from_store(&self, name: &str, v: &InstalledVersion) -> Result<(), RegistryError> {
+    async fn serve_model_from_store(&mut self, name: &str) {
+        let Some(entry) = self.state.installed.get(name).cloned() else { return };
+        let cfg = self.model_config(name);
+        if !cfg.enabled || self.state.unloaded.contains(name) {
+            return;
+        }
+        let mut current = None;
+        for v in std::iter::once(entry.current.clone()).chain(entry.previous.clone()) {
+            match self.served_from_store(name, &v).await {
+                Ok(served) => {
+                    self.service.repository.activate(served);
+                    current = Some(v);
+                    break;
+                }
+                Err(e) => self.refused_at_start(name, &v, &e),
+            }
+        }
+        let Some(current) = current else {
+            self.state.installed.remove(name);
+            return;
+        };
+        let mut model = InstalledModel::new(current.clone());
+        if current != entry.current {
+            tracing::warn!(model = %name, version = %current.version, "serving the previous version");
+        } else {
+            model.previous = entry.previous.clone();
+        }
+        for v in &entry.also {
+            match self.served_from_store(name, v).await {
+                Ok(served) => {
+                    self.service.repository.add_version(served);
+                    model.also.push(v.clone());
+                }
+                Err(e) => self.refused_at_start(name, v, &e),
+            }
+        }
+        if let (Some(c), Some(canary)) = (&entry.candidate, cfg.canary.clone()) {
+            match self.served_from_store(name, c).await {
+                Ok(served) => {
+                    self.service.repository.add_version(served);
+                    self.service.repository.start_canary(name, &c.version, canary);
+                    model.candidate = Some(c.clone());
+                    lifecycle(
+                        &self.service,
+                        name,
+                        &c.version,
+                        LifecycleKind::CanaryStarted,
+                        "canary resumed at start".into(),
+                    );
+                }
+                Err(e) => self.refused_at_start(name, c, &e),
+            }
+        }
+        self.state.installed.insert(name.to_owned(), model);
+    }
+
+    fn refused_at_start(&mut self, name: &str, v: &InstalledVersion, e: &RegistryError) {
+        tracing::error!(model = %name, version = %v.version, error = %e, "installed version refused at start");
+        self.service.repository.set_failed(name, &v.version, &e.to_string());
+        lifecycle(&self.service, name, &v.version, LifecycleKind::Refused, e.to_string());
+        self.state.pending_errors.insert(
+            name.to_owned(),
+            Rejection { name: name.to_owned(), version: v.version.clone(), reason: e.to_string(), at: now() },
+        );
+        let _ = std::fs::remove_file(self.store.model_path(&v.model_sha256));
+    }
+
+    /// Loads an installed version from the store (re-verified) into a ready `Served`.
+    async fn served_from_store(&self, name: &str, v: &InstalledVersion) -> Result<Served, RegistryError> {
         let manifest = self.store.read_manifest(&v.manifest_sha256)?;
         let stmt = self.verify_manifest(name, &v.version, &manifest)?;
         let onnx = self.store.read_model(&v.model_sha256)?;
         if stmt.model_sha256()? != v.model_sha256 {
             return Err(RegistryError::Digest("stored model does not belong to its manifest".into()));
         }
-        self.load_and_activate(name, &stmt, onnx).await
+        self.prepare(name, &stmt, onnx).await
     }
 
     /// Checks a manifest's signature (index keys) and that it is the one the index names.
@@ -187,7 +260,9 @@ impl RegistrySync {
         Ok(stmt)
     }
 
-    async fn load_and_activate(&self, name: &str, stmt: &Statement, onnx: Vec<u8>) -> Result<(), RegistryError> {
+    /// Load, golden vectors, warm-up (the golden cases run every plan they need), worker
+    /// threads: a `Served` ready to take traffic. Off the request path.
+    async fn prepare(&self, name: &str, stmt: &Statement, onnx: Vec<u8>) -> Result<Served, RegistryError> {
         let golden = serde_json::to_vec(&stmt.predicate.golden).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let cfg = self.model_config(name);
         let cfg2 = cfg.clone();
@@ -195,20 +270,25 @@ impl RegistrySync {
             .await
             .map_err(|e| RegistryError::Refused(format!("loader task failed: {e}")))?
             .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        crate::failpoint::hit("mid-activation");
         let version = stmt.predicate.version.clone();
-        let served = Served::start(name, &version, Arc::new(prepared.model), cfg.instances, cfg.max_queue);
-        self.service.repository.activate(served);
-        lifecycle(&self.service, name, &version, LifecycleKind::Activated, prepared.detail);
-        Ok(())
+        lifecycle(&self.service, name, &version, LifecycleKind::Verified, prepared.detail);
+        Ok(Served::start(name, &version, Arc::new(prepared.model), cfg.instances, cfg.max_queue))
     }
 
-    /// One poll: root chain, index, installs.
+    // ---------------------------------------------------------------------------------------
+    // Polling
+    // ---------------------------------------------------------------------------------------
+
+    /// One poll of the registry (and of the import spool directory).
     pub async fn poll_once(&mut self) -> Result<PollReport, RegistryError> {
-        let result = self.poll_inner().await;
+        self.import_spool().await;
+        let fetcher = self.fetcher.clone();
+        let result = self.sync_from(&fetcher).await;
         match &result {
             Ok(_) => self.state.registry_error = None,
             Err(e) => {
-                tracing::warn!(registry = self.fetcher.url(), error = %e, "registry poll failed; serving what is installed");
+                tracing::warn!(registry = fetcher.url(), error = %e, "registry poll failed; serving what is installed");
                 self.state.registry_error = Some(e.to_string());
             }
         }
@@ -216,9 +296,9 @@ impl RegistrySync {
         result
     }
 
-    async fn poll_inner(&mut self) -> Result<PollReport, RegistryError> {
-        self.trusted.update_root(&self.fetcher).await?;
-        let index = self.trusted.update_index(&self.fetcher, now()).await?;
+    async fn sync_from(&mut self, fetcher: &Fetcher) -> Result<PollReport, RegistryError> {
+        self.trusted.update_root(fetcher).await?;
+        let index = self.trusted.update_index(fetcher, now()).await?;
         let mut report = PollReport { index_version: index.version, ..Default::default() };
         for (name, entries) in &index.models {
             if !valid_name(name) {
@@ -227,61 +307,162 @@ impl RegistrySync {
                 report.failed.push((name.clone(), msg));
                 continue;
             }
-            if !self.model_config(name).enabled {
+            let cfg = self.model_config(name);
+            if !cfg.enabled || self.state.unloaded.contains(name) {
                 continue;
             }
-            let Some(entry) = self.pick(entries) else { continue };
-            let current = self.state.installed.get(name).map(|m| m.current.manifest_sha256.clone());
-            if current.as_deref() == Some(entry.manifest.sha256.as_str()) {
-                continue;
-            }
-            match self.install(name, &entry).await {
-                Ok(()) => {
-                    self.state.pending_errors.remove(name);
-                    report.installed.push((name.clone(), entry.version.clone()));
+            let wanted: Vec<IndexEntry> = match &cfg.version_policy {
+                VersionPolicy::Latest => self.pick(entries, None).into_iter().collect(),
+                VersionPolicy::Pinned(list) => list.iter().filter_map(|v| self.pick(entries, Some(v))).collect(),
+            };
+            for entry in wanted {
+                if self.is_installed(name, &entry) {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(model = %name, version = %entry.version, error = %e, "install refused; current version keeps serving");
-                    lifecycle(&self.service, name, &entry.version, LifecycleKind::Refused, e.to_string());
-                    self.service.repository.set_failed(name, &entry.version, &e.to_string());
-                    let rejection = Rejection {
-                        name: name.clone(),
-                        version: entry.version.clone(),
-                        reason: e.to_string(),
-                        at: now(),
-                    };
-                    if matches!(e, RegistryError::Refused(_)) {
-                        // Deterministic: the same bytes would fail again. Not retried.
-                        self.state.rejected.insert(entry.manifest.sha256.clone(), rejection.clone());
+                match self.install(fetcher, name, &entry, &cfg).await {
+                    Ok(as_canary) => {
+                        self.state.pending_errors.remove(name);
+                        let item = (name.clone(), entry.version.clone());
+                        if as_canary {
+                            report.canaries.push(item);
+                        } else {
+                            report.installed.push(item);
+                        }
                     }
-                    self.state.pending_errors.insert(name.clone(), rejection);
-                    report.failed.push((name.clone(), e.to_string()));
+                    Err(e) => {
+                        tracing::warn!(model = %name, version = %entry.version, error = %e, "install refused; what serves keeps serving");
+                        lifecycle(&self.service, name, &entry.version, LifecycleKind::Refused, e.to_string());
+                        self.service.repository.set_failed(name, &entry.version, &e.to_string());
+                        let rejection = Rejection {
+                            name: name.clone(),
+                            version: entry.version.clone(),
+                            reason: e.to_string(),
+                            at: now(),
+                        };
+                        if matches!(e, RegistryError::Refused(_)) {
+                            // Deterministic: the same bytes would fail again. Not retried.
+                            self.state.rejected.insert(entry.manifest.sha256.clone(), rejection.clone());
+                        }
+                        self.state.pending_errors.insert(name.clone(), rejection);
+                        report.failed.push((name.clone(), e.to_string()));
+                    }
                 }
+                self.save();
             }
-            self.save();
+            if let VersionPolicy::Pinned(list) = &cfg.version_policy {
+                self.retire_unpinned(name, list);
+            }
         }
         self.store.gc(&self.state);
         Ok(report)
     }
 
-    /// The newest version on our channel that was not rejected.
-    fn pick(&self, entries: &[IndexEntry]) -> Option<IndexEntry> {
+    fn is_installed(&self, name: &str, entry: &IndexEntry) -> bool {
+        self.state.installed.get(name).is_some_and(|m| {
+            m.current.manifest_sha256 == entry.manifest.sha256
+                || m.candidate.as_ref().is_some_and(|c| c.manifest_sha256 == entry.manifest.sha256)
+                || m.also.iter().any(|a| a.manifest_sha256 == entry.manifest.sha256)
+        })
+    }
+
+    /// The newest version on our channel that was not rejected (or exactly `version`).
+    fn pick(&self, entries: &[IndexEntry], version: Option<&str>) -> Option<IndexEntry> {
         entries
             .iter()
             .filter(|e| e.channel == self.cfg.channel)
+            .filter(|e| version.is_none_or(|v| e.version == v))
             .filter(|e| !self.state.rejected.contains_key(&e.manifest.sha256))
             .filter_map(|e| SemVer::parse(&e.version).map(|v| (v, e)))
             .max_by(|a, b| a.0.cmp(&b.0))
             .map(|(_, e)| e.clone())
     }
 
-    async fn install(&mut self, name: &str, entry: &IndexEntry) -> Result<(), RegistryError> {
+    /// Pinned policy: versions no longer pinned stop serving; the highest pinned is the default.
+    fn retire_unpinned(&mut self, name: &str, pinned: &[String]) {
+        let Some(m) = self.state.installed.get_mut(name) else { return };
+        let mut all: Vec<InstalledVersion> = std::iter::once(m.current.clone()).chain(m.also.drain(..)).collect();
+        let (keep, drop): (Vec<_>, Vec<_>) = all.drain(..).partition(|v| pinned.contains(&v.version));
+        for v in &drop {
+            self.service.repository.remove_version(name, &v.version);
+        }
+        let mut keep = keep;
+        keep.sort_by(|a, b| crate::api::repository::version_cmp(&a.version, &b.version));
+        if let Some(top) = keep.pop() {
+            self.service.repository.set_default(name, &top.version);
+            m.current = top;
+            m.also = keep;
+        }
+    }
+
+    /// Installs one version; returns whether it started as a canary.
+    async fn install(
+        &mut self,
+        fetcher: &Fetcher,
+        name: &str,
+        entry: &IndexEntry,
+        cfg: &ModelConfig,
+    ) -> Result<bool, RegistryError> {
+        let (new, served) = self.fetch_and_prepare(fetcher, name, entry).await?;
+        crate::failpoint::hit("before-persist");
+        let existing = self.state.installed.get(name).cloned();
+        let serving_now = self.service.repository.serving(name, None).is_ok();
+        match (&cfg.version_policy, existing) {
+            (VersionPolicy::Pinned(_), Some(mut m)) => {
+                m.also.push(new);
+                self.state.installed.insert(name.to_owned(), m);
+                self.save();
+                self.service.repository.add_version(served);
+                Ok(false)
+            }
+            (VersionPolicy::Latest, Some(mut m)) if cfg.canary.is_some() && serving_now => {
+                if let Some(old) = m.candidate.take() {
+                    // A newer version replaces a canary still in progress.
+                    self.service.repository.remove_version(name, &old.version);
+                }
+                let version = new.version.clone();
+                m.candidate = Some(new);
+                self.state.installed.insert(name.to_owned(), m);
+                self.save();
+                self.service.repository.add_version(served);
+                if let Some(c) = cfg.canary.clone() {
+                    let share = c.share;
+                    self.service.repository.start_canary(name, &version, c);
+                    lifecycle(
+                        &self.service,
+                        name,
+                        &version,
+                        LifecycleKind::CanaryStarted,
+                        format!("{:.0}% of traffic", share * 100.0),
+                    );
+                }
+                Ok(true)
+            }
+            (_, existing) => {
+                let previous = existing.map(|m| m.current);
+                let version = new.version.clone();
+                let mut m = InstalledModel::new(new);
+                m.previous = previous;
+                self.state.installed.insert(name.to_owned(), m);
+                self.save();
+                self.service.repository.activate(served);
+                lifecycle(&self.service, name, &version, LifecycleKind::Activated, "now the default version".into());
+                Ok(false)
+            }
+        }
+    }
+
+    async fn fetch_and_prepare(
+        &mut self,
+        fetcher: &Fetcher,
+        name: &str,
+        entry: &IndexEntry,
+    ) -> Result<(InstalledVersion, Served), RegistryError> {
         check_hex_digest(&entry.manifest.sha256)?;
         if entry.manifest.size > MAX_MANIFEST_BYTES {
             return Err(RegistryError::TooLarge(format!("manifest of {} bytes", entry.manifest.size)));
         }
         let rel = format!("manifests/{}.json", entry.manifest.sha256);
-        let manifest = self.fetcher.get_body(&rel, entry.manifest.size).await?;
+        let manifest = fetcher.get_body(&rel, entry.manifest.size).await?;
         let got = sha256_hex(&manifest);
         if got != entry.manifest.sha256 || manifest.len() as u64 != entry.manifest.size {
             return Err(RegistryError::Digest(format!(
@@ -307,15 +488,8 @@ impl RegistrySync {
             )));
         }
         let model_sha = stmt.model_sha256()?.to_owned();
-        lifecycle(
-            &self.service,
-            name,
-            &entry.version,
-            LifecycleKind::Verified,
-            "manifest signature and digest verified".into(),
-        );
         let partial = self.store.partial_path(&blob.sha256);
-        self.fetcher.download(&format!("blobs/sha256/{}", blob.sha256), &partial, blob.size).await?;
+        fetcher.download(&format!("blobs/sha256/{}", blob.sha256), &partial, blob.size).await?;
         let got = {
             let p = partial.clone();
             tokio::task::spawn_blocking(move || hash_file(&p))
@@ -339,25 +513,174 @@ impl RegistrySync {
         let _ = std::fs::remove_file(&partial);
         self.store.put_manifest(&entry.manifest.sha256, &manifest)?;
         let onnx = self.store.read_model(&model_sha)?;
-        self.load_and_activate(name, &stmt, onnx).await?;
-        crate::failpoint::hit("before-persist");
+        let served = self.prepare(name, &stmt, onnx).await?;
         let new = InstalledVersion {
             version: entry.version.clone(),
             manifest_sha256: entry.manifest.sha256.clone(),
             model_sha256: model_sha,
             installed_at: now(),
         };
-        let previous = self.state.installed.get(name).map(|m| m.current.clone());
-        self.state.installed.insert(name.to_owned(), InstalledModel { current: new, previous });
+        Ok((new, served))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Verdicts and commands
+    // ---------------------------------------------------------------------------------------
+
+    /// Persists a canary verdict the serving table has already applied.
+    fn apply_verdict(&mut self, verdict: Verdict) {
+        let (name, version) = match &verdict {
+            Verdict::Promote { model, version, .. } | Verdict::Rollback { model, version, .. } => (model, version),
+        };
+        let Some(mut m) = self.state.installed.get(name).cloned() else { return };
+        let Some(cand) = m.candidate.take().filter(|c| &c.version == version) else { return };
+        match &verdict {
+            Verdict::Promote { detail, .. } => {
+                tracing::info!(model = %name, version = %version, %detail, "canary promoted");
+                m.previous = Some(std::mem::replace(&mut m.current, cand));
+            }
+            Verdict::Rollback { reason, .. } => {
+                tracing::warn!(model = %name, version = %version, %reason, "canary rolled back");
+                self.reject(name, &cand, &format!("rolled back: {reason}"));
+            }
+        }
+        self.state.installed.insert(name.clone(), m);
         self.save();
-        Ok(())
+        self.store.gc(&self.state);
+    }
+
+    /// Takes back the newest version: a running canary, else the default version (the
+    /// previous one, still in the store, serves again). The version is recorded as rejected.
+    async fn rollback(&mut self, name: &str) -> Result<String, RegistryError> {
+        let mut m = self
+            .state
+            .installed
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("no installed registry model '{name}'")))?;
+        let reason = "rolled back by an operator";
+        if let Some(cand) = m.candidate.take() {
+            self.service.repository.remove_version(name, &cand.version);
+            self.reject(name, &cand, reason);
+            self.state.installed.insert(name.to_owned(), m);
+            self.save();
+            lifecycle(&self.service, name, &cand.version, LifecycleKind::RolledBack, reason.into());
+            return Ok(format!("canary {} of {name} rolled back", cand.version));
+        }
+        let prev = m
+            .previous
+            .take()
+            .ok_or_else(|| RegistryError::NotFound(format!("{name} has no previous version to roll back to")))?;
+        let served = self.served_from_store(name, &prev).await?;
+        let bad = std::mem::replace(&mut m.current, prev.clone());
+        self.reject(name, &bad, reason);
+        self.state.installed.insert(name.to_owned(), m);
+        self.save();
+        self.service.repository.activate(served);
+        lifecycle(
+            &self.service,
+            name,
+            &bad.version,
+            LifecycleKind::RolledBack,
+            format!("{reason}; {} serves", prev.version),
+        );
+        self.store.gc(&self.state);
+        Ok(format!("{name} rolled back from {} to {}", bad.version, prev.version))
+    }
+
+    fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("import")
+    }
+
+    /// Imports bundles dropped into `<state_dir>/import/` (by `outpost model import`).
+    async fn import_spool(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.spool_dir()) else { return };
+        let mut bundles: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "tar")).collect();
+        bundles.sort();
+        for b in bundles {
+            let result = self.import(&b).await;
+            let (dir, note) = match &result {
+                Ok(r) => ("done", format!("imported: {r:?}\n")),
+                Err(e) => ("failed", format!("{e}\n")),
+            };
+            let dest = self.spool_dir().join(dir);
+            let _ = std::fs::create_dir_all(&dest);
+            if let Some(file) = b.file_name() {
+                let _ = std::fs::rename(&b, dest.join(file));
+                let _ = std::fs::write(dest.join(file).with_extension("txt"), note);
+            }
+        }
+    }
+
+    /// Verifies and installs from a bundle exactly as from the registry (same trusted root,
+    /// same rollback and expiry rules, same checks of every file).
+    pub async fn import(&mut self, bundle: &Path) -> Result<PollReport, RegistryError> {
+        let work = self.state_dir.join("import").join(format!(".unpack-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).map_err(|e| RegistryError::Io(format!("{}: {e}", work.display())))?;
+        let cap = self.cfg.max_blob_bytes.saturating_mul(8).max(64 << 20);
+        let result = async {
+            let b = bundle.to_path_buf();
+            let w = work.clone();
+            tokio::task::spawn_blocking(move || super::bundle::unpack(&b, &w, cap))
+                .await
+                .map_err(|e| RegistryError::Io(e.to_string()))??;
+            let fetcher = Fetcher::new(&format!("file://{}", work.display()), &FetchOptions::default())?;
+            self.sync_from(&fetcher).await
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        match &result {
+            Ok(r) => tracing::info!(bundle = %bundle.display(), installed = r.installed.len(), "bundle imported"),
+            Err(e) => tracing::warn!(bundle = %bundle.display(), error = %e, "bundle refused"),
+        }
+        self.save();
+        result
+    }
+
+    async fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::PollNow(reply) => {
+                let r = self.poll_once().await;
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                return ok;
+            }
+            Command::Rollback { model, reply } => {
+                let _ = reply.send(self.rollback(&model).await);
+            }
+            Command::Unload { model, reply } => {
+                let known = self.state.installed.contains_key(&model);
+                if known {
+                    self.state.unloaded.insert(model.clone());
+                    self.save();
+                    crate::lifecycle::unload(&self.service, &model, "unloaded through the repository API").await;
+                }
+                let _ = reply.send(Ok(known));
+            }
+            Command::Load { model, reply } => {
+                let known = self.state.installed.contains_key(&model) || self.state.unloaded.contains(&model);
+                if known {
+                    self.state.unloaded.remove(&model);
+                    self.serve_model_from_store(&model).await;
+                    self.save();
+                }
+                let _ = reply.send(Ok(known));
+            }
+            Command::Import { bundle, reply } => {
+                let _ = reply.send(self.import(&bundle).await);
+            }
+        }
+        true
     }
 
     /// Runs until cancelled: serve installed models, then poll every `poll_interval` (with
-    /// ±10 % jitter; exponential backoff after failures). `first_done` fires after the first poll.
+    /// ±10 % jitter; backoff from 10 s after failures). `first_done` fires after the first poll.
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
+        mut verdicts: mpsc::UnboundedReceiver<Verdict>,
         cancel: CancellationToken,
         first_done: oneshot::Sender<()>,
     ) {
@@ -367,37 +690,35 @@ impl RegistrySync {
             _ = cancel.cancelled() => return,
         };
         let _ = first_done.send(());
+        let mut commands_open = true;
         loop {
             let base = self.cfg.poll_interval.as_secs_f64();
             let wait = if failures == 0 { base } else { (5.0 * 2f64.powi(failures.min(10) as i32)).min(base.max(5.0)) };
             let jitter = 1.0 + (jitter_fraction() - 0.5) * 0.2;
             let sleep = tokio::time::sleep(Duration::from_secs_f64((wait * jitter).max(0.1)));
-            let ok = tokio::select! {
-                _ = sleep => self.poll_once().await.is_ok(),
-                cmd = commands.recv() => match cmd {
-                    Some(Command::PollNow(reply)) => {
-                        let r = self.poll_once().await;
-                        let ok = r.is_ok();
-                        let _ = reply.send(r);
-                        ok
-                    }
-                    // Nobody can ask any more: keep polling on the timer.
-                    None => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => {}
-                            _ = cancel.cancelled() => return,
+            tokio::select! {
+                // Verdicts first: a verdict is queued before the answer that caused it leaves,
+                // so any later command sees it persisted.
+                biased;
+                Some(v) = verdicts.recv() => self.apply_verdict(v),
+                _ = sleep => {
+                    failures = if self.poll_once().await.is_ok() { 0 } else { failures.saturating_add(1) };
+                }
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(cmd) => {
+                        if !self.handle(cmd).await {
+                            failures = failures.saturating_add(1);
                         }
-                        self.poll_once().await.is_ok()
                     }
+                    None => commands_open = false,
                 },
                 _ = cancel.cancelled() => return,
-            };
-            failures = if ok { 0 } else { failures.saturating_add(1) };
+            }
         }
     }
 }
 
-fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+fn hash_file(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;

@@ -68,9 +68,31 @@ pub struct InstalledVersion {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstalledModel {
+    /// The default version.
     pub current: InstalledVersion,
+    /// The version before it, kept (not served) for an instant rollback.
     #[serde(default)]
     pub previous: Option<InstalledVersion>,
+    /// A new version serving a share of traffic as a canary.
+    #[serde(default)]
+    pub candidate: Option<InstalledVersion>,
+    /// Further versions served side by side (pinned version policy).
+    #[serde(default)]
+    pub also: Vec<InstalledVersion>,
+}
+
+impl InstalledModel {
+    pub fn new(current: InstalledVersion) -> Self {
+        InstalledModel { current, previous: None, candidate: None, also: Vec::new() }
+    }
+
+    /// Every version whose files must be kept.
+    pub fn all(&self) -> impl Iterator<Item = &InstalledVersion> {
+        std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .chain(self.candidate.as_ref())
+            .chain(self.also.iter())
+    }
 }
 
 /// A version that will not be installed again (failed golden vectors, rolled back, …).
@@ -96,6 +118,9 @@ pub struct StoreState {
     /// The last registry-wide problem (index signature, expiry, rollback, unreachable).
     #[serde(default)]
     pub registry_error: Option<String>,
+    /// Models taken out of service by hand (`.../unload`): not served until loaded again.
+    #[serde(default)]
+    pub unloaded: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -243,7 +268,7 @@ impl Store {
         let mut keep_models = Vec::new();
         let mut keep_manifests: Vec<String> = state.rejected.keys().cloned().collect();
         for m in state.installed.values() {
-            for v in std::iter::once(&m.current).chain(m.previous.as_ref()) {
+            for v in m.all() {
                 keep_models.push(format!("{}.onnx", v.model_sha256));
                 keep_manifests.push(format!("{}.json", v.manifest_sha256));
             }
