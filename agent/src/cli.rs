@@ -187,6 +187,12 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    // Panics inside the engine are caught and answered as errors; their message goes to the
+    // structured log rather than raw stderr.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        tracing::error!(%thread, panic = %info, "panic caught");
+    }));
 }
 
 /// Parses arguments, runs the command, returns the process exit code.

@@ -5,6 +5,7 @@ mod bad_requests;
 mod cli;
 mod crash;
 mod endpoints;
+mod lifecycle;
 mod models;
 mod registry;
 mod tritonclient;

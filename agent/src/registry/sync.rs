@@ -601,7 +601,8 @@ impl RegistrySync {
         for b in bundles {
             let result = self.import(&b).await;
             let (dir, note) = match &result {
-                Ok(r) => ("done", format!("imported: {r:?}\n")),
+                Ok(r) if r.failed.is_empty() => ("done", format!("imported: {:?}\n", r.installed)),
+                Ok(r) => ("failed", r.failed.iter().map(|(m, e)| format!("{m}: {e}\n")).collect()),
                 Err(e) => ("failed", format!("{e}\n")),
             };
             let dest = self.spool_dir().join(dir);

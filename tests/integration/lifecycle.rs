@@ -1,0 +1,366 @@
+//! Zero-downtime model lifecycle: a switch under load loses nothing, a regressing canary is
+//! rolled back and never reinstalled, a good one is promoted, an operator can roll back,
+//! load/unload cycles release memory, and air-gap bundles install only when they verify.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_tests::registry::{StaticServer, TestRegistry};
+use outpost_tests::*;
+use serde_json::Value;
+
+use crate::outpost_bin;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    root().join("tests/fixtures/models").join(name)
+}
+
+fn model_list(config: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(outpost_bin()).args(["model", "list", "--config"]).arg(config).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One answered request of a load loop.
+struct Sample {
+    start: Instant,
+    end: Instant,
+    status: u16,
+    version: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_under_load_fails_no_request() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    // v1: the MLP with 100x the compute (same outputs), so requests are in flight at any time.
+    reg.publish_dir(&fixture("mlp-slow"), "mlp", "1.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let agent = Arc::new(TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), "")).await?);
+    let golden = Arc::new(golden_for(&root().join("models/mlp"))?);
+
+    // A bounded load loop: 4 clients, at most 3000 requests or 60 s, stopping once 100
+    // answers came from the new version.
+    let v1_seen = Arc::new(tokio::sync::Notify::new());
+    let v2_answers = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (agent, golden, v1_seen, v2_answers, total) =
+            (agent.clone(), golden.clone(), v1_seen.clone(), v2_answers.clone(), total.clone());
+        clients.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while v2_answers.load(Ordering::SeqCst) < 100
+                && total.fetch_add(1, Ordering::SeqCst) < 3000
+                && Instant::now() < deadline
+            {
+                let case = (c + samples.len()) % 3;
+                let start = Instant::now();
+                let (status, body) = agent.post("/v2/models/mlp/infer", &golden.request(case)).await?;
+                let end = Instant::now();
+                let version = body["model_version"].as_str().unwrap_or_default().to_owned();
+                if status == 200 {
+                    golden.check(case, &body)?;
+                }
+                match version.as_str() {
+                    "1.0.0" => v1_seen.notify_one(),
+                    "2.0.0" => {
+                        v2_answers.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+                samples.push(Sample { start, end, status, version });
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    v1_seen.notified().await;
+    reg.publish("mlp", "mlp", "2.0.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.installed, vec![("mlp".to_owned(), "2.0.0".to_owned())]);
+    let switched = agent.agent.service().repository.switched_at("mlp").expect("switch time");
+    let mut samples = Vec::new();
+    for c in clients {
+        samples.extend(c.await??);
+    }
+
+    let failed: Vec<_> = samples.iter().filter(|s| s.status != 200).map(|s| s.status).collect();
+    assert!(failed.is_empty(), "failed requests across the swap: {failed:?}");
+    let v1 = samples.iter().filter(|s| s.version == "1.0.0").count();
+    let v2 = samples.iter().filter(|s| s.version == "2.0.0").count();
+    let in_flight = samples.iter().filter(|s| s.start < switched && s.end > switched && s.version == "1.0.0").count();
+    let late_v1 = samples.iter().filter(|s| s.start > switched && s.version == "1.0.0").count();
+    eprintln!("{} requests: {v1} answered by 1.0.0, {v2} by 2.0.0, {in_flight} in flight at the switch", samples.len());
+    assert!(v1 > 0 && v2 >= 100, "both versions answered");
+    assert!(in_flight > 0, "requests were in flight at the switch and finished on the old version");
+    assert_eq!(late_v1, 0, "requests after the switch go to the new version");
+    Arc::try_unwrap(agent).map_err(|_| anyhow::anyhow!("agent still shared"))?.stop().await
+}
+
+const CANARY: &str = "[models.mlp]\ncanary_share = 0.5\ncanary_min_requests = 20\ncanary_window = \"1h\"\ncanary_max_latency_ratio = 3.0\n";
+
+/// Sends golden cases round-robin until the canary of `mlp` is decided (at most `max` requests).
+async fn drive_canary(agent: &TestAgent, cases: &[usize], max: usize) -> anyhow::Result<(usize, usize)> {
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let (mut ok, mut failed) = (0, 0);
+    for i in 0..max {
+        if agent.agent.service().repository.canary_version("mlp").is_none() {
+            break;
+        }
+        let case = cases[i % cases.len()];
+        let (status, _) = agent.post("/v2/models/mlp/infer", &golden.request(case)).await?;
+        if status == 200 {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    Ok((ok, failed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regressing_canaries_are_rolled_back_and_never_reinstalled() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "2.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), CANARY)).await?;
+
+    // v3 passes its golden vectors but fails on rows whose first feature exceeds 15.
+    reg.publish_dir(&fixture("mlp-flaky"), "mlp", "3.0.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.canaries, vec![("mlp".to_owned(), "3.0.0".to_owned())], "{report:?}");
+    let (ok, failed) = drive_canary(&agent, &[0, 1], 400).await?;
+    eprintln!("flaky canary: {ok} ok, {failed} failed before the rollback");
+    assert!(failed > 0, "the canary did fail some requests");
+    assert_eq!(agent.agent.service().repository.canary_version("mlp"), None, "rolled back");
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    let golden = golden_for(&root().join("models/mlp"))?;
+    for case in 0..3 {
+        let (s, body) = agent.post("/v2/models/mlp/infer", &golden.request(case)).await?;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("2.0.0")));
+    }
+    let report = agent.agent.poll_registry().await?;
+    assert!(report.installed.is_empty() && report.canaries.is_empty(), "3.0.0 is not reinstalled: {report:?}");
+    let list = model_list(&agent.config_path())?;
+    assert!(list.contains("3.0.0") && list.contains("rejected") && list.contains("canary error rate"), "{list}");
+
+    // v3.1 is correct but slow: rolled back on p99 latency.
+    reg.publish_dir(&fixture("mlp-slow"), "mlp", "3.1.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.canaries, vec![("mlp".to_owned(), "3.1.0".to_owned())], "{report:?}");
+    let (_, failed) = drive_canary(&agent, &[0], 400).await?;
+    assert_eq!(failed, 0);
+    assert_eq!(agent.agent.service().repository.canary_version("mlp"), None);
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    agent.agent.poll_registry().await?;
+    let list = model_list(&agent.config_path())?;
+    assert!(list.contains("3.1.0") && list.contains("p99 latency"), "{list}");
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_then_an_operator_rolls_it_back() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "2.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let canary = CANARY.replace("canary_window = \"1h\"", "canary_window = \"300ms\"");
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), &canary)).await?;
+    reg.publish("mlp", "mlp", "2.1.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.canaries, vec![("mlp".to_owned(), "2.1.0".to_owned())]);
+    // Traffic until the window has passed and the verdict is in (bounded: 20 000 requests).
+    let (ok, failed) = drive_canary(&agent, &[0, 1, 2], 20_000).await?;
+    assert_eq!(failed, 0);
+    assert!(ok >= 20);
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.1.0"], "promoted");
+    agent.agent.poll_registry().await?;
+    let list = model_list(&agent.config_path())?;
+    assert!(list.contains("2.1.0") && list.contains("serving") && list.contains("previous"), "{list}");
+
+    // `outpost model rollback` against the running agent: 2.0.0 serves again, 2.1.0 is rejected.
+    let out =
+        std::process::Command::new(outpost_bin()).args(["model", "rollback", "mlp", "--url", &agent.base]).output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from 2.1.0 to 2.0.0"));
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    let report = agent.agent.poll_registry().await?;
+    assert!(report.installed.is_empty() && report.canaries.is_empty(), "{report:?}");
+    assert!(model_list(&agent.config_path())?.contains("rolled back by an operator"));
+    // Nothing left to roll back to.
+    let out =
+        std::process::Command::new(outpost_bin()).args(["model", "rollback", "mlp", "--url", &agent.base]).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_versions_serve_side_by_side() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    reg.publish("mlp-int8-qdq", "mlp", "1.1.0")?;
+    reg.publish("mlp", "mlp", "1.2.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let pinned = "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n";
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), pinned)).await?;
+    let (s, meta) = agent.get("/v2/models/mlp").await?;
+    assert_eq!(s, 200);
+    assert_eq!(meta["versions"], serde_json::json!(["1.0.0", "1.1.0"]));
+    let g10 = golden_for(&root().join("models/mlp"))?;
+    let g11 = golden_for(&root().join("models/mlp-int8-qdq"))?;
+    let (s, body) = agent.post("/v2/models/mlp/versions/1.0.0/infer", &g10.request(0)).await?;
+    assert_eq!((s, body["model_version"].as_str()), (200, Some("1.0.0")));
+    g10.check(0, &body)?;
+    let (s, body) = agent.post("/v2/models/mlp/versions/1.1.0/infer", &g11.request(0)).await?;
+    assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")));
+    g11.check(0, &body)?;
+    let (s, body) = agent.post("/v2/models/mlp/infer", &g11.request(0)).await?;
+    assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")), "the highest pinned is the default");
+    assert_eq!(agent.post("/v2/models/mlp/versions/1.2.0/infer", &g10.request(0)).await?.0, 404);
+    agent.stop().await
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_unload_cycles_release_memory() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let models = tempfile::tempdir()?;
+    let dst = models.path().join("cnn");
+    std::fs::create_dir_all(&dst)?;
+    for f in ["model.onnx", "golden.json"] {
+        std::fs::copy(root().join("models/cnn").join(f), dst.join(f))?;
+    }
+    let config = state.path().join("outpost.toml");
+    std::fs::write(&config, config_text(state.path(), &[models.path().to_path_buf()], ""))?;
+    let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", config.to_str().unwrap_or_default()])?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(60))?;
+    let http = http_client();
+    let golden = golden_for(&root().join("models/cnn"))?;
+    let pid = child.child.id();
+    let mut after_first = 0;
+    let mut readings = Vec::new();
+    for cycle in 1..=20 {
+        for op in ["unload", "load"] {
+            let r = http.post(format!("http://{addr}/v2/repository/models/cnn/{op}")).send().await?;
+            assert_eq!(r.status().as_u16(), 200, "{op} cycle {cycle}");
+        }
+        // Used once per cycle, so every loaded copy built its plans.
+        let r = http.post(format!("http://{addr}/v2/models/cnn/infer")).json(&golden.request(2)).send().await?;
+        assert_eq!(r.status().as_u16(), 200);
+        golden.check(2, &r.json::<Value>().await?)?;
+        let rss = rss_kib(pid)?;
+        readings.push(rss);
+        if cycle == 1 {
+            after_first = rss;
+        }
+    }
+    let last = *readings.last().unwrap_or(&0);
+    eprintln!("RSS after cycle 1: {after_first} KiB; after cycle 20: {last} KiB; all: {readings:?}");
+    assert!(
+        (last as f64) <= after_first as f64 * 1.10,
+        "RSS grew from {after_first} KiB to {last} KiB over 20 load/unload cycles"
+    );
+    // Unloaded means unavailable, and unknown models are 404.
+    let r = http.post(format!("http://{addr}/v2/repository/models/cnn/unload")).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(http.get(format!("http://{addr}/v2/models/cnn/ready")).send().await?.status().as_u16(), 404);
+    let r = http.post(format!("http://{addr}/v2/repository/models/nope/load")).send().await?;
+    assert_eq!(r.status().as_u16(), 404);
+    child.signal("TERM")?;
+    assert_eq!(child.wait_exit(Duration::from_secs(30))?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn air_gap_bundles_install_only_when_they_verify() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("cnn", "cnn", "1.0.0")?;
+    let work = tempfile::tempdir()?;
+    let good = work.path().join("good.tar");
+    let out = std::process::Command::new(outpost_bin())
+        .args(["registry", "bundle", "--registry"])
+        .arg(reg.path())
+        .arg("--out")
+        .arg(&good)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same bundle with one byte of the blob changed.
+    let blob = reg.blob_path("cnn")?;
+    let mut bytes = std::fs::read(&blob)?;
+    bytes[10] ^= 0x40;
+    std::fs::write(&blob, &bytes)?;
+    let bad = work.path().join("bad.tar");
+    let out = std::process::Command::new(outpost_bin())
+        .args(["registry", "bundle", "--registry"])
+        .arg(reg.path())
+        .arg("--out")
+        .arg(&bad)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0));
+
+    // The site: the registry is unreachable; trust is the registry's pinned root.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let agent = TestAgent::start(&[], &registry_toml(&format!("http://{dead}/"), &reg.root_json(), "")).await?;
+    let import = |bundle: &std::path::Path| {
+        std::process::Command::new(outpost_bin())
+            .args(["model", "import"])
+            .arg(bundle)
+            .arg("--config")
+            .arg(agent.config_path())
+            .args(["--url", &agent.base])
+            .output()
+    };
+    let out = import(&bad)?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("import: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(agent.get("/v2/models/cnn/ready").await?.0, 503, "a tampered bundle installs nothing");
+    let failed_note = std::fs::read_dir(agent.state.path().join("import/failed"))?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "txt"))
+        .map(|e| std::fs::read_to_string(e.path()))
+        .transpose()?
+        .unwrap_or_default();
+    assert!(failed_note.contains("sha256"), "reason kept beside the bundle: {failed_note}");
+
+    let out = import(&good)?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let golden = golden_for(&root().join("models/cnn"))?;
+    let (s, body) = agent.post("/v2/models/cnn/infer", &golden.request(1)).await?;
+    assert_eq!(s, 200, "{body}");
+    golden.check(1, &body)?;
+
+    // A bundle with a path outside the registry layout is refused at the prompt.
+    let evil = work.path().join("evil.tar");
+    std::fs::write(&evil, tar_with("../../etc/passwd", b"x"))?;
+    let out = import(&evil)?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not part of a registry"));
+    agent.stop().await
+}
+
+/// A one-file ustar archive (for the traversal case).
+fn tar_with(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(data);
+    out.resize(512 * 2 + 1024, 0);
+    out
+}
