@@ -46,7 +46,43 @@ struct RawConfig {
     local_models: Option<RawLocalModels>,
     registry: Option<RawRegistry>,
     #[serde(default)]
+    audit: RawAudit,
+    privacy: Option<RawPrivacy>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    enabled: Option<bool>,
+    group_commit_max_delay: Option<String>,
+    quota_bytes: Option<u64>,
+    retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    hmac_key_file: Option<PathBuf>,
+    pseudonymize: Option<Vec<String>>,
+    sensitive_inputs: Option<Vec<String>>,
+    residency_allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: String,
+    token_file: Option<PathBuf>,
+    quota_bytes: Option<u64>,
+    batch_records: Option<usize>,
+    flush_interval: Option<String>,
+    telemetry_interval: Option<String>,
+    timeout: Option<String>,
+    ca: Option<PathBuf>,
+    allow_http: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +157,11 @@ pub struct Config {
     pub local_models: Vec<PathBuf>,
     /// The signed model registry; `None` turns it off.
     pub registry: Option<RegistryConfig>,
+    /// The audit log; `None` only when `[audit] enabled = false`.
+    pub audit: Option<crate::audit::AuditConfig>,
+    pub privacy: PrivacyConfig,
+    /// The telemetry/audit collector; `None` keeps everything on the box.
+    pub upstream: Option<crate::outbox::UpstreamConfig>,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
     /// Where this configuration came from; `None` for the dev profile.
@@ -165,6 +206,16 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     /// Canary for new registry versions; `None` switches at once.
     pub canary: Option<CanaryConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyConfig {
+    /// HMAC key (created with mode 0600 at first start when absent).
+    pub hmac_key_file: PathBuf,
+    pub pseudonymize: Vec<String>,
+    pub sensitive_inputs: Vec<String>,
+    /// Hosts outbound connections may go to; empty: any configured host.
+    pub residency_allow: Vec<String>,
 }
 
 /// Which registry versions of a model serve.
@@ -260,6 +311,14 @@ impl Config {
                 log: LogConfig { level: "info".into(), format: LogFormat::Text },
                 local_models: vec![root.join("models")],
                 registry: None,
+                audit: Some(crate::audit::AuditConfig::default()),
+                privacy: PrivacyConfig {
+                    hmac_key_file: root.join(".outpost").join("hmac.key"),
+                    pseudonymize: vec![],
+                    sensitive_inputs: vec![],
+                    residency_allow: vec![],
+                },
+                upstream: None,
                 models: BTreeMap::new(),
                 path: None,
             }
@@ -390,6 +449,75 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         Some(r) => Some(validate_registry(r, dev, &resolve).map_err(err)?),
     };
 
+    let audit = if raw.audit.enabled.unwrap_or(true) {
+        let d = crate::audit::AuditConfig::default();
+        let group_commit_max_delay = parse_duration(raw.audit.group_commit_max_delay.as_deref().unwrap_or("2ms"))
+            .map_err(|e| err(format!("audit.group_commit_max_delay: {e}")))?;
+        if group_commit_max_delay > Duration::from_secs(1) {
+            return Err(err("audit.group_commit_max_delay must be at most 1s".into()));
+        }
+        let retention = parse_duration(raw.audit.retention.as_deref().unwrap_or("7d"))
+            .map_err(|e| err(format!("audit.retention: {e}")))?;
+        Some(crate::audit::AuditConfig {
+            group_commit_max_delay,
+            quota_bytes: raw.audit.quota_bytes.unwrap_or(d.quota_bytes),
+            retention,
+        })
+    } else {
+        None
+    };
+    let rp = raw.privacy.unwrap_or_default();
+    let privacy = PrivacyConfig {
+        hmac_key_file: rp.hmac_key_file.map(resolve).unwrap_or_else(|| state_dir.join("hmac.key")),
+        pseudonymize: rp.pseudonymize.unwrap_or_default(),
+        sensitive_inputs: rp.sensitive_inputs.unwrap_or_default(),
+        residency_allow: rp.residency_allow.unwrap_or_default().into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+    };
+    for p in &privacy.pseudonymize {
+        if p.trim_start_matches("parameters.").is_empty() {
+            return Err(err(format!("privacy.pseudonymize: '{p}' names no parameter")));
+        }
+    }
+    let upstream = match raw.upstream {
+        None => None,
+        Some(u) => {
+            let allow_http = u.allow_http.unwrap_or(false);
+            if !(u.url.starts_with("https://") || (allow_http && u.url.starts_with("http://"))) {
+                return Err(err(format!(
+                    "upstream.url '{}' must be https:// (http:// needs upstream.allow_http = true)",
+                    u.url
+                )));
+            }
+            let host =
+                crate::privacy::url_host(&u.url).ok_or_else(|| err(format!("upstream.url '{}' has no host", u.url)))?;
+            if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
+                return Err(err(format!("upstream.url host '{host}' is not in privacy.residency_allow")));
+            }
+            let dur = |v: Option<String>, d: &str, k: &str| {
+                parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| err(format!("upstream.{k}: {e}")))
+            };
+            Some(crate::outbox::UpstreamConfig {
+                url: u.url,
+                token_file: u.token_file.map(resolve),
+                quota_bytes: u.quota_bytes.unwrap_or(1 << 30),
+                batch_records: u.batch_records.unwrap_or(500).clamp(1, 100_000),
+                flush_interval: dur(u.flush_interval, "1s", "flush_interval")?.max(Duration::from_millis(10)),
+                telemetry_interval: dur(u.telemetry_interval, "60s", "telemetry_interval")?
+                    .max(Duration::from_millis(10)),
+                timeout: dur(u.timeout, "10s", "timeout")?,
+                ca: u.ca.map(resolve),
+                allow_http,
+            })
+        }
+    };
+    if let Some(reg) = &registry {
+        if let Some(host) = crate::privacy::url_host(&reg.url) {
+            if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
+                return Err(err(format!("registry.url host '{host}' is not in privacy.residency_allow")));
+            }
+        }
+    }
+
     let mut models = BTreeMap::new();
     for (mname, m) in raw.models {
         if !valid_name(&mname) {
@@ -474,6 +602,9 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         log: LogConfig { level, format },
         local_models,
         registry,
+        audit,
+        privacy,
+        upstream,
         models,
         path,
     })

@@ -4,12 +4,15 @@
 //! handle; [`run`] serves until a shutdown future resolves. Tests use both.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
+pub mod outbox;
+pub mod privacy;
 pub mod protocol;
 pub mod registry;
 pub mod store;
@@ -74,6 +77,8 @@ pub struct Agent {
     local: Arc<LocalModels>,
     registry: Option<tokio::sync::mpsc::Sender<registry::sync::Command>>,
     server: tokio::task::JoinHandle<Result<(), FatalError>>,
+    audit: Option<audit::Audit>,
+    outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -109,6 +114,16 @@ impl Agent {
         tracing::info!(refused = refused.len(), "configuration reloaded");
     }
 
+    /// The audit log, when enabled.
+    pub fn audit(&self) -> Option<&audit::Audit> {
+        self.audit.as_ref()
+    }
+
+    /// Asks the outbox to send now rather than at its next interval.
+    pub fn wake_outbox(&self) {
+        self.outbox_wake.notify_one();
+    }
+
     /// Polls the registry now and waits for the result (instead of the poll timer).
     pub async fn poll_registry(&self) -> Result<registry::sync::PollReport, registry::RegistryError> {
         let tx = self
@@ -136,6 +151,9 @@ impl Agent {
         for name in self.service.repository.names() {
             self.service.repository.remove(&name);
         }
+        if let Some(a) = &self.audit {
+            a.close();
+        }
         tracing::info!("stopped");
         result
     }
@@ -155,7 +173,34 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let tracker = TaskTracker::new();
     let repository = Arc::new(Repository::new());
     let metrics = Arc::new(Metrics::new());
-    let mut service = InferenceService::new(repository, metrics, Arc::new(LogSink));
+    let privacy = Arc::new(
+        privacy::Privacy::load(
+            &config.privacy.hmac_key_file,
+            config.privacy.pseudonymize.clone(),
+            config.privacy.sensitive_inputs.clone(),
+            config.privacy.residency_allow.clone(),
+        )
+        .map_err(FatalError::Runtime)?,
+    );
+    let audit = match &config.audit {
+        Some(ac) => {
+            let trace = cfg!(feature = "failpoints").then(|| Arc::new(audit::Trace::default()));
+            Some(
+                audit::Audit::open(&config.node.state_dir.join("audit"), ac, trace)
+                    .map_err(|e| FatalError::Runtime(format!("audit log: {e}")))?,
+            )
+        }
+        None => {
+            tracing::warn!("[audit] enabled = false: inference is not audited");
+            None
+        }
+    };
+    let events: Arc<dyn api::EventSink> = match &audit {
+        Some(a) => Arc::new(audit::sink::AuditSink::new(a.clone(), metrics.clone())),
+        None => Arc::new(LogSink),
+    };
+    let mut service = InferenceService::new(repository, metrics, events);
+    service.privacy = Some(privacy.clone());
     let config = Arc::new(RwLock::new(Arc::new(config)));
     let started_flag = Arc::new(AtomicBool::new(false));
     let (started_tx, started_rx) = watch::channel(false);
@@ -188,12 +233,28 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         service: service.clone(),
         config: config.clone(),
     });
+    let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    if let (Some(up), Some(a)) = (&cfg.upstream, &audit) {
+        let ob = outbox::Outbox::new(
+            up.clone(),
+            &cfg.node.name,
+            &cfg.node.site,
+            a.clone(),
+            service.metrics.clone(),
+            service.repository.clone(),
+            Some(privacy.clone()),
+            cfg.audit.as_ref().map_or(Duration::from_secs(7 * 86400), |c| c.retention),
+        )
+        .map_err(FatalError::Runtime)?;
+        tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
+    }
     let state = http::HttpState {
         service: service.clone(),
         config: config.clone(),
         started: started_flag.clone(),
         control,
         started_at: std::time::Instant::now(),
+        trace: audit.as_ref().and_then(audit::Audit::trace),
     };
     let app = http::router(state);
     let server_cancel = cancel.clone();
@@ -226,7 +287,19 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         });
     }
 
-    Ok(Agent { addr, cancel, tracker, started: started_rx, config, service, local, registry: registry_tx, server })
+    Ok(Agent {
+        addr,
+        cancel,
+        tracker,
+        started: started_rx,
+        config,
+        service,
+        local,
+        registry: registry_tx,
+        server,
+        audit,
+        outbox_wake,
+    })
 }
 
 /// Model administration for the adapters: registry models through the registry task, local

@@ -56,8 +56,37 @@ impl LifecycleKind {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Request { ctx: RequestContext, model: String, version: Option<String>, outcome: RequestOutcome, latency: Duration },
-    Lifecycle { model: String, version: String, kind: LifecycleKind, detail: String },
+    Request {
+        ctx: RequestContext,
+        model: String,
+        version: Option<String>,
+        outcome: RequestOutcome,
+        latency: Duration,
+        /// Keyed digest of the inputs (never the inputs themselves).
+        input_digest: String,
+        /// Request parameters, pseudonymized.
+        parameters: serde_json::Map<String, serde_json::Value>,
+    },
+    Lifecycle {
+        model: String,
+        version: String,
+        kind: LifecycleKind,
+        detail: String,
+    },
+    /// An administrative action (load, unload, rollback, poll, import).
+    Admin {
+        principal: String,
+        action: String,
+        target: String,
+        outcome: String,
+    },
+    /// A request refused for its credentials.
+    AuthFailure {
+        principal: String,
+        transport: String,
+        reason: String,
+        path: String,
+    },
 }
 
 pub type SinkFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -74,7 +103,7 @@ pub struct LogSink;
 impl EventSink for LogSink {
     fn record(&self, event: Event) -> SinkFuture {
         match &event {
-            Event::Request { ctx, model, version, outcome, latency } => tracing::debug!(
+            Event::Request { ctx, model, version, outcome, latency, .. } => tracing::debug!(
                 request_id = %ctx.id,
                 principal = %ctx.principal,
                 transport = ctx.transport.as_str(),
@@ -93,6 +122,12 @@ impl EventSink for LogSink {
                     tracing::info!(model = %model, version = %version, event = kind.as_str(), %detail, "model lifecycle")
                 }
             },
+            Event::Admin { principal, action, target, outcome } => {
+                tracing::info!(%principal, %action, %target, %outcome, "admin action")
+            }
+            Event::AuthFailure { principal, transport, reason, path } => {
+                tracing::warn!(%principal, %transport, %reason, %path, "authentication failed")
+            }
         }
         Box::pin(std::future::ready(Ok(())))
     }

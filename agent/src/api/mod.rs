@@ -105,6 +105,9 @@ pub enum InferError {
     DeadlineExceeded,
     #[error("{0}")]
     Internal(String),
+    /// The box cannot serve right now (e.g. the audit log is full): 503.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl InferError {
@@ -117,6 +120,7 @@ impl InferError {
             InferError::Overloaded { .. } => "overloaded",
             InferError::DeadlineExceeded => "deadline",
             InferError::Internal(_) => "internal",
+            InferError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -129,11 +133,13 @@ pub struct InferenceService {
     pub events: Arc<dyn EventSink>,
     /// Where canary verdicts go to be persisted (the registry task), if anywhere.
     pub verdicts: Option<tokio::sync::mpsc::UnboundedSender<Verdict>>,
+    /// Digests and pseudonymization for what is recorded.
+    pub privacy: Option<Arc<crate::privacy::Privacy>>,
 }
 
 impl InferenceService {
     pub fn new(repository: Arc<Repository>, metrics: Arc<Metrics>, events: Arc<dyn EventSink>) -> Self {
-        InferenceService { repository, metrics, events, verdicts: None }
+        InferenceService { repository, metrics, events, verdicts: None, privacy: None }
     }
 
     /// Runs one request end to end.
@@ -144,6 +150,10 @@ impl InferenceService {
         version: Option<&str>,
         request: InferRequest,
     ) -> Result<InferResponse, InferError> {
+        let (input_digest, parameters) = match &self.privacy {
+            Some(p) => (p.digest_inputs(&request.inputs), p.pseudonymize(&request.parameters)),
+            None => (String::new(), serde_json::Map::new()),
+        };
         let mut served_as: Option<(String, Option<Duration>)> = None;
         let result = self.infer_inner(ctx, model, version, request, &mut served_as).await;
         let latency = ctx.received.elapsed();
@@ -171,12 +181,17 @@ impl InferenceService {
                 version: served_version,
                 outcome,
                 latency,
+                input_digest,
+                parameters,
             })
             .await;
         // An answer whose record could not be kept is not given (fail closed).
         match recorded {
             Ok(()) => result,
-            Err(e) => Err(InferError::Internal(format!("event sink refused the record: {e}"))),
+            Err(e) => {
+                self.metrics.record_audit_refusal();
+                Err(InferError::Unavailable(format!("not answered: the audit record could not be kept ({e})")))
+            }
         }
     }
 

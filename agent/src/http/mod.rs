@@ -28,6 +28,24 @@ pub struct HttpState {
     /// Model administration (repository extension, rollback, registry poll).
     pub control: Arc<dyn crate::api::control::ModelControl>,
     pub started_at: std::time::Instant,
+    /// Durability trace (test builds): replies are noted after their audit record is durable.
+    pub trace: Option<Arc<crate::audit::Trace>>,
+}
+
+impl HttpState {
+    /// Records an administrative action in the audit log (best effort: the action happened).
+    async fn audit_admin(&self, action: &str, target: &str, outcome: &str) {
+        let _ = self
+            .service
+            .events
+            .record(crate::api::Event::Admin {
+                principal: "anonymous".into(),
+                action: action.into(),
+                target: target.into(),
+                outcome: outcome.into(),
+            })
+            .await;
+    }
 }
 
 impl HttpState {
@@ -67,14 +85,16 @@ impl From<InferError> for ApiError {
         let status = match &e {
             InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
             InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            InferError::NotReady(_) | InferError::Overloaded { .. } | InferError::DeadlineExceeded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            InferError::NotReady(_)
+            | InferError::Overloaded { .. }
+            | InferError::DeadlineExceeded
+            | InferError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             InferError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let retry_after = match &e {
             InferError::Overloaded { retry_after, .. } => Some(*retry_after),
             InferError::NotReady(_) | InferError::DeadlineExceeded => Some(Duration::from_secs(1)),
+            InferError::Unavailable(_) => Some(Duration::from_secs(30)),
             _ => None,
         };
         ApiError { status, message: e.to_string(), retry_after }
@@ -271,6 +291,9 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
         ctx.id = id.clone();
     }
     let response = s.service.infer(&ctx, &model, version.as_deref(), request).await?;
+    if let Some(t) = &s.trace {
+        t.note(format!("reply {}", ctx.id));
+    }
     let body = response_json(&response, &[]);
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
 }
@@ -314,17 +337,23 @@ fn control_error(e: crate::api::control::ControlError) -> ApiError {
 }
 
 async fn repository_load(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
-    let msg = s.control.load(model).await.map_err(control_error)?;
+    let result = s.control.load(model.clone()).await;
+    s.audit_admin("load", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
 async fn repository_unload(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
-    let msg = s.control.unload(model).await.map_err(control_error)?;
+    let result = s.control.unload(model.clone()).await;
+    s.audit_admin("unload", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
 async fn admin_rollback(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
-    let msg = s.control.rollback(model).await.map_err(control_error)?;
+    let result = s.control.rollback(model.clone()).await;
+    s.audit_admin("rollback", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
@@ -361,6 +390,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "ready": s.started.load(std::sync::atomic::Ordering::SeqCst) && repo.ready_count() > 0,
         "all_models_ready": all_ready,
         "models": models,
+        "alarms": s.service.metrics.alarms(),
     }))
     .into_response()
 }

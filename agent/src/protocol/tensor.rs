@@ -155,6 +155,73 @@ impl TensorData {
     }
 }
 
+impl TensorData {
+    /// The raw little-endian bytes (Triton's binary tensor layout; BYTES elements are each
+    /// prefixed with a 4-byte little-endian length).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        fn put<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            let mut out = Vec::with_capacity(v.len() * N);
+            for &x in v {
+                out.extend_from_slice(&f(x));
+            }
+            out
+        }
+        match self {
+            TensorData::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
+            TensorData::U8(v) => v.clone(),
+            TensorData::U16(v) => put(v, u16::to_le_bytes),
+            TensorData::U32(v) => put(v, u32::to_le_bytes),
+            TensorData::U64(v) => put(v, u64::to_le_bytes),
+            TensorData::I8(v) => v.iter().map(|&x| x as u8).collect(),
+            TensorData::I16(v) => put(v, i16::to_le_bytes),
+            TensorData::I32(v) => put(v, i32::to_le_bytes),
+            TensorData::I64(v) => put(v, i64::to_le_bytes),
+            TensorData::F16(v) => put(v, |x: f32| f16_bits(x).to_le_bytes()),
+            TensorData::F32(v) => put(v, f32::to_le_bytes),
+            TensorData::F64(v) => put(v, f64::to_le_bytes),
+            TensorData::Bytes(v) => {
+                let mut out = Vec::new();
+                for b in v {
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// IEEE 754 half-precision bits of an f32 (round to nearest even).
+pub fn f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = m >> shift;
+        let rem = m & ((1 << shift) - 1);
+        let mid = 1 << (shift - 1);
+        let round = u32::from(rem > mid || (rem == mid && (half & 1) == 1));
+        return sign | (half + round) as u16;
+    }
+    let half = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    let round = u32::from(rem > 0x1000 || (rem == 0x1000 && (half & 1) == 1));
+    sign | (half + round) as u16
+}
+
 /// A named tensor of a request or a response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {

@@ -12,7 +12,8 @@ use crate::api::Repository;
 const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// Outcome labels; anything else is counted as "internal".
-const OUTCOMES: [&str; 7] = ["ok", "invalid_input", "not_found", "not_ready", "overloaded", "deadline", "internal"];
+const OUTCOMES: [&str; 8] =
+    ["ok", "invalid_input", "not_found", "not_ready", "overloaded", "deadline", "unavailable", "internal"];
 
 /// The model label used for requests naming a model that does not exist (bounded cardinality).
 pub const UNKNOWN_MODEL: &str = "_unknown";
@@ -29,6 +30,11 @@ struct ModelMetrics {
 pub struct Metrics {
     models: RwLock<BTreeMap<String, Arc<ModelMetrics>>>,
     http_errors: AtomicU64,
+    audit_refusals: AtomicU64,
+    /// Raised alarms: name → detail.
+    alarms: RwLock<BTreeMap<String, String>>,
+    /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
+    gauges: RwLock<BTreeMap<String, f64>>,
 }
 
 impl Metrics {
@@ -55,6 +61,82 @@ impl Metrics {
         }
         m.count.fetch_add(1, Ordering::Relaxed);
         m.sum_us.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Answers withheld because their audit record could not be kept.
+    pub fn record_audit_refusal(&self) {
+        self.audit_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Raises (`Some(detail)`) or clears (`None`) an alarm; transitions are logged.
+    pub fn set_alarm(&self, name: &str, detail: Option<String>) {
+        let mut alarms = self.alarms.write().unwrap_or_else(|p| p.into_inner());
+        match detail {
+            Some(d) => {
+                if alarms.insert(name.to_owned(), d.clone()).is_none() {
+                    tracing::error!(alarm = name, detail = %d, "alarm raised");
+                }
+            }
+            None => {
+                if alarms.remove(name).is_some() {
+                    tracing::info!(alarm = name, "alarm cleared");
+                }
+            }
+        }
+    }
+
+    pub fn alarms(&self) -> BTreeMap<String, String> {
+        self.alarms.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_gauge(&self, name: &str, value: f64) {
+        self.gauges.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), value);
+    }
+
+    /// A snapshot for upstream telemetry: counters and histograms per model, gauges, alarms.
+    pub fn snapshot(&self, repo: &Repository) -> serde_json::Value {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let per_model: serde_json::Map<String, serde_json::Value> = models
+            .iter()
+            .map(|(name, m)| {
+                let outcomes: serde_json::Map<String, serde_json::Value> = OUTCOMES
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| ((*o).to_owned(), serde_json::json!(m.outcomes[i].load(Ordering::Relaxed))))
+                    .collect();
+                let buckets: Vec<u64> = m.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+                (
+                    name.clone(),
+                    serde_json::json!({
+                        "requests": outcomes,
+                        "latency_buckets_le_s": BUCKETS,
+                        "latency_buckets": buckets,
+                        "latency_count": m.count.load(Ordering::Relaxed),
+                        "latency_sum_us": m.sum_us.load(Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        let versions: serde_json::Map<String, serde_json::Value> = repo
+            .list()
+            .into_iter()
+            .map(|(name, st, served)| {
+                (
+                    name,
+                    serde_json::json!({
+                        "state": st.state.as_str(),
+                        "version": st.version,
+                        "queue_depth": served.map_or(0, |s| s.queue_depth()),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "models": per_model,
+            "serving": versions,
+            "gauges": *self.gauges.read().unwrap_or_else(|p| p.into_inner()),
+            "alarms": self.alarms(),
+        })
     }
 
     /// Requests refused before reaching a model (bad body, unknown route).
@@ -120,6 +202,20 @@ impl Metrics {
         out.push_str("# HELP outpost_http_rejected_total HTTP requests refused before reaching a model.\n");
         out.push_str("# TYPE outpost_http_rejected_total counter\n");
         let _ = writeln!(out, "outpost_http_rejected_total {}", self.http_errors.load(Ordering::Relaxed));
+        out.push_str(
+            "# HELP outpost_audit_refusals_total Answers withheld because their audit record could not be kept.\n",
+        );
+        out.push_str("# TYPE outpost_audit_refusals_total counter\n");
+        let _ = writeln!(out, "outpost_audit_refusals_total {}", self.audit_refusals.load(Ordering::Relaxed));
+        out.push_str("# HELP outpost_alarm 1 while an alarm is raised.\n");
+        out.push_str("# TYPE outpost_alarm gauge\n");
+        for name in ["audit_quota_full", "telemetry_dropped", "upstream_unreachable", "residency_refused"] {
+            let on = self.alarms.read().map(|a| a.contains_key(name)).unwrap_or(false);
+            let _ = writeln!(out, "outpost_alarm{{name=\"{name}\"}} {}", u8::from(on));
+        }
+        for (name, v) in self.gauges.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "# TYPE outpost_{name} gauge\noutpost_{name} {v}");
+        }
         out
     }
 }

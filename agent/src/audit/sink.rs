@@ -1,0 +1,79 @@
+//! The event sink that writes the audit log: one record per inference, per lifecycle event, per
+//! admin action and per auth failure. A request's answer waits for its record to be durable.
+
+use serde_json::json;
+
+use super::Audit;
+use crate::api::events::{Event, EventSink, LogSink, SinkFuture};
+
+pub struct AuditSink {
+    pub audit: Audit,
+    log: LogSink,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+}
+
+impl AuditSink {
+    pub fn new(audit: Audit, metrics: std::sync::Arc<crate::telemetry::Metrics>) -> Self {
+        AuditSink { audit, log: LogSink, metrics }
+    }
+}
+
+/// The audit record body of an event.
+pub fn body(event: &Event) -> serde_json::Value {
+    match event {
+        Event::Request { ctx, model, version, outcome, latency, input_digest, parameters } => json!({
+            "kind": "inference",
+            "request_id": ctx.id,
+            "principal": ctx.principal,
+            "transport": ctx.transport.as_str(),
+            "model": model,
+            "version": version,
+            "route": ctx.route.as_str(),
+            "status": outcome.label(),
+            "latency_us": latency.as_micros() as u64,
+            "input_digest": input_digest,
+            "parameters": parameters,
+        }),
+        Event::Lifecycle { model, version, kind, detail } => json!({
+            "kind": "lifecycle",
+            "model": model,
+            "version": version,
+            "event": kind.as_str(),
+            "detail": detail,
+        }),
+        Event::Admin { principal, action, target, outcome } => json!({
+            "kind": "admin",
+            "principal": principal,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+        }),
+        Event::AuthFailure { principal, transport, reason, path } => json!({
+            "kind": "auth_failure",
+            "principal": principal,
+            "transport": transport,
+            "reason": reason,
+            "path": path,
+        }),
+    }
+}
+
+impl EventSink for AuditSink {
+    fn record(&self, event: Event) -> SinkFuture {
+        let append = self.audit.append(body(&event));
+        let logged = self.log.record(event);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let _ = logged.await;
+            match append.await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    if matches!(e, super::AuditError::QuotaFull(_)) {
+                        metrics.set_alarm("audit_quota_full", Some(e.to_string()));
+                    }
+                    Err(e.to_string())
+                }
+            }
+        })
+    }
+}

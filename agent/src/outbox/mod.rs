@@ -1,0 +1,402 @@
+//! Store-and-forward to the upstream collector: the audit stream (records of the audit log) and
+//! the telemetry stream (periodic snapshots) go out in batches as
+//! `POST <upstream>/v1/{audit|telemetry}`, zstd-compressed NDJSON, with an `Idempotency-Key`
+//! of `<node>:<stream>:<first-seq>-<last-seq>`. A batch's boundaries are persisted before it is
+//! sent, so a batch rebuilt after a crash carries the same key and the receiver drops the
+//! duplicate. Records are marked sent only after a 2xx; order is kept per stream.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Repository;
+use crate::audit::{Audit, AuditError};
+use crate::privacy::{url_host, Privacy};
+use crate::telemetry::Metrics;
+
+/// `[upstream]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    /// Bytes of telemetry kept while upstream is unreachable; the oldest goes first.
+    pub quota_bytes: u64,
+    pub batch_records: usize,
+    pub flush_interval: Duration,
+    pub telemetry_interval: Duration,
+    pub timeout: Duration,
+    pub ca: Option<PathBuf>,
+    pub allow_http: bool,
+}
+
+const META_SENT: &[u8] = b"\xffsent";
+const META_INFLIGHT: &[u8] = b"\xffinflight";
+
+/// A telemetry spool: snapshots under big-endian sequence keys, in the audit log's sled db.
+pub struct Spool {
+    tree: sled::Tree,
+    db: sled::Db,
+    dir: PathBuf,
+    bytes: AtomicU64,
+    quota: u64,
+}
+
+fn err(e: impl std::fmt::Display) -> AuditError {
+    AuditError::Store(e.to_string())
+}
+
+impl Spool {
+    pub fn open(audit: &Audit, quota: u64) -> Result<Spool, AuditError> {
+        let (db, dir) = audit.db();
+        let tree = db.open_tree("telemetry").map_err(err)?;
+        let bytes = tree.range(&[0u8; 8][..]..&[0xffu8][..]).filter_map(Result::ok).map(|(_, v)| v.len() as u64).sum();
+        Ok(Spool { tree, db, dir, bytes: AtomicU64::new(bytes), quota })
+    }
+
+    /// Appends a snapshot; drops the oldest unsent ones past the quota. Returns how many were dropped.
+    pub fn push(&self, snapshot: &serde_json::Value) -> Result<u64, AuditError> {
+        let next = self
+            .tree
+            .range(&[0u8; 8][..]..&[0xffu8][..])
+            .next_back()
+            .transpose()
+            .map_err(err)?
+            .map_or(Ok(0), |(k, _)| {
+                <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).map_err(|_| err("bad key"))
+            })?
+            + 1;
+        let next = next.max(self.sent_seq()? + 1);
+        let bytes = serde_json::to_vec(&serde_json::json!({ "seq": next, "snapshot": snapshot })).map_err(err)?;
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.tree.insert(next.to_be_bytes(), bytes).map_err(err)?;
+        let inflight = self.inflight()?;
+        let mut dropped = 0;
+        while self.bytes.load(Ordering::SeqCst) > self.quota {
+            let Some((k, v)) = self.tree.range(&[0u8; 8][..]..&[0xffu8][..]).next().transpose().map_err(err)? else {
+                break;
+            };
+            let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(0);
+            if seq == next || inflight.is_some_and(|(a, b)| (a..=b).contains(&seq)) {
+                break;
+            }
+            self.tree.remove(k).map_err(err)?;
+            self.bytes.fetch_sub((v.len() as u64).min(self.bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+            dropped += 1;
+        }
+        self.durable()?;
+        Ok(dropped)
+    }
+
+    fn durable(&self) -> Result<(), AuditError> {
+        self.db.flush().map_err(err)?;
+        std::fs::File::open(self.dir.join("db")).and_then(|f| f.sync_all()).map_err(err)
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, AuditError> {
+        match self.tree.get(k).map_err(err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(err)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn sent_seq(&self) -> Result<u64, AuditError> {
+        Ok(self.meta(META_SENT)?.unwrap_or(0))
+    }
+
+    pub fn backlog_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// What the outbox needs of a stream.
+pub trait Stream {
+    fn sent_seq(&self) -> Result<u64, AuditError>;
+    fn inflight(&self) -> Result<Option<(u64, u64)>, AuditError>;
+    fn set_inflight(&self, range: (u64, u64)) -> Result<(), AuditError>;
+    fn mark_sent(&self, seq: u64) -> Result<(), AuditError>;
+    fn range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError>;
+}
+
+impl Stream for Audit {
+    fn sent_seq(&self) -> Result<u64, AuditError> {
+        Audit::sent_seq(self)
+    }
+    fn inflight(&self) -> Result<Option<(u64, u64)>, AuditError> {
+        Audit::inflight(self)
+    }
+    fn set_inflight(&self, range: (u64, u64)) -> Result<(), AuditError> {
+        Audit::set_inflight(self, Some(range))
+    }
+    fn mark_sent(&self, seq: u64) -> Result<(), AuditError> {
+        Audit::mark_sent(self, seq)
+    }
+    fn range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        Audit::range(self, from, to, limit)
+    }
+}
+
+impl Stream for Spool {
+    fn sent_seq(&self) -> Result<u64, AuditError> {
+        Spool::sent_seq(self)
+    }
+    fn inflight(&self) -> Result<Option<(u64, u64)>, AuditError> {
+        self.meta(META_INFLIGHT)
+    }
+    fn set_inflight(&self, range: (u64, u64)) -> Result<(), AuditError> {
+        self.tree.insert(META_INFLIGHT, serde_json::to_vec(&range).map_err(err)?).map_err(err)?;
+        self.durable()
+    }
+    fn mark_sent(&self, seq: u64) -> Result<(), AuditError> {
+        let mut b = sled::Batch::default();
+        b.insert(META_SENT, serde_json::to_vec(&seq).map_err(err)?);
+        b.remove(META_INFLIGHT);
+        let mut freed = 0u64;
+        for (k, v) in self.tree.range(&[0u8; 8][..]..=&seq.to_be_bytes()[..]).filter_map(Result::ok) {
+            freed += v.len() as u64;
+            b.remove(k);
+        }
+        self.tree.apply_batch(b).map_err(err)?;
+        self.bytes.fetch_sub(freed.min(self.bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+        self.durable()
+    }
+    fn range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let mut out = Vec::new();
+        for kv in self.tree.range(&from.to_be_bytes()[..]..=&to.min((1 << 56) - 1).to_be_bytes()[..]) {
+            let (k, v) = kv.map_err(err)?;
+            if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
+                out.push((u64::from_be_bytes(b), v.to_vec()));
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub struct Outbox {
+    cfg: UpstreamConfig,
+    client: reqwest::Client,
+    token: Option<String>,
+    node: String,
+    site: String,
+    audit: Audit,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    repo: Arc<Repository>,
+    privacy: Option<Arc<Privacy>>,
+    audit_retention: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("upstream: {0}")]
+    Send(String),
+    #[error(transparent)]
+    Store(#[from] AuditError),
+    #[error("upstream host {0} is not on the residency allow-list")]
+    Residency(String),
+}
+
+impl Outbox {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: UpstreamConfig,
+        node: &str,
+        site: &str,
+        audit: Audit,
+        metrics: Arc<Metrics>,
+        repo: Arc<Repository>,
+        privacy: Option<Arc<Privacy>>,
+        audit_retention: Duration,
+    ) -> Result<Outbox, String> {
+        crate::tls::install_crypto_provider();
+        let token = match &cfg.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("upstream.token_file {}: {e}", p.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let mut builder =
+            reqwest::Client::builder().timeout(cfg.timeout).connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
+        if let Some(ca) = &cfg.ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("upstream.ca {}: {e}", ca.display()))?;
+            for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("upstream.ca: {e}"))? {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
+        let spool = Spool::open(&audit, cfg.quota_bytes).map_err(|e| e.to_string())?;
+        Ok(Outbox {
+            cfg,
+            client,
+            token,
+            node: node.to_owned(),
+            site: site.to_owned(),
+            audit,
+            spool,
+            metrics,
+            repo,
+            privacy,
+            audit_retention,
+        })
+    }
+
+    /// Sends every complete batch of a stream; returns the records sent.
+    async fn drain(&self, stream: &(dyn Stream + Sync), name: &str) -> Result<u64, OutboxError> {
+        let mut sent = 0;
+        loop {
+            let (first, last) = match stream.inflight()? {
+                Some(r) => r,
+                None => {
+                    let from = stream.sent_seq()? + 1;
+                    let recs = stream.range(from, u64::MAX, self.cfg.batch_records)?;
+                    let (Some(f), Some(l)) = (recs.first(), recs.last()) else { return Ok(sent) };
+                    let r = (f.0, l.0);
+                    stream.set_inflight(r)?;
+                    r
+                }
+            };
+            let recs = stream.range(first, last, usize::MAX)?;
+            let mut ndjson = Vec::new();
+            for (_, v) in &recs {
+                ndjson.extend_from_slice(v);
+                ndjson.push(b'\n');
+            }
+            let body = zstd::bulk::compress(&ndjson, 3).map_err(|e| OutboxError::Send(e.to_string()))?;
+            let host = url_host(&self.cfg.url).unwrap_or_default();
+            if let Some(p) = &self.privacy {
+                if !p.host_allowed(&host) {
+                    self.metrics.set_alarm("residency_refused", Some(format!("upstream host {host} not allowed")));
+                    return Err(OutboxError::Residency(host));
+                }
+            }
+            let url = format!("{}/v1/{name}", self.cfg.url.trim_end_matches('/'));
+            let mut req = self
+                .client
+                .post(&url)
+                .header("Content-Type", "application/x-ndjson")
+                .header("Content-Encoding", "zstd")
+                .header("Idempotency-Key", format!("{}:{name}:{first}-{last}", self.node))
+                .header("X-Outpost-Node", &self.node)
+                .header("X-Outpost-Site", &self.site)
+                .body(body);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {e}")))?;
+            if !resp.status().is_success() {
+                return Err(OutboxError::Send(format!("{url}: HTTP {}", resp.status().as_u16())));
+            }
+            crate::failpoint::hit("outbox-after-send");
+            stream.mark_sent(last)?;
+            sent += recs.len() as u64;
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let head = self.audit.head_seq();
+        let sent = self.audit.sent_seq().unwrap_or(0);
+        m.set_gauge("audit_backlog_records", head.saturating_sub(sent) as f64);
+        m.set_gauge("audit_retained_bytes", self.audit.retained_bytes() as f64);
+        m.set_gauge("audit_disk_bytes", self.audit.disk_bytes() as f64);
+        m.set_gauge("telemetry_backlog_bytes", self.spool.backlog_bytes() as f64);
+    }
+
+    /// One round: telemetry snapshot when due, both streams, pruning, gauges.
+    async fn round(&self, snapshot_due: bool) -> Result<(), OutboxError> {
+        if snapshot_due {
+            let snap = serde_json::json!({
+                "node": self.node,
+                "site": self.site,
+                "time_ms": crate::registry::now() * 1000,
+                "metrics": self.metrics.snapshot(&self.repo),
+            });
+            let dropped = self.spool.push(&snap)?;
+            if dropped > 0 {
+                self.metrics.set_alarm(
+                    "telemetry_dropped",
+                    Some(format!("{dropped} oldest telemetry snapshots dropped: upstream quota full")),
+                );
+            }
+        }
+        let result = async {
+            self.drain(&self.audit, "audit").await?;
+            self.drain(&self.spool, "telemetry").await
+        }
+        .await;
+        // Synced records go after the retention period, or at once when the quota nears full.
+        let cutoff = if self.audit.retained_bytes() * 10 >= self.audit.quota_bytes() * 8 {
+            i64::MAX
+        } else {
+            crate::registry::now() * 1000 - self.audit_retention.as_millis() as i64
+        };
+        if let Err(e) = self.audit.prune(cutoff) {
+            tracing::warn!(error = %e, "audit prune failed");
+        }
+        if self.audit.is_full() {
+            self.metrics.set_alarm("audit_quota_full", Some("audit log full: inference refused (fail closed)".into()));
+        } else {
+            self.metrics.set_alarm("audit_quota_full", None);
+        }
+        self.update_gauges();
+        result.map(|_| ())
+    }
+
+    /// Runs until cancelled, then makes one last, time-boxed attempt to flush.
+    pub async fn run(self, cancel: CancellationToken, wake: Arc<tokio::sync::Notify>) {
+        let mut failures = 0u32;
+        let mut next_snapshot = tokio::time::Instant::now() + self.cfg.telemetry_interval;
+        loop {
+            let due = tokio::time::Instant::now() >= next_snapshot;
+            if due {
+                next_snapshot = tokio::time::Instant::now() + self.cfg.telemetry_interval;
+            }
+            match self.round(due).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!("upstream reachable again");
+                    }
+                    failures = 0;
+                    self.metrics.set_alarm("upstream_unreachable", None);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "upstream send failed; records stay queued");
+                    }
+                    if failures >= 3 {
+                        self.metrics.set_alarm("upstream_unreachable", Some(e.to_string()));
+                    }
+                }
+            }
+            let backoff = if failures == 0 {
+                self.cfg.flush_interval
+            } else {
+                let base = self.cfg.flush_interval.as_secs_f64() * 2f64.powi(failures.min(8) as i32);
+                Duration::from_secs_f64(base.min(300.0) * (0.5 + jitter()))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = wake.notified() => {}
+                _ = cancel.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.round(false)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
