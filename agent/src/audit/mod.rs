@@ -471,10 +471,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, String> {
 
 fn verify_tree(tree: &sled::Tree) -> Result<VerifyReport, String> {
     let anchor = read_meta::<Anchor>(tree, META_ANCHOR).map_err(|e| e.to_string())?.unwrap_or_else(Anchor::genesis);
-    let mut expect = anchor.seq + 1;
     let mut prev = if anchor.seq == 0 { GENESIS.to_owned() } else { anchor.hash_hex() };
     let mut report = VerifyReport { anchor: anchor.seq, first: None, last: None, records: 0 };
-    for kv in records(&tree) {
+    for (expect, kv) in (anchor.seq + 1..).zip(records(tree)) {
         let (k, v) = kv.map_err(|e| e.to_string())?;
         let kseq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).map_err(|_| "malformed key".to_owned())?;
         if kseq < expect {
@@ -497,7 +496,6 @@ fn verify_tree(tree: &sled::Tree) -> Result<VerifyReport, String> {
         report.last = Some(kseq);
         report.records += 1;
         prev = rec.hash;
-        expect += 1;
     }
     Ok(report)
 }
