@@ -41,6 +41,9 @@ enum Command {
         #[arg(long)]
         note: Option<String>,
     },
+    /// Check or export the audit log (the agent must be stopped: sled locks its files).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show the running agent's status (GET /admin/status).
     Status {
         #[arg(long, short)]
@@ -111,6 +114,26 @@ enum ModelCommand {
         config: Option<PathBuf>,
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain from the last prune anchor to the head; names the first record
+    /// that was modified, deleted or reordered. Exit 0 intact, 1 broken.
+    Verify {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print records as NDJSON.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// An RFC 3339 time (2026-11-28T00:00:00Z) or how long ago (24h).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "ndjson")]
+        format: String,
     },
 }
 
@@ -277,6 +300,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             Ok(0)
         }
         Command::Model(cmd) => model_command(cmd),
+        Command::Audit(cmd) => audit_command(cmd),
         Command::Status { config, url } => {
             let base = agent_url(config.as_ref(), url)?;
             let (code, body) = http_call("GET", &format!("{base}/admin/status"))?;
@@ -580,4 +604,53 @@ fn http_call(method: &str, url: &str) -> Result<(u16, serde_json::Value), FatalE
         let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
         Ok((status, body))
     })
+}
+
+fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
+    match cmd {
+        AuditCommand::Verify { config } => {
+            let c = load_config(config.as_ref())?;
+            match crate::audit::verify(&c.node.state_dir.join("audit")) {
+                Ok(r) => {
+                    match (r.first, r.last) {
+                        (Some(f), Some(l)) => {
+                            println!(
+                                "audit log intact: records {f}..{l} ({} records) chain from anchor {}",
+                                r.records, r.anchor
+                            )
+                        }
+                        _ => println!("audit log intact: no records after anchor {}", r.anchor),
+                    }
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("audit log BROKEN: {e}");
+                    Ok(1)
+                }
+            }
+        }
+        AuditCommand::Export { config, since, format } => {
+            if format != "ndjson" {
+                return Err(FatalError::Usage(format!("--format {format}: only ndjson is supported")));
+            }
+            let c = load_config(config.as_ref())?;
+            let since_ms = match since {
+                None => 0,
+                Some(s) => match crate::registry::parse_time(&s) {
+                    Ok(t) => t * 1000,
+                    Err(_) => {
+                        let ago = crate::config::parse_duration(&s)
+                            .map_err(|_| FatalError::Usage(format!("--since {s}: not a time or a duration")))?;
+                        (crate::registry::now() - ago.as_secs() as i64) * 1000
+                    }
+                },
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let n = crate::audit::export(&c.node.state_dir.join("audit"), since_ms, &mut out)
+                .map_err(FatalError::Runtime)?;
+            eprintln!("{n} records");
+            Ok(0)
+        }
+    }
 }

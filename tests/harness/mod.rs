@@ -14,6 +14,7 @@ use outpost::protocol::json::tensors_from_value;
 use serde_json::{json, Value};
 
 pub mod registry;
+pub mod upstream;
 
 /// The repository root.
 pub fn root() -> PathBuf {

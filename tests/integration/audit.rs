@@ -1,0 +1,412 @@
+//! The audit log and the upstream outbox: durability before the reply, crash rounds that lose
+//! nothing, tamper detection by `outpost audit verify`, days offline, quotas, privacy.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use outpost_tests::upstream::Receiver;
+use outpost_tests::*;
+use serde_json::{json, Value};
+
+use crate::outpost_bin;
+
+fn upstream_toml(url: &str, extra: &str) -> String {
+    format!("[upstream]\nurl = {url:?}\nallow_http = true\nflush_interval = \"20ms\"\ntelemetry_interval = \"1h\"\n{extra}\n")
+}
+
+/// Only the MLP, so restarts are fast.
+fn mlp_only() -> anyhow::Result<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    let dst = d.path().join("mlp");
+    std::fs::create_dir_all(&dst)?;
+    for f in ["model.onnx", "golden.json"] {
+        std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
+    }
+    Ok(d)
+}
+
+fn verify_cli(config: &std::path::Path) -> anyhow::Result<(i32, String)> {
+    let out = std::process::Command::new(outpost_bin()).args(["audit", "verify", "--config"]).arg(config).output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Every stored record, by sequence number.
+fn records(state: &std::path::Path) -> anyhow::Result<BTreeMap<u64, Value>> {
+    let db = sled::open(state.join("audit"))?;
+    let tree = db.open_tree("audit")?;
+    let mut out = BTreeMap::new();
+    for kv in tree.range(&0u64.to_be_bytes()[..]..&[0xffu8][..]) {
+        let (k, v) = kv?;
+        let seq = u64::from_be_bytes(k.as_ref().try_into()?);
+        out.insert(seq, serde_json::from_slice(&v)?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reply_waits_for_its_record_to_be_fsynced() -> anyhow::Result<()> {
+    let agent = TestAgent::start(&[root().join("models")], "").await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    // 64 concurrent requests, then 16 one at a time.
+    let bodies: Vec<Value> = (0..64)
+        .map(|i| {
+            let mut body = golden.request(i % 3);
+            body["id"] = json!(format!("burst-{i}"));
+            body
+        })
+        .collect();
+    let reqs = bodies.iter().map(|b| agent.post("/v2/models/mlp/infer", b));
+    for r in futures::future::join_all(reqs).await {
+        assert_eq!(r?.0, 200);
+    }
+    for i in 0..16 {
+        let mut body = golden.request(0);
+        body["id"] = json!(format!("seq-{i}"));
+        assert_eq!(agent.post("/v2/models/mlp/infer", &body).await?.0, 200);
+    }
+    let audit = agent.agent.audit().expect("audit on by default");
+    let trace = audit.trace().expect("trace in test builds");
+    let events = trace.events.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    // request id → seq, from the log itself.
+    let recs = audit.range(1, u64::MAX, usize::MAX)?;
+    let mut seq_of = BTreeMap::new();
+    for (seq, v) in &recs {
+        let r: Value = serde_json::from_slice(v)?;
+        if let Some(id) = r["body"]["request_id"].as_str() {
+            seq_of.insert(id.to_owned(), *seq);
+        }
+    }
+    let mut fsync_done: Vec<(u64, u64, u64)> = Vec::new(); // (trace time, first, last)
+    let mut checked = 0;
+    for (t, e) in &events {
+        if let Some(range) = e.strip_prefix("fsync-done ") {
+            let (a, b) = range.split_once('-').expect("range");
+            fsync_done.push((*t, a.parse()?, b.parse()?));
+        } else if let Some(id) = e.strip_prefix("reply ") {
+            let seq = seq_of[id];
+            let durable_at = fsync_done.iter().find(|(_, a, b)| (*a..=*b).contains(&seq)).map(|x| x.0);
+            assert!(durable_at.is_some_and(|d| d < *t), "reply {id} (record {seq}) left before its fsync");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 80);
+    let batches = fsync_done.len();
+    eprintln!("80 replies, {batches} fsyncs (group commit)");
+    assert!(batches < 80, "concurrent records share fsyncs");
+    let body = &serde_json::from_slice::<Value>(&recs.last().expect("records").1)?["body"];
+    assert_eq!(body["kind"], "inference");
+    assert_eq!(body["principal"], "anonymous");
+    assert_eq!(body["transport"], "http");
+    assert_eq!(body["model"], "mlp");
+    assert_eq!(body["route"], "local");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["input_digest"].as_str().map(str::len), Some(64));
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_answered_record_and_upstream_gets_each_once() -> anyhow::Result<()> {
+    let models = mlp_only()?;
+    let receiver = Receiver::start().await?;
+    let state = tempfile::tempdir()?;
+    let config = state.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        config_text(state.path(), &[models.path().to_path_buf()], &upstream_toml(&receiver.url(), "")),
+    )?;
+    let args = ["run", "--config", config.to_str().unwrap_or_default()];
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let http = http_client();
+    let rounds = if full_suite() { 50 } else { 8 };
+    let mut answered: HashSet<String> = HashSet::new();
+    for round in 0..rounds {
+        let mut child = ChildAgent::spawn(&outpost_bin(), &args)?;
+        let addr = child.wait_listening()?;
+        child.wait_for("initial model load finished", Duration::from_secs(60))?;
+        // A bounded load loop: 4 clients × up to 40 requests; the kill lands mid-loop.
+        let kill_after = 10 + (round * 7) % 50;
+        let url = format!("http://{addr}/v2/models/mlp/infer");
+        let mut tasks = Vec::new();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for c in 0..4 {
+            let (http, url, done) = (http.clone(), url.clone(), done.clone());
+            let mut body = golden.request(c % 3);
+            tasks.push(tokio::spawn(async move {
+                let mut ok = Vec::new();
+                for i in 0..40 {
+                    let id = format!("r{round}-c{c}-{i}");
+                    body["id"] = json!(id);
+                    match http.post(&url).json(&body).send().await {
+                        Ok(r) if r.status().as_u16() == 200 => {
+                            ok.push(id);
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => break,
+                    }
+                }
+                ok
+            }));
+        }
+        while done.load(Ordering::SeqCst) < kill_after {
+            tokio::task::yield_now().await;
+        }
+        child.signal("KILL")?;
+        let _ = child.wait_status(Duration::from_secs(30))?;
+        for t in tasks {
+            answered.extend(t.await?);
+        }
+    }
+    // One clean run drains the outbox; the graceful stop flushes what is left.
+    let mut child = ChildAgent::spawn(&outpost_bin(), &args)?;
+    child.wait_for("initial model load finished", Duration::from_secs(60))?;
+    child.signal("TERM")?;
+    assert_eq!(child.wait_exit(Duration::from_secs(60))?, 0);
+
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 0, "{out}");
+    let recs = records(state.path())?;
+    let logged: HashSet<String> =
+        recs.values().filter_map(|r| r["body"]["request_id"].as_str().map(str::to_owned)).collect();
+    let missing: Vec<_> = answered.iter().filter(|id| !logged.contains(*id)).collect();
+    assert!(missing.is_empty(), "answered without a durable record: {missing:?}");
+    let head = *recs.keys().last().expect("records");
+    let up: Vec<u64> = receiver.records("audit").iter().filter_map(|r| r["seq"].as_u64()).collect();
+    let unique: HashSet<u64> = up.iter().copied().collect();
+    assert_eq!(unique.len(), up.len(), "each record arrives once after dedup by Idempotency-Key");
+    assert_eq!(up, (1..=head).collect::<Vec<_>>(), "every record arrives, in order");
+    eprintln!(
+        "{rounds} kill -9 rounds: {} answered requests, {head} records, {} duplicate batches dropped by key",
+        answered.len(),
+        receiver.received.duplicates.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_an_edited_deleted_or_reordered_record() -> anyhow::Result<()> {
+    let agent = TestAgent::start(&[root().join("models")], "").await?;
+    let golden = golden_for(&root().join("models/cnn"))?;
+    for _ in 0..10 {
+        assert_eq!(agent.post("/v2/models/cnn/infer", &golden.request(0)).await?.0, 200);
+    }
+    let config = agent.config_path();
+    let state = agent.stop_keep_state().await?;
+    assert_eq!(verify_cli(&config)?.0, 0);
+    let path = state.path().join("audit");
+    let edit = |f: &dyn Fn(&sled::Tree) -> anyhow::Result<()>| -> anyhow::Result<()> {
+        let db = sled::open(&path)?;
+        f(&db.open_tree("audit")?)?;
+        db.flush()?;
+        Ok(())
+    };
+    let k = |s: u64| s.to_be_bytes();
+    let get = |t: &sled::Tree, s: u64| -> anyhow::Result<Value> {
+        Ok(serde_json::from_slice(&t.get(k(s))?.expect("record"))?)
+    };
+
+    // An edited field.
+    let original = {
+        let db = sled::open(&path)?;
+        let t = db.open_tree("audit")?;
+        t.get(k(4))?.expect("record 4").to_vec()
+    };
+    edit(&|t| {
+        let mut r = get(t, 4)?;
+        r["body"]["status"] = json!("invalid_input");
+        t.insert(k(4), serde_json::to_vec(&r)?)?;
+        Ok(())
+    })?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1);
+    assert!(out.contains("record 4 was modified"), "{out}");
+    // An edit that also recomputes the record's own hash breaks the link to the next one.
+    edit(&|t| {
+        let mut r = get(t, 4)?;
+        let h = outpost::audit::Record::compute_hash(4, r["prev"].as_str().unwrap_or_default(), &r["body"]);
+        r["hash"] = json!(h);
+        t.insert(k(4), serde_json::to_vec(&r)?)?;
+        Ok(())
+    })?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1);
+    assert!(out.contains("record 5 does not follow record 4"), "{out}");
+    edit(&|t| {
+        t.insert(k(4), original.clone())?;
+        Ok(())
+    })?;
+    assert_eq!(verify_cli(&config)?.0, 0, "restored");
+
+    // A deleted record.
+    let saved = {
+        let db = sled::open(&path)?;
+        let t = db.open_tree("audit")?;
+        t.get(k(6))?.expect("record 6").to_vec()
+    };
+    edit(&|t| {
+        t.remove(k(6))?;
+        Ok(())
+    })?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1);
+    assert!(out.contains("record 6 is missing"), "{out}");
+    edit(&|t| {
+        t.insert(k(6), saved.clone())?;
+        Ok(())
+    })?;
+
+    // Two records swapped.
+    edit(&|t| {
+        let (a, b) = (t.get(k(7))?.expect("7"), t.get(k(8))?.expect("8"));
+        t.insert(k(7), b)?;
+        t.insert(k(8), a)?;
+        Ok(())
+    })?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1);
+    assert!(out.contains("record 7 holds record 8: reordered"), "{out}");
+
+    // Export reads the same log.
+    let out = std::process::Command::new(outpost_bin())
+        .args(["audit", "export", "--since", "1h", "--config"])
+        .arg(&config)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 10);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_then_back_delivers_every_record_once_and_in_order() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    receiver.received.refuse.store(true, Ordering::SeqCst);
+    let agent =
+        TestAgent::start(&[root().join("models")], &upstream_toml(&receiver.url(), "batch_records = 50")).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    // Many requests while upstream refuses everything (what days offline look like: a backlog).
+    for i in 0..400 {
+        assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?.0, 200);
+    }
+    let head = agent.agent.audit().expect("audit").head_seq();
+    let metrics = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("outpost_audit_backlog_records"), "{metrics}");
+    assert!(receiver.records("audit").is_empty());
+    receiver.received.refuse.store(false, Ordering::SeqCst);
+    agent.agent.wake_outbox();
+    receiver.wait_until("audit", |r| r.len() as u64 >= head, Duration::from_secs(60)).await?;
+    let seqs: Vec<u64> = receiver.records("audit").iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert_eq!(&seqs[..head as usize], &(1..=head).collect::<Vec<_>>()[..], "once each, in order");
+    let keys = receiver.received.headers_seen.lock().map(|h| h.clone()).unwrap_or_default();
+    assert!(keys
+        .iter()
+        .all(|(k, node, site)| k.starts_with("test-node:") && node == "test-node" && site == "test-site"));
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_quota_drops_oldest_with_an_alarm_and_serving_continues() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    receiver.received.refuse.store(true, Ordering::SeqCst);
+    let toml = upstream_toml(&receiver.url(), "telemetry_interval = \"10ms\"\nquota_bytes = 4000")
+        .replace("telemetry_interval = \"1h\"\n", "");
+    let agent = TestAgent::start(&[root().join("models")], &toml).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    // Serve until the alarm shows (bounded).
+    let mut alarmed = false;
+    for i in 0..2000 {
+        assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?.0, 200);
+        let m = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+        if m.contains("outpost_alarm{name=\"telemetry_dropped\"} 1") {
+            alarmed = true;
+            break;
+        }
+    }
+    assert!(alarmed, "telemetry_dropped alarm raised");
+    let (_, status) = agent.get("/admin/status").await?;
+    assert!(status["alarms"]["telemetry_dropped"].is_string(), "{status}");
+    receiver.received.refuse.store(false, Ordering::SeqCst);
+    agent.agent.wake_outbox();
+    receiver.wait_until("telemetry", |r| !r.is_empty(), Duration::from_secs(30)).await?;
+    let snap = &receiver.records("telemetry")[0];
+    assert!(snap["snapshot"]["metrics"]["models"]["mlp"].is_object(), "{snap}");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_quota_full_fails_closed_then_resumes_after_sync() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    receiver.received.refuse.store(true, Ordering::SeqCst);
+    let toml = format!("[audit]\nquota_bytes = 20000\n\n{}", upstream_toml(&receiver.url(), ""));
+    let agent = TestAgent::start(&[root().join("models")], &toml).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let mut refused = None;
+    for i in 0..1000 {
+        let (s, _, body) = agent.post_raw("/v2/models/mlp/infer", serde_json::to_vec(&golden.request(i % 3))?).await?;
+        if s == 503 {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(s, 200);
+    }
+    let body = refused.expect("the box fails closed when the audit quota is full");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("audit")), "{body}");
+    let m = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    assert!(m.contains("outpost_alarm{name=\"audit_quota_full\"} 1"), "{m}");
+    // Upstream returns: records sync, synced records are pruned, serving resumes by itself.
+    receiver.received.refuse.store(false, Ordering::SeqCst);
+    agent.agent.wake_outbox();
+    let mut resumed = false;
+    for i in 0..5000 {
+        let (s, _) = agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?;
+        if s == 200 {
+            resumed = true;
+            break;
+        }
+        receiver.wait_until("audit", |r| !r.is_empty(), Duration::from_secs(30)).await?;
+    }
+    assert!(resumed);
+    let config = agent.config_path();
+    let state = agent.stop_keep_state().await?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 0, "the chain verifies from the prune anchor: {out}");
+    assert!(!out.contains("anchor 0"), "records were pruned: {out}");
+    drop(state);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pseudonymized_parameters_never_leave_in_clear() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let toml = format!(
+        "[privacy]\npseudonymize = [\"parameters.customer_id\"]\nresidency_allow = [\"127.0.0.1\"]\n\n{}",
+        upstream_toml(&receiver.url(), "")
+    );
+    let agent = TestAgent::start(&[root().join("models")], &toml).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let mut body = golden.request(0);
+    body["parameters"] = json!({ "customer_id": "alice-4711", "store": "north" });
+    assert_eq!(agent.post("/v2/models/mlp/infer", &body).await?.0, 200);
+    agent.agent.wake_outbox();
+    receiver
+        .wait_until("audit", |r| r.iter().any(|x| x["body"]["kind"] == "inference"), Duration::from_secs(30))
+        .await?;
+    let rec = receiver.records("audit").into_iter().find(|x| x["body"]["kind"] == "inference").expect("record");
+    let params = &rec["body"]["parameters"];
+    assert!(params["customer_id"].as_str().is_some_and(|v| v.starts_with("hmac:")), "{params}");
+    assert_eq!(params["store"], "north");
+    assert!(!rec.to_string().contains("alice-4711"));
+    let key = std::fs::metadata(agent.state.path().join("hmac.key"))?;
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
+    agent.stop().await?;
+
+    // An upstream host outside the residency allow-list is a configuration error.
+    let dir = tempfile::tempdir()?;
+    let toml =
+        "[privacy]\nresidency_allow = [\"collector.example\"]\n\n[upstream]\nurl = \"https://elsewhere.example/\"\n";
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(dir.path(), &[], toml))?;
+    let out = std::process::Command::new(outpost_bin()).args(["check-config", "--config"]).arg(&path).output()?;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("residency_allow"));
+    Ok(())
+}
