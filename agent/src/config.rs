@@ -49,8 +49,29 @@ struct RawConfig {
     audit: RawAudit,
     privacy: Option<RawPrivacy>,
     upstream: Option<RawUpstream>,
+    mqtt: Option<RawMqtt>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Option<String>,
+    client_id: Option<String>,
+    topic_prefix: Option<String>,
+    shared_group: Option<String>,
+    qos: Option<u8>,
+    keep_alive: Option<String>,
+    inflight: Option<u16>,
+    session_expiry: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    max_payload_bytes: Option<usize>,
+    request_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +183,8 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     /// The telemetry/audit collector; `None` keeps everything on the box.
     pub upstream: Option<crate::outbox::UpstreamConfig>,
+    /// MQTT request/response; `None`: no MQTT.
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
     /// Where this configuration came from; `None` for the dev profile.
@@ -319,6 +342,7 @@ impl Config {
                     residency_allow: vec![],
                 },
                 upstream: None,
+                mqtt: None,
                 models: BTreeMap::new(),
                 path: None,
             }
@@ -451,7 +475,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
 
     let audit = if raw.audit.enabled.unwrap_or(true) {
         let d = crate::audit::AuditConfig::default();
-        let group_commit_max_delay = parse_duration(raw.audit.group_commit_max_delay.as_deref().unwrap_or("2ms"))
+        let group_commit_max_delay = parse_duration(raw.audit.group_commit_max_delay.as_deref().unwrap_or("0s"))
             .map_err(|e| err(format!("audit.group_commit_max_delay: {e}")))?;
         if group_commit_max_delay > Duration::from_secs(1) {
             return Err(err("audit.group_commit_max_delay must be at most 1s".into()));
@@ -517,6 +541,11 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
             }
         }
     }
+
+    let mqtt = match raw.mqtt {
+        None => None,
+        Some(m) => Some(validate_mqtt(m, &name, request_timeout, &resolve).map_err(err)?),
+    };
 
     let mut models = BTreeMap::new();
     for (mname, m) in raw.models {
@@ -605,8 +634,77 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         audit,
         privacy,
         upstream,
+        mqtt,
         models,
         path,
+    })
+}
+
+fn validate_mqtt(
+    m: RawMqtt,
+    node: &str,
+    http_timeout: Duration,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<crate::mqtt::MqttConfig, String> {
+    let url = m.url.unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("mqtt.url '{url}' must be mqtt://host:port or mqtts://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().map_err(|_| format!("mqtt.url '{url}': bad port"))?),
+        None => (rest.to_owned(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(format!("mqtt.url '{url}' has no host"));
+    }
+    let topic_ok = |s: &str| !s.is_empty() && !s.contains(['+', '#', '\0']) && !s.starts_with('$');
+    let topic_prefix = m.topic_prefix.unwrap_or_else(|| "outpost".into());
+    if !topic_ok(&topic_prefix) || topic_prefix.ends_with('/') {
+        return Err(format!("mqtt.topic_prefix '{topic_prefix}' must be a plain topic (no wildcards, no leading $)"));
+    }
+    let shared_group = m.shared_group.unwrap_or_else(|| "outpost".into());
+    if !shared_group.is_empty() && !valid_name(&shared_group) {
+        return Err(format!("mqtt.shared_group '{shared_group}' must be 1-128 of [A-Za-z0-9._-] (or empty)"));
+    }
+    let qos = m.qos.unwrap_or(1);
+    if qos > 1 {
+        return Err("mqtt.qos must be 0 or 1".into());
+    }
+    let dur = |v: Option<String>, d: &str, k: &str| parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("mqtt.{k}: {e}"));
+    let keep_alive = dur(m.keep_alive, "30s", "keep_alive")?;
+    if keep_alive < Duration::from_secs(5) {
+        return Err("mqtt.keep_alive must be at least 5s".into());
+    }
+    let client_id = m.client_id.unwrap_or_else(|| format!("outpost-{node}"));
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Err("mqtt.client_id must be 1-128 characters".into());
+    }
+    Ok(crate::mqtt::MqttConfig {
+        host,
+        port,
+        tls,
+        client_id,
+        topic_prefix,
+        shared_group,
+        qos,
+        keep_alive,
+        inflight: m.inflight.unwrap_or(32).clamp(1, 1024),
+        session_expiry: dur(m.session_expiry, "5m", "session_expiry")?,
+        username: m.username,
+        password_file: m.password_file.map(resolve),
+        ca: m.ca.map(resolve),
+        client_cert: m.client_cert.map(resolve),
+        client_key: m.client_key.map(resolve),
+        max_payload_bytes: m.max_payload_bytes.unwrap_or(16 << 20).clamp(1024, 256 << 20),
+        request_timeout: match m.request_timeout {
+            Some(t) => parse_duration(&t).map_err(|e| format!("mqtt.request_timeout: {e}"))?,
+            None => http_timeout,
+        },
     })
 }
 

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
+pub mod mqtt;
 pub mod outbox;
 pub mod privacy;
 pub mod protocol;
@@ -195,10 +196,12 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             None
         }
     };
-    let events: Arc<dyn api::EventSink> = match &audit {
+    let primary: Arc<dyn api::EventSink> = match &audit {
         Some(a) => Arc::new(audit::sink::AuditSink::new(a.clone(), metrics.clone())),
         None => Arc::new(LogSink),
     };
+    let (lifecycle_tx, _) = tokio::sync::broadcast::channel(256);
+    let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, lifecycle: lifecycle_tx.clone() });
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
     let config = Arc::new(RwLock::new(Arc::new(config)));
@@ -233,6 +236,14 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         service: service.clone(),
         config: config.clone(),
     });
+    if let Some(mc) = &cfg.mqtt {
+        let topics = mqtt::Topics {
+            prefix: mc.topic_prefix.clone(),
+            site: cfg.node.site.clone(),
+            node: cfg.node.name.clone(),
+        };
+        tracker.spawn(mqtt::run(mc.clone(), topics, service.clone(), lifecycle_tx.subscribe(), cancel.child_token()));
+    }
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     if let (Some(up), Some(a)) = (&cfg.upstream, &audit) {
         let ob = outbox::Outbox::new(

@@ -13,6 +13,7 @@ use outpost::engine::golden::{compare, Golden};
 use outpost::protocol::json::tensors_from_value;
 use serde_json::{json, Value};
 
+pub mod broker;
 pub mod registry;
 pub mod upstream;
 

@@ -132,3 +132,19 @@ impl EventSink for LogSink {
         Box::pin(std::future::ready(Ok(())))
     }
 }
+
+/// Records to a primary sink (awaited) and copies lifecycle events to subscribers (adapters
+/// that announce them, e.g. the MQTT events topic); slow subscribers miss events, never block.
+pub struct Tee {
+    pub primary: std::sync::Arc<dyn EventSink>,
+    pub lifecycle: tokio::sync::broadcast::Sender<Event>,
+}
+
+impl EventSink for Tee {
+    fn record(&self, event: Event) -> SinkFuture {
+        if matches!(event, Event::Lifecycle { .. }) {
+            let _ = self.lifecycle.send(event.clone());
+        }
+        self.primary.record(event)
+    }
+}

@@ -1,0 +1,313 @@
+//! The MQTT adapter: MQTT v5 request/response through the site's broker, over the same
+//! inference API as HTTP.
+//!
+//! Requests arrive on `<prefix>/<site>/infer/<model>[/versions/<v>]` (through the shared
+//! subscription `$share/<group>/…` when a group is set) with a V2 JSON body. The answer — or an
+//! `{"error", "id"}` — goes to the request's v5 Response Topic with its Correlation Data, or,
+//! for v3.1.1 requesters, to `<prefix>/<site>/result/<model>`. QoS 1 with manual
+//! acknowledgement: a request is acknowledged only after its reply is published, so a crash in
+//! between makes the broker redeliver it. The session is persistent (clean start off), so
+//! requests sent while the agent restarts are served when it returns. In-flight work is bounded
+//! by the v5 Receive Maximum. A retained `<prefix>/<site>/<node>/status` (with a Last Will)
+//! says online/offline; lifecycle events go to `<prefix>/<site>/<node>/events`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::events::Event;
+use crate::api::{InferError, InferenceService, RequestContext, Transport};
+use crate::protocol::json::{parse_request, response_json};
+
+/// `[mqtt]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub topic_prefix: String,
+    /// Shared-subscription group; empty: a plain subscription.
+    pub shared_group: String,
+    pub qos: u8,
+    pub keep_alive: Duration,
+    /// Requests in flight (MQTT v5 Receive Maximum).
+    pub inflight: u16,
+    pub session_expiry: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub max_payload_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// Topics of one node.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+    pub site: String,
+    pub node: String,
+}
+
+impl Topics {
+    pub fn requests(&self, shared_group: &str) -> String {
+        let t = format!("{}/{}/infer/#", self.prefix, self.site);
+        if shared_group.is_empty() {
+            t
+        } else {
+            format!("$share/{shared_group}/{t}")
+        }
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/{}/{}/status", self.prefix, self.site, self.node)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}/{}/{}/events", self.prefix, self.site, self.node)
+    }
+
+    pub fn result(&self, model: &str) -> String {
+        format!("{}/{}/result/{model}", self.prefix, self.site)
+    }
+
+    /// `(model, version)` of a request topic, or why it is not one.
+    pub fn parse_request_topic(&self, topic: &str) -> Result<(String, Option<String>), String> {
+        let base = format!("{}/{}/infer/", self.prefix, self.site);
+        let rest = topic.strip_prefix(&base).ok_or_else(|| format!("'{topic}' is not a request topic"))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let ok = |s: &str| crate::config::valid_name(s);
+        match parts.as_slice() {
+            [m] if ok(m) => Ok(((*m).to_owned(), None)),
+            [m, "versions", v] if ok(m) && ok(v) => Ok(((*m).to_owned(), Some((*v).to_owned()))),
+            _ => Err(format!("'{topic}': expected {base}<model>[/versions/<version>]")),
+        }
+    }
+}
+
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+    crate::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("mqtt.ca {}: {e}", ca.display()))?;
+            for cert in rustls_pki_certs(&pem)? {
+                roots.add(cert).map_err(|e| format!("mqtt.ca: {e}"))?;
+            }
+        }
+        None => return Err("mqtts:// needs mqtt.ca (the broker's CA certificate)".into()),
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match (&cfg.client_cert, &cfg.client_key) {
+        (Some(c), Some(k)) => {
+            let certs = rustls_pki_certs(&std::fs::read(c).map_err(|e| format!("mqtt.client_cert: {e}"))?)?;
+            let key = crate::tls::private_key(&std::fs::read(k).map_err(|e| format!("mqtt.client_key: {e}"))?)?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| format!("mqtt client certificate: {e}"))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("mqtt.client_cert and mqtt.client_key go together".into()),
+    }
+}
+
+fn rustls_pki_certs(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    crate::tls::certificates(pem)
+}
+
+/// Builds the client options from the configuration.
+pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32));
+    o.set_receive_maximum(Some(cfg.inflight.max(1)));
+    o.set_manual_acks(true);
+    // Room for our own size check: oversized requests get an error reply, not a dropped link.
+    let cap = (cfg.max_payload_bytes + 64 * 1024).min(256 << 20);
+    o.set_max_packet_size(Some(cap as u32));
+    o.set_last_will(LastWill::new(
+        topics.status(),
+        json!({ "state": "offline", "node": topics.node }).to_string(),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    if let Some(user) = &cfg.username {
+        let password = match &cfg.password_file {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| format!("mqtt.password_file {}: {e}", p.display()))?.trim().to_owned(),
+            None => String::new(),
+        };
+        o.set_credentials(user.clone(), password);
+    }
+    if cfg.tls {
+        let tls = tls_config(cfg)?;
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+    }
+    Ok(o)
+}
+
+fn qos(n: u8) -> QoS {
+    if n == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Runs the adapter until cancelled. `events` receives lifecycle events to publish.
+pub async fn run(
+    cfg: MqttConfig,
+    topics: Topics,
+    service: InferenceService,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    cancel: CancellationToken,
+) {
+    let opts = match options(&cfg, &topics) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "mqtt disabled: bad configuration");
+            return;
+        }
+    };
+    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
+    let inflight = TaskTracker::new();
+    let mut backoff = Duration::from_millis(250);
+    let sub = topics.requests(&cfg.shared_group);
+    loop {
+        tokio::select! {
+            polled = eventloop.poll() => match polled {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = Duration::from_millis(250);
+                    tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "mqtt connected");
+                    if let Err(e) = client.subscribe(sub.clone(), qos(cfg.qos)).await {
+                        tracing::warn!(error = %e, "mqtt subscribe failed");
+                    }
+                    let online = json!({ "state": "online", "node": topics.node, "version": env!("CARGO_PKG_VERSION") });
+                    let _ = client.publish(topics.status(), QoS::AtLeastOnce, true, online.to_string()).await;
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack.return_codes.iter().any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
+                    if refused {
+                        tracing::error!(topic = %sub, codes = ?ack.return_codes, "mqtt subscription refused by the broker (ACL?)");
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let (client, service, topics, cfg) = (client.clone(), service.clone(), topics.clone(), cfg.clone());
+                    inflight.spawn(async move { handle(&client, &service, &topics, &cfg, p).await });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
+            ev = events.recv() => {
+                if let Ok(Event::Lifecycle { model, version, kind, detail }) = ev {
+                    let body = json!({ "model": model, "version": version, "event": kind.as_str(), "detail": detail });
+                    let _ = client.try_publish(topics.events(), QoS::AtLeastOnce, false, body.to_string());
+                }
+            }
+            _ = cancel.cancelled() => break,
+        }
+    }
+    // Graceful: finish in-flight requests (their replies and acks still go out), say offline,
+    // disconnect — all while the event loop keeps running, and all bounded in time.
+    inflight.close();
+    let drain = async {
+        inflight.wait().await;
+        let offline = json!({ "state": "offline", "node": topics.node });
+        let _ = client.publish(topics.status(), QoS::AtLeastOnce, true, offline.to_string()).await;
+        let _ = client.disconnect().await;
+    };
+    let pump = async {
+        while eventloop.poll().await.is_ok() {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(drain, pump);
+    })
+    .await;
+}
+
+async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topics, cfg: &MqttConfig, p: Publish) {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let props = p.properties.clone().unwrap_or_default();
+    let mut ctx = RequestContext::new(Transport::Mqtt, cfg.request_timeout);
+    let parsed = topics.parse_request_topic(&topic);
+    let model = parsed.as_ref().map(|(m, _)| m.clone()).unwrap_or_else(|_| "_unknown".into());
+    let (payload, id) = match parsed {
+        Err(e) => (json!({ "error": e }).to_string().into_bytes(), None),
+        Ok((model, version)) => answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes).await,
+    };
+    let reply_topic = match &props.response_topic {
+        Some(t) if !t.is_empty() => t.clone(),
+        _ => topics.result(&model),
+    };
+    let reply_props = PublishProperties {
+        correlation_data: props.correlation_data.clone(),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    let _ = id;
+    match client.publish_with_properties(reply_topic, QoS::AtLeastOnce, false, payload, reply_props).await {
+        Ok(()) => {
+            // Acknowledged only once the reply is on its way: a crash before this point makes
+            // the broker deliver the request again.
+            if let Err(e) = client.ack(&p).await {
+                tracing::warn!(error = %e, "mqtt ack failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "mqtt reply not published; the request will be redelivered"),
+    }
+}
+
+/// Runs one request; returns the reply payload (answer or error) and the request id.
+async fn answer(
+    service: &InferenceService,
+    ctx: &mut RequestContext,
+    model: &str,
+    version: Option<&str>,
+    payload: &Bytes,
+    max: usize,
+) -> (Vec<u8>, Option<String>) {
+    let error = |msg: String, id: Option<String>| (json!({ "error": msg, "id": id }).to_string().into_bytes(), id);
+    if payload.len() > max {
+        return error(format!("request of {} bytes is larger than {max} bytes", payload.len()), None);
+    }
+    let request = match parse_request(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            // The id, if the JSON got that far, still goes back.
+            let id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+            return error(e.to_string(), id);
+        }
+    };
+    let id = request.id.clone();
+    if let Some(i) = &id {
+        ctx.id = i.clone();
+    }
+    match service.infer(ctx, model, version, request).await {
+        Ok(resp) => (response_json(&resp, &[]), id),
+        Err(e) => {
+            let msg = match &e {
+                InferError::Overloaded { .. } => format!("overloaded: {e}"),
+                _ => e.to_string(),
+            };
+            error(msg, id)
+        }
+    }
+}
