@@ -39,7 +39,8 @@ fn main() {
 
 async fn disk_amplification(records: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let audit = Audit::open(dir.path(), &AuditConfig { quota_bytes: u64::MAX, ..AuditConfig::default() }, None).expect("audit");
+    let audit =
+        Audit::open(dir.path(), &AuditConfig { quota_bytes: u64::MAX, ..AuditConfig::default() }, None).expect("audit");
     let body = serde_json::json!({
         "kind": "inference", "request_id": "1764370000000-12345", "principal": "pos-terminal-3",
         "transport": "http", "model": "mlp", "version": "1.0.0", "route": "local", "status": "ok",
@@ -81,7 +82,8 @@ async fn disk_amplification(records: u64) {
     let secs = started.elapsed().as_secs_f64();
     let appended = cycles * per_cycle;
     // Logical size: what 1M records weigh as stored values.
-    let logical_all = appended * (audit.retained_bytes().max(1) / (audit.head_seq() - audit.sent_seq().unwrap_or(0)).max(1));
+    let logical_all =
+        appended * (audit.retained_bytes().max(1) / (audit.head_seq() - audit.sent_seq().unwrap_or(0)).max(1));
     println!(
         "{{\"bench\":\"audit_summary\",\"records\":{appended},\"records_per_s\":{:.0},\"fsyncs\":{},\"logical_bytes_all\":{logical_all},\"peak_retained_bytes\":{logical_total},\"peak_disk_bytes\":{peak_disk},\"final_disk_bytes\":{},\"final_retained_bytes\":{}}}",
         appended as f64 / secs,
@@ -146,7 +148,8 @@ async fn throughput(seconds: u64) {
             }
             let elapsed = started.elapsed().as_secs_f64();
             lat.sort();
-            let p = |q: f64| lat.get(((lat.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+            let p =
+                |q: f64| lat.get(((lat.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
             let fsyncs = agent.audit().map_or(0, |a| a.fsyncs());
             println!(
                 "{{\"bench\":\"http_audit\",\"audit\":{audit_on},\"concurrency\":{concurrency},\"req_per_s\":{:.0},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"errors\":{},\"fsyncs\":{fsyncs}}}",

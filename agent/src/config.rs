@@ -656,7 +656,10 @@ fn validate_mqtt(
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().map_err(|_| format!("mqtt.url '{url}': bad port"))?),
+        Some((h, p)) => (
+            h.trim_matches(['[', ']']).to_owned(),
+            p.parse::<u16>().map_err(|_| format!("mqtt.url '{url}': bad port"))?,
+        ),
         None => (rest.to_owned(), if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
@@ -675,7 +678,9 @@ fn validate_mqtt(
     if qos > 1 {
         return Err("mqtt.qos must be 0 or 1".into());
     }
-    let dur = |v: Option<String>, d: &str, k: &str| parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("mqtt.{k}: {e}"));
+    let dur = |v: Option<String>, d: &str, k: &str| {
+        parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("mqtt.{k}: {e}"))
+    };
     let keep_alive = dur(m.keep_alive, "30s", "keep_alive")?;
     if keep_alive < Duration::from_secs(5) {
         return Err("mqtt.keep_alive must be at least 5s".into());

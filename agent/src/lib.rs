@@ -237,11 +237,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         config: config.clone(),
     });
     if let Some(mc) = &cfg.mqtt {
-        let topics = mqtt::Topics {
-            prefix: mc.topic_prefix.clone(),
-            site: cfg.node.site.clone(),
-            node: cfg.node.name.clone(),
-        };
+        let topics =
+            mqtt::Topics { prefix: mc.topic_prefix.clone(), site: cfg.node.site.clone(), node: cfg.node.name.clone() };
         tracker.spawn(mqtt::run(mc.clone(), topics, service.clone(), lifecycle_tx.subscribe(), cancel.child_token()));
     }
     let outbox_wake = Arc::new(tokio::sync::Notify::new());

@@ -41,17 +41,62 @@ impl Pki {
             }
             Ok(())
         };
-        std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")?;
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        )?;
         std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
         for (ca, cn) in [("ca", "Outpost Test CA"), ("other-ca", "Some Other CA")] {
-            run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
-                "-subj", &format!("/CN={cn}"), "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem")])?;
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ])?;
         }
         let issue = |name: &str, cn: &str, ca: &str, ext: &str| -> Result<()> {
-            run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/CN={cn}"),
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr")])?;
-            run(&["x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"),
-                "-CAcreateserial", "-days", "30", "-extfile", ext, "-out", &format!("{name}.pem")])?;
+            run(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ])?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                ext,
+                "-out",
+                &format!("{name}.pem"),
+            ])?;
             // PKCS#8 keys, which every TLS stack reads.
             run(&["pkcs8", "-topk8", "-nocrypt", "-in", &format!("{name}.key"), "-out", &format!("{name}.pk8.key")])
         };
@@ -93,10 +138,13 @@ impl Broker {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut conf = format!(
-            "per_listener_settings false\nlistener {port} 127.0.0.1\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
+            "per_listener_settings false\nuser root\nlistener {port} 127.0.0.1\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nmax_queued_messages 100000\n"
         );
         if opts.persistence {
-            conf.push_str(&format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", dir.path().display()));
+            conf.push_str(&format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.path().display()
+            ));
         } else {
             conf.push_str("persistence false\n");
         }
@@ -159,7 +207,9 @@ impl Broker {
                 Ok(line) if line.contains(" running") => return Ok(()),
                 Ok(line) if line.contains("Error") => bail!("mosquitto: {line}"),
                 Ok(_) => {}
-                Err(_) => bail!("mosquitto did not start: {:?}", self.log.lock().map(|l| l.clone()).unwrap_or_default()),
+                Err(_) => {
+                    bail!("mosquitto did not start: {:?}", self.log.lock().map(|l| l.clone()).unwrap_or_default())
+                }
             }
         }
     }

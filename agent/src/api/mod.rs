@@ -231,7 +231,10 @@ impl InferenceService {
                 return Err(InferError::InvalidInput(format!("unknown output '{}'", o.name)));
             }
         }
-        let rx = served.submit(inputs, ctx.deadline).map_err(|e| match e {
+        // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
+        // for a place until their deadline (their in-flight count is bounded by the broker).
+        let wait = ctx.transport == Transport::Mqtt;
+        let rx = served.submit(inputs, ctx.deadline, wait).await.map_err(|e| match e {
             SubmitError::QueueFull(_) => InferError::Overloaded {
                 model: model.to_owned(),
                 reason: e.to_string(),

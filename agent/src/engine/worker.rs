@@ -29,6 +29,8 @@ struct Job {
     inputs: Vec<Tensor>,
     deadline: Instant,
     reply: oneshot::Sender<(JobResult, Duration)>,
+    /// A place in the queue, given back when the job is done.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,7 @@ pub struct Served {
     tx: SyncSender<Job>,
     depth: Arc<AtomicUsize>,
     capacity: usize,
+    permits: Arc<tokio::sync::Semaphore>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -81,22 +84,34 @@ impl Served {
             tx,
             depth,
             capacity: max_queue.max(1),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_queue.max(1))),
             workers,
         }
     }
 
     /// Queues a job; the answer arrives on the returned channel with the time spent running.
-    pub fn submit(
+    /// With `wait`, a full queue is waited on until the deadline; without, it is refused at once.
+    pub async fn submit(
         &self,
         inputs: Vec<Tensor>,
         deadline: Instant,
+        wait: bool,
     ) -> Result<oneshot::Receiver<(JobResult, Duration)>, SubmitError> {
         if self.workers.is_empty() {
             return Err(SubmitError::Closed);
         }
+        let permit = if wait {
+            match tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(SubmitError::Closed),
+                Err(_) => return Err(SubmitError::QueueFull(self.capacity)),
+            }
+        } else {
+            self.permits.clone().try_acquire_owned().map_err(|_| SubmitError::QueueFull(self.capacity))?
+        };
         let (reply, rx) = oneshot::channel();
         self.depth.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(Job { inputs, deadline, reply }) {
+        match self.tx.try_send(Job { inputs, deadline, reply, _permit: permit }) {
             Ok(()) => Ok(rx),
             Err(e) => {
                 self.depth.fetch_sub(1, Ordering::SeqCst);

@@ -143,7 +143,10 @@ pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String>
     ));
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
-            Some(p) => std::fs::read_to_string(p).map_err(|e| format!("mqtt.password_file {}: {e}", p.display()))?.trim().to_owned(),
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("mqtt.password_file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
             None => String::new(),
         };
         o.set_credentials(user.clone(), password);
@@ -178,11 +181,14 @@ pub async fn run(
             return;
         }
     };
-    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
     let inflight = TaskTracker::new();
     let mut backoff = Duration::from_millis(250);
     let sub = topics.requests(&cfg.shared_group);
-    loop {
+    // A fresh client per connection: the broker's persistent session carries what matters
+    // (requests not yet acknowledged are delivered again), and no client-side state from a
+    // dead connection can wedge the new one.
+    let (mut client, mut eventloop) = AsyncClient::new(opts.clone(), usize::from(cfg.inflight).max(16) * 2);
+    let stopping = loop {
         tokio::select! {
             polled = eventloop.poll() => match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
@@ -197,7 +203,21 @@ pub async fn run(
                 Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
                     let refused = ack.return_codes.iter().any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
                     if refused {
-                        tracing::error!(topic = %sub, codes = ?ack.return_codes, "mqtt subscription refused by the broker (ACL?)");
+                        let detail = format!("the broker refused the subscription to {sub} ({:?}): check its ACL", ack.return_codes);
+                        tracing::error!(topic = %sub, codes = ?ack.return_codes, "mqtt not authorized: subscription refused by the broker (ACL)");
+                        service.metrics.set_alarm("mqtt_not_authorized", Some(detail));
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+                    if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                        let detail = format!(
+                            "the broker refused a publish ({:?}): check that its ACL lets this client write {} and the reply topics",
+                            ack.reason,
+                            topics.status()
+                        );
+                        tracing::error!(reason = ?ack.reason, "mqtt not authorized: publish refused by the broker (ACL)");
+                        service.metrics.set_alarm("mqtt_not_authorized", Some(detail));
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -209,9 +229,10 @@ pub async fn run(
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = cancel.cancelled() => break,
+                        _ = cancel.cancelled() => break false,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    (client, eventloop) = AsyncClient::new(opts.clone(), usize::from(cfg.inflight).max(16) * 2);
                 }
             },
             ev = events.recv() => {
@@ -220,8 +241,11 @@ pub async fn run(
                     let _ = client.try_publish(topics.events(), QoS::AtLeastOnce, false, body.to_string());
                 }
             }
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => break true,
         }
+    };
+    if !stopping {
+        return;
     }
     // Graceful: finish in-flight requests (their replies and acks still go out), say offline,
     // disconnect — all while the event loop keeps running, and all bounded in time.
@@ -232,9 +256,7 @@ pub async fn run(
         let _ = client.publish(topics.status(), QoS::AtLeastOnce, true, offline.to_string()).await;
         let _ = client.disconnect().await;
     };
-    let pump = async {
-        while eventloop.poll().await.is_ok() {}
-    };
+    let pump = async { while eventloop.poll().await.is_ok() {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         tokio::join!(drain, pump);
     })
@@ -249,7 +271,9 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
     let model = parsed.as_ref().map(|(m, _)| m.clone()).unwrap_or_else(|_| "_unknown".into());
     let (payload, id) = match parsed {
         Err(e) => (json!({ "error": e }).to_string().into_bytes(), None),
-        Ok((model, version)) => answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes).await,
+        Ok((model, version)) => {
+            answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes).await
+        }
     };
     let reply_topic = match &props.response_topic {
         Some(t) if !t.is_empty() => t.clone(),

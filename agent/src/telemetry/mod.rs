@@ -209,7 +209,13 @@ impl Metrics {
         let _ = writeln!(out, "outpost_audit_refusals_total {}", self.audit_refusals.load(Ordering::Relaxed));
         out.push_str("# HELP outpost_alarm 1 while an alarm is raised.\n");
         out.push_str("# TYPE outpost_alarm gauge\n");
-        for name in ["audit_quota_full", "telemetry_dropped", "upstream_unreachable", "residency_refused"] {
+        for name in [
+            "audit_quota_full",
+            "telemetry_dropped",
+            "upstream_unreachable",
+            "residency_refused",
+            "mqtt_not_authorized",
+        ] {
             let on = self.alarms.read().map(|a| a.contains_key(name)).unwrap_or(false);
             let _ = writeln!(out, "outpost_alarm{{name=\"{name}\"}} {}", u8::from(on));
         }
