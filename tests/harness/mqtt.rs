@@ -47,6 +47,9 @@ impl Requester {
         o.set_clean_start(false);
         o.set_session_expiry_interval(Some(600));
         o.set_max_packet_size(Some(64 << 20));
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
         if let Some(l) = login {
             o.set_credentials(l.user, l.password);
         }

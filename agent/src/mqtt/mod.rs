@@ -131,6 +131,10 @@ pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String>
     o.set_session_expiry_interval(Some(cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32));
     o.set_receive_maximum(Some(cfg.inflight.max(1)));
     o.set_manual_acks(true);
+    // Nagle's algorithm adds ~40 ms per round trip with Mosquitto (measured): off.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     // Room for our own size check: oversized requests get an error reply, not a dropped link.
     let cap = (cfg.max_payload_bytes + 64 * 1024).min(256 << 20);
     o.set_max_packet_size(Some(cap as u32));
