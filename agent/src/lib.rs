@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
 pub mod mqtt;
+pub mod notify;
 pub mod outbox;
 pub mod privacy;
 pub mod protocol;
@@ -109,10 +110,12 @@ impl Agent {
         if old.http.listen != new.http.listen {
             tracing::warn!(old = %old.http.listen, new = %new.http.listen, "http.listen changes on restart only");
         }
+        notify::notify("RELOADING=1");
         let new = Arc::new(new);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         let refused = self.local.reconcile(&self.service, &new).await;
         tracing::info!(refused = refused.len(), "configuration reloaded");
+        notify::notify("READY=1");
     }
 
     /// The audit log, when enabled.
@@ -141,6 +144,7 @@ impl Agent {
     /// Stops accepting, lets in-flight requests finish (bounded by [`SHUTDOWN_GRACE`]), stops
     /// the models' workers.
     pub async fn shutdown(self) -> Result<(), FatalError> {
+        notify::notify("STOPPING=1");
         self.cancel.cancel();
         let result = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), self.server).await {
             Ok(Ok(r)) => r,
@@ -287,6 +291,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
                     }
                     let serving = service.repository.ready_count();
                     tracing::info!(serving, refused = refused.len(), "initial model load finished");
+                    notify::notify(&format!("READY=1\nSTATUS=serving {serving} models"));
                 }
                 _ = cancel.cancelled() => {}
             }

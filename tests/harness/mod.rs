@@ -288,3 +288,14 @@ pub fn registry_toml(url: &str, trusted_root: &Path, extra: &str) -> String {
         trusted_root.display().to_string()
     )
 }
+
+/// A model directory holding only the MLP (fast restarts).
+pub fn mlp_only() -> Result<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    let dst = d.path().join("mlp");
+    std::fs::create_dir_all(&dst)?;
+    for f in ["model.onnx", "golden.json"] {
+        std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
+    }
+    Ok(d)
+}

@@ -15,16 +15,6 @@ fn upstream_toml(url: &str, extra: &str) -> String {
     format!("[upstream]\nurl = {url:?}\nallow_http = true\nflush_interval = \"20ms\"\ntelemetry_interval = \"1h\"\n{extra}\n")
 }
 
-/// Only the MLP, so restarts are fast.
-fn mlp_only() -> anyhow::Result<tempfile::TempDir> {
-    let d = tempfile::tempdir()?;
-    let dst = d.path().join("mlp");
-    std::fs::create_dir_all(&dst)?;
-    for f in ["model.onnx", "golden.json"] {
-        std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
-    }
-    Ok(d)
-}
 
 fn verify_cli(config: &std::path::Path) -> anyhow::Result<(i32, String)> {
     let out = std::process::Command::new(outpost_bin()).args(["audit", "verify", "--config"]).arg(config).output()?;

@@ -8,6 +8,7 @@ mod crash;
 mod endpoints;
 mod lifecycle;
 mod models;
+mod packaging;
 mod mqtt;
 mod registry;
 mod tritonclient;

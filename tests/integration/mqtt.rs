@@ -164,15 +164,6 @@ fn agent_config(
     Ok(path)
 }
 
-fn mlp_only() -> anyhow::Result<tempfile::TempDir> {
-    let d = tempfile::tempdir()?;
-    let dst = d.path().join("mlp");
-    std::fs::create_dir_all(&dst)?;
-    for f in ["model.onnx", "golden.json"] {
-        std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
-    }
-    Ok(d)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_no_request() -> anyhow::Result<()> {

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Builds outpost_<version>_<arch>.deb and outpost-<version>-1.<arch>.rpm from an already-built
+# binary, with Debian's dpkg-deb and rpmbuild: no compile step (cargo-deb and
+# cargo-generate-rpm would each take minutes to install on a fresh machine).
+#   scripts/package.sh --bin target/release/outpost --out dist [--version 0.1.0] [--no-rpm]
+. "$(dirname "$0")/lib.sh"
+bin="" out="$ROOT/dist" version="" rpm=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) bin="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --no-rpm) rpm=0; shift ;;
+    *) echo "usage: $0 --bin BINARY [--out DIR] [--version V] [--no-rpm]" >&2; exit 64 ;;
+  esac
+done
+[ -x "$bin" ] || { echo "$0: --bin must name the built outpost binary" >&2; exit 64; }
+# The version: --version, else the newest released section of CHANGELOG.md, else Cargo's.
+if [ -z "$version" ]; then
+  version="$(grep -m1 -oE '^## \[[0-9]+\.[0-9]+\.[0-9]+\]' "$ROOT/CHANGELOG.md" | grep -oE '[0-9.]+' || true)"
+  [ -n "$version" ] || version="$(grep -m1 -E '^version = ' "$ROOT/Cargo.toml" | cut -d'"' -f2)"
+fi
+case "$(uname -m)" in
+  x86_64) deb_arch=amd64; rpm_arch=x86_64 ;;
+  aarch64) deb_arch=arm64; rpm_arch=aarch64 ;;
+  *) echo "unsupported architecture $(uname -m)" >&2; exit 1 ;;
+esac
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# The file tree, shared by both formats.
+stage="$work/stage"
+install -d "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/outpost" "$stage/usr/share/outpost" \
+  "$stage/usr/share/doc/outpost" "$stage/usr/share/man/man1"
+install -m 0755 "$bin" "$stage/usr/bin/outpost"
+strip --strip-unneeded "$stage/usr/bin/outpost" 2>/dev/null || true
+install -m 0644 "$ROOT/packaging/outpost.service" "$stage/lib/systemd/system/outpost.service"
+install -m 0640 "$ROOT/packaging/outpost.toml" "$stage/etc/outpost/outpost.toml"
+for d in "$ROOT"/models/*/; do
+  n="$(basename "$d")"
+  [ -f "$d/model.onnx" ] || continue
+  install -d "$stage/usr/share/outpost/models/$n"
+  install -m 0644 "$d/model.onnx" "$d/golden.json" "$stage/usr/share/outpost/models/$n/"
+done
+cp -r "$ROOT/models/registry" "$stage/usr/share/outpost/registry"
+find "$stage/usr/share/outpost" -type d -exec chmod 0755 {} + ; find "$stage/usr/share/outpost" -type f -exec chmod 0644 {} +
+install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost/README.md"
+install -m 0644 "$ROOT/models/PROVENANCE.md" "$stage/usr/share/doc/outpost/PROVENANCE.md"
+gzip -9n -c "$ROOT/packaging/outpost.1" > "$stage/usr/share/man/man1/outpost.1.gz"
+cat > "$stage/usr/share/doc/outpost/copyright" <<COPY
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: outpost
+Source: https://example.invalid/outpost
+
+Files: *
+Copyright: 2026 The Outpost authors
+License: Apache-2.0
+
+License: Apache-2.0
+ On Debian systems, the full text of the Apache License 2.0 is in
+ /usr/share/common-licenses/Apache-2.0.
+COPY
+
+# --- .deb ---
+deb="$work/deb"
+cp -a "$stage" "$deb"
+mv "$deb/usr/share/doc/outpost/README.md" "$deb/usr/share/doc/outpost/README.md.keep"
+{
+  echo "outpost ($version) stable; urgency=medium"
+  echo
+  awk '/^## \[/{n++} n==1 && /^- /{sub(/^- /, "  * "); print; next} n==1 && /^  [^ ]/{print "   " $0}' "$ROOT/CHANGELOG.md"
+  echo
+  echo " -- Outpost maintainers <maintainers@outpost.invalid>  $(date -R -d @0)"
+} | gzip -9n > "$deb/usr/share/doc/outpost/changelog.gz"
+mv "$deb/usr/share/doc/outpost/README.md.keep" "$deb/usr/share/doc/outpost/README.md"
+install -d "$deb/DEBIAN"
+size="$(du -sk --exclude=DEBIAN "$deb" | cut -f1)"
+cat > "$deb/DEBIAN/control" <<CTRL
+Package: outpost
+Version: $version
+Architecture: $deb_arch
+Maintainer: Outpost maintainers <maintainers@outpost.invalid>
+Installed-Size: $size
+Depends: libc6 (>= 2.34), adduser
+Section: net
+Priority: optional
+Homepage: https://example.invalid/outpost
+Description: edge inference agent for CPU-only branch servers
+ Outpost serves signed, quantized ONNX models over the Open Inference Protocol
+ (KServe V2 REST) and MQTT v5 request/response, with zero-downtime updates,
+ canary rollouts, a tamper-evident audit log and store-and-forward upstream.
+CTRL
+echo "/etc/outpost/outpost.toml" > "$deb/DEBIAN/conffiles"
+install -m 0755 "$ROOT/packaging/debian/postinst" "$ROOT/packaging/debian/prerm" "$ROOT/packaging/debian/postrm" "$deb/DEBIAN/"
+(cd "$deb" && find . -path ./DEBIAN -prune -o -type f -print0 | sed -z 's|^\./||' | sort -z | xargs -0 md5sum > DEBIAN/md5sums)
+dpkg-deb --root-owner-group -Zxz --build "$deb" "$out/outpost_${version}_${deb_arch}.deb" >/dev/null
+echo "$out/outpost_${version}_${deb_arch}.deb"
+
+# --- .rpm ---
+if [ "$rpm" = 1 ]; then
+  command -v rpmbuild >/dev/null || { echo "rpmbuild not found (Debian package rpm): skipping the rpm" >&2; exit 0; }
+  top="$work/rpm"
+  mkdir -p "$top/BUILD" "$top/RPMS" "$top/SPECS"
+  sed -e "s|@VERSION@|$version|g" -e "s|@STAGE@|$stage|g" "$ROOT/packaging/rpm/outpost.spec.in" > "$top/SPECS/outpost.spec"
+  rpmbuild -bb --quiet --define "_topdir $top" --target "$rpm_arch" "$top/SPECS/outpost.spec" >/dev/null
+  cp "$top"/RPMS/*/outpost-"$version"-1.*.rpm "$out/"
+  ls "$out"/outpost-"$version"-1.*.rpm
+fi

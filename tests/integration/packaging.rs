@@ -1,0 +1,136 @@
+//! The .deb and .rpm packages (full suite, as root, on a Debian machine): build from the test
+//! build's binary, lintian, install, check-config with the packaged config, upgrade keeping a
+//! locally edited config, remove (config and state stay), purge (nothing stays); rpm metadata;
+//! the systemd unit's verification and exposure score.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use outpost_tests::*;
+
+fn run(cmd: &str, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = Command::new(cmd).args(args).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// The agent binary of this build (the `outpost` bin beside the test binaries).
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let bin = dir.join("outpost");
+    anyhow::ensure!(bin.is_file(), "{} not built", bin.display());
+    Ok(bin)
+}
+
+fn build(version: &str, out: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let bin = agent_binary()?;
+    let (code, text) = run(
+        root().join("scripts/package.sh").to_str().unwrap_or_default(),
+        &["--bin", bin.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default(), "--version", version],
+    )?;
+    anyhow::ensure!(code == 0, "package.sh failed: {text}");
+    let deb = out.join(format!("outpost_{version}_amd64.deb"));
+    anyhow::ensure!(deb.is_file(), "no deb: {text}");
+    let rpm = std::fs::read_dir(out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("outpost-{version}-1.")) && n.ends_with(".rpm")));
+    Ok((deb, rpm))
+}
+
+/// Files the package owns or leaves, below the paths it uses.
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    for p in ["/usr/bin/outpost", "/lib/systemd/system/outpost.service", "/etc/outpost", "/etc/outpost/outpost.toml", "/var/lib/outpost", "/usr/share/outpost", "/usr/share/doc/outpost"] {
+        if Path::new(p).exists() {
+            found.push(p.to_owned());
+        }
+    }
+    found
+}
+
+#[test]
+fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
+    let root_user = run("id", &["-u"])?.1.trim() == "0";
+    if !(full_suite() && root_user && have("dpkg-deb") && Path::new("/var/lib/dpkg").is_dir()) {
+        eprintln!("skipped: needs OUTPOST_TEST_FULL=1, root and dpkg (a Debian machine)");
+        return Ok(());
+    }
+    if run("dpkg", &["-s", "outpost"])?.0 == 0 {
+        anyhow::bail!("an outpost package is already installed on this machine; not touching it");
+    }
+    let dist = tempfile::tempdir()?;
+    let (deb, rpm) = build("0.1.0", dist.path())?;
+    let result = (|| -> anyhow::Result<()> {
+        if have("lintian") {
+            let (code, text) = run("lintian", &["--fail-on", "error", "--suppress-tags", "dir-or-file-in-opt", deb.to_str().unwrap_or_default()])?;
+            eprintln!("lintian:\n{text}");
+            assert_eq!(code, 0, "lintian reports errors:\n{text}");
+        }
+        let (code, text) = run("dpkg", &["-i", deb.to_str().unwrap_or_default()])?;
+        assert_eq!(code, 0, "dpkg -i: {text}");
+        let (code, text) = run("/usr/bin/outpost", &["check-config", "--config", "/etc/outpost/outpost.toml"])?;
+        assert_eq!(code, 0, "installed check-config: {text}");
+        assert!(run("getent", &["passwd", "outpost"])?.0 == 0, "system user created");
+        if have("systemd-analyze") {
+            let (code, text) = run("systemd-analyze", &["verify", "/lib/systemd/system/outpost.service"])?;
+            eprintln!("systemd-analyze verify ({code}): {text}");
+            let (_, text) = run("systemd-analyze", &["security", "--offline=yes", "/lib/systemd/system/outpost.service"])?;
+            let score = text.lines().find(|l| l.contains("Overall exposure level"));
+            eprintln!("systemd-analyze security: {}", score.unwrap_or("(no score)"));
+        }
+
+        // A local edit survives an upgrade.
+        let mut cfg = std::fs::read_to_string("/etc/outpost/outpost.toml")?;
+        cfg.push_str("\n# edited on site\n");
+        std::fs::write("/etc/outpost/outpost.toml", &cfg)?;
+        let (deb2, _) = build("0.1.1", dist.path())?;
+        let (code, text) = run("dpkg", &["-i", "--force-confold", deb2.to_str().unwrap_or_default()])?;
+        assert_eq!(code, 0, "upgrade: {text}");
+        assert!(run("dpkg-query", &["-W", "-f=${Version}", "outpost"])?.1.contains("0.1.1"));
+        assert!(std::fs::read_to_string("/etc/outpost/outpost.toml")?.contains("# edited on site"), "local edit kept");
+
+        // remove: configuration and state stay.
+        let (code, text) = run("dpkg", &["-r", "outpost"])?;
+        assert_eq!(code, 0, "remove: {text}");
+        assert_eq!(leftovers(), vec!["/etc/outpost", "/etc/outpost/outpost.toml", "/var/lib/outpost"]);
+        // purge: nothing stays.
+        let (code, text) = run("dpkg", &["-P", "outpost"])?;
+        assert_eq!(code, 0, "purge: {text}");
+        assert_eq!(leftovers(), Vec::<String>::new());
+        assert!(run("getent", &["passwd", "outpost"])?.0 != 0, "system user removed");
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = run("dpkg", &["-P", "outpost"]);
+    }
+    result?;
+
+    match rpm {
+        Some(rpm) => {
+            let p = rpm.to_str().unwrap_or_default();
+            let (code, info) = run("rpm", &["-qip", p])?;
+            assert_eq!(code, 0, "{info}");
+            assert!(info.contains("Name        : outpost") && info.contains("Version     : 0.1.0"), "{info}");
+            let (_, files) = run("rpm", &["-qlp", p])?;
+            for f in ["/usr/bin/outpost", "/usr/lib/systemd/system/outpost.service", "/etc/outpost/outpost.toml", "/var/lib/outpost", "/usr/share/outpost/models/mlp/model.onnx", "/usr/share/man/man1/outpost.1.gz"] {
+                assert!(files.lines().any(|l| l == f), "{f} in the rpm:\n{files}");
+            }
+            let (_, scripts) = run("rpm", &["-qp", "--scripts", p])?;
+            assert!(scripts.contains("useradd -r -g outpost") && scripts.contains("systemctl preset"), "{scripts}");
+            let (_, conf) = run("rpm", &["-qpc", p])?;
+            assert!(conf.contains("/etc/outpost/outpost.toml"), "config file marked: {conf}");
+            if have("rpmlint") {
+                let (_, lint) = run("rpmlint", &[p])?;
+                eprintln!("rpmlint:\n{lint}");
+            }
+        }
+        None => assert!(!have("rpmbuild"), "rpmbuild is installed but no rpm was built"),
+    }
+    Ok(())
+}
