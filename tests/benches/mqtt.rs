@@ -14,7 +14,6 @@ use outpost_tests::*;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::Semaphore;
 
 fn opts(id: &str, port: u16) -> MqttOptions {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
@@ -115,7 +114,6 @@ async fn run(
     base: u64,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let (client, arrivals, notify) = requester(port).await?;
-    let window = Arc::new(Semaphore::new(inflight));
     let mut sent = Vec::with_capacity(requests as usize);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
@@ -150,10 +148,10 @@ async fn run(
         anyhow::ensure!(tokio::time::timeout_at(deadline.into(), n).await.is_ok(), "bench timed out");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    drop(window);
-    let m = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    let mut lat: Vec<f64> =
-        sent.iter().filter_map(|(id, t)| m.get(id).map(|a| (*a - *t).as_secs_f64() * 1e3)).collect();
+    let mut lat: Vec<f64> = {
+        let m = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        sent.iter().filter_map(|(id, t)| m.get(id).map(|a| (*a - *t).as_secs_f64() * 1e3)).collect()
+    };
     lat.sort_by(|a, b| a.total_cmp(b));
     let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
     let _ = client.disconnect().await;

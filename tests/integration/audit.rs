@@ -15,7 +15,6 @@ fn upstream_toml(url: &str, extra: &str) -> String {
     format!("[upstream]\nurl = {url:?}\nallow_http = true\nflush_interval = \"20ms\"\ntelemetry_interval = \"1h\"\n{extra}\n")
 }
 
-
 fn verify_cli(config: &std::path::Path) -> anyhow::Result<(i32, String)> {
     let out = std::process::Command::new(outpost_bin()).args(["audit", "verify", "--config"]).arg(config).output()?;
     Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))

@@ -8,8 +8,8 @@ mod crash;
 mod endpoints;
 mod lifecycle;
 mod models;
-mod packaging;
 mod mqtt;
+mod packaging;
 mod registry;
 mod tritonclient;
 

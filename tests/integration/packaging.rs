@@ -36,17 +36,26 @@ fn build(version: &str, out: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)
     anyhow::ensure!(code == 0, "package.sh failed: {text}");
     let deb = out.join(format!("outpost_{version}_amd64.deb"));
     anyhow::ensure!(deb.is_file(), "no deb: {text}");
-    let rpm = std::fs::read_dir(out)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("outpost-{version}-1.")) && n.ends_with(".rpm")));
+    let rpm = std::fs::read_dir(out)?.flatten().map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("outpost-{version}-1.")) && n.ends_with(".rpm"))
+    });
     Ok((deb, rpm))
 }
 
 /// Files the package owns or leaves, below the paths it uses.
 fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
-    for p in ["/usr/bin/outpost", "/lib/systemd/system/outpost.service", "/etc/outpost", "/etc/outpost/outpost.toml", "/var/lib/outpost", "/usr/share/outpost", "/usr/share/doc/outpost"] {
+    for p in [
+        "/usr/bin/outpost",
+        "/lib/systemd/system/outpost.service",
+        "/etc/outpost",
+        "/etc/outpost/outpost.toml",
+        "/var/lib/outpost",
+        "/usr/share/outpost",
+        "/usr/share/doc/outpost",
+    ] {
         if Path::new(p).exists() {
             found.push(p.to_owned());
         }
@@ -68,7 +77,10 @@ fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
     let (deb, rpm) = build("0.1.0", dist.path())?;
     let result = (|| -> anyhow::Result<()> {
         if have("lintian") {
-            let (code, text) = run("lintian", &["--fail-on", "error", "--suppress-tags", "dir-or-file-in-opt", deb.to_str().unwrap_or_default()])?;
+            let (code, text) = run(
+                "lintian",
+                &["--fail-on", "error", "--suppress-tags", "dir-or-file-in-opt", deb.to_str().unwrap_or_default()],
+            )?;
             eprintln!("lintian:\n{text}");
             assert_eq!(code, 0, "lintian reports errors:\n{text}");
         }
@@ -80,7 +92,8 @@ fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
         if have("systemd-analyze") {
             let (code, text) = run("systemd-analyze", &["verify", "/lib/systemd/system/outpost.service"])?;
             eprintln!("systemd-analyze verify ({code}): {text}");
-            let (_, text) = run("systemd-analyze", &["security", "--offline=yes", "/lib/systemd/system/outpost.service"])?;
+            let (_, text) =
+                run("systemd-analyze", &["security", "--offline=yes", "/lib/systemd/system/outpost.service"])?;
             let score = text.lines().find(|l| l.contains("Overall exposure level"));
             eprintln!("systemd-analyze security: {}", score.unwrap_or("(no score)"));
         }
@@ -118,7 +131,14 @@ fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
             assert_eq!(code, 0, "{info}");
             assert!(info.contains("Name        : outpost") && info.contains("Version     : 0.1.0"), "{info}");
             let (_, files) = run("rpm", &["-qlp", p])?;
-            for f in ["/usr/bin/outpost", "/usr/lib/systemd/system/outpost.service", "/etc/outpost/outpost.toml", "/var/lib/outpost", "/usr/share/outpost/models/mlp/model.onnx", "/usr/share/man/man1/outpost.1.gz"] {
+            for f in [
+                "/usr/bin/outpost",
+                "/usr/lib/systemd/system/outpost.service",
+                "/etc/outpost/outpost.toml",
+                "/var/lib/outpost",
+                "/usr/share/outpost/models/mlp/model.onnx",
+                "/usr/share/man/man1/outpost.1.gz",
+            ] {
                 assert!(files.lines().any(|l| l == f), "{f} in the rpm:\n{files}");
             }
             let (_, scripts) = run("rpm", &["-qp", "--scripts", p])?;
