@@ -44,6 +44,19 @@ enum Command {
     /// Check or export the audit log (the agent must be stopped: sled locks its files).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Send one V2 JSON inference request to the running agent and print the answer.
+    Infer {
+        model: String,
+        /// The request body (V2 JSON): a file, or - for standard input.
+        #[arg(long, default_value = "-")]
+        data: PathBuf,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Show the running agent's status (GET /admin/status).
     Status {
         #[arg(long, short)]
@@ -301,6 +314,24 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
         }
         Command::Model(cmd) => model_command(cmd),
         Command::Audit(cmd) => audit_command(cmd),
+        Command::Infer { model, data, version, config, url } => {
+            let body = if data.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .map_err(|e| FatalError::Usage(e.to_string()))?;
+                b
+            } else {
+                std::fs::read(&data).map_err(|e| FatalError::Usage(format!("{}: {e}", data.display())))?
+            };
+            let base = agent_url(config.as_ref(), url)?;
+            let path = match version {
+                Some(v) => format!("{base}/v2/models/{model}/versions/{v}/infer"),
+                None => format!("{base}/v2/models/{model}/infer"),
+            };
+            let (code, answer) = http_post(&path, body)?;
+            println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+            Ok(if code == 200 { 0 } else { 1 })
+        }
         Command::Status { config, url } => {
             let base = agent_url(config.as_ref(), url)?;
             let (code, body) = http_call("GET", &format!("{base}/admin/status"))?;
@@ -587,6 +618,21 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
     }
     let c = load_config(config)?;
     Ok(format!("http://{}", c.http.listen))
+}
+
+/// POSTs a body to the running agent; returns the status and the JSON answer.
+fn http_post(url: &str, body: Vec<u8>) -> Result<(u16, serde_json::Value), FatalError> {
+    crate::tls::install_crypto_provider();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| FatalError::Runtime(e.to_string()))?;
+        let resp = client.post(url).body(body).send().await.map_err(|e| FatalError::Runtime(format!("{url}: {e}")))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null)))
+    })
 }
 
 /// One request to the running agent; returns the status and the JSON body.

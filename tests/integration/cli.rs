@@ -164,3 +164,35 @@ async fn dev_profile_serves_the_demo_models_through_the_signed_registry() -> any
     agent.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_and_status_are_thin_clients_of_the_running_agent() -> anyhow::Result<()> {
+    let agent = TestAgent::demo().await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let dir = tempfile::tempdir()?;
+    let req = dir.path().join("req.json");
+    std::fs::write(&req, serde_json::to_vec(&golden.request(0))?)?;
+    let out = tokio::process::Command::new(outpost_bin())
+        .args(["infer", "mlp", "--data"])
+        .arg(&req)
+        .args(["--url", &agent.base])
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    golden.check(0, &answer)?;
+    let out = tokio::process::Command::new(outpost_bin())
+        .args(["infer", "nope", "--data"])
+        .arg(&req)
+        .args(["--url", &agent.base])
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unknown model"));
+    let out = tokio::process::Command::new(outpost_bin()).args(["status", "--url", &agent.base]).output().await?;
+    assert_eq!(out.status.code(), Some(0));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["node"], "test-node");
+    assert!(status["models"].as_array().is_some_and(|m| m.len() == DEMO_MODELS.len()));
+    agent.stop().await
+}
