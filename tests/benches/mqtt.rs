@@ -176,11 +176,15 @@ fn main() -> anyhow::Result<()> {
         for f in ["model.onnx", "golden.json"] {
             std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
         }
-        let agent = TestAgent::start(
-            &[models.path().to_path_buf()],
-            &format!("[mqtt]\nurl = {:?}\ninflight = 64\n\n[models.mlp]\nmax_queue = 256\n", broker.url()),
-        )
-        .await?;
+        // Two agents on one broker: audit log on (topic prefix `outpost`) and off (`plain`).
+        let config = |prefix: &str, audit: bool| {
+            format!(
+                "[mqtt]\nurl = {:?}\ninflight = 64\ntopic_prefix = \"{prefix}\"\nclient_id = \"bench-{prefix}\"\n\n[audit]\nenabled = {audit}\n\n[models.mlp]\nmax_queue = 256\n",
+                broker.url()
+            )
+        };
+        let audited = TestAgent::start(&[models.path().to_path_buf()], &config("outpost", true)).await?;
+        let plain = TestAgent::start(&[models.path().to_path_buf()], &config("plain", false)).await?;
         let golden = golden_for(&root().join("models/mlp"))?;
         let body = serde_json::to_vec(&golden.request(0))?;
         println!("| target | in flight | requests | req/s | p50 ms | p99 ms |");
@@ -188,14 +192,17 @@ fn main() -> anyhow::Result<()> {
         let mut base = 0;
         for inflight in [1usize, 32] {
             let n = if inflight == 1 { requests / 5 } else { requests };
-            for (name, topic) in
-                [("echo responder (ceiling)", "echo/mlp"), ("outpost MLP (audit on)", "outpost/test-site/infer/mlp")]
-            {
+            for (name, topic) in [
+                ("echo responder (ceiling)", "echo/mlp"),
+                ("outpost MLP, audit off", "plain/test-site/infer/mlp"),
+                ("outpost MLP, audit on", "outpost/test-site/infer/mlp"),
+            ] {
                 let (rps, p50, p99) = run(broker.port, topic, &body, n, inflight, base).await?;
                 base += n;
                 println!("| {name} | {inflight} | {n} | {rps:.0} | {p50:.2} | {p99:.2} |");
             }
         }
-        agent.stop().await
+        audited.stop().await?;
+        plain.stop().await
     })
 }
