@@ -256,6 +256,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             service.repository.clone(),
             Some(privacy.clone()),
             cfg.audit.as_ref().map_or(Duration::from_secs(7 * 86400), |c| c.retention),
+            &cfg.node.state_dir.join("telemetry"),
         )
         .map_err(FatalError::Runtime)?;
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));

@@ -20,15 +20,25 @@ fn verify_cli(config: &std::path::Path) -> anyhow::Result<(i32, String)> {
     Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// The audit log's segment files, in order.
+fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut v: Vec<_> = std::fs::read_dir(state.join("audit"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seg-")))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Every stored record, by sequence number.
 fn records(state: &std::path::Path) -> anyhow::Result<BTreeMap<u64, Value>> {
-    let db = sled::open(state.join("audit"))?;
-    let tree = db.open_tree("audit")?;
     let mut out = BTreeMap::new();
-    for kv in tree.range(&0u64.to_be_bytes()[..]..&[0xffu8][..]) {
-        let (k, v) = kv?;
-        let seq = u64::from_be_bytes(k.as_ref().try_into()?);
-        out.insert(seq, serde_json::from_slice(&v)?);
+    for seg in segments(state)? {
+        for line in std::fs::read_to_string(seg)?.lines() {
+            let v: Value = serde_json::from_str(line)?;
+            out.insert(v["seq"].as_u64().unwrap_or(0), v);
+        }
     }
     Ok(out)
 }
@@ -182,78 +192,49 @@ async fn audit_verify_names_an_edited_deleted_or_reordered_record() -> anyhow::R
     let config = agent.config_path();
     let state = agent.stop_keep_state().await?;
     assert_eq!(verify_cli(&config)?.0, 0);
-    let path = state.path().join("audit");
-    let edit = |f: &dyn Fn(&sled::Tree) -> anyhow::Result<()>| -> anyhow::Result<()> {
-        let db = sled::open(&path)?;
-        f(&db.open_tree("audit")?)?;
-        db.flush()?;
-        Ok(())
-    };
-    let k = |s: u64| s.to_be_bytes();
-    let get = |t: &sled::Tree, s: u64| -> anyhow::Result<Value> {
-        Ok(serde_json::from_slice(&t.get(k(s))?.expect("record"))?)
-    };
+    // All records are in one segment here: edit its lines as an attacker with disk access would.
+    let seg = segments(state.path())?.pop().expect("a segment");
+    let original = std::fs::read_to_string(&seg)?;
+    let lines: Vec<String> = original.lines().map(str::to_owned).collect();
+    let write = |ls: &[String]| std::fs::write(&seg, ls.join("\n") + "\n");
+    let nth = |n: u64| lines.iter().position(|l| l.starts_with(&format!("{{\"seq\":{n},"))).expect("record");
 
     // An edited field.
-    let original = {
-        let db = sled::open(&path)?;
-        let t = db.open_tree("audit")?;
-        t.get(k(4))?.expect("record 4").to_vec()
-    };
-    edit(&|t| {
-        let mut r = get(t, 4)?;
-        r["body"]["status"] = json!("invalid_input");
-        t.insert(k(4), serde_json::to_vec(&r)?)?;
-        Ok(())
-    })?;
+    let mut edited = lines.clone();
+    let mut r: Value = serde_json::from_str(&edited[nth(4)])?;
+    r["body"]["status"] = json!("invalid_input");
+    edited[nth(4)] = r.to_string();
+    write(&edited)?;
     let (code, out) = verify_cli(&config)?;
     assert_eq!(code, 1);
     assert!(out.contains("record 4 was modified"), "{out}");
     // An edit that also recomputes the record's own hash breaks the link to the next one.
-    edit(&|t| {
-        let mut r = get(t, 4)?;
-        let h = outpost::audit::Record::compute_hash(4, r["prev"].as_str().unwrap_or_default(), &r["body"]);
-        r["hash"] = json!(h);
-        t.insert(k(4), serde_json::to_vec(&r)?)?;
-        Ok(())
-    })?;
+    let h = outpost::audit::Record::compute_hash(4, r["prev"].as_str().unwrap_or_default(), &r["body"]);
+    r["hash"] = json!(h);
+    edited[nth(4)] = r.to_string();
+    write(&edited)?;
     let (code, out) = verify_cli(&config)?;
     assert_eq!(code, 1);
     assert!(out.contains("record 5 does not follow record 4"), "{out}");
-    edit(&|t| {
-        t.insert(k(4), original.clone())?;
-        Ok(())
-    })?;
+    std::fs::write(&seg, &original)?;
     assert_eq!(verify_cli(&config)?.0, 0, "restored");
 
     // A deleted record.
-    let saved = {
-        let db = sled::open(&path)?;
-        let t = db.open_tree("audit")?;
-        t.get(k(6))?.expect("record 6").to_vec()
-    };
-    edit(&|t| {
-        t.remove(k(6))?;
-        Ok(())
-    })?;
+    let mut deleted = lines.clone();
+    deleted.remove(nth(6));
+    write(&deleted)?;
     let (code, out) = verify_cli(&config)?;
     assert_eq!(code, 1);
     assert!(out.contains("record 6 is missing"), "{out}");
-    edit(&|t| {
-        t.insert(k(6), saved.clone())?;
-        Ok(())
-    })?;
 
     // Two records swapped.
-    edit(&|t| {
-        let (a, b) = (t.get(k(7))?.expect("7"), t.get(k(8))?.expect("8"));
-        t.insert(k(7), b)?;
-        t.insert(k(8), a)?;
-        Ok(())
-    })?;
+    let mut swapped = lines.clone();
+    swapped.swap(nth(7), nth(8));
+    write(&swapped)?;
     let (code, out) = verify_cli(&config)?;
     assert_eq!(code, 1);
-    assert!(out.contains("record 7 holds record 8: reordered"), "{out}");
+    assert!(out.contains("record 7 is out of order"), "{out}");
+    std::fs::write(&seg, &original)?;
 
     // Export reads the same log.
     let out = std::process::Command::new(outpost_bin())
@@ -315,9 +296,17 @@ async fn telemetry_quota_drops_oldest_with_an_alarm_and_serving_continues() -> a
     assert!(status["alarms"]["telemetry_dropped"].is_string(), "{status}");
     receiver.received.refuse.store(false, Ordering::SeqCst);
     agent.agent.wake_outbox();
-    receiver.wait_until("telemetry", |r| !r.is_empty(), Duration::from_secs(30)).await?;
-    let snap = &receiver.records("telemetry")[0];
-    assert!(snap["snapshot"]["metrics"]["models"]["mlp"].is_object(), "{snap}");
+    // The snapshots that survived arrive, the latest of them with the MLP's counters.
+    receiver
+        .wait_until(
+            "telemetry",
+            |r| r.iter().any(|s| s["snapshot"]["metrics"]["models"]["mlp"].is_object()),
+            Duration::from_secs(30),
+        )
+        .await?;
+    let seqs: Vec<u64> = receiver.records("telemetry").iter().filter_map(|s| s["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert!(seqs[0] > 1, "the oldest were dropped: {seqs:?}");
     agent.stop().await
 }
 

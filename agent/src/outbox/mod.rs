@@ -35,7 +35,8 @@ pub struct UpstreamConfig {
 const META_SENT: &[u8] = b"\xffsent";
 const META_INFLIGHT: &[u8] = b"\xffinflight";
 
-/// A telemetry spool: snapshots under big-endian sequence keys, in the audit log's sled db.
+/// A telemetry spool: snapshots under big-endian sequence keys in a sled database of its own
+/// (telemetry is dropped oldest-first past its quota, so sled's space behaviour is bounded).
 pub struct Spool {
     tree: sled::Tree,
     db: sled::Db,
@@ -49,8 +50,9 @@ fn err(e: impl std::fmt::Display) -> AuditError {
 }
 
 impl Spool {
-    pub fn open(audit: &Audit, quota: u64) -> Result<Spool, AuditError> {
-        let (db, dir) = audit.db();
+    pub fn open(dir: &std::path::Path, quota: u64) -> Result<Spool, AuditError> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::LowSpace).open().map_err(err)?;
+        let dir = dir.to_path_buf();
         let tree = db.open_tree("telemetry").map_err(err)?;
         let bytes = tree.range(&[0u8; 8][..]..&[0xffu8][..]).filter_map(Result::ok).map(|(_, v)| v.len() as u64).sum();
         Ok(Spool { tree, db, dir, bytes: AtomicU64::new(bytes), quota })
@@ -79,8 +81,13 @@ impl Spool {
                 break;
             };
             let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(0);
-            if seq == next || inflight.is_some_and(|(a, b)| (a..=b).contains(&seq)) {
+            if seq == next {
                 break;
+            }
+            if inflight.is_some_and(|(a, b)| (a..=b).contains(&seq)) {
+                // Telemetry is lossy by design: a batch not yet acknowledged may lose its
+                // oldest snapshots too; the next batch is cut from what remains.
+                self.tree.remove(META_INFLIGHT).map_err(err)?;
             }
             self.tree.remove(k).map_err(err)?;
             self.bytes.fetch_sub((v.len() as u64).min(self.bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
@@ -212,6 +219,7 @@ impl Outbox {
         repo: Arc<Repository>,
         privacy: Option<Arc<Privacy>>,
         audit_retention: Duration,
+        telemetry_dir: &std::path::Path,
     ) -> Result<Outbox, String> {
         crate::tls::install_crypto_provider();
         let token = match &cfg.token_file {
@@ -232,7 +240,7 @@ impl Outbox {
             }
         }
         let client = builder.build().map_err(|e| e.to_string())?;
-        let spool = Spool::open(&audit, cfg.quota_bytes).map_err(|e| e.to_string())?;
+        let spool = Spool::open(telemetry_dir, cfg.quota_bytes).map_err(|e| e.to_string())?;
         Ok(Outbox {
             cfg,
             client,
@@ -311,22 +319,25 @@ impl Outbox {
     }
 
     /// One round: telemetry snapshot when due, both streams, pruning, gauges.
-    async fn round(&self, snapshot_due: bool) -> Result<(), OutboxError> {
-        if snapshot_due {
-            let snap = serde_json::json!({
-                "node": self.node,
-                "site": self.site,
-                "time_ms": crate::registry::now() * 1000,
-                "metrics": self.metrics.snapshot(&self.repo),
-            });
-            let dropped = self.spool.push(&snap)?;
-            if dropped > 0 {
-                self.metrics.set_alarm(
-                    "telemetry_dropped",
-                    Some(format!("{dropped} oldest telemetry snapshots dropped: upstream quota full")),
-                );
-            }
+    /// Queues a telemetry snapshot (dropping the oldest past the quota, with an alarm).
+    fn snapshot(&self) -> Result<(), OutboxError> {
+        let snap = serde_json::json!({
+            "node": self.node,
+            "site": self.site,
+            "time_ms": crate::registry::now() * 1000,
+            "metrics": self.metrics.snapshot(&self.repo),
+        });
+        let dropped = self.spool.push(&snap)?;
+        if dropped > 0 {
+            self.metrics.set_alarm(
+                "telemetry_dropped",
+                Some(format!("{dropped} oldest telemetry snapshots dropped: upstream quota full")),
+            );
         }
+        Ok(())
+    }
+
+    async fn round(&self) -> Result<(), OutboxError> {
         let result = async {
             self.drain(&self.audit, "audit").await?;
             self.drain(&self.spool, "telemetry").await
@@ -353,41 +364,50 @@ impl Outbox {
     /// Runs until cancelled, then makes one last, time-boxed attempt to flush.
     pub async fn run(self, cancel: CancellationToken, wake: Arc<tokio::sync::Notify>) {
         let mut failures = 0u32;
-        let mut next_snapshot = tokio::time::Instant::now() + self.cfg.telemetry_interval;
+        let now = tokio::time::Instant::now();
+        let mut next_snapshot = now + self.cfg.telemetry_interval;
+        let mut next_send = now;
         loop {
-            let due = tokio::time::Instant::now() >= next_snapshot;
-            if due {
+            // Snapshots keep their own schedule: they queue (within the quota) while sending
+            // is backing off.
+            if tokio::time::Instant::now() >= next_snapshot {
                 next_snapshot = tokio::time::Instant::now() + self.cfg.telemetry_interval;
-            }
-            match self.round(due).await {
-                Ok(()) => {
-                    if failures > 0 {
-                        tracing::info!("upstream reachable again");
-                    }
-                    failures = 0;
-                    self.metrics.set_alarm("upstream_unreachable", None);
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(error = %e, "upstream send failed; records stay queued");
-                    }
-                    if failures >= 3 {
-                        self.metrics.set_alarm("upstream_unreachable", Some(e.to_string()));
-                    }
+                if let Err(e) = self.snapshot() {
+                    tracing::warn!(error = %e, "telemetry snapshot not queued");
                 }
             }
-            let backoff = if failures == 0 {
-                self.cfg.flush_interval
-            } else {
-                let base = self.cfg.flush_interval.as_secs_f64() * 2f64.powi(failures.min(8) as i32);
-                Duration::from_secs_f64(base.min(300.0) * (0.5 + jitter()))
-            };
+            if tokio::time::Instant::now() >= next_send {
+                match self.round().await {
+                    Ok(()) => {
+                        if failures > 0 {
+                            tracing::info!("upstream reachable again");
+                        }
+                        failures = 0;
+                        self.metrics.set_alarm("upstream_unreachable", None);
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        if failures == 1 {
+                            tracing::warn!(error = %e, "upstream send failed; records stay queued");
+                        }
+                        if failures >= 3 {
+                            self.metrics.set_alarm("upstream_unreachable", Some(e.to_string()));
+                        }
+                    }
+                }
+                let backoff = if failures == 0 {
+                    self.cfg.flush_interval
+                } else {
+                    let base = self.cfg.flush_interval.as_secs_f64() * 2f64.powi(failures.min(8) as i32);
+                    Duration::from_secs_f64(base.min(300.0) * (0.5 + jitter()))
+                };
+                next_send = tokio::time::Instant::now() + backoff;
+            }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(next_send.min(next_snapshot)) => {}
+                _ = wake.notified() => next_send = tokio::time::Instant::now(),
                 _ = cancel.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), self.round(false)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.round()).await;
                     return;
                 }
             }
