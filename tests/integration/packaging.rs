@@ -18,11 +18,10 @@ fn have(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
 }
 
-/// The agent binary of this build (the `outpost` bin beside the test binaries).
+/// The agent binary of this build: the CLI built for the tests (`outpost::cli::main`, the same
+/// program as the `outpost` binary, which `cargo test` does not build on its own).
 fn agent_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
-    let bin = dir.join("outpost");
+    let bin = crate::outpost_bin();
     anyhow::ensure!(bin.is_file(), "{} not built", bin.display());
     Ok(bin)
 }
