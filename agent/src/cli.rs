@@ -620,23 +620,17 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
     Ok(format!("http://{}", c.http.listen))
 }
 
-/// POSTs a body to the running agent; returns the status and the JSON answer.
-fn http_post(url: &str, body: Vec<u8>) -> Result<(u16, serde_json::Value), FatalError> {
-    crate::tls::install_crypto_provider();
-    let rt = runtime()?;
-    rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .map_err(|e| FatalError::Runtime(e.to_string()))?;
-        let resp = client.post(url).body(body).send().await.map_err(|e| FatalError::Runtime(format!("{url}: {e}")))?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null)))
-    })
-}
-
 /// One request to the running agent; returns the status and the JSON body.
 fn http_call(method: &str, url: &str) -> Result<(u16, serde_json::Value), FatalError> {
+    http_request(method, url, None)
+}
+
+/// POSTs a body to the running agent; returns the status and the JSON answer.
+fn http_post(url: &str, body: Vec<u8>) -> Result<(u16, serde_json::Value), FatalError> {
+    http_request("POST", url, Some(body))
+}
+
+fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, serde_json::Value), FatalError> {
     crate::tls::install_crypto_provider();
     let rt = runtime()?;
     rt.block_on(async {
@@ -644,7 +638,10 @@ fn http_call(method: &str, url: &str) -> Result<(u16, serde_json::Value), FatalE
             .timeout(std::time::Duration::from_secs(120))
             .build()
             .map_err(|e| FatalError::Runtime(e.to_string()))?;
-        let req = if method == "POST" { client.post(url) } else { client.get(url) };
+        let mut req = if method == "POST" { client.post(url) } else { client.get(url) };
+        if let Some(b) = body {
+            req = req.body(b);
+        }
         let resp = req.send().await.map_err(|e| FatalError::Runtime(format!("{url}: {e}")))?;
         let status = resp.status().as_u16();
         let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
