@@ -1,16 +1,14 @@
 //! A registry for tests: a directory written with the real publisher, served by a static HTTP
 //! server on loopback that supports ETag and Range, logs requests, and can misbehave on
-//! purpose (truncate a file, throttle, go away).
+//! purpose (serve a truncated file, answer 503, go away).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -128,8 +126,6 @@ pub struct Faults {
     /// Path suffix → serve only the first this many bytes (as if the object were that short:
     /// a truncated copy on a mirror, a proxy that gave up).
     pub truncate: Mutex<HashMap<String, usize>>,
-    /// Delay between 16 KiB chunks of blobs.
-    pub throttle_us: AtomicU64,
     /// Answer 503 to everything.
     pub down: AtomicBool,
 }
@@ -239,19 +235,5 @@ async fn serve_file(State(s): State<ServerState>, req: Request) -> Response {
     if let Some(t) = truncate {
         body.truncate(t);
     }
-    let throttle = s.faults.throttle_us.load(Ordering::SeqCst);
-    if throttle == 0 || !path.starts_with("blobs/") {
-        return (status, headers, body).into_response();
-    }
-    // A slow link: 1 KiB chunks with a pause between them.
-    let chunks: Vec<bytes::Bytes> = body.chunks(1024).map(bytes::Bytes::copy_from_slice).collect();
-    let stream = futures::stream::unfold(chunks.into_iter(), move |mut it| async move {
-        let c = it.next()?;
-        tokio::time::sleep(Duration::from_micros(throttle)).await;
-        Some((Ok::<_, std::io::Error>(c), it))
-    });
-    if let Ok(v) = body.len().to_string().parse() {
-        headers.insert(header::CONTENT_LENGTH, v);
-    }
-    (status, headers, Body::from_stream(stream)).into_response()
+    (status, headers, body).into_response()
 }
