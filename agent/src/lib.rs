@@ -346,47 +346,50 @@ impl AgentControl {
     fn config(&self) -> Arc<Config> {
         self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// A registry model goes through the registry task (which owns the store); otherwise a
+    /// local model is loaded from or unloaded to its directory.
+    fn load_or_unload(&self, model: String, load: bool) -> api::control::ControlFuture<String> {
+        let registry = self.registry.clone();
+        let local = self.local.clone();
+        let service = self.service.clone();
+        let config = self.config();
+        let done = if load { "loaded" } else { "unloaded" };
+        Box::pin(async move {
+            let m = model.clone();
+            let asked = Self::ask(registry, |reply| {
+                if load {
+                    registry::sync::Command::Load { model: m, reply }
+                } else {
+                    registry::sync::Command::Unload { model: m, reply }
+                }
+            })
+            .await;
+            if let Some(handled) = asked {
+                if handled? {
+                    return Ok(format!("{model} {done}"));
+                }
+            }
+            if !local.knows(&config, &model) {
+                return Err(api::control::ControlError::NotFound(model));
+            }
+            if load {
+                local.load(&service, &config, &model).await.map_err(api::control::ControlError::Failed)?;
+            } else {
+                local.unload(&service, &model).await;
+            }
+            Ok(format!("{model} {done}"))
+        })
+    }
 }
 
 impl api::control::ModelControl for AgentControl {
     fn load(&self, model: String) -> api::control::ControlFuture<String> {
-        let registry = self.registry.clone();
-        let local = self.local.clone();
-        let service = self.service.clone();
-        let config = self.config();
-        Box::pin(async move {
-            let m = model.clone();
-            if let Some(r) = Self::ask(registry, |reply| registry::sync::Command::Load { model: m, reply }).await {
-                if r? {
-                    return Ok(format!("{model} loaded"));
-                }
-            }
-            if !local.knows(&config, &model) {
-                return Err(api::control::ControlError::NotFound(model));
-            }
-            local.load(&service, &config, &model).await.map_err(api::control::ControlError::Failed)?;
-            Ok(format!("{model} loaded"))
-        })
+        self.load_or_unload(model, true)
     }
 
     fn unload(&self, model: String) -> api::control::ControlFuture<String> {
-        let registry = self.registry.clone();
-        let local = self.local.clone();
-        let service = self.service.clone();
-        let config = self.config();
-        Box::pin(async move {
-            let m = model.clone();
-            if let Some(r) = Self::ask(registry, |reply| registry::sync::Command::Unload { model: m, reply }).await {
-                if r? {
-                    return Ok(format!("{model} unloaded"));
-                }
-            }
-            if !local.knows(&config, &model) {
-                return Err(api::control::ControlError::NotFound(model));
-            }
-            local.unload(&service, &model).await;
-            Ok(format!("{model} unloaded"))
-        })
+        self.load_or_unload(model, false)
     }
 
     fn rollback(&self, model: String) -> api::control::ControlFuture<String> {

@@ -383,7 +383,11 @@ fn judge(name: &str, c: &Canary) -> Option<Verdict> {
         });
     }
     if let (Some(cp), Some(sp)) = (cand.p99(), stable.p99()) {
-        if stable.latencies.len() >= 10 && cp.as_secs_f64() > sp.as_secs_f64() * c.cfg.max_latency_ratio {
+        // A ratio alone would condemn a 10 µs model for scheduling noise: the regression must
+        // also be at least half a millisecond.
+        let slower = cp.as_secs_f64() > sp.as_secs_f64() * c.cfg.max_latency_ratio
+            && cp.saturating_sub(sp) > Duration::from_micros(500);
+        if stable.latencies.len() >= 10 && slower {
             return Some(Verdict::Rollback {
                 model: name.to_owned(),
                 version: c.version.clone(),
