@@ -273,8 +273,8 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
     let mut ctx = RequestContext::new(Transport::Mqtt, cfg.request_timeout);
     let parsed = topics.parse_request_topic(&topic);
     let model = parsed.as_ref().map(|(m, _)| m.clone()).unwrap_or_else(|_| "_unknown".into());
-    let (payload, id) = match parsed {
-        Err(e) => (json!({ "error": e }).to_string().into_bytes(), None),
+    let payload = match parsed {
+        Err(e) => json!({ "error": e }).to_string().into_bytes(),
         Ok((model, version)) => {
             answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes).await
         }
@@ -288,7 +288,6 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
         content_type: Some("application/json".into()),
         ..Default::default()
     };
-    let _ = id;
     match client.publish_with_properties(reply_topic, QoS::AtLeastOnce, false, payload, reply_props).await {
         Ok(()) => {
             // Acknowledged only once the reply is on its way: a crash before this point makes
@@ -301,7 +300,7 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
     }
 }
 
-/// Runs one request; returns the reply payload (answer or error) and the request id.
+/// Runs one request; returns the reply payload: the answer, or `{"error", "id"}`.
 async fn answer(
     service: &InferenceService,
     ctx: &mut RequestContext,
@@ -309,8 +308,8 @@ async fn answer(
     version: Option<&str>,
     payload: &Bytes,
     max: usize,
-) -> (Vec<u8>, Option<String>) {
-    let error = |msg: String, id: Option<String>| (json!({ "error": msg, "id": id }).to_string().into_bytes(), id);
+) -> Vec<u8> {
+    let error = |msg: String, id: Option<String>| json!({ "error": msg, "id": id }).to_string().into_bytes();
     if payload.len() > max {
         return error(format!("request of {} bytes is larger than {max} bytes", payload.len()), None);
     }
@@ -329,7 +328,7 @@ async fn answer(
         ctx.id = i.clone();
     }
     match service.infer(ctx, model, version, request).await {
-        Ok(resp) => (response_json(&resp, &[]), id),
+        Ok(resp) => response_json(&resp, &[]),
         Err(e) => {
             let msg = match &e {
                 InferError::Overloaded { .. } => format!("overloaded: {e}"),
