@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use outpost_tests::broker::{Broker, BrokerOptions};
 use outpost_tests::*;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
@@ -25,45 +25,54 @@ fn opts(id: &str, port: u16) -> MqttOptions {
     o
 }
 
-/// The echo responder: answers each request with its own payload.
-async fn echo(port: u16) -> anyhow::Result<()> {
-    let mut o = opts("echo", port);
-    o.set_manual_acks(true);
-    o.set_receive_maximum(Some(64));
-    let (client, mut ev) = AsyncClient::new(o, 256);
+/// Connects, subscribes to `topic`, and hands every incoming publish to `on_publish`;
+/// returns once the subscription is acknowledged.
+async fn subscribed(
+    o: MqttOptions,
+    cap: usize,
+    topic: &'static str,
+    on_publish: impl Fn(&AsyncClient, Publish) + Send + 'static,
+) -> anyhow::Result<AsyncClient> {
+    let (client, mut ev) = AsyncClient::new(o, cap);
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let c = client.clone();
     tokio::spawn(async move {
         let mut tx = Some(tx);
         while let Ok(e) = ev.poll().await {
             match e {
                 Event::Incoming(Packet::ConnAck(_)) => {
-                    let _ = client.subscribe("echo/#", QoS::AtLeastOnce).await;
+                    let _ = c.subscribe(topic, QoS::AtLeastOnce).await;
                 }
                 Event::Incoming(Packet::SubAck(_)) => {
                     if let Some(t) = tx.take() {
                         let _ = t.send(());
                     }
                 }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        let props = p.properties.clone().unwrap_or_default();
-                        let reply = PublishProperties {
-                            correlation_data: props.correlation_data.clone(),
-                            ..Default::default()
-                        };
-                        let topic = props.response_topic.clone().unwrap_or_default();
-                        let _ = client
-                            .publish_with_properties(topic, QoS::AtLeastOnce, false, p.payload.clone(), reply)
-                            .await;
-                        let _ = client.ack(&p).await;
-                    });
-                }
+                Event::Incoming(Packet::Publish(p)) => on_publish(&c, p),
                 _ => {}
             }
         }
     });
     rx.await?;
+    Ok(client)
+}
+
+/// The echo responder: answers each request with its own payload.
+async fn echo(port: u16) -> anyhow::Result<()> {
+    let mut o = opts("echo", port);
+    o.set_manual_acks(true);
+    o.set_receive_maximum(Some(64));
+    subscribed(o, 256, "echo/#", |client, p| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let props = p.properties.clone().unwrap_or_default();
+            let reply = PublishProperties { correlation_data: props.correlation_data.clone(), ..Default::default() };
+            let topic = props.response_topic.clone().unwrap_or_default();
+            let _ = client.publish_with_properties(topic, QoS::AtLeastOnce, false, p.payload.clone(), reply).await;
+            let _ = client.ack(&p).await;
+        });
+    })
+    .await?;
     Ok(())
 }
 
@@ -71,37 +80,19 @@ type Arrivals = Arc<Mutex<HashMap<u64, Instant>>>;
 
 /// A requester that records when each reply arrives.
 async fn requester(port: u16) -> anyhow::Result<(AsyncClient, Arrivals, Arc<tokio::sync::Notify>)> {
-    let (client, mut ev) = AsyncClient::new(opts("bench-requester", port), 4096);
     let arrivals: Arrivals = Default::default();
     let notify = Arc::new(tokio::sync::Notify::new());
-    let (a, n, c) = (arrivals.clone(), notify.clone(), client.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        while let Ok(e) = ev.poll().await {
-            match e {
-                Event::Incoming(Packet::ConnAck(_)) => {
-                    let _ = c.subscribe("bench/replies", QoS::AtLeastOnce).await;
-                }
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(t) = tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let corr = p.properties.as_ref().and_then(|x| x.correlation_data.clone()).unwrap_or_default();
-                    if let Ok(b) = <[u8; 8]>::try_from(&corr[..]) {
-                        if let Ok(mut m) = a.lock() {
-                            m.insert(u64::from_be_bytes(b), Instant::now());
-                        }
-                        n.notify_waiters();
-                    }
-                }
-                _ => {}
+    let (a, n) = (arrivals.clone(), notify.clone());
+    let client = subscribed(opts("bench-requester", port), 4096, "bench/replies", move |_, p| {
+        let corr = p.properties.as_ref().and_then(|x| x.correlation_data.clone()).unwrap_or_default();
+        if let Ok(b) = <[u8; 8]>::try_from(&corr[..]) {
+            if let Ok(mut m) = a.lock() {
+                m.insert(u64::from_be_bytes(b), Instant::now());
             }
+            n.notify_waiters();
         }
-    });
-    rx.await?;
+    })
+    .await?;
     Ok((client, arrivals, notify))
 }
 

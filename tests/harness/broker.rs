@@ -2,13 +2,11 @@
 //! (plain, TLS with a generated CA, password file and ACL, persistence), and TLS material made
 //! with the openssl command line.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// The mosquitto binary: `OUTPOST_MOSQUITTO`, else PATH, else /usr/sbin (Debian).
 pub fn mosquitto_bin() -> Result<PathBuf> {
@@ -189,17 +187,7 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let (tx, rx) = mpsc::channel();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(mut l) = log.lock() {
-                    l.push(line.clone());
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let rx = crate::stderr_lines(&mut child, Some(self.log.clone()))?;
         self.child = Some(child);
         // Ready when it says it runs (it opened its listener before that line).
         loop {

@@ -192,15 +192,7 @@ impl ChildAgent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stderr_lines(&mut child, None)?;
         Ok(ChildAgent { child, lines: rx, log: Vec::new() })
     }
 
@@ -298,4 +290,39 @@ pub fn mlp_only() -> Result<tempfile::TempDir> {
         std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
     }
     Ok(d)
+}
+
+/// Serves `app` on `listener` until the returned sender is used or dropped.
+pub fn serve_until_stopped(listener: tokio::net::TcpListener, app: axum::Router) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    tx
+}
+
+/// A child's stderr as lines on a channel (and copied into `log` when given), read by a thread.
+pub fn stderr_lines(
+    child: &mut Child,
+    log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+) -> Result<mpsc::Receiver<String>> {
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(l) = &log {
+                if let Ok(mut l) = l.lock() {
+                    l.push(line.clone());
+                }
+            }
+            if tx.send(line).is_err() && log.is_none() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }

@@ -156,14 +156,7 @@ impl StaticServer {
         let faults = Arc::new(Faults::default());
         let state = ServerState { dir: dir.to_path_buf(), log: log.clone(), faults: faults.clone() };
         let app = axum::Router::new().fallback(serve_file).with_state(state);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tx = crate::serve_until_stopped(listener, app);
         Ok(StaticServer { addr, log, faults, shutdown: Some(tx) })
     }
 

@@ -40,14 +40,7 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let app = axum::Router::new().route("/v1/{stream}", axum::routing::post(ingest)).with_state(received.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tx = crate::serve_until_stopped(listener, app);
         Ok(Receiver { addr, received, shutdown: Some(tx) })
     }
 

@@ -10,15 +10,10 @@ use outpost_tests::registry::{StaticServer, TestRegistry};
 use outpost_tests::*;
 use serde_json::Value;
 
-use crate::outpost_bin;
+use crate::{model_list, outpost_bin};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     root().join("tests/fixtures/models").join(name)
-}
-
-fn model_list(config: &std::path::Path) -> anyhow::Result<String> {
-    let out = std::process::Command::new(outpost_bin()).args(["model", "list", "--config"]).arg(config).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One answered request of a load loop.

@@ -17,3 +17,10 @@ mod tritonclient;
 pub fn outpost_bin() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_outpost-under-test"))
 }
+
+/// `outpost model list` for a configuration, as a user runs it.
+pub fn model_list(config: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(outpost_bin()).args(["model", "list", "--config"]).arg(config).output()?;
+    anyhow::ensure!(out.status.success(), "model list failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

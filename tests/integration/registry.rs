@@ -2,8 +2,6 @@
 //! test per attack. Every attack must leave the current version serving, with the reason in
 //! `outpost model list`.
 
-use std::path::Path;
-
 use outpost::registry::dsse::Envelope;
 use outpost::registry::publish::resign_index;
 use outpost::registry::{
@@ -13,7 +11,7 @@ use outpost_tests::registry::{StaticServer, TestRegistry};
 use outpost_tests::*;
 use serde_json::json;
 
-use crate::outpost_bin;
+use crate::{model_list, outpost_bin};
 
 /// Infers the golden case 0 of `golden_model` on `model`; returns the version that answered.
 async fn infer_golden(agent: &TestAgent, model: &str, golden_model: &str) -> anyhow::Result<String> {
@@ -22,13 +20,6 @@ async fn infer_golden(agent: &TestAgent, model: &str, golden_model: &str) -> any
     anyhow::ensure!(status == 200, "{model}: {status} {body}");
     golden.check(0, &body)?;
     Ok(body["model_version"].as_str().unwrap_or_default().to_owned())
-}
-
-/// `outpost model list` for the agent's configuration, as a user runs it.
-fn model_list(config: &Path) -> anyhow::Result<String> {
-    let out = std::process::Command::new(outpost_bin()).args(["model", "list", "--config"]).arg(config).output()?;
-    anyhow::ensure!(out.status.success(), "model list failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A registry over HTTP with `mlp@1.0.0` installed and serving.

@@ -148,10 +148,6 @@ impl Store {
         Ok(Store { root })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn state_path(&self) -> PathBuf {
         self.root.join("state.json")
     }
