@@ -5,9 +5,11 @@
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v python3 >/dev/null || apt_install python3
 # A real MQTT broker for the MQTT tests (each test starts its own on a free port), and openssl
-# for their TLS material.
+# for the TLS material of the MQTT and HTTPS tests.
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_install mosquitto
 command -v openssl >/dev/null || apt_install openssl
+# curl: the TLS tests check the listener with it, as an operator would.
+command -v curl >/dev/null || apt_install curl
 # The full suite also builds and checks the .deb and .rpm packages.
 if [ "${OUTPOST_TEST_FULL:-}" = 1 ] && command -v dpkg >/dev/null; then
   apt_install lintian rpm

@@ -67,9 +67,28 @@ enum Command {
     /// Publish and manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Create API tokens for the [auth] section.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Create and maintain a registry directory.
     #[command(subcommand)]
     Registry(RegistryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token: prints the secret once (give it to the client) and the line to add to
+    /// `[auth] tokens` (only its SHA-256 is stored).
+    Create {
+        /// The principal's name, as it appears in the audit log.
+        name: String,
+        /// Comma-separated roles: infer, observe, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Comma-separated models the token may run (default: every model).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,6 +358,24 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             Ok(if code == 200 { 0 } else { 1 })
         }
         Command::Registry(cmd) => registry_command(cmd),
+        Command::Token(TokenCommand::Create { name, roles, models }) => {
+            if !crate::config::valid_name(&name) {
+                return Err(FatalError::Usage(format!("token name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
+            }
+            let roles = roles
+                .iter()
+                .map(|r| crate::auth::Role::parse(r.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(FatalError::Usage)?;
+            if let Some(bad) = models.iter().flatten().find(|m| !crate::config::valid_name(m)) {
+                return Err(FatalError::Usage(format!("'{bad}' is not a model name")));
+            }
+            let (secret, entry) =
+                crate::auth::create_token(&name, &roles, models.as_deref()).map_err(FatalError::Runtime)?;
+            println!("token (shown once; give it to the client as 'Authorization: Bearer <token>'):\n{secret}\n");
+            println!("add to [auth] tokens in the configuration, then reload (SIGHUP):\n{entry}");
+            Ok(0)
+        }
         Command::Run { config } => {
             let c = load_config(config.as_ref())?;
             init_logging(&c);
@@ -617,7 +654,8 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
         return Ok(u.trim_end_matches('/').to_owned());
     }
     let c = load_config(config)?;
-    Ok(format!("http://{}", c.http.listen))
+    let scheme = if c.http.tls.is_some() { "https" } else { "http" };
+    Ok(format!("{scheme}://{}", c.http.listen))
 }
 
 /// One request to the running agent; returns the status and the JSON body.
@@ -634,11 +672,22 @@ fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, 
     crate::tls::install_crypto_provider();
     let rt = runtime()?;
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .map_err(|e| FatalError::Runtime(e.to_string()))?;
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
+        // The agent's own certificate (or its CA) when it is not in the system store.
+        if let Some(ca) = std::env::var_os("OUTPOST_CA_FILE") {
+            let pem = std::fs::read(&ca)
+                .map_err(|e| FatalError::Usage(format!("OUTPOST_CA_FILE {}: {e}", ca.to_string_lossy())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| FatalError::Usage(format!("OUTPOST_CA_FILE: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(|e| FatalError::Runtime(e.to_string()))?;
         let mut req = if method == "POST" { client.post(url) } else { client.get(url) };
+        if let Ok(token) = std::env::var("OUTPOST_TOKEN") {
+            req = req.bearer_auth(token.trim());
+        }
         if let Some(b) = body {
             req = req.body(b);
         }

@@ -50,8 +50,46 @@ struct RawConfig {
     privacy: Option<RawPrivacy>,
     upstream: Option<RawUpstream>,
     mqtt: Option<RawMqtt>,
+    auth: Option<RawAuth>,
+    #[serde(default)]
+    store: RawStore,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    encrypt: Option<bool>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    rate_limit: Option<f64>,
+    rate_burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    sha256: String,
+    roles: Vec<String>,
+    models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    subject: String,
+    roles: Vec<String>,
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +172,14 @@ struct RawHttp {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     request_timeout: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    allow_plaintext: Option<bool>,
+    max_connections: Option<u32>,
+    max_header_bytes: Option<u32>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +231,10 @@ pub struct Config {
     pub upstream: Option<crate::outbox::UpstreamConfig>,
     /// MQTT request/response; `None`: no MQTT.
     pub mqtt: Option<crate::mqtt::MqttConfig>,
+    /// Tokens, client certificates and roles; `None` (loopback only): everything open.
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// The model store's device key file; `None` when `[store] encrypt = false`.
+    pub store_key_file: Option<PathBuf>,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
     /// Where this configuration came from; `None` for the dev profile.
@@ -203,6 +253,25 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// TLS on the listener: certificate chain and key (PEM); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers); larger is refused.
+    pub max_header_bytes: usize,
+    /// A request head must arrive within this time of the connection opening or going idle.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// The listener's TLS files. Read at start and on every reload (SIGHUP).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client CA bundle: when set, every client must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +399,11 @@ impl Config {
                     listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                     max_body_bytes: 16 << 20,
                     request_timeout: Duration::from_secs(30),
+                    tls: None,
+                    max_connections: 1024,
+                    max_header_bytes: 64 << 10,
+                    header_read_timeout: Duration::from_secs(10),
+                    idle_timeout: Duration::from_secs(60),
                 },
                 log: LogConfig { level: "info".into(), format: LogFormat::Text },
                 local_models: vec![root.join("models")],
@@ -343,6 +417,8 @@ impl Config {
                 },
                 upstream: None,
                 mqtt: None,
+                auth: None,
+                store_key_file: Some(root.join(".outpost").join("store.key")),
                 models: BTreeMap::new(),
                 path: None,
             }
@@ -430,14 +506,9 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     }
     let state_dir = resolve(raw.node.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/outpost")));
 
-    let listen_s = raw.http.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let listen_s = raw.http.listen.clone().unwrap_or_else(|| "127.0.0.1:8080".to_owned());
     let listen: SocketAddr =
         listen_s.parse().map_err(|_| err(format!("http.listen '{listen_s}' is not an address like 127.0.0.1:8080")))?;
-    if !listen.ip().is_loopback() {
-        return Err(err(format!(
-            "http.listen {listen} is not a loopback address: serving the LAN needs [auth], which this version does not have yet"
-        )));
-    }
     let max_body = raw.http.max_body_bytes.unwrap_or(16 << 20);
     if max_body == 0 || max_body > MAX_BODY_CEILING as u64 {
         return Err(err(format!("http.max_body_bytes must be between 1 and {MAX_BODY_CEILING}")));
@@ -447,6 +518,18 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     if request_timeout.is_zero() || request_timeout > Duration::from_secs(3600) {
         return Err(err("http.request_timeout must be between 1us and 1h".into()));
     }
+
+    let http = validate_http(&raw.http, listen, max_body as usize, request_timeout, raw.auth.is_some(), dev, &resolve)
+        .map_err(err)?;
+    let auth = raw.auth.map(validate_auth).transpose().map_err(err)?;
+    let store_key_file = if raw.store.encrypt.unwrap_or(true) {
+        Some(raw.store.key_file.map(&resolve).unwrap_or_else(|| state_dir.join("store.key")))
+    } else {
+        if raw.store.key_file.is_some() {
+            return Err(err("store.key_file is set but store.encrypt = false".into()));
+        }
+        None
+    };
 
     let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
     if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
@@ -627,7 +710,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
 
     Ok(Config {
         node: NodeConfig { site, name, state_dir },
-        http: HttpConfig { listen, max_body_bytes: max_body as usize, request_timeout },
+        http,
         log: LogConfig { level, format },
         local_models,
         registry,
@@ -635,9 +718,136 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         privacy,
         upstream,
         mqtt,
+        auth,
+        store_key_file,
         models,
         path,
     })
+}
+
+fn validate_http(
+    h: &RawHttp,
+    listen: SocketAddr,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+    has_auth: bool,
+    dev: bool,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<HttpConfig, String> {
+    let tls = match (&h.tls_cert, &h.tls_key) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            cert: resolve(c.clone()),
+            key: resolve(k.clone()),
+            client_ca: h.client_ca.clone().map(resolve),
+        }),
+        (None, None) => {
+            if h.client_ca.is_some() {
+                return Err("http.client_ca needs http.tls_cert and http.tls_key".into());
+            }
+            None
+        }
+        _ => return Err("http.tls_cert and http.tls_key go together".into()),
+    };
+    if !listen.ip().is_loopback() {
+        if !has_auth {
+            return Err(format!(
+                "http.listen {listen} is not a loopback address: serving the LAN needs an [auth] section"
+            ));
+        }
+        if tls.is_none() && !h.allow_plaintext.unwrap_or(false) {
+            return Err(format!(
+                "http.listen {listen} is not a loopback address: set http.tls_cert and http.tls_key \
+                 (or http.allow_plaintext = true to serve the LAN without TLS)"
+            ));
+        }
+    }
+    if let Some(t) = &tls {
+        if !dev {
+            crate::tls::server_config(t).map_err(|e| format!("http TLS: {e}"))?;
+        }
+    }
+    let dur = |v: &Option<String>, d: &str, k: &str| -> Result<Duration, String> {
+        let d = parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("http.{k}: {e}"))?;
+        if d.is_zero() || d > Duration::from_secs(86400) {
+            return Err(format!("http.{k} must be between 1us and 1d"));
+        }
+        Ok(d)
+    };
+    let max_connections = h.max_connections.unwrap_or(1024) as usize;
+    if !(1..=1_000_000).contains(&max_connections) {
+        return Err("http.max_connections must be between 1 and 1000000".into());
+    }
+    let max_header_bytes = h.max_header_bytes.unwrap_or(64 << 10) as usize;
+    if !(8192..=(16 << 20)).contains(&max_header_bytes) {
+        return Err("http.max_header_bytes must be between 8192 and 16777216".into());
+    }
+    Ok(HttpConfig {
+        listen,
+        max_body_bytes,
+        request_timeout,
+        tls,
+        max_connections,
+        max_header_bytes,
+        header_read_timeout: dur(&h.header_read_timeout, "10s", "header_read_timeout")?,
+        idle_timeout: dur(&h.idle_timeout, "60s", "idle_timeout")?,
+    })
+}
+
+fn validate_auth(a: RawAuth) -> Result<crate::auth::AuthConfig, String> {
+    use crate::auth::{ClientEntry, Role, TokenEntry};
+    let roles = |list: &[String], who: &str| -> Result<Vec<Role>, String> {
+        if list.is_empty() {
+            return Err(format!("auth: {who} has no roles"));
+        }
+        list.iter().map(|r| Role::parse(r).map_err(|e| format!("auth: {who}: {e}"))).collect()
+    };
+    let models = |m: Option<Vec<String>>, who: &str| -> Result<Option<Vec<String>>, String> {
+        if let Some(list) = &m {
+            if let Some(bad) = list.iter().find(|x| !valid_name(x)) {
+                return Err(format!("auth: {who}: '{bad}' is not a model name"));
+            }
+        }
+        Ok(m)
+    };
+    let mut tokens = Vec::new();
+    for t in a.tokens {
+        if !valid_name(&t.name) {
+            return Err(format!("auth.tokens: name '{}' must be 1-128 of [A-Za-z0-9._-]", t.name));
+        }
+        if tokens.iter().any(|x: &TokenEntry| x.name == t.name) {
+            return Err(format!("auth.tokens: '{}' appears twice", t.name));
+        }
+        let who = format!("token '{}'", t.name);
+        let token_roles = roles(&t.roles, &who)?;
+        let bytes = crate::registry::hex::decode(&t.sha256)
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| format!("auth: {who}: sha256 must be 64 hex digits (see `outpost token create`)"))?;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&bytes);
+        tokens.push(TokenEntry { roles: token_roles, models: models(t.models, &who)?, name: t.name, sha256 });
+    }
+    let mut clients = Vec::new();
+    for c in a.clients {
+        if c.subject.is_empty() || c.subject.len() > 256 {
+            return Err("auth.clients: subject must be 1-256 characters".into());
+        }
+        let who = format!("client '{}'", c.subject);
+        clients.push(ClientEntry {
+            roles: roles(&c.roles, &who)?,
+            models: models(c.models, &who)?,
+            subject: c.subject,
+        });
+    }
+    let rate_limit = match a.rate_limit {
+        None => None,
+        Some(r) if r.is_finite() && r > 0.0 && r <= 1e9 => Some(r),
+        Some(_) => return Err("auth.rate_limit must be a positive number of requests per second".into()),
+    };
+    let rate_burst = a.rate_burst.unwrap_or_else(|| rate_limit.map_or(1, |r| r.ceil().clamp(1.0, 1e6) as u32));
+    if rate_burst == 0 {
+        return Err("auth.rate_burst must be at least 1".into());
+    }
+    Ok(crate::auth::AuthConfig { tokens, clients, rate_limit, rate_burst })
 }
 
 fn validate_mqtt(
@@ -807,10 +1017,38 @@ mod tests {
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[models.\"../x\"]\n", "model names"),
             ("[models.mlp]\ninstances = 0", "instances"),
+            ("[http]\nlisten = \"0.0.0.0:8080\"\n[auth]\n", "tls_cert"),
+            ("[http]\ntls_cert = \"a.pem\"", "go together"),
+            ("[http]\nclient_ca = \"ca.pem\"", "client_ca"),
+            ("[http]\nmax_header_bytes = 10", "http.max_header_bytes"),
+            ("[http]\nidle_timeout = \"0s\"", "http.idle_timeout"),
+            ("[auth]\ntokens = [{ name = \"a\", sha256 = \"00\", roles = [\"infer\"] }]", "64 hex"),
+            ("[auth]\ntokens = [{ name = \"a\", sha256 = \"\", roles = [] }]", "no roles"),
+            ("[auth]\nclients = [{ subject = \"x\", roles = [\"root\"] }]", "unknown role"),
+            ("[auth]\nrate_limit = -1.0", "auth.rate_limit"),
+            ("[store]\nencrypt = false\nkey_file = \"k\"", "store.key_file"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_lan_listener_needs_auth_and_tls_or_an_explicit_plaintext_opt_in() {
+        let digest = "0".repeat(64);
+        let auth = format!(
+            "[auth]\ntokens = [{{ name = \"pos\", sha256 = \"{digest}\", roles = [\"infer\"], models = [\"mlp\"] }}]\n"
+        );
+        let plain = format!("[http]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n{auth}");
+        let c = parse(&plain).unwrap();
+        let a = c.auth.expect("auth");
+        assert_eq!(a.tokens[0].roles, vec![crate::auth::Role::Infer]);
+        assert_eq!(a.tokens[0].models.as_deref(), Some(&["mlp".to_owned()][..]));
+        assert_eq!(c.store_key_file, Some(PathBuf::from("/var/lib/outpost/store.key")));
+        // TLS files are read at validation: a missing certificate is a config error.
+        let tls = format!("[http]\nlisten = \"0.0.0.0:8080\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n{auth}");
+        let e = parse(&tls).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/c.pem"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -79,6 +80,8 @@ pub struct Agent {
     local: Arc<LocalModels>,
     registry: Option<tokio::sync::mpsc::Sender<registry::sync::Command>>,
     server: tokio::task::JoinHandle<Result<(), FatalError>>,
+    /// The listener's TLS configuration, reloaded with the config.
+    tls: Option<Arc<http::server::TlsHandle>>,
     audit: Option<audit::Audit>,
     outbox_wake: Arc<tokio::sync::Notify>,
 }
@@ -104,13 +107,22 @@ impl Agent {
     }
 
     /// Applies a new, already validated configuration: model settings and directories take
-    /// effect now; a changed listen address needs a restart.
+    /// effect now, tokens and TLS certificates too; a changed listen address or connection
+    /// limit needs a restart.
     pub async fn reload(&self, new: Config) {
         let old = self.config();
         if old.http.listen != new.http.listen {
             tracing::warn!(old = %old.http.listen, new = %new.http.listen, "http.listen changes on restart only");
         }
         notify::notify("RELOADING=1");
+        match (&self.tls, &new.http.tls) {
+            (Some(handle), Some(files)) => match handle.reload(files) {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "TLS reload failed: the current certificate stays"),
+            },
+            (None, None) => {}
+            _ => tracing::warn!("turning TLS on or off takes a restart"),
+        }
         let new = Arc::new(new);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         let refused = self.local.reconcile(&self.service, &new).await;
@@ -170,6 +182,12 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
         FatalError::Runtime(format!("cannot create state directory {}: {e}", config.node.state_dir.display()))
     })?;
+    let tls_handle = match &config.http.tls {
+        Some(files) => Some(Arc::new(
+            http::server::TlsHandle::new(files).map_err(|e| FatalError::Runtime(format!("http TLS: {e}")))?,
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
@@ -268,17 +286,20 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         control,
         started_at: std::time::Instant::now(),
         trace: audit.as_ref().and_then(audit::Audit::trace),
+        limiter: Arc::new(auth::RateLimiter::default()),
     };
     let app = http::router(state);
     let server_cancel = cancel.clone();
+    let limits = http::server::Limits::from(&cfg.http);
+    let server_tls = tls_handle.clone();
+    let server_metrics = service.metrics.clone();
     let server = tokio::spawn(async move {
-        let shutdown = async move { server_cancel.cancelled().await };
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| FatalError::Runtime(format!("http server: {e}")))
+        http::server::serve(listener, app, server_tls, limits, server_metrics, server_cancel, SHUTDOWN_GRACE).await;
+        Ok(())
     });
-    tracing::info!(%addr, "listening");
+    let scheme = if tls_handle.is_some() { "https" } else { "http" };
+    let mtls = cfg.http.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    tracing::info!(%addr, scheme, mtls, auth = cfg.auth.is_some(), "listening");
 
     {
         let service = service.clone();
@@ -313,6 +334,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         server,
         audit,
         outbox_wake,
+        tls: tls_handle,
     })
 }
 

@@ -26,3 +26,73 @@ pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> 
 pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("bad PEM private key: {e}"))
 }
+
+/// The LAN listener's rustls configuration: certificate chain and key, and, with a client CA,
+/// mandatory client certificates (mTLS). ALPN offers HTTP/2 and HTTP/1.1.
+pub fn server_config(files: &crate::config::TlsFiles) -> Result<rustls::ServerConfig, String> {
+    install_crypto_provider();
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let chain = certificates(&read(&files.cert)?).map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let key = private_key(&read(&files.key)?).map_err(|e| format!("{}: {e}", files.key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certificates(&read(ca)?).map_err(|e| format!("{}: {e}", ca.display()))? {
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{} and {} do not make a usable pair: {e}", files.cert.display(), files.key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The names a client certificate identifies its holder by: the subject's common names, then
+/// its DNS and URI subject alternative names. Empty when the certificate cannot be parsed (the
+/// TLS layer has already verified it).
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::SubjectAltName;
+    const CN: &str = "2.5.4.3";
+    const SAN: &str = "2.5.29.17";
+    let Ok(cert) = x509_cert::Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid.to_string() == CN {
+                if let Ok(s) = std::str::from_utf8(atv.value.value()) {
+                    names.push(s.to_owned());
+                }
+            }
+        }
+    }
+    for ext in cert.tbs_certificate.extensions.iter().flatten() {
+        if ext.extn_id.to_string() != SAN {
+            continue;
+        }
+        if let Ok(san) = SubjectAltName::from_der(ext.extn_value.as_bytes()) {
+            for name in san.0 {
+                match name {
+                    GeneralName::DnsName(s) => names.push(s.to_string()),
+                    GeneralName::UniformResourceIdentifier(s) => names.push(s.to_string()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    names
+}

@@ -71,15 +71,26 @@ impl TestAgent {
     /// Like [`TestAgent::start`], in an existing state directory (a restart).
     pub async fn start_with_state(state: tempfile::TempDir, model_dirs: &[PathBuf], extra: &str) -> Result<TestAgent> {
         let text = config_text(state.path(), model_dirs, extra);
+        Self::start_text(state, &text, "http", http_client()).await
+    }
+
+    /// Starts an agent from a whole configuration text written to `<state>/outpost.toml`;
+    /// `scheme` and `http` are what the test talks to it with.
+    pub async fn start_text(
+        state: tempfile::TempDir,
+        text: &str,
+        scheme: &str,
+        http: reqwest::Client,
+    ) -> Result<TestAgent> {
         let path = state.path().join("outpost.toml");
-        std::fs::write(&path, &text)?;
+        std::fs::write(&path, text)?;
         let config = Config::load(&path)?;
         let agent = outpost::start(config).await?;
         tokio::time::timeout(Duration::from_secs(120), agent.started())
             .await
             .context("models did not load in 120 s")?;
-        let base = format!("http://{}", agent.addr());
-        Ok(TestAgent { agent, base, http: http_client(), state })
+        let base = format!("{scheme}://{}", agent.addr());
+        Ok(TestAgent { agent, base, http, state })
     }
 
     /// The committed demo models.
@@ -186,8 +197,8 @@ impl ChildAgent {
     pub fn spawn_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<ChildAgent> {
         let mut child = Command::new(bin)
             .args(args)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

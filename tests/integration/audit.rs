@@ -32,7 +32,7 @@ fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> 
 }
 
 /// Every stored record, by sequence number.
-fn records(state: &std::path::Path) -> anyhow::Result<BTreeMap<u64, Value>> {
+pub(crate) fn records(state: &std::path::Path) -> anyhow::Result<BTreeMap<u64, Value>> {
     let mut out = BTreeMap::new();
     for seg in segments(state)? {
         for line in std::fs::read_to_string(seg)?.lines() {

@@ -17,12 +17,15 @@ use crate::outpost_bin;
 
 /// Every installed version's files exist and hash to their names.
 fn assert_store_consistent(state_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let store = Store::open(state_dir)?;
+    let key = outpost::store::crypt::StoreKey::load_or_create(&state_dir.join("store.key"), false)
+        .map_err(anyhow::Error::msg)?;
+    let store = Store::open(state_dir)?.with_key(Some(key));
     let state = store.load_state()?;
     let mut versions = Vec::new();
     for (name, m) in &state.installed {
         for v in std::iter::once(&m.current).chain(m.previous.as_ref()) {
-            let model = std::fs::read(store.model_path(&v.model_sha256))?;
+            // Decrypted in memory and re-hashed by the store.
+            let model = store.read_model(&v.model_sha256)?;
             assert_eq!(sha256_hex(&model), v.model_sha256, "{name}@{} model file", v.version);
             let manifest = std::fs::read(store.manifest_path(&v.manifest_sha256))?;
             assert_eq!(sha256_hex(&manifest), v.manifest_sha256, "{name}@{} manifest", v.version);

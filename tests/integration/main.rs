@@ -11,6 +11,7 @@ mod models;
 mod mqtt;
 mod packaging;
 mod registry;
+mod security;
 mod tritonclient;
 
 /// The `outpost` CLI built for these tests (a thin wrapper around `outpost::cli::main`).

@@ -260,7 +260,8 @@ async fn attack_tampered_blob_on_local_disk_at_start() -> anyhow::Result<()> {
     let (s, body) = agent.get("/v2/models/mlp/ready").await?;
     assert_ne!(s, 200, "{body}");
     let list = model_list(&agent.config_path())?;
-    assert!(list.contains("modified on disk"), "{list}");
+    // Stored models are encrypted: a changed byte fails authentication before any hashing.
+    assert!(list.contains("failed authentication"), "{list}");
     let state = agent.stop_keep_state().await?;
 
     // With the registry back, it is fetched and verified again.

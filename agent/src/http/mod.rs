@@ -1,12 +1,16 @@
 //! The LAN HTTP adapter: Open Inference Protocol (KServe V2) REST over axum. A thin layer:
-//! decode the request, call [`InferenceService`], encode the answer or `{"error": ...}`.
+//! check access ([`crate::auth`]), decode the request, call [`InferenceService`], encode the
+//! answer or `{"error": ...}`. [`server`] owns the sockets: TLS, connection limits, timeouts.
+
+pub mod server;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -14,6 +18,7 @@ use http_body_util::BodyExt;
 use serde_json::json;
 
 use crate::api::{InferError, InferenceService, ModelState, RequestContext, Transport};
+use crate::auth::{Denial, Permission, Principal};
 use crate::config::Config;
 use crate::protocol::json::{parse_request, response_json};
 
@@ -30,16 +35,18 @@ pub struct HttpState {
     pub started_at: std::time::Instant,
     /// Durability trace (test builds): replies are noted after their audit record is durable.
     pub trace: Option<Arc<crate::audit::Trace>>,
+    /// Per-principal request budgets (`auth.rate_limit`).
+    pub limiter: Arc<crate::auth::RateLimiter>,
 }
 
 impl HttpState {
     /// Records an administrative action in the audit log (best effort: the action happened).
-    async fn audit_admin(&self, action: &str, target: &str, outcome: &str) {
+    async fn audit_admin(&self, principal: &Principal, action: &str, target: &str, outcome: &str) {
         let _ = self
             .service
             .events
             .record(crate::api::Event::Admin {
-                principal: "anonymous".into(),
+                principal: principal.name.clone(),
                 action: action.into(),
                 target: target.into(),
                 outcome: outcome.into(),
@@ -118,10 +125,79 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/models/{model}/rollback", post(admin_rollback))
         .route("/admin/registry/poll", post(admin_poll))
         .route("/admin/status", get(admin_status))
+        .route("/admin/audit/export", get(admin_audit_export))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access))
         .with_state(state)
+}
+
+/// Access control in front of every route (and the fallback): authenticates the caller, checks
+/// the role matrix and the rate limit, and hands the [`Principal`] to the handler. Without
+/// `[auth]` (loopback only) everyone is `anonymous` with every role.
+async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Response {
+    let config = s.config();
+    let Some(auth) = &config.auth else {
+        req.extensions_mut().insert(Principal::anonymous());
+        return next.run(req).await;
+    };
+    let permission = crate::auth::required(req.method().as_str(), req.uri().path());
+    if permission == Permission::Public {
+        req.extensions_mut().insert(Principal { name: "anonymous".into(), roles: Vec::new(), models: None });
+        return next.run(req).await;
+    }
+    let peer = req.extensions().get::<server::Peer>().cloned();
+    let from = peer.as_ref().map_or_else(|| "unknown".to_owned(), |p| p.addr.ip().to_string());
+    let cert_names = peer.map(|p| p.cert_names).unwrap_or_default();
+    let authorization = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let outcome = crate::auth::authenticate(auth, authorization, &cert_names)
+        .and_then(|p| crate::auth::authorize(&p, &permission).map(|()| p));
+    let principal = match outcome {
+        Ok(p) => p,
+        Err(denial) => {
+            let (kind, status, who) = match &denial {
+                Denial::Unauthenticated(_) => {
+                    ("unauthenticated", StatusCode::UNAUTHORIZED, "unauthenticated".to_owned())
+                }
+                Denial::Forbidden(_) => ("forbidden", StatusCode::FORBIDDEN, denial_principal(&denial)),
+            };
+            s.service.metrics.record_access_denied(kind);
+            tracing::warn!(principal = %who, from = %from, path = %req.uri().path(), reason = %denial, "access denied");
+            let _ = s
+                .service
+                .events
+                .record(crate::api::Event::AuthFailure {
+                    principal: who,
+                    transport: "http".into(),
+                    reason: format!("{denial} (from {from})"),
+                    path: req.uri().path().chars().take(256).collect(),
+                })
+                .await;
+            let mut resp = ApiError::new(status, denial.to_string()).into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"outpost\""));
+            }
+            return resp;
+        }
+    };
+    if let Some(rate) = auth.rate_limit {
+        if let Err(wait) = s.limiter.check(&principal.name, rate, auth.rate_burst) {
+            s.service.metrics.record_access_denied("rate_limited");
+            let mut e =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("{} is over its rate limit", principal.name));
+            e.retry_after = Some(wait);
+            return e.into_response();
+        }
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// The principal named in a 403 message ("token:x may not ...").
+fn denial_principal(d: &Denial) -> String {
+    d.to_string().split(" may not ").next().unwrap_or("unknown").to_owned()
 }
 
 async fn not_found(State(s): State<HttpState>, uri: Uri) -> ApiError {
@@ -276,7 +352,14 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
         s.service.metrics.record_http_error();
         e
     };
-    let bytes = read_body(&parts.headers, body, config.http.max_body_bytes).await.map_err(count_rejection)?;
+    // Slow senders are cut off: the whole body must arrive within the request timeout.
+    let bytes =
+        tokio::time::timeout(config.http.request_timeout, read_body(&parts.headers, body, config.http.max_body_bytes))
+            .await
+            .map_err(|_| {
+                count_rejection(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
+            })?
+            .map_err(count_rejection)?;
     if parts.headers.contains_key("inference-header-content-length") {
         return Err(count_rejection(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -287,6 +370,9 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
     let request =
         parse_request(&bytes).map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?;
     let mut ctx = RequestContext::new(Transport::Http, config.http.request_timeout);
+    if let Some(p) = parts.extensions.get::<Principal>() {
+        ctx.principal.clone_from(&p.name);
+    }
     if let Some(id) = &request.id {
         ctx.id = id.clone();
     }
@@ -336,29 +422,47 @@ fn control_error(e: crate::api::control::ControlError) -> ApiError {
     }
 }
 
-async fn repository_load(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+async fn repository_load(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
     let result = s.control.load(model.clone()).await;
-    s.audit_admin("load", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    s.audit_admin(&principal, "load", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
     let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
-async fn repository_unload(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+async fn repository_unload(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
     let result = s.control.unload(model.clone()).await;
-    s.audit_admin("unload", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    s.audit_admin(&principal, "unload", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
     let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
-async fn admin_rollback(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+async fn admin_rollback(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
     let result = s.control.rollback(model.clone()).await;
-    s.audit_admin("rollback", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    s.audit_admin(&principal, "rollback", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
     let msg = result.map_err(control_error)?;
     Ok(axum::Json(json!({ "result": msg })).into_response())
 }
 
-async fn admin_poll(State(s): State<HttpState>) -> Result<Response, ApiError> {
-    let report = s.control.poll().await.map_err(control_error)?;
+async fn admin_poll(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    let result = s.control.poll().await;
+    let outcome = result.as_ref().map_or_else(|e| e.to_string(), |_| "polled".to_owned());
+    s.audit_admin(&principal, "registry_poll", "registry", &outcome).await;
+    let report = result.map_err(control_error)?;
     Ok(axum::Json(report).into_response())
 }
 
@@ -393,4 +497,70 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "alarms": s.service.metrics.alarms(),
     }))
     .into_response()
+}
+
+/// Largest audit export one request returns; narrow `since` for more.
+const EXPORT_CAP: usize = 64 << 20;
+
+#[derive(serde::Deserialize)]
+struct ExportQuery {
+    /// RFC 3339 UTC time, or a duration back from now ("1h"); default: everything kept.
+    since: Option<String>,
+}
+
+/// The audit log as NDJSON (`outpost audit export` over HTTP), admin only; audited itself.
+async fn admin_audit_export(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Query(q): axum::extract::Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let config = s.config();
+    if config.audit.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "the audit log is off ([audit] enabled = false)"));
+    }
+    let since_ms = match q.since.as_deref() {
+        None => 0,
+        Some(t) => match crate::registry::parse_time(t) {
+            Ok(secs) => secs * 1000,
+            Err(_) => {
+                let ago = crate::config::parse_duration(t).map_err(|_| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("since={t}: not an RFC 3339 time or a duration"))
+                })?;
+                (crate::registry::now() - ago.as_secs() as i64) * 1000
+            }
+        },
+    };
+    let dir = config.node.state_dir.join("audit");
+    let result = tokio::task::spawn_blocking(move || {
+        let mut out = CappedBuf(Vec::new());
+        crate::audit::export(&dir, since_ms, &mut out).map(|n| (n, out.0))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let outcome = result.as_ref().map_or_else(|e| e.clone(), |(n, _)| format!("{n} records"));
+    s.audit_admin(&principal, "audit_export", "audit", &outcome).await;
+    let (_, body) = result.map_err(|e| {
+        if e.contains("export cap") {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("more than {EXPORT_CAP} bytes: narrow 'since'"))
+        } else {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)
+        }
+    })?;
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], body).into_response())
+}
+
+struct CappedBuf(Vec<u8>);
+
+impl std::io::Write for CappedBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + data.len() > EXPORT_CAP {
+            return Err(std::io::Error::other("export cap reached"));
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -111,6 +111,26 @@ impl RegistrySync {
         let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         let trusted = Trusted::load(state_dir, &cfg.trusted_root)?;
         let store = Store::open(state_dir).map_err(|e| RegistryError::Io(format!("model store: {e}")))?;
+        let key_file = config.read().unwrap_or_else(|p| p.into_inner()).store_key_file.clone();
+        let key = match key_file {
+            // A missing key is created only for an empty store: stored models would then be
+            // unreadable, and a silent new key would hide that.
+            Some(path) => {
+                Some(crate::store::crypt::StoreKey::load_or_create(&path, !store.has_models()).map_err(|e| {
+                    let hint = if path.exists() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (the store holds models: restore the key file, or delete {} to download them again)",
+                            state_dir.join("store").join("models").display()
+                        )
+                    };
+                    RegistryError::Io(format!("{e}{hint}"))
+                })?)
+            }
+            None => None,
+        };
+        let store = store.with_key(key);
         let state = store.load_state()?;
         Ok(RegistrySync { cfg, fetcher, trusted, store, state, state_dir: state_dir.to_owned(), service, config })
     }

@@ -3,6 +3,11 @@
 //! versions are installed and which were rejected. Everything is re-hashed when read.
 //!
 //! Layout: `<state_dir>/store/{models/<sha256>.onnx, manifests/<sha256>.json, tmp/, state.json}`.
+//!
+//! With a device key ([`crypt::StoreKey`], the default) model files are encrypted at rest and
+//! decrypted only into memory; manifests (signed, public metadata) and the state file are not.
+
+pub mod crypt;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -126,6 +131,8 @@ pub struct StoreState {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Encrypts model files at rest; `None` stores them as plain ONNX (`[store] encrypt = false`).
+    key: Option<crypt::StoreKey>,
 }
 
 impl Store {
@@ -145,7 +152,43 @@ impl Store {
                 }
             }
         }
-        Ok(Store { root })
+        Ok(Store { root, key: None })
+    }
+
+    /// Encrypts models written from now on with `key`, and reads encrypted ones with it.
+    pub fn with_key(mut self, key: Option<crypt::StoreKey>) -> Store {
+        self.key = key;
+        self
+    }
+
+    /// Whether any model file is stored (a missing key must then not be replaced silently).
+    pub fn has_models(&self) -> bool {
+        std::fs::read_dir(self.root.join("models"))
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".onnx")))
+            .unwrap_or(false)
+    }
+
+    /// Writes a model file (encrypted when there is a key) atomically under its digest.
+    fn write_model(&self, sha: &str, plain: &[u8]) -> io::Result<PathBuf> {
+        let dest = self.model_path(sha);
+        let dir = dest.parent().unwrap_or(Path::new(".")).to_owned();
+        let tmp = temp_sibling(&dest);
+        let result = (|| {
+            let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            let mut w = io::BufWriter::new(f);
+            match &self.key {
+                Some(k) => crypt::encrypt_to(k, sha, plain, &mut w)?,
+                None => w.write_all(plain)?,
+            }
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &dest)?;
+            fsync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|()| dest)
     }
 
     fn state_path(&self) -> PathBuf {
@@ -195,67 +238,69 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Decompresses a verified zstd blob into the store under the model's sha256: streamed,
-    /// capped at `max_size` bytes, hashed, fsynced, renamed into place.
+    /// Decompresses a verified zstd blob into the store under the model's sha256: capped at
+    /// `max_size` bytes, hashed, then written (encrypted) and fsynced before the rename.
     pub fn install_model(&self, blob: &Path, model_sha: &str, max_size: u64) -> Result<PathBuf, RegistryError> {
-        let dest = self.model_path(model_sha);
-        let tmp = temp_sibling(&dest);
-        let result = (|| -> Result<(), RegistryError> {
-            let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
-            let mut decoder =
-                zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
-            let mut out = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp)
-                .map_err(|e| RegistryError::Io(format!("{}: {e}", tmp.display())))?;
-            let mut hasher = sha2::Sha256::new();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = decoder
-                    .read(&mut buf)
-                    .map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-                if total > max_size {
-                    return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(|e| RegistryError::Io(e.to_string()))?;
-                crate::failpoint::hit("store-decompress");
+        let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
+        let mut decoder =
+            zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
+        let mut plain = Vec::new();
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n =
+                decoder.read(&mut buf).map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
+            if n == 0 {
+                break;
             }
-            let got = hex::encode(&hasher.finalize());
-            if got != model_sha {
-                return Err(RegistryError::Digest(format!(
-                    "decompressed model has sha256 {got}, manifest says {model_sha}"
-                )));
+            if plain.len() as u64 + n as u64 > max_size {
+                return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
             }
-            out.sync_all().map_err(|e| RegistryError::Io(e.to_string()))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| RegistryError::Io(e.to_string()))?;
-            fsync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| RegistryError::Io(e.to_string()))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            hasher.update(&buf[..n]);
+            plain.extend_from_slice(&buf[..n]);
+            crate::failpoint::hit("store-decompress");
         }
-        result.map(|()| dest)
+        let got = hex::encode(&hasher.finalize());
+        if got != model_sha {
+            return Err(RegistryError::Digest(format!(
+                "decompressed model has sha256 {got}, manifest says {model_sha}"
+            )));
+        }
+        self.write_model(model_sha, &plain).map_err(|e| RegistryError::Io(format!("storing model: {e}")))
     }
 
-    /// Reads an installed model, re-hashing it: a file changed on disk is refused.
+    /// Reads an installed model into memory (decrypting it), re-hashing it: a file changed on
+    /// disk, or one the key cannot open, is refused. A plain file left by a version without
+    /// encryption is encrypted in place once its digest checks.
     pub fn read_model(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
         let path = self.model_path(sha);
         let bytes = std::fs::read(&path).map_err(|e| RegistryError::Io(format!("{}: {e}", path.display())))?;
-        let got = crate::registry::sha256_hex(&bytes);
+        let encrypted = crypt::is_encrypted(&bytes);
+        let plain = match (&self.key, encrypted) {
+            (Some(k), true) => crypt::decrypt(k, sha, &bytes)
+                .map_err(|e| RegistryError::Digest(format!("stored model {} {e}", path.display())))?,
+            (None, true) => {
+                return Err(RegistryError::Digest(format!(
+                    "stored model {} is encrypted and [store] encrypt = false: no key to open it",
+                    path.display()
+                )))
+            }
+            (_, false) => bytes,
+        };
+        let got = crate::registry::sha256_hex(&plain);
         if got != sha {
             return Err(RegistryError::Digest(format!(
                 "stored model {} was modified on disk (sha256 now {got})",
                 path.display()
             )));
         }
-        Ok(bytes)
+        if self.key.is_some() && !encrypted {
+            match self.write_model(sha, &plain) {
+                Ok(_) => tracing::info!(model_sha256 = sha, "encrypted a plain stored model"),
+                Err(e) => tracing::warn!(model_sha256 = sha, error = %e, "cannot encrypt a plain stored model"),
+            }
+        }
+        Ok(plain)
     }
 
     /// Deletes models and manifests no installed version refers to, and partial downloads

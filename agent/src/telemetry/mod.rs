@@ -26,11 +26,18 @@ struct ModelMetrics {
     sum_us: AtomicU64,
 }
 
+/// Reasons access control refuses a request, as `/metrics` labels them.
+pub const ACCESS_DENIALS: [&str; 3] = ["unauthenticated", "forbidden", "rate_limited"];
+
 #[derive(Default)]
 pub struct Metrics {
     models: RwLock<BTreeMap<String, Arc<ModelMetrics>>>,
     http_errors: AtomicU64,
     audit_refusals: AtomicU64,
+    /// Requests refused by access control: unauthenticated, forbidden, rate limited.
+    access_denied: [AtomicU64; 3],
+    connections_refused: AtomicU64,
+    tls_failures: AtomicU64,
     /// Raised alarms: name → detail.
     alarms: RwLock<BTreeMap<String, String>>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
@@ -144,6 +151,22 @@ impl Metrics {
         self.http_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request refused by access control; `kind` is one of [`ACCESS_DENIALS`].
+    pub fn record_access_denied(&self, kind: &str) {
+        let i = ACCESS_DENIALS.iter().position(|k| *k == kind).unwrap_or(0);
+        self.access_denied[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection closed at accept because `http.max_connections` were open.
+    pub fn record_connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake that failed or timed out (includes refused client certificates).
+    pub fn record_tls_failure(&self) {
+        self.tls_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, repo: &Repository) -> String {
         let mut out = String::with_capacity(4096);
@@ -202,6 +225,29 @@ impl Metrics {
         out.push_str("# HELP outpost_http_rejected_total HTTP requests refused before reaching a model.\n");
         out.push_str("# TYPE outpost_http_rejected_total counter\n");
         let _ = writeln!(out, "outpost_http_rejected_total {}", self.http_errors.load(Ordering::Relaxed));
+        out.push_str(
+            "# HELP outpost_http_access_denied_total Requests refused by authentication, role or rate limit.\n",
+        );
+        out.push_str("# TYPE outpost_http_access_denied_total counter\n");
+        for (i, k) in ACCESS_DENIALS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "outpost_http_access_denied_total{{reason=\"{k}\"}} {}",
+                self.access_denied[i].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP outpost_http_connections_refused_total Connections closed at accept (http.max_connections).\n",
+        );
+        out.push_str("# TYPE outpost_http_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "outpost_http_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP outpost_tls_handshake_failures_total TLS handshakes that failed or timed out.\n");
+        out.push_str("# TYPE outpost_tls_handshake_failures_total counter\n");
+        let _ = writeln!(out, "outpost_tls_handshake_failures_total {}", self.tls_failures.load(Ordering::Relaxed));
         out.push_str(
             "# HELP outpost_audit_refusals_total Answers withheld because their audit record could not be kept.\n",
         );

@@ -1,0 +1,427 @@
+//! Zero-trust LAN access: TLS with curl and reqwest, mTLS principals, the DESIGN §9 role
+//! matrix endpoint by endpoint, wrong and revoked tokens, rate limits, secrets kept out of the
+//! logs, connection limits and timeouts, and the encrypted model store.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use outpost::auth::Role;
+use outpost_tests::broker::Pki;
+use outpost_tests::*;
+use serde_json::Value;
+
+/// A token's secret and its `[auth] tokens` entry.
+fn token(name: &str, roles: &[Role], models: Option<&[&str]>) -> (String, String) {
+    let models: Option<Vec<String>> = models.map(|m| m.iter().map(|s| (*s).to_owned()).collect());
+    outpost::auth::create_token(name, roles, models.as_deref()).expect("token")
+}
+
+fn config(state: &Path, http_extra: &str, rest: &str) -> String {
+    format!(
+        "[node]\nsite = \"test-site\"\nname = \"test-node\"\nstate_dir = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n{http_extra}\n\n[local_models]\ndirs = [{:?}]\n\n{rest}\n",
+        state.display().to_string(),
+        root().join("models").display().to_string(),
+    )
+}
+
+fn tls_keys(pki: &Pki, mtls: bool) -> String {
+    let mut s = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        pki.path("server.pem").display().to_string(),
+        pki.path("server.pk8.key").display().to_string()
+    );
+    if mtls {
+        s.push_str(&format!("client_ca = {:?}\n", pki.path("ca.pem").display().to_string()));
+    }
+    s
+}
+
+fn tls_client(pki: &Pki, identity: Option<&str>) -> Result<reqwest::Client> {
+    outpost::tls::install_crypto_provider();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.path("ca.pem"))?)?;
+    let mut b = reqwest::Client::builder().add_root_certificate(ca).timeout(Duration::from_secs(30));
+    if let Some(name) = identity {
+        let mut pem = std::fs::read(pki.path(&format!("{name}.pem")))?;
+        pem.extend(std::fs::read(pki.path(&format!("{name}.pk8.key")))?);
+        b = b.identity(reqwest::Identity::from_pem(&pem)?);
+    }
+    Ok(b.build()?)
+}
+
+fn mlp_request() -> Result<Value> {
+    Ok(golden_for(&root().join("models").join("mlp"))?.request(0))
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(u16, reqwest::header::HeaderMap, Value)> {
+    let mut req = if method == "POST" { http.post(url) } else { http.get(url) };
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await?;
+    Ok((status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshake_with_reqwest_and_curl() -> Result<()> {
+    let pki = Pki::generate()?;
+    let (secret, entry) = token("pos", &[Role::Infer], None);
+    let state = tempfile::tempdir()?;
+    let text = config(state.path(), &tls_keys(&pki, false), &format!("[auth]\ntokens = [{entry}]\n"));
+    let agent = TestAgent::start_text(state, &text, "https", tls_client(&pki, None)?).await?;
+    let url = format!("https://localhost:{}", agent.agent.addr().port());
+
+    let (s, _, body) =
+        call(&agent.http, "POST", &format!("{url}/v2/models/mlp/infer"), Some(&secret), Some(&mlp_request()?)).await?;
+    ensure!(s == 200, "reqwest over TLS: {s} {body}");
+    // Plain HTTP to the TLS port gets no answer in clear.
+    let plain =
+        http_client().get(format!("http://127.0.0.1:{}/v2/health/live", agent.agent.addr().port())).send().await;
+    ensure!(plain.is_err(), "plain HTTP on the TLS listener: {plain:?}");
+
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--cacert"])
+        .arg(pki.path("ca.pem"))
+        .args(["-H", &format!("Authorization: Bearer {secret}"), &format!("{url}/v2/models/mlp")])
+        .output()
+        .context("curl (scripts/setup-test.sh installs it)")?;
+    let written = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(written == "200 2", "curl over TLS (HTTP/2 by ALPN): {written} {}", String::from_utf8_lossy(&out.stderr));
+    // curl without the CA refuses the server: the certificate is not from a public CA.
+    let out = std::process::Command::new("curl").args(["-sS", &format!("{url}/v2/health/live")]).output()?;
+    ensure!(!out.status.success(), "curl must not trust the test CA by default");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_missing_and_foreign_certificates_and_records_the_principal() -> Result<()> {
+    let pki = Pki::generate()?;
+    let state = tempfile::tempdir()?;
+    let auth = "[auth]\nclients = [{ subject = \"pos-terminal-1\", roles = [\"infer\"], models = [\"mlp\"] }]\n";
+    let text = config(state.path(), &tls_keys(&pki, true), auth);
+    let agent = TestAgent::start_text(state, &text, "https", tls_client(&pki, Some("client"))?).await?;
+    let url = format!("https://localhost:{}", agent.agent.addr().port());
+    let infer = format!("{url}/v2/models/mlp/infer");
+    let req = mlp_request()?;
+
+    let none = call(&tls_client(&pki, None)?, "POST", &infer, None, Some(&req)).await;
+    ensure!(none.is_err(), "no client certificate must fail the handshake: {none:?}");
+    let rogue = call(&tls_client(&pki, Some("rogue"))?, "POST", &infer, None, Some(&req)).await;
+    ensure!(rogue.is_err(), "a certificate from another CA (same CN) must fail: {rogue:?}");
+
+    let (s, _, body) = call(&agent.http, "POST", &infer, None, Some(&req)).await?;
+    ensure!(s == 200, "the right certificate: {s} {body}");
+    let (s, _, _) = call(&agent.http, "POST", &format!("{url}/v2/models/cnn/infer"), None, Some(&req)).await?;
+    ensure!(s == 403, "the certificate's principal may run mlp only: {s}");
+    let (s, _, _) = call(&agent.http, "GET", &format!("{url}/metrics"), None, None).await?;
+    ensure!(s == 403, "infer role may not read metrics: {s}");
+
+    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    ensure!(metrics.contains("outpost_tls_handshake_failures_total 2"), "{metrics}");
+    let state = agent.stop_keep_state().await?;
+    let recs = crate::audit::records(state.path())?;
+    let inference = recs.values().find(|r| r["body"]["kind"] == "inference").context("an inference record")?;
+    ensure!(inference["body"]["principal"] == "cert:pos-terminal-1", "{inference}");
+    let denied = recs.values().find(|r| r["body"]["kind"] == "auth_failure").context("an auth failure record")?;
+    ensure!(denied["body"]["principal"] == "cert:pos-terminal-1", "{denied}");
+    Ok(())
+}
+
+/// The DESIGN §9 matrix, row by row: the endpoint, then whether each of (no credentials,
+/// infer, observe, admin) may call it. The infer token is limited to `mlp`.
+const MATRIX: &[(&str, &str, [bool; 4])] = &[
+    ("GET", "/v2/health/live", [true, true, true, true]),
+    ("GET", "/v2/health/ready", [true, true, true, true]),
+    ("GET", "/v2", [false, true, true, true]),
+    ("GET", "/v2/models/mlp", [false, true, true, true]),
+    ("GET", "/v2/models/mlp/versions/1", [false, true, true, true]),
+    ("GET", "/v2/models/mlp/ready", [false, true, true, true]),
+    ("GET", "/v2/models/mlp/versions/1/ready", [false, true, true, true]),
+    ("POST", "/v2/models/mlp/infer", [false, true, false, true]),
+    ("POST", "/v2/models/mlp/versions/1/infer", [false, true, false, true]),
+    ("POST", "/v2/models/cnn/infer", [false, false, false, true]),
+    ("GET", "/metrics", [false, false, true, true]),
+    ("GET", "/admin/status", [false, false, true, true]),
+    ("POST", "/v2/repository/index", [false, false, true, true]),
+    ("POST", "/admin/models/mlp/rollback", [false, false, false, true]),
+    ("POST", "/admin/registry/poll", [false, false, false, true]),
+    ("GET", "/admin/audit/export?since=1h", [false, false, false, true]),
+    ("POST", "/v2/repository/models/mlp-int8-dyn/unload", [false, false, false, true]),
+    ("POST", "/v2/repository/models/mlp-int8-dyn/load", [false, false, false, true]),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_role_of_the_matrix() -> Result<()> {
+    let (infer, infer_entry) = token("pos", &[Role::Infer], Some(&["mlp"]));
+    let (observe, observe_entry) = token("grafana", &[Role::Observe], None);
+    let (admin, admin_entry) = token("ops", &[Role::Admin], None);
+    let state = tempfile::tempdir()?;
+    let text = config(state.path(), "", &format!("[auth]\ntokens = [{infer_entry}, {observe_entry}, {admin_entry}]\n"));
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let cnn_req = golden_for(&root().join("models").join("cnn"))?.request(0);
+    let mlp_req = mlp_request()?;
+    let mut failures = Vec::new();
+    for (method, path, allowed) in MATRIX {
+        for (i, bearer) in [None, Some(infer.as_str()), Some(observe.as_str()), Some(admin.as_str())].iter().enumerate()
+        {
+            let body = if path.contains("/cnn/") {
+                Some(&cnn_req)
+            } else if path.ends_with("/infer") {
+                Some(&mlp_req)
+            } else {
+                None
+            };
+            let (s, headers, answer) = call(&agent.http, method, &agent.url(path), *bearer, body).await?;
+            let who = ["none", "infer", "observe", "admin"][i];
+            let expected_refusal = if i == 0 { 401 } else { 403 };
+            if allowed[i] {
+                if s == 401 || s == 403 {
+                    failures.push(format!("{method} {path} as {who}: refused with {s} {answer}"));
+                }
+            } else if s != expected_refusal {
+                failures.push(format!("{method} {path} as {who}: {s}, expected {expected_refusal}"));
+            } else if s == 401 && !headers.contains_key("www-authenticate") {
+                failures.push(format!("{method} {path}: 401 without WWW-Authenticate"));
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "matrix mismatches:\n{}", failures.join("\n"));
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_and_revoked_tokens_are_refused_and_rate_limits_answer_429() -> Result<()> {
+    let (keep, keep_entry) = token("keep", &[Role::Infer], None);
+    let (revoke, revoke_entry) = token("leaver", &[Role::Infer], None);
+    let state = tempfile::tempdir()?;
+    let text = config(
+        state.path(),
+        "",
+        &format!("[auth]\ntokens = [{keep_entry}, {revoke_entry}]\nrate_limit = 0.2\nrate_burst = 3\n"),
+    );
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let url = agent.url("/v2/models/mlp");
+    let (s, _, body) = call(&agent.http, "GET", &url, Some("opt_not-a-real-token"), None).await?;
+    ensure!(s == 401 && body["error"].as_str().is_some_and(|e| e.contains("unknown or revoked")), "{s} {body}");
+    let (s, _, _) = call(&agent.http, "GET", &url, Some(&revoke), None).await?;
+    ensure!(s == 200, "before revocation: {s}");
+
+    // Revocation: the entry leaves the config, which is reloaded (SIGHUP does the same).
+    let without = text.replace(&format!(", {revoke_entry}"), "");
+    ensure!(without != text);
+    std::fs::write(agent.config_path(), &without)?;
+    agent.agent.reload(outpost::config::Config::load(&agent.config_path())?).await;
+    let (s, _, _) = call(&agent.http, "GET", &url, Some(&revoke), None).await?;
+    ensure!(s == 401, "revoked token: {s}");
+
+    // `keep` has a burst of 3 and refills one request every 5 s: the 4th quick call is refused.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let (s, h, _) = call(&agent.http, "GET", &url, Some(&keep), None).await?;
+        statuses.push(s);
+        if s == 429 {
+            retry_after = h.get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        }
+    }
+    ensure!(statuses == [200, 200, 200, 429], "{statuses:?}");
+    ensure!(
+        retry_after.as_deref().is_some_and(|v| v.parse::<u64>().is_ok_and(|n| (1..=5).contains(&n))),
+        "{retry_after:?}"
+    );
+    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    ensure!(m.contains("outpost_http_access_denied_total{reason=\"unauthenticated\"} 2"), "{m}");
+    ensure!(m.contains("outpost_http_access_denied_total{reason=\"rate_limited\"} 1"), "{m}");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs_or_the_audit_log() -> Result<()> {
+    // The token comes from the CLI, as an operator makes one.
+    let out = std::process::Command::new(crate::outpost_bin())
+        .args(["token", "create", "pos", "--roles", "infer,observe", "--models", "mlp"])
+        .output()?;
+    ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let secret = printed.lines().find(|l| l.starts_with("opt_")).context("secret line")?.to_owned();
+    let entry = printed.lines().find(|l| l.starts_with("{ name = \"pos\"")).context("entry line")?.to_owned();
+    ensure!(!entry.contains(&secret), "the config entry holds the digest only");
+
+    let state = tempfile::tempdir()?;
+    let text = config(state.path(), "", &format!("[log]\nlevel = \"debug\"\n\n[auth]\ntokens = [{entry}]\n"));
+    let cfg_path = state.path().join("outpost.toml");
+    std::fs::write(&cfg_path, &text)?;
+    let args = ["run", "--config", cfg_path.to_str().context("path")?];
+    let mut child = ChildAgent::spawn_env(&crate::outpost_bin(), &args, &[("RUST_LOG", "debug")])?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(60))?;
+    let http = http_client();
+    let wrong = "opt_wrong-secret-that-must-not-be-logged";
+    let (s, _, _) =
+        call(&http, "POST", &format!("http://{addr}/v2/models/mlp/infer"), Some(&secret), Some(&mlp_request()?))
+            .await?;
+    ensure!(s == 200, "{s}");
+    let (s, _, _) = call(&http, "GET", &format!("http://{addr}/metrics"), Some(wrong), None).await?;
+    ensure!(s == 401, "{s}");
+    child.signal("TERM")?;
+    ensure!(child.wait_exit(Duration::from_secs(30))? == 0);
+    let logs = child.log.join("\n");
+    ensure!(logs.contains("access denied"), "the failure is logged: {logs}");
+    for s in [secret.as_str(), wrong, &secret[4..20]] {
+        ensure!(!logs.contains(s), "a secret reached the log");
+        for f in walk(state.path()) {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            ensure!(!String::from_utf8_lossy(&bytes).contains(s), "a secret reached {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Reads until the peer closes (Ok(bytes read)) or `limit` passes (Err).
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>> {
+    s.set_read_timeout(Some(limit))?;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(all),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(all),
+            Err(e) => return Err(e).context("the connection stayed open"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> {
+    let state = tempfile::tempdir()?;
+    let http_extra =
+        "max_connections = 3\nheader_read_timeout = \"300ms\"\nidle_timeout = \"400ms\"\nmax_header_bytes = 8192\n";
+    let text = config(state.path(), http_extra, "");
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let addr = agent.agent.addr();
+    let get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Slow loris: half a request head, then nothing. Cut off by the header read timeout.
+    let mut slow = TcpStream::connect(addr)?;
+    slow.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")?;
+    let t = std::time::Instant::now();
+    read_until_closed(&mut slow, Duration::from_secs(10))?;
+    ensure!(t.elapsed() < Duration::from_secs(5), "slow head cut off after {:?}", t.elapsed());
+
+    // Idle keep-alive: one request answered, then silence. Closed by the idle timeout.
+    let mut idle = TcpStream::connect(addr)?;
+    idle.write_all(get)?;
+    let got = read_until_closed(&mut idle, Duration::from_secs(10))?;
+    ensure!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+
+    // A request head over max_header_bytes: 431, not a buffer that grows.
+    let mut big = TcpStream::connect(addr)?;
+    big.write_all(
+        format!("GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000)).as_bytes(),
+    )?;
+    let got = read_until_closed(&mut big, Duration::from_secs(10))?;
+    ensure!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 431"), "{}", String::from_utf8_lossy(&got));
+
+    // max_connections = 3: three open, answered connections; the fourth is closed at once.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr)?;
+        c.write_all(get)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf)?;
+        ensure!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        open.push(c);
+    }
+    let mut extra = TcpStream::connect(addr)?;
+    let _ = extra.write_all(get);
+    let got = read_until_closed(&mut extra, Duration::from_secs(10))?;
+    ensure!(got.is_empty(), "the connection over the limit got an answer");
+    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    ensure!(m.contains("outpost_http_connections_refused_total 1"), "{m}");
+    drop(open);
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_store_is_encrypted_and_unreadable_without_its_key() -> Result<()> {
+    use outpost_tests::registry::{StaticServer, TestRegistry};
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), "")).await?;
+    let (s, body) = agent.post("/v2/models/mlp/infer", &mlp_request()?).await?;
+    ensure!(s == 200, "{s} {body}");
+    let config_path = agent.config_path();
+    let state = agent.stop_keep_state().await?;
+
+    // On disk: not the ONNX bytes, nor any run of them; the key is private to the agent's user.
+    let onnx = std::fs::read(root().join("models").join("mlp").join("model.onnx"))?;
+    let stored = std::fs::read_dir(state.path().join("store").join("models"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .context("a stored model")?;
+    let bytes = std::fs::read(&stored)?;
+    ensure!(bytes.starts_with(b"OPSTENC1") && bytes.len() > onnx.len(), "{} bytes", bytes.len());
+    for window in onnx.chunks(64).filter(|w| w.len() == 64) {
+        ensure!(!bytes.windows(64).any(|b| b == window), "plaintext ONNX found in the store file");
+    }
+    let key_file = state.path().join("store.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file)?.permissions());
+    ensure!(mode & 0o777 == 0o600, "store key mode {mode:o}");
+
+    // Without the key the agent refuses to start rather than serve or silently re-key.
+    let key = std::fs::read(&key_file)?;
+    std::fs::remove_file(&key_file)?;
+    let err = outpost::start(outpost::config::Config::load(&config_path)?).await.err().context("start must fail")?;
+    ensure!(err.to_string().contains("restore the key file"), "{err}");
+    ensure!(!key_file.exists(), "no new key was made over a store that holds models");
+
+    // With another key (registry unreachable): the model fails authentication and is not served.
+    std::fs::write(&key_file, [0x5a; 32])?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let text = std::fs::read_to_string(&config_path)?.replace(&server.url(), &format!("http://{dead}/"));
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let (s, body) = agent.get("/v2/models/mlp/ready").await?;
+    ensure!(s != 200, "{body}");
+    let list = crate::model_list(&agent.config_path())?;
+    ensure!(list.contains("failed authentication"), "{list}");
+    let state = agent.stop_keep_state().await?;
+
+    // The right key back, registry back: the model is fetched, verified and served again.
+    std::fs::write(&key_file, &key)?;
+    let text = std::fs::read_to_string(&config_path)?.replace(&format!("http://{dead}/"), &server.url());
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let (s, body) = agent.post("/v2/models/mlp/infer", &mlp_request()?).await?;
+    ensure!(s == 200, "{s} {body}");
+    agent.stop().await
+}
