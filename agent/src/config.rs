@@ -458,14 +458,7 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "outpost".to_owned())
 }
 
-/// Names used in URLs, topics and file names: `[A-Za-z0-9._-]`, 1–128 chars, not starting
-/// with a dot.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use outpost_proto::valid_name;
 
 /// Parses "500us", "2ms", "60s", "5m", "1h", "1d".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

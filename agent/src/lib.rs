@@ -16,7 +16,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod outbox;
 pub mod privacy;
-pub mod protocol;
+pub use outpost_proto::protocol;
 pub mod registry;
 pub mod store;
 pub mod telemetry;

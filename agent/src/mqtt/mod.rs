@@ -51,49 +51,7 @@ pub struct MqttConfig {
     pub request_timeout: Duration,
 }
 
-/// Topics of one node.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    pub prefix: String,
-    pub site: String,
-    pub node: String,
-}
-
-impl Topics {
-    pub fn requests(&self, shared_group: &str) -> String {
-        let t = format!("{}/{}/infer/#", self.prefix, self.site);
-        if shared_group.is_empty() {
-            t
-        } else {
-            format!("$share/{shared_group}/{t}")
-        }
-    }
-
-    pub fn status(&self) -> String {
-        format!("{}/{}/{}/status", self.prefix, self.site, self.node)
-    }
-
-    pub fn events(&self) -> String {
-        format!("{}/{}/{}/events", self.prefix, self.site, self.node)
-    }
-
-    pub fn result(&self, model: &str) -> String {
-        format!("{}/{}/result/{model}", self.prefix, self.site)
-    }
-
-    /// `(model, version)` of a request topic, or why it is not one.
-    pub fn parse_request_topic(&self, topic: &str) -> Result<(String, Option<String>), String> {
-        let base = format!("{}/{}/infer/", self.prefix, self.site);
-        let rest = topic.strip_prefix(&base).ok_or_else(|| format!("'{topic}' is not a request topic"))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        let ok = |s: &str| crate::config::valid_name(s);
-        match parts.as_slice() {
-            [m] if ok(m) => Ok(((*m).to_owned(), None)),
-            [m, "versions", v] if ok(m) && ok(v) => Ok(((*m).to_owned(), Some((*v).to_owned()))),
-            _ => Err(format!("'{topic}': expected {base}<model>[/versions/<version>]")),
-        }
-    }
-}
+pub use outpost_proto::mqtt::Topics;
 
 fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
     crate::tls::install_crypto_provider();

@@ -103,11 +103,11 @@ impl KeyPair {
         };
         let key_path = base.with_extension("key");
         let text = serde_json::to_string_pretty(&private).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        crate::store::write_secret(&key_path, text.as_bytes())
+        crate::fsutil::write_secret(&key_path, text.as_bytes())
             .map_err(|e| RegistryError::Io(format!("{}: {e}", key_path.display())))?;
         let pub_path = base.with_extension("pub");
         let text = serde_json::to_string_pretty(&self.public()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        crate::store::write_atomic(&pub_path, text.as_bytes())
+        crate::fsutil::write_atomic(&pub_path, text.as_bytes())
             .map_err(|e| RegistryError::Io(format!("{}: {e}", pub_path.display())))?;
         Ok(())
     }
