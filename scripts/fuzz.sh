@@ -5,8 +5,8 @@
 #   scripts/fuzz.sh                  every target for FUZZ_SECONDS (default 600) each
 #   scripts/fuzz.sh v2_json 60       one target for 60 s
 # Seeds: fuzz/seeds/<target>/ plus the demo models' golden files and the demo registry's
-# signed metadata. Crashes land in fuzz/artifacts/<target>/; turn each into a regression test
-# in proto/tests/ before fixing it.
+# signed metadata. Crashes land in fuzz/artifacts/<target>/: copy each to
+# proto/tests/fuzz-regressions/<target>-<what> (replayed by the normal suite), then fix it.
 . "$(dirname "$0")/lib.sh"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cd "$ROOT/fuzz"
@@ -25,9 +25,10 @@ for t in ${targets[@]}; do
   esac
   log "fuzzing $t for ${seconds}s"
   start=$(date +%s)
+  rc=0
   cargo fuzz run --sanitizer none -O "$t" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
-    -max_len=65536 2>&1 | tee "$ROOT/fuzz/$t.log" | grep -E '^#[0-9]+.*(DONE|pulse)|ERROR|panicked' || true
-  rc=${PIPESTATUS[0]}
+    -max_len=65536 >"$ROOT/fuzz/$t.log" 2>&1 || rc=$?
+  grep -E '^#[0-9]+.*DONE|ERROR|panicked' "$ROOT/fuzz/$t.log" || true
   runs=$(grep -oE '^#[0-9]+' "$ROOT/fuzz/$t.log" | tail -1 | tr -d '#')
   log "$t: exit $rc, ${runs:-0} runs in $(( $(date +%s) - start ))s, corpus $(ls "$corpus" | wc -l) inputs"
   [ "$rc" = 0 ] || { echo "$t found a crash: see fuzz/artifacts/$t/ and fuzz/$t.log" >&2; exit 1; }

@@ -3,6 +3,8 @@
 //! agent (and tract) so fuzz targets build in seconds; the agent re-exports all of it.
 
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mqtt;
 pub mod protocol;
 pub mod registry;

@@ -147,6 +147,13 @@ impl<'de> de::DeserializeSeed<'de> for FlatSeed<'_> {
     }
 }
 
+const OUT_OF_RANGE: &str = "a value is out of range";
+
+/// Narrows to f32, refusing values beyond `max` in magnitude (they would become infinities).
+fn narrow(v: Vec<f64>, max: f64) -> Option<Vec<f32>> {
+    v.into_iter().map(|x| (x.abs() <= max).then_some(x as f32)).collect()
+}
+
 fn convert(name: &str, dt: DataType, flat: Flat) -> Result<TensorData, ProtocolError> {
     let bad = |what: &str| ProtocolError::new(format!("input '{name}': {what} for datatype {dt}"));
     macro_rules! ints {
@@ -190,8 +197,10 @@ fn convert(name: &str, dt: DataType, flat: Flat) -> Result<TensorData, ProtocolE
         (DataType::I16, flat) => ints!(flat, I16, i16),
         (DataType::I32, flat) => ints!(flat, I32, i32),
         (DataType::I64, flat) => ints!(flat, I64, i64),
-        (DataType::F16, flat) => TensorData::F16(floats(flat)?.into_iter().map(|x| x as f32).collect()),
-        (DataType::F32, flat) => TensorData::F32(floats(flat)?.into_iter().map(|x| x as f32).collect()),
+        (DataType::F16, flat) => TensorData::F16(narrow(floats(flat)?, 65504.0).ok_or_else(|| bad(OUT_OF_RANGE))?),
+        (DataType::F32, flat) => {
+            TensorData::F32(narrow(floats(flat)?, f64::from(f32::MAX)).ok_or_else(|| bad(OUT_OF_RANGE))?)
+        }
         (DataType::F64, flat) => TensorData::F64(floats(flat)?),
         (DataType::Bytes, Flat::Str(v)) => TensorData::Bytes(v.into_iter().map(String::into_bytes).collect()),
         (DataType::Bytes, _) => return Err(bad("data must be strings")),
@@ -400,6 +409,17 @@ mod tests {
         assert!(err.to_string().contains("not an integer in range"), "{err}");
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}]}"#;
         assert!(parse_request(body).is_err());
+    }
+
+    #[test]
+    fn floats_beyond_the_datatype_are_refused_not_made_infinite() {
+        // Found by fuzzing (fuzz/v2_json): 1e100 as FP32 became +inf, which JSON cannot carry back.
+        let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1e100]}]}"#;
+        assert!(parse_request(body).unwrap_err().to_string().contains("out of range"));
+        let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP16","data":[70000]}]}"#;
+        assert!(parse_request(body).is_err());
+        let body = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[3.4e38,-3.4e38]}]}"#;
+        assert!(parse_request(body).is_ok());
     }
 
     #[test]

@@ -1,0 +1,85 @@
+//! The checks the fuzz targets run (`fuzz/`), shared with the regression tests that replay
+//! every crash the fuzzers found (`proto/tests/fuzz_regressions.rs`). Each takes arbitrary
+//! bytes and panics only when an invariant breaks.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use crate::mqtt::Topics;
+use crate::protocol::json::{parse_request, response_json, tensors_from_value};
+use crate::protocol::InferResponse;
+use crate::registry::dsse::Envelope;
+use crate::registry::{parse_time, Index, KeyPair, Root, SemVer, Statement, MANIFEST_TYPE};
+
+/// The V2 JSON request parser: whatever it accepts holds shape-product elements per tensor and
+/// survives a round trip through the response encoder.
+pub fn v2_json(data: &[u8]) {
+    let Ok(req) = parse_request(data) else { return };
+    for t in &req.inputs {
+        let n: usize = t.shape.iter().product();
+        assert_eq!(t.data.len(), n, "tensor {} holds {} elements for shape {:?}", t.name, t.data.len(), t.shape);
+    }
+    let resp = InferResponse {
+        model_name: "m".into(),
+        model_version: "1".into(),
+        id: req.id.clone(),
+        parameters: req.parameters.clone(),
+        outputs: req.inputs.clone(),
+    };
+    let bytes = response_json(&resp, &[]);
+    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("the encoder writes JSON");
+    let back = tensors_from_value(v["outputs"].clone()).expect("encoded tensors parse back");
+    assert_eq!(back, req.inputs, "tensors change in a round trip");
+}
+
+/// An MQTT request: topic (up to the first newline) and payload. Accepted topics name only safe
+/// names; the payload parser never panics.
+pub fn mqtt_request(data: &[u8]) {
+    let split = data.iter().position(|b| *b == b'\n').unwrap_or(data.len());
+    let (topic, payload) = data.split_at(split);
+    let topics = Topics { prefix: "outpost".into(), site: "site".into(), node: "node".into() };
+    if let Ok(topic) = std::str::from_utf8(topic) {
+        if let Ok((model, version)) = topics.parse_request_topic(topic) {
+            assert!(crate::valid_name(&model), "unsafe model name {model:?}");
+            assert!(version.as_deref().is_none_or(crate::valid_name), "unsafe version {version:?}");
+        }
+    }
+    v2_json(payload.get(1..).unwrap_or_default());
+}
+
+fn trusted() -> &'static BTreeMap<String, ed25519_dalek::VerifyingKey> {
+    static K: OnceLock<BTreeMap<String, ed25519_dalek::VerifyingKey>> = OnceLock::new();
+    K.get_or_init(|| {
+        let mut m = BTreeMap::new();
+        if let Ok(k) = KeyPair::generate() {
+            if let Ok(vk) = k.public().verifying_key() {
+                m.insert(k.keyid.clone(), vk);
+            }
+        }
+        m
+    })
+}
+
+/// Registry metadata from an untrusted mirror: envelopes never verify without a trusted
+/// signature; payload types, times and versions parse without panicking.
+pub fn dsse_manifest(data: &[u8]) {
+    if let Ok(env) = Envelope::parse(data) {
+        assert!(env.verify(MANIFEST_TYPE, trusted(), 1, "manifest").is_err(), "an unsigned envelope verified");
+        if let Ok(payload) = env.payload_bytes() {
+            if let Ok(s) = serde_json::from_slice::<Statement>(&payload) {
+                let _ = s.model_sha256();
+            }
+        }
+    }
+    let _ = serde_json::from_slice::<Root>(data);
+    let _ = serde_json::from_slice::<Index>(data);
+    if let Ok(s) = serde_json::from_slice::<Statement>(data) {
+        let _ = s.model_sha256();
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = parse_time(text);
+        if let Some(v) = SemVer::parse(text) {
+            assert_eq!(v.cmp(&v), std::cmp::Ordering::Equal);
+        }
+    }
+}
