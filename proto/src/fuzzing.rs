@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use crate::mqtt::Topics;
-use crate::protocol::json::{parse_request, response_json, tensors_from_value};
+use crate::protocol::json::{encode_response, parse_binary_request, parse_request, response_json, tensors_from_value};
 use crate::protocol::InferResponse;
+use crate::protocol::TensorData;
 use crate::registry::dsse::Envelope;
 use crate::registry::{parse_time, Index, KeyPair, Root, SemVer, Statement, MANIFEST_TYPE};
 
@@ -30,6 +31,32 @@ pub fn v2_json(data: &[u8]) {
     let v: serde_json::Value = serde_json::from_slice(&bytes).expect("the encoder writes JSON");
     let back = tensors_from_value(v["outputs"].clone()).expect("encoded tensors parse back");
     assert_eq!(back, req.inputs, "tensors change in a round trip");
+}
+
+/// A request in the binary tensor extension: the first two bytes (little-endian) are the JSON
+/// header's length, the rest the body. Accepted tensors hold shape-product elements and
+/// re-encode to the same bytes; the binary response encoder's header parses.
+pub fn binary_tensor(data: &[u8]) {
+    let Some((len, body)) = data.split_first_chunk::<2>() else { return };
+    let Ok(req) = parse_binary_request(body, usize::from(u16::from_le_bytes(*len))) else { return };
+    for t in &req.inputs {
+        let n: usize = t.shape.iter().product();
+        assert_eq!(t.data.len(), n, "tensor {} holds {} elements for shape {:?}", t.name, t.data.len(), t.shape);
+        let bytes = t.data.to_le_bytes();
+        let back = TensorData::from_le_bytes(t.datatype(), &bytes, n).expect("re-encoded bytes decode");
+        assert_eq!(back.to_le_bytes(), bytes, "binary round trip changed {}", t.name);
+    }
+    let resp = InferResponse {
+        model_name: "m".into(),
+        model_version: "1".into(),
+        id: req.id.clone(),
+        parameters: req.parameters.clone(),
+        outputs: req.inputs.clone(),
+    };
+    let (body, header) = encode_response(&resp, |_| true);
+    if let Some(h) = header {
+        serde_json::from_slice::<serde_json::Value>(&body[..h]).expect("the binary response header is JSON");
+    }
 }
 
 /// An MQTT request: topic (up to the first newline) and payload. Accepted topics name only safe

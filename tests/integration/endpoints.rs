@@ -120,3 +120,67 @@ async fn reload_adds_and_removes_models_and_keeps_serving() -> anyhow::Result<()
     golden.check(1, &body)?;
     agent.stop().await
 }
+
+/// The binary tensor extension: the same request as binary gives bit-identical outputs to the
+/// JSON one; malformed binary requests are 400 with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_and_json_requests_give_identical_outputs() -> anyhow::Result<()> {
+    use outpost::protocol::json::{parse_binary_request, request_from_value};
+    let agent = TestAgent::demo().await?;
+    let golden = golden_for(&root().join("models").join("cnn"))?;
+    let json_req = golden.request(0);
+    let (s, json_answer) = agent.post("/v2/models/cnn/infer", &json_req).await?;
+    assert_eq!(s, 200, "{json_answer}");
+
+    let parsed = request_from_value(json_req.clone())?;
+    let x = &parsed.inputs[0];
+    let raw = x.data.to_le_bytes();
+    let header = serde_json::json!({
+        "inputs": [{ "name": x.name, "shape": x.shape, "datatype": x.datatype().as_str(),
+                     "parameters": { "binary_data_size": raw.len() } }],
+        "parameters": { "binary_data_output": true },
+    });
+    let mut body = serde_json::to_vec(&header)?;
+    let header_len = body.len();
+    body.extend_from_slice(&raw);
+    let resp = agent
+        .http
+        .post(agent.url("/v2/models/cnn/infer"))
+        .header("Inference-Header-Content-Length", header_len.to_string())
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let out_len: usize = resp.headers()["inference-header-content-length"].to_str()?.parse()?;
+    let bytes = resp.bytes().await?;
+    let head: serde_json::Value = serde_json::from_slice(&bytes[..out_len])?;
+    // Decode the binary outputs with the request parser (same layout) and compare exactly.
+    let as_inputs = serde_json::json!({ "inputs": head["outputs"] });
+    let mut decoded_body = serde_json::to_vec(&as_inputs)?;
+    let decoded_len = decoded_body.len();
+    decoded_body.extend_from_slice(&bytes[out_len..]);
+    let decoded = parse_binary_request(&decoded_body, decoded_len)?;
+    let from_json = outpost::protocol::json::tensors_from_value(json_answer["outputs"].clone())?;
+    assert_eq!(decoded.inputs, from_json, "binary and JSON answers differ");
+    golden.check(0, &serde_json::json!({ "outputs": outpost::protocol::json::tensors_to_value(&decoded.inputs) }))?;
+
+    for (what, header_value, body, needle) in [
+        ("header past the body", (body.len() + 1).to_string(), body.clone(), "larger than the body"),
+        ("bytes left over", header_len.to_string(), [body.clone(), vec![0]].concat(), "belong to no input"),
+        ("bytes missing", header_len.to_string(), body[..body.len() - 4].to_vec(), "runs past"),
+        ("not a number", "ten".to_owned(), body.clone(), "byte count"),
+    ] {
+        let r = agent
+            .http
+            .post(agent.url("/v2/models/cnn/infer"))
+            .header("Inference-Header-Content-Length", header_value)
+            .body(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text}");
+    }
+    agent.stop().await
+}

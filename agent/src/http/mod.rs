@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::api::{InferError, InferenceService, ModelState, RequestContext, Transport};
 use crate::auth::{Denial, Permission, Principal};
 use crate::config::Config;
-use crate::protocol::json::{parse_request, response_json};
+use crate::protocol::json::{binary_outputs_wanted, encode_response, parse_binary_request, parse_request};
 
 /// Shared state of the HTTP adapter.
 #[derive(Clone)]
@@ -231,7 +231,7 @@ async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "outpost",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["model_repository"],
+        "extensions": ["model_repository", "binary_tensor_data"],
     }))
     .into_response()
 }
@@ -360,15 +360,23 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
                 count_rejection(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
             })?
             .map_err(count_rejection)?;
-    if parts.headers.contains_key("inference-header-content-length") {
-        return Err(count_rejection(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "the binary tensor extension is not supported by this version",
-        )));
+    // Treated as JSON whatever the Content-Type (tritonclient sends none), with a binary
+    // section when the binary tensor extension's header says where the JSON ends.
+    let header_len = match parts.headers.get("inference-header-content-length") {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or_else(|| {
+            count_rejection(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Inference-Header-Content-Length must be a byte count",
+            ))
+        })?),
+    };
+    let request = match header_len {
+        Some(n) => parse_binary_request(&bytes, n),
+        None => parse_request(&bytes),
     }
-    // Treated as JSON whatever the Content-Type: tritonclient sends none.
-    let request =
-        parse_request(&bytes).map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?;
+    .map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?;
+    let binary = binary_outputs_wanted(&request);
     let mut ctx = RequestContext::new(Transport::Http, config.http.request_timeout);
     if let Some(p) = parts.extensions.get::<Principal>() {
         ctx.principal.clone_from(&p.name);
@@ -380,8 +388,18 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
     if let Some(t) = &s.trace {
         t.note(format!("reply {}", ctx.id));
     }
-    let body = response_json(&response, &[]);
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
+    let (body, header_len) = encode_response(&response, binary);
+    Ok(match header_len {
+        None => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
+        Some(n) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+                (HeaderName::from_static("inference-header-content-length"), HeaderValue::from(n)),
+            ],
+            body,
+        )
+            .into_response(),
+    })
 }
 
 async fn repository_index(State(s): State<HttpState>) -> Response {

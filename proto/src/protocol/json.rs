@@ -226,9 +226,10 @@ pub fn empty(dt: DataType) -> TensorData {
     }
 }
 
-/// Parses one V2 tensor description (shape and datatype) with its JSON data, checking that the
-/// element count matches the shape.
-fn tensor_from_raw(raw: RawInput) -> Result<(Tensor, Map<String, Value>), ProtocolError> {
+/// Parses one V2 tensor description (shape and datatype) with its data, from JSON or, when its
+/// parameters carry `binary_data_size`, from the next bytes of the binary section; checks that
+/// the element count matches the shape.
+fn tensor_from_raw(raw: RawInput, binary: &mut Option<&[u8]>) -> Result<(Tensor, Map<String, Value>), ProtocolError> {
     let name = raw.name;
     let dt = DataType::parse(&raw.datatype)
         .ok_or_else(|| ProtocolError::new(format!("input '{name}': unknown datatype '{}'", raw.datatype)))?;
@@ -237,12 +238,35 @@ fn tensor_from_raw(raw: RawInput) -> Result<(Tensor, Map<String, Value>), Protoc
         .filter(|&n| n <= MAX_JSON_ELEMENTS)
         .ok_or_else(|| ProtocolError::new(format!("input '{name}': shape {:?} holds too many elements", raw.shape)))?;
     let parameters = raw.parameters.unwrap_or_default();
-    let data = match raw.data {
-        Some(flat) => convert(&name, dt, flat)?,
-        None if parameters.contains_key("binary_data_size") => empty(dt),
-        None => return Err(ProtocolError::new(format!("input '{name}': missing field `data`"))),
+    let data = match (raw.data, parameters.get("binary_data_size")) {
+        (Some(_), Some(_)) => {
+            return Err(ProtocolError::new(format!("input '{name}': both `data` and `binary_data_size`")));
+        }
+        (Some(flat), None) => convert(&name, dt, flat)?,
+        (None, Some(size)) => {
+            let Some(rest) = binary.as_mut() else {
+                return Err(ProtocolError::new(format!(
+                    "input '{name}': binary_data_size needs the binary tensor extension (Inference-Header-Content-Length)"
+                )));
+            };
+            let size = size
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| ProtocolError::new(format!("input '{name}': binary_data_size must be a byte count")))?;
+            if size > rest.len() {
+                return Err(ProtocolError::new(format!(
+                    "input '{name}': binary_data_size {size} runs past the {} bytes left in the body",
+                    rest.len()
+                )));
+            }
+            let (mine, tail) = rest.split_at(size);
+            *rest = tail;
+            TensorData::from_le_bytes(dt, mine, expected)
+                .map_err(|e| ProtocolError::new(format!("input '{name}': {e}")))?
+        }
+        (None, None) => return Err(ProtocolError::new(format!("input '{name}': missing field `data`"))),
     };
-    if data.len() != expected && !parameters.contains_key("binary_data_size") {
+    if data.len() != expected {
         return Err(ProtocolError::new(format!(
             "input '{name}': shape {:?} needs {expected} elements but data has {}",
             shape,
@@ -265,20 +289,40 @@ pub fn shape_from_i64(name: &str, shape: &[i64]) -> Result<Vec<usize>, ProtocolE
         .collect()
 }
 
-/// Parses a V2 JSON inference request.
+/// Parses a V2 JSON inference request (no binary section).
 pub fn parse_request(body: &[u8]) -> Result<InferRequest, ProtocolError> {
     let raw: RawRequest =
         serde_json::from_slice(body).map_err(|e| ProtocolError::new(format!("malformed request JSON: {e}")))?;
-    request_from_raw(raw)
+    request_from_raw(raw, None)
 }
 
-fn request_from_raw(raw: RawRequest) -> Result<InferRequest, ProtocolError> {
+/// Parses a request in Triton's binary tensor extension: the first `header_len` bytes are the
+/// JSON header, the rest the binary data of the inputs that declare `binary_data_size`, in
+/// input order. Every byte must belong to an input.
+pub fn parse_binary_request(body: &[u8], header_len: usize) -> Result<InferRequest, ProtocolError> {
+    if header_len > body.len() {
+        return Err(ProtocolError::new(format!(
+            "Inference-Header-Content-Length {header_len} is larger than the body ({} bytes)",
+            body.len()
+        )));
+    }
+    let (header, binary) = body.split_at(header_len);
+    let raw: RawRequest =
+        serde_json::from_slice(header).map_err(|e| ProtocolError::new(format!("malformed request JSON: {e}")))?;
+    request_from_raw(raw, Some(binary))
+}
+
+fn request_from_raw(raw: RawRequest, binary: Option<&[u8]>) -> Result<InferRequest, ProtocolError> {
+    let mut binary = binary;
     let mut inputs = Vec::with_capacity(raw.inputs.len());
     let mut input_parameters = Vec::with_capacity(raw.inputs.len());
     for input in raw.inputs {
-        let (t, p) = tensor_from_raw(input)?;
+        let (t, p) = tensor_from_raw(input, &mut binary)?;
         inputs.push(t);
         input_parameters.push(p);
+    }
+    if let Some(rest) = binary.filter(|r| !r.is_empty()) {
+        return Err(ProtocolError::new(format!("{} bytes of binary data belong to no input", rest.len())));
     }
     let outputs = raw
         .outputs
@@ -295,14 +339,14 @@ fn request_from_raw(raw: RawRequest) -> Result<InferRequest, ProtocolError> {
 pub fn request_from_value(v: Value) -> Result<InferRequest, ProtocolError> {
     let raw: RawRequest =
         serde_json::from_value(v).map_err(|e| ProtocolError::new(format!("malformed request: {e}")))?;
-    request_from_raw(raw)
+    request_from_raw(raw, None)
 }
 
 /// Parses a list of V2 tensors (`[{name, datatype, shape, data}]`).
 pub fn tensors_from_value(v: Value) -> Result<Vec<Tensor>, ProtocolError> {
     let raws: Vec<RawInput> =
         serde_json::from_value(v).map_err(|e| ProtocolError::new(format!("malformed tensors: {e}")))?;
-    raws.into_iter().map(|r| tensor_from_raw(r).map(|(t, _)| t)).collect()
+    raws.into_iter().map(|r| tensor_from_raw(r, &mut None).map(|(t, _)| t)).collect()
 }
 
 struct DataSer<'a>(&'a TensorData);
@@ -382,6 +426,36 @@ pub fn response_json(resp: &InferResponse, binary: &[Option<usize>]) -> Vec<u8> 
     serde_json::to_vec(&Resp(resp, binary)).unwrap_or_else(|_| b"{\"error\":\"response encoding failed\"}".to_vec())
 }
 
+/// Which outputs a request wants as binary data: the request parameter `binary_data_output`
+/// (all outputs) or an output's own `binary_data` parameter (Triton's extension).
+pub fn binary_outputs_wanted(req: &InferRequest) -> impl Fn(&str) -> bool + use<> {
+    let all = req.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let named: Vec<(String, bool)> = req
+        .outputs
+        .iter()
+        .filter_map(|o| o.parameters.get("binary_data").and_then(Value::as_bool).map(|b| (o.name.clone(), b)))
+        .collect();
+    move |name: &str| named.iter().find(|(n, _)| n == name).map_or(all, |(_, b)| *b)
+}
+
+/// Encodes a response, with the outputs `binary` selects as Triton binary tensor data after
+/// the JSON header. Returns the body and, when any output is binary, the header's length (for
+/// `Inference-Header-Content-Length`).
+pub fn encode_response(resp: &InferResponse, binary: impl Fn(&str) -> bool) -> (Vec<u8>, Option<usize>) {
+    let raw: Vec<Option<Vec<u8>>> =
+        resp.outputs.iter().map(|t| binary(&t.name).then(|| t.data.to_le_bytes())).collect();
+    if raw.iter().all(Option::is_none) {
+        return (response_json(resp, &[]), None);
+    }
+    let sizes: Vec<Option<usize>> = raw.iter().map(|r| r.as_ref().map(Vec::len)).collect();
+    let mut body = response_json(resp, &sizes);
+    let header_len = body.len();
+    for r in raw.into_iter().flatten() {
+        body.extend_from_slice(&r);
+    }
+    (body, Some(header_len))
+}
+
 /// Serializes tensors as a V2 tensor list (golden files, test helpers).
 pub fn tensors_to_value(tensors: &[Tensor]) -> Value {
     let outs: Vec<OutputSer> = tensors.iter().map(|t| OutputSer { tensor: t, binary_size: None }).collect();
@@ -420,6 +494,52 @@ mod tests {
         assert!(parse_request(body).is_err());
         let body = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[3.4e38,-3.4e38]}]}"#;
         assert!(parse_request(body).is_ok());
+    }
+
+    #[test]
+    fn binary_requests_and_responses_round_trip() {
+        let x = Tensor { name: "x".into(), shape: vec![2, 2], data: TensorData::F32(vec![1.0, -2.5, 3.0, 4.25]) };
+        let s = Tensor { name: "s".into(), shape: vec![2], data: TensorData::Bytes(vec![b"ab".to_vec(), Vec::new()]) };
+        let header = serde_json::json!({
+            "inputs": [
+                { "name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": { "binary_data_size": 16 } },
+                { "name": "s", "shape": [2], "datatype": "BYTES", "parameters": { "binary_data_size": 10 } },
+            ],
+            "parameters": { "binary_data_output": true },
+        });
+        let mut body = serde_json::to_vec(&header).unwrap();
+        let header_len = body.len();
+        body.extend(x.data.to_le_bytes());
+        body.extend(s.data.to_le_bytes());
+        let req = parse_binary_request(&body, header_len).unwrap();
+        assert_eq!(req.inputs, vec![x.clone(), s.clone()]);
+
+        // The same JSON body without the extension header is refused, not half-parsed.
+        assert!(parse_request(&body[..header_len]).unwrap_err().to_string().contains("binary tensor extension"));
+        // Leftover or missing bytes are errors.
+        let mut long = body.clone();
+        long.push(0);
+        assert!(parse_binary_request(&long, header_len).unwrap_err().to_string().contains("belong to no input"));
+        assert!(parse_binary_request(&body[..body.len() - 1], header_len).is_err());
+        assert!(parse_binary_request(&body, body.len() + 1).is_err());
+
+        let resp = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            parameters: Map::new(),
+            outputs: vec![x.clone(), s],
+        };
+        let wanted = binary_outputs_wanted(&req);
+        let (out, len) = encode_response(&resp, wanted);
+        let len = len.expect("binary outputs");
+        let head: Value = serde_json::from_slice(&out[..len]).unwrap();
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 16);
+        assert!(head["outputs"][0].get("data").is_none());
+        assert_eq!(&out[len..len + 16], &x.data.to_le_bytes()[..]);
+        let (json_only, none) = encode_response(&resp, |_| false);
+        assert!(none.is_none());
+        assert!(serde_json::from_slice::<Value>(&json_only).is_ok());
     }
 
     #[test]

@@ -191,6 +191,85 @@ impl TensorData {
     }
 }
 
+impl TensorData {
+    /// Decodes `n` elements of `dt` from Triton's binary tensor layout (little-endian; BOOL one
+    /// byte, 0 or 1; BYTES each prefixed with a 4-byte little-endian length). The bytes must be
+    /// exactly the tensor: no more, no less.
+    pub fn from_le_bytes(dt: DataType, bytes: &[u8], n: usize) -> Result<TensorData, String> {
+        if let Some(size) = dt.element_size() {
+            let want = n.checked_mul(size).ok_or("element count overflows")?;
+            if bytes.len() != want {
+                return Err(format!("{} bytes of binary data, {n} {dt} elements need {want}", bytes.len()));
+            }
+        }
+        fn get<T, const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            b.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect()
+        }
+        Ok(match dt {
+            DataType::Bool => TensorData::Bool(
+                bytes
+                    .iter()
+                    .map(|&b| match b {
+                        0 => Ok(false),
+                        1 => Ok(true),
+                        _ => Err(format!("BOOL byte {b} is neither 0 nor 1")),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            DataType::U8 => TensorData::U8(bytes.to_vec()),
+            DataType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
+            DataType::U16 => TensorData::U16(get(bytes, u16::from_le_bytes)),
+            DataType::I16 => TensorData::I16(get(bytes, i16::from_le_bytes)),
+            DataType::U32 => TensorData::U32(get(bytes, u32::from_le_bytes)),
+            DataType::I32 => TensorData::I32(get(bytes, i32::from_le_bytes)),
+            DataType::U64 => TensorData::U64(get(bytes, u64::from_le_bytes)),
+            DataType::I64 => TensorData::I64(get(bytes, i64::from_le_bytes)),
+            DataType::F16 => TensorData::F16(get(bytes, |b| f16_to_f32(u16::from_le_bytes(b)))),
+            DataType::F32 => TensorData::F32(get(bytes, f32::from_le_bytes)),
+            DataType::F64 => TensorData::F64(get(bytes, f64::from_le_bytes)),
+            DataType::Bytes => {
+                let mut out = Vec::with_capacity(n.min(bytes.len() / 4 + 1));
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let (len, tail) = rest.split_first_chunk::<4>().ok_or("a BYTES length prefix is cut short")?;
+                    let len = u32::from_le_bytes(*len) as usize;
+                    if len > tail.len() {
+                        return Err(format!("a BYTES element of {len} bytes runs past the data"));
+                    }
+                    out.push(tail[..len].to_vec());
+                    rest = &tail[len..];
+                    if out.len() > n {
+                        break;
+                    }
+                }
+                if out.len() != n {
+                    return Err(format!("binary data holds {} or more BYTES elements, the shape needs {n}", out.len()));
+                }
+                TensorData::Bytes(out)
+            }
+        })
+    }
+}
+
+/// The f32 value of IEEE 754 half-precision bits (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: m × 2^-24, exact in f32.
+            let v = m as f32 * f32::from_bits(0x3380_0000);
+            sign | v.to_bits()
+        }
+        (0x1f, 0) => sign | 0x7f80_0000,
+        (0x1f, m) => sign | 0x7fc0_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
 /// IEEE 754 half-precision bits of an f32 (round to nearest even).
 pub fn f16_bits(x: f32) -> u16 {
     let b = x.to_bits();
@@ -238,5 +317,19 @@ impl Tensor {
     /// Number of elements the shape holds, `None` on overflow.
     pub fn shape_elements(shape: &[usize]) -> Option<usize> {
         shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn f16_round_trips_every_finite_half() {
+        for h in 0u16..=u16::MAX {
+            let x = super::f16_to_f32(h);
+            if x.is_nan() {
+                continue;
+            }
+            assert_eq!(super::f16_bits(x), h, "{h:#06x} -> {x}");
+        }
     }
 }
