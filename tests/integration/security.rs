@@ -323,7 +323,7 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>> {
 async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> {
     let state = tempfile::tempdir()?;
     let http_extra =
-        "max_connections = 3\nheader_read_timeout = \"300ms\"\nidle_timeout = \"400ms\"\nmax_header_bytes = 8192\n";
+        "max_connections = 3\nheader_read_timeout = \"300ms\"\nidle_timeout = \"400ms\"\nmax_header_bytes = 8192\nrequest_timeout = \"500ms\"\n";
     let text = config(state.path(), http_extra, "");
     let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
     let addr = agent.agent.addr();
@@ -341,6 +341,16 @@ async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> 
     idle.write_all(get)?;
     let got = read_until_closed(&mut idle, Duration::from_secs(10))?;
     ensure!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+
+    // A slow body: the head arrives, a tenth of the body, then nothing. 408 within the request
+    // timeout, and the connection closes.
+    let mut slow_body = TcpStream::connect(addr)?;
+    slow_body
+        .write_all(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\":")?;
+    let t = std::time::Instant::now();
+    let got = read_until_closed(&mut slow_body, Duration::from_secs(10))?;
+    ensure!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&got));
+    ensure!(t.elapsed() < Duration::from_secs(5), "slow body cut off after {:?}", t.elapsed());
 
     // A request head over max_header_bytes: 431, not a buffer that grows.
     let mut big = TcpStream::connect(addr)?;
@@ -423,5 +433,35 @@ async fn the_model_store_is_encrypted_and_unreadable_without_its_key() -> Result
     let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
     let (s, body) = agent.post("/v2/models/mlp/infer", &mlp_request()?).await?;
     ensure!(s == 200, "{s} {body}");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_swaps_the_certificate_and_a_bad_one_keeps_the_current() -> Result<()> {
+    let (old_pki, new_pki) = (Pki::generate()?, Pki::generate()?);
+    let state = tempfile::tempdir()?;
+    // The configured paths are files the test replaces, as an operator's renewal job would.
+    let (cert, key) = (state.path().join("server.pem"), state.path().join("server.key"));
+    std::fs::copy(old_pki.path("server.pem"), &cert)?;
+    std::fs::copy(old_pki.path("server.pk8.key"), &key)?;
+    let tls = format!("tls_cert = {:?}\ntls_key = {:?}\n", cert.display().to_string(), key.display().to_string());
+    let text = config(state.path(), &tls, "");
+    let agent = TestAgent::start_text(state, &text, "https", tls_client(&old_pki, None)?).await?;
+    let url = format!("https://localhost:{}/v2/health/live", agent.agent.addr().port());
+    ensure!(tls_client(&old_pki, None)?.get(&url).send().await?.status() == 200);
+    ensure!(tls_client(&new_pki, None)?.get(&url).send().await.is_err(), "the new CA is not in use yet");
+
+    std::fs::copy(new_pki.path("server.pem"), &cert)?;
+    std::fs::copy(new_pki.path("server.pk8.key"), &key)?;
+    agent.agent.reload(outpost::config::Config::load(&agent.config_path())?).await;
+    // Fresh clients: new connections get the new certificate.
+    ensure!(tls_client(&new_pki, None)?.get(&url).send().await?.status() == 200, "renewed certificate served");
+    ensure!(tls_client(&old_pki, None)?.get(&url).send().await.is_err(), "the old certificate is gone");
+
+    // A broken file on reload: logged, and the current certificate keeps serving.
+    std::fs::write(&cert, "not a certificate")?;
+    let cfg = agent.agent.config();
+    agent.agent.reload((*cfg).clone()).await;
+    ensure!(tls_client(&new_pki, None)?.get(&url).send().await?.status() == 200, "kept after a bad reload");
     agent.stop().await
 }
