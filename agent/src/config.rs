@@ -53,6 +53,7 @@ struct RawConfig {
     auth: Option<RawAuth>,
     #[serde(default)]
     store: RawStore,
+    overflow: Option<RawOverflow>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
 }
@@ -209,6 +210,30 @@ struct RawModel {
     canary_min_requests: Option<u64>,
     canary_max_error_rate: Option<f64>,
     canary_max_latency_ratio: Option<f64>,
+    overflow: Option<String>,
+    overflow_model: Option<String>,
+    overflow_version: Option<String>,
+    slo_p99: Option<String>,
+    confidence_output: Option<String>,
+    confidence_min: Option<f64>,
+    may_leave_site: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverflow {
+    url: String,
+    slo_p99: Option<String>,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    allow_http: Option<bool>,
+    timeout: Option<String>,
+    binary: Option<bool>,
+    failure_threshold: Option<u32>,
+    failure_window: Option<String>,
+    open_for: Option<String>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -231,6 +256,8 @@ pub struct Config {
     pub upstream: Option<crate::outbox::UpstreamConfig>,
     /// MQTT request/response; `None`: no MQTT.
     pub mqtt: Option<crate::mqtt::MqttConfig>,
+    /// The overflow target (a V2 server in the data centre); `None`: everything is served here.
+    pub overflow: Option<crate::overflow::OverflowConfig>,
     /// Tokens, client certificates and roles; `None` (loopback only): everything open.
     pub auth: Option<crate::auth::AuthConfig>,
     /// The model store's device key file; `None` when `[store] encrypt = false`.
@@ -298,6 +325,11 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     /// Canary for new registry versions; `None` switches at once.
     pub canary: Option<CanaryConfig>,
+    /// When this model's requests may go to the overflow target.
+    pub overflow: crate::overflow::ModelOverflow,
+    /// `false` forbids overflow whatever the signed manifest allows (configuration can only
+    /// tighten residency).
+    pub may_leave_site: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -342,6 +374,8 @@ impl Default for ModelConfig {
             plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
             version_policy: VersionPolicy::Latest,
             canary: None,
+            overflow: crate::overflow::ModelOverflow::default(),
+            may_leave_site: true,
         }
     }
 }
@@ -417,6 +451,7 @@ impl Config {
                 },
                 upstream: None,
                 mqtt: None,
+                overflow: None,
                 auth: None,
                 store_key_file: Some(root.join(".outpost").join("store.key")),
                 models: BTreeMap::new(),
@@ -618,6 +653,11 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         }
     }
 
+    let overflow = match raw.overflow {
+        None => None,
+        Some(o) => Some(validate_overflow(o, &privacy.residency_allow, &resolve).map_err(err)?),
+    };
+
     let mqtt = match raw.mqtt {
         None => None,
         Some(m) => Some(validate_mqtt(m, &name, request_timeout, &resolve).map_err(err)?),
@@ -625,6 +665,12 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
 
     let mut models = BTreeMap::new();
     for (mname, m) in raw.models {
+        let model_overflow = validate_model_overflow(&mname, &m).map_err(&err)?;
+        if m.may_leave_site == Some(true) {
+            return Err(err(format!(
+                "models.{mname}.may_leave_site = true: only a signed manifest can let a model leave the site; the configuration can only set false"
+            )));
+        }
         if !valid_name(&mname) {
             return Err(err(format!("[models.{mname}]: model names must be 1-128 of [A-Za-z0-9._-]")));
         }
@@ -697,6 +743,8 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 plan_cache,
                 version_policy,
                 canary,
+                overflow: model_overflow,
+                may_leave_site: m.may_leave_site.unwrap_or(true),
             },
         );
     }
@@ -711,6 +759,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         privacy,
         upstream,
         mqtt,
+        overflow,
         auth,
         store_key_file,
         models,
@@ -973,6 +1022,82 @@ fn validate_registry(
     })
 }
 
+fn validate_overflow(
+    o: RawOverflow,
+    residency_allow: &[String],
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<crate::overflow::OverflowConfig, String> {
+    let allow_http = o.allow_http.unwrap_or(false);
+    if !(o.url.starts_with("https://") || (allow_http && o.url.starts_with("http://"))) {
+        return Err(format!("overflow.url '{}' must be https:// (http:// needs overflow.allow_http = true)", o.url));
+    }
+    let host = crate::privacy::url_host(&o.url).ok_or_else(|| format!("overflow.url '{}' has no host", o.url))?;
+    if !residency_allow.is_empty() && !residency_allow.contains(&host) {
+        return Err(format!("overflow.url host '{host}' is not in privacy.residency_allow"));
+    }
+    if o.client_cert.is_some() != o.client_key.is_some() {
+        return Err("overflow.client_cert and overflow.client_key go together".into());
+    }
+    let dur = |v: Option<String>, d: &str, k: &str| -> Result<Duration, String> {
+        let d = parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("overflow.{k}: {e}"))?;
+        if d.is_zero() || d > Duration::from_secs(3600) {
+            return Err(format!("overflow.{k} must be between 1us and 1h"));
+        }
+        Ok(d)
+    };
+    Ok(crate::overflow::OverflowConfig {
+        url: o.url.trim_end_matches('/').to_owned(),
+        host,
+        slo_p99: dur(o.slo_p99, "50ms", "slo_p99")?,
+        token_file: o.token_file.map(resolve),
+        ca: o.ca.map(resolve),
+        client_cert: o.client_cert.map(resolve),
+        client_key: o.client_key.map(resolve),
+        timeout: dur(o.timeout, "5s", "timeout")?,
+        binary: o.binary.unwrap_or(true),
+        failure_threshold: o.failure_threshold.unwrap_or(5).clamp(1, 10_000),
+        failure_window: dur(o.failure_window, "10s", "failure_window")?,
+        open_for: dur(o.open_for, "5s", "open_for")?,
+    })
+}
+
+fn validate_model_overflow(name: &str, m: &RawModel) -> Result<crate::overflow::ModelOverflow, String> {
+    use crate::overflow::{ModelOverflow, OverflowMode};
+    let mode = match m.overflow.as_deref().unwrap_or("auto") {
+        "auto" => OverflowMode::Auto,
+        "never" => OverflowMode::Never,
+        "remote_only" => OverflowMode::RemoteOnly,
+        other => {
+            return Err(format!("models.{name}.overflow '{other}' must be \"auto\", \"never\" or \"remote_only\""))
+        }
+    };
+    for (k, v) in [("overflow_model", &m.overflow_model), ("overflow_version", &m.overflow_version)] {
+        if v.as_deref().is_some_and(|v| !valid_name(v)) {
+            return Err(format!("models.{name}.{k} must be 1-128 of [A-Za-z0-9._-]"));
+        }
+    }
+    let slo_p99 = match &m.slo_p99 {
+        None => None,
+        Some(s) => Some(parse_duration(s).map_err(|e| format!("models.{name}.slo_p99: {e}"))?),
+    };
+    let confidence_min = match m.confidence_min {
+        None => None,
+        Some(c) if (0.0..=1.0).contains(&c) => Some(c),
+        Some(_) => return Err(format!("models.{name}.confidence_min must be between 0 and 1")),
+    };
+    if confidence_min.is_some() != m.confidence_output.is_some() {
+        return Err(format!("models.{name}: confidence_min and confidence_output go together"));
+    }
+    Ok(ModelOverflow {
+        mode,
+        remote_model: m.overflow_model.clone(),
+        remote_version: m.overflow_version.clone(),
+        slo_p99,
+        confidence_output: m.confidence_output.clone(),
+        confidence_min,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1020,6 +1145,16 @@ mod tests {
             ("[auth]\nclients = [{ subject = \"x\", roles = [\"root\"] }]", "unknown role"),
             ("[auth]\nrate_limit = -1.0", "auth.rate_limit"),
             ("[store]\nencrypt = false\nkey_file = \"k\"", "store.key_file"),
+            ("[overflow]\nurl = \"http://gpu.example\"", "overflow.url"),
+            (
+                "[overflow]\nurl = \"https://gpu.example\"\n[privacy]\nresidency_allow = [\"eu.example\"]",
+                "residency_allow",
+            ),
+            ("[overflow]\nurl = \"https://gpu.example\"\nopen_for = \"0s\"", "overflow.open_for"),
+            ("[models.mlp]\nmay_leave_site = true", "only a signed manifest"),
+            ("[models.mlp]\noverflow = \"sometimes\"", "models.mlp.overflow"),
+            ("[models.mlp]\nconfidence_min = 0.5", "go together"),
+            ("[models.mlp]\nconfidence_output = \"p\"\nconfidence_min = 2.0", "between 0 and 1"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

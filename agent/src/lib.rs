@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
+pub mod overflow;
 pub mod privacy;
 pub use outpost_proto::protocol;
 pub mod registry;
@@ -226,7 +227,17 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, lifecycle: lifecycle_tx.clone() });
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
+    if let Some(oc) = &config.overflow {
+        let ov = Arc::new(
+            overflow::Overflow::new(oc.clone(), Some(privacy.clone()))
+                .map_err(|e| FatalError::Runtime(format!("overflow: {e}")))?,
+        );
+        *service.metrics.overflow_breaker.write().unwrap_or_else(|p| p.into_inner()) = Some(ov.clone());
+        tracing::info!(target_url = %oc.url, slo_p99 = ?oc.slo_p99, "overflow target configured");
+        service.overflow = Some(ov);
+    }
     let config = Arc::new(RwLock::new(Arc::new(config)));
+    service.config = Some(config.clone());
     let started_flag = Arc::new(AtomicBool::new(false));
     let (started_tx, started_rx) = watch::channel(false);
     let local = Arc::new(LocalModels::default());

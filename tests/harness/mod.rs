@@ -14,6 +14,7 @@ use outpost::protocol::json::tensors_from_value;
 use serde_json::{json, Value};
 
 pub mod broker;
+pub mod faulty;
 pub mod mqtt;
 pub mod registry;
 pub mod upstream;

@@ -72,6 +72,21 @@ impl TestRegistry {
 
     /// Publishes `models/<src>` (or a fixture directory) as `name@version`.
     pub fn publish_dir(&self, model_dir: &Path, name: &str, version: &str) -> Result<String> {
+        self.publish_dir_with(model_dir, name, version, true)
+    }
+
+    /// Publishes a committed demo model, saying in its manifest whether it may leave the site.
+    pub fn publish_residency(
+        &self,
+        demo_model: &str,
+        name: &str,
+        version: &str,
+        may_leave_site: bool,
+    ) -> Result<String> {
+        self.publish_dir_with(&root().join("models").join(demo_model), name, version, may_leave_site)
+    }
+
+    fn publish_dir_with(&self, model_dir: &Path, name: &str, version: &str, may_leave_site: bool) -> Result<String> {
         let p = Publication {
             model: &model_dir.join("model.onnx"),
             name,
@@ -79,7 +94,7 @@ impl TestRegistry {
             channel: "stable",
             golden: &model_dir.join("golden.json"),
             quantization: "fp32",
-            may_leave_site: true,
+            may_leave_site,
             index_expires_in_secs: 86400,
         };
         Ok(publish::publish(self.dir.path(), &p, &self.signers())?)

@@ -159,7 +159,13 @@ async fn a_healthy_canary_is_promoted_then_an_operator_rolls_it_back() -> anyhow
     let reg = TestRegistry::new()?;
     reg.publish("mlp", "mlp", "2.0.0")?;
     let server = StaticServer::start(reg.path()).await?;
-    let canary = CANARY.replace("canary_window = \"1h\"", "canary_window = \"300ms\"");
+    // The same model again: healthy by construction. Its latency bound is loose here because
+    // this test is about promotion and an operator's rollback, and a busy CI machine (the whole
+    // suite in parallel) can make one version's p99 jitter past 3× (latency verdicts have
+    // their own test above).
+    let canary = CANARY
+        .replace("canary_window = \"1h\"", "canary_window = \"300ms\"")
+        .replace("canary_max_latency_ratio = 3.0", "canary_max_latency_ratio = 1000.0");
     let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), &canary)).await?;
     reg.publish("mlp", "mlp", "2.1.0")?;
     let report = agent.agent.poll_registry().await?;

@@ -9,6 +9,7 @@ mod endpoints;
 mod lifecycle;
 mod models;
 mod mqtt;
+mod overflow;
 mod packaging;
 mod registry;
 mod security;

@@ -1,5 +1,5 @@
-//! The one inference API every adapter calls (HTTP now; MQTT and overflow routing plug in
-//! here). It owns the request path: look up the model, validate against its signature, queue,
+//! The one inference API every adapter calls (HTTP, MQTT). It owns the request path: look up
+//! the model, decide local or overflow (the router), validate against its signature, queue,
 //! wait within the deadline, select outputs, count, and report to the event sink.
 
 pub mod control;
@@ -38,14 +38,26 @@ impl Transport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Local,
+    /// Answered by the overflow target.
+    Overflow,
 }
 
 impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Local => "local",
+            Route::Overflow => "overflow",
         }
     }
+}
+
+/// How a request was routed: where it was answered, why it went upstream, and why an upstream
+/// attempt fell back to the box.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    pub overflow: Option<crate::overflow::Reason>,
+    pub answered_upstream: bool,
+    pub fallback: Option<String>,
 }
 
 /// Everything about a request that is not its tensors.
@@ -135,11 +147,78 @@ pub struct InferenceService {
     pub verdicts: Option<tokio::sync::mpsc::UnboundedSender<Verdict>>,
     /// Digests and pseudonymization for what is recorded.
     pub privacy: Option<Arc<crate::privacy::Privacy>>,
+    /// The overflow target, when `[overflow]` is configured.
+    pub overflow: Option<Arc<crate::overflow::Overflow>>,
+    /// The live configuration (per-model overflow policy).
+    pub config: Option<Arc<std::sync::RwLock<Arc<crate::config::Config>>>>,
 }
 
 impl InferenceService {
     pub fn new(repository: Arc<Repository>, metrics: Arc<Metrics>, events: Arc<dyn EventSink>) -> Self {
-        InferenceService { repository, metrics, events, verdicts: None, privacy: None }
+        InferenceService { repository, metrics, events, verdicts: None, privacy: None, overflow: None, config: None }
+    }
+
+    /// The overflow target and `model`'s policy, unless overflow is off for it.
+    fn overflow_for(&self, model: &str) -> Option<(&crate::overflow::Overflow, crate::overflow::ModelOverflow)> {
+        let ov = self.overflow.as_deref()?;
+        let cfg = self.config.as_ref()?.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let model_cfg = cfg.model(model);
+        // `may_leave_site = false` in the configuration (applied live) forbids overflow.
+        let allowed = model_cfg.may_leave_site && model_cfg.overflow.mode != crate::overflow::OverflowMode::Never;
+        allowed.then_some((ov, model_cfg.overflow))
+    }
+
+    /// Whether any input is marked sensitive: by name in `privacy.sensitive_inputs`, or by the
+    /// request (`"parameters": {"sensitive": true}` on the input).
+    fn carries_sensitive(&self, request: &InferRequest) -> bool {
+        let by_name =
+            self.privacy.as_ref().is_some_and(|p| request.inputs.iter().any(|t| p.sensitive_inputs.contains(&t.name)));
+        by_name || request.input_parameters.iter().any(|p| p.get("sensitive").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// The request as it may leave the box: pseudonymized parameters, same tensors.
+    fn outbound(&self, request: &InferRequest) -> InferRequest {
+        let mut out = request.clone();
+        if let Some(p) = &self.privacy {
+            out.parameters = p.pseudonymize(&request.parameters);
+        }
+        for params in &mut out.input_parameters {
+            params.remove("sensitive");
+        }
+        out
+    }
+
+    /// Tries the overflow target; `Ok(None)` when the breaker does not admit the attempt, and
+    /// the reason in `routing.fallback` when the target fails.
+    async fn try_upstream(
+        &self,
+        (ov, policy): (&crate::overflow::Overflow, &crate::overflow::ModelOverflow),
+        ctx: &RequestContext,
+        model: &str,
+        request: &InferRequest,
+        reason: crate::overflow::Reason,
+        routing: &mut Routing,
+    ) -> Option<InferResponse> {
+        let admission = ov.breaker.admit()?;
+        routing.overflow = Some(reason);
+        let started = Instant::now();
+        match ov.infer(admission, model, policy, &self.outbound(request), ctx.deadline).await {
+            Ok(mut resp) => {
+                self.metrics.record_overflow(model, reason.as_str(), "ok", started.elapsed());
+                routing.answered_upstream = true;
+                routing.fallback = None;
+                resp.model_name = model.to_owned();
+                resp.id.clone_from(&request.id);
+                resp.parameters.insert("route".into(), Value::String(Route::Overflow.as_str().into()));
+                resp.parameters.insert("overflow_reason".into(), Value::String(reason.as_str().into()));
+                Some(resp)
+            }
+            Err(e) => {
+                self.metrics.record_overflow(model, reason.as_str(), "failed", started.elapsed());
+                routing.fallback = Some(e.to_string());
+                None
+            }
+        }
     }
 
     /// Runs one request end to end.
@@ -155,9 +234,14 @@ impl InferenceService {
             None => (String::new(), serde_json::Map::new()),
         };
         let mut served_as: Option<(String, Option<Duration>)> = None;
-        let result = self.infer_inner(ctx, model, version, request, &mut served_as).await;
+        let mut routing = Routing::default();
+        let result = self.infer_inner(ctx, model, version, request, &mut served_as, &mut routing).await;
+        let mut ctx = ctx.clone();
+        if routing.answered_upstream {
+            ctx.route = Route::Overflow;
+        }
         let latency = ctx.received.elapsed();
-        if let Some((v, run)) = &served_as {
+        if let Some((v, run)) = served_as.as_ref().filter(|_| !routing.answered_upstream) {
             // The model answers for engine failures and deadlines, not for bad requests.
             let error = matches!(&result, Err(InferError::Internal(_) | InferError::DeadlineExceeded));
             if let Some(verdict) = self.repository.observe(model, v, error, *run) {
@@ -176,7 +260,7 @@ impl InferenceService {
         let recorded = self
             .events
             .record(Event::Request {
-                ctx: ctx.clone(),
+                ctx,
                 model: model.to_owned(),
                 version: served_version,
                 outcome,
@@ -218,9 +302,50 @@ impl InferenceService {
         version: Option<&str>,
         request: InferRequest,
         served_as: &mut Option<(String, Option<Duration>)>,
+        routing: &mut Routing,
     ) -> Result<InferResponse, InferError> {
+        use crate::overflow::{OverflowMode, Reason};
+        let overflow = self.overflow_for(model);
+        let sensitive = self.carries_sensitive(&request);
+        // Remote-only models are not served here at all.
+        if let Some((ov, policy)) = overflow.as_ref().filter(|(_, p)| p.mode == OverflowMode::RemoteOnly) {
+            if sensitive {
+                return Err(InferError::InvalidInput(format!(
+                    "model '{model}' is served only by the overflow target, and this request carries inputs marked sensitive, which never leave the site"
+                )));
+            }
+            return match self.try_upstream((ov, policy), ctx, model, &request, Reason::RemoteOnly, routing).await {
+                Some(resp) => Ok(resp),
+                None => Err(InferError::Overloaded {
+                    model: model.to_owned(),
+                    reason: routing
+                        .fallback
+                        .clone()
+                        .unwrap_or_else(|| "served only by the overflow target, whose circuit breaker is open".into()),
+                    retry_after: ov.config.open_for,
+                }),
+            };
+        }
         let served = self.repository.serving(model, version)?;
         *served_as = Some((served.version.clone(), None));
+        // Overflow is possible only for a model whose signed manifest allows it (and the config
+        // does not forbid), for requests without sensitive inputs, on an explicit default route.
+        let upstream = overflow.filter(|(_, p)| p.mode == OverflowMode::Auto && served.may_leave_site && !sensitive);
+        let original = upstream.as_ref().map(|_| request.clone());
+        if let (Some((ov, policy)), Some(orig)) = (&upstream, &original) {
+            let reason = if served.queue_full() {
+                Some(Reason::QueueFull)
+            } else if served.estimated_latency() > ov.slo(policy) {
+                Some(Reason::Slo)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                if let Some(resp) = self.try_upstream((ov, policy), ctx, model, orig, reason, routing).await {
+                    return Ok(resp);
+                }
+            }
+        }
         let inputs = served.model.validate(request.inputs).map_err(|e| match e {
             RunError::InvalidInput(m) => InferError::InvalidInput(m),
             RunError::Engine(m) => InferError::Internal(m),
@@ -234,14 +359,28 @@ impl InferenceService {
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
         // for a place until their deadline (their in-flight count is bounded by the broker).
         let wait = ctx.transport == Transport::Mqtt;
-        let rx = served.submit(inputs, ctx.deadline, wait).await.map_err(|e| match e {
-            SubmitError::QueueFull(_) => InferError::Overloaded {
-                model: model.to_owned(),
-                reason: e.to_string(),
-                retry_after: Duration::from_secs(1),
-            },
-            SubmitError::Closed => InferError::NotReady(model.to_owned()),
-        })?;
+        let rx = match served.submit(inputs, ctx.deadline, wait).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                if let (Some((ov, policy)), Some(orig), SubmitError::QueueFull(_)) = (&upstream, &original, &e) {
+                    if routing.overflow.is_none() {
+                        if let Some(resp) =
+                            self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
+                        {
+                            return Ok(resp);
+                        }
+                    }
+                }
+                return Err(match e {
+                    SubmitError::QueueFull(_) => InferError::Overloaded {
+                        model: model.to_owned(),
+                        reason: e.to_string(),
+                        retry_after: Duration::from_secs(1),
+                    },
+                    SubmitError::Closed => InferError::NotReady(model.to_owned()),
+                });
+            }
+        };
         let (result, run_time) = tokio::time::timeout_at(ctx.deadline.into(), rx)
             .await
             .map_err(|_| InferError::DeadlineExceeded)?
@@ -260,13 +399,35 @@ impl InferenceService {
                 .collect();
         }
         let mut parameters = serde_json::Map::new();
-        parameters.insert("route".into(), Value::String(ctx.route.as_str().into()));
-        Ok(InferResponse {
+        parameters.insert("route".into(), Value::String(Route::Local.as_str().into()));
+        if let Some(f) = &routing.fallback {
+            parameters.insert("overflow_fallback".into(), Value::String(f.clone()));
+        }
+        let local = InferResponse {
             model_name: served.name.clone(),
             model_version: served.version.clone(),
             id: request.id,
             parameters,
             outputs,
-        })
+        };
+        // Confidence escalation: a low-confidence local answer asks the target; its answer wins,
+        // and the local one stands if the target fails.
+        if let (Some((ov, policy)), Some(orig)) = (&upstream, &original) {
+            if let (Some(output), Some(min)) = (&policy.confidence_output, policy.confidence_min) {
+                if crate::overflow::confidence(&local, output).is_some_and(|c| c < min) {
+                    if let Some(resp) =
+                        self.try_upstream((ov, policy), ctx, model, orig, Reason::LowConfidence, routing).await
+                    {
+                        return Ok(resp);
+                    }
+                    let mut local = local;
+                    if let Some(f) = &routing.fallback {
+                        local.parameters.insert("overflow_fallback".into(), Value::String(f.clone()));
+                    }
+                    return Ok(local);
+                }
+            }
+        }
+        Ok(local)
     }
 }

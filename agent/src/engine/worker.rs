@@ -3,7 +3,7 @@
 //! queue. Dropping the last handle to a [`Served`] closes its queue; the workers finish what is
 //! queued and exit, releasing the model.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -51,6 +51,11 @@ pub struct Served {
     capacity: usize,
     permits: Arc<tokio::sync::Semaphore>,
     workers: Vec<JoinHandle<()>>,
+    /// Moving average of one job's run time, in microseconds (0 until the first job).
+    avg_run_us: Arc<AtomicU64>,
+    /// Whether the model's inputs may be sent off the site (overflow): its signed manifest says
+    /// so; local models and configuration can only keep it `false`.
+    pub may_leave_site: bool,
 }
 
 impl std::fmt::Debug for Served {
@@ -64,14 +69,16 @@ impl Served {
         let (tx, rx) = sync_channel::<Job>(max_queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
+        let avg_run_us = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
         for i in 0..instances.max(1) {
             let rx = rx.clone();
             let model = model.clone();
             let depth = depth.clone();
+            let avg = avg_run_us.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{name}-{i}"))
-                .spawn(move || worker_loop(&rx, &model, &depth));
+                .spawn(move || worker_loop(&rx, &model, &depth, &avg));
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => tracing::error!(model = name, error = %e, "cannot start inference thread"),
@@ -86,7 +93,23 @@ impl Served {
             capacity: max_queue.max(1),
             permits: Arc::new(tokio::sync::Semaphore::new(max_queue.max(1))),
             workers,
+            avg_run_us,
+            may_leave_site: false,
         }
+    }
+
+    /// How long a request arriving now would take locally: the jobs ahead of it and its own,
+    /// at the average run time, spread over the worker threads.
+    pub fn estimated_latency(&self) -> Duration {
+        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        let jobs = self.queue_depth() as u64 + 1;
+        let instances = self.workers.len().max(1) as u64;
+        Duration::from_micros(avg.saturating_mul(jobs.div_ceil(instances)))
+    }
+
+    /// Whether a job submitted without waiting would be refused.
+    pub fn queue_full(&self) -> bool {
+        self.permits.available_permits() == 0
     }
 
     /// Queues a job; the answer arrives on the returned channel with the time spent running.
@@ -133,7 +156,7 @@ impl Served {
     }
 }
 
-fn worker_loop(rx: &Mutex<Receiver<Job>>, model: &LoadedModel, depth: &AtomicUsize) {
+fn worker_loop(rx: &Mutex<Receiver<Job>>, model: &LoadedModel, depth: &AtomicUsize, avg_us: &AtomicU64) {
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -145,8 +168,15 @@ fn worker_loop(rx: &Mutex<Receiver<Job>>, model: &LoadedModel, depth: &AtomicUsi
         let started = Instant::now();
         let result =
             if started > job.deadline { Err(JobError::Expired) } else { model.run(job.inputs).map_err(JobError::from) };
+        let ran = started.elapsed();
         depth.fetch_sub(1, Ordering::SeqCst);
+        if result.is_ok() {
+            // Exponential moving average, weight 1/8 for the newest run.
+            let us = ran.as_micros().min(u128::from(u64::MAX / 8)) as u64;
+            let old = avg_us.load(Ordering::Relaxed);
+            avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
+        }
         // The requester may have gone (deadline, disconnect): nothing to do then.
-        let _ = job.reply.send((result, started.elapsed()));
+        let _ = job.reply.send((result, ran));
     }
 }

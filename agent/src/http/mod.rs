@@ -512,6 +512,11 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "ready": s.started.load(std::sync::atomic::Ordering::SeqCst) && repo.ready_count() > 0,
         "all_models_ready": all_ready,
         "models": models,
+        "overflow": s.service.overflow.as_ref().map(|ov| json!({
+            "url": ov.config.url,
+            "breaker": ov.breaker.state().as_str(),
+            "opened": ov.breaker.opened.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "alarms": s.service.metrics.alarms(),
     }))
     .into_response()

@@ -26,6 +26,9 @@ struct ModelMetrics {
     sum_us: AtomicU64,
 }
 
+/// Overflow counters' key: model, reason, result.
+type OverflowKey = (String, &'static str, &'static str);
+
 /// Reasons access control refuses a request, as `/metrics` labels them.
 pub const ACCESS_DENIALS: [&str; 3] = ["unauthenticated", "forbidden", "rate_limited"];
 
@@ -38,6 +41,10 @@ pub struct Metrics {
     access_denied: [AtomicU64; 3],
     connections_refused: AtomicU64,
     tls_failures: AtomicU64,
+    /// Overflow attempts: (model, reason, result) → count and total microseconds.
+    overflow: RwLock<BTreeMap<OverflowKey, (u64, u64)>>,
+    /// The overflow breaker's state and how often it opened, set by the overflow module.
+    pub overflow_breaker: RwLock<Option<Arc<crate::overflow::Overflow>>>,
     /// Raised alarms: name → detail.
     alarms: RwLock<BTreeMap<String, String>>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
@@ -157,6 +164,14 @@ impl Metrics {
         self.access_denied[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One attempt to answer from the overflow target; `result` is "ok" or "failed".
+    pub fn record_overflow(&self, model: &str, reason: &'static str, result: &'static str, latency: Duration) {
+        let mut m = self.overflow.write().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry((model.to_owned(), reason, result)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += latency.as_micros() as u64;
+    }
+
     /// A connection closed at accept because `http.max_connections` were open.
     pub fn record_connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -234,6 +249,33 @@ impl Metrics {
                 out,
                 "outpost_http_access_denied_total{{reason=\"{k}\"}} {}",
                 self.access_denied[i].load(Ordering::Relaxed)
+            );
+        }
+        {
+            let m = self.overflow.read().unwrap_or_else(|p| p.into_inner());
+            out.push_str(
+                "# HELP outpost_overflow_requests_total Requests tried on the overflow target, by reason and result.\n",
+            );
+            out.push_str("# TYPE outpost_overflow_requests_total counter\n");
+            for ((model, reason, result), (n, _)) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "outpost_overflow_requests_total{{model=\"{model}\",reason=\"{reason}\",result=\"{result}\"}} {n}"
+                );
+            }
+        }
+        if let Some(ov) = self.overflow_breaker.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            out.push_str(
+                "# HELP outpost_overflow_breaker_state The overflow target's circuit breaker: 0 closed, 1 open, 2 half-open.\n",
+            );
+            out.push_str("# TYPE outpost_overflow_breaker_state gauge\n");
+            let _ = writeln!(out, "outpost_overflow_breaker_state {}", ov.breaker.state().as_gauge());
+            out.push_str("# HELP outpost_overflow_breaker_opened_total Times the overflow breaker opened.\n");
+            out.push_str("# TYPE outpost_overflow_breaker_opened_total counter\n");
+            let _ = writeln!(
+                out,
+                "outpost_overflow_breaker_opened_total {}",
+                ov.breaker.opened.load(std::sync::atomic::Ordering::Relaxed)
             );
         }
         out.push_str(

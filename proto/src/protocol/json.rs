@@ -335,6 +335,110 @@ fn request_from_raw(raw: RawRequest, binary: Option<&[u8]>) -> Result<InferReque
     Ok(InferRequest { id: raw.id, parameters: raw.parameters.unwrap_or_default(), inputs, input_parameters, outputs })
 }
 
+#[derive(Deserialize)]
+struct RawResponse {
+    model_name: String,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    outputs: Vec<RawInput>,
+}
+
+/// Parses another V2 server's inference response (the overflow client): JSON, or with a binary
+/// section after `header_len` bytes (Triton's binary tensor extension).
+pub fn parse_response(body: &[u8], header_len: Option<usize>) -> Result<InferResponse, ProtocolError> {
+    let (header, binary) = match header_len {
+        Some(n) if n <= body.len() => {
+            let (h, b) = body.split_at(n);
+            (h, Some(b))
+        }
+        Some(n) => {
+            return Err(ProtocolError::new(format!("Inference-Header-Content-Length {n} is past the body")));
+        }
+        None => (body, None),
+    };
+    let raw: RawResponse =
+        serde_json::from_slice(header).map_err(|e| ProtocolError::new(format!("malformed response JSON: {e}")))?;
+    let mut binary = binary;
+    let mut outputs = Vec::with_capacity(raw.outputs.len());
+    for o in raw.outputs {
+        outputs.push(tensor_from_raw(o, &mut binary)?.0);
+    }
+    if let Some(rest) = binary.filter(|r| !r.is_empty()) {
+        return Err(ProtocolError::new(format!("{} bytes of binary data belong to no output", rest.len())));
+    }
+    Ok(InferResponse {
+        model_name: raw.model_name,
+        model_version: raw.model_version.unwrap_or_default(),
+        id: raw.id,
+        parameters: raw.parameters.unwrap_or_default(),
+        outputs,
+    })
+}
+
+/// Encodes a request for another V2 server (the overflow client): JSON, or with every input as
+/// binary data and binary outputs asked for. Returns the body and the JSON header's length when
+/// binary.
+pub fn encode_request(req: &InferRequest, binary: bool) -> (Vec<u8>, Option<usize>) {
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    let mut raw = Vec::new();
+    for (i, t) in req.inputs.iter().enumerate() {
+        let mut params = req.input_parameters.get(i).cloned().unwrap_or_default();
+        let mut m = Map::new();
+        m.insert("name".into(), Value::String(t.name.clone()));
+        m.insert("shape".into(), Value::from(t.shape.clone()));
+        m.insert("datatype".into(), Value::String(t.datatype().as_str().into()));
+        if binary {
+            let bytes = t.data.to_le_bytes();
+            params.insert("binary_data_size".into(), Value::from(bytes.len()));
+            raw.extend_from_slice(&bytes);
+        } else {
+            m.insert("data".into(), tensors_to_value(std::slice::from_ref(t))[0]["data"].clone());
+        }
+        if !params.is_empty() {
+            m.insert("parameters".into(), Value::Object(params));
+        }
+        inputs.push(Value::Object(m));
+    }
+    let mut body = Map::new();
+    if let Some(id) = &req.id {
+        body.insert("id".into(), Value::String(id.clone()));
+    }
+    let mut parameters = req.parameters.clone();
+    if binary {
+        parameters.insert("binary_data_output".into(), Value::Bool(true));
+    }
+    if !parameters.is_empty() {
+        body.insert("parameters".into(), Value::Object(parameters));
+    }
+    body.insert("inputs".into(), Value::Array(inputs));
+    if !req.outputs.is_empty() {
+        let outs: Vec<Value> = req
+            .outputs
+            .iter()
+            .map(|o| {
+                let mut m = Map::new();
+                m.insert("name".into(), Value::String(o.name.clone()));
+                if !o.parameters.is_empty() {
+                    m.insert("parameters".into(), Value::Object(o.parameters.clone()));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        body.insert("outputs".into(), Value::Array(outs));
+    }
+    let mut out = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+    if !binary {
+        return (out, None);
+    }
+    let header_len = out.len();
+    out.extend_from_slice(&raw);
+    (out, Some(header_len))
+}
+
 /// Parses a JSON value (e.g. one golden case) shaped as a V2 request.
 pub fn request_from_value(v: Value) -> Result<InferRequest, ProtocolError> {
     let raw: RawRequest =
@@ -540,6 +644,34 @@ mod tests {
         let (json_only, none) = encode_response(&resp, |_| false);
         assert!(none.is_none());
         assert!(serde_json::from_slice::<Value>(&json_only).is_ok());
+    }
+
+    #[test]
+    fn requests_for_another_server_and_its_responses_round_trip() {
+        let req = parse_request(
+            br#"{"id":"a","parameters":{"k":"hmac:1"},"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1.5,2]}],"outputs":[{"name":"y"}]}"#,
+        )
+        .unwrap();
+        for binary in [false, true] {
+            let (body, header) = encode_request(&req, binary);
+            let back = match header {
+                Some(n) => parse_binary_request(&body, n).unwrap(),
+                None => parse_request(&body).unwrap(),
+            };
+            assert_eq!(back.inputs, req.inputs);
+            assert_eq!(back.id, req.id);
+            assert_eq!(back.parameters.get("k"), req.parameters.get("k"));
+            let resp = InferResponse {
+                model_name: "m".into(),
+                model_version: "7".into(),
+                id: back.id.clone(),
+                parameters: Map::new(),
+                outputs: back.inputs.clone(),
+            };
+            let (out, len) = encode_response(&resp, |_| binary);
+            let parsed = parse_response(&out, len).unwrap();
+            assert_eq!((parsed.model_version.as_str(), parsed.outputs), ("7", req.inputs.clone()));
+        }
     }
 
     #[test]
