@@ -3,15 +3,17 @@
 # binary, with Debian's dpkg-deb and rpmbuild: no compile step (cargo-deb and
 # cargo-generate-rpm would each take minutes to install on a fresh machine).
 #   scripts/package.sh --bin target/release/outpost --out dist [--version 0.1.0] [--no-rpm]
+#                      [--arch x86_64|aarch64]   (default: this machine's; for cross builds)
 . "$(dirname "$0")/lib.sh"
-bin="" out="$ROOT/dist" version="" rpm=1
+bin="" out="$ROOT/dist" version="" rpm=1 arch="$(uname -m)"
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --no-rpm) rpm=0; shift ;;
-    *) echo "usage: $0 --bin BINARY [--out DIR] [--version V] [--no-rpm]" >&2; exit 64 ;;
+    --arch) arch="$2"; shift 2 ;;
+    *) echo "usage: $0 --bin BINARY [--out DIR] [--version V] [--no-rpm] [--arch x86_64|aarch64]" >&2; exit 64 ;;
   esac
 done
 [ -x "$bin" ] || { echo "$0: --bin must name the built outpost binary" >&2; exit 64; }
@@ -20,10 +22,10 @@ if [ -z "$version" ]; then
   version="$(grep -m1 -oE '^## \[[0-9]+\.[0-9]+\.[0-9]+\]' "$ROOT/CHANGELOG.md" | grep -oE '[0-9.]+' || true)"
   [ -n "$version" ] || version="$(grep -m1 -E '^version = ' "$ROOT/Cargo.toml" | cut -d'"' -f2)"
 fi
-case "$(uname -m)" in
+case "$arch" in
   x86_64) deb_arch=amd64; rpm_arch=x86_64 ;;
   aarch64) deb_arch=arm64; rpm_arch=aarch64 ;;
-  *) echo "unsupported architecture $(uname -m)" >&2; exit 1 ;;
+  *) echo "unsupported architecture $arch" >&2; exit 1 ;;
 esac
 mkdir -p "$out"
 work="$(mktemp -d)"
