@@ -217,6 +217,7 @@ struct RawModel {
     confidence_output: Option<String>,
     confidence_min: Option<f64>,
     may_leave_site: Option<bool>,
+    cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,6 +331,8 @@ pub struct ModelConfig {
     /// `false` forbids overflow whatever the signed manifest allows (configuration can only
     /// tighten residency).
     pub may_leave_site: bool,
+    /// Response cache per served version, in bytes; 0 turns it off.
+    pub cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -376,6 +379,7 @@ impl Default for ModelConfig {
             canary: None,
             overflow: crate::overflow::ModelOverflow::default(),
             may_leave_site: true,
+            cache_bytes: 0,
         }
     }
 }
@@ -666,6 +670,9 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     let mut models = BTreeMap::new();
     for (mname, m) in raw.models {
         let model_overflow = validate_model_overflow(&mname, &m).map_err(&err)?;
+        if m.cache_bytes.is_some_and(|b| b > 1 << 30) {
+            return Err(err(format!("models.{mname}.cache_bytes must be at most 1073741824")));
+        }
         if m.may_leave_site == Some(true) {
             return Err(err(format!(
                 "models.{mname}.may_leave_site = true: only a signed manifest can let a model leave the site; the configuration can only set false"
@@ -745,6 +752,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 canary,
                 overflow: model_overflow,
                 may_leave_site: m.may_leave_site.unwrap_or(true),
+                cache_bytes: m.cache_bytes.unwrap_or(0) as usize,
             },
         );
     }

@@ -101,7 +101,10 @@ fn main() -> Result<()> {
     let slo_ms: u64 = arg(&args, "--slo-ms", 100);
     let peer_url = Some(arg(&args, "--peer-url", String::new())).filter(|s| !s.is_empty());
     let peer_model: String = arg(&args, "--peer-model", "minilm".to_owned());
-    ensure!(minilm_dir().join("minilm").join("model.onnx").is_file(), "MiniLM is not built: scripts/gen-models.sh --minilm");
+    ensure!(
+        minilm_dir().join("minilm").join("model.onnx").is_file(),
+        "MiniLM is not built: scripts/gen-models.sh --minilm"
+    );
     outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {

@@ -184,3 +184,40 @@ async fn binary_and_json_requests_give_identical_outputs() -> anyhow::Result<()>
     }
     agent.stop().await
 }
+
+/// The response cache (opt-in per model): a repeated request gets byte-identical answers and
+/// counts as a hit; a new version starts with an empty cache, so no answer crosses versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_returns_identical_bytes_and_never_crosses_versions() -> anyhow::Result<()> {
+    use outpost_tests::registry::{StaticServer, TestRegistry};
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let models = "[models.mlp]\ncache_bytes = 1048576\n";
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), models)).await?;
+    let golden = golden_for(&root().join("models").join("mlp"))?;
+    let body = serde_json::to_vec(&golden.request(0))?;
+    let raw = |b: Vec<u8>| {
+        let (http, url) = (agent.http.clone(), agent.url("/v2/models/mlp/infer"));
+        async move { anyhow::Ok(http.post(url).body(b).send().await?.bytes().await?) }
+    };
+    let first = raw(body.clone()).await?;
+    let second = raw(body.clone()).await?;
+    assert_eq!(first, second, "a hit answers the same bytes");
+    golden.check(0, &serde_json::from_slice(&second)?)?;
+    let other = raw(serde_json::to_vec(&golden.request(1))?).await?;
+    golden.check(1, &serde_json::from_slice(&other)?)?;
+    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"hit\"} 1"), "{metrics}");
+    assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"miss\"} 2"), "{metrics}");
+
+    // Version 2.0.0 (other weights): the same request is a miss and answers from 2.0.0.
+    reg.publish("mlp-int8-qdq", "mlp", "2.0.0")?;
+    agent.agent.poll_registry().await?;
+    let after: serde_json::Value = serde_json::from_slice(&raw(body).await?)?;
+    assert_eq!(after["model_version"], "2.0.0", "{after}");
+    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"hit\"} 1"), "{metrics}");
+    assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"miss\"} 3"), "{metrics}");
+    agent.stop().await
+}

@@ -328,6 +328,26 @@ impl InferenceService {
         }
         let served = self.repository.serving(model, version)?;
         *served_as = Some((served.version.clone(), None));
+        // The version's response cache: a hit is this version's own earlier answer.
+        let cache_key = served.cache.as_ref().map(|_| {
+            let names: Vec<String> = request.outputs.iter().map(|o| o.name.clone()).collect();
+            crate::engine::cache::key(&request.inputs, &names)
+        });
+        if let (Some(cache), Some(key)) = (&served.cache, &cache_key) {
+            let hit = cache.get(key);
+            self.metrics.record_cache(model, hit.is_some());
+            if let Some(outputs) = hit {
+                let mut parameters = serde_json::Map::new();
+                parameters.insert("route".into(), Value::String(Route::Local.as_str().into()));
+                return Ok(InferResponse {
+                    model_name: served.name.clone(),
+                    model_version: served.version.clone(),
+                    id: request.id,
+                    parameters,
+                    outputs,
+                });
+            }
+        }
         // Overflow is possible only for a model whose signed manifest allows it (and the config
         // does not forbid), for requests without sensitive inputs, on an explicit default route.
         let upstream = overflow.filter(|(_, p)| p.mode == OverflowMode::Auto && served.may_leave_site && !sensitive);
@@ -397,6 +417,9 @@ impl InferenceService {
                 .iter()
                 .filter_map(|o| outputs.iter().position(|t| t.name == o.name).map(|i| outputs[i].clone()))
                 .collect();
+        }
+        if let (Some(cache), Some(key)) = (&served.cache, cache_key) {
+            cache.put(key, &outputs);
         }
         let mut parameters = serde_json::Map::new();
         parameters.insert("route".into(), Value::String(Route::Local.as_str().into()));

@@ -1,6 +1,7 @@
 //! The engine: tract models, their golden checks and the threads that run them. No I/O here:
 //! callers hand in model bytes and tensors.
 
+pub mod cache;
 pub mod golden;
 pub mod model;
 pub mod worker;

@@ -56,6 +56,8 @@ pub struct Served {
     /// Whether the model's inputs may be sent off the site (overflow): its signed manifest says
     /// so; local models and configuration can only keep it `false`.
     pub may_leave_site: bool,
+    /// This version's response cache (`cache_bytes`), when enabled.
+    pub cache: Option<super::cache::ResponseCache>,
 }
 
 impl std::fmt::Debug for Served {
@@ -65,7 +67,14 @@ impl std::fmt::Debug for Served {
 }
 
 impl Served {
-    pub fn start(name: &str, version: &str, model: Arc<LoadedModel>, instances: usize, max_queue: usize) -> Served {
+    pub fn start(
+        name: &str,
+        version: &str,
+        model: Arc<LoadedModel>,
+        instances: usize,
+        max_queue: usize,
+        cache_bytes: usize,
+    ) -> Served {
         let (tx, rx) = sync_channel::<Job>(max_queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
@@ -95,6 +104,7 @@ impl Served {
             workers,
             avg_run_us,
             may_leave_site: false,
+            cache: (cache_bytes > 0).then(|| super::cache::ResponseCache::new(cache_bytes)),
         }
     }
 

@@ -121,7 +121,14 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
     .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
     match result {
         Ok(prepared) => {
-            let served = Served::start(&src.name, &src.version, Arc::new(prepared.model), cfg.instances, cfg.max_queue);
+            let served = Served::start(
+                &src.name,
+                &src.version,
+                Arc::new(prepared.model),
+                cfg.instances,
+                cfg.max_queue,
+                cfg.cache_bytes,
+            );
             service.repository.activate(served);
             let _ = service
                 .events

@@ -293,7 +293,8 @@ impl RegistrySync {
         crate::failpoint::hit("mid-activation");
         let version = stmt.predicate.version.clone();
         lifecycle(&self.service, name, &version, LifecycleKind::Verified, prepared.detail);
-        let mut served = Served::start(name, &version, Arc::new(prepared.model), cfg.instances, cfg.max_queue);
+        let mut served =
+            Served::start(name, &version, Arc::new(prepared.model), cfg.instances, cfg.max_queue, cfg.cache_bytes);
         // The signed manifest allows overflow; the local configuration may only forbid it.
         served.may_leave_site = stmt.predicate.residency.may_leave_site && cfg.may_leave_site;
         Ok(served)

@@ -43,6 +43,8 @@ pub struct Metrics {
     tls_failures: AtomicU64,
     /// Overflow attempts: (model, reason, result) → count and total microseconds.
     overflow: RwLock<BTreeMap<OverflowKey, (u64, u64)>>,
+    /// Response cache lookups per model: (hits, misses).
+    cache: RwLock<BTreeMap<String, (u64, u64)>>,
     /// The overflow breaker's state and how often it opened, set by the overflow module.
     pub overflow_breaker: RwLock<Option<Arc<crate::overflow::Overflow>>>,
     /// Raised alarms: name → detail.
@@ -164,6 +166,17 @@ impl Metrics {
         self.access_denied[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One response cache lookup.
+    pub fn record_cache(&self, model: &str, hit: bool) {
+        let mut m = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(model.to_owned()).or_insert((0, 0));
+        if hit {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
     /// One attempt to answer from the overflow target; `result` is "ok" or "failed".
     pub fn record_overflow(&self, model: &str, reason: &'static str, result: &'static str, latency: Duration) {
         let mut m = self.overflow.write().unwrap_or_else(|p| p.into_inner());
@@ -250,6 +263,15 @@ impl Metrics {
                 "outpost_http_access_denied_total{{reason=\"{k}\"}} {}",
                 self.access_denied[i].load(Ordering::Relaxed)
             );
+        }
+        {
+            let m = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            out.push_str("# HELP outpost_cache_requests_total Response cache lookups by model and result.\n");
+            out.push_str("# TYPE outpost_cache_requests_total counter\n");
+            for (model, (hits, misses)) in m.iter() {
+                let _ = writeln!(out, "outpost_cache_requests_total{{model=\"{model}\",result=\"hit\"}} {hits}");
+                let _ = writeln!(out, "outpost_cache_requests_total{{model=\"{model}\",result=\"miss\"}} {misses}");
+            }
         }
         {
             let m = self.overflow.read().unwrap_or_else(|p| p.into_inner());
