@@ -118,7 +118,7 @@ fn main() -> Result<()> {
 
         // The overflow target: an Outpost on CPU 1 serving the same model.
         let target_cfg = dir.path().join("target.toml");
-        std::fs::write(&target_cfg, config_text(&dir.path().join("target-state"), &[local.clone()], ""))?;
+        std::fs::write(&target_cfg, config_text(&dir.path().join("target-state"), std::slice::from_ref(&local), ""))?;
         let (_target, target_addr) = spawn_pinned("1", &target_cfg)?;
         let golden = golden_for(&minilm_dir().join("minilm"))?;
         let body = golden.request(0);
