@@ -10,7 +10,7 @@
 . "$(dirname "$0")/lib.sh"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cd "$ROOT/fuzz"
-targets=("${1:-v2_json binary_tensor mqtt_request dsse_manifest}")
+targets=("${1:-v2_json binary_tensor v2_response mqtt_request dsse_manifest}")
 seconds="${2:-${FUZZ_SECONDS:-600}}"
 cargo fuzz build --sanitizer none -O
 for t in ${targets[@]}; do
@@ -18,7 +18,7 @@ for t in ${targets[@]}; do
   mkdir -p "$corpus"
   cp -n seeds/"$t"/* "$corpus"/ 2>/dev/null || true
   case "$t" in
-    v2_json|mqtt_request) for g in "$ROOT"/models/*/golden.json; do
+    v2_json|mqtt_request|v2_response) for g in "$ROOT"/models/*/golden.json; do
         cp -n "$g" "$corpus/golden-$(basename "$(dirname "$g")").json"; done ;;
     dsse_manifest) for f in "$ROOT"/models/registry/root.json "$ROOT"/models/registry/index.json \
         "$ROOT"/models/registry/manifests/*.json; do cp -n "$f" "$corpus/"; done ;;

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use crate::mqtt::Topics;
-use crate::protocol::json::{encode_response, parse_binary_request, parse_request, response_json, tensors_from_value};
+use crate::protocol::json::{
+    encode_response, parse_binary_request, parse_request, parse_response, response_json, tensors_from_value,
+};
 use crate::protocol::InferResponse;
 use crate::protocol::TensorData;
 use crate::registry::dsse::Envelope;
@@ -57,6 +59,23 @@ pub fn binary_tensor(data: &[u8]) {
     if let Some(h) = header {
         serde_json::from_slice::<serde_json::Value>(&body[..h]).expect("the binary response header is JSON");
     }
+}
+
+/// An answer from the overflow target (another V2 server, untrusted): the first two bytes
+/// (little-endian) are the binary header length, or 0xffff for a JSON-only answer. Accepted
+/// outputs hold shape-product elements and encode back to a parseable answer.
+pub fn v2_response(data: &[u8]) {
+    let Some((len, body)) = data.split_first_chunk::<2>() else { return };
+    let len = u16::from_le_bytes(*len);
+    let header = (len != u16::MAX).then_some(usize::from(len));
+    let Ok(resp) = parse_response(body, header) else { return };
+    for t in &resp.outputs {
+        let n: usize = t.shape.iter().product();
+        assert_eq!(t.data.len(), n, "output {} holds {} elements for shape {:?}", t.name, t.data.len(), t.shape);
+    }
+    let (bytes, h) = encode_response(&resp, |_| header.is_some());
+    let back = parse_response(&bytes, h).expect("an encoded answer parses");
+    assert_eq!(back.outputs, resp.outputs, "outputs change in a round trip");
 }
 
 /// An MQTT request: topic (up to the first newline) and payload. Accepted topics name only safe

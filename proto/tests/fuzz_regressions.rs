@@ -12,6 +12,7 @@ fn every_fuzz_crash_stays_fixed() {
         match name.split('-').next() {
             Some("v2_json") => outpost_proto::fuzzing::v2_json(&data),
             Some("binary_tensor") => outpost_proto::fuzzing::binary_tensor(&data),
+            Some("v2_response") => outpost_proto::fuzzing::v2_response(&data),
             Some("mqtt_request") => outpost_proto::fuzzing::mqtt_request(&data),
             Some("dsse_manifest") => outpost_proto::fuzzing::dsse_manifest(&data),
             _ => panic!("{name}: name must start with a fuzz target"),
