@@ -353,9 +353,12 @@ impl InferenceService {
         let upstream = overflow.filter(|(_, p)| p.mode == OverflowMode::Auto && served.may_leave_site && !sensitive);
         let original = upstream.as_ref().map(|_| request.clone());
         if let (Some((ov, policy)), Some(orig)) = (&upstream, &original) {
+            // The request's age so far plus the box's estimate, against the objective less 10 %
+            // headroom for encoding the answer and run-time jitter.
+            let expected = ctx.received.elapsed() + served.estimated_latency();
             let reason = if served.queue_full() {
                 Some(Reason::QueueFull)
-            } else if served.estimated_latency() > ov.slo(policy) {
+            } else if expected > ov.slo(policy).mul_f64(0.9) {
                 Some(Reason::Slo)
             } else {
                 None
