@@ -119,6 +119,11 @@ async fn handle(State(s): State<Shared>, uri: Uri, headers: HeaderMap, body: Byt
     let json = &body[..header_len.unwrap_or(body.len()).min(body.len())];
     let parsed: Value = serde_json::from_slice(json).unwrap_or(Value::Null);
     let inputs: Vec<Value> = parsed["inputs"].as_array().into_iter().flatten().map(|i| i["name"].clone()).collect();
+    // Listen for the kill before the request is visible in the log, so a test that waits for
+    // the log and then kills cannot slip between the two.
+    let killed = s.killed.notified();
+    tokio::pin!(killed);
+    killed.as_mut().enable();
     s.log.lock().unwrap_or_else(|p| p.into_inner()).push(serde_json::json!({
         "path": uri.path(),
         "id": parsed["id"],
@@ -130,13 +135,13 @@ async fn handle(State(s): State<Shared>, uri: Uri, headers: HeaderMap, body: Byt
     match mode {
         Mode::Error => return (StatusCode::INTERNAL_SERVER_ERROR, "injected failure").into_response(),
         Mode::Hang => {
-            s.killed.notified().await;
+            killed.await;
             return Response::builder().status(200).body(broken_body()).unwrap_or_default();
         }
         Mode::Reset => return Response::builder().status(200).body(broken_body()).unwrap_or_default(),
         Mode::Slow(d) => tokio::select! {
             _ = tokio::time::sleep(d) => {}
-            _ = s.killed.notified() => return Response::builder().status(200).body(broken_body()).unwrap_or_default(),
+            _ = killed => return Response::builder().status(200).body(broken_body()).unwrap_or_default(),
         },
         Mode::Pass => {}
     }

@@ -76,13 +76,11 @@ async fn breaker_becomes(agent: &TestAgent, state: &str) -> Result<()> {
 async fn overflow_when_the_box_would_miss_its_objective_and_never_for_models_that_must_stay() -> Result<()> {
     let t = target().await?;
     let proxy = Faulty::start(&t.agent.base).await?;
-    // An objective of 1 µs: once the box knows its run time, every request would miss it.
+    // An objective of 1 µs: every request is older than that by the time it is routed.
     let (_r, _s, agent) = edge(&proxy.url(), "slo_p99 = \"1us\"", "").await?;
 
     let mut body = request("mlp", 0)?;
     body["parameters"] = json!({ "customer": "alice@example.com", "store": 12 });
-    let first = infer(&agent, "mlp", &body).await?;
-    ensure!(route(&first) == ("1.0.0", "local"), "no run time known yet: served here: {first}");
     for i in 0..5 {
         body["id"] = json!(format!("slo-{i}"));
         let answer = infer(&agent, "mlp", &body).await?;
