@@ -675,13 +675,8 @@ fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, 
         let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
         // The agent's own certificate (or its CA) when it is not in the system store.
         if let Some(ca) = std::env::var_os("OUTPOST_CA_FILE") {
-            let pem = std::fs::read(&ca)
-                .map_err(|e| FatalError::Usage(format!("OUTPOST_CA_FILE {}: {e}", ca.to_string_lossy())))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| FatalError::Usage(format!("OUTPOST_CA_FILE: {e}")))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder = crate::tls::add_roots(builder, std::path::Path::new(&ca), "OUTPOST_CA_FILE")
+                .map_err(FatalError::Usage)?;
         }
         let client = builder.build().map_err(|e| FatalError::Runtime(e.to_string()))?;
         let mut req = if method == "POST" { client.post(url) } else { client.get(url) };

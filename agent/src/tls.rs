@@ -96,3 +96,22 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
     }
     names
 }
+
+/// Adds every certificate of a PEM bundle file to a reqwest client's trusted roots; `key` names
+/// the setting in error messages.
+pub fn add_roots(
+    mut builder: reqwest::ClientBuilder,
+    ca: &std::path::Path,
+    key: &str,
+) -> Result<reqwest::ClientBuilder, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("{key} {}: {e}", ca.display()))?;
+    for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{key} {}: {e}", ca.display()))? {
+        builder = builder.add_root_certificate(c);
+    }
+    Ok(builder)
+}
+
+/// A bearer token from a file (surrounding whitespace dropped); `key` names the setting.
+pub fn read_token(path: &std::path::Path, key: &str) -> Result<String, String> {
+    Ok(std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?.trim().to_owned())
+}

@@ -14,6 +14,17 @@ use crate::protocol::TensorData;
 use crate::registry::dsse::Envelope;
 use crate::registry::{parse_time, Index, KeyPair, Root, SemVer, Statement, MANIFEST_TYPE};
 
+/// A response carrying a request's inputs back as outputs.
+fn echo(req: &crate::protocol::InferRequest) -> InferResponse {
+    InferResponse {
+        model_name: "m".into(),
+        model_version: "1".into(),
+        id: req.id.clone(),
+        parameters: req.parameters.clone(),
+        outputs: req.inputs.clone(),
+    }
+}
+
 /// The V2 JSON request parser: whatever it accepts holds shape-product elements per tensor and
 /// survives a round trip through the response encoder.
 pub fn v2_json(data: &[u8]) {
@@ -22,13 +33,7 @@ pub fn v2_json(data: &[u8]) {
         let n: usize = t.shape.iter().product();
         assert_eq!(t.data.len(), n, "tensor {} holds {} elements for shape {:?}", t.name, t.data.len(), t.shape);
     }
-    let resp = InferResponse {
-        model_name: "m".into(),
-        model_version: "1".into(),
-        id: req.id.clone(),
-        parameters: req.parameters.clone(),
-        outputs: req.inputs.clone(),
-    };
+    let resp = echo(&req);
     let bytes = response_json(&resp, &[]);
     let v: serde_json::Value = serde_json::from_slice(&bytes).expect("the encoder writes JSON");
     let back = tensors_from_value(v["outputs"].clone()).expect("encoded tensors parse back");
@@ -48,13 +53,7 @@ pub fn binary_tensor(data: &[u8]) {
         let back = TensorData::from_le_bytes(t.datatype(), &bytes, n).expect("re-encoded bytes decode");
         assert_eq!(back.to_le_bytes(), bytes, "binary round trip changed {}", t.name);
     }
-    let resp = InferResponse {
-        model_name: "m".into(),
-        model_version: "1".into(),
-        id: req.id.clone(),
-        parameters: req.parameters.clone(),
-        outputs: req.inputs.clone(),
-    };
+    let resp = echo(&req);
     let (body, header) = encode_response(&resp, |_| true);
     if let Some(h) = header {
         serde_json::from_slice::<serde_json::Value>(&body[..h]).expect("the binary response header is JSON");

@@ -222,22 +222,11 @@ impl Outbox {
         telemetry_dir: &std::path::Path,
     ) -> Result<Outbox, String> {
         crate::tls::install_crypto_provider();
-        let token = match &cfg.token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("upstream.token_file {}: {e}", p.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => None,
-        };
+        let token = cfg.token_file.as_deref().map(|p| crate::tls::read_token(p, "upstream.token_file")).transpose()?;
         let mut builder =
             reqwest::Client::builder().timeout(cfg.timeout).connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
         if let Some(ca) = &cfg.ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("upstream.ca {}: {e}", ca.display()))?;
-            for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("upstream.ca: {e}"))? {
-                builder = builder.add_root_certificate(c);
-            }
+            builder = crate::tls::add_roots(builder, ca, "upstream.ca")?;
         }
         let client = builder.build().map_err(|e| e.to_string())?;
         let spool = Spool::open(telemetry_dir, cfg.quota_bytes).map_err(|e| e.to_string())?;

@@ -120,10 +120,7 @@ impl Overflow {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true);
         if let Some(ca) = &config.ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("overflow.ca {}: {e}", ca.display()))?;
-            for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("overflow.ca: {e}"))? {
-                builder = builder.add_root_certificate(c);
-            }
+            builder = crate::tls::add_roots(builder, ca, "overflow.ca")?;
         }
         if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
             let mut pem = std::fs::read(cert).map_err(|e| format!("overflow.client_cert {}: {e}", cert.display()))?;
@@ -132,15 +129,8 @@ impl Overflow {
                 .identity(reqwest::Identity::from_pem(&pem).map_err(|e| format!("overflow client identity: {e}"))?);
         }
         let client = builder.build().map_err(|e| format!("overflow client: {e}"))?;
-        let token = match &config.token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("overflow.token_file {}: {e}", p.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => None,
-        };
+        let token =
+            config.token_file.as_deref().map(|p| crate::tls::read_token(p, "overflow.token_file")).transpose()?;
         let breaker = Breaker::new(config.failure_threshold, config.failure_window, config.open_for);
         Ok(Overflow { config, client, token, breaker, privacy })
     }
