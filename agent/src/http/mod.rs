@@ -440,15 +440,26 @@ fn control_error(e: crate::api::control::ControlError) -> ApiError {
     }
 }
 
+/// A model administration action: run it, audit it with its outcome, answer `{"result"}`.
+async fn model_action(
+    s: &HttpState,
+    principal: &Principal,
+    action: &str,
+    model: &str,
+    result: Result<String, crate::api::control::ControlError>,
+) -> Result<Response, ApiError> {
+    s.audit_admin(principal, action, model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
+    let msg = result.map_err(control_error)?;
+    Ok(axum::Json(json!({ "result": msg })).into_response())
+}
+
 async fn repository_load(
     State(s): State<HttpState>,
     Extension(principal): Extension<Principal>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let result = s.control.load(model.clone()).await;
-    s.audit_admin(&principal, "load", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
-    let msg = result.map_err(control_error)?;
-    Ok(axum::Json(json!({ "result": msg })).into_response())
+    model_action(&s, &principal, "load", &model, result).await
 }
 
 async fn repository_unload(
@@ -457,9 +468,7 @@ async fn repository_unload(
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let result = s.control.unload(model.clone()).await;
-    s.audit_admin(&principal, "unload", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
-    let msg = result.map_err(control_error)?;
-    Ok(axum::Json(json!({ "result": msg })).into_response())
+    model_action(&s, &principal, "unload", &model, result).await
 }
 
 async fn admin_rollback(
@@ -468,9 +477,7 @@ async fn admin_rollback(
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let result = s.control.rollback(model.clone()).await;
-    s.audit_admin(&principal, "rollback", &model, &result.as_ref().map_or_else(|e| e.to_string(), Clone::clone)).await;
-    let msg = result.map_err(control_error)?;
-    Ok(axum::Json(json!({ "result": msg })).into_response())
+    model_action(&s, &principal, "rollback", &model, result).await
 }
 
 async fn admin_poll(
