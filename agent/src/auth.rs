@@ -146,13 +146,13 @@ pub enum Denial {
     /// 401: no credentials, or credentials that match nothing.
     Unauthenticated(String),
     /// 403: a known principal without the role or model.
-    Forbidden(String),
+    Forbidden { principal: String, message: String },
 }
 
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denial::Unauthenticated(m) | Denial::Forbidden(m) => f.write_str(m),
+            Denial::Unauthenticated(m) | Denial::Forbidden { message: m, .. } => f.write_str(m),
         }
     }
 }
@@ -216,7 +216,7 @@ pub fn authorize(principal: &Principal, permission: &Permission) -> Result<(), D
         Permission::Observe => "observe (metrics, status)".to_owned(),
         Permission::Admin => "administer".to_owned(),
     };
-    Err(Denial::Forbidden(format!("{} may not {what}", principal.name)))
+    Err(Denial::Forbidden { principal: principal.name.clone(), message: format!("{} may not {what}", principal.name) })
 }
 
 /// A new token: the secret (shown once) and its config entry.

@@ -160,7 +160,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
                 Denial::Unauthenticated(_) => {
                     ("unauthenticated", StatusCode::UNAUTHORIZED, "unauthenticated".to_owned())
                 }
-                Denial::Forbidden(_) => ("forbidden", StatusCode::FORBIDDEN, denial_principal(&denial)),
+                Denial::Forbidden { principal, .. } => ("forbidden", StatusCode::FORBIDDEN, principal.clone()),
             };
             s.service.metrics.record_access_denied(kind);
             tracing::warn!(principal = %who, from = %from, path = %req.uri().path(), reason = %denial, "access denied");
@@ -193,11 +193,6 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
     }
     req.extensions_mut().insert(principal);
     next.run(req).await
-}
-
-/// The principal named in a 403 message ("token:x may not ...").
-fn denial_principal(d: &Denial) -> String {
-    d.to_string().split(" may not ").next().unwrap_or("unknown").to_owned()
 }
 
 async fn not_found(State(s): State<HttpState>, uri: Uri) -> ApiError {

@@ -59,12 +59,7 @@ impl Fetcher {
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &opts.ca {
-            let pem = std::fs::read(ca).map_err(|e| RegistryError::Io(format!("{}: {e}", ca.display())))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| RegistryError::Invalid(format!("{}: {e}", ca.display())))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder = crate::tls::add_roots(builder, ca, "registry.ca").map_err(RegistryError::Io)?;
         }
         let client = builder.build().map_err(|e| RegistryError::Invalid(format!("http client: {e}")))?;
         let base = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };

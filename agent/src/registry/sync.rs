@@ -295,8 +295,9 @@ impl RegistrySync {
         lifecycle(&self.service, name, &version, LifecycleKind::Verified, prepared.detail);
         let mut served =
             Served::start(name, &version, Arc::new(prepared.model), cfg.instances, cfg.max_queue, cfg.cache_bytes);
-        // The signed manifest allows overflow; the local configuration may only forbid it.
-        served.may_leave_site = stmt.predicate.residency.may_leave_site && cfg.may_leave_site;
+        // What the signed manifest allows; the configuration's `may_leave_site = false` is
+        // applied live by the router.
+        served.may_leave_site = stmt.predicate.residency.may_leave_site;
         Ok(served)
     }
 
