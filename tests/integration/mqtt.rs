@@ -272,8 +272,15 @@ async fn two_agents_share_the_load_and_one_takes_over_when_the_other_dies() -> a
     req.wait_all(&corrs, Duration::from_secs(60)).await?;
     let http = http_client();
     let mut served = Vec::new();
+    let mut outcomes = Vec::new();
     for (_, addr) in &agents {
         let m = http.get(format!("http://{addr}/metrics")).send().await?.text().await?;
+        // Every outcome line, so a failure says what the other answers were.
+        outcomes.extend(
+            m.lines()
+                .filter(|l| l.starts_with("outpost_inference_requests_total{model=\"mlp\"") && !l.ends_with(" 0"))
+                .map(|l| format!("{addr}: {l}")),
+        );
         let n: u64 = m
             .lines()
             .find(|l| l.starts_with("outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\"}"))
@@ -283,7 +290,7 @@ async fn two_agents_share_the_load_and_one_takes_over_when_the_other_dies() -> a
         served.push(n);
     }
     eprintln!("shared subscription split: {served:?}");
-    assert!(served.iter().all(|&n| n > 0) && served.iter().sum::<u64>() == 100, "{served:?}");
+    assert!(served.iter().all(|&n| n > 0) && served.iter().sum::<u64>() == 100, "{served:?} {outcomes:#?}");
 
     // Kill node-a; requesters retry what goes unanswered; node-b answers everything once
     // node-a's session has expired.
