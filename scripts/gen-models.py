@@ -58,8 +58,11 @@ def v2_tensor(name, arr):
     return {"name": name, "datatype": V2_TYPES[arr.dtype], "shape": list(arr.shape), "data": data}
 
 
-def write_golden(out_dir, model_path, cases, floor, note="", cosine_min=None):
-    """Run ONNX Runtime on every case and write golden.json next to the model."""
+def write_golden(out_dir, model_path, cases, floor, note="", cosine_min=None, reference=False):
+    """Run ONNX Runtime on every case and write golden.json next to the model. With
+    `reference`, the expected outputs are ONNX Runtime's with graph optimizations off (each
+    operator as the ONNX spec defines it, no fused int8 kernels whose rounding depends on the
+    CPU's instruction set); the tolerance still covers the spread to the optimized outputs."""
     import onnxruntime as ort
 
     fast, ref = ort_session(model_path, True), ort_session(model_path, False)
@@ -75,7 +78,7 @@ def write_golden(out_dir, model_path, cases, floor, note="", cosine_min=None):
         golden_cases.append(
             {
                 "inputs": [v2_tensor(k, v) for k, v in feeds.items()],
-                "outputs": [v2_tensor(n, v) for n, v in zip(out_names, got)],
+                "outputs": [v2_tensor(n, v) for n, v in zip(out_names, want_ref if reference else got)],
             }
         )
     atol = float(f"{max(floor, 4 * spread):.1e}")
@@ -83,7 +86,9 @@ def write_golden(out_dir, model_path, cases, floor, note="", cosine_min=None):
     if cosine_min is not None:
         tolerance["cosine_min"] = cosine_min
     golden = {
-        "producer": f"onnxruntime {ort.__version__} CPUExecutionProvider ORT_ENABLE_ALL, 1 thread",
+        "producer": f"onnxruntime {ort.__version__} CPUExecutionProvider "
+        + ("ORT_DISABLE_ALL" if reference else "ORT_ENABLE_ALL")
+        + ", 1 thread",
         "tolerance": tolerance,
         "ort_optimization_spread": spread,
         "note": note,
@@ -322,6 +327,13 @@ def make_fixtures(out):
         d = out / f"qdq-softmax-{tag}"
         save(model, d)
         write_golden(d, d / "model.onnx", [{"x": x}], 1e-4, "DequantizeLinear -> Softmax -> QuantizeLinear")
+        if tag == "u8":
+            # The same graph with a tolerance of two output quantization steps (2/256), as a
+            # publisher of a quantized model may set: the as-published plan still fails, the plan
+            # with its Q/DQ pairs folded reproduces it (see the plan chooser).
+            d = out / "qdq-softmax-u8-loose"
+            save(model, d)
+            write_golden(d, d / "model.onnx", [{"x": x}], 8e-3, "DequantizeLinear -> Softmax -> QuantizeLinear, 2/256 tolerance")
 
     # An operator tract does not implement: ai.onnx.ml Scaler.
     init = []
@@ -687,8 +699,14 @@ def make_minilm(out):
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         per_channel=True,
+        # 7-bit weights: ONNX Runtime's int8 kernels on AVX2 without VNNI saturate 16-bit
+        # intermediate sums with full-range weights, so its answers (the golden vectors) would
+        # depend on the CPU that built them. Reduced range gives the same answers everywhere.
+        reduce_range=True,
     )
-    quantize_dynamic(str(path), str(dyn_dir / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(
+        str(path), str(dyn_dir / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+    )
     # The broken variant, kept as a fixture outside the served directory: ONNX Runtime's default
     # static QDQ (every op, uint8 activations) emits DequantizeLinear -> Softmax ->
     # QuantizeLinear, which tract 0.23 runs without error but wrongly. The agent must refuse it.
@@ -704,9 +722,13 @@ def make_minilm(out):
     )
     write_golden(broken, broken / "model.onnx", cases, 1e-3, "ORT default static QDQ", cosine_min=0.99)
     results = []
-    for d, floor in [(out / "minilm", 1e-4), (qdq_dir, 1e-3), (dyn_dir, 1e-3)]:
-        # Embeddings are compared by direction too: every row must keep cosine >= 0.99.
-        atol, spread = write_golden(d, d / "model.onnx", cases, floor, cosine_min=0.99)
+    # The static QDQ variant quantizes activations too: single rounding steps of int8 activations
+    # move embedding elements by up to ~0.02 between correct runtimes, hence its wider floor.
+    for d, floor in [(out / "minilm", 1e-4), (qdq_dir, 3e-2), (dyn_dir, 1e-3)]:
+        # Embeddings are compared by direction too: every row must keep cosine >= 0.99. The
+        # quantized variants are built on the test machine, so their golden vectors are the
+        # CPU-independent reference outputs.
+        atol, spread = write_golden(d, d / "model.onnx", cases, floor, cosine_min=0.99, reference=d != out / "minilm")
         emb = ort_session(d / "model.onnx").run(None, {"input_ids": ids, "attention_mask": mask})[0]
         cos = float(np.min(np.sum(emb * ref, axis=1)))
         results.append((d.name, cos, atol, spread))

@@ -55,7 +55,15 @@ struct RawConfig {
     store: RawStore,
     overflow: Option<RawOverflow>,
     #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
     models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    threads: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +210,10 @@ struct RawModel {
     enabled: Option<bool>,
     instances: Option<u32>,
     max_queue: Option<u32>,
+    queue_timeout: Option<String>,
+    max_batch: Option<u32>,
+    max_queue_delay: Option<String>,
+    preferred_batch: Option<Vec<u32>>,
     plan_cache: Option<u32>,
     version_policy: Option<String>,
     versions: Option<Vec<String>>,
@@ -263,6 +275,9 @@ pub struct Config {
     pub auth: Option<crate::auth::AuthConfig>,
     /// The model store's device key file; `None` when `[store] encrypt = false`.
     pub store_key_file: Option<PathBuf>,
+    /// Inference runs executing at once across all models (`[engine] threads`; the core count
+    /// by default).
+    pub engine_threads: usize,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
     /// Where this configuration came from; `None` for the dev profile.
@@ -317,10 +332,14 @@ pub struct LogConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub enabled: bool,
-    /// Inference threads for this model.
+    /// Inference threads for this model (runs across models are capped by `engine.threads`).
     pub instances: usize,
     /// Requests waiting or running before new ones are refused with 503.
     pub max_queue: usize,
+    /// Requests queued longer than this are answered 503 instead of run.
+    pub queue_timeout: Option<Duration>,
+    /// Dynamic batching (`max_batch` > 1).
+    pub batch: Option<crate::engine::BatchPolicy>,
     /// Optimized plans kept, one per concrete input shape.
     pub plan_cache: usize,
     pub version_policy: VersionPolicy,
@@ -372,14 +391,29 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             enabled: true,
-            instances: 1,
+            instances: crate::engine::cpu::cores().min(64),
             max_queue: 64,
+            queue_timeout: None,
+            batch: None,
             plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
             version_policy: VersionPolicy::Latest,
             canary: None,
             overflow: crate::overflow::ModelOverflow::default(),
             may_leave_site: true,
             cache_bytes: 0,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// How a served version of this model queues and runs requests.
+    pub fn serve_options(&self) -> crate::engine::ServeOptions {
+        crate::engine::ServeOptions {
+            instances: self.instances,
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            cache_bytes: self.cache_bytes,
+            batch: self.batch.clone(),
         }
     }
 }
@@ -458,6 +492,7 @@ impl Config {
                 overflow: None,
                 auth: None,
                 store_key_file: Some(root.join(".outpost").join("store.key")),
+                engine_threads: crate::engine::cpu::cores(),
                 models: BTreeMap::new(),
                 path: None,
             }
@@ -467,7 +502,6 @@ impl Config {
     pub fn model(&self, name: &str) -> ModelConfig {
         self.models.get(name).cloned().unwrap_or_default()
     }
-
     pub fn is_dev_profile(&self) -> bool {
         self.path.is_none()
     }
@@ -554,6 +588,10 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     let http = validate_http(&raw.http, listen, max_body as usize, request_timeout, raw.auth.is_some(), dev, &resolve)
         .map_err(err)?;
     let auth = raw.auth.map(validate_auth).transpose().map_err(err)?;
+    let engine_threads = raw.engine.threads.map_or_else(crate::engine::cpu::cores, |t| t as usize);
+    if !(1..=256).contains(&engine_threads) {
+        return Err(err("engine.threads must be between 1 and 256".into()));
+    }
     let store_key_file = if raw.store.encrypt.unwrap_or(true) {
         Some(raw.store.key_file.map(&resolve).unwrap_or_else(|| state_dir.join("store.key")))
     } else {
@@ -690,6 +728,17 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         if !(1..=65536).contains(&max_queue) {
             return Err(err(format!("models.{mname}.max_queue must be between 1 and 65536")));
         }
+        let queue_timeout = match &m.queue_timeout {
+            None => None,
+            Some(t) => {
+                let t = parse_duration(t).map_err(|e| err(format!("models.{mname}.queue_timeout: {e}")))?;
+                if t.is_zero() {
+                    return Err(err(format!("models.{mname}.queue_timeout must be more than 0")));
+                }
+                Some(t)
+            }
+        };
+        let batch = validate_batch(&mname, &m).map_err(&err)?;
         let plan_cache = m.plan_cache.map_or(d.plan_cache, |v| v as usize);
         if !(1..=256).contains(&plan_cache) {
             return Err(err(format!("models.{mname}.plan_cache must be between 1 and 256")));
@@ -747,6 +796,8 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 enabled: m.enabled.unwrap_or(true),
                 instances,
                 max_queue,
+                queue_timeout,
+                batch,
                 plan_cache,
                 version_policy,
                 canary,
@@ -770,9 +821,35 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         overflow,
         auth,
         store_key_file,
+        engine_threads,
         models,
         path,
     })
+}
+
+fn validate_batch(mname: &str, m: &RawModel) -> Result<Option<crate::engine::BatchPolicy>, String> {
+    let max_batch = m.max_batch.unwrap_or(1) as usize;
+    if !(1..=1024).contains(&max_batch) {
+        return Err(format!("models.{mname}.max_batch must be between 1 and 1024"));
+    }
+    if max_batch == 1 {
+        if m.max_queue_delay.is_some() || m.preferred_batch.is_some() {
+            return Err(format!("models.{mname}: max_queue_delay and preferred_batch need max_batch > 1"));
+        }
+        return Ok(None);
+    }
+    let max_delay = parse_duration(m.max_queue_delay.as_deref().unwrap_or("0s"))
+        .map_err(|e| format!("models.{mname}.max_queue_delay: {e}"))?;
+    if max_delay > Duration::from_secs(1) {
+        return Err(format!("models.{mname}.max_queue_delay must be at most 1s"));
+    }
+    let mut preferred: Vec<usize> = m.preferred_batch.iter().flatten().map(|&v| v as usize).collect();
+    preferred.sort_unstable();
+    preferred.dedup();
+    if preferred.iter().any(|&p| p == 0 || p > max_batch) {
+        return Err(format!("models.{mname}.preferred_batch sizes must be between 1 and max_batch ({max_batch})"));
+    }
+    Ok(Some(crate::engine::BatchPolicy { max_batch, max_delay, preferred }))
 }
 
 fn validate_http(
@@ -1143,6 +1220,12 @@ mod tests {
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[models.\"../x\"]\n", "model names"),
             ("[models.mlp]\ninstances = 0", "instances"),
+            ("[models.mlp]\nmax_batch = 0", "max_batch"),
+            ("[models.mlp]\nmax_batch = 4\npreferred_batch = [8]", "preferred_batch"),
+            ("[models.mlp]\nmax_queue_delay = \"1ms\"", "need max_batch"),
+            ("[models.mlp]\nmax_batch = 4\nmax_queue_delay = \"5s\"", "max_queue_delay"),
+            ("[models.mlp]\nqueue_timeout = \"0s\"", "queue_timeout"),
+            ("[engine]\nthreads = 0", "engine.threads"),
             ("[http]\nlisten = \"0.0.0.0:8080\"\n[auth]\n", "tls_cert"),
             ("[http]\ntls_cert = \"a.pem\"", "go together"),
             ("[http]\nclient_ca = \"ca.pem\"", "client_ca"),

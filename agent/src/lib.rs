@@ -124,6 +124,7 @@ impl Agent {
             (None, None) => {}
             _ => tracing::warn!("turning TLS on or off takes a restart"),
         }
+        engine::cpu::set_threads(new.engine_threads);
         let new = Arc::new(new);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         let refused = self.local.reconcile(&self.service, &new).await;
@@ -180,6 +181,7 @@ impl Agent {
 /// Starts the agent: binds the listener, then loads models in the background.
 pub async fn start(config: Config) -> Result<Agent, FatalError> {
     tls::install_crypto_provider();
+    engine::cpu::set_threads(config.engine_threads);
     std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
         FatalError::Runtime(format!("cannot create state directory {}: {e}", config.node.state_dir.display()))
     })?;
@@ -272,7 +274,14 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     if let Some(mc) = &cfg.mqtt {
         let topics =
             mqtt::Topics { prefix: mc.topic_prefix.clone(), site: cfg.node.site.clone(), node: cfg.node.name.clone() };
-        tracker.spawn(mqtt::run(mc.clone(), topics, service.clone(), lifecycle_tx.subscribe(), cancel.child_token()));
+        tracker.spawn(mqtt::run(
+            mc.clone(),
+            topics,
+            service.clone(),
+            lifecycle_tx.subscribe(),
+            started_rx.clone(),
+            cancel.child_token(),
+        ));
     }
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     if let (Some(up), Some(a)) = (&cfg.upstream, &audit) {

@@ -3,6 +3,7 @@
 
 mod audit;
 mod bad_requests;
+mod batching;
 mod cli;
 mod crash;
 mod endpoints;

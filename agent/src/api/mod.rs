@@ -88,6 +88,11 @@ impl RequestContext {
 }
 
 /// Process-unique request ids: time-based prefix plus a counter.
+/// Retry-After for an overloaded model: the time its queue needs to drain, at least 1 s.
+fn retry_after(served: &crate::engine::Served) -> Duration {
+    Duration::from_secs(served.estimated_latency().as_secs().saturating_add(1).min(60))
+}
+
 pub fn next_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
@@ -398,7 +403,7 @@ impl InferenceService {
                     SubmitError::QueueFull(_) => InferError::Overloaded {
                         model: model.to_owned(),
                         reason: e.to_string(),
-                        retry_after: Duration::from_secs(1),
+                        retry_after: retry_after(&served),
                     },
                     SubmitError::Closed => InferError::NotReady(model.to_owned()),
                 });
@@ -411,6 +416,11 @@ impl InferenceService {
         *served_as = Some((served.version.clone(), Some(run_time)));
         let mut outputs = result.map_err(|e| match e {
             JobError::Expired => InferError::DeadlineExceeded,
+            JobError::QueueTimeout(_) => InferError::Overloaded {
+                model: model.to_owned(),
+                reason: e.to_string(),
+                retry_after: retry_after(&served),
+            },
             JobError::Run(RunError::InvalidInput(m)) => InferError::InvalidInput(m),
             JobError::Run(RunError::Engine(m)) => InferError::Internal(m),
         })?;

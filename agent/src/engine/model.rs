@@ -74,6 +74,9 @@ pub enum LoadError {
     Panic(String),
     #[error("golden vectors not reproduced: {0}")]
     Golden(String),
+    /// A candidate plan left out by the plan chooser for being far slower than another.
+    #[error("not checked: {0}")]
+    Slower(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,6 +94,11 @@ struct PlanCache {
 
 pub struct LoadedModel {
     pub signature: Signature,
+    /// Which variant of the graph runs (see [`super::rewrite`]); `as-published` unless a
+    /// quantized model's rewrite was faster and reproduced the golden vectors.
+    pub variant: super::rewrite::Variant,
+    /// Every candidate the plan chooser tried (empty for models it had no choice for).
+    pub candidates: Vec<super::rewrite::Candidate>,
     typed: TypedModel,
     symbols: Vec<Symbol>,
     plans: Mutex<PlanCache>,
@@ -166,15 +174,37 @@ fn first_line(s: &str, max: usize) -> String {
 impl LoadedModel {
     /// Parses and declutters an ONNX model. Blocking; call off the async workers.
     pub fn load(onnx: &[u8], plan_capacity: usize) -> Result<LoadedModel, LoadError> {
-        match catch_unwind(AssertUnwindSafe(|| Self::load_inner(onnx, plan_capacity))) {
+        let proto = Self::parse(onnx)?;
+        Self::load_proto(&proto, super::rewrite::Variant::Published, plan_capacity)
+    }
+
+    /// Decodes the ONNX protobuf (no tract graph yet).
+    pub fn parse(onnx: &[u8]) -> Result<tract_onnx::pb::ModelProto, LoadError> {
+        match catch_unwind(AssertUnwindSafe(|| tract_onnx::onnx().proto_model_for_read(&mut &onnx[..]))) {
+            Ok(r) => r.map_err(classify),
+            Err(p) => Err(LoadError::Panic(panic_message(p))),
+        }
+    }
+
+    /// Loads a decoded model (as published, or a rewritten variant of it).
+    pub fn load_proto(
+        proto: &tract_onnx::pb::ModelProto,
+        variant: super::rewrite::Variant,
+        plan_capacity: usize,
+    ) -> Result<LoadedModel, LoadError> {
+        match catch_unwind(AssertUnwindSafe(|| Self::load_inner(proto, variant, plan_capacity))) {
             Ok(r) => r,
             Err(p) => Err(LoadError::Panic(panic_message(p))),
         }
     }
 
-    fn load_inner(onnx: &[u8], plan_capacity: usize) -> Result<LoadedModel, LoadError> {
+    fn load_inner(
+        proto: &tract_onnx::pb::ModelProto,
+        variant: super::rewrite::Variant,
+        plan_capacity: usize,
+    ) -> Result<LoadedModel, LoadError> {
         let mut model =
-            tract_onnx::onnx().with_ignore_value_info(true).model_for_read(&mut &onnx[..]).map_err(classify)?;
+            tract_onnx::onnx().with_ignore_value_info(true).model_for_proto_model(proto).map_err(classify)?;
         let mut inputs = Vec::new();
         let mut symbols: Vec<Symbol> = Vec::new();
         let input_outlets = model.input_outlets().map_err(classify)?.to_vec();
@@ -240,6 +270,8 @@ impl LoadedModel {
         }
         Ok(LoadedModel {
             signature: Signature { inputs, outputs },
+            variant,
+            candidates: Vec::new(),
             typed,
             symbols,
             plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new() }),
@@ -369,6 +401,14 @@ impl LoadedModel {
     /// Builds the plan for these symbol values ahead of traffic (e.g. batch 1 at load).
     pub fn prepare(&self, key: &[usize]) -> Result<(), RunError> {
         self.plan(key).map(|_| ())
+    }
+
+    /// Whether requests can be batched: every input and output has the same dynamic first
+    /// dimension.
+    pub fn batch_axis(&self) -> bool {
+        let Some(sym) = self.signature.batch_symbol() else { return false };
+        !self.signature.outputs.is_empty()
+            && self.signature.outputs.iter().all(|o| matches!(o.dims.first(), Some(Dim::Dynamic(s)) if s == sym))
     }
 
     pub fn symbol_count(&self) -> usize {

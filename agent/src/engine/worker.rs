@@ -3,14 +3,16 @@
 //! queue. Dropping the last handle to a [`Served`] closes its queue; the workers finish what is
 //! queued and exit, releasing the model.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::batch::{self, BatchPolicy};
 use super::model::{LoadedModel, RunError};
 use crate::protocol::Tensor;
 
@@ -23,10 +25,15 @@ pub enum JobError {
     Run(#[from] RunError),
     #[error("request deadline passed while queued")]
     Expired,
+    #[error("queued longer than the model's queue_timeout ({} ms)", .0.as_millis())]
+    QueueTimeout(Duration),
 }
 
 struct Job {
     inputs: Vec<Tensor>,
+    /// Rows on the batch axis (1 for models without one).
+    rows: usize,
+    queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<(JobResult, Duration)>,
     /// A place in the queue, given back when the job is done.
@@ -39,6 +46,34 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("model is shutting down")]
     Closed,
+}
+
+/// How one served version queues and runs its requests (from `[models.<name>]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeOptions {
+    /// Worker threads; runs across all models are still capped by [`super::cpu`] slots.
+    pub instances: usize,
+    /// Requests waiting or running before new ones are refused.
+    pub max_queue: usize,
+    /// A request that waited longer than this is answered "overloaded" instead of run.
+    pub queue_timeout: Option<Duration>,
+    /// Response cache in bytes; 0 turns it off.
+    pub cache_bytes: usize,
+    /// Dynamic batching; applies only to models with a dynamic batch dimension.
+    pub batch: Option<BatchPolicy>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { instances: 1, max_queue: 64, queue_timeout: None, cache_bytes: 0, batch: None }
+    }
+}
+
+/// Runs and rows since start, for the mean batch size.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub runs: AtomicU64,
+    pub rows: AtomicU64,
 }
 
 /// A model with its queue and worker threads: the unit the serving table swaps.
@@ -58,6 +93,9 @@ pub struct Served {
     pub may_leave_site: bool,
     /// This version's response cache (`cache_bytes`), when enabled.
     pub cache: Option<super::cache::ResponseCache>,
+    /// The batching in effect (`None` when off or the model has no batch dimension).
+    pub batching: Option<BatchPolicy>,
+    pub stats: Arc<BatchStats>,
 }
 
 impl std::fmt::Debug for Served {
@@ -67,27 +105,35 @@ impl std::fmt::Debug for Served {
 }
 
 impl Served {
-    pub fn start(
-        name: &str,
-        version: &str,
-        model: Arc<LoadedModel>,
-        instances: usize,
-        max_queue: usize,
-        cache_bytes: usize,
-    ) -> Served {
-        let (tx, rx) = sync_channel::<Job>(max_queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
+    pub fn start(name: &str, version: &str, model: Arc<LoadedModel>, opts: &ServeOptions) -> Served {
+        let max_queue = opts.max_queue.max(1);
+        let batching = opts.batch.clone().filter(|p| {
+            let usable = p.max_batch > 1 && model.batch_axis();
+            if p.max_batch > 1 && !usable {
+                tracing::warn!(
+                    model = name,
+                    "batching configured but the model has no dynamic batch dimension on every input and output: off"
+                );
+            }
+            usable
+        });
+        let (tx, rx) = sync_channel::<Job>(max_queue);
+        let queue = Arc::new(Mutex::new(Queue { rx, held: VecDeque::new() }));
         let depth = Arc::new(AtomicUsize::new(0));
         let avg_run_us = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(BatchStats::default());
         let mut workers = Vec::new();
-        for i in 0..instances.max(1) {
-            let rx = rx.clone();
-            let model = model.clone();
-            let depth = depth.clone();
-            let avg = avg_run_us.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("infer-{name}-{i}"))
-                .spawn(move || worker_loop(&rx, &model, &depth, &avg));
+        for i in 0..opts.instances.max(1) {
+            let w = Worker {
+                queue: queue.clone(),
+                model: model.clone(),
+                depth: depth.clone(),
+                avg_us: avg_run_us.clone(),
+                stats: stats.clone(),
+                batching: batching.clone(),
+                queue_timeout: opts.queue_timeout,
+            };
+            let spawned = std::thread::Builder::new().name(format!("infer-{name}-{i}")).spawn(move || w.run());
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => tracing::error!(model = name, error = %e, "cannot start inference thread"),
@@ -99,12 +145,14 @@ impl Served {
             model,
             tx,
             depth,
-            capacity: max_queue.max(1),
-            permits: Arc::new(tokio::sync::Semaphore::new(max_queue.max(1))),
+            capacity: max_queue,
+            permits: Arc::new(tokio::sync::Semaphore::new(max_queue)),
             workers,
             avg_run_us,
             may_leave_site: false,
-            cache: (cache_bytes > 0).then(|| super::cache::ResponseCache::new(cache_bytes)),
+            cache: (opts.cache_bytes > 0).then(|| super::cache::ResponseCache::new(opts.cache_bytes)),
+            batching,
+            stats,
         }
     }
 
@@ -144,7 +192,9 @@ impl Served {
         };
         let (reply, rx) = oneshot::channel();
         self.depth.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(Job { inputs, deadline, reply, _permit: permit }) {
+        let rows = batch::rows(&inputs);
+        let job = Job { inputs, rows, queued: Instant::now(), deadline, reply, _permit: permit };
+        match self.tx.try_send(job) {
             Ok(()) => Ok(rx),
             Err(e) => {
                 self.depth.fetch_sub(1, Ordering::SeqCst);
@@ -166,27 +216,148 @@ impl Served {
     }
 }
 
-fn worker_loop(rx: &Mutex<Receiver<Job>>, model: &LoadedModel, depth: &AtomicUsize, avg_us: &AtomicU64) {
-    loop {
-        let job = {
-            let Ok(guard) = rx.lock() else { return };
-            match guard.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
-        let started = Instant::now();
-        let result =
-            if started > job.deadline { Err(JobError::Expired) } else { model.run(job.inputs).map_err(JobError::from) };
-        let ran = started.elapsed();
-        depth.fetch_sub(1, Ordering::SeqCst);
-        if result.is_ok() {
-            // Exponential moving average, weight 1/8 for the newest run.
-            let us = ran.as_micros().min(u128::from(u64::MAX / 8)) as u64;
-            let old = avg_us.load(Ordering::Relaxed);
-            avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
+struct Queue {
+    rx: Receiver<Job>,
+    /// Jobs taken from the channel that did not fit the batch being formed; served first.
+    held: VecDeque<Job>,
+}
+
+struct Worker {
+    queue: Arc<Mutex<Queue>>,
+    model: Arc<LoadedModel>,
+    depth: Arc<AtomicUsize>,
+    avg_us: Arc<AtomicU64>,
+    stats: Arc<BatchStats>,
+    batching: Option<BatchPolicy>,
+    queue_timeout: Option<Duration>,
+}
+
+impl Worker {
+    fn run(self) {
+        loop {
+            let jobs = {
+                let Ok(mut q) = self.queue.lock() else { return };
+                match next_batch(&mut q, self.batching.as_ref()) {
+                    Some(jobs) => jobs,
+                    None => return,
+                }
+            };
+            self.execute(jobs);
         }
+    }
+
+    /// Runs one batch (one job when batching is off) and answers every job in it.
+    fn execute(&self, jobs: Vec<Job>) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let refusal = if now > job.deadline {
+                Some(JobError::Expired)
+            } else {
+                self.queue_timeout.filter(|t| now.duration_since(job.queued) > *t).map(JobError::QueueTimeout)
+            };
+            match refusal {
+                Some(e) => self.answer(job, Err(e), Duration::ZERO),
+                None => live.push(job),
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let results = {
+            let _slot = super::cpu::acquire();
+            self.run_jobs(&mut live)
+        };
+        let ran = started.elapsed();
+        self.stats.runs.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(live.iter().map(|j| j.rows as u64).sum(), Ordering::Relaxed);
+        if results.iter().any(Result::is_ok) {
+            // Exponential moving average of the time per job, weight 1/8 for the newest run.
+            let us = (ran.as_micros() / live.len() as u128).min(u128::from(u64::MAX / 8)) as u64;
+            let old = self.avg_us.load(Ordering::Relaxed);
+            self.avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
+        }
+        for (job, result) in live.into_iter().zip(results) {
+            self.answer(job, result, ran);
+        }
+    }
+
+    /// One result per job. A batch whose joint run fails is retried job by job, so one
+    /// request's failure never becomes its neighbours'.
+    fn run_jobs(&self, jobs: &mut [Job]) -> Vec<JobResult> {
+        if let [job] = jobs {
+            return vec![self.model.run(std::mem::take(&mut job.inputs)).map_err(JobError::from)];
+        }
+        let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+        let inputs: Vec<Vec<Tensor>> = jobs.iter().map(|j| j.inputs.clone()).collect();
+        let joint = batch::concat(inputs)
+            .and_then(|joined| self.model.run(joined).map_err(|e| e.to_string()))
+            .and_then(|out| batch::split(out, &rows));
+        match joint {
+            Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::debug!(model_error = %e, jobs = jobs.len(), "batched run failed; running its requests one by one");
+                jobs.iter_mut().map(|j| self.model.run(std::mem::take(&mut j.inputs)).map_err(JobError::from)).collect()
+            }
+        }
+    }
+
+    fn answer(&self, job: Job, result: JobResult, ran: Duration) {
+        self.depth.fetch_sub(1, Ordering::SeqCst);
         // The requester may have gone (deadline, disconnect): nothing to do then.
         let _ = job.reply.send((result, ran));
     }
+}
+
+/// Takes the next job and, with batching, the compatible jobs that join it: until `max_batch`
+/// rows, a preferred size with nothing more queued, or `max_delay` after the first job.
+fn next_batch(q: &mut Queue, policy: Option<&BatchPolicy>) -> Option<Vec<Job>> {
+    let first = match q.held.pop_front() {
+        Some(j) => j,
+        None => q.rx.recv().ok()?,
+    };
+    let Some(p) = policy else { return Some(vec![first]) };
+    let mut rows = first.rows;
+    let mut jobs = vec![first];
+    let until = Instant::now() + p.max_delay;
+    // Held jobs first, in order, as long as they fit.
+    let mut i = 0;
+    while i < q.held.len() && rows < p.max_batch {
+        let fits = q.held[i].rows + rows <= p.max_batch && batch::compatible(&jobs[0].inputs, &q.held[i].inputs);
+        match fits.then(|| q.held.remove(i)).flatten() {
+            Some(j) => {
+                rows += j.rows;
+                jobs.push(j);
+            }
+            None => i += 1,
+        }
+    }
+    while rows < p.max_batch {
+        let next = match q.rx.try_recv() {
+            Ok(j) => j,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                let now = Instant::now();
+                if p.preferred.contains(&rows) || now >= until {
+                    break;
+                }
+                match q.rx.recv_timeout(until - now) {
+                    Ok(j) => j,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        if !batch::compatible(&jobs[0].inputs, &next.inputs) {
+            q.held.push_back(next);
+        } else if rows + next.rows > p.max_batch {
+            // The next in line does not fit: this batch is as full as it gets.
+            q.held.push_front(next);
+            break;
+        } else {
+            rows += next.rows;
+            jobs.push(next);
+        }
+    }
+    Some(jobs)
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::BodyExt;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::api::{InferError, InferenceService, ModelState, RequestContext, Transport};
 use crate::auth::{Denial, Permission, Principal};
@@ -241,8 +241,34 @@ fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Respons
         "platform": "onnx",
         "inputs": sig.inputs.iter().map(spec).collect::<Vec<_>>(),
         "outputs": sig.outputs.iter().map(spec).collect::<Vec<_>>(),
+        // Outpost's own: how this version runs (the plan chooser's verdict, batching).
+        "parameters": serving_parameters(&served),
     }))
     .into_response())
+}
+
+/// The plan the loader chose (and every candidate it tried), and the batching in effect.
+fn serving_parameters(served: &crate::engine::Served) -> Value {
+    let candidates: Vec<Value> = served
+        .model
+        .candidates
+        .iter()
+        .map(|c| match &c.outcome {
+            Ok(t) => json!({ "plan": c.variant.as_str(), "median_us": t.as_micros() as u64 }),
+            Err(e) => json!({ "plan": c.variant.as_str(), "rejected": e }),
+        })
+        .collect();
+    let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);
+    let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+    json!({
+        "plan": served.model.variant.as_str(),
+        "plan_candidates": candidates,
+        "max_batch": served.batching.as_ref().map_or(1, |b| b.max_batch),
+        "max_queue_delay_us": served.batching.as_ref().map_or(0, |b| b.max_delay.as_micros() as u64),
+        "preferred_batch": served.batching.as_ref().map(|b| b.preferred.clone()).unwrap_or_default(),
+        "runs": runs,
+        "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
+    })
 }
 
 async fn model_metadata(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
@@ -501,6 +527,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
                 "versions": repo.versions(&name),
                 "canary": repo.canary_version(&name),
                 "queue_depth": served.as_ref().map_or(0, |x| x.queue_depth()),
+                "serving": served.as_ref().map(|x| serving_parameters(x)),
                 "reason": status.reason,
             })
         })

@@ -5,11 +5,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::api::events::{Event, LifecycleKind};
 use crate::api::InferenceService;
 use crate::config::{valid_name, ModelConfig};
+use crate::engine::rewrite::{self, Candidate, Variant};
 use crate::engine::{Golden, LoadError, LoadedModel, Served};
 
 /// Largest model file the agent reads.
@@ -77,30 +78,180 @@ pub struct Prepared {
     pub detail: String,
 }
 
-/// Loads a model and checks its golden vectors. Blocking: run on a blocking thread.
+/// Runs of the first golden case timed per candidate, and the time they may take.
+const TIMED_RUNS: usize = 25;
+const TIMING_BUDGET: Duration = Duration::from_millis(300);
+/// A rewrite must beat the published graph by this factor to replace it.
+const REWRITE_MARGIN: f64 = 0.95;
+/// A candidate whose first run is this many times slower than the fastest passing plan is
+/// rejected without its golden check.
+const SLOWER_SKIP: u32 = 3;
+
+fn one_run(model: &LoadedModel, golden: &Golden) -> Result<Duration, String> {
+    let case = golden.cases.first().ok_or("golden file has no cases")?;
+    let inputs = model.validate(case.inputs.clone()).map_err(|e| e.to_string())?;
+    // The first run builds the plan; the second is timed.
+    model.run(inputs.clone()).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    model.run(inputs).map_err(|e| e.to_string())?;
+    Ok(t.elapsed())
+}
+
+fn median_run(model: &LoadedModel, golden: &Golden) -> Result<Duration, String> {
+    let case = golden.cases.first().ok_or("golden file has no cases")?;
+    let inputs = model.validate(case.inputs.clone()).map_err(|e| e.to_string())?;
+    model.run(inputs.clone()).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(TIMED_RUNS);
+    while times.len() < TIMED_RUNS && (times.len() < 3 || started.elapsed() < TIMING_BUDGET) {
+        let t = Instant::now();
+        model.run(inputs.clone()).map_err(|e| e.to_string())?;
+        times.push(t.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times[times.len() / 2])
+}
+
+/// Loads a model and checks its golden vectors. For a quantized model, every candidate graph
+/// (see [`crate::engine::rewrite`]) is loaded, checked and timed, and the fastest that
+/// reproduces the golden vectors is kept; none passing refuses the model. Blocking: run on a
+/// blocking thread.
 pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<Prepared, LoadError> {
     let started = Instant::now();
-    let model = LoadedModel::load(onnx, cfg.plan_cache)?;
-    let detail = match golden {
-        Some(bytes) => {
-            let golden = Golden::parse(bytes).map_err(LoadError::Golden)?;
+    let proto = LoadedModel::parse(onnx)?;
+    let golden = golden.map(|g| Golden::parse(g).map_err(LoadError::Golden)).transpose()?;
+    let (model, detail) = match &golden {
+        Some(golden) if rewrite::is_quantized(&proto) => choose(&proto, golden, cfg, started)?,
+        Some(golden) => {
+            let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
             let report = golden.check(&model).map_err(LoadError::Golden)?;
-            format!(
+            let detail = format!(
                 "golden vectors reproduced: {} cases, max abs error {:.2e} (tolerance {:e}); loaded in {} ms",
                 report.cases,
                 report.max_abs_error,
                 golden.tolerance.atol,
                 started.elapsed().as_millis()
-            )
+            );
+            (model, detail)
         }
         None => {
-            // Warm the batch-1 plan so the first request does not pay for optimization.
-            let key = vec![1; model.symbol_count()];
-            model.prepare(&key).map_err(|e| LoadError::Parse(e.to_string()))?;
-            format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis())
+            let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
+            (model, format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis()))
         }
     };
+    warm(&model, cfg)?;
     Ok(Prepared { model, detail })
+}
+
+/// Builds the plans traffic will need first: batch 1, and each preferred batch size.
+fn warm(model: &LoadedModel, cfg: &ModelConfig) -> Result<(), LoadError> {
+    let mut sizes = vec![1];
+    if let Some(b) = cfg.batch.as_ref().filter(|_| model.batch_axis() && model.symbol_count() == 1) {
+        sizes.extend(b.preferred.iter().copied().take(cfg.plan_cache.saturating_sub(1)));
+    }
+    if model.symbol_count() == 0 {
+        return model.prepare(&[]).map_err(|e| LoadError::Parse(e.to_string()));
+    }
+    if model.symbol_count() == 1 {
+        for n in sizes {
+            model.prepare(&[n]).map_err(|e| LoadError::Parse(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The plan chooser: the fastest candidate that reproduces the golden vectors.
+fn choose(
+    proto: &tract_onnx::pb::ModelProto,
+    golden: &Golden,
+    cfg: &ModelConfig,
+    started: Instant,
+) -> Result<(LoadedModel, String), LoadError> {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut best: Option<(LoadedModel, Duration, crate::engine::GoldenReport)> = None;
+    let mut first_error: Option<LoadError> = None;
+    // Rewrites first, the published graph last: a candidate whose first run is far slower than
+    // the fastest passing one is not worth its golden check (tract's integer kernels can be
+    // 25x slower than the float rewrite).
+    let mut variants: Vec<(Variant, Option<tract_onnx::pb::ModelProto>)> =
+        rewrite::variants(proto).into_iter().map(|(v, p)| (v, Some(p))).collect();
+    variants.push((Variant::Published, None));
+    for (variant, rewritten) in variants {
+        let loaded = LoadedModel::load_proto(rewritten.as_ref().unwrap_or(proto), variant, cfg.plan_cache);
+        let checked = loaded.and_then(|m| {
+            if let Some((_, fastest, _)) = &best {
+                let first = one_run(&m, golden).map_err(LoadError::Golden)?;
+                if first > *fastest * SLOWER_SKIP {
+                    return Err(LoadError::Slower(format!(
+                        "one run took {} µs, over {SLOWER_SKIP}x the fastest passing plan ({} µs)",
+                        first.as_micros(),
+                        fastest.as_micros()
+                    )));
+                }
+            }
+            let report = golden.check(&m).map_err(LoadError::Golden)?;
+            let time = median_run(&m, golden).map_err(LoadError::Golden)?;
+            Ok((m, time, report))
+        });
+        match checked {
+            Ok((m, time, report)) => {
+                candidates.push(Candidate { variant, outcome: Ok(time) });
+                let better = match &best {
+                    None => true,
+                    // A rewrite must beat the published graph by the margin to replace it.
+                    Some(_) if variant == Variant::Published => {
+                        best.as_ref().is_some_and(|(_, t, _)| time.as_secs_f64() * REWRITE_MARGIN <= t.as_secs_f64())
+                    }
+                    Some((_, t, _)) => time < *t,
+                };
+                if better {
+                    best = Some((m, time, report));
+                }
+            }
+            Err(e) => {
+                candidates.push(Candidate { variant, outcome: Err(e.to_string()) });
+                // The published graph's own failure leads the refusal message.
+                if variant == Variant::Published {
+                    first_error = Some(e);
+                } else {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    // Reported in the publisher's order: the graph as published first.
+    candidates.sort_by_key(|c| c.variant != Variant::Published);
+    let summary = candidates
+        .iter()
+        .map(|c| match &c.outcome {
+            Ok(t) => format!("{} {} µs", c.variant.as_str(), t.as_micros()),
+            Err(e) => format!("{} rejected ({e})", c.variant.as_str()),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    match best {
+        Some((model, _, report)) => {
+            tracing::info!(plan = model.variant.as_str(), candidates = %summary, "plan chosen");
+            let detail = format!(
+                "golden vectors reproduced: {} cases, max abs error {:.2e} (tolerance {:e}); plan {} chosen of: {summary}; loaded in {} ms",
+                report.cases,
+                report.max_abs_error,
+                golden.tolerance.atol,
+                model.variant.as_str(),
+                started.elapsed().as_millis()
+            );
+            let mut model = model;
+            model.candidates = candidates;
+            Ok((model, detail))
+        }
+        None => Err(match first_error {
+            Some(LoadError::Golden(m)) if candidates.len() > 1 => {
+                LoadError::Golden(format!("{m} (no candidate plan passes: {summary})"))
+            }
+            Some(e) => e,
+            None => LoadError::Golden(format!("no candidate plan passes: {summary}")),
+        }),
+    }
 }
 
 /// Loads, checks and activates one local model. A refusal is recorded and returned.
@@ -121,14 +272,7 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
     .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
     match result {
         Ok(prepared) => {
-            let served = Served::start(
-                &src.name,
-                &src.version,
-                Arc::new(prepared.model),
-                cfg.instances,
-                cfg.max_queue,
-                cfg.cache_bytes,
-            );
+            let served = Served::start(&src.name, &src.version, Arc::new(prepared.model), &cfg.serve_options());
             service.repository.activate(served);
             let _ = service
                 .events

@@ -134,6 +134,7 @@ pub async fn run(
     topics: Topics,
     service: InferenceService,
     mut events: tokio::sync::broadcast::Receiver<Event>,
+    started: tokio::sync::watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
     let opts = match options(&cfg, &topics) {
@@ -184,7 +185,15 @@ pub async fn run(
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let (client, service, topics, cfg) = (client.clone(), service.clone(), topics.clone(), cfg.clone());
-                    inflight.spawn(async move { handle(&client, &service, &topics, &cfg, p).await });
+                    let mut started = started.clone();
+                    inflight.spawn(async move {
+                        // Requests that arrive during the initial model load (a restart with a
+                        // persistent session, a new member of a shared subscription) wait for
+                        // it, rather than being answered "not ready"; in-flight stays bounded
+                        // by Receive Maximum and unacknowledged requests stay with the broker.
+                        let _ = started.wait_for(|s| *s).await;
+                        handle(&client, &service, &topics, &cfg, p).await
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => {

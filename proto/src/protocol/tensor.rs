@@ -156,6 +156,41 @@ impl TensorData {
 }
 
 impl TensorData {
+    /// Appends `other`'s elements (row-major data: appending is concatenation along the first
+    /// axis). Fails, leaving `self` as it was, when the element types differ.
+    pub fn append(&mut self, other: TensorData) -> Result<(), String> {
+        macro_rules! pairs {
+            ($($var:ident),*) => {
+                match (self, other) {
+                    $((TensorData::$var(a), TensorData::$var(mut b)) => {
+                        a.append(&mut b);
+                        Ok(())
+                    })*
+                    (a, b) => Err(format!("cannot append {} to {}", b.datatype(), a.datatype())),
+                }
+            };
+        }
+        pairs!(Bool, U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, Bytes)
+    }
+
+    /// Splits off the elements from `at` on (`self` keeps the first `at`), as `Vec::split_off`;
+    /// `at` beyond the end is clamped.
+    pub fn split_off(&mut self, at: usize) -> TensorData {
+        macro_rules! split {
+            ($($var:ident),*) => {
+                match self {
+                    $(TensorData::$var(v) => {
+                        let at = at.min(v.len());
+                        TensorData::$var(v.split_off(at))
+                    })*
+                }
+            };
+        }
+        split!(Bool, U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, Bytes)
+    }
+}
+
+impl TensorData {
     /// The raw little-endian bytes (Triton's binary tensor layout; BYTES elements are each
     /// prefixed with a 4-byte little-endian length).
     pub fn to_le_bytes(&self) -> Vec<u8> {

@@ -1,0 +1,233 @@
+//! Dynamic batching, the queue policy and the plan chooser: the real MLP and fixture models,
+//! the engine's own queue and real HTTP over loopback.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost::engine::{BatchPolicy, LoadedModel, ServeOptions, Served};
+use outpost::protocol::{Tensor, TensorData};
+use outpost_tests::{golden_for, root, TestAgent};
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn mlp() -> Arc<LoadedModel> {
+    let onnx = std::fs::read(root().join("models/mlp/model.onnx")).expect("demo MLP");
+    Arc::new(LoadedModel::load(&onnx, 16).expect("MLP loads"))
+}
+
+/// `rows` rows of 30 features, distinct per caller so mixed-up rows cannot pass.
+fn input(caller: usize, rows: usize, seed: u32) -> Vec<Tensor> {
+    let data = (0..rows * 30)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 100.0 + caller as f32)
+        .collect();
+    vec![Tensor { name: "X".into(), shape: vec![rows, 30], data: TensorData::F32(data) }]
+}
+
+fn close(a: &[Tensor], b: &[Tensor]) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("{} outputs, expected {}", a.len(), b.len()));
+    }
+    for (x, y) in a.iter().zip(b) {
+        if x.name != y.name || x.shape != y.shape {
+            return Err(format!("output {} {:?}, expected {} {:?}", x.name, x.shape, y.name, y.shape));
+        }
+        let (Some(p), Some(q)) = (x.data.to_f64(), y.data.to_f64()) else { return Err("not numeric".into()) };
+        for (i, (u, v)) in p.iter().zip(&q).enumerate() {
+            if (u - v).abs() > 1e-5 + 1e-4 * v.abs() {
+                return Err(format!("output {} element {i} is {u}, alone it is {v}", x.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Concurrent callers with random batch sizes: each gets exactly the outputs its own rows
+    /// give when run alone, whatever batches the queue formed.
+    #[test]
+    fn batching_returns_each_caller_exactly_its_own_rows(
+        sizes in prop::collection::vec(1usize..=5, 2..=12),
+        seed in any::<u32>(),
+        max_batch in 2usize..=9,
+        instances in 1usize..=2,
+    ) {
+        let model = mlp();
+        let inputs: Vec<Vec<Tensor>> = sizes.iter().enumerate().map(|(c, &r)| input(c, r, seed)).collect();
+        let alone: Vec<Vec<Tensor>> = inputs
+            .iter()
+            .map(|i| model.run(model.validate(i.clone()).expect("valid")).expect("runs"))
+            .collect();
+        let policy = BatchPolicy { max_batch, max_delay: Duration::from_millis(50), preferred: vec![] };
+        let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy), ..ServeOptions::default() };
+        let served = Served::start("mlp", "1", model.clone(), &opts);
+        prop_assert!(served.batching.is_some(), "the MLP has a batch dimension");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let answers = rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Every request is queued before any answer is awaited, so the queue can batch them.
+            let mut pending = Vec::new();
+            for i in &inputs {
+                pending.push(served.submit(i.clone(), deadline, true).await.expect("queued"));
+            }
+            let mut out = Vec::new();
+            for rx in pending {
+                out.push(rx.await.expect("answered").0.expect("inference succeeds"));
+            }
+            out
+        });
+        for (caller, (got, want)) in answers.iter().zip(&alone).enumerate() {
+            prop_assert!(close(got, want).is_ok(), "caller {caller} ({} rows): {:?}", sizes[caller], close(got, want));
+        }
+        let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);
+        let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+        prop_assert_eq!(rows as usize, sizes.iter().sum::<usize>());
+        prop_assert!(runs as usize <= sizes.len());
+        // With everything queued at once, fewer runs than requests unless each request alone
+        // fills a batch.
+        // (FIFO batching with one worker: some batch holds two requests as soon as two
+        // neighbours fit together.)
+        if instances == 1 && sizes.windows(2).any(|w| w[0] + w[1] <= max_batch) {
+            prop_assert!((runs as usize) < sizes.len(), "{runs} runs for {} requests: nothing was batched", sizes.len());
+        }
+    }
+}
+
+/// Statuses of `n` concurrent golden requests to `model`, with their bodies and Retry-After.
+async fn flood(agent: &TestAgent, model: &str, golden: &Value, n: usize) -> Vec<(u16, Value, Option<String>)> {
+    let url = agent.url(&format!("/v2/models/{model}/infer"));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, url, body) = (agent.http.clone(), url.clone(), golden.clone());
+            tokio::spawn(async move {
+                let resp = http.post(url).json(&body).send().await.expect("request sent");
+                let status = resp.status().as_u16();
+                let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                (status, resp.json::<Value>().await.unwrap_or(Value::Null), retry)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_policy_answers_503_with_retry_after_and_batches_over_http() -> anyhow::Result<()> {
+    let fixtures = root().join("tests/fixtures/models");
+    let dir = tempfile::tempdir()?;
+    for (name, src) in
+        [("mlp", root().join("models/mlp")), ("slowq", fixtures.join("mlp-slow")), ("slowt", fixtures.join("mlp-slow"))]
+    {
+        std::fs::create_dir_all(dir.path().join(name))?;
+        for f in ["model.onnx", "golden.json"] {
+            std::fs::copy(src.join(f), dir.path().join(name).join(f))?;
+        }
+    }
+    let extra = "[models.mlp]\nmax_batch = 8\nmax_queue_delay = \"2ms\"\npreferred_batch = [4, 8]\n\n\
+                 [models.slowq]\ninstances = 1\nmax_queue = 2\n\n\
+                 [models.slowt]\ninstances = 1\nmax_queue = 256\nqueue_timeout = \"1ms\"\n";
+    let agent = TestAgent::start(&[dir.path().to_path_buf()], extra).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+
+    // A full queue: refused at once with 503 and Retry-After; the rest answered.
+    let answers = flood(&agent, "slowq", &golden.request(0), 40).await;
+    let full: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert!(!full.is_empty(), "40 concurrent requests against a queue of 2 must overflow it");
+    for (status, body, retry) in &answers {
+        assert!(*status == 200 || *status == 503, "{status} {body}");
+        if *status == 503 {
+            assert!(body["error"].as_str().unwrap_or_default().contains("queue full"), "{body}");
+            let secs: u64 = retry.as_deref().unwrap_or_default().parse()?;
+            assert!((1..=60).contains(&secs), "Retry-After {retry:?}");
+        }
+    }
+    assert!(answers.iter().any(|(s, _, _)| *s == 200), "the queue still serves");
+
+    // Queued longer than queue_timeout: answered 503 with Retry-After, not run.
+    let answers = flood(&agent, "slowt", &golden.request(0), 40).await;
+    let late: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert!(!late.is_empty(), "40 requests behind one thread wait more than 1 ms");
+    for (status, body, retry) in &answers {
+        assert!(*status == 200 || *status == 503, "{status} {body}");
+        if *status == 503 {
+            assert!(body["error"].as_str().unwrap_or_default().contains("queue_timeout"), "{body}");
+            assert!(retry.is_some(), "{body}");
+        } else {
+            golden.check(0, body)?;
+        }
+    }
+
+    // Batching over HTTP: every caller gets its golden answer, in fewer runs than requests.
+    let n = 48;
+    let answers = flood(&agent, "mlp", &golden.request(1), n).await;
+    for (status, body, _) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        golden.check(1, body)?;
+    }
+    let (_, meta) = agent.get("/v2/models/mlp").await?;
+    let p = &meta["parameters"];
+    assert_eq!(p["max_batch"], 8, "{meta}");
+    assert_eq!(p["preferred_batch"], serde_json::json!([4, 8]), "{meta}");
+    let runs = p["runs"].as_u64().unwrap_or(0);
+    eprintln!("{n} requests in {runs} runs, mean batch {}", p["mean_batch_rows"]);
+    assert!(runs >= 1 && runs <= n as u64, "{meta}");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_chooser_serves_the_fastest_plan_that_passes_golden_vectors() -> anyhow::Result<()> {
+    let fixtures = root().join("tests/fixtures/models");
+    let agent = TestAgent::start(&[root().join("models"), fixtures.clone()], "").await?;
+
+    // DequantizeLinear → Softmax → QuantizeLinear: tract's published plan is wrong; with the
+    // Q/DQ pairs folded the graph reproduces a golden file whose tolerance is two quantization
+    // steps, so that plan serves, and correctly.
+    let (_, meta) = agent.get("/v2/models/qdq-softmax-u8-loose").await?;
+    let p = &meta["parameters"];
+    assert_eq!(p["plan"], "qdq-folded", "{meta}");
+    let published = p["plan_candidates"].as_array().and_then(|c| c.iter().find(|c| c["plan"] == "as-published"));
+    let rejected = published.map(|c| c["rejected"].as_str().unwrap_or_default()).unwrap_or_default();
+    // Rejected by its golden check, or left unchecked when far slower than the passing plan.
+    assert!(
+        rejected.contains("golden vectors not reproduced") || rejected.contains("not checked"),
+        "the published plan is rejected: {meta}"
+    );
+    let golden = golden_for(&fixtures.join("qdq-softmax-u8-loose"))?;
+    let (status, body) = agent.post("/v2/models/qdq-softmax-u8-loose/infer", &golden.request(0)).await?;
+    assert_eq!(status, 200, "{body}");
+    golden.check(0, &body)?;
+
+    // The same graph held to 1e-4 fails every plan: refused, and the reason names each.
+    let (status, index) = agent.post("/v2/repository/index", &serde_json::json!({})).await?;
+    assert_eq!(status, 200);
+    let entry = index.as_array().and_then(|a| a.iter().find(|m| m["name"] == "qdq-softmax-u8")).cloned();
+    let reason = entry.as_ref().and_then(|e| e["reason"].as_str()).unwrap_or_default().to_owned();
+    assert_eq!(entry.as_ref().map(|e| e["state"].clone()), Some(Value::from("UNAVAILABLE")), "{index}");
+    assert!(
+        reason.contains("as-published rejected (golden vectors not reproduced")
+            && reason.contains("qdq-folded rejected (golden vectors not reproduced"),
+        "{reason}"
+    );
+
+    // Dynamic int8 models: whatever plan is chosen passed the golden vectors, and it serves them.
+    for name in ["mlp-int8-dyn", "cnn-int8-dyn"] {
+        let (_, meta) = agent.get(&format!("/v2/models/{name}")).await?;
+        let p = &meta["parameters"];
+        let chosen = p["plan"].as_str().unwrap_or_default();
+        let candidates = p["plan_candidates"].as_array().cloned().unwrap_or_default();
+        assert!(candidates.iter().any(|c| c["plan"] == "integer-ops-as-float"), "{name}: {meta}");
+        let entry = candidates.iter().find(|c| c["plan"] == chosen);
+        assert!(entry.is_some_and(|c| c["median_us"].is_u64()), "{name}: the chosen plan passed: {meta}");
+        let golden = golden_for(&root().join("models").join(name))?;
+        for i in 0..golden.golden.cases.len() {
+            let (status, body) = agent.post(&format!("/v2/models/{name}/infer"), &golden.request(i)).await?;
+            assert_eq!(status, 200, "{body}");
+            golden.check(i, &body)?;
+        }
+    }
+    agent.stop().await
+}
