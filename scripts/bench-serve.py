@@ -164,8 +164,12 @@ def start_mlserver(python, name, src, work):
     shutil.rmtree(d, ignore_errors=True)
     (d / name).mkdir(parents=True)
     port = free_port()
+    # parallel_workers = 0: inference in the server process. MLServer 1.7.1's worker pool dies
+    # at start on Python 3.11 here ("There is no current event loop in thread 'MainThread'").
     (d / "settings.json").write_text(
-        json.dumps({"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "debug": False})
+        json.dumps(
+            {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "debug": False, "parallel_workers": 0}
+        )
     )
     (d / name / "model-settings.json").write_text(
         json.dumps(
