@@ -361,3 +361,84 @@ fn next_batch(q: &mut Queue, policy: Option<&BatchPolicy>) -> Option<Vec<Job>> {
     }
     Some(jobs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TensorData;
+
+    fn job(rows: usize, width: usize, permits: &Arc<tokio::sync::Semaphore>) -> Job {
+        let inputs =
+            vec![Tensor { name: "x".into(), shape: vec![rows, width], data: TensorData::F32(vec![0.0; rows * width]) }];
+        let (reply, _rx) = oneshot::channel();
+        let permit = permits.clone().try_acquire_owned().expect("permit");
+        Job {
+            inputs,
+            rows,
+            queued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(60),
+            reply,
+            _permit: permit,
+        }
+    }
+
+    fn queue(jobs: Vec<Job>) -> Queue {
+        let (tx, rx) = sync_channel(16);
+        for j in jobs {
+            tx.send(j).expect("queued");
+        }
+        // The sender stays alive (leaked for the test) so the queue is not closed.
+        std::mem::forget(tx);
+        Queue { rx, held: VecDeque::new() }
+    }
+
+    fn shapes(jobs: &[Job]) -> Vec<(usize, usize)> {
+        jobs.iter().map(|j| (j.inputs[0].shape[0], j.inputs[0].shape[1])).collect()
+    }
+
+    #[test]
+    fn batches_group_compatible_requests_and_keep_the_rest_in_order() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![] };
+        let jobs = vec![
+            job(1, 4, &permits),
+            job(2, 4, &permits),
+            job(1, 5, &permits),
+            job(1, 4, &permits),
+            job(2, 5, &permits),
+        ];
+        let mut q = queue(jobs);
+        let first = next_batch(&mut q, Some(&policy)).expect("batch");
+        assert_eq!(shapes(&first), vec![(1, 4), (2, 4), (1, 4)], "equal non-batch dimensions only");
+        let second = next_batch(&mut q, Some(&policy)).expect("batch");
+        assert_eq!(shapes(&second), vec![(1, 5), (2, 5)], "held requests come next, in order");
+    }
+
+    #[test]
+    fn a_batch_stops_at_max_rows_and_the_next_request_leads_the_next_batch() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        let policy = BatchPolicy { max_batch: 3, max_delay: Duration::ZERO, preferred: vec![] };
+        let mut q = queue(vec![job(1, 4, &permits), job(2, 4, &permits), job(1, 4, &permits), job(3, 4, &permits)]);
+        assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4), (2, 4)]);
+        assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4)], "1 + 3 rows exceed 3");
+        assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(3, 4)]);
+    }
+
+    #[test]
+    fn a_preferred_size_dispatches_without_waiting_out_the_delay() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        // A minute's delay: reaching the preferred size with nothing more queued must not wait.
+        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_secs(60), preferred: vec![2] };
+        let mut q = queue(vec![job(1, 4, &permits), job(1, 4, &permits)]);
+        let started = Instant::now();
+        assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4), (1, 4)]);
+        assert!(started.elapsed() < Duration::from_secs(30), "dispatched at the preferred size");
+    }
+
+    #[test]
+    fn without_a_policy_every_request_runs_alone() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        let mut q = queue(vec![job(1, 4, &permits), job(1, 4, &permits)]);
+        assert_eq!(next_batch(&mut q, None).expect("job").len(), 1);
+    }
+}
