@@ -135,27 +135,27 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_outpost(binary, name, src, work):
-    models = work / "outpost-models"
+def start_outpost(binary, name, src, work, audit=True):
+    models = work / f"outpost-models-{audit}"
     shutil.rmtree(models, ignore_errors=True)
     shutil.copytree(src, models / name)
     port = free_port()
-    cfg = work / "outpost.toml"
+    cfg = work / f"outpost-{audit}.toml"
     cfg.write_text(
-        f'[node]\nsite = "bench"\nname = "bench"\nstate_dir = "{work / "outpost-state"}"\n\n'
+        f'[node]\nsite = "bench"\nname = "bench"\nstate_dir = "{work / f"outpost-state-{audit}"}"\n\n'
         f'[http]\nlisten = "127.0.0.1:{port}"\n\n[local_models]\ndirs = ["{models}"]\n\n'
-        "[audit]\nenabled = true\n\n"
+        f"[audit]\nenabled = {'true' if audit else 'false'}\n\n"
         f'[models.{name}]\nmax_queue = 1024\nmax_batch = 8\nmax_queue_delay = "0s"\n'
     )
     env = dict(os.environ, RUST_LOG="warn")
     base = f"http://127.0.0.1:{port}"
     return Server(
-        "Outpost",
+        "Outpost" if audit else "Outpost, audit off",
         [binary, "run", "--config", str(cfg)],
         f"{base}/v2/models/{name}/ready",
         f"{base}/v2/models/{name}/infer",
         env=env,
-        log=work / "outpost.log",
+        log=work / f"outpost-{audit}.log",
     ), base
 
 
@@ -223,6 +223,7 @@ def main():
             outpost, base = start_outpost(args.outpost, name, src, work)
             servers = [outpost]
             try:
+                servers.append(start_outpost(args.outpost, name, src, work, audit=False)[0])
                 servers.append(start_mlserver(args.mlserver_python, name, src, work))
                 servers.append(start_kserve(args.kserve_python, name, src, work))
                 # Warm every server, then alternate servers at each concurrency.

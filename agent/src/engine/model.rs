@@ -103,6 +103,10 @@ pub struct LoadedModel {
     symbols: Vec<Symbol>,
     plans: Mutex<PlanCache>,
     plan_capacity: usize,
+    /// One plan optimized with the dynamic dimensions left symbolic, used for every shape when
+    /// the loader found it as fast as a concrete plan (transformers): one copy of the packed
+    /// weights instead of one per batch size.
+    symbolic: std::sync::RwLock<Option<Arc<TypedRunnableModel>>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -276,6 +280,7 @@ impl LoadedModel {
             symbols,
             plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new() }),
             plan_capacity: plan_capacity.max(1),
+            symbolic: std::sync::RwLock::new(None),
         })
     }
 
@@ -366,6 +371,9 @@ impl LoadedModel {
     }
 
     fn plan(&self, key: &[usize]) -> Result<Arc<TypedRunnableModel>, RunError> {
+        if let Some(p) = self.symbolic.read().ok().and_then(|s| s.clone()) {
+            return Ok(p);
+        }
         {
             let mut cache = self.plans.lock().map_err(|_| RunError::Engine("plan cache poisoned".into()))?;
             cache.tick += 1;
@@ -396,6 +404,36 @@ impl LoadedModel {
         }
         cache.plans.push((key.to_vec(), plan.clone(), tick));
         Ok(plan)
+    }
+
+    /// Switches to one plan with symbolic dimensions for every shape (dropping the concrete
+    /// plans), or back to concrete plans with `false`. Returns whether the symbolic plan is in
+    /// use; building it can fail (then nothing changes).
+    pub fn set_symbolic(&self, on: bool) -> Result<bool, RunError> {
+        if !on || self.symbols.is_empty() {
+            if let Ok(mut s) = self.symbolic.write() {
+                *s = None;
+            }
+            return Ok(false);
+        }
+        let built = catch_unwind(AssertUnwindSafe(|| self.typed.clone().into_optimized()?.into_runnable()));
+        let plan = match built {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(RunError::Engine(format!("cannot build a symbolic plan: {e:#}"))),
+            Err(p) => return Err(RunError::Engine(format!("engine panicked building a plan: {}", panic_message(p)))),
+        };
+        if let Ok(mut s) = self.symbolic.write() {
+            *s = Some(plan);
+        }
+        if let Ok(mut c) = self.plans.lock() {
+            c.plans.clear();
+        }
+        Ok(true)
+    }
+
+    /// Whether one symbolic plan serves every shape.
+    pub fn symbolic(&self) -> bool {
+        self.symbolic.read().is_ok_and(|s| s.is_some())
     }
 
     /// Builds the plan for these symbol values ahead of traffic (e.g. batch 1 at load).

@@ -262,6 +262,7 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
     let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "plan": served.model.variant.as_str(),
+        "plan_shapes": if served.model.symbolic() { "symbolic" } else { "concrete" },
         "plan_candidates": candidates,
         "max_batch": served.batching.as_ref().map_or(1, |b| b.max_batch),
         "max_queue_delay_us": served.batching.as_ref().map_or(0, |b| b.max_delay.as_micros() as u64),

@@ -139,8 +139,56 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
             (model, format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis()))
         }
     };
+    let mut detail = detail;
+    if let Some(golden) = golden.as_ref().filter(|_| onnx.len() >= SYMBOLIC_MIN_BYTES && model.symbol_count() > 0) {
+        detail.push_str(&consider_symbolic(&model, golden));
+    }
     warm(&model, cfg)?;
     Ok(Prepared { model, detail })
+}
+
+/// Models at least this large are tried with one symbolic plan for all shapes.
+const SYMBOLIC_MIN_BYTES: usize = 8 << 20;
+/// The symbolic plan is kept when at most this much slower than a concrete one.
+const SYMBOLIC_SLACK: f64 = 1.10;
+
+/// Large models: one plan with symbolic dimensions instead of one per batch size and sequence
+/// length (each holds its own packed copy of the weights), kept only when it reproduces the
+/// golden vectors and runs within 10 % of a concrete plan. tract's symbolic plans are as fast
+/// as concrete ones on transformers and several times slower on convolutions.
+fn consider_symbolic(model: &LoadedModel, golden: &Golden) -> String {
+    let Ok(concrete) = median_run(model, golden) else { return String::new() };
+    match model.set_symbolic(true) {
+        Ok(true) => {}
+        Ok(false) => return String::new(),
+        Err(e) => return format!("; concrete plans per shape ({e})"),
+    }
+    let verdict = golden.check(model).map_err(|e| format!("golden vectors: {e}")).and_then(|_| {
+        let t = median_run(model, golden)?;
+        if t.as_secs_f64() <= concrete.as_secs_f64() * SYMBOLIC_SLACK {
+            Ok(t)
+        } else {
+            Err(format!("{} µs vs {} µs concrete", t.as_micros(), concrete.as_micros()))
+        }
+    });
+    match verdict {
+        Ok(t) => {
+            tracing::info!(
+                symbolic_us = t.as_micros() as u64,
+                concrete_us = concrete.as_micros() as u64,
+                "one symbolic plan for every shape"
+            );
+            format!(
+                "; one symbolic plan for every shape ({} µs vs {} µs concrete)",
+                t.as_micros(),
+                concrete.as_micros()
+            )
+        }
+        Err(why) => {
+            let _ = model.set_symbolic(false);
+            format!("; concrete plans per shape (symbolic plan: {why})")
+        }
+    }
 }
 
 /// Builds the plans traffic will need first: batch 1, and each preferred batch size.
