@@ -88,7 +88,10 @@ fn http_bench(model_dir: &std::path::Path, name: &str, iters: usize) {
         std::fs::create_dir_all(&state).expect("state dir");
         let dir = model_dir.parent().expect("models dir");
         let text = format!(
-            "[node]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[local_models]\ndirs = [{:?}]\n",
+            // The audit log off: this measures HTTP and JSON; the audit log's own cost (one
+            // fdatasync per commit in each answer's path) is measured by the audit and serving
+            // benchmarks.
+            "[node]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[local_models]\ndirs = [{:?}]\n[audit]\nenabled = false\n",
             state.display().to_string(),
             dir.display().to_string()
         );
