@@ -69,17 +69,32 @@ pub fn variants(proto: &ModelProto) -> Vec<(Variant, ModelProto)> {
     let Some(graph) = proto.graph.as_ref() else { return out };
     let float = integer_as_float(graph);
     let folded = fold_qdq(graph);
-    let with_graph = |g: GraphProto| ModelProto { graph: Some(g), ..proto.clone() };
-    if let Some(f) = &float {
-        out.push((Variant::IntegerAsFloat, with_graph(f.clone())));
-    }
-    if let Some(q) = folded {
-        out.push((Variant::QdqFolded, with_graph(q)));
-    }
-    if let Some(both) = float.as_ref().and_then(fold_qdq) {
-        out.push((Variant::IntegerAsFloatQdqFolded, with_graph(both)));
+    let both = float.as_ref().and_then(fold_qdq);
+    for (variant, g) in
+        [(Variant::IntegerAsFloat, float), (Variant::QdqFolded, folded), (Variant::IntegerAsFloatQdqFolded, both)]
+    {
+        if let Some(g) = g {
+            out.push((variant, with_graph(proto, g)));
+        }
     }
     out
+}
+
+/// The model around another graph, without copying the published graph's weights again.
+fn with_graph(proto: &ModelProto, graph: GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: proto.ir_version,
+        opset_import: proto.opset_import.clone(),
+        producer_name: proto.producer_name.clone(),
+        producer_version: proto.producer_version.clone(),
+        domain: proto.domain.clone(),
+        model_version: proto.model_version,
+        doc_string: proto.doc_string.clone(),
+        graph: Some(graph),
+        metadata_props: proto.metadata_props.clone(),
+        training_info: proto.training_info.clone(),
+        functions: proto.functions.clone(),
+    }
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {

@@ -87,23 +87,15 @@ const REWRITE_MARGIN: f64 = 0.95;
 /// rejected without its golden check.
 const SLOWER_SKIP: u32 = 3;
 
-fn one_run(model: &LoadedModel, golden: &Golden) -> Result<Duration, String> {
-    let case = golden.cases.first().ok_or("golden file has no cases")?;
-    let inputs = model.validate(case.inputs.clone()).map_err(|e| e.to_string())?;
-    // The first run builds the plan; the second is timed.
-    model.run(inputs.clone()).map_err(|e| e.to_string())?;
-    let t = Instant::now();
-    model.run(inputs).map_err(|e| e.to_string())?;
-    Ok(t.elapsed())
-}
-
-fn median_run(model: &LoadedModel, golden: &Golden) -> Result<Duration, String> {
+/// The median of up to `runs` timed runs of the first golden case (at least 3 when `runs`
+/// allows, then as many as fit in the timing budget), after one untimed run that builds the plan.
+fn median_run(model: &LoadedModel, golden: &Golden, runs: usize) -> Result<Duration, String> {
     let case = golden.cases.first().ok_or("golden file has no cases")?;
     let inputs = model.validate(case.inputs.clone()).map_err(|e| e.to_string())?;
     model.run(inputs.clone()).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut times = Vec::with_capacity(TIMED_RUNS);
-    while times.len() < TIMED_RUNS && (times.len() < 3 || started.elapsed() < TIMING_BUDGET) {
+    let mut times = Vec::with_capacity(runs);
+    while times.len() < runs.max(1) && (times.len() < 3 || started.elapsed() < TIMING_BUDGET) {
         let t = Instant::now();
         model.run(inputs.clone()).map_err(|e| e.to_string())?;
         times.push(t.elapsed());
@@ -120,7 +112,7 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
     let started = Instant::now();
     let proto = LoadedModel::parse(onnx)?;
     let golden = golden.map(|g| Golden::parse(g).map_err(LoadError::Golden)).transpose()?;
-    let (model, detail) = match &golden {
+    let (model, mut detail) = match &golden {
         Some(golden) if rewrite::is_quantized(&proto) => choose(&proto, golden, cfg, started)?,
         Some(golden) => {
             let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
@@ -139,7 +131,6 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
             (model, format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis()))
         }
     };
-    let mut detail = detail;
     if let Some(golden) = golden.as_ref().filter(|_| onnx.len() >= SYMBOLIC_MIN_BYTES && model.symbol_count() > 0) {
         detail.push_str(&consider_symbolic(&model, golden));
     }
@@ -157,14 +148,14 @@ const SYMBOLIC_SLACK: f64 = 1.10;
 /// golden vectors and runs within 10 % of a concrete plan. tract's symbolic plans are as fast
 /// as concrete ones on transformers and several times slower on convolutions.
 fn consider_symbolic(model: &LoadedModel, golden: &Golden) -> String {
-    let Ok(concrete) = median_run(model, golden) else { return String::new() };
+    let Ok(concrete) = median_run(model, golden, TIMED_RUNS) else { return String::new() };
     match model.set_symbolic(true) {
         Ok(true) => {}
         Ok(false) => return String::new(),
         Err(e) => return format!("; concrete plans per shape ({e})"),
     }
     let verdict = golden.check(model).map_err(|e| format!("golden vectors: {e}")).and_then(|_| {
-        let t = median_run(model, golden)?;
+        let t = median_run(model, golden, TIMED_RUNS)?;
         if t.as_secs_f64() <= concrete.as_secs_f64() * SYMBOLIC_SLACK {
             Ok(t)
         } else {
@@ -228,7 +219,7 @@ fn choose(
         let loaded = LoadedModel::load_proto(rewritten.as_ref().unwrap_or(proto), variant, cfg.plan_cache);
         let checked = loaded.and_then(|m| {
             if let Some((_, fastest, _)) = &best {
-                let first = one_run(&m, golden).map_err(LoadError::Golden)?;
+                let first = median_run(&m, golden, 1).map_err(LoadError::Golden)?;
                 if first > *fastest * SLOWER_SKIP {
                     return Err(LoadError::Slower(format!(
                         "one run took {} µs, over {SLOWER_SKIP}x the fastest passing plan ({} µs)",
@@ -238,7 +229,7 @@ fn choose(
                 }
             }
             let report = golden.check(&m).map_err(LoadError::Golden)?;
-            let time = median_run(&m, golden).map_err(LoadError::Golden)?;
+            let time = median_run(&m, golden, TIMED_RUNS).map_err(LoadError::Golden)?;
             Ok((m, time, report))
         });
         match checked {
