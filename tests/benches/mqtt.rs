@@ -1,8 +1,10 @@
 //! MQTT request/response through a real Mosquitto: the MLP through the agent vs an echo
 //! responder on the same client stack (rumqttc, manual acks, reply to the response topic),
-//! which is the broker-and-client ceiling. 1 and 32 requests in flight, same run.
+//! which is the broker-and-client ceiling. 1 and 32 requests in flight, same run, the targets
+//! alternating in each of `--rounds` rounds; the last lines give each round's ratio to the
+//! ceiling and their median.
 //!
-//!     cargo bench -p outpost-tests --bench mqtt -- [--requests 5000]
+//!     cargo bench -p outpost-tests --bench mqtt -- [--requests 5000] [--rounds 3]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -151,12 +153,15 @@ async fn run(
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let requests: u64 = args
-        .iter()
-        .position(|a| a == "--requests")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5000);
+    let arg = |name: &str, default: u64| -> u64 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let requests = arg("--requests", 5000);
+    let rounds = arg("--rounds", 3).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let broker = Broker::start(BrokerOptions::default())?;
@@ -168,9 +173,11 @@ fn main() -> anyhow::Result<()> {
             std::fs::copy(root().join("models/mlp").join(f), dst.join(f))?;
         }
         // Two agents on one broker: audit log on (topic prefix `outpost`) and off (`plain`).
+        // The model is served as in the serving benchmark: dynamic batching up to 8 rows from
+        // what is already queued (no waiting for company).
         let config = |prefix: &str, audit: bool| {
             format!(
-                "[mqtt]\nurl = {:?}\ninflight = 64\ntopic_prefix = \"{prefix}\"\nclient_id = \"bench-{prefix}\"\n\n[audit]\nenabled = {audit}\n\n[models.mlp]\nmax_queue = 256\n",
+                "[mqtt]\nurl = {:?}\ninflight = 64\ntopic_prefix = \"{prefix}\"\nclient_id = \"bench-{prefix}\"\n\n[audit]\nenabled = {audit}\n\n[models.mlp]\nmax_queue = 256\nmax_batch = 8\nmax_queue_delay = \"0s\"\n",
                 broker.url()
             )
         };
@@ -178,19 +185,37 @@ fn main() -> anyhow::Result<()> {
         let plain = TestAgent::start(&[models.path().to_path_buf()], &config("plain", false)).await?;
         let golden = golden_for(&root().join("models/mlp"))?;
         let body = serde_json::to_vec(&golden.request(0))?;
-        println!("| target | in flight | requests | req/s | p50 ms | p99 ms |");
-        println!("|---|---|---|---|---|---|");
+        let targets = [
+            ("echo responder (ceiling)", "echo/mlp"),
+            ("outpost MLP, audit off", "plain/test-site/infer/mlp"),
+            ("outpost MLP, audit on", "outpost/test-site/infer/mlp"),
+        ];
+        println!("| round | target | in flight | requests | req/s | p50 ms | p99 ms |");
+        println!("|---|---|---|---|---|---|---|");
         let mut base = 0;
+        // (in flight, target index) -> req/s per round.
+        let mut rates: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
+        for round in 1..=rounds {
+            for inflight in [1usize, 32] {
+                let n = if inflight == 1 { requests / 5 } else { requests };
+                for (t, (name, topic)) in targets.iter().enumerate() {
+                    let (rps, p50, p99) = run(broker.port, topic, &body, n, inflight, base).await?;
+                    base += n;
+                    rates.entry((inflight, t)).or_default().push(rps);
+                    println!("| {round} | {name} | {inflight} | {n} | {rps:.0} | {p50:.2} | {p99:.2} |");
+                }
+            }
+        }
+        println!();
+        println!("| in flight | target | share of the echo ceiling, per round | median |");
+        println!("|---|---|---|---|");
         for inflight in [1usize, 32] {
-            let n = if inflight == 1 { requests / 5 } else { requests };
-            for (name, topic) in [
-                ("echo responder (ceiling)", "echo/mlp"),
-                ("outpost MLP, audit off", "plain/test-site/infer/mlp"),
-                ("outpost MLP, audit on", "outpost/test-site/infer/mlp"),
-            ] {
-                let (rps, p50, p99) = run(broker.port, topic, &body, n, inflight, base).await?;
-                base += n;
-                println!("| {name} | {inflight} | {n} | {rps:.0} | {p50:.2} | {p99:.2} |");
+            let echo = &rates[&(inflight, 0)];
+            for (t, (name, _)) in targets.iter().enumerate().skip(1) {
+                let mut shares: Vec<f64> = rates[&(inflight, t)].iter().zip(echo).map(|(r, e)| 100.0 * r / e).collect();
+                let each: Vec<String> = shares.iter().map(|s| format!("{s:.0} %")).collect();
+                shares.sort_by(f64::total_cmp);
+                println!("| {inflight} | {name} | {} | {:.0} % |", each.join(", "), shares[shares.len() / 2]);
             }
         }
         audited.stop().await?;

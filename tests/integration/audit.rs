@@ -31,11 +31,16 @@ fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> 
     Ok(v)
 }
 
+/// A segment's records as text: the active segment is zero-filled ahead of its last record.
+fn stored_text(seg: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(seg)?.trim_end_matches('\0').to_owned())
+}
+
 /// Every stored record, by sequence number.
 pub(crate) fn records(state: &std::path::Path) -> anyhow::Result<BTreeMap<u64, Value>> {
     let mut out = BTreeMap::new();
     for seg in segments(state)? {
-        for line in std::fs::read_to_string(seg)?.lines() {
+        for line in stored_text(&seg)?.lines() {
             let v: Value = serde_json::from_str(line)?;
             out.insert(v["seq"].as_u64().unwrap_or(0), v);
         }
@@ -195,7 +200,7 @@ async fn audit_verify_names_an_edited_deleted_or_reordered_record() -> anyhow::R
     // All records are in one segment here: edit its lines as an attacker with disk access would.
     let seg = segments(state.path())?.pop().expect("a segment");
     let original = std::fs::read_to_string(&seg)?;
-    let lines: Vec<String> = original.lines().map(str::to_owned).collect();
+    let lines: Vec<String> = stored_text(&seg)?.lines().map(str::to_owned).collect();
     let write = |ls: &[String]| std::fs::write(&seg, ls.join("\n") + "\n");
     let nth = |n: u64| lines.iter().position(|l| l.starts_with(&format!("{{\"seq\":{n},"))).expect("record");
 
