@@ -835,20 +835,24 @@ mod crash_tests {
     use super::*;
     use std::io::Write;
 
-    #[test]
-    fn a_torn_last_line_is_cut_and_the_chain_continues() {
+    /// A log of five records, closed; the runtime and the active segment's path.
+    fn five_records() -> (tempfile::TempDir, tokio::runtime::Runtime, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        {
-            let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
-            rt.block_on(async {
-                for i in 0..5 {
-                    audit.append(serde_json::json!({ "i": i })).await.unwrap();
-                }
-            });
-            audit.close();
-        }
+        let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
+        rt.block_on(async {
+            for i in 0..5 {
+                audit.append(serde_json::json!({ "i": i })).await.unwrap();
+            }
+        });
+        audit.close();
         let (_, seg) = segment_files(dir.path()).unwrap().pop().unwrap();
+        (dir, rt, seg)
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_chain_continues() {
+        let (dir, rt, seg) = five_records();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(b"{\"seq\":6,\"time_ms\":1,\"pr").unwrap();
         let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
@@ -859,18 +863,7 @@ mod crash_tests {
 
     #[test]
     fn a_record_torn_over_the_zeroed_room_is_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        {
-            let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
-            rt.block_on(async {
-                for i in 0..5 {
-                    audit.append(serde_json::json!({ "i": i })).await.unwrap();
-                }
-            });
-            audit.close();
-        }
-        let (_, seg) = segment_files(dir.path()).unwrap().pop().unwrap();
+        let (dir, rt, seg) = five_records();
         let data = std::fs::read(&seg).unwrap();
         let end = data.iter().rposition(|&b| b != 0).unwrap() + 1;
         assert!(data.len() > end, "the active segment has zeroed room ahead of its records");
