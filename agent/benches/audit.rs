@@ -3,6 +3,9 @@
 //! 2. HTTP throughput on the MLP with the audit log on vs off, concurrency 8 and 64.
 //!
 //!     cargo bench -p outpost --bench audit -- [--records 1000000] [--seconds 5]
+//!         [--rounds 2] [--audit on|off] [--concurrency 8,64] [--commit-delay 0s]
+//!
+//! `--audit` and `--concurrency` pick points of the throughput part (e.g. to profile one).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,9 +35,24 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let records: u64 = arg(&args, "--records").and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let seconds: u64 = arg(&args, "--seconds").and_then(|s| s.parse().ok()).unwrap_or(5);
+    let rounds: usize = arg(&args, "--rounds").and_then(|s| s.parse().ok()).unwrap_or(2);
+    let audit: Vec<bool> = match arg(&args, "--audit").as_deref() {
+        Some("on") => vec![true],
+        Some("off") => vec![false],
+        _ => vec![true, false],
+    };
+    let concurrency: Vec<usize> = arg(&args, "--concurrency")
+        .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![8, 64]);
+    // `audit.group_commit_max_delay` for the throughput part.
+    let delay = arg(&args, "--commit-delay").unwrap_or_else(|| "0s".into());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    rt.block_on(disk_amplification(records));
-    rt.block_on(throughput(seconds));
+    if records > 0 {
+        rt.block_on(disk_amplification(records));
+    }
+    let points: Vec<(bool, usize)> =
+        (0..rounds).flat_map(|_| audit.iter().flat_map(|&a| concurrency.iter().map(move |&c| (a, c)))).collect();
+    rt.block_on(throughput(seconds, &points, &delay));
 }
 
 async fn disk_amplification(records: u64) {
@@ -93,72 +111,69 @@ async fn disk_amplification(records: u64) {
     );
 }
 
-async fn throughput(seconds: u64) {
+async fn throughput(seconds: u64, points: &[(bool, usize)], delay: &str) {
     let golden: serde_json::Value = serde_json::from_slice(
         &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/mlp/golden.json")).expect("golden"),
     )
     .expect("json");
     let body = serde_json::to_vec(&serde_json::json!({ "inputs": golden["cases"][0]["inputs"] })).expect("body");
-    for audit_on in [true, false, true, false] {
-        for concurrency in [8usize, 64] {
-            let state = tempfile::tempdir().expect("state");
-            let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
-            let text = format!(
-                "[node]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[local_models]\ndirs = [{:?}]\n[audit]\nenabled = {audit_on}\n[models.mlp]\nmax_queue = 1024\n",
-                state.path().display().to_string(),
-                models
-            );
-            let path = state.path().join("bench.toml");
-            std::fs::write(&path, text).expect("config");
-            let agent = outpost::start(outpost::config::Config::load(&path).expect("config")).await.expect("agent");
-            agent.started().await;
-            let url = format!("http://{}/v2/models/mlp/infer", agent.addr());
-            let client = reqwest::Client::new();
-            let stop = Arc::new(AtomicBool::new(false));
-            let count = Arc::new(AtomicU64::new(0));
-            let errors = Arc::new(AtomicU64::new(0));
-            let started = Instant::now();
-            let mut tasks = Vec::new();
-            for _ in 0..concurrency {
-                let (client, url, body, stop, count, errors) =
-                    (client.clone(), url.clone(), body.clone(), stop.clone(), count.clone(), errors.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let t = Instant::now();
-                        match client.post(&url).body(body.clone()).send().await {
-                            Ok(r) if r.status().is_success() => {
-                                let _ = r.bytes().await;
-                                count.fetch_add(1, Ordering::Relaxed);
-                                lat.push(t.elapsed());
-                            }
-                            _ => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
+    for &(audit_on, concurrency) in points {
+        let state = tempfile::tempdir().expect("state");
+        let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+        let text = format!(
+            "[node]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[local_models]\ndirs = [{:?}]\n[audit]\nenabled = {audit_on}\ngroup_commit_max_delay = {delay:?}\n[models.mlp]\nmax_queue = 1024\n",
+            state.path().display().to_string(),
+            models
+        );
+        let path = state.path().join("bench.toml");
+        std::fs::write(&path, text).expect("config");
+        let agent = outpost::start(outpost::config::Config::load(&path).expect("config")).await.expect("agent");
+        agent.started().await;
+        let url = format!("http://{}/v2/models/mlp/infer", agent.addr());
+        let client = reqwest::Client::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, body, stop, count, errors) =
+                (client.clone(), url.clone(), body.clone(), stop.clone(), count.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match client.post(&url).body(body.clone()).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            count.fetch_add(1, Ordering::Relaxed);
+                            lat.push(t.elapsed());
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    lat
-                }));
-            }
-            tokio::time::sleep(Duration::from_secs(seconds)).await;
-            stop.store(true, Ordering::Relaxed);
-            let mut lat = Vec::new();
-            for t in tasks {
-                lat.extend(t.await.expect("task"));
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            lat.sort();
-            let p =
-                |q: f64| lat.get(((lat.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
-            let fsyncs = agent.audit().map_or(0, |a| a.fsyncs());
-            println!(
-                "{{\"bench\":\"http_audit\",\"audit\":{audit_on},\"concurrency\":{concurrency},\"req_per_s\":{:.0},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"errors\":{},\"fsyncs\":{fsyncs}}}",
-                count.load(Ordering::Relaxed) as f64 / elapsed,
-                p(0.5),
-                p(0.99),
-                errors.load(Ordering::Relaxed)
-            );
-            agent.shutdown().await.expect("shutdown");
+                }
+                lat
+            }));
         }
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.expect("task"));
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        lat.sort();
+        let p = |q: f64| lat.get(((lat.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let fsyncs = agent.audit().map_or(0, |a| a.fsyncs());
+        println!(
+            "{{\"bench\":\"http_audit\",\"audit\":{audit_on},\"concurrency\":{concurrency},\"req_per_s\":{:.0},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"errors\":{},\"fsyncs\":{fsyncs}}}",
+            count.load(Ordering::Relaxed) as f64 / elapsed,
+            p(0.5),
+            p(0.99),
+            errors.load(Ordering::Relaxed)
+        );
+        agent.shutdown().await.expect("shutdown");
     }
 }
