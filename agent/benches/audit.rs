@@ -1,11 +1,14 @@
-//! Audit log figures for BENCHMARKS.md (JSON lines):
-//! 1. sled on-disk size vs logical size over 1M records with sync-and-delete cycles;
-//! 2. HTTP throughput on the MLP with the audit log on vs off, concurrency 8 and 64.
+//! Audit log figures for BENCHMARKS.md (JSON lines): on-disk size vs logical size over 1M
+//! records with sync-and-delete cycles (`--records`, 0 skips it), then HTTP throughput on the
+//! MLP with the audit log on vs off at concurrency 8 and 64.
 //!
-//!     cargo bench -p outpost --bench audit -- [--records 1000000] [--seconds 5]
-//!         [--rounds 2] [--audit on|off] [--concurrency 8,64] [--commit-delay 0s]
+//! ```text
+//! cargo bench -p outpost --bench audit -- [--records 1000000] [--seconds 5] [--rounds 2]
+//!     [--audit on|off] [--concurrency 8,64] [--commit-delay 0s]
+//! ```
 //!
-//! `--audit` and `--concurrency` pick points of the throughput part (e.g. to profile one).
+//! `--audit` and `--concurrency` pick points of the throughput part (e.g. to profile one);
+//! `--commit-delay` sets `audit.group_commit_max_delay`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
