@@ -214,6 +214,7 @@ struct RawModel {
     max_batch: Option<u32>,
     max_queue_delay: Option<String>,
     preferred_batch: Option<Vec<u32>>,
+    batch_sizes: Option<Vec<u32>>,
     plan_cache: Option<u32>,
     version_policy: Option<String>,
     versions: Option<Vec<String>>,
@@ -338,8 +339,10 @@ pub struct ModelConfig {
     pub max_queue: usize,
     /// Requests queued longer than this are answered 503 instead of run.
     pub queue_timeout: Option<Duration>,
-    /// Dynamic batching (`max_batch` > 1).
+    /// Dynamic batching (`max_batch` > 1), with `batch_sizes` as configured.
     pub batch: Option<crate::engine::BatchPolicy>,
+    /// `batch_sizes` was not set: chosen at load from the model's size ([`Self::batch_policy`]).
+    pub batch_sizes_auto: bool,
     /// Optimized plans kept, one per concrete input shape.
     pub plan_cache: usize,
     pub version_policy: VersionPolicy,
@@ -395,6 +398,7 @@ impl Default for ModelConfig {
             max_queue: 64,
             queue_timeout: None,
             batch: None,
+            batch_sizes_auto: true,
             plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
             version_policy: VersionPolicy::Latest,
             canary: None,
@@ -407,13 +411,26 @@ impl Default for ModelConfig {
 
 impl ModelConfig {
     /// How a served version of this model queues and runs requests.
-    pub fn serve_options(&self) -> crate::engine::ServeOptions {
+    /// The batching in effect for a model of `model_bytes` bytes: `batch_sizes` as configured;
+    /// unset, powers of two up to `max_batch` for models of at least
+    /// [`crate::engine::batch::SIZED_MIN_BYTES`] (each size's plan holds its own packed weights),
+    /// every size for smaller ones.
+    pub fn batch_policy(&self, model_bytes: usize) -> Option<crate::engine::BatchPolicy> {
+        let mut policy = self.batch.clone()?;
+        if self.batch_sizes_auto && model_bytes >= crate::engine::batch::SIZED_MIN_BYTES {
+            policy.sizes = crate::engine::BatchPolicy::powers_of_two(policy.max_batch);
+        }
+        Some(policy)
+    }
+
+    /// How a model of `model_bytes` bytes is served.
+    pub fn serve_options(&self, model_bytes: usize) -> crate::engine::ServeOptions {
         crate::engine::ServeOptions {
             instances: self.instances,
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,
             cache_bytes: self.cache_bytes,
-            batch: self.batch.clone(),
+            batch: self.batch_policy(model_bytes),
         }
     }
 }
@@ -798,6 +815,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 max_queue,
                 queue_timeout,
                 batch,
+                batch_sizes_auto: m.batch_sizes.is_none(),
                 plan_cache,
                 version_policy,
                 canary,
@@ -833,8 +851,8 @@ fn validate_batch(mname: &str, m: &RawModel) -> Result<Option<crate::engine::Bat
         return Err(format!("models.{mname}.max_batch must be between 1 and 1024"));
     }
     if max_batch == 1 {
-        if m.max_queue_delay.is_some() || m.preferred_batch.is_some() {
-            return Err(format!("models.{mname}: max_queue_delay and preferred_batch need max_batch > 1"));
+        if m.max_queue_delay.is_some() || m.preferred_batch.is_some() || m.batch_sizes.is_some() {
+            return Err(format!("models.{mname}: max_queue_delay, preferred_batch and batch_sizes need max_batch > 1"));
         }
         return Ok(None);
     }
@@ -849,7 +867,13 @@ fn validate_batch(mname: &str, m: &RawModel) -> Result<Option<crate::engine::Bat
     if preferred.iter().any(|&p| p == 0 || p > max_batch) {
         return Err(format!("models.{mname}.preferred_batch sizes must be between 1 and max_batch ({max_batch})"));
     }
-    Ok(Some(crate::engine::BatchPolicy { max_batch, max_delay, preferred }))
+    let mut sizes: Vec<usize> = m.batch_sizes.iter().flatten().map(|&v| v as usize).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.iter().any(|&p| p == 0 || p > max_batch) {
+        return Err(format!("models.{mname}.batch_sizes must be between 1 and max_batch ({max_batch})"));
+    }
+    Ok(Some(crate::engine::BatchPolicy { max_batch, max_delay, preferred, sizes }))
 }
 
 fn validate_http(
@@ -1222,6 +1246,8 @@ mod tests {
             ("[models.mlp]\ninstances = 0", "instances"),
             ("[models.mlp]\nmax_batch = 0", "max_batch"),
             ("[models.mlp]\nmax_batch = 4\npreferred_batch = [8]", "preferred_batch"),
+            ("[models.mlp]\nmax_batch = 4\nbatch_sizes = [0, 4]", "batch_sizes"),
+            ("[models.mlp]\nbatch_sizes = [2]", "batch_sizes"),
             ("[models.mlp]\nmax_queue_delay = \"1ms\"", "need max_batch"),
             ("[models.mlp]\nmax_batch = 4\nmax_queue_delay = \"5s\"", "max_queue_delay"),
             ("[models.mlp]\nqueue_timeout = \"0s\"", "queue_timeout"),

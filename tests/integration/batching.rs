@@ -45,13 +45,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Concurrent callers with random batch sizes: each gets exactly the outputs its own rows
-    /// give when run alone, whatever batches the queue formed.
+    /// give when run alone, whatever batches the queue formed; with `batch_sizes`, runs are
+    /// padded and the model builds plans for those sizes only (or a request's own size, when
+    /// it is larger than all of them).
     #[test]
     fn batching_returns_each_caller_exactly_its_own_rows(
         sizes in prop::collection::vec(1usize..=5, 2..=12),
         seed in any::<u32>(),
         max_batch in 2usize..=9,
         instances in 1usize..=2,
+        run_sizes in prop::sample::subsequence(vec![1usize, 2, 3, 4, 6, 8, 9], 0..=3),
     ) {
         let model = mlp();
         let inputs: Vec<Vec<Tensor>> = sizes.iter().enumerate().map(|(c, &r)| input(c, r, seed)).collect();
@@ -59,9 +62,13 @@ proptest! {
             .iter()
             .map(|i| model.run(model.validate(i.clone()).expect("valid")).expect("runs"))
             .collect();
-        let policy = BatchPolicy { max_batch, max_delay: Duration::from_millis(50), preferred: vec![] };
-        let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy), ..ServeOptions::default() };
-        let served = Served::start("mlp", "1", model.clone(), &opts);
+        let run_sizes: Vec<usize> = run_sizes.into_iter().filter(|&s| s <= max_batch).collect();
+        let policy =
+            BatchPolicy { max_batch, max_delay: Duration::from_millis(50), preferred: vec![], sizes: run_sizes.clone() };
+        let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy.clone()), ..ServeOptions::default() };
+        // Its own copy of the model, so its plans are the served runs' only.
+        let served_model = mlp();
+        let served = Served::start("mlp", "1", served_model.clone(), &opts);
         prop_assert!(served.batching.is_some(), "the MLP has a batch dimension");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let answers = rt.block_on(async {
@@ -79,6 +86,12 @@ proptest! {
         });
         for (caller, (got, want)) in answers.iter().zip(&alone).enumerate() {
             prop_assert!(close(got, want).is_ok(), "caller {caller} ({} rows): {:?}", sizes[caller], close(got, want));
+        }
+        if !run_sizes.is_empty() {
+            for shape in served_model.plan_shapes() {
+                let ok = run_sizes.contains(&shape[0]) || (shape[0] > *run_sizes.last().unwrap_or(&0) && shape[0] <= sizes.iter().sum::<usize>());
+                prop_assert!(ok, "a plan for {} rows; runs are padded to {:?}", shape[0], run_sizes);
+            }
         }
         let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);
         let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);

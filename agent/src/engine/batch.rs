@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use crate::protocol::Tensor;
 
+/// Models at least this large run batches at `BatchPolicy::powers_of_two` sizes unless
+/// `batch_sizes` says otherwise: each size's optimized plan holds its own packed weights.
+pub const SIZED_MIN_BYTES: usize = 8 << 20;
+
 /// How a model's queue forms batches (`max_batch`, `max_queue_delay`, `preferred_batch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPolicy {
@@ -16,6 +20,26 @@ pub struct BatchPolicy {
     /// Batch sizes worth dispatching at once, without waiting out the delay, when nothing
     /// more is queued. Ascending, each at most `max_batch`.
     pub preferred: Vec<usize>,
+    /// The batch sizes the model runs at (`batch_sizes`): a batch is padded up to the next one,
+    /// so only these sizes get an optimized plan (each holds its own packed weights). Ascending;
+    /// empty: every size runs as it is.
+    pub sizes: Vec<usize>,
+}
+
+impl BatchPolicy {
+    /// Rows a run of `rows` rows is padded to: the next of `sizes`, else `rows` itself.
+    pub fn run_rows(&self, rows: usize) -> usize {
+        self.sizes.iter().copied().find(|&s| s >= rows).unwrap_or(rows)
+    }
+
+    /// Powers of two up to `max_batch`, and `max_batch`: the sizes for a model whose plans are
+    /// costly to keep many of.
+    pub fn powers_of_two(max_batch: usize) -> Vec<usize> {
+        let mut sizes: Vec<usize> =
+            std::iter::successors(Some(1usize), |s| s.checked_mul(2)).take_while(|&s| s < max_batch).collect();
+        sizes.push(max_batch);
+        sizes
+    }
 }
 
 /// Rows a request carries: the first dimension of its first input.
@@ -50,6 +74,28 @@ pub fn concat(requests: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, String> {
         }
     }
     Ok(joined)
+}
+
+/// Pads joined inputs with `extra` copies of their last row (the padding's outputs are
+/// dropped after the run).
+pub fn pad(mut inputs: Vec<Tensor>, extra: usize) -> Result<Vec<Tensor>, String> {
+    if extra == 0 {
+        return Ok(inputs);
+    }
+    for t in &mut inputs {
+        let rows = t.shape.first().copied().unwrap_or(0);
+        let elements = t.data.len();
+        if rows == 0 || elements % rows != 0 {
+            return Err(format!("input '{}' has {elements} elements for {rows} rows", t.name));
+        }
+        let last = t.data.split_off(elements - elements / rows);
+        for _ in 0..extra {
+            t.data.append(last.clone())?;
+        }
+        t.data.append(last)?;
+        t.shape[0] += extra;
+    }
+    Ok(inputs)
 }
 
 /// Splits a batched run's outputs back into one output list per request, `rows[i]` rows for
@@ -104,5 +150,25 @@ mod tests {
         assert!(concat(vec![a, b]).is_err());
         let out = vec![t("y", &[2, 1], vec![1.0, 2.0])];
         assert!(split(out, &[1, 2]).is_err(), "an output without the batch rows is an error");
+    }
+
+    #[test]
+    fn padding_repeats_the_last_row_and_sizes_round_up() {
+        let joined = vec![t("x", &[2, 2], vec![1.0, 2.0, 3.0, 4.0])];
+        let padded = pad(joined.clone(), 2).unwrap();
+        assert_eq!(padded, vec![t("x", &[4, 2], vec![1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0])]);
+        assert_eq!(pad(joined.clone(), 0).unwrap(), joined);
+        assert!(pad(vec![t("x", &[0, 2], vec![])], 1).is_err());
+        let policy = BatchPolicy {
+            max_batch: 8,
+            max_delay: Duration::ZERO,
+            preferred: vec![],
+            sizes: BatchPolicy::powers_of_two(8),
+        };
+        assert_eq!(policy.sizes, vec![1, 2, 4, 8]);
+        assert_eq!((1..=9).map(|r| policy.run_rows(r)).collect::<Vec<_>>(), vec![1, 2, 4, 4, 8, 8, 8, 8, 9]);
+        assert_eq!(BatchPolicy::powers_of_two(6), vec![1, 2, 4, 6]);
+        let exact = BatchPolicy { sizes: vec![], ..policy };
+        assert_eq!(exact.run_rows(5), 5);
     }
 }

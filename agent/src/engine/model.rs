@@ -406,6 +406,14 @@ impl LoadedModel {
         Ok(plan)
     }
 
+    /// The symbol values (batch size first) of the optimized plans kept now, in order.
+    pub fn plan_shapes(&self) -> Vec<Vec<usize>> {
+        let mut shapes: Vec<Vec<usize>> =
+            self.plans.lock().map(|c| c.plans.iter().map(|(k, _, _)| k.clone()).collect()).unwrap_or_default();
+        shapes.sort();
+        shapes
+    }
+
     /// Switches to one plan with symbolic dimensions for every shape (dropping the concrete
     /// plans), or back to concrete plans with `false`. Returns whether the symbolic plan is in
     /// use; building it can fail (then nothing changes).

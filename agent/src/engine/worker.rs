@@ -285,15 +285,30 @@ impl Worker {
 
     /// One result per job. A batch whose joint run fails is retried job by job, so one
     /// request's failure never becomes its neighbours'.
+    /// With `batch_sizes`, the run is padded up to the next of them (also a lone request), so
+    /// the model only ever builds plans for those sizes.
     fn run_jobs(&self, jobs: &mut [Job]) -> Vec<JobResult> {
-        if let [job] = jobs {
-            return vec![self.model.run(std::mem::take(&mut job.inputs)).map_err(JobError::from)];
+        let mut rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+        let total: usize = rows.iter().sum();
+        let padded = self.batching.as_ref().map_or(total, |p| p.run_rows(total));
+        if let [job] = &mut *jobs {
+            if padded == total {
+                return vec![self.model.run(std::mem::take(&mut job.inputs)).map_err(JobError::from)];
+            }
         }
-        let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
         let inputs: Vec<Vec<Tensor>> = jobs.iter().map(|j| j.inputs.clone()).collect();
+        if padded > total {
+            rows.push(padded - total);
+        }
         let joint = batch::concat(inputs)
+            .and_then(|joined| batch::pad(joined, padded - total))
             .and_then(|joined| self.model.run(joined).map_err(|e| e.to_string()))
-            .and_then(|out| batch::split(out, &rows));
+            .and_then(|out| batch::split(out, &rows))
+            .map(|mut per_job| {
+                // The padding's outputs.
+                per_job.truncate(jobs.len());
+                per_job
+            });
         match joint {
             Ok(outputs) => outputs.into_iter().map(Ok).collect(),
             Err(e) => {
@@ -399,7 +414,7 @@ mod tests {
     #[test]
     fn batches_group_compatible_requests_and_keep_the_rest_in_order() {
         let permits = Arc::new(tokio::sync::Semaphore::new(16));
-        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![] };
+        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] };
         let jobs = vec![
             job(1, 4, &permits),
             job(2, 4, &permits),
@@ -417,7 +432,7 @@ mod tests {
     #[test]
     fn a_batch_stops_at_max_rows_and_the_next_request_leads_the_next_batch() {
         let permits = Arc::new(tokio::sync::Semaphore::new(16));
-        let policy = BatchPolicy { max_batch: 3, max_delay: Duration::ZERO, preferred: vec![] };
+        let policy = BatchPolicy { max_batch: 3, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] };
         let mut q = queue(vec![job(1, 4, &permits), job(2, 4, &permits), job(1, 4, &permits), job(3, 4, &permits)]);
         assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4), (2, 4)]);
         assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4)], "1 + 3 rows exceed 3");
@@ -428,7 +443,8 @@ mod tests {
     fn a_preferred_size_dispatches_without_waiting_out_the_delay() {
         let permits = Arc::new(tokio::sync::Semaphore::new(16));
         // A minute's delay: reaching the preferred size with nothing more queued must not wait.
-        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_secs(60), preferred: vec![2] };
+        let policy =
+            BatchPolicy { max_batch: 8, max_delay: Duration::from_secs(60), preferred: vec![2], sizes: vec![] };
         let mut q = queue(vec![job(1, 4, &permits), job(1, 4, &permits)]);
         let started = Instant::now();
         assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4), (1, 4)]);

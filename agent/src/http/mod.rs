@@ -267,6 +267,8 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "max_batch": served.batching.as_ref().map_or(1, |b| b.max_batch),
         "max_queue_delay_us": served.batching.as_ref().map_or(0, |b| b.max_delay.as_micros() as u64),
         "preferred_batch": served.batching.as_ref().map(|b| b.preferred.clone()).unwrap_or_default(),
+        "batch_sizes": served.batching.as_ref().map(|b| b.sizes.clone()).unwrap_or_default(),
+        "plans": served.model.plan_shapes(),
         "runs": runs,
         "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
     })

@@ -76,6 +76,8 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
 pub struct Prepared {
     pub model: LoadedModel,
     pub detail: String,
+    /// Size of the ONNX file (how batched runs are sized: `ModelConfig::serve_options`).
+    pub bytes: usize,
 }
 
 /// Runs of the first golden case timed per candidate, and the time they may take.
@@ -134,8 +136,8 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
     if let Some(golden) = golden.as_ref().filter(|_| onnx.len() >= SYMBOLIC_MIN_BYTES && model.symbol_count() > 0) {
         detail.push_str(&consider_symbolic(&model, golden));
     }
-    warm(&model, cfg)?;
-    Ok(Prepared { model, detail })
+    warm(&model, cfg, onnx.len())?;
+    Ok(Prepared { model, detail, bytes: onnx.len() })
 }
 
 /// Models at least this large are tried with one symbolic plan for all shapes.
@@ -182,11 +184,14 @@ fn consider_symbolic(model: &LoadedModel, golden: &Golden) -> String {
     }
 }
 
-/// Builds the plans traffic will need first: batch 1, and each preferred batch size.
-fn warm(model: &LoadedModel, cfg: &ModelConfig) -> Result<(), LoadError> {
+/// Builds the plans traffic will need first: batch 1, and each preferred batch size (as the
+/// batch sizes in effect round them up).
+fn warm(model: &LoadedModel, cfg: &ModelConfig, bytes: usize) -> Result<(), LoadError> {
     let mut sizes = vec![1];
-    if let Some(b) = cfg.batch.as_ref().filter(|_| model.batch_axis() && model.symbol_count() == 1) {
-        sizes.extend(b.preferred.iter().copied().take(cfg.plan_cache.saturating_sub(1)));
+    if let Some(b) = cfg.batch_policy(bytes).filter(|_| model.batch_axis() && model.symbol_count() == 1) {
+        sizes = std::iter::once(1).chain(b.preferred.iter().copied()).map(|n| b.run_rows(n)).collect();
+        sizes.dedup();
+        sizes.truncate(cfg.plan_cache.max(1));
     }
     if model.symbol_count() == 0 {
         return model.prepare(&[]).map_err(|e| LoadError::Parse(e.to_string()));
@@ -311,7 +316,8 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
     .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
     match result {
         Ok(prepared) => {
-            let served = Served::start(&src.name, &src.version, Arc::new(prepared.model), &cfg.serve_options());
+            let served =
+                Served::start(&src.name, &src.version, Arc::new(prepared.model), &cfg.serve_options(prepared.bytes));
             service.repository.activate(served);
             let _ = service
                 .events

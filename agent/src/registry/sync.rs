@@ -293,7 +293,7 @@ impl RegistrySync {
         crate::failpoint::hit("mid-activation");
         let version = stmt.predicate.version.clone();
         lifecycle(&self.service, name, &version, LifecycleKind::Verified, prepared.detail);
-        let mut served = Served::start(name, &version, Arc::new(prepared.model), &cfg.serve_options());
+        let mut served = Served::start(name, &version, Arc::new(prepared.model), &cfg.serve_options(prepared.bytes));
         // What the signed manifest allows; the configuration's `may_leave_site = false` is
         // applied live by the router.
         served.may_leave_site = stmt.predicate.residency.may_leave_site;
