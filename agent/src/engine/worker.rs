@@ -285,6 +285,7 @@ impl Worker {
 
     /// One result per job. A batch whose joint run fails is retried job by job, so one
     /// request's failure never becomes its neighbours'.
+    ///
     /// With `batch_sizes`, the run is padded up to the next of them (also a lone request), so
     /// the model only ever builds plans for those sizes.
     fn run_jobs(&self, jobs: &mut [Job]) -> Vec<JobResult> {
