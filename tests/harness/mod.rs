@@ -253,8 +253,14 @@ impl ChildAgent {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                while let Ok(line) = self.lines.try_recv() {
-                    self.log.push(line);
+                // Everything it wrote before it ended: the reader thread may still be reading
+                // the pipe; it hangs up at the pipe's end of file (bounded by the timeout).
+                loop {
+                    let left = end.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                    match self.lines.recv_timeout(left) {
+                        Ok(line) => self.log.push(line),
+                        Err(_) => break,
+                    }
                 }
                 return Ok(status);
             }
