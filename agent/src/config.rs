@@ -413,11 +413,11 @@ impl ModelConfig {
     /// How a served version of this model queues and runs requests.
     /// The batching in effect for a model of `model_bytes` bytes: `batch_sizes` as configured;
     /// unset, powers of two up to `max_batch` for models of at least
-    /// [`crate::engine::batch::SIZED_MIN_BYTES`] (each size's plan holds its own packed weights),
+    /// [`crate::engine::model::LARGE_MODEL_BYTES`] (each size's plan holds its own packed weights),
     /// every size for smaller ones.
     pub fn batch_policy(&self, model_bytes: usize) -> Option<crate::engine::BatchPolicy> {
         let mut policy = self.batch.clone()?;
-        if self.batch_sizes_auto && model_bytes >= crate::engine::batch::SIZED_MIN_BYTES {
+        if self.batch_sizes_auto && model_bytes >= crate::engine::model::LARGE_MODEL_BYTES {
             policy.sizes = crate::engine::BatchPolicy::powers_of_two(policy.max_batch);
         }
         Some(policy)

@@ -65,7 +65,7 @@ proptest! {
         let run_sizes: Vec<usize> = run_sizes.into_iter().filter(|&s| s <= max_batch).collect();
         let policy =
             BatchPolicy { max_batch, max_delay: Duration::from_millis(50), preferred: vec![], sizes: run_sizes.clone() };
-        let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy.clone()), ..ServeOptions::default() };
+        let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy), ..ServeOptions::default() };
         // Its own copy of the model, so its plans are the served runs' only.
         let served_model = mlp();
         let served = Served::start("mlp", "1", served_model.clone(), &opts);
@@ -87,10 +87,12 @@ proptest! {
         for (caller, (got, want)) in answers.iter().zip(&alone).enumerate() {
             prop_assert!(close(got, want).is_ok(), "caller {caller} ({} rows): {:?}", sizes[caller], close(got, want));
         }
-        if !run_sizes.is_empty() {
+        if let Some(&largest) = run_sizes.last() {
+            let total: usize = sizes.iter().sum();
             for shape in served_model.plan_shapes() {
-                let ok = run_sizes.contains(&shape[0]) || (shape[0] > *run_sizes.last().unwrap_or(&0) && shape[0] <= sizes.iter().sum::<usize>());
-                prop_assert!(ok, "a plan for {} rows; runs are padded to {:?}", shape[0], run_sizes);
+                let n = shape[0];
+                let ok = run_sizes.contains(&n) || (largest < n && n <= total);
+                prop_assert!(ok, "a plan for {} rows; runs are padded to {:?}", n, run_sizes);
             }
         }
         let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);

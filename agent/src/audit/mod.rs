@@ -193,8 +193,6 @@ struct Store {
     file: Option<File>,
     /// Length of the active segment's file: records, then zeros (synced) up to here.
     file_len: u64,
-    /// A zeroed buffer for extending the active segment.
-    zeros: Vec<u8>,
     segment_limit: u64,
     meta: Meta,
     head: u64,
@@ -316,7 +314,6 @@ impl Store {
             segments,
             file: None,
             file_len: 0,
-            zeros: Vec::new(),
             segment_limit,
             meta,
             head,
@@ -387,9 +384,8 @@ impl Store {
         }
         let target = seg.bytes + chunk;
         let from = self.file_len.max(seg.bytes);
-        self.zeros.resize(chunk as usize, 0);
-        let len = (target - from) as usize;
-        match f.write_all_at(&self.zeros[..len], from).and_then(|()| f.sync_data()) {
+        let zeros = vec![0u8; (target - from) as usize];
+        match f.write_all_at(&zeros, from).and_then(|()| f.sync_data()) {
             Ok(()) => self.file_len = target,
             Err(e) => tracing::warn!(error = %e, "audit: could not preallocate the log segment"),
         }

@@ -6,10 +6,6 @@ use std::time::Duration;
 
 use crate::protocol::Tensor;
 
-/// Models at least this large run batches at `BatchPolicy::powers_of_two` sizes unless
-/// `batch_sizes` says otherwise: each size's optimized plan holds its own packed weights.
-pub const SIZED_MIN_BYTES: usize = 8 << 20;
-
 /// How a model's queue forms batches (`max_batch`, `max_queue_delay`, `preferred_batch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPolicy {

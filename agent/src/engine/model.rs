@@ -16,6 +16,11 @@ use crate::protocol::{DataType, Tensor as V2Tensor, TensorData};
 /// How many optimized plans (one per concrete input shape) a model keeps by default.
 pub const DEFAULT_PLAN_CACHE: usize = 8;
 
+/// ONNX files at least this large make plans costly to keep many of (each optimized plan holds
+/// its own packed copy of the weights): they are tried with one symbolic plan for every shape,
+/// and their batched runs are padded to a few sizes (`BatchPolicy::powers_of_two`).
+pub const LARGE_MODEL_BYTES: usize = 8 << 20;
+
 /// A dimension of a model input or output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dim {

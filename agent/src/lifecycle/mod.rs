@@ -133,15 +133,15 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
             (model, format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis()))
         }
     };
-    if let Some(golden) = golden.as_ref().filter(|_| onnx.len() >= SYMBOLIC_MIN_BYTES && model.symbol_count() > 0) {
+    if let Some(golden) =
+        golden.as_ref().filter(|_| onnx.len() >= crate::engine::model::LARGE_MODEL_BYTES && model.symbol_count() > 0)
+    {
         detail.push_str(&consider_symbolic(&model, golden));
     }
     warm(&model, cfg, onnx.len())?;
     Ok(Prepared { model, detail, bytes: onnx.len() })
 }
 
-/// Models at least this large are tried with one symbolic plan for all shapes.
-const SYMBOLIC_MIN_BYTES: usize = 8 << 20;
 /// The symbolic plan is kept when at most this much slower than a concrete one.
 const SYMBOLIC_SLACK: f64 = 1.10;
 
