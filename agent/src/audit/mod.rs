@@ -405,7 +405,8 @@ impl Store {
             let seg = &self.segments[idx];
             let mut f = File::open(&seg.path).map_err(store_err)?;
             f.seek(SeekFrom::Start(offset)).map_err(store_err)?;
-            let mut reader = BufReader::new(f);
+            // The records only, not the zeroed room after them.
+            let mut reader = BufReader::new(std::io::Read::take(f, seg.bytes.saturating_sub(offset)));
             let mut line = Vec::new();
             loop {
                 line.clear();
