@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tract (through Outpost's engine) vs ONNX Runtime, same models, same inputs, same run, one
-# thread each, batch 1 and 8; plus end-to-end HTTP+JSON latency at concurrency 1.
+# thread each, batch 1 and 8; plus end-to-end HTTP+JSON latency at concurrency 1, and the
+# loopback round trip of /v2/health/ready beside it (the transport's own share).
 # Models alternate between the two runtimes so background load hits both alike.
 #   scripts/bench-engine.sh [--iters N] [MODEL_DIR...]
 . "$(dirname "$0")/lib.sh"
@@ -38,10 +39,11 @@ for m in models:
         if t and o:
             print(f"| {m} | {b} | {t['p50_us']} | {o['p50_us']} | {t['p50_us']/o['p50_us']:.2f} | {t['p99_us']} | {o['p99_us']} |")
 print()
-print("| model | engine p50 µs (batch 1) | HTTP+JSON p50 µs | overhead p50 µs | HTTP p99 µs |")
-print("|---|---|---|---|---|")
+print("| model | engine p50 µs (batch 1) | HTTP+JSON p50 µs | overhead p50 µs | health round trip p50 µs | overhead less the round trip µs | HTTP p99 µs |")
+print("|---|---|---|---|---|---|---|")
 for m in models:
-    e, h = get(m, "tract", "engine", 1), get(m, "tract", "http", 1)
-    if e and h:
-        print(f"| {m} | {e['p50_us']} | {h['p50_us']} | {h['p50_us'] - e['p50_us']:.1f} | {h['p99_us']} |")
+    e, h, r = get(m, "tract", "engine", 1), get(m, "tract", "http", 1), get(m, "tract", "health", 1)
+    if e and h and r:
+        over = h['p50_us'] - e['p50_us']
+        print(f"| {m} | {e['p50_us']} | {h['p50_us']} | {over:.1f} | {r['p50_us']} | {over - r['p50_us']:.1f} | {h['p99_us']} |")
 PY

@@ -216,6 +216,7 @@ struct RawModel {
     preferred_batch: Option<Vec<u32>>,
     batch_sizes: Option<Vec<u32>>,
     plan_cache: Option<u32>,
+    intra_op_threads: Option<u32>,
     version_policy: Option<String>,
     versions: Option<Vec<String>>,
     canary_share: Option<f64>,
@@ -345,6 +346,9 @@ pub struct ModelConfig {
     pub batch_sizes_auto: bool,
     /// Optimized plans kept, one per concrete input shape.
     pub plan_cache: usize,
+    /// Cores one run may use when nothing else waits for the model; `None`: chosen at load from
+    /// the model's size ([`Self::threads_per_run`]).
+    pub intra_op_threads: Option<usize>,
     pub version_policy: VersionPolicy,
     /// Canary for new registry versions; `None` switches at once.
     pub canary: Option<CanaryConfig>,
@@ -400,6 +404,7 @@ impl Default for ModelConfig {
             batch: None,
             batch_sizes_auto: true,
             plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
+            intra_op_threads: None,
             version_policy: VersionPolicy::Latest,
             canary: None,
             overflow: crate::overflow::ModelOverflow::default(),
@@ -423,9 +428,24 @@ impl ModelConfig {
         Some(policy)
     }
 
+    /// The cores one run of a model of `model_bytes` bytes may use: `intra_op_threads` as
+    /// configured; unset, every core for models of at least
+    /// [`crate::engine::model::LARGE_MODEL_BYTES`] (their runs are long enough to split), one for
+    /// smaller ones. A run only takes cores that are free, only when it has several rows, and
+    /// only when no other request waits for the model (then concurrent runs use the cores
+    /// better).
+    pub fn threads_per_run(&self, model_bytes: usize) -> usize {
+        self.intra_op_threads.unwrap_or(if model_bytes >= crate::engine::model::LARGE_MODEL_BYTES {
+            crate::engine::cpu::cores()
+        } else {
+            1
+        })
+    }
+
     /// How a model of `model_bytes` bytes is served.
     pub fn serve_options(&self, model_bytes: usize) -> crate::engine::ServeOptions {
         crate::engine::ServeOptions {
+            threads_per_run: self.threads_per_run(model_bytes),
             instances: self.instances,
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,
@@ -760,6 +780,10 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         if !(1..=256).contains(&plan_cache) {
             return Err(err(format!("models.{mname}.plan_cache must be between 1 and 256")));
         }
+        let intra_op_threads = m.intra_op_threads.map(|v| v as usize);
+        if intra_op_threads.is_some_and(|t| !(1..=256).contains(&t)) {
+            return Err(err(format!("models.{mname}.intra_op_threads must be between 1 and 256")));
+        }
         let version_policy = match (m.version_policy.as_deref().unwrap_or("latest"), m.versions) {
             ("latest", None) => VersionPolicy::Latest,
             ("latest", Some(_)) => {
@@ -817,6 +841,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 batch,
                 batch_sizes_auto: m.batch_sizes.is_none(),
                 plan_cache,
+                intra_op_threads,
                 version_policy,
                 canary,
                 overflow: model_overflow,
@@ -1234,6 +1259,17 @@ mod tests {
     }
 
     #[test]
+    fn intra_op_threads_default_by_model_size_and_follow_the_config() {
+        let large = crate::engine::model::LARGE_MODEL_BYTES;
+        let d = ModelConfig::default();
+        assert_eq!(d.threads_per_run(large), crate::engine::cpu::cores(), "large models: every core");
+        assert_eq!(d.threads_per_run(large - 1), 1, "small models: one");
+        let c = parse("[models.mlp]\nintra_op_threads = 3\n").expect("valid");
+        assert_eq!(c.model("mlp").threads_per_run(1), 3);
+        assert_eq!(c.model("mlp").serve_options(1).threads_per_run, 3);
+    }
+
+    #[test]
     fn invalid_values_are_rejected_with_the_key_named() {
         for (text, key) in [
             ("[http]\nlisten = \"nowhere\"", "http.listen"),
@@ -1244,6 +1280,7 @@ mod tests {
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[models.\"../x\"]\n", "model names"),
             ("[models.mlp]\ninstances = 0", "instances"),
+            ("[models.mlp]\nintra_op_threads = 0", "intra_op_threads"),
             ("[models.mlp]\nmax_batch = 0", "max_batch"),
             ("[models.mlp]\nmax_batch = 4\npreferred_batch = [8]", "preferred_batch"),
             ("[models.mlp]\nmax_batch = 4\nbatch_sizes = [0, 4]", "batch_sizes"),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost::engine::{BatchPolicy, LoadedModel, ServeOptions, Served};
+use outpost::engine::{BatchPolicy, LoadedModel, ServeOptions, Served, INLINE_MAX_US};
 use outpost::protocol::{Tensor, TensorData};
 use outpost_tests::{golden_for, root, TestAgent};
 use proptest::prelude::*;
@@ -245,4 +245,55 @@ async fn plan_chooser_serves_the_fastest_plan_that_passes_golden_vectors() -> an
         }
     }
     agent.stop().await
+}
+
+/// A short run on an idle model is answered on the caller's thread, with the outputs a worker
+/// gives; a busy queue, batching that waits for company, or a shape without a built plan go
+/// to the workers as before.
+#[test]
+fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
+    let model = mlp();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = Served::start("mlp", "1", model.clone(), &ServeOptions::default());
+    let one = model.validate(input(0, 1, 7)).expect("valid");
+    // Warmed as at load (the plan for one row is built), but no run time known yet: the first
+    // request goes to a worker.
+    model.run(one.clone()).expect("warm-up run");
+    let one = served.run_inline(one, deadline).expect_err("no run time known yet");
+    // Through the worker until the run-time average settles (a new thread's first run is slow).
+    let mut queued = Vec::new();
+    let mut worker_runs = 0;
+    while worker_runs < 200 && (worker_runs < 2 || served.estimated_latency() > Duration::from_micros(INLINE_MAX_US)) {
+        queued = rt.block_on(async {
+            served.submit(one.clone(), deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
+        });
+        worker_runs += 1;
+    }
+    let (inline, ran) = served.run_inline(one.clone(), deadline).expect("short run on an idle model runs inline");
+    let inline = inline.expect("runs");
+    assert!(close(&inline, &queued).is_ok(), "{:?}", close(&inline, &queued));
+    assert!(ran < Duration::from_millis(100), "{ran:?}");
+    assert_eq!(served.queue_depth(), 0, "the inline run left the queue as it found it");
+    assert_eq!(served.stats.runs.load(std::sync::atomic::Ordering::Relaxed), worker_runs + 1, "counted as a run");
+    // A shape whose plan is not built yet (3 rows) is not built on the caller's thread.
+    let three = model.validate(input(0, 3, 7)).expect("valid");
+    assert!(served.run_inline(three, deadline).is_err(), "plan building stays on the workers");
+    // Batching that waits for company never runs inline.
+    let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(5), preferred: vec![], sizes: vec![] };
+    let batched =
+        Served::start("mlp", "1", model.clone(), &ServeOptions { batch: Some(policy), ..ServeOptions::default() });
+    rt.block_on(async {
+        batched.submit(one.clone(), deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
+    });
+    assert!(batched.run_inline(one.clone(), deadline).is_err(), "a batch being formed waits for company");
+    // A slow model (the canary fixture, ~2 ms a run) keeps its runs on the workers.
+    let slow_onnx = std::fs::read(root().join("tests/fixtures/models/mlp-slow/model.onnx")).expect("fixture");
+    let slow = Arc::new(LoadedModel::load(&slow_onnx, 4).expect("loads"));
+    let slow_served = Served::start("slow", "1", slow.clone(), &ServeOptions::default());
+    let x = slow.validate(input(0, 1, 7)).expect("valid");
+    rt.block_on(async {
+        slow_served.submit(x.clone(), deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
+    });
+    assert!(slow_served.run_inline(x, deadline).is_err(), "long runs are handed to a worker");
 }

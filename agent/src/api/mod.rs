@@ -58,6 +58,9 @@ pub struct Routing {
     pub overflow: Option<crate::overflow::Reason>,
     pub answered_upstream: bool,
     pub fallback: Option<String>,
+    /// The only request being answered when it arrived (a short run may then stay on the
+    /// runtime's thread: `Served::run_inline`).
+    pub alone: bool,
 }
 
 /// Everything about a request that is not its tensors.
@@ -156,11 +159,53 @@ pub struct InferenceService {
     pub overflow: Option<Arc<crate::overflow::Overflow>>,
     /// The live configuration (per-model overflow policy).
     pub config: Option<Arc<std::sync::RwLock<Arc<crate::config::Config>>>>,
+    /// Requests being answered, over every model and transport.
+    in_flight: Arc<InFlightCount>,
+}
+
+/// Requests being answered now, and a moving average of that count as requests arrive.
+#[derive(Default)]
+struct InFlightCount {
+    now: std::sync::atomic::AtomicUsize,
+    /// In sixteenths of a request; weight 1/8 for the newest arrival.
+    average_16: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a request as being answered until dropped.
+struct InFlight(Arc<InFlightCount>);
+
+impl InFlight {
+    /// Enters a request; tells whether requests have been arriving one at a time: this one is
+    /// the only one being answered, and so were the ones before it, on average. (A lull
+    /// between two waves of concurrent requests does not count.)
+    fn enter(count: &Arc<InFlightCount>) -> (InFlight, bool) {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        let now = count.now.fetch_add(1, SeqCst) + 1;
+        let old = count.average_16.load(Relaxed);
+        let average = old - old / 8 + now.min(1 << 20) * 2;
+        count.average_16.store(average, Relaxed);
+        (InFlight(count.clone()), now == 1 && average <= 24)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl InferenceService {
     pub fn new(repository: Arc<Repository>, metrics: Arc<Metrics>, events: Arc<dyn EventSink>) -> Self {
-        InferenceService { repository, metrics, events, verdicts: None, privacy: None, overflow: None, config: None }
+        InferenceService {
+            repository,
+            metrics,
+            events,
+            verdicts: None,
+            privacy: None,
+            overflow: None,
+            config: None,
+            in_flight: Arc::default(),
+        }
     }
 
     /// The overflow target and `model`'s policy, unless overflow is off for it.
@@ -240,6 +285,8 @@ impl InferenceService {
         };
         let mut served_as: Option<(String, Option<Duration>)> = None;
         let mut routing = Routing::default();
+        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
+        routing.alone = alone;
         let result = self.infer_inner(ctx, model, version, request, &mut served_as, &mut routing).await;
         let mut ctx = ctx.clone();
         if routing.answered_upstream {
@@ -387,32 +434,42 @@ impl InferenceService {
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
         // for a place until their deadline (their in-flight count is bounded by the broker).
         let wait = ctx.transport == Transport::Mqtt;
-        let rx = match served.submit(inputs, ctx.deadline, wait).await {
-            Ok(rx) => rx,
-            Err(e) => {
-                if let (Some((ov, policy)), Some(orig), SubmitError::QueueFull(_)) = (&upstream, &original, &e) {
-                    if routing.overflow.is_none() {
-                        if let Some(resp) =
-                            self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
+        // The only request being answered, and a short run: it costs less here than a hand-off
+        // to a worker thread. With others in flight the runtime's threads are better spent
+        // reading them (their requests can then join a batch) and the run goes to a worker.
+        let inline = if routing.alone { served.run_inline(inputs, ctx.deadline) } else { Err(inputs) };
+        let (result, run_time) = match inline {
+            Ok(done) => done,
+            Err(inputs) => {
+                let rx = match served.submit(inputs, ctx.deadline, wait).await {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        if let (Some((ov, policy)), Some(orig), SubmitError::QueueFull(_)) = (&upstream, &original, &e)
                         {
-                            return Ok(resp);
+                            if routing.overflow.is_none() {
+                                if let Some(resp) =
+                                    self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
+                                {
+                                    return Ok(resp);
+                                }
+                            }
                         }
+                        return Err(match e {
+                            SubmitError::QueueFull(_) => InferError::Overloaded {
+                                model: model.to_owned(),
+                                reason: e.to_string(),
+                                retry_after: retry_after(&served),
+                            },
+                            SubmitError::Closed => InferError::NotReady(model.to_owned()),
+                        });
                     }
-                }
-                return Err(match e {
-                    SubmitError::QueueFull(_) => InferError::Overloaded {
-                        model: model.to_owned(),
-                        reason: e.to_string(),
-                        retry_after: retry_after(&served),
-                    },
-                    SubmitError::Closed => InferError::NotReady(model.to_owned()),
-                });
+                };
+                tokio::time::timeout_at(ctx.deadline.into(), rx)
+                    .await
+                    .map_err(|_| InferError::DeadlineExceeded)?
+                    .map_err(|_| InferError::Internal("inference worker stopped".into()))?
             }
         };
-        let (result, run_time) = tokio::time::timeout_at(ctx.deadline.into(), rx)
-            .await
-            .map_err(|_| InferError::DeadlineExceeded)?
-            .map_err(|_| InferError::Internal("inference worker stopped".into()))?;
         *served_as = Some((served.version.clone(), Some(run_time)));
         let mut outputs = result.map_err(|e| match e {
             JobError::Expired => InferError::DeadlineExceeded,
@@ -465,5 +522,33 @@ impl InferenceService {
             }
         }
         Ok(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_as_alone_only_when_they_have_been_arriving_one_at_a_time() {
+        let count = Arc::new(InFlightCount::default());
+        for _ in 0..20 {
+            let (_one, alone) = InFlight::enter(&count);
+            assert!(alone, "one request at a time");
+        }
+        // A wave of eight at once: its first finds nothing in flight (nothing says a wave is
+        // coming), the others are not alone.
+        let wave: Vec<_> = (0..8).map(|_| InFlight::enter(&count)).collect();
+        assert!(wave[0].1 && wave[1..].iter().all(|(_, alone)| !alone));
+        assert_eq!(count.now.load(std::sync::atomic::Ordering::SeqCst), 8);
+        drop(wave);
+        assert_eq!(count.now.load(std::sync::atomic::Ordering::SeqCst), 0, "every guard gave its place back");
+        // The lull after the wave: the next arrival finds nothing in flight, but requests have
+        // been arriving together; only after a run of single arrivals is one alone again.
+        let (_first, alone) = InFlight::enter(&count);
+        assert!(!alone, "right after a wave");
+        drop(_first);
+        let settled = (0..50).position(|_| InFlight::enter(&count).1).expect("alone again after single arrivals");
+        assert!(settled > 0, "not at once");
     }
 }

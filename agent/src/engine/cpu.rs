@@ -63,3 +63,14 @@ pub fn acquire() -> Option<Slot<'static>> {
     c.in_use += 1;
     Some(Slot(slots))
 }
+
+/// Takes a free slot without waiting; `None` when every slot is in use.
+pub fn try_acquire() -> Option<Slot<'static>> {
+    let slots = global();
+    let mut c = slots.counts.lock().ok()?;
+    if c.in_use >= c.total {
+        return None;
+    }
+    c.in_use += 1;
+    Some(Slot(slots))
+}

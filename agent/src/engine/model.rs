@@ -411,6 +411,16 @@ impl LoadedModel {
         Ok(plan)
     }
 
+    /// Whether a run of these (validated) inputs finds its plan built: no plan building on a
+    /// thread that must not block for long.
+    pub fn has_plan(&self, inputs: &[V2Tensor]) -> bool {
+        if self.symbolic() {
+            return true;
+        }
+        let key = self.symbol_values(inputs);
+        self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
+    }
+
     /// The symbol values (batch size first) of the optimized plans kept now, in order.
     pub fn plan_shapes(&self) -> Vec<Vec<usize>> {
         let mut shapes: Vec<Vec<usize>> =
@@ -466,15 +476,27 @@ impl LoadedModel {
         self.symbols.len()
     }
 
-    /// Runs inputs already checked by [`LoadedModel::validate`]. Blocking and CPU-bound.
+    /// Runs inputs already checked by [`LoadedModel::validate`], on the calling thread.
+    /// Blocking and CPU-bound.
     pub fn run(&self, inputs: Vec<V2Tensor>) -> Result<Vec<V2Tensor>, RunError> {
+        self.run_on(inputs, 1)
+    }
+
+    /// As [`LoadedModel::run`], with the matrix products split over `threads` threads (the
+    /// caller holds that many CPU slots). Falls back to the calling thread alone if a pool
+    /// cannot be started.
+    pub fn run_on(&self, inputs: Vec<V2Tensor>, threads: usize) -> Result<Vec<V2Tensor>, RunError> {
         let key = self.symbol_values(&inputs);
         let plan = self.plan(&key)?;
         let mut tv: TVec<TValue> = TVec::new();
         for t in inputs {
             tv.push(to_tract(t)?.into());
         }
-        let out = match catch_unwind(AssertUnwindSafe(|| plan.run(tv))) {
+        let pool = if threads > 1 { executor(threads) } else { None };
+        let out = match catch_unwind(AssertUnwindSafe(|| match pool {
+            Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, || plan.run(tv)),
+            None => plan.run(tv),
+        })) {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err(RunError::Engine(format!("{e:#}"))),
             Err(p) => return Err(RunError::Engine(format!("engine panicked: {}", panic_message(p)))),
@@ -484,6 +506,25 @@ impl LoadedModel {
             .map(|(v, spec)| from_tract(spec.name.clone(), &v.into_tensor()))
             .collect()
     }
+}
+
+/// The process's thread pool of `threads` threads for split runs, started on first use.
+fn executor(threads: usize) -> Option<tract_linalg::multithread::Executor> {
+    use tract_linalg::multithread::Executor;
+    /// Pools by thread count (`None`: it could not be started).
+    type Pools = Mutex<Vec<(usize, Option<Executor>)>>;
+    static POOLS: std::sync::OnceLock<Pools> = std::sync::OnceLock::new();
+    let mut pools = POOLS.get_or_init(|| Mutex::new(Vec::new())).lock().ok()?;
+    if let Some((_, e)) = pools.iter().find(|(n, _)| *n == threads) {
+        return e.clone();
+    }
+    // tract panics when the threads cannot be spawned: then runs stay on one thread.
+    let made = catch_unwind(|| Executor::multithread_with_name(threads, "infer-pool")).ok();
+    if made.is_none() {
+        tracing::warn!(threads, "cannot start an inference thread pool: runs use one thread");
+    }
+    pools.push((threads, made.clone()));
+    made
 }
 
 fn to_tract(t: V2Tensor) -> Result<Tensor, RunError> {

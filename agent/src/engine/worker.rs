@@ -1,7 +1,9 @@
 //! Inference threads: each served model has a bounded queue and its own worker threads, so
-//! CPU-bound work never runs on the async runtime and one slow model cannot starve another's
-//! queue. Dropping the last handle to a [`Served`] closes its queue; the workers finish what is
-//! queued and exit, releasing the model.
+//! long CPU-bound work never runs on the async runtime and one slow model cannot starve
+//! another's queue. The exception is [`Served::run_inline`]: a run averaging at most
+//! [`INLINE_MAX_US`] on an idle model, whose hand-off to a worker would cost more than the run.
+//! Dropping the last handle to a [`Served`] closes its queue; the workers finish what is queued
+//! and exit, releasing the model.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +17,9 @@ use tokio::sync::oneshot;
 use super::batch::{self, BatchPolicy};
 use super::model::{LoadedModel, RunError};
 use crate::protocol::Tensor;
+
+/// Runs at most this long on average (per request) may run on the requester's thread.
+pub const INLINE_MAX_US: u64 = 100;
 
 /// The outcome a worker sends back.
 pub type JobResult = Result<Vec<Tensor>, JobError>;
@@ -53,6 +58,8 @@ pub enum SubmitError {
 pub struct ServeOptions {
     /// Worker threads; runs across all models are still capped by [`super::cpu`] slots.
     pub instances: usize,
+    /// Cores (CPU slots) one run may take when they are free and nothing else waits.
+    pub threads_per_run: usize,
     /// Requests waiting or running before new ones are refused.
     pub max_queue: usize,
     /// A request that waited longer than this is answered "overloaded" instead of run.
@@ -65,7 +72,14 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { instances: 1, max_queue: 64, queue_timeout: None, cache_bytes: 0, batch: None }
+        ServeOptions {
+            instances: 1,
+            threads_per_run: 1,
+            max_queue: 64,
+            queue_timeout: None,
+            cache_bytes: 0,
+            batch: None,
+        }
     }
 }
 
@@ -74,6 +88,8 @@ impl Default for ServeOptions {
 pub struct BatchStats {
     pub runs: AtomicU64,
     pub rows: AtomicU64,
+    /// Runs split over more than one core (`threads_per_run`).
+    pub split_runs: AtomicU64,
 }
 
 /// A model with its queue and worker threads: the unit the serving table swaps.
@@ -96,6 +112,8 @@ pub struct Served {
     /// The batching in effect (`None` when off or the model has no batch dimension).
     pub batching: Option<BatchPolicy>,
     pub stats: Arc<BatchStats>,
+    /// Cores one run may take ([`ServeOptions::threads_per_run`]).
+    pub threads_per_run: usize,
 }
 
 impl std::fmt::Debug for Served {
@@ -132,6 +150,7 @@ impl Served {
                 stats: stats.clone(),
                 batching: batching.clone(),
                 queue_timeout: opts.queue_timeout,
+                threads_per_run: opts.threads_per_run.max(1),
             };
             let spawned = std::thread::Builder::new().name(format!("infer-{name}-{i}")).spawn(move || w.run());
             match spawned {
@@ -153,6 +172,7 @@ impl Served {
             cache: (opts.cache_bytes > 0).then(|| super::cache::ResponseCache::new(opts.cache_bytes)),
             batching,
             stats,
+            threads_per_run: opts.threads_per_run.max(1),
         }
     }
 
@@ -206,6 +226,42 @@ impl Served {
         }
     }
 
+    /// Runs a request on the caller's thread when handing it to a worker would cost more than
+    /// the run itself: nothing is queued or running for this version, batching would not wait
+    /// for company or pad, the plan for this shape is built, a CPU slot is free, and this
+    /// version's runs average at most [`INLINE_MAX_US`]. Otherwise the inputs come back, to be
+    /// submitted.
+    ///
+    /// The run counts in the queue depth and holds a queue place and a CPU slot, as a
+    /// worker's would, so the queue policy and the core budget see it.
+    pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Vec<Tensor>> {
+        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        if avg == 0 || avg > INLINE_MAX_US || self.workers.is_empty() || Instant::now() >= deadline {
+            return Err(inputs);
+        }
+        let rows = batch::rows(&inputs);
+        if self.batching.as_ref().is_some_and(|p| !p.max_delay.is_zero() || p.run_rows(rows) != rows)
+            || !self.model.has_plan(&inputs)
+        {
+            return Err(inputs);
+        }
+        if self.depth.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return Err(inputs);
+        }
+        let claimed = self.permits.clone().try_acquire_owned().ok().zip(super::cpu::try_acquire());
+        let Some((_permit, slot)) = claimed else {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(inputs);
+        };
+        let started = Instant::now();
+        let result = self.model.run(inputs).map_err(JobError::from);
+        let ran = started.elapsed();
+        drop(slot);
+        note_run(&self.stats, &self.avg_run_us, ran, 1, rows, result.is_ok());
+        self.depth.fetch_sub(1, Ordering::SeqCst);
+        Ok((result, ran))
+    }
+
     /// Jobs waiting or running.
     pub fn queue_depth(&self) -> usize {
         self.depth.load(Ordering::SeqCst)
@@ -230,6 +286,7 @@ struct Worker {
     stats: Arc<BatchStats>,
     batching: Option<BatchPolicy>,
     queue_timeout: Option<Duration>,
+    threads_per_run: usize,
 }
 
 impl Worker {
@@ -267,17 +324,24 @@ impl Worker {
         let started = Instant::now();
         let results = {
             let _slot = super::cpu::acquire();
-            self.run_jobs(&mut live)
+            // A run of several rows with nothing else waiting for this model may split over the
+            // cores that are free (tract's split matrix products pay off from a few rows up;
+            // a one-row MiniLM run measured slower split).
+            let rows: usize = live.iter().map(|j| j.rows).sum();
+            let alone = self.depth.load(Ordering::SeqCst) <= live.len();
+            let extra: Vec<_> = if self.threads_per_run > 1 && rows >= 2 && alone {
+                (1..self.threads_per_run).map_while(|_| super::cpu::try_acquire()).collect()
+            } else {
+                Vec::new()
+            };
+            if !extra.is_empty() {
+                self.stats.split_runs.fetch_add(1, Ordering::Relaxed);
+            }
+            self.run_jobs(&mut live, 1 + extra.len())
         };
         let ran = started.elapsed();
-        self.stats.runs.fetch_add(1, Ordering::Relaxed);
-        self.stats.rows.fetch_add(live.iter().map(|j| j.rows as u64).sum(), Ordering::Relaxed);
-        if results.iter().any(Result::is_ok) {
-            // Exponential moving average of the time per job, weight 1/8 for the newest run.
-            let us = (ran.as_micros() / live.len() as u128).min(u128::from(u64::MAX / 8)) as u64;
-            let old = self.avg_us.load(Ordering::Relaxed);
-            self.avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
-        }
+        let rows = live.iter().map(|j| j.rows).sum();
+        note_run(&self.stats, &self.avg_us, ran, live.len(), rows, results.iter().any(Result::is_ok));
         for (job, result) in live.into_iter().zip(results) {
             self.answer(job, result, ran);
         }
@@ -288,13 +352,13 @@ impl Worker {
     ///
     /// With `batch_sizes`, the run is padded up to the next of them (also a lone request), so
     /// the model only ever builds plans for those sizes.
-    fn run_jobs(&self, jobs: &mut [Job]) -> Vec<JobResult> {
+    fn run_jobs(&self, jobs: &mut [Job], threads: usize) -> Vec<JobResult> {
         let mut rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
         let total: usize = rows.iter().sum();
         let padded = self.batching.as_ref().map_or(total, |p| p.run_rows(total));
         if let [job] = &mut *jobs {
             if padded == total {
-                return vec![self.model.run(std::mem::take(&mut job.inputs)).map_err(JobError::from)];
+                return vec![self.model.run_on(std::mem::take(&mut job.inputs), threads).map_err(JobError::from)];
             }
         }
         let inputs: Vec<Vec<Tensor>> = jobs.iter().map(|j| j.inputs.clone()).collect();
@@ -303,7 +367,7 @@ impl Worker {
         }
         let joint = batch::concat(inputs)
             .and_then(|joined| batch::pad(joined, padded - total))
-            .and_then(|joined| self.model.run(joined).map_err(|e| e.to_string()))
+            .and_then(|joined| self.model.run_on(joined, threads).map_err(|e| e.to_string()))
             .and_then(|out| batch::split(out, &rows))
             .map(|mut per_job| {
                 // The padding's outputs.
@@ -314,7 +378,9 @@ impl Worker {
             Ok(outputs) => outputs.into_iter().map(Ok).collect(),
             Err(e) => {
                 tracing::debug!(model_error = %e, jobs = jobs.len(), "batched run failed; running its requests one by one");
-                jobs.iter_mut().map(|j| self.model.run(std::mem::take(&mut j.inputs)).map_err(JobError::from)).collect()
+                jobs.iter_mut()
+                    .map(|j| self.model.run_on(std::mem::take(&mut j.inputs), threads).map_err(JobError::from))
+                    .collect()
             }
         }
     }
@@ -323,6 +389,18 @@ impl Worker {
         self.depth.fetch_sub(1, Ordering::SeqCst);
         // The requester may have gone (deadline, disconnect): nothing to do then.
         let _ = job.reply.send((result, ran));
+    }
+}
+
+/// Counts a run and, when it succeeded, folds its time per job into the moving average
+/// (weight 1/8 for the newest run).
+fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, ok: bool) {
+    stats.runs.fetch_add(1, Ordering::Relaxed);
+    stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    if ok {
+        let us = (ran.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
+        let old = avg_us.load(Ordering::Relaxed);
+        avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
     }
 }
 

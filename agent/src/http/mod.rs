@@ -269,6 +269,8 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "preferred_batch": served.batching.as_ref().map(|b| b.preferred.clone()).unwrap_or_default(),
         "batch_sizes": served.batching.as_ref().map(|b| b.sizes.clone()).unwrap_or_default(),
         "plans": served.model.plan_shapes(),
+        "intra_op_threads": served.threads_per_run,
+        "split_runs": served.stats.split_runs.load(std::sync::atomic::Ordering::Relaxed),
         "runs": runs,
         "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
     })
