@@ -278,7 +278,14 @@ fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
     assert_eq!(served.stats.runs.load(std::sync::atomic::Ordering::Relaxed), worker_runs + 1, "counted as a run");
     // A shape whose plan is not built yet (3 rows) is not built on the caller's thread.
     let three = model.validate(input(0, 3, 7)).expect("valid");
-    assert!(served.run_inline(three, deadline).is_err(), "plan building stays on the workers");
+    let three = served.run_inline(three, deadline).expect_err("plan building stays on the workers");
+    // The worker run that builds it does not count as a run time (a build takes milliseconds).
+    let before = served.estimated_latency();
+    rt.block_on(async {
+        served.submit(three, deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
+    });
+    assert_eq!(served.estimated_latency(), before, "a run that built a plan leaves the run-time average alone");
+    assert!(served.run_inline(one.clone(), deadline).is_ok(), "still inline after the build");
     // Batching that waits for company never runs inline.
     let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(5), preferred: vec![], sizes: vec![] };
     let batched =

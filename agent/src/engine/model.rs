@@ -95,6 +95,8 @@ pub enum RunError {
 struct PlanCache {
     tick: u64,
     plans: Vec<(Vec<usize>, Arc<TypedRunnableModel>, u64)>,
+    /// Plans built since load.
+    built: u64,
 }
 
 pub struct LoadedModel {
@@ -283,7 +285,7 @@ impl LoadedModel {
             candidates: Vec::new(),
             typed,
             symbols,
-            plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new() }),
+            plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new(), built: 0 }),
             plan_capacity: plan_capacity.max(1),
             symbolic: std::sync::RwLock::new(None),
         })
@@ -408,6 +410,7 @@ impl LoadedModel {
             }
         }
         cache.plans.push((key.to_vec(), plan.clone(), tick));
+        cache.built += 1;
         Ok(plan)
     }
 
@@ -419,6 +422,11 @@ impl LoadedModel {
         }
         let key = self.symbol_values(inputs);
         self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
+    }
+
+    /// How many plans were built since load: a run during which this changed paid for a build.
+    pub fn plans_built(&self) -> u64 {
+        self.plans.lock().map_or(0, |c| c.built)
     }
 
     /// The symbol values (batch size first) of the optimized plans kept now, in order.

@@ -322,6 +322,7 @@ impl Worker {
             return;
         }
         let started = Instant::now();
+        let built = self.model.plans_built();
         let results = {
             let _slot = super::cpu::acquire();
             // A run of several rows with nothing else waiting for this model may split over the
@@ -341,7 +342,9 @@ impl Worker {
         };
         let ran = started.elapsed();
         let rows = live.iter().map(|j| j.rows).sum();
-        note_run(&self.stats, &self.avg_us, ran, live.len(), rows, results.iter().any(Result::is_ok));
+        // A run that waited for a plan to be built says nothing about run times.
+        let timed = results.iter().any(Result::is_ok) && self.model.plans_built() == built;
+        note_run(&self.stats, &self.avg_us, ran, live.len(), rows, timed);
         for (job, result) in live.into_iter().zip(results) {
             self.answer(job, result, ran);
         }
@@ -392,12 +395,12 @@ impl Worker {
     }
 }
 
-/// Counts a run and, when it succeeded, folds its time per job into the moving average
-/// (weight 1/8 for the newest run).
-fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, ok: bool) {
+/// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
+/// per job into the moving average (weight 1/8 for the newest run).
+fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
-    if ok {
+    if timed {
         let us = (ran.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
         let old = avg_us.load(Ordering::Relaxed);
         avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
