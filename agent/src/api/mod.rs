@@ -58,8 +58,9 @@ pub struct Routing {
     pub overflow: Option<crate::overflow::Reason>,
     pub answered_upstream: bool,
     pub fallback: Option<String>,
-    /// The only request being answered when it arrived (a short run may then stay on the
-    /// runtime's thread: `Served::run_inline`).
+    /// The only request being answered when it arrived, while requests have been arriving one
+    /// at a time (`InFlight::enter`): a short run may then stay on the runtime's thread
+    /// (`Served::run_inline`).
     pub alone: bool,
 }
 
