@@ -321,6 +321,7 @@ impl Worker {
         if live.is_empty() {
             return;
         }
+        let rows: usize = live.iter().map(|j| j.rows).sum();
         let started = Instant::now();
         let built = self.model.plans_built();
         let results = {
@@ -328,7 +329,6 @@ impl Worker {
             // A run of several rows with nothing else waiting for this model may split over the
             // cores that are free (tract's split matrix products pay off from a few rows up;
             // a one-row MiniLM run measured slower split).
-            let rows: usize = live.iter().map(|j| j.rows).sum();
             let alone = self.depth.load(Ordering::SeqCst) <= live.len();
             let extra: Vec<_> = if self.threads_per_run > 1 && rows >= 2 && alone {
                 (1..self.threads_per_run).map_while(|_| super::cpu::try_acquire()).collect()
@@ -341,7 +341,6 @@ impl Worker {
             self.run_jobs(&mut live, 1 + extra.len())
         };
         let ran = started.elapsed();
-        let rows = live.iter().map(|j| j.rows).sum();
         // A run that waited for a plan to be built says nothing about run times.
         let timed = results.iter().any(Result::is_ok) && self.model.plans_built() == built;
         note_run(&self.stats, &self.avg_us, ran, live.len(), rows, timed);
