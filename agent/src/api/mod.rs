@@ -438,7 +438,8 @@ impl InferenceService {
         // The only request being answered, and a short run: it costs less here than a hand-off
         // to a worker thread. With others in flight the runtime's threads are better spent
         // reading them (their requests can then join a batch) and the run goes to a worker.
-        let inline = if routing.alone { served.run_inline(inputs, ctx.deadline) } else { Err(inputs) };
+        let inline =
+            if routing.alone { served.run_inline(inputs, ctx.deadline).map_err(|h| h.inputs) } else { Err(inputs) };
         let (result, run_time) = match inline {
             Ok(done) => done,
             Err(inputs) => {

@@ -12,4 +12,4 @@ pub mod worker;
 pub use batch::BatchPolicy;
 pub use golden::{Golden, GoldenReport, Tolerance};
 pub use model::{Dim, LoadError, LoadedModel, RunError, Signature, TensorSpec};
-pub use worker::{JobError, ServeOptions, Served, SubmitError, INLINE_MAX_US};
+pub use worker::{Handoff, JobError, NotInline, ServeOptions, Served, SubmitError, INLINE_MAX_US};

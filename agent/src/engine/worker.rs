@@ -34,6 +34,32 @@ pub enum JobError {
     QueueTimeout(Duration),
 }
 
+/// Why [`Served::run_inline`] handed a request back: it goes to a worker instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotInline {
+    /// The queue is closing or the deadline has passed (the worker path answers that).
+    Closing,
+    /// No run of this version has been timed yet.
+    NoRunTime,
+    /// Runs average more than [`INLINE_MAX_US`].
+    LongRuns,
+    /// Batching would wait for company or pad the run.
+    Batching,
+    /// The plan for this shape is not built; building it stays on the workers.
+    NoPlan,
+    /// Something is queued or running for this version.
+    Busy,
+    /// No queue place or no CPU slot free (slots are shared by every model of the process).
+    NoCpu,
+}
+
+/// A request [`Served::run_inline`] did not run: its inputs, untouched, and why.
+#[derive(Debug)]
+pub struct Handoff {
+    pub why: NotInline,
+    pub inputs: Vec<Tensor>,
+}
+
 struct Job {
     inputs: Vec<Tensor>,
     /// Rows on the batch axis (1 for models without one).
@@ -229,29 +255,37 @@ impl Served {
     /// Runs a request on the caller's thread when handing it to a worker would cost more than
     /// the run itself: nothing is queued or running for this version, batching would not wait
     /// for company or pad, the plan for this shape is built, a CPU slot is free, and this
-    /// version's runs average at most [`INLINE_MAX_US`]. Otherwise the inputs come back, to be
-    /// submitted.
+    /// version's runs average at most [`INLINE_MAX_US`]. Otherwise the inputs come back with
+    /// the reason, to be submitted.
     ///
     /// The run counts in the queue depth and holds a queue place and a CPU slot, as a
     /// worker's would, so the queue policy and the core budget see it.
-    pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Vec<Tensor>> {
+    pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Handoff> {
+        let hand_off = |why, inputs| Err(Handoff { why, inputs });
         let avg = self.avg_run_us.load(Ordering::Relaxed);
-        if avg == 0 || avg > INLINE_MAX_US || self.workers.is_empty() || Instant::now() >= deadline {
-            return Err(inputs);
+        if self.workers.is_empty() || Instant::now() >= deadline {
+            return hand_off(NotInline::Closing, inputs);
         }
         let rows = batch::rows(&inputs);
-        if self.batching.as_ref().is_some_and(|p| !p.max_delay.is_zero() || p.run_rows(rows) != rows)
-            || !self.model.has_plan(&inputs)
-        {
-            return Err(inputs);
+        if self.batching.as_ref().is_some_and(|p| !p.max_delay.is_zero() || p.run_rows(rows) != rows) {
+            return hand_off(NotInline::Batching, inputs);
+        }
+        if !self.model.has_plan(&inputs) {
+            return hand_off(NotInline::NoPlan, inputs);
+        }
+        if avg == 0 {
+            return hand_off(NotInline::NoRunTime, inputs);
+        }
+        if avg > INLINE_MAX_US {
+            return hand_off(NotInline::LongRuns, inputs);
         }
         if self.depth.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(inputs);
+            return hand_off(NotInline::Busy, inputs);
         }
         let claimed = self.permits.clone().try_acquire_owned().ok().zip(super::cpu::try_acquire());
         let Some((_permit, slot)) = claimed else {
             self.depth.fetch_sub(1, Ordering::SeqCst);
-            return Err(inputs);
+            return hand_off(NotInline::NoCpu, inputs);
         };
         let started = Instant::now();
         let result = self.model.run(inputs).map_err(JobError::from);
