@@ -310,18 +310,18 @@ impl InferenceService {
             _ => model,
         };
         self.metrics.record_request(label, outcome.label(), latency);
-        let recorded = self
-            .events
-            .record(Event::Request {
-                ctx,
-                model: model.to_owned(),
-                version: served_version,
-                outcome,
-                latency,
-                input_digest,
-                parameters,
-            })
-            .await;
+        let event = Event::Request {
+            ctx,
+            model: model.to_owned(),
+            version: served_version,
+            outcome,
+            latency,
+            input_digest,
+            parameters,
+        };
+        // Still the only request being answered: its record may be made durable right here.
+        let alone = routing.alone && self.in_flight.now.load(std::sync::atomic::Ordering::SeqCst) == 1;
+        let recorded = if alone { self.events.record_alone(event) } else { self.events.record(event) }.await;
         // An answer whose record could not be kept is not given (fail closed).
         match recorded {
             Ok(()) => result,

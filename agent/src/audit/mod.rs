@@ -143,6 +143,13 @@ struct Pending {
     reply: oneshot::Sender<Result<u64, AuditError>>,
 }
 
+/// What the committer thread is asked to do.
+enum Msg {
+    Append(Pending),
+    /// A commit made on a caller's thread used up room: zero-fill more, off that caller's path.
+    Preallocate,
+}
+
 /// Test instrumentation: an ordered trace of durability events, so a test can show that a
 /// record's fsync completed before its reply left.
 #[derive(Default)]
@@ -206,6 +213,10 @@ struct Shared {
     bytes: AtomicU64,
     head_seq: AtomicU64,
     fsyncs: AtomicU64,
+    /// Records sent to the committer and not yet taken into a commit.
+    queued: AtomicU64,
+    /// `group_commit_max_delay`: with a delay, lone records wait for company on the committer.
+    max_delay: Duration,
     quota: u64,
     trace: Option<Arc<Trace>>,
 }
@@ -214,7 +225,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Audit {
     shared: Arc<Shared>,
-    tx: Arc<Mutex<Option<Sender<Pending>>>>,
+    tx: Arc<Mutex<Option<Sender<Msg>>>>,
 }
 
 fn now_ms() -> i64 {
@@ -373,15 +384,21 @@ impl Store {
         Ok(())
     }
 
+    /// Less than half of `PREALLOC` zeroed room left in the active segment.
+    fn room_is_low(&self) -> bool {
+        let (Some(_), Some(seg)) = (self.file.as_ref(), self.segments.last()) else { return false };
+        self.file_len < seg.bytes + PREALLOC.min(self.segment_limit) / 2
+    }
+
     /// Zero-fills the active segment `PREALLOC` bytes past its records when less than half of
     /// that is left, and syncs it, so the next commits overwrite blocks the file already has.
     /// Called after a commit's replies went out. A failure only costs speed: appends still work.
     fn preallocate(&mut self) {
-        let (Some(f), Some(seg)) = (self.file.as_ref(), self.segments.last()) else { return };
-        let chunk = PREALLOC.min(self.segment_limit);
-        if self.file_len >= seg.bytes + chunk / 2 {
+        if !self.room_is_low() {
             return;
         }
+        let (Some(f), Some(seg)) = (self.file.as_ref(), self.segments.last()) else { return };
+        let chunk = PREALLOC.min(self.segment_limit);
         let target = seg.bytes + chunk;
         let from = self.file_len.max(seg.bytes);
         let zeros = vec![0u8; (target - from) as usize];
@@ -466,16 +483,14 @@ impl Audit {
             bytes: AtomicU64::new(bytes),
             head_seq: AtomicU64::new(head),
             fsyncs: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            max_delay: cfg.group_commit_max_delay,
             quota: cfg.quota_bytes,
             trace,
         });
-        let (tx, rx) = channel::<Pending>();
+        let (tx, rx) = channel::<Msg>();
         let s = shared.clone();
-        let delay = cfg.group_commit_max_delay;
-        std::thread::Builder::new()
-            .name("audit-commit".into())
-            .spawn(move || committer(&s, &rx, delay))
-            .map_err(store_err)?;
+        std::thread::Builder::new().name("audit-commit".into()).spawn(move || committer(&s, &rx)).map_err(store_err)?;
         Ok(Audit { shared, tx: Arc::new(Mutex::new(Some(tx))) })
     }
 
@@ -484,18 +499,55 @@ impl Audit {
         let (reply, rx) = oneshot::channel();
         // Serialized here, on the caller's thread: the committer only chains and writes.
         let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
-        let sent = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|tx| tx.send(Pending { body, reply }).is_ok()))
-            .unwrap_or(false);
+        let sent = self.send(Msg::Append(Pending { body, reply }));
         async move {
             if !sent {
                 return Err(AuditError::Closed);
             }
             rx.await.map_err(|_| AuditError::Closed)?
         }
+    }
+
+    /// Appends a record and makes it durable on the calling thread, when that is cheaper than
+    /// the two thread hand-offs of [`Audit::append`]: nothing is waiting for the committer, no
+    /// commit is being written, and no `group_commit_max_delay` asks records to wait for
+    /// company. Blocks for one durable write (about a disk flush), so a caller on an async
+    /// runtime uses it only when it is the one request being answered. `None`: not done here,
+    /// use [`Audit::append`] (the record was not written).
+    pub fn append_here(&self, body: &Value) -> Option<Result<u64, AuditError>> {
+        let s = &*self.shared;
+        if !s.max_delay.is_zero() || s.queued.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        if self.tx.lock().ok()?.is_none() {
+            return Some(Err(AuditError::Closed));
+        }
+        let mut store = s.store.try_lock().ok()?;
+        let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+        let result = commit(s, &mut store, &[&body]);
+        if let (Some(t), Ok(seq)) = (&s.trace, &result) {
+            t.note(format!("committed-here {seq}"));
+        }
+        let low = store.room_is_low();
+        drop(store);
+        if low {
+            self.send(Msg::Preallocate);
+        }
+        Some(result)
+    }
+
+    fn send(&self, msg: Msg) -> bool {
+        let Ok(tx) = self.tx.lock() else { return false };
+        let Some(tx) = tx.as_ref() else { return false };
+        let append = matches!(msg, Msg::Append(_));
+        if append {
+            self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        }
+        let sent = tx.send(msg).is_ok();
+        if append && !sent {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
     }
 
     /// Stops accepting appends; the committer finishes what it has and exits.
@@ -614,77 +666,85 @@ fn drop_bytes(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
 }
 
-fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Pending>, max_delay: Duration) {
+fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
+    let max_delay = s.max_delay;
+    let mut preallocate = false;
     while let Ok(first) = rx.recv() {
         // Natural batching: everything that arrived while the previous commit was syncing goes
         // into this one. Only with a configured delay does a lone record wait for company.
-        let mut batch = vec![first];
-        while let Ok(p) = rx.try_recv() {
-            batch.push(p);
-            if batch.len() >= 4096 {
-                break;
+        let mut batch = Vec::new();
+        let mut take = |m: Msg, batch: &mut Vec<Pending>| match m {
+            Msg::Append(p) => batch.push(p),
+            Msg::Preallocate => preallocate = true,
+        };
+        take(first, &mut batch);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(m) => take(m, &mut batch),
+                Err(_) => break,
             }
         }
-        if !max_delay.is_zero() {
+        if !max_delay.is_zero() && !batch.is_empty() {
             let deadline = Instant::now() + max_delay;
             while batch.len() < 4096 {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
-                    Ok(p) => batch.push(p),
+                    Ok(m) => take(m, &mut batch),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }
             }
         }
-        if s.bytes.load(Ordering::SeqCst) >= s.quota {
-            for p in batch {
-                let _ = p.reply.send(Err(AuditError::QuotaFull(s.quota)));
+        s.queued.fetch_sub(batch.len() as u64, Ordering::SeqCst);
+        if !batch.is_empty() {
+            let bodies: Vec<&[u8]> = batch.iter().map(|p| p.body.as_slice()).collect();
+            let result = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &bodies);
+            for (p, n) in batch.into_iter().zip(0..) {
+                let _ = p.reply.send(result.clone().map(|first| first + n));
             }
-            continue;
+            preallocate = true;
         }
-        let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut seq, mut prev) = (store.head, store.head_hash.clone());
-        let first_seq = seq + 1;
-        let mut lines = Vec::with_capacity(batch.iter().map(|p| p.body.len() + 200).sum());
-        let mut time = 0;
-        for p in &batch {
-            seq += 1;
-            let hash = hash_of(seq, &prev, &p.body);
-            time = now_ms();
-            write_line(&mut lines, seq, time, &prev, &hash, &p.body);
-            lines.push(b'\n');
-            prev = hash;
+        if std::mem::take(&mut preallocate) {
+            // Room for the next commits, now that this one's answers are free to go.
+            s.store.lock().unwrap_or_else(|p| p.into_inner()).preallocate();
         }
-        let result = store.append(first_seq, &lines, (seq, &prev, time));
-        drop(store);
-        match result {
-            Ok(()) => {
-                s.fsyncs.fetch_add(1, Ordering::SeqCst);
-                s.head_seq.store(seq, Ordering::SeqCst);
-                s.bytes.fetch_add(lines.len() as u64, Ordering::SeqCst);
-                if let Some(t) = &s.trace {
-                    t.note(format!("fsync-done {first_seq}-{seq}"));
-                }
-                for (p, n) in batch.into_iter().zip(first_seq..) {
-                    let _ = p.reply.send(Ok(n));
-                }
-                // Room for the next commits, now that this one's answers are free to go.
-                s.store.lock().unwrap_or_else(|p| p.into_inner()).preallocate();
+    }
+}
+
+/// Chains `bodies` after the head, writes them and makes them durable, in one commit. Returns
+/// the first record's sequence number (the rest follow it).
+fn commit(s: &Shared, store: &mut Store, bodies: &[&[u8]]) -> Result<u64, AuditError> {
+    if s.bytes.load(Ordering::SeqCst) >= s.quota {
+        return Err(AuditError::QuotaFull(s.quota));
+    }
+    let (mut seq, mut prev) = (store.head, store.head_hash.clone());
+    let first_seq = seq + 1;
+    let mut lines = Vec::with_capacity(bodies.iter().map(|b| b.len() + 200).sum());
+    let mut time = 0;
+    for body in bodies {
+        seq += 1;
+        let hash = hash_of(seq, &prev, body);
+        time = now_ms();
+        write_line(&mut lines, seq, time, &prev, &hash, body);
+        lines.push(b'\n');
+        prev = hash;
+    }
+    match store.append(first_seq, &lines, (seq, &prev, time)) {
+        Ok(()) => {
+            s.fsyncs.fetch_add(1, Ordering::SeqCst);
+            s.head_seq.store(seq, Ordering::SeqCst);
+            s.bytes.fetch_add(lines.len() as u64, Ordering::SeqCst);
+            if let Some(t) = &s.trace {
+                t.note(format!("fsync-done {first_seq}-{seq}"));
             }
-            Err(e) => {
-                tracing::error!(error = %e, "audit append failed");
-                // The chain continues from what is on disk.
-                let dir = s.store.lock().map(|st| (st.dir.clone(), st.segment_limit)).ok();
-                if let Some((dir, limit)) = dir {
-                    if let Ok(fresh) = Store::open(&dir, limit) {
-                        if let Ok(mut st) = s.store.lock() {
-                            *st = fresh;
-                        }
-                    }
-                }
-                for p in batch {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
+            Ok(first_seq)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit append failed");
+            // The chain continues from what is on disk.
+            if let Ok(fresh) = Store::open(&store.dir, store.segment_limit) {
+                *store = fresh;
             }
+            Err(e)
         }
     }
 }
@@ -787,6 +847,73 @@ mod tests {
         assert!(audit.fsyncs() >= 1 && audit.fsyncs() <= 50, "group commit shares fsyncs");
         let r = verify(dir.path()).unwrap();
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(50), 50));
+    }
+
+    /// A lone record is made durable on the caller's thread; records through the committer and
+    /// through the caller's thread share one gap-free chain.
+    #[test]
+    fn lone_records_commit_on_the_callers_thread_in_the_same_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = Arc::new(Trace::default());
+        let audit = Audit::open(dir.path(), &AuditConfig::default(), Some(trace.clone())).unwrap();
+        let rt = rt();
+        let mut seqs = Vec::new();
+        for i in 0..30 {
+            if i % 3 == 0 {
+                seqs.push(rt.block_on(audit.append(serde_json::json!({ "i": i }))).unwrap());
+            } else {
+                // Right after a commit the committer may still hold the store a moment (checking
+                // its zeroed room); "not here" then, with nothing written. Bounded.
+                let body = serde_json::json!({ "i": i });
+                let here = (0..100_000).find_map(|_| {
+                    audit.append_here(&body).or_else(|| {
+                        std::thread::yield_now();
+                        None
+                    })
+                });
+                let seq = here.expect("idle log: done here").unwrap();
+                // Durable when it returns: its commit is in the trace already.
+                let done = format!("fsync-done {seq}-{seq}");
+                assert!(trace.events.lock().unwrap().iter().any(|(_, e)| *e == done), "{seq}");
+                seqs.push(seq);
+            }
+        }
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        let r = verify(dir.path()).unwrap();
+        assert_eq!((r.first, r.last, r.records), (Some(1), Some(30), 30));
+        // A commit in progress (the store is held): not done here, nothing written.
+        {
+            let _writing = audit.store();
+            assert!(audit.append_here(&serde_json::json!({ "busy": true })).is_none());
+        }
+        assert_eq!(audit.head_seq(), 30);
+        audit.close();
+        assert!(matches!(audit.append_here(&serde_json::json!({})), Some(Err(AuditError::Closed))));
+        // With a group-commit delay, lone records wait for company on the committer.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig { group_commit_max_delay: Duration::from_millis(1), ..AuditConfig::default() };
+        let delayed = Audit::open(dir.path(), &cfg, None).unwrap();
+        assert!(delayed.append_here(&serde_json::json!({})).is_none());
+    }
+
+    /// Commits on callers' threads that use up the zeroed room get it refilled by the committer.
+    #[test]
+    fn room_used_by_commits_on_callers_threads_is_refilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
+        let pad = "z".repeat(2000);
+        let mut i = 0;
+        while !audit.store().room_is_low() {
+            assert!(i < 10_000, "the room runs low after at most PREALLOC bytes");
+            audit.append_here(&serde_json::json!({ "i": i, "pad": pad })).unwrap().unwrap();
+            i += 1;
+        }
+        // The committer takes messages in order: once two appends through it are answered,
+        // the refill asked for before them is done.
+        let rt = rt();
+        rt.block_on(audit.append(serde_json::json!({ "a": 1 }))).unwrap();
+        rt.block_on(audit.append(serde_json::json!({ "b": 2 }))).unwrap();
+        assert!(!audit.store().room_is_low());
     }
 
     #[test]

@@ -58,6 +58,19 @@ pub fn body(event: &Event) -> serde_json::Value {
     }
 }
 
+/// What the request path is told of an append; a full quota raises the alarm.
+fn outcome(metrics: &crate::telemetry::Metrics, result: Result<u64, super::AuditError>) -> Result<(), String> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if matches!(e, super::AuditError::QuotaFull(_)) {
+                metrics.set_alarm("audit_quota_full", Some(e.to_string()));
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
 impl EventSink for AuditSink {
     fn record(&self, event: Event) -> SinkFuture {
         let append = self.audit.append(body(&event));
@@ -65,15 +78,23 @@ impl EventSink for AuditSink {
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let _ = logged.await;
-            match append.await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    if matches!(e, super::AuditError::QuotaFull(_)) {
-                        metrics.set_alarm("audit_quota_full", Some(e.to_string()));
-                    }
-                    Err(e.to_string())
-                }
-            }
+            outcome(&metrics, append.await)
         })
+    }
+
+    fn record_alone(&self, event: Event) -> SinkFuture {
+        let record = body(&event);
+        match self.audit.append_here(&record) {
+            Some(result) => {
+                let outcome = outcome(&self.metrics, result);
+                // The log line after the durable write, as `record` awaits both.
+                let logged = self.log.record(event);
+                Box::pin(async move {
+                    let _ = logged.await;
+                    outcome
+                })
+            }
+            None => self.record(event),
+        }
     }
 }
