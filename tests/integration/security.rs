@@ -363,6 +363,14 @@ async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> 
     ensure!(text.starts_with("HTTP/1.1 431") || got.is_empty(), "an oversized head was not refused: {text}");
 
     // max_connections = 3: three open, answered connections; the fourth is closed at once.
+    // First the connections above must be gone on the server's side too: a client sees the
+    // close a moment before the server's task gives its slot back.
+    let metrics = || agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("outpost_http_connections_open 0\n") && std::time::Instant::now() < until {
+        tokio::task::yield_now().await;
+    }
+    ensure!(metrics().contains("outpost_http_connections_open 0\n"), "earlier connections still open: {}", metrics());
     let mut open = Vec::new();
     for _ in 0..3 {
         let mut c = TcpStream::connect(addr)?;
@@ -377,8 +385,9 @@ async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> 
     let _ = extra.write_all(get);
     let got = read_until_closed(&mut extra, Duration::from_secs(10))?;
     ensure!(got.is_empty(), "the connection over the limit got an answer");
-    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let m = metrics();
     ensure!(m.contains("outpost_http_connections_refused_total 1"), "{m}");
+    ensure!(m.contains("outpost_http_connections_open 3\n"), "{m}");
     drop(open);
     agent.stop().await
 }

@@ -112,14 +112,26 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let app = app.clone();
         let metrics = metrics.clone();
+        metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let _slot = slot;
+            let _open = OpenConnection(metrics.clone());
             serve_connection(stream, addr, acceptor, app, limits, metrics, watcher).await;
         });
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
+    }
+}
+
+/// Counts a connection in `outpost_http_connections_open` until its task ends (also when the
+/// task is dropped at shutdown).
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Requests refused by access control: unauthenticated, forbidden, rate limited.
     access_denied: [AtomicU64; 3],
     connections_refused: AtomicU64,
+    /// HTTP connections accepted and not yet finished (each holds a `max_connections` slot).
+    pub connections_open: AtomicU64,
     tls_failures: AtomicU64,
     /// Overflow attempts: (model, reason, result) → count and total microseconds.
     overflow: RwLock<BTreeMap<OverflowKey, (u64, u64)>>,
@@ -309,6 +311,9 @@ impl Metrics {
             "outpost_http_connections_refused_total {}",
             self.connections_refused.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP outpost_http_connections_open HTTP connections being served.\n");
+        out.push_str("# TYPE outpost_http_connections_open gauge\n");
+        let _ = writeln!(out, "outpost_http_connections_open {}", self.connections_open.load(Ordering::Relaxed));
         out.push_str("# HELP outpost_tls_handshake_failures_total TLS handshakes that failed or timed out.\n");
         out.push_str("# TYPE outpost_tls_handshake_failures_total counter\n");
         let _ = writeln!(out, "outpost_tls_handshake_failures_total {}", self.tls_failures.load(Ordering::Relaxed));
