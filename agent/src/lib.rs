@@ -299,7 +299,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         .map_err(FatalError::Runtime)?;
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
-    let state = http::HttpState {
+    let state = http::HttpState::new(http::HttpShared {
         service: service.clone(),
         config: config.clone(),
         started: started_flag.clone(),
@@ -307,7 +307,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         started_at: std::time::Instant::now(),
         trace: audit.as_ref().and_then(audit::Audit::trace),
         limiter: Arc::new(auth::RateLimiter::default()),
-    };
+    });
     let app = http::router(state);
     let server_cancel = cancel.clone();
     let limits = http::server::Limits::from(&cfg.http);

@@ -22,9 +22,26 @@ use crate::auth::{Denial, Permission, Principal};
 use crate::config::Config;
 use crate::protocol::json::{binary_outputs_wanted, encode_response, parse_binary_request, parse_request};
 
-/// Shared state of the HTTP adapter.
+/// Shared state of the HTTP adapter, behind one reference count: handlers and the access layer
+/// take it per request, and cloning the fields one by one (a dozen shared counters, bounced
+/// between cores) measured ~2 % of the serving CPU at 64 clients (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct HttpState {
+pub struct HttpState(Arc<HttpShared>);
+
+impl HttpState {
+    pub fn new(shared: HttpShared) -> Self {
+        HttpState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for HttpState {
+    type Target = HttpShared;
+    fn deref(&self) -> &HttpShared {
+        &self.0
+    }
+}
+
+pub struct HttpShared {
     pub service: InferenceService,
     /// The live configuration; replaced atomically on reload.
     pub config: Arc<RwLock<Arc<Config>>>,
