@@ -147,18 +147,22 @@ pub struct Tee {
     pub lifecycle: tokio::sync::broadcast::Sender<Event>,
 }
 
-impl EventSink for Tee {
-    fn record(&self, event: Event) -> SinkFuture {
+impl Tee {
+    fn copy_lifecycle(&self, event: &Event) {
         if matches!(event, Event::Lifecycle { .. }) {
             let _ = self.lifecycle.send(event.clone());
         }
+    }
+}
+
+impl EventSink for Tee {
+    fn record(&self, event: Event) -> SinkFuture {
+        self.copy_lifecycle(&event);
         self.primary.record(event)
     }
 
     fn record_alone(&self, event: Event) -> SinkFuture {
-        if matches!(event, Event::Lifecycle { .. }) {
-            let _ = self.lifecycle.send(event.clone());
-        }
+        self.copy_lifecycle(&event);
         self.primary.record_alone(event)
     }
 }

@@ -71,15 +71,25 @@ fn outcome(metrics: &crate::telemetry::Metrics, result: Result<u64, super::Audit
     }
 }
 
-impl EventSink for AuditSink {
-    fn record(&self, event: Event) -> SinkFuture {
-        let append = self.audit.append(body(&event));
+impl AuditSink {
+    /// Logs the event and waits for its record's append (on the commit thread).
+    fn after(
+        &self,
+        append: impl std::future::Future<Output = Result<u64, super::AuditError>> + Send + 'static,
+        event: Event,
+    ) -> SinkFuture {
         let logged = self.log.record(event);
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let _ = logged.await;
             outcome(&metrics, append.await)
         })
+    }
+}
+
+impl EventSink for AuditSink {
+    fn record(&self, event: Event) -> SinkFuture {
+        self.after(self.audit.append(body(&event)), event)
     }
 
     fn record_alone(&self, event: Event) -> SinkFuture {
@@ -94,7 +104,8 @@ impl EventSink for AuditSink {
                     outcome
                 })
             }
-            None => self.record(event),
+            // The body built above goes to the commit thread as it is.
+            None => self.after(self.audit.append(record), event),
         }
     }
 }
