@@ -57,6 +57,7 @@ proptest! {
         max_batch in 2usize..=9,
         instances in 1usize..=2,
         run_sizes in prop::sample::subsequence(vec![1usize, 2, 3, 4, 6, 8, 9], 0..=3),
+        led in any::<bool>(),
     ) {
         let model = mlp();
         let inputs: Vec<Vec<Tensor>> = sizes.iter().enumerate().map(|(c, &r)| input(c, r, seed)).collect();
@@ -65,16 +66,34 @@ proptest! {
             .map(|i| model.run(model.validate(i.clone()).expect("valid")).expect("runs"))
             .collect();
         let run_sizes: Vec<usize> = run_sizes.into_iter().filter(|&s| s <= max_batch).collect();
-        let policy =
-            BatchPolicy { max_batch, max_delay: Duration::from_millis(50), preferred: vec![], sizes: run_sizes.clone() };
+        // Batches formed by the workers (waiting up to 50 ms for company), or, with no delay and
+        // runs known to be short, led on the runtime's thread by the first request (plans not
+        // built yet go to the workers from there).
+        let max_delay = if led { Duration::ZERO } else { Duration::from_millis(50) };
+        let policy = BatchPolicy { max_batch, max_delay, preferred: vec![], sizes: run_sizes.clone() };
         let opts = ServeOptions { instances, max_queue: 64, batch: Some(policy), ..ServeOptions::default() };
         // Its own copy of the model, so its plans are the served runs' only.
         let served_model = mlp();
         let served = Served::start("mlp", "1", served_model.clone(), &opts);
         prop_assert!(served.batching.is_some(), "the MLP has a batch dimension");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut warm_runs, mut warm_rows) = (0, 0);
+        if led {
+            let one = served_model.validate(input(0, 1, seed)).expect("valid");
+            settle(&rt, &served, &one, deadline, &mut warm_runs);
+            warm_rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+            warm_runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);
+        }
         let answers = rt.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(30);
+            if led {
+                // All submitted at once: the first leads, the rest queue behind it.
+                return futures::future::join_all(inputs.iter().map(|i| async {
+                    let rx = served.submit(i.clone(), deadline, true).await.expect("queued");
+                    rx.await.expect("answered").0.expect("inference succeeds")
+                }))
+                .await;
+            }
             // Every request is queued before any answer is awaited, so the queue can batch them.
             let mut pending = Vec::new();
             for i in &inputs {
@@ -97,15 +116,15 @@ proptest! {
                 prop_assert!(ok, "a plan for {} rows; runs are padded to {:?}", n, run_sizes);
             }
         }
-        let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed);
-        let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed);
+        let runs = served.stats.runs.load(std::sync::atomic::Ordering::Relaxed) - warm_runs;
+        let rows = served.stats.rows.load(std::sync::atomic::Ordering::Relaxed) - warm_rows;
         prop_assert_eq!(rows as usize, sizes.iter().sum::<usize>());
         prop_assert!(runs as usize <= sizes.len());
         // With everything queued at once, fewer runs than requests unless each request alone
         // fills a batch.
         // (FIFO batching with one worker: some batch holds two requests as soon as two
         // neighbours fit together.)
-        if instances == 1 && sizes.windows(2).any(|w| w[0] + w[1] <= max_batch) {
+        if !led && instances == 1 && sizes.windows(2).any(|w| w[0] + w[1] <= max_batch) {
             prop_assert!((runs as usize) < sizes.len(), "{runs} runs for {} requests: nothing was batched", sizes.len());
         }
     }
@@ -358,4 +377,79 @@ fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
     });
     let why = slow_served.run_inline(x, deadline).map(|_| ()).map_err(|h| h.why);
     assert_eq!(why, Err(NotInline::LongRuns), "long runs are handed to a worker");
+}
+
+/// Under load, a short run's requests are led on the runtime's thread: the first to arrive
+/// yields once, then runs the batch the others formed behind it and answers each with exactly
+/// its own rows. A leader dropped at its yield (its requester went away) hands what is queued
+/// behind it to the workers: nothing is lost.
+#[test]
+fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let model = mlp();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let policy = BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] };
+    let served =
+        Served::start("mlp", "1", model.clone(), &ServeOptions { batch: Some(policy), ..ServeOptions::default() });
+    let one = model.validate(input(0, 1, 7)).expect("valid");
+    // Plans for one row and for the four-row wave below, as the loader warms them.
+    model.run(one.clone()).expect("warm-up run");
+    model.run(model.validate(input(0, 4, 7)).expect("valid")).expect("warm-up run");
+    let mut worker_runs = 0;
+    settle(&rt, &served, &one, deadline, &mut worker_runs);
+
+    // The leader is dropped at its yield, with three requests queued behind it.
+    let behind: Vec<Vec<Tensor>> = (1..=3).map(|c| model.validate(input(c, 2, 11)).expect("valid")).collect();
+    let alone: Vec<Vec<Tensor>> = behind.iter().map(|i| model.run(i.clone()).expect("runs")).collect();
+    let led_before = served.stats.led_runs.load(Relaxed);
+    let answers = rt.block_on(async {
+        let mut leader = Box::pin(served.submit(one.clone(), deadline, true));
+        assert!(futures::poll!(leader.as_mut()).is_pending(), "the first request under load leads and yields once");
+        let mut pending = Vec::new();
+        for i in &behind {
+            pending.push(served.submit(i.clone(), deadline, true).await.expect("queued behind the leader"));
+        }
+        drop(leader);
+        let mut out = Vec::new();
+        for rx in pending {
+            let answer = tokio::time::timeout(Duration::from_secs(10), rx).await.expect("answered, not left queued");
+            out.push(answer.expect("answered by a worker").0.expect("inference succeeds"));
+        }
+        out
+    });
+    for (caller, (got, want)) in answers.iter().zip(&alone).enumerate() {
+        assert!(close(got, want).is_ok(), "caller {caller}: {:?}", close(got, want));
+    }
+    assert_eq!(served.stats.led_runs.load(Relaxed), led_before, "the dropped leader ran nothing");
+    assert_eq!(served.queue_depth(), 0, "everything queued was answered");
+
+    // A wave of four one-row requests: one led run of four rows. The run needs a CPU slot,
+    // shared with the other tests of this binary; without one the wave goes to the workers
+    // (still answered right) and is tried again.
+    let wave: Vec<Vec<Tensor>> = (4..8).map(|c| model.validate(input(c, 1, 13)).expect("valid")).collect();
+    let alone: Vec<Vec<Tensor>> = wave.iter().map(|i| model.run(i.clone()).expect("runs")).collect();
+    let mut led = false;
+    for _ in 0..50 {
+        settle(&rt, &served, &one, deadline, &mut worker_runs);
+        drop(cpu::acquire());
+        let (led_before, runs_before, rows_before) =
+            (served.stats.led_runs.load(Relaxed), served.stats.runs.load(Relaxed), served.stats.rows.load(Relaxed));
+        let answers = rt.block_on(futures::future::join_all(wave.iter().map(|i| async {
+            let rx = served.submit(i.clone(), deadline, true).await.expect("queued");
+            rx.await.expect("answered").0.expect("inference succeeds")
+        })));
+        for (caller, (got, want)) in answers.iter().zip(&alone).enumerate() {
+            assert!(close(got, want).is_ok(), "caller {caller}: {:?}", close(got, want));
+        }
+        if served.stats.led_runs.load(Relaxed) > led_before {
+            assert_eq!(served.stats.led_runs.load(Relaxed), led_before + 1, "one led run for the wave");
+            assert_eq!(served.stats.runs.load(Relaxed), runs_before + 1, "the wave ran as one batch");
+            assert_eq!(served.stats.rows.load(Relaxed), rows_before + 4);
+            led = true;
+            break;
+        }
+    }
+    assert!(led, "no wave was led on the runtime's thread in 50 tries");
+    assert_eq!(served.queue_depth(), 0);
 }

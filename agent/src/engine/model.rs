@@ -358,6 +358,11 @@ impl LoadedModel {
     }
 
     fn symbol_values(&self, inputs: &[V2Tensor]) -> Vec<usize> {
+        self.symbol_values_with_rows(inputs, None)
+    }
+
+    /// As [`Self::symbol_values`], with `rows` in place of the inputs' first dimension.
+    fn symbol_values_with_rows(&self, inputs: &[V2Tensor], rows: Option<usize>) -> Vec<usize> {
         self.symbols
             .iter()
             .map(|sym| {
@@ -367,10 +372,11 @@ impl LoadedModel {
                     .iter()
                     .zip(inputs)
                     .find_map(|(spec, t)| {
-                        spec.dims
-                            .iter()
-                            .position(|d| matches!(d, Dim::Dynamic(s) if *s == name))
-                            .map(|axis| t.shape[axis])
+                        spec.dims.iter().position(|d| matches!(d, Dim::Dynamic(s) if *s == name)).map(|axis| match rows
+                        {
+                            Some(r) if axis == 0 => r,
+                            _ => t.shape[axis],
+                        })
                     })
                     .unwrap_or(1)
             })
@@ -421,6 +427,16 @@ impl LoadedModel {
             return true;
         }
         let key = self.symbol_values(inputs);
+        self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
+    }
+
+    /// Whether [`Self::has_plan`] holds for `inputs` joined with others into `rows` rows (the
+    /// first dimension of every input).
+    pub fn has_plan_for(&self, inputs: &[V2Tensor], rows: usize) -> bool {
+        if self.symbolic() {
+            return true;
+        }
+        let key = self.symbol_values_with_rows(inputs, Some(rows));
         self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
     }
 

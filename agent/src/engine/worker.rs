@@ -1,7 +1,11 @@
 //! Inference threads: each served model has a bounded queue and its own worker threads, so
 //! long CPU-bound work never runs on the async runtime and one slow model cannot starve
-//! another's queue. The exception is [`Served::run_inline`]: a run averaging at most
-//! [`INLINE_MAX_US`] on an idle model, whose hand-off to a worker would cost more than the run.
+//! another's queue. The exceptions are runs averaging at most [`INLINE_MAX_US`], whose hand-off
+//! to a worker would cost more than the run: [`Served::run_inline`] runs the one request of an
+//! idle model on the caller's thread, and under load [`Served::submit`] lets the first request
+//! to arrive lead: it yields once, so the requests ready on its thread are read and join it,
+//! then runs the batches they form on its own thread and answers them (no thread hand-off in
+//! either direction).
 //! Dropping the last handle to a [`Served`] closes its queue; the workers finish what is queued
 //! and exit, releasing the model.
 
@@ -20,6 +24,13 @@ use crate::protocol::Tensor;
 
 /// Runs at most this long on average (per request) may run on the requester's thread.
 pub const INLINE_MAX_US: u64 = 100;
+
+/// A batch led on the runtime's thread may block it at most about this long (average run time
+/// per request times `max_batch`); models above it keep their batches on the workers.
+pub const LEAD_MAX_BATCH_US: u64 = 1_000;
+
+/// A leader that has run batches for this long yields its thread before running more.
+const LEAD_SLICE: Duration = Duration::from_micros(500);
 
 /// The outcome a worker sends back.
 pub type JobResult = Result<Vec<Tensor>, JobError>;
@@ -116,6 +127,8 @@ pub struct BatchStats {
     pub rows: AtomicU64,
     /// Runs split over more than one core (`threads_per_run`).
     pub split_runs: AtomicU64,
+    /// Runs led on a runtime thread by a request under load ([`Served::submit`]).
+    pub led_runs: AtomicU64,
 }
 
 /// A model with its queue and worker threads: the unit the serving table swaps.
@@ -140,6 +153,18 @@ pub struct Served {
     pub stats: Arc<BatchStats>,
     /// Cores one run may take ([`ServeOptions::threads_per_run`]).
     pub threads_per_run: usize,
+    /// Requests waiting for a leader on a runtime thread ([`Served::submit`]).
+    led: Mutex<Led>,
+    /// How the leader runs a batch: the workers' own code, on the leader's thread.
+    exec: Worker,
+}
+
+/// Requests queued for the leader. Invariant: `jobs` is empty unless `leading` (a leader
+/// drains them before it lets go, under this lock).
+#[derive(Default)]
+struct Led {
+    jobs: VecDeque<Job>,
+    leading: bool,
 }
 
 impl std::fmt::Debug for Served {
@@ -167,17 +192,18 @@ impl Served {
         let avg_run_us = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(BatchStats::default());
         let mut workers = Vec::new();
+        let exec = Worker {
+            queue,
+            model: model.clone(),
+            depth: depth.clone(),
+            avg_us: avg_run_us.clone(),
+            stats: stats.clone(),
+            batching: batching.clone(),
+            queue_timeout: opts.queue_timeout,
+            threads_per_run: opts.threads_per_run.max(1),
+        };
         for i in 0..opts.instances.max(1) {
-            let w = Worker {
-                queue: queue.clone(),
-                model: model.clone(),
-                depth: depth.clone(),
-                avg_us: avg_run_us.clone(),
-                stats: stats.clone(),
-                batching: batching.clone(),
-                queue_timeout: opts.queue_timeout,
-                threads_per_run: opts.threads_per_run.max(1),
-            };
+            let w = exec.clone();
             let spawned = std::thread::Builder::new().name(format!("infer-{name}-{i}")).spawn(move || w.run());
             match spawned {
                 Ok(h) => workers.push(h),
@@ -199,6 +225,8 @@ impl Served {
             batching,
             stats,
             threads_per_run: opts.threads_per_run.max(1),
+            led: Mutex::new(Led::default()),
+            exec,
         }
     }
 
@@ -240,6 +268,10 @@ impl Served {
         self.depth.fetch_add(1, Ordering::SeqCst);
         let rows = batch::rows(&inputs);
         let job = Job { inputs, rows, queued: Instant::now(), deadline, reply, _permit: permit };
+        if self.leads() {
+            self.lead(job).await;
+            return Ok(rx);
+        }
         match self.tx.try_send(job) {
             Ok(()) => Ok(rx),
             Err(e) => {
@@ -249,6 +281,72 @@ impl Served {
                     TrySendError::Disconnected(_) => SubmitError::Closed,
                 })
             }
+        }
+    }
+
+    /// Whether requests run on the runtime's threads, led by the first to arrive: runs short
+    /// enough (per request and per batch) that a hand-off to a worker would cost more, and no
+    /// batching delay to wait out (a leader never waits).
+    fn leads(&self) -> bool {
+        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
+        avg > 0
+            && avg <= INLINE_MAX_US
+            && avg.saturating_mul(max_batch) <= LEAD_MAX_BATCH_US
+            && self.batching.as_ref().is_none_or(|p| p.max_delay.is_zero())
+    }
+
+    /// Queues `job` for a leader; when none is running, this request leads: it yields once,
+    /// so that the other requests ready on this thread are read and queue behind it, then runs
+    /// the batches they form (as a worker would) until none is left. A batch it cannot run here
+    /// (no CPU slot free, or its plan is not built: a build takes milliseconds) goes to the
+    /// workers' queue, as does everything queued if the leader is dropped mid-way.
+    async fn lead(&self, job: Job) {
+        {
+            let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
+            led.jobs.push_back(job);
+            if std::mem::replace(&mut led.leading, true) {
+                return;
+            }
+        }
+        let mut leader = Leader { served: self, done: false };
+        tokio::task::yield_now().await;
+        let mut slice = Instant::now();
+        loop {
+            let jobs = {
+                let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
+                let jobs = take_batch(&mut led.jobs, self.batching.as_ref());
+                if jobs.is_empty() {
+                    led.leading = false;
+                    leader.done = true;
+                    break;
+                }
+                jobs
+            };
+            let rows: usize = jobs.iter().map(|j| j.rows).sum();
+            let run_rows = self.batching.as_ref().map_or(rows, |p| p.run_rows(rows));
+            let slot =
+                if self.model.has_plan_for(&jobs[0].inputs, run_rows) { super::cpu::try_acquire() } else { None };
+            match slot {
+                Some(slot) => {
+                    self.stats.led_runs.fetch_add(1, Ordering::Relaxed);
+                    self.exec.execute(jobs, Some(slot));
+                }
+                None => jobs.into_iter().for_each(|j| self.hand_to_workers(j)),
+            }
+            if slice.elapsed() >= LEAD_SLICE {
+                tokio::task::yield_now().await;
+                slice = Instant::now();
+            }
+        }
+    }
+
+    /// A job queued for a leader goes to the workers instead. It holds a queue place, so the
+    /// channel (as large as the places) has room; only a closed queue refuses it, and dropping
+    /// the job then answers its requester that the workers stopped.
+    fn hand_to_workers(&self, job: Job) {
+        if self.tx.try_send(job).is_err() {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -306,12 +404,36 @@ impl Served {
     }
 }
 
+/// The request leading on a runtime thread. Dropped while leading (its requester went away at
+/// the yield, or a run panicked), it hands what is queued to the workers and lets go.
+struct Leader<'a> {
+    served: &'a Served,
+    done: bool,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let jobs = {
+            let mut led = self.served.led.lock().unwrap_or_else(|p| p.into_inner());
+            led.leading = false;
+            std::mem::take(&mut led.jobs)
+        };
+        for job in jobs {
+            self.served.hand_to_workers(job);
+        }
+    }
+}
+
 struct Queue {
     rx: Receiver<Job>,
     /// Jobs taken from the channel that did not fit the batch being formed; served first.
     held: VecDeque<Job>,
 }
 
+#[derive(Clone)]
 struct Worker {
     queue: Arc<Mutex<Queue>>,
     model: Arc<LoadedModel>,
@@ -333,12 +455,13 @@ impl Worker {
                     None => return,
                 }
             };
-            self.execute(jobs);
+            self.execute(jobs, None);
         }
     }
 
-    /// Runs one batch (one job when batching is off) and answers every job in it.
-    fn execute(&self, jobs: Vec<Job>) {
+    /// Runs one batch (one job when batching is off) and answers every job in it, on a CPU
+    /// slot the caller holds (`slot`) or waits for.
+    fn execute(&self, jobs: Vec<Job>, slot: Option<super::cpu::Slot<'static>>) {
         let now = Instant::now();
         let mut live = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -359,7 +482,7 @@ impl Worker {
         let started = Instant::now();
         let built = self.model.plans_built();
         let results = {
-            let _slot = super::cpu::acquire();
+            let _slot = slot.or_else(super::cpu::acquire);
             // A run of several rows with nothing else waiting for this model may split over the
             // cores that are free (tract's split matrix products pay off from a few rows up;
             // a one-row MiniLM run measured slower split).
@@ -438,6 +561,27 @@ fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, 
         let old = avg_us.load(Ordering::Relaxed);
         avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
     }
+}
+
+/// The next batch from a leader's queue, without waiting: the first job and, with batching,
+/// the compatible jobs behind it that fit in `max_batch` rows; the rest keep their order.
+fn take_batch(jobs: &mut VecDeque<Job>, policy: Option<&BatchPolicy>) -> Vec<Job> {
+    let Some(first) = jobs.pop_front() else { return Vec::new() };
+    let Some(p) = policy else { return vec![first] };
+    let mut rows = first.rows;
+    let mut batch = vec![first];
+    let mut i = 0;
+    while i < jobs.len() && rows < p.max_batch {
+        let fits = jobs[i].rows + rows <= p.max_batch && batch::compatible(&batch[0].inputs, &jobs[i].inputs);
+        match fits.then(|| jobs.remove(i)).flatten() {
+            Some(j) => {
+                rows += j.rows;
+                batch.push(j);
+            }
+            None => i += 1,
+        }
+    }
+    batch
 }
 
 /// Takes the next job and, with batching, the compatible jobs that join it: until `max_batch`
@@ -564,6 +708,28 @@ mod tests {
         let started = Instant::now();
         assert_eq!(shapes(&next_batch(&mut q, Some(&policy)).expect("batch")), vec![(1, 4), (1, 4)]);
         assert!(started.elapsed() < Duration::from_secs(30), "dispatched at the preferred size");
+    }
+
+    #[test]
+    fn a_leaders_batch_takes_the_compatible_requests_that_fit_and_leaves_the_rest_in_order() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        let policy = BatchPolicy { max_batch: 4, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] };
+        let mut jobs: VecDeque<Job> = vec![
+            job(1, 4, &permits),
+            job(1, 5, &permits),
+            job(3, 4, &permits),
+            job(2, 4, &permits),
+            job(1, 4, &permits),
+        ]
+        .into();
+        let first = take_batch(&mut jobs, Some(&policy));
+        assert_eq!(shapes(&first), vec![(1, 4), (3, 4)], "compatible, within max_batch rows");
+        assert_eq!(shapes(jobs.make_contiguous()), vec![(1, 5), (2, 4), (1, 4)], "the rest in order");
+        assert_eq!(shapes(&take_batch(&mut jobs, Some(&policy))), vec![(1, 5)]);
+        assert_eq!(shapes(&take_batch(&mut jobs, Some(&policy))), vec![(2, 4), (1, 4)]);
+        assert!(take_batch(&mut jobs, Some(&policy)).is_empty());
+        let mut jobs: VecDeque<Job> = vec![job(1, 4, &permits), job(1, 4, &permits)].into();
+        assert_eq!(take_batch(&mut jobs, None).len(), 1, "without a policy every request runs alone");
     }
 
     #[test]
