@@ -452,4 +452,43 @@ fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_
     }
     assert!(led, "no wave was led on the runtime's thread in 50 tries");
     assert_eq!(served.queue_depth(), 0);
+
+    // A leader lets go after its slice (~500 µs): of 200 full batches queued behind it (at
+    // least ~10 µs each), it runs some and hands the rest to the workers, which answer them.
+    let big = Served::start(
+        "mlp",
+        "1",
+        model.clone(),
+        &ServeOptions {
+            batch: Some(BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] }),
+            max_queue: 256,
+            ..ServeOptions::default()
+        },
+    );
+    let eight = model.validate(input(9, 8, 17)).expect("valid");
+    model.run(eight.clone()).expect("warm-up run builds the plan for eight rows");
+    let want = model.run(eight.clone()).expect("runs");
+    let mut stopped = false;
+    for _ in 0..50 {
+        settle(&rt, &big, &one, deadline, &mut worker_runs);
+        drop(cpu::acquire());
+        let (led_before, runs_before) = (big.stats.led_runs.load(Relaxed), big.stats.runs.load(Relaxed));
+        let answers = rt.block_on(futures::future::join_all((0..200).map(|_| async {
+            let rx = big.submit(eight.clone(), deadline, true).await.expect("queued");
+            tokio::time::timeout(Duration::from_secs(30), rx).await.expect("answered").expect("answered").0
+        })));
+        for a in &answers {
+            let got = a.as_ref().expect("inference succeeds");
+            assert!(close(got, &want).is_ok(), "{:?}", close(got, &want));
+        }
+        let (led, runs) = (big.stats.led_runs.load(Relaxed) - led_before, big.stats.runs.load(Relaxed) - runs_before);
+        assert_eq!(runs, 200, "one run per full batch");
+        if led > 0 {
+            assert!(led < 200, "the leader ran all 200 batches itself (its answer waited for all of them)");
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "no batch was led in 50 tries");
+    assert_eq!(big.queue_depth(), 0);
 }

@@ -29,7 +29,8 @@ pub const INLINE_MAX_US: u64 = 100;
 /// per request times `max_batch`); models above it keep their batches on the workers.
 pub const LEAD_MAX_BATCH_US: u64 = 1_000;
 
-/// A leader that has run batches for this long yields its thread before running more.
+/// A leader runs batches for at most about this long (it finishes the batch it started), then
+/// hands what is still queued to the workers: its own answer waits until it lets go.
 const LEAD_SLICE: Duration = Duration::from_micros(500);
 
 /// The outcome a worker sends back.
@@ -298,9 +299,10 @@ impl Served {
 
     /// Queues `job` for a leader; when none is running, this request leads: it yields once,
     /// so that the other requests ready on this thread are read and queue behind it, then runs
-    /// the batches they form (as a worker would) until none is left. A batch it cannot run here
-    /// (no CPU slot free, or its plan is not built: a build takes milliseconds) goes to the
-    /// workers' queue, as does everything queued if the leader is dropped mid-way.
+    /// the batches they form (as a worker would) until none is left or [`LEAD_SLICE`] has
+    /// passed. A batch it cannot run here (no CPU slot free, or its plan is not built: a build
+    /// takes milliseconds) goes to the workers' queue, as does everything still queued when it
+    /// stops at the end of its slice or is dropped mid-way.
     async fn lead(&self, job: Job) {
         {
             let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
@@ -311,7 +313,7 @@ impl Served {
         }
         let mut leader = Leader { served: self, done: false };
         tokio::task::yield_now().await;
-        let mut slice = Instant::now();
+        let started = Instant::now();
         loop {
             let jobs = {
                 let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
@@ -334,9 +336,11 @@ impl Served {
                 }
                 None => jobs.into_iter().for_each(|j| self.hand_to_workers(j)),
             }
-            if slice.elapsed() >= LEAD_SLICE {
-                tokio::task::yield_now().await;
-                slice = Instant::now();
+            if started.elapsed() >= LEAD_SLICE {
+                // The leader's own answer waits until it lets go: under sustained load what is
+                // still queued goes to the workers (`Leader`'s drop), and the next request to
+                // arrive leads again.
+                break;
             }
         }
     }
@@ -404,8 +408,9 @@ impl Served {
     }
 }
 
-/// The request leading on a runtime thread. Dropped while leading (its requester went away at
-/// the yield, or a run panicked), it hands what is queued to the workers and lets go.
+/// The request leading on a runtime thread. Dropped while leading (at the end of its slice, its
+/// requester gone at the yield, or a run panicked), it hands what is queued to the workers and
+/// lets go.
 struct Leader<'a> {
     served: &'a Served,
     done: bool,
