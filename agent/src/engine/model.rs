@@ -426,8 +426,7 @@ impl LoadedModel {
         if self.symbolic() {
             return true;
         }
-        let key = self.symbol_values(inputs);
-        self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
+        self.has_plan_key(&self.symbol_values(inputs))
     }
 
     /// Whether [`Self::has_plan`] holds for `inputs` joined with others into `rows` rows (the
@@ -436,8 +435,11 @@ impl LoadedModel {
         if self.symbolic() {
             return true;
         }
-        let key = self.symbol_values_with_rows(inputs, Some(rows));
-        self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| *k == key))
+        self.has_plan_key(&self.symbol_values_with_rows(inputs, Some(rows)))
+    }
+
+    fn has_plan_key(&self, key: &[usize]) -> bool {
+        self.plans.lock().is_ok_and(|c| c.plans.iter().any(|(k, _, _)| k == key))
     }
 
     /// How many plans were built since load: a run during which this changed paid for a build.

@@ -573,12 +573,19 @@ fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, 
 fn take_batch(jobs: &mut VecDeque<Job>, policy: Option<&BatchPolicy>) -> Vec<Job> {
     let Some(first) = jobs.pop_front() else { return Vec::new() };
     let Some(p) = policy else { return vec![first] };
-    let mut rows = first.rows;
     let mut batch = vec![first];
+    join_fitting(&mut batch, jobs, p.max_batch);
+    batch
+}
+
+/// Moves the jobs of `queue` that are compatible with `batch` and fit in `max_batch` rows into
+/// it, in order; the others stay, in order. Returns the batch's rows.
+fn join_fitting(batch: &mut Vec<Job>, queue: &mut VecDeque<Job>, max_batch: usize) -> usize {
+    let mut rows: usize = batch.iter().map(|j| j.rows).sum();
     let mut i = 0;
-    while i < jobs.len() && rows < p.max_batch {
-        let fits = jobs[i].rows + rows <= p.max_batch && batch::compatible(&batch[0].inputs, &jobs[i].inputs);
-        match fits.then(|| jobs.remove(i)).flatten() {
+    while i < queue.len() && rows < max_batch {
+        let fits = queue[i].rows + rows <= max_batch && batch::compatible(&batch[0].inputs, &queue[i].inputs);
+        match fits.then(|| queue.remove(i)).flatten() {
             Some(j) => {
                 rows += j.rows;
                 batch.push(j);
@@ -586,7 +593,7 @@ fn take_batch(jobs: &mut VecDeque<Job>, policy: Option<&BatchPolicy>) -> Vec<Job
             None => i += 1,
         }
     }
-    batch
+    rows
 }
 
 /// Takes the next job and, with batching, the compatible jobs that join it: until `max_batch`
@@ -597,21 +604,10 @@ fn next_batch(q: &mut Queue, policy: Option<&BatchPolicy>) -> Option<Vec<Job>> {
         None => q.rx.recv().ok()?,
     };
     let Some(p) = policy else { return Some(vec![first]) };
-    let mut rows = first.rows;
     let mut jobs = vec![first];
     let until = Instant::now() + p.max_delay;
     // Held jobs first, in order, as long as they fit.
-    let mut i = 0;
-    while i < q.held.len() && rows < p.max_batch {
-        let fits = q.held[i].rows + rows <= p.max_batch && batch::compatible(&jobs[0].inputs, &q.held[i].inputs);
-        match fits.then(|| q.held.remove(i)).flatten() {
-            Some(j) => {
-                rows += j.rows;
-                jobs.push(j);
-            }
-            None => i += 1,
-        }
-    }
+    let mut rows = join_fitting(&mut jobs, &mut q.held, p.max_batch);
     while rows < p.max_batch {
         let next = match q.rx.try_recv() {
             Ok(j) => j,
