@@ -484,10 +484,13 @@ impl Worker {
             return;
         }
         let rows: usize = live.iter().map(|j| j.rows).sum();
+        // Timed from the slot on: waiting for a core is queueing, not this version's run time
+        // (which feeds the inline and leader rules and the canary's latency verdict).
+        let slot = slot.or_else(super::cpu::acquire);
         let started = Instant::now();
         let built = self.model.plans_built();
         let results = {
-            let _slot = slot.or_else(super::cpu::acquire);
+            let _slot = slot;
             // A run of several rows with nothing else waiting for this model may split over the
             // cores that are free (tract's split matrix products pay off from a few rows up;
             // a one-row MiniLM run measured slower split).
