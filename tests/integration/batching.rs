@@ -492,3 +492,41 @@ fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_
     assert!(stopped, "no batch was led in 50 tries");
     assert_eq!(big.queue_depth(), 0);
 }
+
+/// Requests that wait for a core held by other runs (another model's, here the test's) count
+/// that wait in the model's latency estimate, which the overflow router weighs against the
+/// objective, and in its metadata; the run times themselves stay clean of it.
+#[test]
+fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let model = mlp();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = Served::start("mlp", "1", model.clone(), &ServeOptions::default());
+    let one = model.validate(input(0, 1, 7)).expect("valid");
+    model.run(one.clone()).expect("warm-up run");
+    // Runs with cores to spare: the estimate is about one MLP run.
+    for _ in 0..16 {
+        let rx = rt.block_on(served.submit(one.clone(), deadline, true)).expect("queued");
+        rt.block_on(rx).expect("answered").0.expect("inference succeeds");
+    }
+    let free = served.estimated_latency();
+    assert!(free < Duration::from_millis(1), "{free:?} with free cores");
+    // Every core held for 50 ms, as another model's long runs would: the two requests queued
+    // meanwhile wait for one, on the model's worker threads.
+    let held: Vec<_> = (0..cpu::threads()).map(|_| cpu::acquire().expect("slot")).collect();
+    let pending: Vec<_> = (0..2)
+        .map(|c| rt.block_on(served.submit(model.validate(input(c, 1, 9)).expect("valid"), deadline, true)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(held);
+    for rx in pending {
+        rt.block_on(rx.expect("queued")).expect("answered").0.expect("inference succeeds");
+    }
+    let waited = served.stats.slot_wait_us.load(Relaxed);
+    assert!(waited >= 1_000, "mean wait for a core {waited} µs after waits of up to 50 ms");
+    let estimate = served.estimated_latency();
+    assert!(estimate >= Duration::from_micros(waited), "estimate {estimate:?} counts the wait ({waited} µs)");
+    // What is left of the estimate is the run time, still about one MLP run.
+    assert!(estimate - Duration::from_micros(waited) < Duration::from_millis(1), "{estimate:?}");
+}

@@ -130,6 +130,10 @@ pub struct BatchStats {
     pub split_runs: AtomicU64,
     /// Runs led on a runtime thread by a request under load ([`Served::submit`]).
     pub led_runs: AtomicU64,
+    /// How long a request waited for a CPU slot (held by other runs, of any model) before its
+    /// run started, per request, µs (moving average). Not run time: it counts in the
+    /// estimate of a request's latency, not in a version's latency verdict.
+    pub slot_wait_us: AtomicU64,
 }
 
 /// A model with its queue and worker threads: the unit the serving table swaps.
@@ -232,9 +236,10 @@ impl Served {
     }
 
     /// How long a request arriving now would take locally: the jobs ahead of it and its own,
-    /// at the average run time, spread over the worker threads.
+    /// at the average run time and wait for a core, spread over the worker threads.
     pub fn estimated_latency(&self) -> Duration {
-        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        let avg =
+            self.avg_run_us.load(Ordering::Relaxed).saturating_add(self.stats.slot_wait_us.load(Ordering::Relaxed));
         let jobs = self.queue_depth() as u64 + 1;
         let instances = self.workers.len().max(1) as u64;
         Duration::from_micros(avg.saturating_mul(jobs.div_ceil(instances)))
@@ -393,6 +398,8 @@ impl Served {
         let result = self.model.run(inputs).map_err(JobError::from);
         let ran = started.elapsed();
         drop(slot);
+        // A free slot at once: no wait.
+        note_wait(&self.stats, Duration::ZERO, 1);
         note_run(&self.stats, &self.avg_run_us, ran, 1, rows, result.is_ok());
         self.depth.fetch_sub(1, Ordering::SeqCst);
         Ok((result, ran))
@@ -486,8 +493,10 @@ impl Worker {
         let rows: usize = live.iter().map(|j| j.rows).sum();
         // Timed from the slot on: waiting for a core is queueing, not this version's run time
         // (which feeds the inline and leader rules and the canary's latency verdict).
+        let asked = Instant::now();
         let slot = slot.or_else(super::cpu::acquire);
         let started = Instant::now();
+        note_wait(&self.stats, started.duration_since(asked), live.len());
         let built = self.model.plans_built();
         let results = {
             let _slot = slot;
@@ -561,6 +570,13 @@ impl Worker {
 
 /// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
 /// per job into the moving average (weight 1/8 for the newest run).
+/// A run's wait for its CPU slot, per job, into the moving average.
+fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
+    let us = (waited.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
+    let old = stats.slot_wait_us.load(Ordering::Relaxed);
+    stats.slot_wait_us.store(old - old / 8 + us / 8, Ordering::Relaxed);
+}
+
 fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
