@@ -197,6 +197,13 @@ async fn queue_policy_answers_503_with_retry_after_and_batches_over_http() -> an
         }
     }
 
+    // Every size a batch can run at has its plan before traffic: none is built under load.
+    let (_, meta) = agent.get("/v2/models/mlp").await?;
+    let mut sizes: Vec<u64> =
+        meta["parameters"]["plans"].as_array().into_iter().flatten().filter_map(|p| p[0].as_u64()).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, (1..=8).collect::<Vec<u64>>(), "plans built at load: {meta}");
+
     // Batching over HTTP: every caller gets its golden answer, in fewer runs than requests.
     let n = 48;
     let answers = flood(&agent, "mlp", &golden.request(1), n).await;

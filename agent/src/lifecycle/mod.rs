@@ -184,13 +184,21 @@ fn consider_symbolic(model: &LoadedModel, golden: &Golden) -> String {
     }
 }
 
-/// Builds the plans traffic will need first: batch 1, and each preferred batch size (as the
-/// batch sizes in effect round them up).
+/// Builds the plans traffic will need, before it arrives: batch 1, each preferred batch size,
+/// then every other size a batch can run at up to `max_batch` (as the batch sizes in effect
+/// round them up), as many as the plan cache keeps. A plan built under traffic holds a core
+/// for the build while the requests of that size wait: the first seconds of batched traffic
+/// had a p99 twice the later one (BENCHMARKS.md).
 fn warm(model: &LoadedModel, cfg: &ModelConfig, bytes: usize) -> Result<(), LoadError> {
     let mut sizes = vec![1];
     if let Some(b) = cfg.batch_policy(bytes).filter(|_| model.batch_axis() && model.symbol_count() == 1) {
-        sizes = std::iter::once(1).chain(b.preferred.iter().copied()).map(|n| b.run_rows(n)).collect();
-        sizes.dedup();
+        let wanted = std::iter::once(1).chain(b.preferred.iter().copied()).chain(2..=b.max_batch);
+        sizes.clear();
+        for n in wanted.map(|n| b.run_rows(n)) {
+            if !sizes.contains(&n) {
+                sizes.push(n);
+            }
+        }
         sizes.truncate(cfg.plan_cache.max(1));
     }
     if model.symbol_count() == 0 {
