@@ -43,6 +43,26 @@ fn close(a: &[Tensor], b: &[Tensor]) -> Result<(), String> {
     Ok(())
 }
 
+/// The MLP served with `opts`, driven from a current-thread runtime with a 30 s deadline, and a
+/// validated one-row input whose plan is built (as the loader warms it).
+struct ServedMlp {
+    model: Arc<LoadedModel>,
+    rt: tokio::runtime::Runtime,
+    deadline: Instant,
+    served: Served,
+    one: Vec<Tensor>,
+}
+
+fn served_mlp(opts: &ServeOptions) -> ServedMlp {
+    let model = mlp();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = Served::start("mlp", "1", model.clone(), opts);
+    let one = model.validate(input(0, 1, 7)).expect("valid");
+    model.run(one.clone()).expect("warm-up run");
+    ServedMlp { model, rt, deadline, served, one }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -331,14 +351,9 @@ fn inline_when_eligible(
 /// to the workers as before.
 #[test]
 fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
-    let model = mlp();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let served = Served::start("mlp", "1", model.clone(), &ServeOptions::default());
-    let one = model.validate(input(0, 1, 7)).expect("valid");
     // Warmed as at load (the plan for one row is built), but no run time known yet: the first
     // request goes to a worker.
-    model.run(one.clone()).expect("warm-up run");
+    let ServedMlp { model, rt, deadline, served, one } = served_mlp(&ServeOptions::default());
     let handoff = served.run_inline(one, deadline).expect_err("no run time known yet");
     assert_eq!(handoff.why, NotInline::NoRunTime);
     let one = handoff.inputs;
@@ -393,15 +408,10 @@ fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
 #[test]
 fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_nothing() {
     use std::sync::atomic::Ordering::Relaxed;
-    let model = mlp();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let deadline = Instant::now() + Duration::from_secs(30);
     let policy = BatchPolicy { max_batch: 8, max_delay: Duration::ZERO, preferred: vec![], sizes: vec![] };
-    let served =
-        Served::start("mlp", "1", model.clone(), &ServeOptions { batch: Some(policy), ..ServeOptions::default() });
-    let one = model.validate(input(0, 1, 7)).expect("valid");
     // Plans for one row and for the four-row wave below, as the loader warms them.
-    model.run(one.clone()).expect("warm-up run");
+    let ServedMlp { model, rt, deadline, served, one } =
+        served_mlp(&ServeOptions { batch: Some(policy), ..ServeOptions::default() });
     model.run(model.validate(input(0, 4, 7)).expect("valid")).expect("warm-up run");
     let mut worker_runs = 0;
     settle(&rt, &served, &one, deadline, &mut worker_runs);
@@ -506,12 +516,7 @@ fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_
 #[test]
 fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
     use std::sync::atomic::Ordering::Relaxed;
-    let model = mlp();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let served = Served::start("mlp", "1", model.clone(), &ServeOptions::default());
-    let one = model.validate(input(0, 1, 7)).expect("valid");
-    model.run(one.clone()).expect("warm-up run");
+    let ServedMlp { model, rt, deadline, served, one } = served_mlp(&ServeOptions::default());
     // Runs with cores to spare: the estimate is about one MLP run.
     for _ in 0..16 {
         let rx = rt.block_on(served.submit(one.clone(), deadline, true)).expect("queued");
