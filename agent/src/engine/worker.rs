@@ -568,15 +568,15 @@ impl Worker {
     }
 }
 
-/// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
-/// per job into the moving average (weight 1/8 for the newest run).
-/// A run's wait for its CPU slot, per job, into the moving average.
+/// Folds a run's wait for its CPU slot, per job, into the moving average (weight 1/8).
 fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
     let us = (waited.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
     let old = stats.slot_wait_us.load(Ordering::Relaxed);
     stats.slot_wait_us.store(old - old / 8 + us / 8, Ordering::Relaxed);
 }
 
+/// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
+/// per job into the moving average (weight 1/8 for the newest run).
 fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);

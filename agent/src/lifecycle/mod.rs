@@ -193,13 +193,16 @@ fn warm(model: &LoadedModel, cfg: &ModelConfig, bytes: usize) -> Result<(), Load
     let mut sizes = vec![1];
     if let Some(b) = cfg.batch_policy(bytes).filter(|_| model.batch_axis() && model.symbol_count() == 1) {
         let wanted = std::iter::once(1).chain(b.preferred.iter().copied()).chain(2..=b.max_batch);
+        let room = cfg.plan_cache.max(1);
         sizes.clear();
         for n in wanted.map(|n| b.run_rows(n)) {
+            if sizes.len() == room {
+                break;
+            }
             if !sizes.contains(&n) {
                 sizes.push(n);
             }
         }
-        sizes.truncate(cfg.plan_cache.max(1));
     }
     if model.symbol_count() == 0 {
         return model.prepare(&[]).map_err(|e| LoadError::Parse(e.to_string()));
