@@ -8,6 +8,9 @@
 //!
 //! `--panels N` sets tract's threshold (in matrix panels) below which a product is not split.
 //!
+//! `--gap-us N` leaves the core idle N µs before each timed run, as a server answering one
+//! request at a time does between them (`scripts/bench-ort.py --gap-us` does the same).
+//!
 //! `--http` also measures, at concurrency 1 over one kept-alive loopback connection with a
 //! minimal blocking client: the infer round trip (the audit log off), and the
 //! `/v2/health/ready` round trip, which is the transport's own share (TCP on loopback, HTTP/1.1
@@ -59,6 +62,8 @@ fn main() {
     };
     let iters: usize = arg(&args, "--iters").and_then(|s| s.parse().ok()).unwrap_or(1000);
     let threads: usize = arg(&args, "--threads").and_then(|s| s.parse().ok()).unwrap_or(1);
+    let gap_us: u64 = arg(&args, "--gap-us").and_then(|s| s.parse().ok()).unwrap_or(0).min(1_000_000);
+    let gap = Duration::from_micros(gap_us);
     if let Some(p) = arg(&args, "--panels").and_then(|s| s.parse().ok()) {
         tract_linalg::multithread::set_threading_panel_threshold(p);
     }
@@ -79,13 +84,16 @@ fn main() {
         let mut samples = Vec::with_capacity(iters);
         for _ in 0..iters {
             let i = inputs.clone();
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
             let t = Instant::now();
             std::hint::black_box(model.run_on(i, threads).expect("run"));
             samples.push(t.elapsed());
         }
         let (p50, p99, mean) = stats(samples);
         println!(
-            "{{\"runtime\":\"tract\",\"kind\":\"engine\",\"model\":\"{name}\",\"batch\":{batch},\"threads\":{threads},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"mean_us\":{mean:.1},\"iters\":{iters}}}"
+            "{{\"runtime\":\"tract\",\"kind\":\"engine\",\"model\":\"{name}\",\"batch\":{batch},\"threads\":{threads},\"gap_us\":{gap_us},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"mean_us\":{mean:.1},\"iters\":{iters}}}"
         );
     }
     if args.iter().any(|a| a == "--http") {
