@@ -524,19 +524,28 @@ fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
     }
     let free = served.estimated_latency();
     assert!(free < Duration::from_millis(1), "{free:?} with free cores");
-    // Every core held for 50 ms, as another model's long runs would: the two requests queued
-    // meanwhile wait for one, on the model's worker threads.
+    // Every core held, as another model's long runs would: of the two requests queued
+    // meanwhile, the one its worker thread took waits for a core. Once it waits, the cores stay
+    // held another 50 ms (the size of the wait, not a synchronisation).
     let held: Vec<_> = (0..cpu::threads()).map(|_| cpu::acquire().expect("slot")).collect();
     let pending: Vec<_> = (0..2)
         .map(|c| rt.block_on(served.submit(model.validate(input(c, 1, 9)).expect("valid"), deadline, true)))
         .collect();
+    let blocked = (0..10_000_000).any(|_| {
+        let waits = cpu::waiting() >= 1;
+        if !waits {
+            std::thread::yield_now();
+        }
+        waits
+    });
+    assert!(blocked, "the request taken waits for a core");
     std::thread::sleep(Duration::from_millis(50));
     drop(held);
     for rx in pending {
         rt.block_on(rx.expect("queued")).expect("answered").0.expect("inference succeeds");
     }
     let waited = served.stats.slot_wait_us.load(Relaxed);
-    assert!(waited >= 1_000, "mean wait for a core {waited} µs after waits of up to 50 ms");
+    assert!(waited >= 1_000, "mean wait for a core {waited} µs after a wait of 50 ms");
     let estimate = served.estimated_latency();
     assert!(estimate >= Duration::from_micros(waited), "estimate {estimate:?} counts the wait ({waited} µs)");
     // What is left of the estimate is the run time, still about one MLP run.

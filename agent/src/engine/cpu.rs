@@ -87,6 +87,11 @@ pub fn threads() -> usize {
     global().counts.lock().map_or(1, |c| c.total)
 }
 
+/// Threads blocked waiting for a slot now.
+pub fn waiting() -> usize {
+    global().counts.lock().map_or(0, |c| c.waiting)
+}
+
 /// Waits for a free slot. A poisoned lock (a panic elsewhere while counting) lets the run go
 /// ahead rather than stall serving.
 pub fn acquire() -> Option<Slot<'static>> {
