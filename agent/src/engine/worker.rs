@@ -568,22 +568,31 @@ impl Worker {
     }
 }
 
-/// Folds a run's wait for its CPU slot, per job, into the moving average (weight 1/8).
+/// `d` shared by `jobs` jobs, µs per job (bounded, so a moving average cannot overflow).
+fn per_job_us(d: Duration, jobs: usize) -> u64 {
+    (d.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64
+}
+
+/// A moving average after one more sample (weight 1/8 for the newest).
+fn folded(old: u64, us: u64) -> u64 {
+    old - old / 8 + us / 8
+}
+
+/// Folds a run's wait for its CPU slot, per job, into the moving average.
 fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
-    let us = (waited.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
     let old = stats.slot_wait_us.load(Ordering::Relaxed);
-    stats.slot_wait_us.store(old - old / 8 + us / 8, Ordering::Relaxed);
+    stats.slot_wait_us.store(folded(old, per_job_us(waited, jobs)), Ordering::Relaxed);
 }
 
 /// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
-/// per job into the moving average (weight 1/8 for the newest run).
+/// per job into the moving average (the first timed run sets it).
 fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
     if timed {
-        let us = (ran.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64;
+        let us = per_job_us(ran, jobs);
         let old = avg_us.load(Ordering::Relaxed);
-        avg_us.store(if old == 0 { us } else { old - old / 8 + us / 8 }, Ordering::Relaxed);
+        avg_us.store(if old == 0 { us } else { folded(old, us) }, Ordering::Relaxed);
     }
 }
 
