@@ -43,7 +43,7 @@ fn close(a: &[Tensor], b: &[Tensor]) -> Result<(), String> {
     Ok(())
 }
 
-/// The MLP served with `opts`, driven from a current-thread runtime with a 30 s deadline, and a
+/// The MLP served with `opts`, driven from a current-thread runtime with a 60 s deadline, and a
 /// validated one-row input whose plan is built (as the loader warms it).
 struct ServedMlp {
     model: Arc<LoadedModel>,
@@ -56,7 +56,7 @@ struct ServedMlp {
 fn served_mlp(opts: &ServeOptions) -> ServedMlp {
     let model = mlp();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let served = Served::start("mlp", "1", model.clone(), opts);
     let one = model.validate(input(0, 1, 7)).expect("valid");
     model.run(one.clone()).expect("warm-up run");
@@ -295,8 +295,10 @@ async fn plan_chooser_serves_the_fastest_plan_that_passes_golden_vectors() -> an
     agent.stop().await
 }
 
-/// Worker runs until the version's run-time average is short enough to run inline (a new
-/// thread's first runs are slow); returns the last outputs. Counts the runs in `runs`.
+/// Runs until the version's run-time average is short enough to run inline or lead (a new
+/// thread's first runs are slow, and the other tests of this binary share the two cores, so a
+/// run may be preempted); returns the last outputs. Counts the runs in `runs`. Bounded by the
+/// requests' deadline, past which it fails.
 fn settle(
     rt: &tokio::runtime::Runtime,
     served: &Served,
@@ -304,15 +306,20 @@ fn settle(
     deadline: Instant,
     runs: &mut u64,
 ) -> Vec<Tensor> {
+    let short = |s: &Served| !s.run_time().is_zero() && s.run_time() <= Duration::from_micros(INLINE_MAX_US);
     let mut outputs = Vec::new();
-    for i in 0..200 {
-        if i >= 2 && served.estimated_latency() <= Duration::from_micros(INLINE_MAX_US) {
-            break;
-        }
+    let mut i = 0;
+    while i < 2 || !short(served) {
+        assert!(
+            Instant::now() < deadline,
+            "the run-time average ({:?}) did not come down to {INLINE_MAX_US} µs in {i} runs",
+            served.run_time()
+        );
         outputs = rt.block_on(async {
             served.submit(one.to_vec(), deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
         });
         *runs += 1;
+        i += 1;
     }
     outputs
 }

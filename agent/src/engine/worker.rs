@@ -245,6 +245,13 @@ impl Served {
         Duration::from_micros(avg.saturating_mul(jobs.div_ceil(instances)))
     }
 
+    /// The moving average of one request's run time, timed from its CPU slot on (zero until
+    /// a run of this version is timed): what the inline and leader rules and the canary's
+    /// latency verdict weigh.
+    pub fn run_time(&self) -> Duration {
+        Duration::from_micros(self.avg_run_us.load(Ordering::Relaxed))
+    }
+
     /// Whether a job submitted without waiting would be refused.
     pub fn queue_full(&self) -> bool {
         self.permits.available_permits() == 0
