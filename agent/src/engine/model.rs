@@ -509,9 +509,10 @@ impl LoadedModel {
     }
 
     /// As [`LoadedModel::run`], with the matrix products split over `threads` threads (the
-    /// caller holds that many CPU slots). Falls back to the calling thread alone if a pool
-    /// cannot be started.
+    /// caller holds that many CPU slots): the run moves to a pool of that many threads and the
+    /// caller waits for it. Falls back to the calling thread alone if a pool cannot be started.
     pub fn run_on(&self, inputs: Vec<V2Tensor>, threads: usize) -> Result<Vec<V2Tensor>, RunError> {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
         let key = self.symbol_values(&inputs);
         let plan = self.plan(&key)?;
         let mut tv: TVec<TValue> = TVec::new();
@@ -520,7 +521,15 @@ impl LoadedModel {
         }
         let pool = if threads > 1 { executor(threads) } else { None };
         let out = match catch_unwind(AssertUnwindSafe(|| match pool {
-            Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, || plan.run(tv)),
+            // The whole plan runs on one of the pool's threads, so each split product is shared
+            // between that thread and one woken helper. Run from outside the pool, every product
+            // was handed to the pool and waited for, and the operators between them ran on a
+            // third thread: an eight-row MiniLM run took 15-26 % longer (BENCHMARKS.md).
+            Some(Executor::MultiThread(threads)) => {
+                let executor = Executor::MultiThread(threads.clone());
+                threads.install(|| multithread_tract_scope(executor, || plan.run(tv)))
+            }
+            Some(pool) => multithread_tract_scope(pool, || plan.run(tv)),
             None => plan.run(tv),
         })) {
             Ok(Ok(out)) => out,
