@@ -132,3 +132,46 @@ async fn broken_and_unsupported_models_are_refused_while_others_serve() -> anyho
     golden.check(0, &body)?;
     agent.stop().await
 }
+
+/// Split runs of a large model (the inference pool's threads share each matrix product, kept
+/// awake for the length of the run) give exactly the outputs of the same run on one thread,
+/// run after run, and each finishes (a stalled helper would show as a timeout here).
+#[test]
+fn split_runs_give_exactly_the_one_thread_outputs() {
+    use outpost::engine::LoadedModel;
+    use outpost::protocol::{Tensor, TensorData};
+    use std::time::Duration;
+    if !minilm_available() {
+        eprintln!("skipped: MiniLM not built (scripts/gen-models.sh --minilm)");
+        return;
+    }
+    let onnx = std::fs::read(minilm_dir().join("minilm").join("model.onnx")).expect("MiniLM");
+    let model = std::sync::Arc::new(LoadedModel::load(&onnx, 2).expect("MiniLM loads"));
+    // Eight rows of 14 tokens: MiniLM's products are large enough for tract to split them.
+    let (rows, seq) = (8, 14);
+    let ids = (0..rows * seq).map(|i| 1000 + (i as i64 * 7919) % 20000).collect();
+    let inputs = model
+        .validate(vec![
+            Tensor { name: "input_ids".into(), shape: vec![rows, seq], data: TensorData::I64(ids) },
+            Tensor {
+                name: "attention_mask".into(),
+                shape: vec![rows, seq],
+                data: TensorData::I64(vec![1; rows * seq]),
+            },
+        ])
+        .expect("valid inputs");
+    let want = model.run(inputs.clone()).expect("runs on one thread");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let split = model.clone();
+    std::thread::spawn(move || {
+        for _ in 0..8 {
+            if tx.send(split.run_on(inputs.clone(), 2)).is_err() {
+                return;
+            }
+        }
+    });
+    for run in 0..8 {
+        let got = rx.recv_timeout(Duration::from_secs(60)).expect("a split run finishes").expect("runs split");
+        assert_eq!(got, want, "split run {run} differs from the one-thread run");
+    }
+}

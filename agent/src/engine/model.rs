@@ -521,13 +521,47 @@ impl LoadedModel {
         }
         let pool = if threads > 1 { executor(threads) } else { None };
         let out = match catch_unwind(AssertUnwindSafe(|| match pool {
-            // The whole plan runs on one of the pool's threads, so each split product is shared
-            // between that thread and one woken helper. Run from outside the pool, every product
-            // was handed to the pool and waited for, and the operators between them ran on a
-            // third thread: an eight-row MiniLM run took 15-26 % longer (BENCHMARKS.md).
+            // The whole plan runs on one of the pool's threads, and the pool's other threads
+            // stay awake for the length of the run (they hold its CPU slots), taking shares of
+            // each split product as it comes. Run from outside the pool, every product was
+            // handed to the pool and waited for, and the operators between them ran on a third
+            // thread: an eight-row MiniLM run took 15-26 % longer; with the helpers asleep
+            // between products (a wake-up each), 7-15 % longer (BENCHMARKS.md).
             Some(Executor::MultiThread(threads)) => {
                 let executor = Executor::MultiThread(threads.clone());
-                threads.install(|| multithread_tract_scope(executor, || plan.run(tv)))
+                let running = std::sync::atomic::AtomicBool::new(true);
+                threads.scope(|scope| {
+                    let runner = threads.current_thread_index();
+                    let (threads, running) = (&threads, &running);
+                    for _ in 1..threads.current_num_threads() {
+                        scope.spawn(move |_| {
+                            // The runner may take this job back while it waits inside a split
+                            // product: it has the run to finish, not a share to wait for.
+                            if threads.current_thread_index() == runner {
+                                return;
+                            }
+                            // Bounded: a helper that found no share for HELPER_IDLE lets go, so
+                            // one that ended up waiting above work of its own run (nested
+                            // work-stealing) cannot hold that run up for longer.
+                            let mut idle_since = None;
+                            while running.load(std::sync::atomic::Ordering::Acquire) {
+                                match threads.yield_now() {
+                                    None => return,
+                                    Some(rayon_core::Yield::Executed) => idle_since = None,
+                                    Some(_) => {
+                                        let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                                        if since.elapsed() >= HELPER_IDLE {
+                                            return;
+                                        }
+                                        std::hint::spin_loop();
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    let _stop = StopHelping(running);
+                    multithread_tract_scope(executor, || plan.run(tv))
+                })
             }
             Some(pool) => multithread_tract_scope(pool, || plan.run(tv)),
             None => plan.run(tv),
@@ -540,6 +574,20 @@ impl LoadedModel {
             .zip(&self.signature.outputs)
             .map(|(v, spec)| from_tract(spec.name.clone(), &v.into_tensor()))
             .collect()
+    }
+}
+
+/// How long a helper thread of a split run waits, spinning, for a share of the next product
+/// before it lets go: long enough to span the operators between two products of a large model
+/// (with 1 ms, eight-row MiniLM runs lost most of the gain: their helpers let go mid-run).
+const HELPER_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Ends the helpers' wait for shares of a split run when the run ends, by return or by panic.
+struct StopHelping<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopHelping<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
