@@ -534,30 +534,7 @@ impl LoadedModel {
                     let runner = threads.current_thread_index();
                     let (threads, running) = (&threads, &running);
                     for _ in 1..threads.current_num_threads() {
-                        scope.spawn(move |_| {
-                            // The runner may take this job back while it waits inside a split
-                            // product: it has the run to finish, not a share to wait for.
-                            if threads.current_thread_index() == runner {
-                                return;
-                            }
-                            // Bounded: a helper that found no share for HELPER_IDLE lets go, so
-                            // one that ended up waiting above work of its own run (nested
-                            // work-stealing) cannot hold that run up for longer.
-                            let mut idle_since = None;
-                            while running.load(std::sync::atomic::Ordering::Acquire) {
-                                match threads.yield_now() {
-                                    None => return,
-                                    Some(rayon_core::Yield::Executed) => idle_since = None,
-                                    Some(_) => {
-                                        let since = *idle_since.get_or_insert_with(std::time::Instant::now);
-                                        if since.elapsed() >= HELPER_IDLE {
-                                            return;
-                                        }
-                                        std::hint::spin_loop();
-                                    }
-                                }
-                            }
-                        });
+                        scope.spawn(move |_| help_while_running(threads, runner, running));
                     }
                     let _stop = StopHelping(running);
                     multithread_tract_scope(executor, || plan.run(tv))
@@ -581,6 +558,31 @@ impl LoadedModel {
 /// before it lets go: long enough to span the operators between two products of a large model
 /// (with 1 ms, eight-row MiniLM runs lost most of the gain: their helpers let go mid-run).
 const HELPER_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A helper of a split run on `pool`: takes shares of the run's products as they are split
+/// until the run ends (`running`), or until it found none for [`HELPER_IDLE`]: then a helper
+/// that ended up waiting above work of its own run (nested work-stealing) cannot hold that run
+/// up for longer. The runner itself may take this job back while it waits inside a split
+/// product: it has the run to finish, so it returns at once.
+fn help_while_running(pool: &rayon_core::ThreadPool, runner: Option<usize>, running: &std::sync::atomic::AtomicBool) {
+    if pool.current_thread_index() == runner {
+        return;
+    }
+    let mut idle_since = None;
+    while running.load(std::sync::atomic::Ordering::Acquire) {
+        match pool.yield_now() {
+            None => return,
+            Some(rayon_core::Yield::Executed) => idle_since = None,
+            Some(_) => {
+                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= HELPER_IDLE {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
 
 /// Ends the helpers' wait for shares of a split run when the run ends, by return or by panic.
 struct StopHelping<'a>(&'a std::sync::atomic::AtomicBool);

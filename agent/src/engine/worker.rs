@@ -246,8 +246,8 @@ impl Served {
     }
 
     /// The moving average of one request's run time, timed from its CPU slot on (zero until
-    /// a run of this version is timed): what the inline and leader rules and the canary's
-    /// latency verdict weigh.
+    /// a run of this version is timed): what the inline and leader rules weigh, and, with the
+    /// wait for a slot, the latency estimate.
     pub fn run_time(&self) -> Duration {
         Duration::from_micros(self.avg_run_us.load(Ordering::Relaxed))
     }
