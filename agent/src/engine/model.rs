@@ -527,14 +527,14 @@ impl LoadedModel {
             // handed to the pool and waited for, and the operators between them ran on a third
             // thread: an eight-row MiniLM run took 15-26 % longer; with the helpers asleep
             // between products (a wake-up each), 7-15 % longer (BENCHMARKS.md).
-            Some(Executor::MultiThread(threads)) => {
-                let executor = Executor::MultiThread(threads.clone());
+            Some(Executor::MultiThread(workers)) => {
+                let executor = Executor::MultiThread(workers.clone());
                 let running = std::sync::atomic::AtomicBool::new(true);
-                threads.scope(|scope| {
-                    let runner = threads.current_thread_index();
-                    let (threads, running) = (&threads, &running);
-                    for _ in 1..threads.current_num_threads() {
-                        scope.spawn(move |_| help_while_running(threads, runner, running));
+                workers.scope(|scope| {
+                    let runner = workers.current_thread_index();
+                    let (workers, running) = (&*workers, &running);
+                    for _ in 1..workers.current_num_threads() {
+                        scope.spawn(move |_| help_while_running(workers, runner, running));
                     }
                     let _stop = StopHelping(running);
                     multithread_tract_scope(executor, || plan.run(tv))
