@@ -64,7 +64,14 @@ fn served_mlp(opts: &ServeOptions) -> ServedMlp {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+    // Shrinking is bounded in time: a failing case can take its whole 30 s deadline, and
+    // unbounded shrinking of such cases would run for hours instead of failing.
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        max_shrink_time: 120_000,
+        ..ProptestConfig::default()
+    })]
 
     /// Concurrent callers with random batch sizes: each gets exactly the outputs its own rows
     /// give when run alone, whatever batches the queue formed; with `batch_sizes`, runs are
@@ -238,6 +245,14 @@ async fn queue_policy_answers_503_with_retry_after_and_batches_over_http() -> an
     let runs = p["runs"].as_u64().unwrap_or(0);
     eprintln!("{n} requests in {runs} runs, mean batch {}", p["mean_batch_rows"]);
     assert!(runs >= 1 && runs <= n as u64, "{meta}");
+
+    // The metadata's run_us is the moving average of run time per request: the slow fixture
+    // (~150x the MLP's compute) shows it.
+    let mlp_us = p["run_us"].as_u64().unwrap_or(0);
+    let (_, slow) = agent.get("/v2/models/slowt").await?;
+    let slow_us = slow["parameters"]["run_us"].as_u64().unwrap_or(0);
+    assert!(mlp_us > 0, "the MLP ran: {meta}");
+    assert!(slow_us > 10 * mlp_us, "slow fixture {slow_us} µs per run against the MLP's {mlp_us} µs");
     agent.stop().await
 }
 

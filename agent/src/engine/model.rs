@@ -529,16 +529,7 @@ impl LoadedModel {
             // between products (a wake-up each), 7-15 % longer (BENCHMARKS.md).
             Some(Executor::MultiThread(workers)) => {
                 let executor = Executor::MultiThread(workers.clone());
-                let running = std::sync::atomic::AtomicBool::new(true);
-                workers.scope(|scope| {
-                    let runner = workers.current_thread_index();
-                    let (workers, running) = (&*workers, &running);
-                    for _ in 1..workers.current_num_threads() {
-                        scope.spawn(move |_| help_while_running(workers, runner, running));
-                    }
-                    let _stop = StopHelping(running);
-                    multithread_tract_scope(executor, || plan.run(tv))
-                })
+                with_helpers(&workers, || multithread_tract_scope(executor, || plan.run(tv)))
             }
             Some(pool) => multithread_tract_scope(pool, || plan.run(tv)),
             None => plan.run(tv),
@@ -552,6 +543,22 @@ impl LoadedModel {
             .map(|(v, spec)| from_tract(spec.name.clone(), &v.into_tensor()))
             .collect()
     }
+}
+
+/// Runs `run` on one of `pool`'s threads while the pool's other threads help it: each takes
+/// shares of the work `run` splits (rayon jobs) until `run` ends, by return or by panic (a
+/// panic reaches the caller once the helpers have let go).
+fn with_helpers<R: Send>(pool: &rayon_core::ThreadPool, run: impl FnOnce() -> R + Send) -> R {
+    let running = std::sync::atomic::AtomicBool::new(true);
+    pool.scope(|scope| {
+        let runner = pool.current_thread_index();
+        let running = &running;
+        for _ in 1..pool.current_num_threads() {
+            scope.spawn(move |_| help_while_running(pool, runner, running));
+        }
+        let _stop = StopHelping(running);
+        run()
+    })
 }
 
 /// How long a helper thread of a split run waits, spinning, for a share of the next product
@@ -664,4 +671,45 @@ fn from_tract(name: String, t: &Tensor) -> Result<V2Tensor, RunError> {
         other => return Err(RunError::Engine(format!("output '{name}' has unsupported type {other:?}"))),
     };
     Ok(V2Tensor { name, shape: t.shape().to_vec(), data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> rayon_core::ThreadPool {
+        rayon_core::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool of two threads")
+    }
+
+    #[test]
+    fn a_panic_in_a_split_run_reaches_the_caller_and_the_pool_serves_on() {
+        let pool = pool();
+        let caught = catch_unwind(AssertUnwindSafe(|| with_helpers(&pool, || -> u64 { panic!("kernel fault") })));
+        let msg = panic_message(caught.expect_err("the panic reaches the caller"));
+        assert!(msg.contains("kernel fault"), "{msg}");
+        // The helpers let go: the next run on the same pool is served, its work shared.
+        let (a, b) =
+            with_helpers(&pool, || rayon_core::join(|| (0..1000u64).sum::<u64>(), || (1000..2000u64).sum::<u64>()));
+        assert_eq!(a + b, (0..2000u64).sum::<u64>());
+    }
+
+    #[test]
+    fn a_split_run_s_work_is_taken_by_another_pool_thread() {
+        // The first half waits (bounded) until the second half has started: on the run's own
+        // thread that could never happen, so the second half must be taken by the other thread.
+        let pool = pool();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (runner, other) = with_helpers(&pool, || {
+            let runner = rayon_core::current_thread_index();
+            let first = move || rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the second half started");
+            let second = move || {
+                let _ = tx.send(());
+                rayon_core::current_thread_index()
+            };
+            let ((), other) = rayon_core::join(first, second);
+            (runner, other)
+        });
+        assert!(runner.is_some() && other.is_some(), "both halves ran in the pool");
+        assert_ne!(runner, other);
+    }
 }
