@@ -7,7 +7,9 @@
 //! flushes only the data, with no file-size change for the journal to commit (about a third
 //! cheaper at the median on the disk measured; BENCHMARKS.md). Readers stop at the zero tail:
 //! records are JSON text, which never holds a NUL byte. A segment is cut to its records when
-//! the next one starts.
+//! the next one starts. Each new segment after the first is a spare file zero-filled and synced
+//! for a whole segment by a thread of its own while the previous segment filled, so the commit
+//! thread refills only a segment it started without one (the first, or after a restart).
 //!
 //! Layout: `<state_dir>/audit/seg-<first-seq>.log`, one record per line:
 //! `{"seq", "time_ms", "prev", "hash", "body"}` with
@@ -193,6 +195,40 @@ struct Segment {
 /// Bytes zero-filled ahead of the active segment's write position.
 const PREALLOC: u64 = 1 << 20;
 
+/// The next segment's file, zero-filled and synced by a thread of its own while the active
+/// segment fills, so a new segment starts with room for all its records and the commit thread
+/// never stops to refill it (a refill held commits for ~1.5 ms per 512 KiB; BENCHMARKS.md).
+enum Spare {
+    Making(std::thread::JoinHandle<std::io::Result<(File, u64, PathBuf)>>),
+    Ready(File, u64, PathBuf),
+}
+
+/// Spare files are named `spare-<pid>-<n>.zero`: never a segment's name, and removed at open
+/// (a spare left by a crash may be partly written).
+fn is_spare_name(name: &str) -> bool {
+    name.starts_with("spare-") && name.ends_with(".zero")
+}
+
+/// Creates `path` holding `len` zero bytes, synced (data and size).
+fn zero_file(path: &Path, len: u64) -> std::io::Result<File> {
+    let made = (|| {
+        let f = OpenOptions::new().create_new(true).write(true).open(path)?;
+        let chunk = vec![0u8; (1 << 20).min(len.max(1)) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(chunk.len() as u64) as usize;
+            f.write_all_at(&chunk[..n], at)?;
+            at += n as u64;
+        }
+        f.sync_all()?;
+        Ok(f)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
 struct Store {
     dir: PathBuf,
     segments: Vec<Segment>,
@@ -206,6 +242,8 @@ struct Store {
     head_hash: String,
     /// Where the last `range` read stopped: (segment index, byte offset, next seq).
     cursor: Option<(usize, u64, u64)>,
+    /// The next segment's zero-filled file, once a segment has started.
+    spare: Option<Spare>,
 }
 
 struct Shared {
@@ -271,6 +309,11 @@ impl Store {
     /// Scans the segments; a torn last line (a crash mid-write: never acknowledged) is cut off.
     fn open(dir: &Path, segment_limit: u64) -> Result<Store, AuditError> {
         std::fs::create_dir_all(dir).map_err(store_err)?;
+        for e in std::fs::read_dir(dir).map_err(store_err)?.flatten() {
+            if is_spare_name(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let meta = read_meta(dir)?;
         let anchor = meta.anchor.unwrap_or_else(Anchor::genesis);
         let mut segments = Vec::new();
@@ -330,7 +373,53 @@ impl Store {
             head,
             head_hash,
             cursor: None,
+            spare: None,
         })
+    }
+
+    /// Starts zero-filling the next segment's file on a thread of its own, unless one is made
+    /// or being made. Its length: a full segment and the room kept ahead of the last write.
+    fn start_spare(&mut self) {
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        if self.spare.is_some() {
+            return;
+        }
+        let len = self.segment_limit + PREALLOC.min(self.segment_limit);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("spare-{}-{n}.zero", std::process::id()));
+        let making = std::thread::Builder::new()
+            .name("audit-spare".into())
+            .spawn(move || zero_file(&path, len).map(|f| (f, len, path)));
+        match making {
+            Ok(h) => self.spare = Some(Spare::Making(h)),
+            Err(e) => tracing::warn!(error = %e, "audit: cannot start zero-filling the next log segment"),
+        }
+    }
+
+    /// Waits for the spare being made. A failure only costs speed: the next segment starts
+    /// empty, as without a spare.
+    fn finish_spare(&mut self) {
+        if let Some(Spare::Making(h)) = self.spare.take() {
+            match h.join() {
+                Ok(Ok((f, len, path))) => self.spare = Some(Spare::Ready(f, len, path)),
+                Ok(Err(e)) => tracing::warn!(error = %e, "audit: could not zero-fill the next log segment"),
+                Err(_) => tracing::warn!("audit: the thread zero-filling the next log segment panicked"),
+            }
+        }
+    }
+
+    /// The spare, if it is ready now (one still being made stays for the next segment).
+    fn take_spare(&mut self) -> Option<(File, u64, PathBuf)> {
+        if matches!(&self.spare, Some(Spare::Making(h)) if h.is_finished()) {
+            self.finish_spare();
+        }
+        match self.spare.take() {
+            Some(Spare::Ready(f, len, path)) => Some((f, len, path)),
+            other => {
+                self.spare = other;
+                None
+            }
+        }
     }
 
     /// Appends serialized records (one per line) and makes them durable.
@@ -345,7 +434,19 @@ impl Store {
                 f.set_len(seg.bytes).and_then(|()| f.sync_all()).map_err(store_err)?;
             }
             let path = self.dir.join(segment_name(first_seq));
-            let f = OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(store_err)?;
+            // The zero-filled spare becomes the segment (renamed over any leftover of that
+            // name); without one ready, the segment starts empty and is refilled as it grows.
+            let (f, len) = match self.take_spare() {
+                Some((f, len, spare)) if std::fs::rename(&spare, &path).is_ok() => (f, len),
+                spare => {
+                    if let Some((_, _, p)) = spare {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    let f =
+                        OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(store_err)?;
+                    (f, 0)
+                }
+            };
             fsync_path(&self.dir).map_err(store_err)?;
             self.segments.push(Segment {
                 path,
@@ -356,7 +457,8 @@ impl Store {
                 bytes: 0,
             });
             self.file = Some(f);
-            self.file_len = 0;
+            self.file_len = len;
+            self.start_spare();
         }
         if self.file.is_none() {
             let path = self.segments.last().map(|s| s.path.clone()).ok_or_else(|| store_err("no segment"))?;
@@ -1053,6 +1155,54 @@ mod segment_tests {
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(35), 35));
         let mut out = Vec::new();
         assert_eq!(export(dir.path(), 0, &mut out).unwrap(), 35);
+        assert!(!out.contains(&0), "no zero bytes reach an export");
+    }
+
+    #[test]
+    fn a_new_segment_starts_from_a_spare_zero_filled_off_the_commit_path() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB of quota: 8 KiB segments, spares of 16 KiB (a segment and its room ahead).
+        let cfg = AuditConfig { quota_bytes: 64 * 1024, ..AuditConfig::default() };
+        let audit = Audit::open(dir.path(), &cfg, None).unwrap();
+        let rt = rt();
+        let record = |i: usize| serde_json::json!({ "i": i, "pad": "x".repeat(200) });
+        let spares = |d: &Path| {
+            std::fs::read_dir(d).unwrap().flatten().filter(|e| is_spare_name(&e.file_name().to_string_lossy())).count()
+        };
+        rt.block_on(audit.append(record(0))).unwrap();
+        // The first segment started empty and set a spare going; wait until it is made.
+        audit.store().finish_spare();
+        assert!(matches!(audit.store().spare, Some(Spare::Ready(..))), "the spare is made");
+        assert_eq!(spares(dir.path()), 1);
+        let mut i = 1;
+        while segment_files(dir.path()).unwrap().len() < 2 {
+            assert!(i < 1000, "8 KiB segments roll within 1000 records");
+            rt.block_on(audit.append(record(i))).unwrap();
+            i += 1;
+        }
+        // The new segment is the spare: zero-filled for a whole segment beyond its records.
+        let (_, active) = segment_files(dir.path()).unwrap().pop().unwrap();
+        let on_disk = std::fs::metadata(&active).unwrap().len();
+        assert_eq!(on_disk, 16 * 1024, "the spare's length: {}", active.display());
+        assert_eq!(audit.store().file_len, on_disk);
+        assert!(!audit.store().room_is_low(), "no refill needed on the commit path");
+        let r = verify(dir.path()).unwrap();
+        assert_eq!((r.first, r.last, r.records), (Some(1), Some(i as u64), i as u64));
+        assert_eq!(audit.range(1, i as u64, 2000).unwrap().len(), i);
+        audit.store().finish_spare();
+        audit.close();
+        drop(audit);
+        // Reopened: spares are removed (one left by a crash may be partly written), the chain
+        // continues, and no zero byte reaches the records.
+        std::fs::write(dir.path().join("spare-1-0.zero"), [0u8; 100]).unwrap();
+        let audit = Audit::open(dir.path(), &cfg, None).unwrap();
+        assert_eq!(spares(dir.path()), 0);
+        assert_eq!(audit.head_seq(), i as u64);
+        rt.block_on(audit.append(record(i))).unwrap();
+        let r = verify(dir.path()).unwrap();
+        assert_eq!((r.first, r.last), (Some(1), Some(i as u64 + 1)));
+        let mut out = Vec::new();
+        assert_eq!(export(dir.path(), 0, &mut out).unwrap(), i as u64 + 1);
         assert!(!out.contains(&0), "no zero bytes reach an export");
     }
 
