@@ -147,7 +147,9 @@ pub struct Served {
     permits: Arc<tokio::sync::Semaphore>,
     workers: Vec<JoinHandle<()>>,
     /// Moving average of one job's run time, in microseconds (0 until the first job).
-    avg_run_us: Arc<AtomicU64>,
+    /// The moving average of one request's run time, in nanoseconds (microseconds would
+    /// stick: a 1/8-weighted integer average moves only by whole units).
+    avg_run_ns: Arc<AtomicU64>,
     /// Whether the model's inputs may be sent off the site (overflow): its signed manifest says
     /// so; local models and configuration can only keep it `false`.
     pub may_leave_site: bool,
@@ -194,14 +196,14 @@ impl Served {
         let (tx, rx) = sync_channel::<Job>(max_queue);
         let queue = Arc::new(Mutex::new(Queue { rx, held: VecDeque::new() }));
         let depth = Arc::new(AtomicUsize::new(0));
-        let avg_run_us = Arc::new(AtomicU64::new(0));
+        let avg_run_ns = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(BatchStats::default());
         let mut workers = Vec::new();
         let exec = Worker {
             queue,
             model: model.clone(),
             depth: depth.clone(),
-            avg_us: avg_run_us.clone(),
+            avg_ns: avg_run_ns.clone(),
             stats: stats.clone(),
             batching: batching.clone(),
             queue_timeout: opts.queue_timeout,
@@ -224,7 +226,7 @@ impl Served {
             capacity: max_queue,
             permits: Arc::new(tokio::sync::Semaphore::new(max_queue)),
             workers,
-            avg_run_us,
+            avg_run_ns,
             may_leave_site: false,
             cache: (opts.cache_bytes > 0).then(|| super::cache::ResponseCache::new(opts.cache_bytes)),
             batching,
@@ -238,8 +240,7 @@ impl Served {
     /// How long a request arriving now would take locally: the jobs ahead of it and its own,
     /// at the average run time and wait for a core, spread over the worker threads.
     pub fn estimated_latency(&self) -> Duration {
-        let avg =
-            self.avg_run_us.load(Ordering::Relaxed).saturating_add(self.stats.slot_wait_us.load(Ordering::Relaxed));
+        let avg = self.run_us().saturating_add(self.stats.slot_wait_us.load(Ordering::Relaxed));
         let jobs = self.queue_depth() as u64 + 1;
         let instances = self.workers.len().max(1) as u64;
         Duration::from_micros(avg.saturating_mul(jobs.div_ceil(instances)))
@@ -249,7 +250,12 @@ impl Served {
     /// a run of this version is timed): what the inline and leader rules weigh, and, with the
     /// wait for a slot, the latency estimate.
     pub fn run_time(&self) -> Duration {
-        Duration::from_micros(self.avg_run_us.load(Ordering::Relaxed))
+        Duration::from_nanos(self.avg_run_ns.load(Ordering::Relaxed))
+    }
+
+    /// [`Served::run_time`] in whole microseconds, rounded up (a timed run is never 0 µs).
+    fn run_us(&self) -> u64 {
+        self.avg_run_ns.load(Ordering::Relaxed).div_ceil(1000)
     }
 
     /// Whether a job submitted without waiting would be refused.
@@ -301,7 +307,7 @@ impl Served {
     /// enough (per request and per batch) that a hand-off to a worker would cost more, and no
     /// batching delay to wait out (a leader never waits).
     fn leads(&self) -> bool {
-        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        let avg = self.run_us();
         let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
         avg > 0
             && avg <= INLINE_MAX_US
@@ -376,7 +382,7 @@ impl Served {
     /// worker's would, so the queue policy and the core budget see it.
     pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Handoff> {
         let hand_off = |why, inputs| Err(Handoff { why, inputs });
-        let avg = self.avg_run_us.load(Ordering::Relaxed);
+        let avg = self.run_us();
         if self.workers.is_empty() || Instant::now() >= deadline {
             return hand_off(NotInline::Closing, inputs);
         }
@@ -407,7 +413,7 @@ impl Served {
         drop(slot);
         // A free slot at once: no wait.
         note_wait(&self.stats, Duration::ZERO, 1);
-        note_run(&self.stats, &self.avg_run_us, ran, 1, rows, result.is_ok());
+        note_run(&self.stats, &self.avg_run_ns, ran, 1, rows, result.is_ok());
         self.depth.fetch_sub(1, Ordering::SeqCst);
         Ok((result, ran))
     }
@@ -457,7 +463,7 @@ struct Worker {
     queue: Arc<Mutex<Queue>>,
     model: Arc<LoadedModel>,
     depth: Arc<AtomicUsize>,
-    avg_us: Arc<AtomicU64>,
+    avg_ns: Arc<AtomicU64>,
     stats: Arc<BatchStats>,
     batching: Option<BatchPolicy>,
     queue_timeout: Option<Duration>,
@@ -524,7 +530,7 @@ impl Worker {
         let ran = started.elapsed();
         // A run that waited for a plan to be built says nothing about run times.
         let timed = results.iter().any(Result::is_ok) && self.model.plans_built() == built;
-        note_run(&self.stats, &self.avg_us, ran, live.len(), rows, timed);
+        note_run(&self.stats, &self.avg_ns, ran, live.len(), rows, timed);
         for (job, result) in live.into_iter().zip(results) {
             self.answer(job, result, ran);
         }
@@ -580,6 +586,11 @@ fn per_job_us(d: Duration, jobs: usize) -> u64 {
     (d.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64
 }
 
+/// `d` shared by `jobs` jobs, ns per job (bounded, so a moving average cannot overflow).
+fn per_job_ns(d: Duration, jobs: usize) -> u64 {
+    (d.as_nanos() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64
+}
+
 /// A moving average after one more sample (weight 1/8 for the newest).
 fn folded(old: u64, us: u64) -> u64 {
     old - old / 8 + us / 8
@@ -592,14 +603,14 @@ fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
 }
 
 /// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
-/// per job into the moving average (the first timed run sets it).
-fn note_run(stats: &BatchStats, avg_us: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
+/// per job into the moving average in ns (the first timed run sets it).
+fn note_run(stats: &BatchStats, avg_ns: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
     if timed {
-        let us = per_job_us(ran, jobs);
-        let old = avg_us.load(Ordering::Relaxed);
-        avg_us.store(if old == 0 { us } else { folded(old, us) }, Ordering::Relaxed);
+        let ns = per_job_ns(ran, jobs).max(1);
+        let old = avg_ns.load(Ordering::Relaxed);
+        avg_ns.store(if old == 0 { ns } else { folded(old, ns) }, Ordering::Relaxed);
     }
 }
 
@@ -676,6 +687,23 @@ fn next_batch(q: &mut Queue, policy: Option<&BatchPolicy>) -> Option<Vec<Job>> {
 mod tests {
     use super::*;
     use crate::protocol::TensorData;
+
+    #[test]
+    fn the_run_time_average_follows_runs_of_a_few_microseconds() {
+        let (stats, avg) = (BatchStats::default(), AtomicU64::new(0));
+        note_run(&stats, &avg, Duration::from_micros(100), 1, 1, true);
+        assert_eq!(avg.load(Ordering::Relaxed), 100_000, "the first timed run sets it");
+        // Eight-row runs of 16 µs: 2 µs per request. An average kept in whole µs stuck at 7.
+        for _ in 0..200 {
+            note_run(&stats, &avg, Duration::from_micros(16), 8, 8, true);
+        }
+        let ns = avg.load(Ordering::Relaxed);
+        assert!((2_000..2_100).contains(&ns), "{ns} ns");
+        // Untimed runs (a plan built on the way) count but do not move it.
+        note_run(&stats, &avg, Duration::from_millis(50), 1, 1, false);
+        assert_eq!(avg.load(Ordering::Relaxed), ns);
+        assert_eq!(stats.runs.load(Ordering::Relaxed), 202);
+    }
 
     fn job(rows: usize, width: usize, permits: &Arc<tokio::sync::Semaphore>) -> Job {
         let inputs =
