@@ -146,7 +146,6 @@ pub struct Served {
     capacity: usize,
     permits: Arc<tokio::sync::Semaphore>,
     workers: Vec<JoinHandle<()>>,
-    /// Moving average of one job's run time, in microseconds (0 until the first job).
     /// The moving average of one request's run time, in nanoseconds (microseconds would
     /// stick: a 1/8-weighted integer average moves only by whole units).
     avg_run_ns: Arc<AtomicU64>,
@@ -254,7 +253,7 @@ impl Served {
     }
 
     /// [`Served::run_time`] in whole microseconds, rounded up (a timed run is never 0 µs).
-    fn run_us(&self) -> u64 {
+    pub fn run_us(&self) -> u64 {
         self.avg_run_ns.load(Ordering::Relaxed).div_ceil(1000)
     }
 
@@ -581,25 +580,20 @@ impl Worker {
     }
 }
 
-/// `d` shared by `jobs` jobs, µs per job (bounded, so a moving average cannot overflow).
-fn per_job_us(d: Duration, jobs: usize) -> u64 {
-    (d.as_micros() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64
-}
-
 /// `d` shared by `jobs` jobs, ns per job (bounded, so a moving average cannot overflow).
 fn per_job_ns(d: Duration, jobs: usize) -> u64 {
     (d.as_nanos() / jobs.max(1) as u128).min(u128::from(u64::MAX / 8)) as u64
 }
 
 /// A moving average after one more sample (weight 1/8 for the newest).
-fn folded(old: u64, us: u64) -> u64 {
-    old - old / 8 + us / 8
+fn folded(old: u64, sample: u64) -> u64 {
+    old - old / 8 + sample / 8
 }
 
 /// Folds a run's wait for its CPU slot, per job, into the moving average.
 fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
     let old = stats.slot_wait_us.load(Ordering::Relaxed);
-    stats.slot_wait_us.store(folded(old, per_job_us(waited, jobs)), Ordering::Relaxed);
+    stats.slot_wait_us.store(folded(old, per_job_ns(waited, jobs) / 1000), Ordering::Relaxed);
 }
 
 /// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
