@@ -247,9 +247,10 @@ async fn queue_policy_answers_503_with_retry_after_and_batches_over_http() -> an
     assert!(runs >= 1 && runs <= n as u64, "{meta}");
 
     // The metadata's run_us is the moving average of run time per request: the slow fixture
-    // (~150x the MLP's compute) shows it.
+    // (~150x the MLP's compute) shows it. `slowq` is the copy asserted above to have served
+    // (on a loaded machine every `slowt` request may time out in its queue, and never run).
     let mlp_us = p["run_us"].as_u64().unwrap_or(0);
-    let (_, slow) = agent.get("/v2/models/slowt").await?;
+    let (_, slow) = agent.get("/v2/models/slowq").await?;
     let slow_us = slow["parameters"]["run_us"].as_u64().unwrap_or(0);
     assert!(mlp_us > 0, "the MLP ran: {meta}");
     assert!(slow_us > 10 * mlp_us, "slow fixture {slow_us} µs per run against the MLP's {mlp_us} µs");
