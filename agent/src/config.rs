@@ -451,6 +451,7 @@ impl ModelConfig {
             queue_timeout: self.queue_timeout,
             cache_bytes: self.cache_bytes,
             batch: self.batch_policy(model_bytes),
+            ..crate::engine::ServeOptions::default()
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Inference threads: each served model has a bounded queue and its own worker threads, so
 //! long CPU-bound work never runs on the async runtime and one slow model cannot starve
-//! another's queue. The exceptions are runs averaging at most [`INLINE_MAX_US`], whose hand-off
+//! another's queue. The exceptions are short runs (averaging at most [`INLINE_MAX_US`] by
+//! default, [`ServeOptions::short_run`]), whose hand-off
 //! to a worker would cost more than the run: [`Served::run_inline`] runs the one request of an
 //! idle model on the caller's thread, and under load [`Served::submit`] lets the first request
 //! to arrive lead: it yields once, so the requests ready on its thread are read and join it,
@@ -22,12 +23,14 @@ use super::batch::{self, BatchPolicy};
 use super::model::{LoadedModel, RunError};
 use crate::protocol::Tensor;
 
-/// Runs at most this long on average (per request) may run on the requester's thread.
+/// By default, runs at most this long on average (per request) may run on the requester's
+/// thread ([`ServeOptions::short_run`]).
 pub const INLINE_MAX_US: u64 = 100;
 
-/// A batch led on the runtime's thread may block it at most about this long (average run time
-/// per request times `max_batch`); models above it keep their batches on the workers.
-pub const LEAD_MAX_BATCH_US: u64 = 1_000;
+/// A batch led on the runtime's thread may block it at most about this many short runs
+/// (average run time per request times `max_batch`: 1 ms by default); models above it keep
+/// their batches on the workers.
+const LEAD_MAX_BATCH_RUNS: u64 = 10;
 
 /// A leader runs batches for at most about this long (it finishes the batch it started), then
 /// hands what is still queued to the workers: its own answer waits until it lets go.
@@ -53,7 +56,7 @@ pub enum NotInline {
     Closing,
     /// No run of this version has been timed yet.
     NoRunTime,
-    /// Runs average more than [`INLINE_MAX_US`].
+    /// Runs are not short: they average more than [`Served::short_run`].
     LongRuns,
     /// Batching would wait for company or pad the run.
     Batching,
@@ -106,6 +109,11 @@ pub struct ServeOptions {
     pub cache_bytes: usize,
     /// Dynamic batching; applies only to models with a dynamic batch dimension.
     pub batch: Option<BatchPolicy>,
+    /// Runs averaging at most this long (per request) are short: an idle model's run goes
+    /// inline and, under load, batches are led on the runtime's thread. [`INLINE_MAX_US`] by
+    /// default; a test on a slow or crowded machine raises it, so these paths do not depend
+    /// on how fast the machine runs the model.
+    pub short_run: Duration,
 }
 
 impl Default for ServeOptions {
@@ -117,6 +125,7 @@ impl Default for ServeOptions {
             queue_timeout: None,
             cache_bytes: 0,
             batch: None,
+            short_run: Duration::from_micros(INLINE_MAX_US),
         }
     }
 }
@@ -163,6 +172,8 @@ pub struct Served {
     led: Mutex<Led>,
     /// How the leader runs a batch: the workers' own code, on the leader's thread.
     exec: Worker,
+    /// [`ServeOptions::short_run`], in µs (at least 1).
+    short_run_us: u64,
 }
 
 /// Requests queued for the leader. Invariant: `jobs` is empty unless `leading` (a leader
@@ -233,6 +244,7 @@ impl Served {
             threads_per_run: opts.threads_per_run.max(1),
             led: Mutex::new(Led::default()),
             exec,
+            short_run_us: (opts.short_run.as_micros() as u64).max(1),
         }
     }
 
@@ -255,6 +267,11 @@ impl Served {
     /// [`Served::run_time`] in whole microseconds, rounded up (a timed run is never 0 µs).
     pub fn run_us(&self) -> u64 {
         self.avg_run_ns.load(Ordering::Relaxed).div_ceil(1000)
+    }
+
+    /// The average run time at or below which runs are short ([`ServeOptions::short_run`]).
+    pub fn short_run(&self) -> Duration {
+        Duration::from_micros(self.short_run_us)
     }
 
     /// Whether a job submitted without waiting would be refused.
@@ -309,8 +326,8 @@ impl Served {
         let avg = self.run_us();
         let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
         avg > 0
-            && avg <= INLINE_MAX_US
-            && avg.saturating_mul(max_batch) <= LEAD_MAX_BATCH_US
+            && avg <= self.short_run_us
+            && avg.saturating_mul(max_batch) <= self.short_run_us.saturating_mul(LEAD_MAX_BATCH_RUNS)
             && self.batching.as_ref().is_none_or(|p| p.max_delay.is_zero())
     }
 
@@ -374,7 +391,7 @@ impl Served {
     /// Runs a request on the caller's thread when handing it to a worker would cost more than
     /// the run itself: nothing is queued or running for this version, batching would not wait
     /// for company or pad, the plan for this shape is built, a CPU slot is free, and this
-    /// version's runs average at most [`INLINE_MAX_US`]. Otherwise the inputs come back with
+    /// version's runs are short ([`Served::short_run`]). Otherwise the inputs come back with
     /// the reason, to be submitted.
     ///
     /// The run counts in the queue depth and holds a queue place and a CPU slot, as a
@@ -395,7 +412,7 @@ impl Served {
         if avg == 0 {
             return hand_off(NotInline::NoRunTime, inputs);
         }
-        if avg > INLINE_MAX_US {
+        if avg > self.short_run_us {
             return hand_off(NotInline::LongRuns, inputs);
         }
         if self.depth.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
