@@ -615,13 +615,21 @@ fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
 
 /// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
 /// per job into the moving average in ns (the first timed run sets it).
+/// A timed run counts in the run-time average as at most this many times the average: one
+/// run slowed by the host (preempted, its caches cold) does not lift a short model's average
+/// over the short-run limit and send its next runs to the workers (where, on a cold thread,
+/// they run slower still and keep it there). A real slowdown still shows within a few runs:
+/// the average grows by at least 3/8 per run until it is a quarter of the new run time.
+const OUTLIER_FACTOR: u64 = 4;
+
 fn note_run(stats: &BatchStats, avg_ns: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
     if timed {
         let ns = per_job_ns(ran, jobs).max(1);
         let old = avg_ns.load(Ordering::Relaxed);
-        avg_ns.store(if old == 0 { ns } else { folded(old, ns) }, Ordering::Relaxed);
+        let avg = if old == 0 { ns } else { folded(old, ns.min(old.saturating_mul(OUTLIER_FACTOR))) };
+        avg_ns.store(avg, Ordering::Relaxed);
     }
 }
 
@@ -714,6 +722,36 @@ mod tests {
         note_run(&stats, &avg, Duration::from_millis(50), 1, 1, false);
         assert_eq!(avg.load(Ordering::Relaxed), ns);
         assert_eq!(stats.runs.load(Ordering::Relaxed), 202);
+    }
+
+    #[test]
+    fn one_slow_run_leaves_a_short_average_short_and_a_real_slowdown_shows_in_a_few_runs() {
+        let (stats, avg) = (BatchStats::default(), AtomicU64::new(0));
+        let limit = INLINE_MAX_US * 1000;
+        for _ in 0..50 {
+            note_run(&stats, &avg, Duration::from_micros(50), 1, 1, true);
+        }
+        // One run 100x slower (a preempted run on a busy host), then a second: still short.
+        note_run(&stats, &avg, Duration::from_millis(5), 1, 1, true);
+        let ns = avg.load(Ordering::Relaxed);
+        assert!((60_000..=70_000).contains(&ns), "{ns} ns after one slow run");
+        note_run(&stats, &avg, Duration::from_millis(5), 1, 1, true);
+        assert!(avg.load(Ordering::Relaxed) <= limit, "{} ns after two slow runs", avg.load(Ordering::Relaxed));
+        // Runs that stay 100x slower: the average passes 1 ms within 10 more runs and reaches
+        // the new run time as an uncapped average would.
+        for _ in 0..10 {
+            note_run(&stats, &avg, Duration::from_millis(5), 1, 1, true);
+        }
+        assert!(avg.load(Ordering::Relaxed) >= 1_000_000, "{} ns", avg.load(Ordering::Relaxed));
+        for _ in 0..100 {
+            note_run(&stats, &avg, Duration::from_millis(5), 1, 1, true);
+        }
+        assert!(avg.load(Ordering::Relaxed) >= 4_900_000, "{} ns", avg.load(Ordering::Relaxed));
+        // Faster runs are never capped: back to 50 µs within a few dozen runs.
+        for _ in 0..60 {
+            note_run(&stats, &avg, Duration::from_micros(50), 1, 1, true);
+        }
+        assert!(avg.load(Ordering::Relaxed) <= 60_000, "{} ns", avg.load(Ordering::Relaxed));
     }
 
     fn job(rows: usize, width: usize, permits: &Arc<tokio::sync::Semaphore>) -> Job {
