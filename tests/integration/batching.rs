@@ -403,11 +403,11 @@ fn short_runs_on_an_idle_model_run_inline_with_the_workers_outputs() {
     assert_eq!(handoff.why, NotInline::NoPlan);
     let three = handoff.inputs;
     // The worker run that builds it does not count as a run time (a build takes milliseconds).
-    let before = served.estimated_latency();
+    let before = served.run_time();
     rt.block_on(async {
         served.submit(three, deadline, true).await.expect("queued").await.expect("answered").0.expect("runs")
     });
-    assert_eq!(served.estimated_latency(), before, "a run that built a plan leaves the run-time average alone");
+    assert_eq!(served.run_time(), before, "a run that built a plan leaves the run-time average alone");
     let after = inline_when_eligible(&rt, &served, one.clone(), deadline, &mut worker_runs).map_err(|h| h.why);
     assert!(after.is_ok(), "still inline after the build: {:?}", after.err());
     // Batching that waits for company never runs inline.
@@ -549,7 +549,6 @@ fn requests_under_load_are_led_on_the_runtime_thread_and_a_dropped_leader_loses_
 /// objective, and in its metadata; the run times themselves stay clean of it.
 #[test]
 fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
-    use std::sync::atomic::Ordering::Relaxed;
     let ServedMlp { model, rt, deadline, served, one } = served_mlp(&ServeOptions::default());
     // Runs with cores to spare: the estimate is about one MLP run.
     for _ in 0..16 {
@@ -578,7 +577,7 @@ fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
     for rx in pending {
         rt.block_on(rx.expect("queued")).expect("answered").0.expect("inference succeeds");
     }
-    let waited = served.stats.slot_wait_us.load(Relaxed);
+    let waited = served.stats.slot_wait_us();
     assert!(waited >= 1_000, "mean wait for a core {waited} µs after a wait of 50 ms");
     let estimate = served.estimated_latency();
     assert!(estimate >= Duration::from_micros(waited), "estimate {estimate:?} counts the wait ({waited} µs)");

@@ -140,9 +140,17 @@ pub struct BatchStats {
     /// Runs led on a runtime thread by a request under load ([`Served::submit`]).
     pub led_runs: AtomicU64,
     /// How long a request waited for a CPU slot (held by other runs, of any model) before its
-    /// run started, per request, µs (moving average). Not run time: it counts in the
-    /// estimate of a request's latency, not in a version's latency verdict.
-    pub slot_wait_us: AtomicU64,
+    /// run started, per request, ns (moving average; in whole µs it would stick up to 7 µs
+    /// above waits of nothing). Not run time: it counts in the estimate of a request's
+    /// latency, not in a version's latency verdict.
+    pub slot_wait_ns: AtomicU64,
+}
+
+impl BatchStats {
+    /// [`BatchStats::slot_wait_ns`] in µs, rounded to the nearest.
+    pub fn slot_wait_us(&self) -> u64 {
+        self.slot_wait_ns.load(Ordering::Relaxed).saturating_add(500) / 1000
+    }
 }
 
 /// A model with its queue and worker threads: the unit the serving table swaps.
@@ -251,10 +259,11 @@ impl Served {
     /// How long a request arriving now would take locally: the jobs ahead of it and its own,
     /// at the average run time and wait for a core, spread over the worker threads.
     pub fn estimated_latency(&self) -> Duration {
-        let avg = self.run_us().saturating_add(self.stats.slot_wait_us.load(Ordering::Relaxed));
+        let avg =
+            self.avg_run_ns.load(Ordering::Relaxed).saturating_add(self.stats.slot_wait_ns.load(Ordering::Relaxed));
         let jobs = self.queue_depth() as u64 + 1;
         let instances = self.workers.len().max(1) as u64;
-        Duration::from_micros(avg.saturating_mul(jobs.div_ceil(instances)))
+        Duration::from_nanos(avg.saturating_mul(jobs.div_ceil(instances)))
     }
 
     /// The moving average of one request's run time, timed from its CPU slot on (zero until
@@ -609,12 +618,10 @@ fn folded(old: u64, sample: u64) -> u64 {
 
 /// Folds a run's wait for its CPU slot, per job, into the moving average.
 fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
-    let old = stats.slot_wait_us.load(Ordering::Relaxed);
-    stats.slot_wait_us.store(folded(old, per_job_ns(waited, jobs) / 1000), Ordering::Relaxed);
+    let old = stats.slot_wait_ns.load(Ordering::Relaxed);
+    stats.slot_wait_ns.store(folded(old, per_job_ns(waited, jobs)), Ordering::Relaxed);
 }
 
-/// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
-/// per job into the moving average in ns (the first timed run sets it).
 /// A timed run counts in the run-time average as at most this many times the average: one
 /// run slowed by the host (preempted, its caches cold) does not lift a short model's average
 /// over the short-run limit and send its next runs to the workers (where, on a cold thread,
@@ -622,6 +629,8 @@ fn note_wait(stats: &BatchStats, waited: Duration, jobs: usize) {
 /// the average grows by at least 3/8 per run until it is a quarter of the new run time.
 const OUTLIER_FACTOR: u64 = 4;
 
+/// Counts a run and, when it is `timed` (it succeeded on plans already built), folds its time
+/// per job into the moving average in ns (the first timed run sets it; [`OUTLIER_FACTOR`]).
 fn note_run(stats: &BatchStats, avg_ns: &AtomicU64, ran: Duration, jobs: usize, rows: usize, timed: bool) {
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -722,6 +731,22 @@ mod tests {
         note_run(&stats, &avg, Duration::from_millis(50), 1, 1, false);
         assert_eq!(avg.load(Ordering::Relaxed), ns);
         assert_eq!(stats.runs.load(Ordering::Relaxed), 202);
+    }
+
+    #[test]
+    fn the_slot_wait_average_comes_back_to_zero_after_a_long_wait() {
+        let stats = BatchStats::default();
+        note_wait(&stats, Duration::from_millis(50), 1);
+        assert_eq!(stats.slot_wait_us(), 6_250, "1/8 of the first wait");
+        // Waits of nothing: in whole µs the average stuck at 7.
+        for _ in 0..200 {
+            note_wait(&stats, Duration::ZERO, 1);
+        }
+        assert_eq!(stats.slot_wait_us(), 0, "{} ns", stats.slot_wait_ns.load(Ordering::Relaxed));
+        // (In ns it can still stick, by at most 7 ns.)
+        note_wait(&stats, Duration::from_micros(80), 8);
+        let ns = stats.slot_wait_ns.load(Ordering::Relaxed);
+        assert!((1_250..1_258).contains(&ns), "10 µs per job, weighted 1/8: {ns} ns");
     }
 
     #[test]

@@ -290,7 +290,7 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "split_runs": served.stats.split_runs.load(std::sync::atomic::Ordering::Relaxed),
         "led_runs": served.stats.led_runs.load(std::sync::atomic::Ordering::Relaxed),
         "run_us": served.run_us(),
-        "slot_wait_us": served.stats.slot_wait_us.load(std::sync::atomic::Ordering::Relaxed),
+        "slot_wait_us": served.stats.slot_wait_us(),
         "runs": runs,
         "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
     })
