@@ -258,6 +258,7 @@ async fn queue_policy_answers_503_with_retry_after_and_batches_over_http() -> an
     let mlp_us = p["run_us"].as_u64().unwrap_or(0);
     let (_, slow) = agent.get("/v2/models/slowq").await?;
     let slow_us = slow["parameters"]["run_us"].as_u64().unwrap_or(0);
+    eprintln!("run_us: MLP {mlp_us}, slow fixture {slow_us}");
     assert!(mlp_us > 0, "the MLP ran: {meta}");
     assert!(slow_us > 10 * mlp_us, "slow fixture {slow_us} µs per run against the MLP's {mlp_us} µs");
     agent.stop().await
