@@ -209,17 +209,23 @@ fn is_spare_name(name: &str) -> bool {
     name.starts_with("spare-") && name.ends_with(".zero")
 }
 
+/// Writes zero bytes over `from..to` of `f`, at most 1 MiB at a time.
+fn write_zeros(f: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let chunk = vec![0u8; (1u64 << 20).min(to.saturating_sub(from)) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Creates `path` holding `len` zero bytes, synced (data and size).
 fn zero_file(path: &Path, len: u64) -> std::io::Result<File> {
     let made = (|| {
         let f = OpenOptions::new().create_new(true).write(true).open(path)?;
-        let chunk = vec![0u8; (1 << 20).min(len.max(1)) as usize];
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(chunk.len() as u64) as usize;
-            f.write_all_at(&chunk[..n], at)?;
-            at += n as u64;
-        }
+        write_zeros(&f, 0, len)?;
         f.sync_all()?;
         Ok(f)
     })();
@@ -503,8 +509,7 @@ impl Store {
         let chunk = PREALLOC.min(self.segment_limit);
         let target = seg.bytes + chunk;
         let from = self.file_len.max(seg.bytes);
-        let zeros = vec![0u8; (target - from) as usize];
-        match f.write_all_at(&zeros, from).and_then(|()| f.sync_data()) {
+        match write_zeros(f, from, target).and_then(|()| f.sync_data()) {
             Ok(()) => self.file_len = target,
             Err(e) => tracing::warn!(error = %e, "audit: could not preallocate the log segment"),
         }

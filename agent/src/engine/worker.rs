@@ -180,8 +180,8 @@ pub struct Served {
     led: Mutex<Led>,
     /// How the leader runs a batch: the workers' own code, on the leader's thread.
     exec: Worker,
-    /// [`ServeOptions::short_run`], in µs (at least 1).
-    short_run_us: u64,
+    /// [`ServeOptions::short_run`], in ns (at least 1), as the run-time average is kept.
+    short_run_ns: u64,
 }
 
 /// Requests queued for the leader. Invariant: `jobs` is empty unless `leading` (a leader
@@ -252,7 +252,7 @@ impl Served {
             threads_per_run: opts.threads_per_run.max(1),
             led: Mutex::new(Led::default()),
             exec,
-            short_run_us: (opts.short_run.as_micros() as u64).max(1),
+            short_run_ns: u64::try_from(opts.short_run.as_nanos()).unwrap_or(u64::MAX).max(1),
         }
     }
 
@@ -280,7 +280,7 @@ impl Served {
 
     /// The average run time at or below which runs are short ([`ServeOptions::short_run`]).
     pub fn short_run(&self) -> Duration {
-        Duration::from_micros(self.short_run_us)
+        Duration::from_nanos(self.short_run_ns)
     }
 
     /// Whether a job submitted without waiting would be refused.
@@ -332,11 +332,11 @@ impl Served {
     /// enough (per request and per batch) that a hand-off to a worker would cost more, and no
     /// batching delay to wait out (a leader never waits).
     fn leads(&self) -> bool {
-        let avg = self.run_us();
+        let avg = self.avg_run_ns.load(Ordering::Relaxed);
         let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
         avg > 0
-            && avg <= self.short_run_us
-            && avg.saturating_mul(max_batch) <= self.short_run_us.saturating_mul(LEAD_MAX_BATCH_RUNS)
+            && avg <= self.short_run_ns
+            && avg.saturating_mul(max_batch) <= self.short_run_ns.saturating_mul(LEAD_MAX_BATCH_RUNS)
             && self.batching.as_ref().is_none_or(|p| p.max_delay.is_zero())
     }
 
@@ -407,7 +407,7 @@ impl Served {
     /// worker's would, so the queue policy and the core budget see it.
     pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Handoff> {
         let hand_off = |why, inputs| Err(Handoff { why, inputs });
-        let avg = self.run_us();
+        let avg = self.avg_run_ns.load(Ordering::Relaxed);
         if self.workers.is_empty() || Instant::now() >= deadline {
             return hand_off(NotInline::Closing, inputs);
         }
@@ -421,7 +421,7 @@ impl Served {
         if avg == 0 {
             return hand_off(NotInline::NoRunTime, inputs);
         }
-        if avg > self.short_run_us {
+        if avg > self.short_run_ns {
             return hand_off(NotInline::LongRuns, inputs);
         }
         if self.depth.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
