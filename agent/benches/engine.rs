@@ -8,6 +8,10 @@
 //!
 //! `--panels N` sets tract's threshold (in matrix panels) below which a product is not split.
 //!
+//! `--plans symbolic|concrete` overrides the loader's choice for a large model with dynamic
+//! dimensions (one symbolic plan for every shape, or one optimized plan per concrete shape), to
+//! compare the two on the same inputs.
+//!
 //! `--gap-us N` leaves the core idle N µs before each timed run, as a server answering one
 //! request at a time does between them (`scripts/bench-ort.py --gap-us` does the same).
 //!
@@ -74,6 +78,15 @@ fn main() {
     let prepared =
         outpost::lifecycle::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default()).expect("model loads");
     let model = prepared.model;
+    match arg(&args, "--plans").as_deref() {
+        Some("symbolic") => assert!(model.set_symbolic(true).expect("symbolic plan"), "no dynamic dimension"),
+        Some("concrete") => {
+            model.set_symbolic(false).expect("concrete plans");
+        }
+        Some(other) => panic!("--plans symbolic|concrete, not {other}"),
+        None => {}
+    }
+    let plans = if model.symbolic() { "symbolic" } else { "concrete" };
     let base = &golden.cases[0].inputs;
     for batch in [1usize, 8] {
         let inputs: Vec<Tensor> = base.iter().map(|t| tile(t, batch)).collect();
@@ -93,7 +106,7 @@ fn main() {
         }
         let (p50, p99, mean) = stats(samples);
         println!(
-            "{{\"runtime\":\"tract\",\"kind\":\"engine\",\"model\":\"{name}\",\"batch\":{batch},\"threads\":{threads},\"gap_us\":{gap_us},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"mean_us\":{mean:.1},\"iters\":{iters}}}"
+            "{{\"runtime\":\"tract\",\"kind\":\"engine\",\"model\":\"{name}\",\"batch\":{batch},\"threads\":{threads},\"plans\":\"{plans}\",\"gap_us\":{gap_us},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"mean_us\":{mean:.1},\"iters\":{iters}}}"
         );
     }
     if args.iter().any(|a| a == "--http") {

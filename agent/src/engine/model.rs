@@ -65,6 +65,13 @@ impl Signature {
         };
         self.inputs.iter().all(|i| matches!(i.dims.first(), Some(Dim::Dynamic(s)) if s == first)).then_some(first)
     }
+
+    /// Whether an input has a dynamic dimension other than the batch (a sequence length, an
+    /// image size): its values come from traffic, not from the batching policy.
+    pub fn has_free_dimension(&self) -> bool {
+        let batch = self.batch_symbol();
+        self.inputs.iter().flat_map(|i| &i.dims).any(|d| matches!(d, Dim::Dynamic(s) if Some(s.as_str()) != batch))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -679,6 +686,30 @@ mod tests {
 
     fn pool() -> rayon_core::ThreadPool {
         rayon_core::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool of two threads")
+    }
+
+    fn spec(name: &str, dims: &[Dim]) -> TensorSpec {
+        TensorSpec { name: name.into(), datatype: DataType::F32, dims: dims.to_vec() }
+    }
+
+    #[test]
+    fn a_dynamic_dimension_besides_the_batch_is_a_free_one() {
+        let n = || Dim::Dynamic("N".into());
+        let batch_only = Signature { inputs: vec![spec("x", &[n(), Dim::Fixed(64)])], outputs: vec![] };
+        assert!(!batch_only.has_free_dimension());
+        let fixed = Signature { inputs: vec![spec("x", &[Dim::Fixed(1), Dim::Fixed(64)])], outputs: vec![] };
+        assert!(!fixed.has_free_dimension());
+        let text = Signature {
+            inputs: vec![spec("ids", &[n(), Dim::Dynamic("S".into())]), spec("mask", &[n(), Dim::Dynamic("S".into())])],
+            outputs: vec![],
+        };
+        assert!(text.has_free_dimension());
+        // A dynamic first dimension the inputs do not share is not a batch: it is free too.
+        let unshared = Signature {
+            inputs: vec![spec("a", &[n(), Dim::Fixed(3)]), spec("b", &[Dim::Fixed(2), Dim::Fixed(3)])],
+            outputs: vec![],
+        };
+        assert!(unshared.has_free_dimension());
     }
 
     #[test]
