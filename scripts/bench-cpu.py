@@ -7,7 +7,11 @@ request is the floor every request pays (reading, routing and answering a reques
 idle core); what an inference adds over it is the agent's own work plus the model's run.
 Bounded: --count requests per block, at most 20 s per block.
 
-    scripts/bench-cpu.py --outpost target/release/outpost [--model mlp] [--count 5000] [--rounds 2] [--audit]
+    scripts/bench-cpu.py --outpost target/release/outpost [--model mlp] [--models DIR] [--count 5000] [--rounds 2] [--audit]
+
+--models: the directory of model directories to serve (default: the demo models in models/; e.g.
+.cache/models for MiniLM). Each inference block also prints the model's own average run time
+(`run_us` in its metadata), so what serving adds over the engine's run shows in one run.
 """
 import argparse
 import http.client
@@ -49,15 +53,17 @@ def main():
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--audit", action="store_true")
+    ap.add_argument("--models", default=str(ROOT / "models"))
     a = ap.parse_args()
-    golden = json.loads((ROOT / "models" / a.model / "golden.json").read_text())
+    models = Path(a.models).resolve()
+    golden = json.loads((models / a.model / "golden.json").read_text())
     body = json.dumps({"inputs": golden["cases"][0]["inputs"]}).encode()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "outpost.toml"
         cfg.write_text(
             f'[node]\nstate_dir = "{tmp}/state"\n[http]\nlisten = "127.0.0.1:{port}"\n'
-            f'[local_models]\ndirs = ["{ROOT / "models"}"]\n[audit]\nenabled = {"true" if a.audit else "false"}\n'
+            f'[local_models]\ndirs = ["{models}"]\n[audit]\nenabled = {"true" if a.audit else "false"}\n'
         )
         agent = subprocess.Popen([a.outpost, "run", "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -105,6 +111,11 @@ def main():
                     after = cpu_by_thread(agent.pid)
                     per = {k: (after[k] - before.get(k, 0)) * 1e6 / hz / n for k in after}
                     total = sum(per.values())
+                    run_us = None
+                    if kind == "infer":
+                        conn.request("GET", f"/v2/models/{a.model}")
+                        r = conn.getresponse()
+                        run_us = json.loads(r.read()).get("parameters", {}).get("run_us")
                     threads = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0)
                     print(
                         json.dumps(
@@ -116,6 +127,7 @@ def main():
                                 "requests": n,
                                 "wall_us_per_request": round(wall * 1e6 / n, 1),
                                 "agent_cpu_us_per_request": round(total, 1),
+                                "model_run_us": run_us,
                                 "by_thread": threads,
                             }
                         ),
