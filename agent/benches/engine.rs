@@ -6,7 +6,8 @@
 //! same inputs scripts/bench-ort.py gives ONNX Runtime. `--threads` splits each run over N
 //! threads (`intra_op_threads`), as the agent does for a large model with nothing else queued.
 //!
-//! `--panels N` sets tract's threshold (in matrix panels) below which a product is not split.
+//! `--panels N` sets the size (in matrix panels) below which a split run does not share a
+//! product between its threads (the agent's default: 32).
 //!
 //! `--plans symbolic|concrete` overrides the loader's choice for a large model with dynamic
 //! dimensions (one symbolic plan for every shape, or one optimized plan per concrete shape), to
@@ -69,7 +70,7 @@ fn main() {
     let gap_us: u64 = arg(&args, "--gap-us").and_then(|s| s.parse().ok()).unwrap_or(0).min(1_000_000);
     let gap = Duration::from_micros(gap_us);
     if let Some(p) = arg(&args, "--panels").and_then(|s| s.parse().ok()) {
-        tract_linalg::multithread::set_threading_panel_threshold(p);
+        outpost::engine::model::set_split_min_panels(p);
     }
     let name = model_dir.file_name().and_then(|s| s.to_str()).unwrap_or("model").to_owned();
     let onnx = std::fs::read(model_dir.join("model.onnx")).expect("model.onnx");

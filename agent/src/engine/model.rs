@@ -527,6 +527,11 @@ impl LoadedModel {
             tv.push(to_tract(t)?.into());
         }
         let pool = if threads > 1 { executor(threads) } else { None };
+        if pool.is_some() {
+            tract_linalg::multithread::set_threading_panel_threshold(
+                SPLIT_PANELS.load(std::sync::atomic::Ordering::Relaxed),
+            );
+        }
         let out = match catch_unwind(AssertUnwindSafe(|| match pool {
             // The whole plan runs on one of the pool's threads, and the pool's other threads
             // stay awake for the length of the run (they hold its CPU slots), taking shares of
@@ -605,6 +610,20 @@ impl Drop for StopHelping<'_> {
     fn drop(&mut self) {
         self.0.store(false, std::sync::atomic::Ordering::Release);
     }
+}
+
+/// The size, in matrix panels, from which a split run shares a product between its threads
+/// (tract's default: 64). With 64, a one-row MiniLM run (14 tokens) kept its attention
+/// projections whole (60 panels each) and gained nothing from a second core; with 32 it ran
+/// 20-35 % faster than on one thread (BENCHMARKS.md). Split runs only: a run on one thread
+/// never consults it.
+const SPLIT_MIN_PANELS: usize = 32;
+
+static SPLIT_PANELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SPLIT_MIN_PANELS);
+
+/// Sets the size, in matrix panels, from which split runs share a product (benchmarks).
+pub fn set_split_min_panels(panels: usize) {
+    SPLIT_PANELS.store(panels, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The process's thread pool of `threads` threads for split runs, started on first use.

