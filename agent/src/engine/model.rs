@@ -615,7 +615,7 @@ impl Drop for StopHelping<'_> {
 /// The size, in matrix panels, from which a split run shares a product between its threads
 /// (tract's default: 64). With 64, a one-row MiniLM run (14 tokens) kept its attention
 /// projections whole (60 panels each) and gained nothing from a second core; with 32 it ran
-/// 1.3-1.9x as fast as on one thread (BENCHMARKS.md). Split runs only: a run on one thread
+/// 1.03-1.9x as fast as on one thread (BENCHMARKS.md). Split runs only: a run on one thread
 /// never consults it.
 const SPLIT_MIN_PANELS: usize = 32;
 
