@@ -527,11 +527,6 @@ impl LoadedModel {
             tv.push(to_tract(t)?.into());
         }
         let pool = if threads > 1 { executor(threads) } else { None };
-        if pool.is_some() {
-            tract_linalg::multithread::set_threading_panel_threshold(
-                SPLIT_PANELS.load(std::sync::atomic::Ordering::Relaxed),
-            );
-        }
         let out = match catch_unwind(AssertUnwindSafe(|| match pool {
             // The whole plan runs on one of the pool's threads, and the pool's other threads
             // stay awake for the length of the run (they hold its CPU slots), taking shares of
@@ -615,8 +610,8 @@ impl Drop for StopHelping<'_> {
 /// The size, in matrix panels, from which a split run shares a product between its threads
 /// (tract's default: 64). With 64, a one-row MiniLM run (14 tokens) kept its attention
 /// projections whole (60 panels each) and gained nothing from a second core; with 32 it ran
-/// 1.03-1.9x as fast as on one thread (BENCHMARKS.md). Split runs only: a run on one thread
-/// never consults it.
+/// 1.03-1.9x as fast as on one thread (BENCHMARKS.md). Set when the first pool starts; a run
+/// on one thread never consults it.
 const SPLIT_MIN_PANELS: usize = 32;
 
 static SPLIT_PANELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SPLIT_MIN_PANELS);
@@ -624,6 +619,7 @@ static SPLIT_PANELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 /// Sets the size, in matrix panels, from which split runs share a product (benchmarks).
 pub fn set_split_min_panels(panels: usize) {
     SPLIT_PANELS.store(panels, std::sync::atomic::Ordering::Relaxed);
+    tract_linalg::multithread::set_threading_panel_threshold(panels);
 }
 
 /// The process's thread pool of `threads` threads for split runs, started on first use.
@@ -636,6 +632,8 @@ fn executor(threads: usize) -> Option<tract_linalg::multithread::Executor> {
     if let Some((_, e)) = pools.iter().find(|(n, _)| *n == threads) {
         return e.clone();
     }
+    // tract's threshold is process-wide; only runs with a pool consult it.
+    tract_linalg::multithread::set_threading_panel_threshold(SPLIT_PANELS.load(std::sync::atomic::Ordering::Relaxed));
     // tract panics when the threads cannot be spawned: then runs stay on one thread.
     let made = catch_unwind(|| Executor::multithread_with_name(threads, "infer-pool")).ok();
     if made.is_none() {
