@@ -263,8 +263,7 @@ impl Served {
     /// How long a request arriving now would take locally: the jobs ahead of it and its own,
     /// at the average run time and wait for a core, spread over the worker threads.
     pub fn estimated_latency(&self) -> Duration {
-        let avg =
-            self.avg_run_ns.load(Ordering::Relaxed).saturating_add(self.stats.slot_wait_ns.load(Ordering::Relaxed));
+        let avg = self.run_ns().saturating_add(self.stats.slot_wait_ns.load(Ordering::Relaxed));
         let jobs = self.queue_depth() as u64 + 1;
         let instances = self.workers.len().max(1) as u64;
         Duration::from_nanos(avg.saturating_mul(jobs.div_ceil(instances)))
@@ -274,12 +273,17 @@ impl Served {
     /// a run of this version is timed): what the inline and leader rules weigh, and, with the
     /// wait for a slot, the latency estimate.
     pub fn run_time(&self) -> Duration {
-        Duration::from_nanos(self.avg_run_ns.load(Ordering::Relaxed))
+        Duration::from_nanos(self.run_ns())
+    }
+
+    /// [`Served::run_time`] in ns, as the inline, leader and latency rules weigh it.
+    fn run_ns(&self) -> u64 {
+        self.avg_run_ns.load(Ordering::Relaxed)
     }
 
     /// [`Served::run_time`] in whole microseconds, rounded up (a timed run is never 0 µs).
     pub fn run_us(&self) -> u64 {
-        self.avg_run_ns.load(Ordering::Relaxed).div_ceil(1000)
+        self.run_ns().div_ceil(1000)
     }
 
     /// The average run time at or below which runs are short ([`ServeOptions::short_run`]).
@@ -336,7 +340,7 @@ impl Served {
     /// enough (per request and per batch) that a hand-off to a worker would cost more, and no
     /// batching delay to wait out (a leader never waits).
     fn leads(&self) -> bool {
-        let avg = self.avg_run_ns.load(Ordering::Relaxed);
+        let avg = self.run_ns();
         let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
         avg > 0
             && avg <= self.short_run_ns
@@ -411,7 +415,7 @@ impl Served {
     /// worker's would, so the queue policy and the core budget see it.
     pub fn run_inline(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<(JobResult, Duration), Handoff> {
         let hand_off = |why, inputs| Err(Handoff { why, inputs });
-        let avg = self.avg_run_ns.load(Ordering::Relaxed);
+        let avg = self.run_ns();
         if self.workers.is_empty() || Instant::now() >= deadline {
             return hand_off(NotInline::Closing, inputs);
         }
