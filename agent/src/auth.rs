@@ -173,9 +173,11 @@ pub fn authenticate(
     if let Some(value) = authorization {
         let value = std::str::from_utf8(value)
             .map_err(|_| Denial::Unauthenticated("the Authorization header is not valid text".into()))?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let secret = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start())
             .ok_or_else(|| Denial::Unauthenticated("the Authorization header must be 'Bearer <token>'".into()))?;
         let digest = token_digest(secret);
         let mut found: Option<&TokenEntry> = None;
@@ -268,9 +270,137 @@ impl RateLimiter {
     }
 }
 
+/// Failed authentications per source address. A source that keeps failing is refused before
+/// its credentials are even read (429), so a flood of bad requests can neither guess tokens
+/// quickly nor fill the audit log: each source's first failure in a window is recorded in
+/// full, the rest only counted and recorded as one summary per window.
+pub struct FailureGuard {
+    sources: Mutex<HashMap<std::net::IpAddr, SourceFailures>>,
+    /// Failures a source may make per second, after its burst.
+    pub rate: f64,
+    pub burst: f64,
+    /// How long one summary covers.
+    pub window: std::time::Duration,
+}
+
+struct SourceFailures {
+    tokens: f64,
+    last: Instant,
+    window_start: Instant,
+    /// Failures and refusals since the window's full record, not yet in a summary.
+    unreported: u64,
+}
+
+/// A summary of one source's failures over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureSummary {
+    pub source: std::net::IpAddr,
+    pub count: u64,
+    pub seconds: u64,
+}
+
+impl Default for FailureGuard {
+    fn default() -> Self {
+        FailureGuard {
+            sources: Mutex::new(HashMap::new()),
+            rate: 10.0,
+            burst: 100.0,
+            window: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+impl FailureGuard {
+    /// Sources tracked at most; past it the quietest are forgotten.
+    const MAX_SOURCES: usize = 10_000;
+
+    fn refill(&self, f: &mut SourceFailures, now: Instant) {
+        f.tokens = (f.tokens + now.duration_since(f.last).as_secs_f64() * self.rate).min(self.burst);
+        f.last = now;
+    }
+
+    /// Before authenticating: `Err(wait)` while `source` has spent its failure budget (the
+    /// refusal is counted for its summary).
+    pub fn admit(&self, source: std::net::IpAddr) -> Result<(), std::time::Duration> {
+        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = map.get_mut(&source) else { return Ok(()) };
+        self.refill(f, Instant::now());
+        if f.tokens >= 1.0 {
+            return Ok(());
+        }
+        f.unreported += 1;
+        Err(std::time::Duration::from_secs_f64((1.0 - f.tokens) / self.rate.max(1e-9)))
+    }
+
+    /// After a failed authentication from `source`: true when it is to be recorded in full
+    /// (the first of its window), false when only counted.
+    pub fn failed(&self, source: std::net::IpAddr) -> bool {
+        let now = Instant::now();
+        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX_SOURCES && !map.contains_key(&source) {
+            // Forget the sources that have earned their budget back.
+            let full = self.burst;
+            map.retain(|_, f| f.tokens < full && f.unreported > 0);
+            if map.len() >= Self::MAX_SOURCES {
+                map.clear();
+            }
+        }
+        let mut first = false;
+        let f = map.entry(source).or_insert_with(|| {
+            first = true;
+            SourceFailures { tokens: self.burst, last: now, window_start: now, unreported: 0 }
+        });
+        self.refill(f, now);
+        f.tokens = (f.tokens - 1.0).max(0.0);
+        if !first {
+            f.unreported += 1;
+        }
+        first
+    }
+
+    /// Summaries of the windows that have ended (all windows, at `shutdown`) with failures in
+    /// them; those sources start a new window. Sources quiet for a whole window are forgotten.
+    pub fn due(&self, shutdown: bool) -> Vec<FailureSummary> {
+        let now = Instant::now();
+        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        map.retain(|source, f| {
+            let age = now.duration_since(f.window_start);
+            if age < self.window && !(shutdown && f.unreported > 0) {
+                return true;
+            }
+            if f.unreported == 0 {
+                return false;
+            }
+            out.push(FailureSummary { source: *source, count: f.unreported, seconds: age.as_secs() });
+            f.unreported = 0;
+            f.window_start = now;
+            true
+        });
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_source_is_refused_before_authentication_and_summarized() {
+        let guard = FailureGuard { rate: 1e-6, burst: 3.0, window: std::time::Duration::ZERO, ..Default::default() };
+        let bad: std::net::IpAddr = [127, 0, 0, 2].into();
+        let good: std::net::IpAddr = [127, 0, 0, 1].into();
+        assert!(guard.admit(bad).is_ok());
+        assert!(guard.failed(bad), "the first failure is recorded in full");
+        assert!(!guard.failed(bad));
+        assert!(guard.admit(bad).is_ok());
+        assert!(!guard.failed(bad));
+        assert!(guard.admit(bad).is_err(), "the budget is spent");
+        assert!(guard.admit(bad).is_err());
+        assert!(guard.admit(good).is_ok(), "other sources are not affected");
+        assert_eq!(guard.due(false), vec![FailureSummary { source: bad, count: 4, seconds: 0 }]);
+        assert_eq!(guard.due(false), vec![], "counted once");
+    }
 
     fn cfg() -> AuthConfig {
         AuthConfig {
@@ -299,6 +429,11 @@ mod tests {
         let c = cfg();
         assert_eq!(authenticate(&c, Some(b"Bearer s-pos"), &[]).map(|p| p.name), Ok("token:pos".into()));
         assert!(matches!(authenticate(&c, Some(b"Bearer nope"), &[]), Err(Denial::Unauthenticated(_))));
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            let header = format!("{scheme} s-pos");
+            assert_eq!(authenticate(&c, Some(header.as_bytes()), &[]).map(|p| p.name), Ok("token:pos".into()));
+        }
+        assert!(matches!(authenticate(&c, Some(b"Basic s-pos"), &[]), Err(Denial::Unauthenticated(_))));
         assert!(matches!(authenticate(&c, Some(b"Basic abc"), &[]), Err(Denial::Unauthenticated(_))));
         assert!(matches!(authenticate(&c, None, &[]), Err(Denial::Unauthenticated(_))));
         assert_eq!(authenticate(&c, None, &["cam-1".into()]).map(|p| p.name), Ok("cert:cam-1".into()));

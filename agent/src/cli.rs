@@ -41,7 +41,7 @@ enum Command {
         #[arg(long)]
         note: Option<String>,
     },
-    /// Check or export the audit log (the agent must be stopped: sled locks its files).
+    /// Check or export the audit log (reads only; the agent may be running).
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Send one V2 JSON inference request to the running agent and print the answer.
@@ -151,11 +151,16 @@ enum ModelCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chain from the last prune anchor to the head; names the first record
-    /// that was modified, deleted or reordered. Exit 0 intact, 1 broken.
+    /// Verify the hash chain from the last prune anchor to the head, and the signed
+    /// checkpoints against it; names the first record that was modified, deleted, reordered or
+    /// cut from the tail. Exit 0 intact, 1 broken.
     Verify {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The node's key (.key or .pub) to check checkpoint signatures with; default
+        /// node.key_file of the configuration.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Print records as NDJSON.
     Export {
@@ -283,6 +288,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
     match cli.command {
         Command::CheckConfig { config } => {
             let c = load_config(config.as_ref())?;
+            crate::check_against_store(&c)?;
             match &c.path {
                 Some(p) => println!("{}: ok", p.display()),
                 None => println!("dev profile: ok"),
@@ -400,7 +406,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match load_config(path.as_ref()) {
+                match load_config(path.as_ref()).and_then(|c| crate::check_against_store(&c).map(|()| c)) {
                     Ok(new) => agent.reload(new).await,
                     Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
                 }
@@ -491,8 +497,7 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
         }
         ModelCommand::List { config } => {
             let c = load_config(config.as_ref())?;
-            let store = crate::store::Store::open(&c.node.state_dir)
-                .map_err(|e| FatalError::Runtime(format!("{}: {e}", c.node.state_dir.display())))?;
+            let store = crate::store::Store::open_read_only(&c.node.state_dir);
             let state = store.load_state().map_err(|e| FatalError::Runtime(e.to_string()))?;
             println!("{:<24} {:<12} {:<10} DETAIL", "MODEL", "VERSION", "STATE");
             for (name, m) in &state.installed {
@@ -695,9 +700,17 @@ fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, 
 
 fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
     match cmd {
-        AuditCommand::Verify { config } => {
+        AuditCommand::Verify { config, key } => {
             let c = load_config(config.as_ref())?;
-            match crate::audit::verify(&c.node.state_dir.join("audit")) {
+            let key_path = key.unwrap_or_else(|| c.node.key_file.clone());
+            let public = match crate::audit::checkpoint::public_key(&key_path) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    eprintln!("outpost: checkpoint signatures not checked: no node key ({e})");
+                    None
+                }
+            };
+            match crate::audit::verify(&c.node.state_dir.join("audit"), public.as_ref()) {
                 Ok(r) => {
                     match (r.first, r.last) {
                         (Some(f), Some(l)) => {
@@ -707,6 +720,14 @@ fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
                             )
                         }
                         _ => println!("audit log intact: no records after anchor {}", r.anchor),
+                    }
+                    match r.last_checkpoint {
+                        Some(cp) => println!(
+                            "{} checkpoints{} agree; the last covers record {cp}",
+                            r.checkpoints,
+                            if r.signatures_checked { ", signed by the node key," } else { "" }
+                        ),
+                        None => println!("no checkpoint covers these records yet"),
                     }
                     Ok(0)
                 }

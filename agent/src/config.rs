@@ -128,6 +128,8 @@ struct RawAudit {
     group_commit_max_delay: Option<String>,
     quota_bytes: Option<u64>,
     retention: Option<String>,
+    checkpoint_every: Option<u64>,
+    checkpoint_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +175,7 @@ struct RawNode {
     site: Option<String>,
     name: Option<String>,
     state_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +219,7 @@ struct RawModel {
     preferred_batch: Option<Vec<u32>>,
     batch_sizes: Option<Vec<u32>>,
     plan_cache: Option<u32>,
+    allow_non_finite: Option<bool>,
     intra_op_threads: Option<u32>,
     version_policy: Option<String>,
     versions: Option<Vec<String>>,
@@ -291,6 +295,8 @@ pub struct NodeConfig {
     pub site: String,
     pub name: String,
     pub state_dir: PathBuf,
+    /// The node's ed25519 key (signs audit checkpoints); created at first start when missing.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -346,6 +352,8 @@ pub struct ModelConfig {
     pub batch_sizes_auto: bool,
     /// Optimized plans kept, one per concrete input shape.
     pub plan_cache: usize,
+    /// Float inputs may hold NaN or infinities (default: refused with 400, in JSON and binary).
+    pub allow_non_finite: bool,
     /// Cores one run may use when nothing else waits for the model; `None`: chosen at load from
     /// the model's size ([`Self::threads_per_run`]).
     pub intra_op_threads: Option<usize>,
@@ -404,6 +412,7 @@ impl Default for ModelConfig {
             batch: None,
             batch_sizes_auto: true,
             plan_cache: crate::engine::model::DEFAULT_PLAN_CACHE,
+            allow_non_finite: false,
             intra_op_threads: None,
             version_policy: VersionPolicy::Latest,
             canary: None,
@@ -504,7 +513,12 @@ impl Config {
         validate(raw, None, &root, true).unwrap_or_else(|e| {
             tracing::error!(error = %e, "dev profile failed validation");
             Config {
-                node: NodeConfig { site: "demo-site".into(), name: hostname(), state_dir: root.join(".outpost") },
+                node: NodeConfig {
+                    site: "demo-site".into(),
+                    name: hostname(),
+                    key_file: root.join(".outpost").join("node.key"),
+                    state_dir: root.join(".outpost"),
+                },
                 http: HttpConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                     max_body_bytes: 16 << 20,
@@ -609,6 +623,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         return Err(err(format!("node.name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
     }
     let state_dir = resolve(raw.node.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/outpost")));
+    let key_file = raw.node.key_file.map(&resolve).unwrap_or_else(|| state_dir.join("node.key"));
 
     let listen_s = raw.http.listen.clone().unwrap_or_else(|| "127.0.0.1:8080".to_owned());
     let listen: SocketAddr =
@@ -673,10 +688,21 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         }
         let retention = parse_duration(raw.audit.retention.as_deref().unwrap_or("7d"))
             .map_err(|e| err(format!("audit.retention: {e}")))?;
+        let checkpoint_interval = match &raw.audit.checkpoint_interval {
+            Some(v) => parse_duration(v).map_err(|e| err(format!("audit.checkpoint_interval: {e}")))?,
+            None => d.checkpoint_interval,
+        };
+        let checkpoint_every = raw.audit.checkpoint_every.unwrap_or(d.checkpoint_every);
+        if checkpoint_every == 0 || checkpoint_interval.is_zero() {
+            return Err(err("audit.checkpoint_every and audit.checkpoint_interval must be above 0".into()));
+        }
         Some(crate::audit::AuditConfig {
             group_commit_max_delay,
             quota_bytes: raw.audit.quota_bytes.unwrap_or(d.quota_bytes),
             retention,
+            keep_unsent: raw.upstream.is_some(),
+            checkpoint_every,
+            checkpoint_interval,
         })
     } else {
         None
@@ -842,6 +868,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 batch,
                 batch_sizes_auto: m.batch_sizes.is_none(),
                 plan_cache,
+                allow_non_finite: m.allow_non_finite.unwrap_or(false),
                 intra_op_threads,
                 version_policy,
                 canary,
@@ -853,7 +880,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     }
 
     Ok(Config {
-        node: NodeConfig { site, name, state_dir },
+        node: NodeConfig { site, name, key_file, state_dir },
         http,
         log: LogConfig { level, format },
         local_models,

@@ -56,15 +56,18 @@ pub enum FatalError {
     },
     #[error("{0}")]
     Runtime(String),
+    #[error("{0}")]
+    StateLocked(String),
 }
 
 impl FatalError {
-    /// sysexits(3) codes: 64 usage, 78 configuration, 69 service unavailable, 70 software.
+    /// sysexits(3) codes: 64 usage, 78 configuration, 69 service unavailable (the address or
+    /// the state directory is taken), 70 software.
     pub fn exit_code(&self) -> i32 {
         match self {
             FatalError::Usage(_) => 64,
             FatalError::Config(_) => 78,
-            FatalError::Bind { .. } => 69,
+            FatalError::Bind { .. } | FatalError::StateLocked(_) => 69,
             FatalError::Runtime(_) => 70,
         }
     }
@@ -85,6 +88,8 @@ pub struct Agent {
     tls: Option<Arc<http::server::TlsHandle>>,
     audit: Option<audit::Audit>,
     outbox_wake: Arc<tokio::sync::Notify>,
+    /// The state directory's lock, held while the agent runs.
+    _lock: std::fs::File,
 }
 
 impl Agent {
@@ -185,6 +190,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
         FatalError::Runtime(format!("cannot create state directory {}: {e}", config.node.state_dir.display()))
     })?;
+    let lock = lock_state_dir(&config.node.state_dir)?;
+    check_against_store(&config)?;
     let tls_handle = match &config.http.tls {
         Some(files) => Some(Arc::new(
             http::server::TlsHandle::new(files).map_err(|e| FatalError::Runtime(format!("http TLS: {e}")))?,
@@ -211,8 +218,11 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let audit = match &config.audit {
         Some(ac) => {
             let trace = cfg!(feature = "failpoints").then(|| Arc::new(audit::Trace::default()));
+            let key = audit::checkpoint::load_or_create_key(&config.node.key_file)
+                .map_err(|e| FatalError::Runtime(format!("node key: {e}")))?;
+            let signer = audit::checkpoint::Signer { key, node: config.node.name.clone() };
             Some(
-                audit::Audit::open(&config.node.state_dir.join("audit"), ac, trace)
+                audit::Audit::open_signed(&config.node.state_dir.join("audit"), ac, Some(signer), trace)
                     .map_err(|e| FatalError::Runtime(format!("audit log: {e}")))?,
             )
         }
@@ -248,6 +258,24 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     // The registry task first: the service must carry its verdict channel before anything
     // clones the service.
     let mut registry_task = None;
+    if let (Some(_), Some(key)) = (&cfg.registry, &cfg.store_key_file) {
+        // A missing or unreadable device key is the operator's to fix (restore it), not a fault.
+        let store = store::Store::open_read_only(&cfg.node.state_dir);
+        if let Err(e) = store::crypt::StoreKey::load_or_create(key, !store.has_models()) {
+            let message = if key.exists() {
+                format!("store.key_file: {e}")
+            } else {
+                format!(
+                    "store.key_file {} is missing but the model store holds encrypted models: restore the key \
+                     file from its backup, or delete {} so that the models are downloaded again",
+                    key.display(),
+                    cfg.node.state_dir.join("store").join("models").display()
+                )
+            };
+            let path = cfg.path.clone().unwrap_or_else(|| "dev profile".into());
+            return Err(FatalError::Config(ConfigError::Invalid { path, message }));
+        }
+    }
     if let Some(rc) = &cfg.registry {
         let (verdict_tx, verdict_rx) = tokio::sync::mpsc::unbounded_channel();
         service.verdicts = Some(verdict_tx);
@@ -293,12 +321,13 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             service.metrics.clone(),
             service.repository.clone(),
             Some(privacy.clone()),
-            cfg.audit.as_ref().map_or(Duration::from_secs(7 * 86400), |c| c.retention),
             &cfg.node.state_dir.join("telemetry"),
         )
         .map_err(FatalError::Runtime)?;
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
+    let failures = Arc::new(auth::FailureGuard::default());
+    tracker.spawn(summarize_auth_failures(failures.clone(), service.events.clone(), cancel.child_token()));
     let state = http::HttpState::new(http::HttpShared {
         service: service.clone(),
         config: config.clone(),
@@ -307,6 +336,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         started_at: std::time::Instant::now(),
         trace: audit.as_ref().and_then(audit::Audit::trace),
         limiter: Arc::new(auth::RateLimiter::default()),
+        audit: audit.clone(),
+        failures: failures.clone(),
     });
     let app = http::router(state);
     let server_cancel = cancel.clone();
@@ -355,7 +386,56 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         audit,
         outbox_wake,
         tls: tls_handle,
+        _lock: lock,
     })
+}
+
+/// Settings that the installed signed manifests forbid (the configuration may only tighten a
+/// manifest): a configuration error naming the model and the key.
+pub fn check_against_store(config: &Config) -> Result<(), FatalError> {
+    match registry::sync::residency_conflicts(config).into_iter().next() {
+        None => Ok(()),
+        Some(message) => {
+            let path = config.path.clone().unwrap_or_else(|| "dev profile".into());
+            Err(FatalError::Config(ConfigError::Invalid { path, message }))
+        }
+    }
+}
+
+/// Takes the state directory's lock (`<state_dir>/lock`, with the holder's pid in it): one
+/// agent per state directory, since two would both append to one audit chain and one store.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, FatalError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| FatalError::Runtime(format!("cannot open {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            return Err(FatalError::StateLocked(format!(
+                "another outpost agent{who} is running on the state directory {}: stop it first, or give \
+                 this one its own node.state_dir",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(FatalError::Runtime(format!("cannot lock {}: {e}", path.display())));
+        }
+    }
+    let written = f.set_len(0).and_then(|()| f.rewind()).and_then(|()| write!(f, "{}", std::process::id()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, path = %path.display(), "could not note the pid in the lock file");
+    }
+    Ok(f)
 }
 
 /// Model administration for the adapters: registry models through the registry task, local
@@ -459,6 +539,39 @@ impl api::control::ModelControl for AgentControl {
                 None => Err(api::control::ControlError::Failed("no [registry] configured".into())),
             }
         })
+    }
+}
+
+/// Records each source's repeated authentication failures as one summary per window (and
+/// what is pending at shutdown).
+async fn summarize_auth_failures(
+    failures: Arc<auth::FailureGuard>,
+    events: Arc<dyn api::EventSink>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval((failures.window / 6).max(Duration::from_secs(1)));
+    loop {
+        let shutdown = tokio::select! {
+            _ = tick.tick() => false,
+            _ = cancel.cancelled() => true,
+        };
+        for f in failures.due(shutdown) {
+            let _ = events
+                .record(api::Event::AuthFailure {
+                    principal: "unauthenticated".into(),
+                    transport: "http".into(),
+                    reason: format!(
+                        "{} more failed or refused requests from {} over {} s (summary)",
+                        f.count, f.source, f.seconds
+                    ),
+                    path: "*".into(),
+                    count: f.count,
+                })
+                .await;
+        }
+        if shutdown {
+            return;
+        }
     }
 }
 

@@ -111,6 +111,26 @@ pub fn add_roots(
     Ok(builder)
 }
 
+/// A client for an outbound path (registry, upstream, overflow): it follows no redirect, so a
+/// redirect from an allowed host cannot send data or trust to a host off the residency
+/// allow-list. A redirect answer is an error naming its target ([`redirect_refused`]).
+pub fn outbound(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    builder.redirect(reqwest::redirect::Policy::none())
+}
+
+/// The error for a redirect answer, naming where it pointed; `None` for any other status.
+pub fn redirect_refused(url: &str, resp: &reqwest::Response) -> Option<String> {
+    if !resp.status().is_redirection() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+        return None;
+    }
+    let target = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("(no Location)");
+    Some(format!(
+        "{url}: redirect refused (HTTP {} to {}): outbound requests follow no redirects",
+        resp.status().as_u16(),
+        target.chars().take(300).collect::<String>()
+    ))
+}
+
 /// A bearer token from a file (surrounding whitespace dropped); `key` names the setting.
 pub fn read_token(path: &std::path::Path, key: &str) -> Result<String, String> {
     Ok(std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?.trim().to_owned())

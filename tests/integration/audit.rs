@@ -218,7 +218,12 @@ async fn audit_verify_names_an_edited_deleted_or_reordered_record() -> anyhow::R
     assert_eq!(code, 1);
     assert!(out.contains("record 4 was modified"), "{out}");
     // An edit that also recomputes the record's own hash breaks the link to the next one.
-    let h = outpost::audit::Record::compute_hash(4, r["prev"].as_str().unwrap_or_default(), &r["body"]);
+    let h = outpost::audit::Record::compute_hash(
+        4,
+        r["time_ms"].as_i64().unwrap_or_default(),
+        r["prev"].as_str().unwrap_or_default(),
+        &r["body"],
+    );
     r["hash"] = json!(h);
     edited[nth(4)] = r.to_string();
     write(&edited)?;
@@ -395,5 +400,170 @@ async fn pseudonymized_parameters_never_leave_in_clear() -> anyhow::Result<()> {
     let out = std::process::Command::new(outpost_bin()).args(["check-config", "--config"]).arg(&path).output()?;
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("residency_allow"));
+    Ok(())
+}
+
+/// Serves `n` MLP requests on an agent with `extra` configuration, stops it, and returns its
+/// configuration and state.
+async fn serve_and_stop(extra: &str, n: usize) -> anyhow::Result<(std::path::PathBuf, tempfile::TempDir)> {
+    let agent = TestAgent::start(&[root().join("models")], extra).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    for i in 0..n {
+        assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?.0, 200);
+    }
+    let config = agent.config_path();
+    Ok((config, agent.stop_keep_state().await?))
+}
+
+/// A stored record line, parsed, and written back as the log writes it.
+fn parse_lines(text: &str) -> anyhow::Result<Vec<outpost::audit::Record>> {
+    text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+fn write_records(seg: &std::path::Path, recs: &[outpost::audit::Record]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for r in recs {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    Ok(std::fs::write(seg, text)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_timestamp_breaks_the_chain() -> anyhow::Result<()> {
+    let (config, state) = serve_and_stop("", 5).await?;
+    assert_eq!(verify_cli(&config)?.0, 0);
+    let seg = segments(state.path())?.pop().expect("a segment");
+    let mut recs = parse_lines(&stored_text(&seg)?)?;
+    recs[2].time_ms -= 3_600_000;
+    write_records(&seg, &recs)?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("record 3 was modified"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_checkpoints_reveal_a_cut_tail_a_deleted_segment_and_a_rewritten_last_record() -> anyhow::Result<()> {
+    // Small segments (a small quota), a checkpoint every 10 records and one at shutdown.
+    let (config, state) = serve_and_stop("[audit]\nquota_bytes = 65536\ncheckpoint_every = 10\n", 60).await?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("signed by the node key"), "{out}");
+    let segs = segments(state.path())?;
+    assert!(segs.len() >= 3, "several segments: {}", segs.len());
+    let last_seg = segs.last().expect("segment").clone();
+    let original = std::fs::read(&last_seg)?;
+    let recs = parse_lines(&stored_text(&last_seg)?)?;
+    let head = recs.last().expect("records").seq;
+    assert_eq!(recs.last().expect("records").body["kind"], "checkpoint", "the shutdown checkpoint is the head");
+
+    // Records cut from the tail.
+    write_records(&last_seg, &recs[..recs.len() - 3])?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("missing from the tail") && out.contains(&format!("first affected seq: {}", head - 2)),
+        "{out}"
+    );
+    std::fs::write(&last_seg, &original)?;
+
+    // The last segment deleted.
+    std::fs::remove_file(&last_seg)?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1, "{out}");
+    let first_of_last = recs[0].seq;
+    assert!(out.contains(&format!("first affected seq: {first_of_last}")), "{out}");
+    std::fs::write(&last_seg, &original)?;
+
+    // The last answered record rewritten, its hash recomputed, and the closing checkpoint
+    // record after it removed, so the chain alone is consistent.
+    let mut rewritten = recs.clone();
+    rewritten.pop();
+    let r = rewritten.last_mut().expect("record");
+    r.body["status"] = json!("invalid_input");
+    r.hash = outpost::audit::Record::compute_hash(r.seq, r.time_ms, &r.prev, &r.body);
+    let seq = r.seq;
+    write_records(&last_seg, &rewritten)?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("record {seq} contradicts the checkpoint")), "{out}");
+    assert!(out.contains("first affected seq:"), "{out}");
+
+    // What the README states: with the checkpoints beside the log deleted too, a rewrite after
+    // the last checkpoint still in the log is not seen on the box (only a witness off the box,
+    // which got the checkpoints, sees it).
+    std::fs::remove_file(state.path().join("audit").join("checkpoints.ndjson"))?;
+    assert_eq!(verify_cli(&config)?.0, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_upstream_the_log_prunes_itself_and_inference_never_stops() -> anyhow::Result<()> {
+    // 20 kB of quota holds about 50 records; 400 answers need pruning to go on.
+    let (config, state) = serve_and_stop("[audit]\nquota_bytes = 20000\n", 400).await?;
+    let (code, out) = verify_cli(&config)?;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("anchor 0"), "the oldest segments were pruned, leaving an anchor: {out}");
+    let on_disk: u64 = segments(state.path())?.iter().map(|p| stored_text(p).map_or(0, |t| t.len() as u64)).sum();
+    assert!(on_disk <= 20000, "records within the quota: {on_disk}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_past_retention_are_pruned_without_upstream() -> anyhow::Result<()> {
+    let agent =
+        TestAgent::start(&[root().join("models")], "[audit]\nquota_bytes = 262144\nretention = \"1s\"\n").await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    for i in 0..200 {
+        assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?.0, 200);
+    }
+    let audit = agent.agent.audit().expect("audit on").clone();
+    // The committer prunes by retention once a second: wait (bounded) for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dir = agent.state.path().join("audit");
+    while outpost::audit::verify(&dir, None).map_err(anyhow::Error::msg)?.anchor == 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "nothing pruned after 30 s");
+        assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(0)).await?.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(audit.retained_bytes() < 262144 / 2);
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_answers_503_while_the_audit_log_fails_closed() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    receiver.received.refuse.store(true, Ordering::SeqCst);
+    let toml = format!("[audit]\nquota_bytes = 20000\n\n{}", upstream_toml(&receiver.url(), ""));
+    let agent = TestAgent::start(&[root().join("models")], &toml).await?;
+    assert_eq!(agent.get("/v2/health/ready").await?.0, 200);
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let mut refused = false;
+    for i in 0..1000 {
+        if agent.post("/v2/models/mlp/infer", &golden.request(i % 3)).await?.0 == 503 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the quota fills");
+    let (code, body) = agent.get("/v2/health/ready").await?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("audit")), "{body}");
+    let (_, status) = agent.get("/admin/status").await?;
+    assert_eq!(status["ready"], false, "{status}");
+    assert!(status["not_ready_reason"].as_str().is_some_and(|r| r.contains("audit")), "{status}");
+    // Upstream back: records sync and are pruned, and the agent is ready again by itself.
+    receiver.received.refuse.store(false, Ordering::SeqCst);
+    agent.agent.wake_outbox();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agent.get("/v2/health/ready").await?.0 != 200 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not ready 30 s after upstream came back");
+        receiver.wait_until("audit", |r| !r.is_empty(), Duration::from_secs(30)).await?;
+        agent.agent.wake_outbox();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await?;
     Ok(())
 }

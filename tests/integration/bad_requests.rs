@@ -155,3 +155,88 @@ async fn configured_body_limit_applies() -> anyhow::Result<()> {
     agent.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_outside_its_table_gets_400_naming_the_input() -> anyhow::Result<()> {
+    if !minilm_available() {
+        eprintln!("skipped: MiniLM not built (scripts/gen-models.sh --minilm)");
+        return Ok(());
+    }
+    let agent = TestAgent::start(&[minilm_dir()], "").await?;
+    for model in MINILM_MODELS {
+        let golden = golden_for(&minilm_dir().join(model))?;
+        for bad in [30_522i64, 1 << 40, -1] {
+            let mut body = golden.request(0);
+            body["inputs"][0]["data"][3] = json!(bad);
+            let (s, answer) = agent.post(&format!("/v2/models/{model}/infer"), &body).await?;
+            assert_eq!(s, 400, "{model} {bad}: {answer}");
+            let e = answer["error"].as_str().unwrap_or_default();
+            assert!(e.contains("input 'input_ids' element 3") && e.contains("[0, 30522)"), "{e}");
+        }
+        // And it keeps serving.
+        let (s, answer) = agent.post(&format!("/v2/models/{model}/infer"), &golden.request(0)).await?;
+        assert_eq!(s, 200, "{answer}");
+        golden.check(0, &answer)?;
+    }
+    agent.stop().await
+}
+
+/// An MLP request in the binary tensor extension: 30 FP32 values, the first one `first`.
+fn binary_mlp_request(first: f32) -> (Vec<u8>, usize) {
+    let header = serde_json::to_vec(&json!({
+        "inputs": [{ "name": "X", "shape": [1, 30], "datatype": "FP32", "parameters": { "binary_data_size": 120 } }]
+    }))
+    .unwrap_or_default();
+    let mut body = header.clone();
+    for i in 0..30 {
+        let v = if i == 0 { first } else { 0.5 };
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    (body, header.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_inputs_are_refused_in_json_and_binary_unless_the_model_allows_them() -> anyhow::Result<()> {
+    let agent = TestAgent::start(&[root().join("models")], "[models.cnn]\nallow_non_finite = true\n").await?;
+    for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let (body, header_len) = binary_mlp_request(v);
+        let r = agent
+            .http
+            .post(agent.url("/v2/models/mlp/infer"))
+            .header("Inference-Header-Content-Length", header_len)
+            .body(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let answer: Value = r.json().await?;
+        assert_eq!(status, 400, "{v}: {answer}");
+        let e = answer["error"].as_str().unwrap_or_default();
+        assert!(e.contains("input 'X' element 0 is not a finite number"), "{e}");
+    }
+    // JSON has no NaN literal; a request spelling it is refused as bad JSON, as before.
+    let (s, _, _) = agent
+        .post_raw("/v2/models/mlp/infer", r#"{"inputs":[{"name":"X","shape":[1,1],"datatype":"FP32","data":[NaN]}]}"#)
+        .await?;
+    assert_eq!(s, 400);
+    // A model configured to accept them runs them.
+    let golden = golden_for(&root().join("models/cnn"))?;
+    let body = golden.request(0);
+    let n = body["inputs"][0]["data"].as_array().map_or(0, Vec::len);
+    let header = serde_json::to_vec(&json!({ "inputs": [{
+        "name": body["inputs"][0]["name"], "shape": body["inputs"][0]["shape"], "datatype": "FP32",
+        "parameters": { "binary_data_size": n * 4 } }] }))?;
+    let mut bytes = header.clone();
+    for i in 0..n {
+        let v = if i == 0 { f32::NAN } else { body["inputs"][0]["data"][i].as_f64().unwrap_or(0.0) as f32 };
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let r = agent
+        .http
+        .post(agent.url("/v2/models/cnn/infer"))
+        .header("Inference-Header-Content-Length", header.len())
+        .body(bytes)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await?);
+    agent.stop().await
+}

@@ -196,3 +196,72 @@ async fn infer_and_status_are_thin_clients_of_the_running_agent() -> anyhow::Res
     assert!(status["models"].as_array().is_some_and(|m| m.len() == DEMO_MODELS.len()));
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_exits_with_a_clear_message() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(dir.path(), "")?;
+    let config = path.to_str().unwrap_or_default();
+    let mut first = ChildAgent::spawn(&outpost_bin(), &["run", "--config", config])?;
+    let addr = first.wait_listening()?;
+    first.wait_for("initial model load finished", Duration::from_secs(120))?;
+    // The same configuration (its own free port): refused before it touches the state.
+    let out = std::process::Command::new(outpost_bin()).args(["run", "--config", config]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("another outpost agent") && err.contains("is running on the state directory"), "{err}");
+    // The first one serves on and its audit chain is whole.
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let r = http_client().post(format!("http://{addr}/v2/models/mlp/infer")).json(&golden.request(0)).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    first.signal("TERM")?;
+    assert_eq!(first.wait_exit(Duration::from_secs(30))?, 0);
+    let out = std::process::Command::new(outpost_bin()).args(["audit", "verify", "--config", config]).output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+#[test]
+fn read_only_commands_create_nothing_in_the_state_directory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(&state, &[root().join("models")], ""))?;
+    for args in [
+        &["model", "list"][..],
+        &["audit", "verify"][..],
+        &["audit", "export"][..],
+        &["status", "--url", "http://127.0.0.1:9"][..],
+        &["check-config"][..],
+    ] {
+        let out = std::process::Command::new(outpost_bin()).args(args).arg("--config").arg(&path).output()?;
+        assert!(!state.exists(), "`outpost {}` created {}", args.join(" "), state.display());
+        if args[0] != "status" {
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_missing_device_key_is_a_configuration_error_that_says_what_to_do() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = outpost_tests::registry::TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    let url = format!("file://{}", reg.path().display());
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(dir.path(), &[], &registry_toml(&url, &reg.root_json(), "")))?;
+    let config = path.to_str().unwrap_or_default();
+    let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", config])?;
+    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    child.signal("TERM")?;
+    assert_eq!(child.wait_exit(Duration::from_secs(30))?, 0);
+    // The store holds an encrypted model; its key is gone.
+    std::fs::remove_file(dir.path().join("store.key"))?;
+    let out = std::process::Command::new(outpost_bin()).args(["run", "--config", config]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("store.key_file") && err.contains("restore the key file"), "{err}");
+    assert!(!dir.path().join("store.key").exists(), "no new key replaces the lost one");
+    Ok(())
+}

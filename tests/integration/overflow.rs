@@ -300,3 +300,34 @@ async fn an_upstream_killed_mid_request_loses_no_request() -> Result<()> {
     agent.stop().await?;
     t.agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_sends_a_model_that_must_stay_to_the_target_and_config_cannot_loosen_it() -> Result<()> {
+    let t = target().await?;
+    let proxy = Faulty::start(&t.agent.base).await?;
+    // Configured before the box has the CNN: remote-only, a 1 µs objective and a confidence
+    // threshold no answer meets. Then the registry installs cnn@1.0.0, signed may_leave_site
+    // = false: every route must keep it here.
+    let models =
+        "[models.cnn]\noverflow = \"remote_only\"\nconfidence_output = \"probabilities\"\nconfidence_min = 1.0\n";
+    let (_r, _s, agent) = edge(&proxy.url(), "slo_p99 = \"1us\"", models).await?;
+    let cnn = request("cnn", 0)?;
+    let calls = (0..24).map(|_| agent.post("/v2/models/cnn/infer", &cnn));
+    for r in futures::future::join_all(calls).await {
+        let (s, answer) = r?;
+        ensure!(s == 200 || s == 503, "{s} {answer}");
+        if s == 200 {
+            ensure!(route(&answer) == ("1.0.0", "local"), "{answer}");
+        }
+    }
+    ensure!(proxy.requests().is_empty(), "the target saw {:?}", proxy.requests());
+    // The configuration that asks to send it away is refused, naming the model and the key.
+    let config = agent.config_path();
+    let _state = agent.stop_keep_state().await?;
+    let out =
+        std::process::Command::new(crate::outpost_bin()).args(["check-config", "--config"]).arg(&config).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(78), "{:?} {err}", out.status.code());
+    ensure!(err.contains("models.cnn.overflow") && err.contains("may_leave_site = false"), "{err}");
+    t.agent.stop().await
+}

@@ -476,3 +476,213 @@ async fn sighup_reload_swaps_the_certificate_and_a_bad_one_keeps_the_current() -
     ensure!(tls_client(&new_pki, None)?.get(&url).send().await?.status() == 200, "kept after a bad reload");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_requests_neither_fills_the_audit_log_nor_stops_inference() -> Result<()> {
+    use futures::StreamExt as _;
+    let (good, entry) = token("pos", &[Role::Infer], None);
+    let state = tempfile::tempdir()?;
+    // 1 MiB of audit quota: 1,800 full records of refused requests would fill it.
+    let text = config(state.path(), "", &format!("[auth]\ntokens = [{entry}]\n\n[audit]\nquota_bytes = 1048576\n"));
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let audit = agent.agent.audit().context("audit on")?.clone();
+    let before = audit.retained_bytes();
+    // The flood comes from another loopback address, on kept-alive connections.
+    let attacker = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = agent.url("/v2/models/mlp/infer");
+    let body = serde_json::to_vec(&mlp_request()?)?;
+    let statuses: Vec<u16> = futures::stream::iter(0..100_000)
+        .map(|_| {
+            let req = attacker.post(&url).bearer_auth("not-a-token").body(body.clone());
+            async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    ensure!(statuses.iter().all(|&s| s == 401 || s == 429), "only 401 and 429");
+    ensure!(refused > 90_000, "a failing source is refused before authentication: {refused} of 100000");
+    // Inference from the point of sale goes on.
+    let (s, _, answer) = call(&agent.http, "POST", &url, Some(&good), Some(&mlp_request()?)).await?;
+    ensure!(s == 200, "{s} {answer}");
+    let grown = audit.retained_bytes() - before;
+    ensure!(grown < 16 * 1024, "the audit log grew by {grown} bytes for 100,000 refused requests");
+    let state = agent.stop_keep_state().await?;
+    // The refused requests are in the log as one summary with their count.
+    let summaries: Vec<Value> = crate::audit::records(state.path())?
+        .into_values()
+        .filter(|r| r["body"]["kind"] == "auth_failure" && r["body"]["count"].as_u64().unwrap_or(0) > 1)
+        .collect();
+    let counted: u64 = summaries.iter().filter_map(|r| r["body"]["count"].as_u64()).sum();
+    ensure!(counted >= 99_000, "summaries count the refused requests: {counted} ({summaries:?})");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() -> Result<()> {
+    let (good, entry) = token("pos", &[Role::Infer], None);
+    let state = tempfile::tempdir()?;
+    let text = config(state.path(), "", &format!("[auth]\ntokens = [{entry}]\n"));
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = agent
+            .http
+            .get(agent.url("/v2/models/mlp"))
+            .header("Authorization", format!("{scheme} {good}"))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "{scheme}: {}", r.status());
+    }
+    agent.stop().await
+}
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) from a kept-alive stream.
+fn read_response(s: &mut TcpStream) -> Result<(String, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(s.read(&mut byte)? == 1, "connection closed after {} bytes", head.len());
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok((head, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_without_reading_the_body_keep_http1_connections_and_http2_streams_whole() -> Result<()> {
+    let (good, entry) = token("pos", &[Role::Infer], None);
+    let state = tempfile::tempdir()?;
+    let text = config(
+        state.path(),
+        "max_body_bytes = 100000\n",
+        &format!("[auth]\ntokens = [{entry}]\nrate_limit = 0.01\nrate_burst = 2\n"),
+    );
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let addr = agent.agent.addr();
+    let body = serde_json::to_vec(&mlp_request()?)?;
+    // HTTP/1.1: a 401, a 200, a 404 and a 429 (over the rate limit) on one connection, each
+    // request with a body; every answer arrives and the connection stays open.
+    let blocking = tokio::task::spawn_blocking({
+        let body = body.clone();
+        let good = good.clone();
+        move || -> Result<Vec<String>> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut heads = Vec::new();
+            for (path, token) in [
+                ("/v2/models/mlp/infer", "wrong"),
+                ("/v2/models/mlp/infer", good.as_str()),
+                ("/v2/no/such/thing", good.as_str()),
+                ("/v2/models/mlp/infer", good.as_str()),
+            ] {
+                let req = format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(req.as_bytes())?;
+                s.write_all(&body)?;
+                heads.push(read_response(&mut s)?.0);
+            }
+            Ok(heads)
+        }
+    })
+    .await??;
+    let codes: Vec<&str> = blocking.iter().map(|h| h.split(' ').nth(1).unwrap_or("")).collect();
+    ensure!(codes == ["401", "200", "404", "429"], "{codes:?}");
+    ensure!(blocking.iter().all(|h| !h.contains("connection: close")), "{blocking:?}");
+
+    // HTTP/2: 20 refused POSTs with bodies on one connection all get their answer.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(30)).build()?;
+    let url = agent.url("/v2/models/mlp/infer");
+    let answers =
+        futures::future::join_all((0..20).map(|_| h2.post(&url).bearer_auth("wrong").body(body.clone()).send())).await;
+    for a in answers {
+        let r = a.context("an HTTP/2 answer, not a stream error")?;
+        ensure!(r.status() == 401, "{}", r.status());
+    }
+
+    // A declared length over the limit is answered at once: the client waits for
+    // `100 Continue` and sends no body.
+    let head = tokio::task::spawn_blocking(move || -> Result<String> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(
+            format!(
+                "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {good}\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        Ok(read_response(&mut s).context("413 within 2 s, with no body sent")?.0)
+    })
+    .await??;
+    ensure!(head.starts_with("http/1.1 413"), "{head}");
+    ensure!(head.contains("connection: close"), "{head}");
+    agent.stop().await
+}
+
+/// A server that counts what reaches it.
+async fn counting_server(
+    ip: [u8; 4],
+) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::sync::oneshot::Sender<()>)> {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind((std::net::IpAddr::from(ip), 0)).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let count = seen.clone();
+    let app = axum::Router::new().fallback(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { "{}" }
+    });
+    Ok((url, seen, serve_until_stopped(listener, app)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_outbound_client_follows_a_redirect_off_the_residency_allow_list() -> Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Off the allow-list: 127.0.0.2. Every answer of the allowed host redirects there.
+    let (outside, reached, _stop_outside) = counting_server([127, 0, 0, 2]).await?;
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let allowed = format!("http://{}", listener.local_addr()?);
+    let log = asked.clone();
+    let target = outside.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        log.lock().unwrap_or_else(|p| p.into_inner()).push(uri.path().to_owned());
+        let to = format!("{target}{}", uri.path());
+        async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, to)]) }
+    });
+    let _stop_allowed = serve_until_stopped(listener, app);
+
+    let reg = outpost_tests::registry::TestRegistry::new()?;
+    let extra = format!(
+        "{}\n[overflow]\nurl = {allowed:?}\nallow_http = true\nslo_p99 = \"1us\"\n\n[upstream]\nurl = {allowed:?}\nallow_http = true\nflush_interval = \"20ms\"\n\n[privacy]\nresidency_allow = [\"127.0.0.1\"]\n",
+        registry_toml(&allowed, &reg.root_json(), "")
+    );
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    // The registry: the poll fails, naming the redirect and its target.
+    let err = agent.agent.poll_registry().await.err().context("a redirect is an error")?.to_string();
+    ensure!(err.contains("redirect refused") && err.contains("127.0.0.2"), "{err}");
+    // Overflow: the request is answered here, and says why it did not go.
+    let (s, answer) = agent.post("/v2/models/mlp/infer", &mlp_request()?).await?;
+    ensure!(s == 200 && answer["parameters"]["route"] == "local", "{s} {answer}");
+    let why = answer["parameters"]["overflow_fallback"].as_str().unwrap_or_default();
+    ensure!(why.contains("redirect refused") && why.contains("127.0.0.2"), "{answer}");
+    // Upstream: the outbox tries, and is refused (bounded wait for its attempt).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !asked.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|p| p.starts_with("/v1/audit")) {
+        ensure!(std::time::Instant::now() < deadline, "the outbox made no attempt in 30 s");
+        agent.agent.wake_outbox();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(reached.load(SeqCst) == 0, "{} requests reached the host off the allow-list", reached.load(SeqCst));
+    agent.stop().await
+}

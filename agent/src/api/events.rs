@@ -80,12 +80,14 @@ pub enum Event {
         target: String,
         outcome: String,
     },
-    /// A request refused for its credentials.
+    /// Requests refused for their credentials: one (`count` 1), or a source's repeated
+    /// failures over a window, summarized.
     AuthFailure {
         principal: String,
         transport: String,
         reason: String,
         path: String,
+        count: u64,
     },
 }
 
@@ -132,8 +134,8 @@ impl EventSink for LogSink {
             Event::Admin { principal, action, target, outcome } => {
                 tracing::info!(%principal, %action, %target, %outcome, "admin action")
             }
-            Event::AuthFailure { principal, transport, reason, path } => {
-                tracing::warn!(%principal, %transport, %reason, %path, "authentication failed")
+            Event::AuthFailure { principal, transport, reason, path, count } => {
+                tracing::warn!(%principal, %transport, %reason, %path, count, "authentication failed")
             }
         }
         Box::pin(std::future::ready(Ok(())))

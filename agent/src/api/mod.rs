@@ -250,6 +250,12 @@ impl InferenceService {
         reason: crate::overflow::Reason,
         routing: &mut Routing,
     ) -> Option<InferResponse> {
+        // Every route to the target passes here: a model whose signed manifest keeps it on the
+        // box never leaves, whatever the configuration or the route.
+        if self.repository.must_stay(model) {
+            routing.fallback = Some(format!("the signed manifest of '{model}' says may_leave_site = false"));
+            return None;
+        }
         let admission = ov.breaker.admit()?;
         routing.overflow = Some(reason);
         let started = Instant::now();
@@ -360,8 +366,9 @@ impl InferenceService {
         use crate::overflow::{OverflowMode, Reason};
         let overflow = self.overflow_for(model);
         let sensitive = self.carries_sensitive(&request);
-        // Remote-only models are not served here at all.
-        if let Some((ov, policy)) = overflow.as_ref().filter(|(_, p)| p.mode == OverflowMode::RemoteOnly) {
+        // Remote-only models are not served here at all, unless a signed manifest keeps them here.
+        let remote_only = overflow.as_ref().filter(|(_, p)| p.mode == OverflowMode::RemoteOnly);
+        if let Some((ov, policy)) = remote_only.filter(|_| !self.repository.must_stay(model)) {
             if sensitive {
                 return Err(InferError::InvalidInput(format!(
                     "model '{model}' is served only by the overflow target, and this request carries inputs marked sensitive, which never leave the site"

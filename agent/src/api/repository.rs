@@ -352,6 +352,12 @@ impl Repository {
             .collect()
     }
 
+    /// Whether a signed manifest of any loaded version of `name` keeps its requests on the box
+    /// (`may_leave_site = false`).
+    pub fn must_stay(&self, name: &str) -> bool {
+        self.read().get(name).is_some_and(|e| e.versions.values().any(|s| !s.may_leave_site))
+    }
+
     /// Every serving handle (all versions), for metrics.
     pub fn all_served(&self) -> Vec<Arc<Served>> {
         self.read().values().flat_map(|e| e.versions.values().cloned()).collect()

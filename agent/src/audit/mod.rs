@@ -13,14 +13,18 @@
 //!
 //! Layout: `<state_dir>/audit/seg-<first-seq>.log`, one record per line:
 //! `{"seq", "time_ms", "prev", "hash", "body"}` with
-//! `hash = sha256(seq as 8 BE bytes ‖ prev hex ‖ body JSON bytes)`, and `meta.json` (prune anchor,
-//! sent boundary, batch in flight), replaced atomically. Pruning drops whole segments whose
-//! records were all sent, leaving the anchor (seq and hash of the last dropped record).
+//! `hash = sha256(seq as 8 BE bytes ‖ time_ms as 8 BE bytes ‖ prev hex ‖ body JSON bytes)`: every
+//! field of the record is under the hash. `meta.json` (prune anchor, sent boundary, batch in
+//! flight) is replaced atomically. Pruning drops whole segments, leaving the anchor (seq and
+//! hash of the last dropped record): segments older than `retention`, and the oldest ones when
+//! the quota nears full; with `[upstream]` only segments whose records were all sent.
+//! `checkpoints.ndjson` holds the signed checkpoints ([`checkpoint`]).
 //!
 //! This replaced sled 0.34, which kept 54× the retained data on disk after sync-and-delete
 //! cycles and cost 0.4–1.3 ms per durable commit (BENCHMARKS.md); the interface (`append`,
 //! `range`, `prune`, `verify`) did not change.
 
+pub mod checkpoint;
 pub mod sink;
 
 use std::fs::{File, OpenOptions};
@@ -65,16 +69,17 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn compute_hash(seq: u64, prev: &str, body: &Value) -> String {
-        hash_of(seq, prev, &serde_json::to_vec(body).unwrap_or_default())
+    pub fn compute_hash(seq: u64, time_ms: i64, prev: &str, body: &Value) -> String {
+        hash_of(seq, time_ms, prev, &serde_json::to_vec(body).unwrap_or_default())
     }
 }
 
-/// `sha256(seq as 8 BE bytes ‖ prev hex ‖ body JSON bytes)`, hex.
-fn hash_of(seq: u64, prev: &str, body_json: &[u8]) -> String {
+/// `sha256(seq as 8 BE bytes ‖ time_ms as 8 BE bytes ‖ prev hex ‖ body JSON bytes)`, hex.
+fn hash_of(seq: u64, time_ms: i64, prev: &str, body_json: &[u8]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(seq.to_be_bytes());
+    h.update(time_ms.to_be_bytes());
     h.update(prev.as_bytes());
     h.update(body_json);
     hex::encode(&h.finalize())
@@ -125,8 +130,17 @@ pub struct AuditConfig {
     pub group_commit_max_delay: Duration,
     /// Bytes of retained records above which appends are refused (fail closed).
     pub quota_bytes: u64,
-    /// Synced records older than this are pruned (leaving an anchor).
+    /// Records older than this are pruned (leaving an anchor); with `keep_unsent`, only once
+    /// they were sent.
     pub retention: Duration,
+    /// `[upstream]` is configured: records are pruned only after they were sent, and a full
+    /// quota of unsent records refuses appends (fail closed). Without it the oldest segments
+    /// are pruned when the quota nears full.
+    pub keep_unsent: bool,
+    /// A signed checkpoint after this many records...
+    pub checkpoint_every: u64,
+    /// ...or this long after the last one, when records were added since.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for AuditConfig {
@@ -135,6 +149,9 @@ impl Default for AuditConfig {
             group_commit_max_delay: Duration::ZERO,
             quota_bytes: 1 << 30,
             retention: Duration::from_secs(7 * 86400),
+            keep_unsent: true,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
         }
     }
 }
@@ -250,6 +267,9 @@ struct Store {
     cursor: Option<(usize, u64, u64)>,
     /// The next segment's zero-filled file, once a segment has started.
     spare: Option<Spare>,
+    /// The sequence number of the last checkpoint record (0: none yet).
+    last_checkpoint: u64,
+    last_checkpoint_at: Instant,
 }
 
 struct Shared {
@@ -262,7 +282,20 @@ struct Shared {
     /// `group_commit_max_delay`: with a delay, lone records wait for company on the committer.
     max_delay: Duration,
     quota: u64,
+    keep_unsent: bool,
+    retention: Duration,
+    checkpoints: Option<Checkpoints>,
+    /// The last commit failed with a store error: appends are being refused.
+    refusing: Mutex<Option<String>>,
+    store_failing: std::sync::atomic::AtomicBool,
     trace: Option<Arc<Trace>>,
+}
+
+/// Signed checkpoints of the head: the node's key and when to sign.
+struct Checkpoints {
+    signer: checkpoint::Signer,
+    every: u64,
+    interval: Duration,
 }
 
 /// The audit log handle (cheap to clone).
@@ -270,6 +303,7 @@ struct Shared {
 pub struct Audit {
     shared: Arc<Shared>,
     tx: Arc<Mutex<Option<Sender<Msg>>>>,
+    committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 fn now_ms() -> i64 {
@@ -323,11 +357,13 @@ impl Store {
         let meta = read_meta(dir)?;
         let anchor = meta.anchor.unwrap_or_else(Anchor::genesis);
         let mut segments = Vec::new();
+        let mut last_checkpoint = 0;
         let files = segment_files(dir).map_err(store_err)?;
         let count = files.len();
         for (i, (first, path)) in files.into_iter().enumerate() {
             let mut seg =
                 Segment { path: path.clone(), first, last: 0, last_hash: String::new(), last_time_ms: 0, bytes: 0 };
+            let mut last_checkpoint_here = None;
             let data = std::fs::read(&path).map_err(store_err)?;
             // The zero-filled room ahead of the last write is not part of the log.
             let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
@@ -337,6 +373,9 @@ impl Store {
                 let rec = if complete { serde_json::from_slice::<Record>(&line[..line.len() - 1]).ok() } else { None };
                 match rec {
                     Some(r) => {
+                        if r.body.get("kind").and_then(Value::as_str) == Some("checkpoint") {
+                            last_checkpoint_here = Some(r.seq);
+                        }
                         seg.last = r.seq;
                         seg.last_hash = r.hash;
                         seg.last_time_ms = r.time_ms;
@@ -357,6 +396,7 @@ impl Store {
                 f.sync_all().map_err(store_err)?;
             }
             seg.bytes = good as u64;
+            last_checkpoint = last_checkpoint_here.unwrap_or(last_checkpoint);
             if seg.last != 0 && seg.last <= anchor.seq {
                 // Pruned, but the crash came before the file was deleted.
                 let _ = std::fs::remove_file(&path);
@@ -380,6 +420,8 @@ impl Store {
             head_hash,
             cursor: None,
             spare: None,
+            last_checkpoint,
+            last_checkpoint_at: Instant::now(),
         })
     }
 
@@ -578,8 +620,20 @@ fn seq_of(line: &[u8]) -> Option<u64> {
 }
 
 impl Audit {
-    /// Opens (or creates) the log in `dir` and starts its committer thread.
+    /// Opens (or creates) the log in `dir` and starts its committer thread, without signed
+    /// checkpoints.
     pub fn open(dir: &Path, cfg: &AuditConfig, trace: Option<Arc<Trace>>) -> Result<Audit, AuditError> {
+        Self::open_signed(dir, cfg, None, trace)
+    }
+
+    /// Opens (or creates) the log in `dir` and starts its committer thread; with a signer, the
+    /// head is checkpointed as `cfg` says, and at [`Audit::close`].
+    pub fn open_signed(
+        dir: &Path,
+        cfg: &AuditConfig,
+        signer: Option<checkpoint::Signer>,
+        trace: Option<Arc<Trace>>,
+    ) -> Result<Audit, AuditError> {
         // Segments small enough that pruning can free space well before a small quota fills.
         let segment_limit = (cfg.quota_bytes / 8).clamp(4096, 8 << 20);
         let store = Store::open(dir, segment_limit)?;
@@ -593,12 +647,24 @@ impl Audit {
             queued: AtomicU64::new(0),
             max_delay: cfg.group_commit_max_delay,
             quota: cfg.quota_bytes,
+            keep_unsent: cfg.keep_unsent,
+            retention: cfg.retention,
+            checkpoints: signer.map(|signer| Checkpoints {
+                signer,
+                every: cfg.checkpoint_every.max(1),
+                interval: cfg.checkpoint_interval,
+            }),
+            refusing: Mutex::new(None),
+            store_failing: std::sync::atomic::AtomicBool::new(false),
             trace,
         });
         let (tx, rx) = channel::<Msg>();
         let s = shared.clone();
-        std::thread::Builder::new().name("audit-commit".into()).spawn(move || committer(&s, &rx)).map_err(store_err)?;
-        Ok(Audit { shared, tx: Arc::new(Mutex::new(Some(tx))) })
+        let committer = std::thread::Builder::new()
+            .name("audit-commit".into())
+            .spawn(move || committer(&s, &rx))
+            .map_err(store_err)?;
+        Ok(Audit { shared, tx: Arc::new(Mutex::new(Some(tx))), committer: Arc::new(Mutex::new(Some(committer))) })
     }
 
     /// Appends a record; resolves with its sequence number once it is durable.
@@ -631,7 +697,7 @@ impl Audit {
         }
         let mut store = s.store.try_lock().ok()?;
         let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-        let result = commit(s, &mut store, &[&body]);
+        let result = commit(s, &mut store, &[&body], false);
         if let (Some(t), Ok(seq)) = (&s.trace, &result) {
             t.note(format!("committed-here {seq}"));
         }
@@ -657,10 +723,17 @@ impl Audit {
         sent
     }
 
-    /// Stops accepting appends; the committer finishes what it has and exits.
+    /// Stops accepting appends; the committer finishes what it has, signs a last checkpoint
+    /// when records came after the previous one, and exits. Returns once it has (a few ms).
     pub fn close(&self) {
         if let Ok(mut g) = self.tx.lock() {
             g.take();
+        }
+        let handle = self.committer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 
@@ -732,30 +805,76 @@ impl Audit {
         s.write_meta()
     }
 
-    /// Drops whole segments whose records were all sent and are older than `older_than_ms`,
-    /// moving the anchor forward. Returns how many records were pruned.
+    /// Prunes by retention and quota (see [`maintain`]). Returns how many records were pruned.
+    pub fn maintain(&self) -> Result<u64, AuditError> {
+        maintain(&self.shared, &mut self.store())
+    }
+
+    /// Drops whole segments older than `older_than_ms` (with `[upstream]`, only those whose
+    /// records were all sent), moving the anchor forward. Returns how many records were pruned.
     pub fn prune(&self, older_than_ms: i64) -> Result<u64, AuditError> {
-        let mut s = self.store();
-        let sent = s.meta.sent;
+        let mut store = self.store();
+        let upto = if self.shared.keep_unsent { store.meta.sent } else { u64::MAX };
+        let (records, freed) = store.prune(older_than_ms, upto, u64::MAX)?;
+        drop_bytes(&self.shared.bytes, freed);
+        Ok(records)
+    }
+
+    /// Why appends are refused right now (a full quota of records not yet sent, or the store
+    /// failing at its last commit), if they are: the agent is not ready then.
+    pub fn refusing(&self) -> Option<String> {
+        if self.shared.keep_unsent && self.is_full() {
+            return Some(AuditError::QuotaFull(self.shared.quota).to_string());
+        }
+        self.shared.refusing.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Retention and quota: segments older than `retention` go, and when the retained records
+/// reach 80 % of the quota the oldest go until half of it is left. With `[upstream]` neither
+/// ever drops a record not yet sent (a full quota then fails closed).
+fn maintain(s: &Shared, store: &mut Store) -> Result<u64, AuditError> {
+    let upto = if s.keep_unsent { store.meta.sent } else { u64::MAX };
+    let cutoff = now_ms().saturating_sub(i64::try_from(s.retention.as_millis()).unwrap_or(i64::MAX));
+    let near_full = s.bytes.load(Ordering::SeqCst).saturating_mul(10) >= s.quota.saturating_mul(8);
+    let keep = if near_full { s.quota / 2 } else { u64::MAX };
+    let (records, freed) = store.prune(cutoff, upto, keep)?;
+    drop_bytes(&s.bytes, freed);
+    if records > 0 && near_full && !s.keep_unsent {
+        tracing::warn!(
+            records,
+            anchor = store.meta.anchor.map_or(0, |a| a.seq),
+            "audit: quota nearly full and no [upstream] to send to: pruned the oldest records"
+        );
+    }
+    Ok(records)
+}
+
+impl Store {
+    /// Drops whole segments from the oldest, never the active one nor one with records past
+    /// `upto`, while they are older than `older_than_ms` or more than `keep_bytes` are
+    /// retained; moves the anchor to the last dropped record. Returns (records, bytes) dropped.
+    fn prune(&mut self, older_than_ms: i64, upto: u64, keep_bytes: u64) -> Result<(u64, u64), AuditError> {
+        let mut retained = self.retained();
         let mut drop = 0;
-        // Never the segment being appended to.
-        while drop + 1 < s.segments.len() {
-            let seg = &s.segments[drop];
-            if seg.last == 0 || seg.last > sent || seg.last_time_ms >= older_than_ms {
+        while drop + 1 < self.segments.len() {
+            let seg = &self.segments[drop];
+            if seg.last == 0 || seg.last > upto || (seg.last_time_ms >= older_than_ms && retained <= keep_bytes) {
                 break;
             }
+            retained -= seg.bytes;
             drop += 1;
         }
         if drop == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
-        let last = s.segments[drop - 1].clone();
+        let last = self.segments[drop - 1].clone();
         let hash: [u8; 32] =
             hex::decode(&last.last_hash).and_then(|h| h.try_into().ok()).ok_or_else(|| store_err("bad hash"))?;
-        s.meta.anchor = Some(Anchor { seq: last.last, hash });
-        s.write_meta()?;
-        let removed: Vec<Segment> = s.segments.drain(..drop).collect();
-        s.cursor = None;
+        self.meta.anchor = Some(Anchor { seq: last.last, hash });
+        self.write_meta()?;
+        let removed: Vec<Segment> = self.segments.drain(..drop).collect();
+        self.cursor = None;
         let mut records = 0;
         let mut freed = 0;
         for seg in &removed {
@@ -763,9 +882,8 @@ impl Audit {
             records += seg.last + 1 - seg.first;
             freed += seg.bytes;
         }
-        let _ = fsync_path(&s.dir);
-        drop_bytes(&self.shared.bytes, freed);
-        Ok(records)
+        let _ = fsync_path(&self.dir);
+        Ok((records, freed))
     }
 }
 
@@ -773,10 +891,28 @@ fn drop_bytes(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
 }
 
+/// How often the committer looks after retention and due checkpoints while idle.
+const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
+
 fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
     let max_delay = s.max_delay;
     let mut preallocate = false;
-    while let Ok(first) = rx.recv() {
+    let mut next_maintenance = Instant::now();
+    loop {
+        if Instant::now() >= next_maintenance {
+            next_maintenance = Instant::now() + MAINTENANCE_TICK;
+            let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = maintain(s, &mut store) {
+                tracing::warn!(error = %e, "audit prune failed");
+            }
+            // A checkpoint that came due with time (no records to carry it).
+            let _ = commit(s, &mut store, &[], false);
+        }
+        let first = match rx.recv_timeout(next_maintenance.saturating_duration_since(Instant::now())) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         // Natural batching: everything that arrived while the previous commit was syncing goes
         // into this one. Only with a configured delay does a lone record wait for company.
         let mut batch = Vec::new();
@@ -804,7 +940,7 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
         s.queued.fetch_sub(batch.len() as u64, Ordering::SeqCst);
         if !batch.is_empty() {
             let bodies: Vec<&[u8]> = batch.iter().map(|p| p.body.as_slice()).collect();
-            let result = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &bodies);
+            let result = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &bodies, false);
             for (p, n) in batch.into_iter().zip(0..) {
                 let _ = p.reply.send(result.clone().map(|first| first + n));
             }
@@ -812,29 +948,73 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
         }
         if std::mem::take(&mut preallocate) {
             // Room for the next commits, now that this one's answers are free to go.
-            s.store.lock().unwrap_or_else(|p| p.into_inner()).preallocate();
+            let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+            store.preallocate();
+            if s.bytes.load(Ordering::SeqCst).saturating_mul(10) >= s.quota.saturating_mul(8) {
+                if let Err(e) = maintain(s, &mut store) {
+                    tracing::warn!(error = %e, "audit prune failed");
+                }
+            }
         }
     }
+    // Closed: the head as it is now is signed, so a cut tail is seen.
+    let _ = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &[], true);
 }
 
-/// Chains `bodies` after the head, writes them and makes them durable, in one commit. Returns
-/// the first record's sequence number (the rest follow it).
-fn commit(s: &Shared, store: &mut Store, bodies: &[&[u8]]) -> Result<u64, AuditError> {
-    if s.bytes.load(Ordering::SeqCst) >= s.quota {
-        return Err(AuditError::QuotaFull(s.quota));
+/// Chains `bodies` after the head, writes them and makes them durable, in one commit, with a
+/// signed checkpoint of the new head after them when one is due (`close`: any record after the
+/// last checkpoint makes one due). Returns the first record's sequence number (the rest follow
+/// it); with no bodies, 0.
+fn commit(s: &Shared, store: &mut Store, bodies: &[&[u8]], close: bool) -> Result<u64, AuditError> {
+    let result = commit_inner(s, store, bodies, close);
+    let failed = matches!(result, Err(AuditError::Store(_)));
+    // The lock only on a change (the flag is read without it on every commit).
+    if failed || s.store_failing.load(Ordering::Relaxed) {
+        s.store_failing.store(failed, Ordering::Relaxed);
+        *s.refusing.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(ToString::to_string);
     }
+    result
+}
+
+fn commit_inner(s: &Shared, store: &mut Store, bodies: &[&[u8]], close: bool) -> Result<u64, AuditError> {
     let (mut seq, mut prev) = (store.head, store.head_hash.clone());
+    let new_head = seq + bodies.len() as u64;
+    let checkpoint = s.checkpoints.as_ref().filter(|c| {
+        let since = new_head.saturating_sub(store.last_checkpoint);
+        since >= c.every || (since > 0 && (close || store.last_checkpoint_at.elapsed() >= c.interval))
+    });
+    if bodies.is_empty() && checkpoint.is_none() {
+        return Ok(0);
+    }
+    if s.bytes.load(Ordering::SeqCst) >= s.quota {
+        // Room from pruning what may go, else fail closed.
+        maintain(s, store)?;
+        if s.bytes.load(Ordering::SeqCst) >= s.quota {
+            return Err(AuditError::QuotaFull(s.quota));
+        }
+    }
     let first_seq = seq + 1;
-    let mut lines = Vec::with_capacity(bodies.iter().map(|b| b.len() + 200).sum());
+    let mut lines = Vec::with_capacity(bodies.iter().map(|b| b.len() + 200).sum::<usize>() + 400);
     let mut time = 0;
     for body in bodies {
         seq += 1;
-        let hash = hash_of(seq, &prev, body);
         time = now_ms();
+        let hash = hash_of(seq, time, &prev, body);
         write_line(&mut lines, seq, time, &prev, &hash, body);
         lines.push(b'\n');
         prev = hash;
     }
+    let signed = checkpoint.map(|c| {
+        let cp = checkpoint::Checkpoint::sign(&c.signer, seq, &prev, now_ms());
+        let body = serde_json::to_vec(&cp.body()).unwrap_or_default();
+        seq += 1;
+        time = now_ms();
+        let hash = hash_of(seq, time, &prev, &body);
+        write_line(&mut lines, seq, time, &prev, &hash, &body);
+        lines.push(b'\n');
+        prev = hash;
+        cp
+    });
     match store.append(first_seq, &lines, (seq, &prev, time)) {
         Ok(()) => {
             s.fsyncs.fetch_add(1, Ordering::SeqCst);
@@ -843,7 +1023,14 @@ fn commit(s: &Shared, store: &mut Store, bodies: &[&[u8]]) -> Result<u64, AuditE
             if let Some(t) = &s.trace {
                 t.note(format!("fsync-done {first_seq}-{seq}"));
             }
-            Ok(first_seq)
+            if let Some(cp) = signed {
+                store.last_checkpoint = seq;
+                store.last_checkpoint_at = Instant::now();
+                if let Err(e) = checkpoint::append_file(&store.dir, &cp) {
+                    tracing::warn!(error = %e, "audit: could not keep the checkpoint beside the log (it is in the log)");
+                }
+            }
+            Ok(if bodies.is_empty() { 0 } else { first_seq })
         }
         Err(e) => {
             tracing::error!(error = %e, "audit append failed");
@@ -863,11 +1050,22 @@ pub struct VerifyReport {
     pub first: Option<u64>,
     pub last: Option<u64>,
     pub records: u64,
+    /// Checkpoints compared with the records (beside the log and in it).
+    pub checkpoints: u64,
+    /// The newest record a checkpoint covers: records after it are not protected against a
+    /// rewrite by someone holding the node key or deleting the checkpoints too.
+    pub last_checkpoint: Option<u64>,
+    /// Whether the checkpoints' signatures were checked (a node public key was given).
+    pub signatures_checked: bool,
 }
 
 /// Every stored line of the log, in file order.
 fn lines(dir: &Path) -> Result<Vec<Vec<u8>>, String> {
     let mut out = Vec::new();
+    if !dir.exists() {
+        // No log yet (the agent never ran here): nothing to check, nothing created.
+        return Ok(out);
+    }
     for (_, path) in segment_files(dir).map_err(|e| format!("cannot read audit log {}: {e}", dir.display()))? {
         let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // Without the zero-filled room ahead of the last write.
@@ -877,15 +1075,46 @@ fn lines(dir: &Path) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
-/// Checks the chain from the anchor to the head. The error names the first record that is
-/// modified, missing or out of place.
-pub fn verify(dir: &Path) -> Result<VerifyReport, String> {
+/// Checks the chain from the anchor to the head, and every checkpoint (beside the log and in
+/// it) against it: signed by `key` when given, and naming the hash the record it covers has.
+/// The error names the first record that is modified, missing, out of place, or contradicts a
+/// checkpoint (records cut from the tail or a deleted last segment; a rewrite whose hashes were
+/// recomputed).
+pub fn verify(dir: &Path, key: Option<&ed25519_dalek::VerifyingKey>) -> Result<VerifyReport, String> {
+    use std::collections::BTreeMap;
     let meta = read_meta(dir).map_err(|e| e.to_string())?;
     let anchor = meta.anchor.unwrap_or_else(Anchor::genesis);
+    let signed = |cp: &checkpoint::Checkpoint, place: &str| match key {
+        Some(k) if !cp.is_signed_by(k) => {
+            Err(format!("the checkpoint of record {} {place} is not signed by the node key: forged or altered", cp.seq))
+        }
+        _ => Ok(()),
+    };
+    // What the checkpoints kept beside the log say: seq -> (hash, signing time).
+    let mut expected: BTreeMap<u64, (String, i64)> = BTreeMap::new();
+    for cp in checkpoint::read_file(dir)? {
+        signed(&cp, &format!("in {}", checkpoint::FILE))?;
+        if cp.seq == anchor.seq && anchor.seq > 0 && cp.hash != anchor.hash_hex() {
+            return Err(format!("the prune anchor (record {}) contradicts its signed checkpoint", anchor.seq));
+        }
+        if cp.seq > anchor.seq {
+            expected.insert(cp.seq, (cp.hash, cp.time_ms));
+        }
+    }
     let all = lines(dir)?;
     let seqs: Vec<Option<u64>> = all.iter().map(|l| seq_of(l)).collect();
     let mut prev = if anchor.seq == 0 { GENESIS.to_owned() } else { anchor.hash_hex() };
-    let mut report = VerifyReport { anchor: anchor.seq, first: None, last: None, records: 0 };
+    let mut report = VerifyReport {
+        anchor: anchor.seq,
+        first: None,
+        last: None,
+        records: 0,
+        checkpoints: 0,
+        last_checkpoint: None,
+        signatures_checked: key.is_some(),
+    };
+    // The newest record known to be as signed: what a rewrite found later begins after.
+    let mut good_up_to = anchor.seq;
     for (i, (line, (expect, seq))) in all.iter().zip((anchor.seq + 1..).zip(&seqs)).enumerate() {
         let Some(seq) = *seq else {
             return Err(format!("record {expect} is unreadable"));
@@ -901,18 +1130,54 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, String> {
             });
         }
         let rec: Record = serde_json::from_slice(line).map_err(|e| format!("record {seq} is unreadable: {e}"))?;
-        if rec.seq != seq || Record::compute_hash(rec.seq, &rec.prev, &rec.body) != rec.hash {
+        if rec.seq != seq || Record::compute_hash(rec.seq, rec.time_ms, &rec.prev, &rec.body) != rec.hash {
             return Err(format!("record {seq} was modified (its hash does not match its content)"));
         }
         if rec.prev != prev {
             return Err(format!("record {seq} does not follow record {}: modified, replaced or reordered", seq - 1));
+        }
+        if let Some(cp) = checkpoint::Checkpoint::from_body(&rec.body) {
+            signed(&cp, &format!("carried by record {seq}"))?;
+            if cp.seq + 1 != seq || cp.hash != rec.prev {
+                return Err(format!("record {seq} carries a checkpoint that does not match record {}", seq - 1));
+            }
+            expected.entry(cp.seq).or_insert((cp.hash, cp.time_ms));
+        }
+        if let Some((hash, time_ms)) = expected.get(&seq) {
+            if *hash != rec.hash {
+                return Err(format!(
+                    "record {seq} contradicts the checkpoint signed at {}: records {}..={seq} were rewritten \
+                     (first affected seq: {})",
+                    time_text(*time_ms),
+                    good_up_to + 1,
+                    good_up_to + 1
+                ));
+            }
+            good_up_to = seq;
+            report.checkpoints += 1;
+            report.last_checkpoint = Some(seq);
         }
         report.first.get_or_insert(seq);
         report.last = Some(seq);
         report.records += 1;
         prev = rec.hash;
     }
+    let end = report.last.unwrap_or(anchor.seq);
+    if let Some((&seq, (_, time_ms))) = expected.range(end + 1..).next_back() {
+        return Err(format!(
+            "records {}..={seq} are missing from the tail: the log ends at record {end} but a checkpoint \
+             signed at {} covers record {seq} (cut, or a segment deleted; first affected seq: {})",
+            end + 1,
+            time_text(*time_ms),
+            end + 1
+        ));
+    }
     Ok(report)
+}
+
+/// A time in ms since the epoch as RFC 3339 (UTC), for messages.
+fn time_text(ms: i64) -> String {
+    crate::registry::format_time(ms.div_euclid(1000))
 }
 
 /// Every record (as stored JSON) with `time_ms >= since_ms`, for `outpost audit export`.
@@ -952,7 +1217,7 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (1..=50).collect::<Vec<_>>());
         assert!(audit.fsyncs() >= 1 && audit.fsyncs() <= 50, "group commit shares fsyncs");
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(50), 50));
     }
 
@@ -986,7 +1251,7 @@ mod tests {
             }
         }
         assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(30), 30));
         // A commit in progress (the store is held): not done here, nothing written.
         {
@@ -1040,7 +1305,7 @@ mod tests {
         let bytes_after = audit.retained_bytes();
         assert!(bytes_after > 0);
         rt().block_on(async { audit.append(serde_json::json!({ "after": true })).await.unwrap() });
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.anchor, r.first, r.last), (pruned, Some(pruned + 1), Some(21)));
     }
 
@@ -1089,7 +1354,7 @@ mod crash_tests {
         let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
         assert_eq!(audit.head_seq(), 5);
         assert_eq!(rt.block_on(audit.append(serde_json::json!({ "after": 1 }))).unwrap(), 6);
-        assert_eq!(verify(dir.path()).unwrap().last, Some(6));
+        assert_eq!(verify(dir.path(), None).unwrap().last, Some(6));
     }
 
     #[test]
@@ -1105,11 +1370,11 @@ mod crash_tests {
             .unwrap()
             .write_all_at(b"{\"seq\":6,\"time_ms\":1,\"pr", end as u64)
             .unwrap();
-        assert!(verify(dir.path()).is_err(), "an uncut torn record is reported");
+        assert!(verify(dir.path(), None).is_err(), "an uncut torn record is reported");
         let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
         assert_eq!(audit.head_seq(), 5);
         assert_eq!(rt.block_on(audit.append(serde_json::json!({ "after": 1 }))).unwrap(), 6);
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last), (Some(1), Some(6)));
     }
 }
@@ -1126,8 +1391,8 @@ mod segment_tests {
     fn stored_lines_are_what_serializing_a_record_gives() {
         let body = serde_json::json!({ "kind": "inference", "s": "quote \" and \\ and \u{1}", "n": 1.5, "z": null });
         let json = serde_json::to_vec(&body).unwrap();
-        let hash = hash_of(7, GENESIS, &json);
-        assert_eq!(hash, Record::compute_hash(7, GENESIS, &body));
+        let hash = hash_of(7, 1_764_370_000_000, GENESIS, &json);
+        assert_eq!(hash, Record::compute_hash(7, 1_764_370_000_000, GENESIS, &body));
         let mut line = Vec::new();
         write_line(&mut line, 7, 1_764_370_000_000, GENESIS, &hash, &json);
         let rec = Record { seq: 7, time_ms: 1_764_370_000_000, prev: GENESIS.into(), hash, body };
@@ -1156,7 +1421,7 @@ mod segment_tests {
         let audit = Audit::open(dir.path(), &AuditConfig::default(), None).unwrap();
         assert_eq!((audit.head_seq(), audit.retained_bytes()), (30, logical));
         append_n(&audit, 5);
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(35), 35));
         let mut out = Vec::new();
         assert_eq!(export(dir.path(), 0, &mut out).unwrap(), 35);
@@ -1191,7 +1456,7 @@ mod segment_tests {
         assert_eq!(on_disk, 16 * 1024, "the spare's length: {}", active.display());
         assert_eq!(audit.store().file_len, on_disk);
         assert!(!audit.store().room_is_low(), "no refill needed on the commit path");
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last, r.records), (Some(1), Some(i as u64), i as u64));
         assert_eq!(audit.range(1, i as u64, 2000).unwrap().len(), i);
         audit.store().finish_spare();
@@ -1204,7 +1469,7 @@ mod segment_tests {
         assert_eq!(spares(dir.path()), 0);
         assert_eq!(audit.head_seq(), i as u64);
         rt.block_on(audit.append(record(i))).unwrap();
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last), (Some(1), Some(i as u64 + 1)));
         let mut out = Vec::new();
         assert_eq!(export(dir.path(), 0, &mut out).unwrap(), i as u64 + 1);
@@ -1228,7 +1493,174 @@ mod segment_tests {
             let data = std::fs::read(path).unwrap();
             assert_eq!(data.last(), Some(&b'\n'), "{} ends with its last record", path.display());
         }
-        let r = verify(dir.path()).unwrap();
+        let r = verify(dir.path(), None).unwrap();
         assert_eq!((r.first, r.last), (Some(1), Some(100)));
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use crate::registry::KeyPair;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// A closed log of `n` records with checkpoints every `every` records (and at close), and
+    /// the node's public key.
+    fn signed_log(n: usize, every: u64) -> (tempfile::TempDir, ed25519_dalek::VerifyingKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let public = key.public().verifying_key().unwrap();
+        let cfg = AuditConfig { checkpoint_every: every, ..AuditConfig::default() };
+        let audit =
+            Audit::open_signed(dir.path(), &cfg, Some(checkpoint::Signer { key, node: "n1".into() }), None).unwrap();
+        rt().block_on(async {
+            for i in 0..n {
+                audit.append(serde_json::json!({ "kind": "inference", "i": i })).await.unwrap();
+            }
+        });
+        audit.close();
+        (dir, public)
+    }
+
+    fn stored(dir: &Path) -> (PathBuf, Vec<Record>) {
+        let (_, seg) = segment_files(dir).unwrap().pop().unwrap();
+        let text = std::fs::read_to_string(&seg).unwrap();
+        let recs = text.trim_end_matches('\0').lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (seg, recs)
+    }
+
+    fn write(seg: &Path, recs: &[Record]) {
+        let text: String = recs.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+        std::fs::write(seg, text).unwrap();
+    }
+
+    #[test]
+    fn every_field_is_under_the_hash_including_the_time() {
+        let (dir, key) = signed_log(5, 1000);
+        let (seg, mut recs) = stored(dir.path());
+        recs[2].time_ms += 1;
+        write(&seg, &recs);
+        let e = verify(dir.path(), Some(&key)).unwrap_err();
+        assert!(e.contains("record 3 was modified"), "{e}");
+    }
+
+    #[test]
+    fn checkpoints_are_records_of_the_chain_and_kept_beside_it() {
+        let (dir, key) = signed_log(25, 10);
+        // Records 1-10, checkpoint 11, 12-21 (10 more: 11 counts), checkpoint ...; and at close.
+        let (_, recs) = stored(dir.path());
+        let cps: Vec<u64> = recs.iter().filter(|r| r.body["kind"] == "checkpoint").map(|r| r.seq).collect();
+        assert_eq!(cps.first(), Some(&11));
+        assert_eq!(cps.last(), Some(&recs.last().unwrap().seq), "the last record is the closing checkpoint");
+        assert_eq!(checkpoint::read_file(dir.path()).unwrap().len(), cps.len());
+        let r = verify(dir.path(), Some(&key)).unwrap();
+        assert_eq!(r.checkpoints as usize, cps.len());
+        assert!(r.signatures_checked);
+        // Reopened and closed with nothing new: no new checkpoint.
+        let audit = Audit::open_signed(
+            dir.path(),
+            &AuditConfig::default(),
+            Some(checkpoint::Signer { key: KeyPair::generate().unwrap(), node: "n1".into() }),
+            None,
+        )
+        .unwrap();
+        let head = audit.head_seq();
+        audit.close();
+        assert_eq!(stored(dir.path()).1.last().unwrap().seq, head);
+    }
+
+    #[test]
+    fn a_cut_tail_is_named_from_its_first_missing_record() {
+        let (dir, key) = signed_log(20, 1000);
+        let (seg, recs) = stored(dir.path());
+        let last = recs.last().unwrap().seq;
+        write(&seg, &recs[..recs.len() - 3]);
+        let e = verify(dir.path(), Some(&key)).unwrap_err();
+        assert!(e.contains("missing from the tail") && e.contains(&format!("first affected seq: {}", last - 2)), "{e}");
+    }
+
+    #[test]
+    fn a_rewritten_record_with_recomputed_hashes_contradicts_the_checkpoint() {
+        let (dir, key) = signed_log(20, 8);
+        let (seg, mut recs) = stored(dir.path());
+        // Rewrite the last inference record, recompute its hash, and drop the closing checkpoint
+        // record after it (it names the old hash): the chain alone is consistent again.
+        let closing = recs.pop().unwrap();
+        let r = recs.last_mut().unwrap();
+        r.body["i"] = serde_json::json!(999);
+        r.hash = Record::compute_hash(r.seq, r.time_ms, &r.prev, &r.body);
+        let rewritten = r.seq;
+        write(&seg, &recs);
+        let e = verify(dir.path(), Some(&key)).unwrap_err();
+        assert!(e.contains(&format!("record {rewritten} contradicts the checkpoint")), "{e}");
+        // The previous checkpoint covers record 17 (checkpoints at 9 and 18 carry 8 and 17).
+        assert!(e.contains("first affected seq: 18"), "{e}");
+        assert_eq!(closing.seq, rewritten + 1);
+    }
+
+    #[test]
+    fn a_forged_checkpoint_is_refused() {
+        let (dir, key) = signed_log(5, 1000);
+        let path = dir.path().join(checkpoint::FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut cp: checkpoint::Checkpoint = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        cp.seq += 100;
+        std::fs::write(&path, serde_json::to_string(&cp).unwrap() + "\n").unwrap();
+        let e = verify(dir.path(), Some(&key)).unwrap_err();
+        assert!(e.contains("not signed by the node key"), "{e}");
+    }
+
+    #[test]
+    fn without_upstream_the_oldest_segments_make_room_and_appends_never_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig { quota_bytes: 16 * 1024, keep_unsent: false, ..AuditConfig::default() };
+        let audit = Audit::open(dir.path(), &cfg, None).unwrap();
+        rt().block_on(async {
+            for i in 0..500 {
+                audit.append(serde_json::json!({ "i": i, "pad": "x".repeat(200) })).await.unwrap();
+            }
+        });
+        assert!(audit.retained_bytes() <= 16 * 1024);
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.anchor > 0 && r.last == Some(500), "{r:?}");
+        // With upstream, unsent records are never pruned: the quota fails closed.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig { quota_bytes: 16 * 1024, keep_unsent: true, ..AuditConfig::default() };
+        let audit = Audit::open(dir.path(), &cfg, None).unwrap();
+        let refused = rt().block_on(async {
+            for i in 0..500 {
+                if let Err(e) = audit.append(serde_json::json!({ "i": i, "pad": "x".repeat(200) })).await {
+                    return Some(e);
+                }
+            }
+            None
+        });
+        assert!(matches!(refused, Some(AuditError::QuotaFull(_))));
+        assert!(audit.refusing().is_some());
+        assert_eq!(verify(dir.path(), None).unwrap().anchor, 0);
+    }
+
+    #[test]
+    fn segments_past_retention_are_pruned_without_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig {
+            quota_bytes: 256 * 1024,
+            keep_unsent: false,
+            retention: Duration::ZERO,
+            ..AuditConfig::default()
+        };
+        let audit = Audit::open(dir.path(), &cfg, None).unwrap();
+        rt().block_on(async {
+            for i in 0..300 {
+                audit.append(serde_json::json!({ "i": i, "pad": "x".repeat(200) })).await.unwrap();
+            }
+        });
+        assert!(segment_files(dir.path()).unwrap().len() > 1);
+        assert!(audit.prune(now_ms() + 1).unwrap() > 0);
+        assert_eq!(segment_files(dir.path()).unwrap().len(), 1, "all but the active segment");
+        assert_eq!(verify(dir.path(), None).unwrap().last, Some(300));
     }
 }

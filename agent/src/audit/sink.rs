@@ -48,12 +48,13 @@ pub fn body(event: &Event) -> serde_json::Value {
             "target": target,
             "outcome": outcome,
         }),
-        Event::AuthFailure { principal, transport, reason, path } => json!({
+        Event::AuthFailure { principal, transport, reason, path, count } => json!({
             "kind": "auth_failure",
             "principal": principal,
             "transport": transport,
             "reason": reason,
             "path": path,
+            "count": count,
         }),
     }
 }

@@ -121,6 +121,65 @@ pub struct LoadedModel {
     /// the loader found it as fast as a concrete plan (transformers): one copy of the packed
     /// weights instead of one per batch size.
     symbolic: std::sync::RwLock<Option<Arc<TypedRunnableModel>>>,
+    /// Inputs used as indices into a table of known size (an embedding's `Gather`): their
+    /// values are checked before a run, since the engine does not bound-check them.
+    index_bounds: Vec<(String, i64)>,
+    /// Whether float inputs may hold NaN or infinities (`models.<name>.allow_non_finite`).
+    pub allow_non_finite: bool,
+}
+
+/// Graph inputs used directly (or through a `Cast`) as the indices of a `Gather` whose table is
+/// a stored tensor (possibly dequantized): each with the size of the gathered axis.
+fn index_bounds(proto: &tract_onnx::pb::ModelProto) -> Vec<(String, i64)> {
+    use tract_onnx::pb::{GraphProto, NodeProto};
+    fn producer<'g>(graph: &'g GraphProto, name: &str) -> Option<&'g NodeProto> {
+        graph.node.iter().find(|n| n.output.iter().any(|o| o == name))
+    }
+    // The graph input a value comes from, through casts.
+    fn source_input<'g>(graph: &'g GraphProto, mut name: &'g str) -> Option<&'g str> {
+        for _ in 0..8 {
+            let is_input = graph.input.iter().any(|i| i.name == name);
+            if is_input && !graph.initializer.iter().any(|t| t.name == name) {
+                return Some(name);
+            }
+            let n = producer(graph, name).filter(|n| matches!(n.op_type.as_str(), "Cast" | "Identity"))?;
+            name = n.input.first()?;
+        }
+        None
+    }
+    // The dimensions of a stored table, through dequantization and casts.
+    fn table_dims<'g>(graph: &'g GraphProto, mut name: &'g str) -> Option<&'g [i64]> {
+        for _ in 0..8 {
+            if let Some(t) = graph.initializer.iter().find(|t| t.name == name) {
+                return Some(&t.dims);
+            }
+            let n = producer(graph, name)?;
+            match n.op_type.as_str() {
+                "DequantizeLinear" | "Cast" | "Identity" => name = n.input.first()?,
+                "Constant" => {
+                    let value = n.attribute.iter().find(|a| a.name == "value")?;
+                    return value.t.as_ref().map(|t| t.dims.as_slice());
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+    let Some(graph) = &proto.graph else { return Vec::new() };
+    let mut out: Vec<(String, i64)> = Vec::new();
+    for n in graph.node.iter().filter(|n| n.op_type == "Gather" && n.input.len() == 2) {
+        let (Some(input), Some(dims)) = (source_input(graph, &n.input[1]), table_dims(graph, &n.input[0])) else {
+            continue;
+        };
+        let axis = n.attribute.iter().find(|a| a.name == "axis").map_or(0, |a| a.i);
+        let axis = if axis < 0 { axis + dims.len() as i64 } else { axis };
+        let Some(&size) = usize::try_from(axis).ok().and_then(|a| dims.get(a)) else { continue };
+        match out.iter_mut().find(|(name, _)| name == input) {
+            Some((_, bound)) => *bound = (*bound).min(size),
+            None => out.push((input.to_owned(), size)),
+        }
+    }
+    out
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -295,6 +354,8 @@ impl LoadedModel {
             plans: Mutex::new(PlanCache { tick: 0, plans: Vec::new(), built: 0 }),
             plan_capacity: plan_capacity.max(1),
             symbolic: std::sync::RwLock::new(None),
+            index_bounds: index_bounds(proto),
+            allow_non_finite: false,
         })
     }
 
@@ -355,6 +416,23 @@ impl LoadedModel {
             }
             if Some(t.data.len()) != V2Tensor::shape_elements(&t.shape) {
                 return bad(format!("input '{}' data does not match its shape {:?}", spec.name, t.shape));
+            }
+            if !self.allow_non_finite {
+                if let Some(i) = t.data.first_non_finite() {
+                    return bad(format!(
+                        "input '{}' element {i} is not a finite number (NaN or infinite); this model does not \
+                         accept them (models.<name>.allow_non_finite)",
+                        spec.name
+                    ));
+                }
+            }
+            if let Some((_, size)) = self.index_bounds.iter().find(|(name, _)| *name == spec.name) {
+                if let Some((i, v)) = t.data.first_outside(0, *size) {
+                    return bad(format!(
+                        "input '{}' element {i} is {v}: an index into a table of {size}, so it must be in [0, {size})",
+                        spec.name
+                    ));
+                }
             }
             ordered.push(t);
         }

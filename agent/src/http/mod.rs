@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -54,6 +54,10 @@ pub struct HttpShared {
     pub trace: Option<Arc<crate::audit::Trace>>,
     /// Per-principal request budgets (`auth.rate_limit`).
     pub limiter: Arc<crate::auth::RateLimiter>,
+    /// The audit log, when on: the agent is not ready while it refuses records.
+    pub audit: Option<crate::audit::Audit>,
+    /// Failed authentications per source address.
+    pub failures: Arc<crate::auth::FailureGuard>,
 }
 
 impl HttpState {
@@ -83,17 +87,23 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// The request's body was left unread: the connection cannot carry another request, so
+    /// the answer says `Connection: close` (HTTP/1.1; HTTP/2 drops the header).
+    pub close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), retry_after: None }
+        ApiError { status, message: message.into(), retry_after: None, close: false }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.close {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(d) = self.retry_after {
             let secs = d.as_secs().max(1).to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {
@@ -121,7 +131,7 @@ impl From<InferError> for ApiError {
             InferError::Unavailable(_) => Some(Duration::from_secs(30)),
             _ => None,
         };
-        ApiError { status, message: e.to_string(), retry_after }
+        ApiError { status, message: e.to_string(), retry_after, close: false }
     }
 }
 
@@ -165,7 +175,19 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
         return next.run(req).await;
     }
     let peer = req.extensions().get::<server::Peer>().cloned();
-    let from = peer.as_ref().map_or_else(|| "unknown".to_owned(), |p| p.addr.ip().to_string());
+    let source = peer.as_ref().map(|p| p.addr.ip());
+    let from = source.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    // A source that keeps failing is refused before its credentials are read.
+    if let Some(wait) = source.and_then(|ip| s.failures.admit(ip).err()) {
+        s.service.metrics.record_access_denied("source_blocked");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from {from}: try again later"),
+        );
+        e.retry_after = Some(wait);
+        e.close = !finish_body(req.into_body(), UNAUTHENTICATED_DRAIN_CAP).await;
+        return e.into_response();
+    }
     let cert_names = peer.map(|p| p.cert_names).unwrap_or_default();
     let authorization = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
     let outcome = crate::auth::authenticate(auth, authorization, &cert_names)
@@ -180,18 +202,26 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
                 Denial::Forbidden { principal, .. } => ("forbidden", StatusCode::FORBIDDEN, principal.clone()),
             };
             s.service.metrics.record_access_denied(kind);
-            tracing::warn!(principal = %who, from = %from, path = %req.uri().path(), reason = %denial, "access denied");
-            let _ = s
-                .service
-                .events
-                .record(crate::api::Event::AuthFailure {
-                    principal: who,
-                    transport: "http".into(),
-                    reason: format!("{denial} (from {from})"),
-                    path: req.uri().path().chars().take(256).collect(),
-                })
-                .await;
-            let mut resp = ApiError::new(status, denial.to_string()).into_response();
+            // Each source's first failed authentication of a window in full, the rest in its
+            // summary; a refusal for a role (403) is recorded in full.
+            let unauthenticated = matches!(denial, Denial::Unauthenticated(_));
+            if !unauthenticated || source.is_none_or(|ip| s.failures.failed(ip)) {
+                tracing::warn!(principal = %who, from = %from, path = %req.uri().path(), reason = %denial, "access denied");
+                let _ = s
+                    .service
+                    .events
+                    .record(crate::api::Event::AuthFailure {
+                        principal: who,
+                        transport: "http".into(),
+                        reason: format!("{denial} (from {from})"),
+                        path: req.uri().path().chars().take(256).collect(),
+                        count: 1,
+                    })
+                    .await;
+            }
+            let mut e = ApiError::new(status, denial.to_string());
+            e.close = !finish_body(req.into_body(), UNAUTHENTICATED_DRAIN_CAP).await;
+            let mut resp = e.into_response();
             if status == StatusCode::UNAUTHORIZED {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"outpost\""));
@@ -205,6 +235,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
             let mut e =
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("{} is over its rate limit", principal.name));
             e.retry_after = Some(wait);
+            e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
             return e.into_response();
         }
     }
@@ -212,30 +243,47 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
     next.run(req).await
 }
 
-async fn not_found(State(s): State<HttpState>, uri: Uri) -> ApiError {
+async fn not_found(State(s): State<HttpState>, req: Request) -> ApiError {
     s.service.metrics.record_http_error();
-    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+    let mut e = ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", req.uri().path()));
+    e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
+    e
 }
 
-async fn method_not_allowed(State(s): State<HttpState>, method: Method, uri: Uri) -> ApiError {
+async fn method_not_allowed(State(s): State<HttpState>, req: Request) -> ApiError {
     s.service.metrics.record_http_error();
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {}", uri.path()))
+    let mut e = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} not allowed on {}", req.method(), req.uri().path()),
+    );
+    e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
+    e
 }
 
 async fn live() -> Response {
     axum::Json(json!({ "live": true })).into_response()
 }
 
+/// Why the agent cannot answer inference requests now, if it cannot.
+fn not_ready(s: &HttpState) -> Option<String> {
+    if !s.started.load(std::sync::atomic::Ordering::SeqCst) {
+        return Some("models are still loading".into());
+    }
+    if s.service.repository.ready_count() == 0 {
+        return Some("no model is serving".into());
+    }
+    let refusing = s.audit.as_ref().and_then(crate::audit::Audit::refusing)?;
+    Some(format!("the audit log refuses records, so inference is refused (fail closed): {refusing}"))
+}
+
 async fn ready(State(s): State<HttpState>) -> Response {
-    let started = s.started.load(std::sync::atomic::Ordering::SeqCst);
-    let serving = s.service.repository.ready_count();
-    if started && serving > 0 {
-        axum::Json(json!({ "ready": true })).into_response()
-    } else {
-        let why = if started { "no model is serving" } else { "models are still loading" };
-        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
-        e.retry_after = Some(Duration::from_secs(1));
-        e.into_response()
+    match not_ready(&s) {
+        None => axum::Json(json!({ "ready": true })).into_response(),
+        Some(why) => {
+            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
+            e.retry_after = Some(Duration::from_secs(1));
+            e.into_response()
+        }
     }
 }
 
@@ -336,6 +384,9 @@ async fn model_version_ready(
 /// write the whole body before reading (most do) see the answer instead of a reset connection.
 const DRAIN_CAP: u64 = 64 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// As [`DRAIN_CAP`], for a caller refused before authenticating: a larger body is not read,
+/// the connection closes instead.
+const UNAUTHENTICATED_DRAIN_CAP: u64 = 64 << 10;
 
 /// Reads a body up to `limit` bytes; over the limit is 413.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -344,8 +395,16 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
-        drain(body).await;
-        return Err(too_large());
+        let mut e = too_large();
+        // A client waiting for `100 Continue` is answered at once and sends nothing more; one
+        // already writing its body has it read and dropped (bounded), so that it sees the
+        // answer instead of a reset connection.
+        let waits = headers
+            .get(header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        e.close = waits || !finish_body(body, DRAIN_CAP).await;
+        return Err(e);
     }
     let mut body = body;
     let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
@@ -354,8 +413,9 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
-                drain(body).await;
-                return Err(too_large());
+                let mut e = too_large();
+                e.close = !finish_body(body, DRAIN_CAP).await;
+                return Err(e);
             }
             buf.extend_from_slice(&data);
         }
@@ -363,20 +423,30 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     Ok(Bytes::from(buf))
 }
 
-/// Reads and drops what is left of a body, bounded in bytes and time.
-async fn drain(mut body: Body) {
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
+/// Reads and drops what is left of a body a handler will not use, bounded in bytes and time,
+/// so that the connection can carry the next request (HTTP/1.1) and the client sees its
+/// stream end normally (HTTP/2). False when the body was not read to its end: the connection
+/// is then closed after the answer.
+async fn finish_body(mut body: Body, cap: u64) -> bool {
+    tokio::time::timeout(DRAIN_TIME, async {
         let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                seen += data.len() as u64;
-                if seen > DRAIN_CAP {
-                    break;
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        seen += data.len() as u64;
+                        if seen > cap {
+                            return false;
+                        }
+                    }
                 }
             }
         }
     })
-    .await;
+    .await
+    .unwrap_or(false)
 }
 
 async fn infer(State(s): State<HttpState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
@@ -558,12 +628,14 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         })
         .collect();
     let all_ready = models.iter().all(|m| m["state"] == ModelState::Ready.as_str());
+    let not_ready = not_ready(&s);
     axum::Json(json!({
         "node": cfg.node.name,
         "site": cfg.node.site,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started_at.elapsed().as_secs(),
-        "ready": s.started.load(std::sync::atomic::Ordering::SeqCst) && repo.ready_count() > 0,
+        "ready": not_ready.is_none(),
+        "not_ready_reason": not_ready,
         "all_models_ready": all_ready,
         "models": models,
         "overflow": s.service.overflow.as_ref().map(|ov| json!({

@@ -114,7 +114,7 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
     let started = Instant::now();
     let proto = LoadedModel::parse(onnx)?;
     let golden = golden.map(|g| Golden::parse(g).map_err(LoadError::Golden)).transpose()?;
-    let (model, mut detail) = match &golden {
+    let (mut model, mut detail) = match &golden {
         Some(golden) if rewrite::is_quantized(&proto) => choose(&proto, golden, cfg, started)?,
         Some(golden) => {
             let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
@@ -138,6 +138,7 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
     {
         detail.push_str(&consider_symbolic(&model, golden));
     }
+    model.allow_non_finite = cfg.allow_non_finite;
     warm(&model, cfg, onnx.len())?;
     Ok(Prepared { model, detail, bytes: onnx.len() })
 }

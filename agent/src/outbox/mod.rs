@@ -195,7 +195,6 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     repo: Arc<Repository>,
     privacy: Option<Arc<Privacy>>,
-    audit_retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,13 +217,13 @@ impl Outbox {
         metrics: Arc<Metrics>,
         repo: Arc<Repository>,
         privacy: Option<Arc<Privacy>>,
-        audit_retention: Duration,
         telemetry_dir: &std::path::Path,
     ) -> Result<Outbox, String> {
         crate::tls::install_crypto_provider();
         let token = cfg.token_file.as_deref().map(|p| crate::tls::read_token(p, "upstream.token_file")).transpose()?;
-        let mut builder =
-            reqwest::Client::builder().timeout(cfg.timeout).connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
+        let mut builder = crate::tls::outbound(reqwest::Client::builder())
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
         if let Some(ca) = &cfg.ca {
             builder = crate::tls::add_roots(builder, ca, "upstream.ca")?;
         }
@@ -241,7 +240,6 @@ impl Outbox {
             metrics,
             repo,
             privacy,
-            audit_retention,
         })
     }
 
@@ -288,6 +286,9 @@ impl Outbox {
                 req = req.bearer_auth(t);
             }
             let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {e}")))?;
+            if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
+                return Err(OutboxError::Send(e));
+            }
             if !resp.status().is_success() {
                 return Err(OutboxError::Send(format!("{url}: HTTP {}", resp.status().as_u16())));
             }
@@ -332,13 +333,8 @@ impl Outbox {
             self.drain(&self.spool, "telemetry").await
         }
         .await;
-        // Synced records go after the retention period, or at once when the quota nears full.
-        let cutoff = if self.audit.retained_bytes() * 10 >= self.audit.quota_bytes() * 8 {
-            i64::MAX
-        } else {
-            crate::registry::now() * 1000 - self.audit_retention.as_millis() as i64
-        };
-        if let Err(e) = self.audit.prune(cutoff) {
+        // Sent records go after the retention period, or at once when the quota nears full.
+        if let Err(e) = self.audit.maintain() {
             tracing::warn!(error = %e, "audit prune failed");
         }
         if self.audit.is_full() {

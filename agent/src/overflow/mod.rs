@@ -115,7 +115,7 @@ pub struct Overflow {
 impl Overflow {
     pub fn new(config: OverflowConfig, privacy: Option<Arc<crate::privacy::Privacy>>) -> Result<Overflow, String> {
         crate::tls::install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
+        let mut builder = crate::tls::outbound(reqwest::Client::builder())
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true);
@@ -177,6 +177,9 @@ impl Overflow {
         }
         let result = async {
             let resp = req.send().await.map_err(|e| UpstreamError::Failed(describe(&e)))?;
+            if let Some(e) = crate::tls::redirect_refused(self.config.url.as_str(), &resp) {
+                return Err(UpstreamError::Refused(e));
+            }
             let status = resp.status();
             let header_len = resp
                 .headers()

@@ -54,7 +54,7 @@ impl Fetcher {
             )));
         }
         crate::tls::install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
+        let mut builder = crate::tls::outbound(reqwest::Client::builder())
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
@@ -85,6 +85,9 @@ impl Fetcher {
                     req = req.header(reqwest::header::IF_NONE_MATCH, e);
                 }
                 let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
+                    return Err(RegistryError::Fetch(e));
+                }
                 match resp.status().as_u16() {
                     304 => return Ok(Fetched::NotModified),
                     404 => return Err(RegistryError::NotFound(url)),
@@ -172,6 +175,9 @@ impl Fetcher {
                     req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
                 }
                 let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
+                    return Err(RegistryError::Fetch(e));
+                }
                 match resp.status().as_u16() {
                     206 => {}
                     200 => {

@@ -764,3 +764,28 @@ fn jitter_fraction() -> f64 {
     let _ = getrandom::fill(&mut b);
     f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
 }
+
+/// Models configured `overflow = "remote_only"` whose installed signed manifest says
+/// `may_leave_site = false`: the configuration may only tighten a manifest, so such a
+/// configuration is refused. Reads the store only (manifests as stored; their signatures were
+/// checked at install and are checked again when loaded).
+pub fn residency_conflicts(cfg: &Config) -> Vec<String> {
+    let store = Store::open_read_only(&cfg.node.state_dir);
+    let Ok(state) = store.load_state() else { return Vec::new() };
+    let stays = |v: &InstalledVersion| -> bool {
+        let Ok(bytes) = store.read_manifest(&v.manifest_sha256) else { return false };
+        let Ok(payload) = Envelope::parse(&bytes).and_then(|e| e.payload_bytes()) else { return false };
+        serde_json::from_slice::<Statement>(&payload).is_ok_and(|s| !s.predicate.residency.may_leave_site)
+    };
+    cfg.models
+        .iter()
+        .filter(|(_, m)| m.overflow.mode == crate::overflow::OverflowMode::RemoteOnly)
+        .filter(|(name, _)| state.installed.get(*name).is_some_and(|m| m.all().any(stays)))
+        .map(|(name, _)| {
+            format!(
+                "models.{name}.overflow = \"remote_only\": the signed manifest of {name} says may_leave_site = false, \
+                 and the configuration can only tighten it"
+            )
+        })
+        .collect()
+}

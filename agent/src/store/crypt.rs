@@ -76,21 +76,72 @@ pub fn is_encrypted(bytes: &[u8]) -> bool {
 
 /// Seals `plain` for the file named by `digest`, writing the result to `out`.
 pub fn encrypt_to(key: &StoreKey, digest: &str, plain: &[u8], out: &mut impl Write) -> io::Result<()> {
-    let cipher = XChaCha20Poly1305::new(&key.0);
-    let mut salt = [0u8; SALT];
-    getrandom::fill(&mut salt).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
-    out.write_all(MAGIC)?;
-    out.write_all(&salt)?;
-    let chunks: Vec<&[u8]> = if plain.is_empty() { vec![&[][..]] } else { plain.chunks(CHUNK).collect() };
-    let n = chunks.len();
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let index = u32::try_from(i).map_err(|_| io::Error::other("model too large to encrypt"))?;
-        let sealed = cipher
-            .encrypt(&nonce(&salt, index, i + 1 == n), Payload { msg: chunk, aad: digest.as_bytes() })
-            .map_err(|_| io::Error::other("encryption failed"))?;
-        out.write_all(&sealed)?;
+    let mut sealer = Sealer::new(key, digest, out)?;
+    sealer.write(plain)?;
+    sealer.finish().map(|_| ())
+}
+
+/// Seals a file as it is written, a chunk at a time (memory: one chunk), in the format
+/// [`decrypt`] opens: the last chunk (possibly empty) is marked as the last.
+pub struct Sealer<W: Write> {
+    cipher: XChaCha20Poly1305,
+    salt: [u8; SALT],
+    digest: String,
+    out: W,
+    pending: Vec<u8>,
+    index: u32,
+}
+
+impl<W: Write> Sealer<W> {
+    pub fn new(key: &StoreKey, digest: &str, mut out: W) -> io::Result<Self> {
+        let mut salt = [0u8; SALT];
+        getrandom::fill(&mut salt).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
+        out.write_all(MAGIC)?;
+        out.write_all(&salt)?;
+        Ok(Sealer {
+            cipher: XChaCha20Poly1305::new(&key.0),
+            salt,
+            digest: digest.to_owned(),
+            out,
+            pending: Vec::with_capacity(CHUNK),
+            index: 0,
+        })
     }
-    Ok(())
+
+    fn seal(&mut self, upto: usize, last: bool) -> io::Result<()> {
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce(&self.salt, self.index, last),
+                Payload { msg: &self.pending[..upto], aad: self.digest.as_bytes() },
+            )
+            .map_err(|_| io::Error::other("encryption failed"))?;
+        self.out.write_all(&sealed)?;
+        self.pending.drain(..upto);
+        self.index = self.index.checked_add(1).ok_or_else(|| io::Error::other("model too large to encrypt"))?;
+        Ok(())
+    }
+
+    /// Seals every full chunk but the newest (which may turn out to be the last).
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut data = data;
+        while !data.is_empty() {
+            let room = (CHUNK + 1).saturating_sub(self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..room]);
+            data = &data[room..];
+            if self.pending.len() > CHUNK {
+                self.seal(CHUNK, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals what is left as the last chunk and returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        let n = self.pending.len();
+        self.seal(n, true)?;
+        Ok(self.out)
+    }
 }
 
 /// Opens a file sealed by [`encrypt_to`] for `digest`.
@@ -124,6 +175,21 @@ mod tests {
         let mut out = Vec::new();
         encrypt_to(key, digest, plain, &mut out).expect("encrypt");
         out
+    }
+
+    #[test]
+    fn sealing_in_pieces_opens_like_sealing_at_once() {
+        let key = StoreKey::from_bytes([7; 32]);
+        for len in [0, CHUNK, 2 * CHUNK + 5] {
+            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut sealer = Sealer::new(&key, "d", Vec::new()).expect("sealer");
+            for piece in plain.chunks(7919) {
+                sealer.write(piece).expect("write");
+            }
+            let sealed = sealer.finish().expect("finish");
+            assert_eq!(sealed.len(), seal(&key, "d", &plain).len(), "len {len}");
+            assert_eq!(decrypt(&key, "d", &sealed).expect("opens"), plain, "len {len}");
+        }
     }
 
     #[test]

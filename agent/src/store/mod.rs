@@ -96,6 +96,29 @@ pub struct Store {
     key: Option<crypt::StoreKey>,
 }
 
+/// Where a model being installed is written: as it is, or sealed with the device key.
+enum ModelWriter {
+    Plain(io::BufWriter<File>),
+    Sealed(crypt::Sealer<io::BufWriter<File>>),
+}
+
+impl ModelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            ModelWriter::Plain(w) => w.write_all(data),
+            ModelWriter::Sealed(s) => s.write(data),
+        }
+    }
+
+    fn finish(self) -> io::Result<File> {
+        let w = match self {
+            ModelWriter::Plain(w) => w,
+            ModelWriter::Sealed(s) => s.finish()?,
+        };
+        w.into_inner().map_err(|e| e.into_error())
+    }
+}
+
 impl Store {
     pub fn open(state_dir: &Path) -> io::Result<Store> {
         let root = state_dir.join("store");
@@ -114,6 +137,12 @@ impl Store {
             }
         }
         Ok(Store { root, key: None })
+    }
+
+    /// The store of `state_dir` for reading only: creates and removes nothing (a read-only
+    /// command run as another user must leave no file behind).
+    pub fn open_read_only(state_dir: &Path) -> Store {
+        Store { root: state_dir.join("store"), key: None }
     }
 
     /// Encrypts models written from now on with `key`, and reads encrypted ones with it.
@@ -199,35 +228,59 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Decompresses a verified zstd blob into the store under the model's sha256: capped at
-    /// `max_size` bytes, hashed, then written (encrypted) and fsynced before the rename.
+    /// Decompresses a verified zstd blob into the store under the model's sha256 as a stream
+    /// (memory: a few buffers, whatever the size): capped at `max_size` bytes while it
+    /// decompresses, hashed and written (encrypted) to a temporary file, which becomes the
+    /// model only when the digest matches, after an fsync.
     pub fn install_model(&self, blob: &Path, model_sha: &str, max_size: u64) -> Result<PathBuf, RegistryError> {
         let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
         let mut decoder =
             zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
-        let mut plain = Vec::new();
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n =
-                decoder.read(&mut buf).map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
-            if n == 0 {
-                break;
+        let dest = self.model_path(model_sha);
+        let dir = dest.parent().unwrap_or(Path::new(".")).to_owned();
+        let tmp = temp_sibling(&dest);
+        let storing = |e: io::Error| RegistryError::Io(format!("storing model: {e}"));
+        let result = (|| {
+            let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(storing)?;
+            let mut out = match &self.key {
+                Some(k) => {
+                    ModelWriter::Sealed(crypt::Sealer::new(k, model_sha, io::BufWriter::new(f)).map_err(storing)?)
+                }
+                None => ModelWriter::Plain(io::BufWriter::new(f)),
+            };
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut size = 0u64;
+            loop {
+                let n = decoder
+                    .read(&mut buf)
+                    .map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                if size > max_size {
+                    return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
+                }
+                hasher.update(&buf[..n]);
+                out.write(&buf[..n]).map_err(storing)?;
+                crate::failpoint::hit("store-decompress");
             }
-            if plain.len() as u64 + n as u64 > max_size {
-                return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
+            let got = hex::encode(&hasher.finalize());
+            if got != model_sha {
+                return Err(RegistryError::Digest(format!(
+                    "decompressed model has sha256 {got}, manifest says {model_sha}"
+                )));
             }
-            hasher.update(&buf[..n]);
-            plain.extend_from_slice(&buf[..n]);
-            crate::failpoint::hit("store-decompress");
+            let f = out.finish().map_err(storing)?;
+            f.sync_all().map_err(storing)?;
+            std::fs::rename(&tmp, &dest).map_err(storing)?;
+            fsync_dir(&dir).map_err(storing)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        let got = hex::encode(&hasher.finalize());
-        if got != model_sha {
-            return Err(RegistryError::Digest(format!(
-                "decompressed model has sha256 {got}, manifest says {model_sha}"
-            )));
-        }
-        self.write_model(model_sha, &plain).map_err(|e| RegistryError::Io(format!("storing model: {e}")))
+        result.map(|()| dest)
     }
 
     /// Reads an installed model into memory (decrypting it), re-hashing it: a file changed on

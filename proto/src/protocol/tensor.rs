@@ -136,6 +136,33 @@ impl TensorData {
         self.len() == 0
     }
 
+    /// The position of the first NaN or infinite element of a float tensor.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            TensorData::F16(v) | TensorData::F32(v) => v.iter().position(|x| !x.is_finite()),
+            TensorData::F64(v) => v.iter().position(|x| !x.is_finite()),
+            _ => None,
+        }
+    }
+
+    /// The first element of an integer tensor outside `lo..hi`, with its position.
+    pub fn first_outside(&self, lo: i64, hi: i64) -> Option<(usize, i128)> {
+        fn find<T: Copy + Into<i128>>(v: &[T], lo: i64, hi: i64) -> Option<(usize, i128)> {
+            v.iter().map(|&x| x.into()).enumerate().find(|&(_, x)| x < i128::from(lo) || x >= i128::from(hi))
+        }
+        match self {
+            TensorData::U8(v) => find(v, lo, hi),
+            TensorData::U16(v) => find(v, lo, hi),
+            TensorData::U32(v) => find(v, lo, hi),
+            TensorData::U64(v) => find(v, lo, hi),
+            TensorData::I8(v) => find(v, lo, hi),
+            TensorData::I16(v) => find(v, lo, hi),
+            TensorData::I32(v) => find(v, lo, hi),
+            TensorData::I64(v) => find(v, lo, hi),
+            _ => None,
+        }
+    }
+
     /// Every element as f64, for tolerance comparisons; `None` for BYTES.
     pub fn to_f64(&self) -> Option<Vec<f64>> {
         Some(match self {

@@ -1,0 +1,180 @@
+//! Signed checkpoints of the log's head. The node signs (node, seq, hash, time) with its ed25519
+//! key every `checkpoint_every` records, after `checkpoint_interval` with new records, and at
+//! shutdown. A checkpoint is itself the next record of the chain (so it travels upstream with
+//! the records, in order) and is also appended to `checkpoints.ndjson` beside the segments, so
+//! `audit verify` detects records cut from the tail, a deleted last segment, or a rewritten
+//! record whose hash was recomputed, as far back as the last checkpoint still on the box.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::registry::KeyPair;
+
+/// The side file of checkpoints, one JSON object per line.
+pub const FILE: &str = "checkpoints.ndjson";
+/// The side file is trimmed to its newest checkpoints past this size.
+const FILE_LIMIT: u64 = 1 << 20;
+/// What the signature covers first (domain separation from every other signature).
+const CONTEXT: &[u8] = b"outpost-audit-checkpoint-v1\n";
+
+/// The node's signing key and name.
+pub struct Signer {
+    pub key: KeyPair,
+    pub node: String,
+}
+
+/// A signed statement: the log of `node` had `hash` at `seq` at `time_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub node: String,
+    pub seq: u64,
+    pub hash: String,
+    pub time_ms: i64,
+    pub key_id: String,
+    /// base64 of the ed25519 signature.
+    pub sig: String,
+}
+
+fn message(node: &str, seq: u64, hash: &str, time_ms: i64) -> Vec<u8> {
+    let mut m = CONTEXT.to_vec();
+    m.extend_from_slice(format!("{node}\n{seq}\n{hash}\n{time_ms}").as_bytes());
+    m
+}
+
+impl Checkpoint {
+    pub fn sign(signer: &Signer, seq: u64, hash: &str, time_ms: i64) -> Checkpoint {
+        let sig = signer.key.sign(&message(&signer.node, seq, hash, time_ms));
+        Checkpoint {
+            node: signer.node.clone(),
+            seq,
+            hash: hash.to_owned(),
+            time_ms,
+            key_id: signer.key.keyid.clone(),
+            sig: base64::engine::general_purpose::STANDARD.encode(sig),
+        }
+    }
+
+    /// Whether `key` signed this checkpoint as it stands.
+    pub fn is_signed_by(&self, key: &VerifyingKey) -> bool {
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&self.sig) else { return false };
+        let Ok(sig) = Signature::from_slice(&bytes) else { return false };
+        key.verify(&message(&self.node, self.seq, &self.hash, self.time_ms), &sig).is_ok()
+    }
+
+    /// The record body that carries it in the chain.
+    pub fn body(&self) -> Value {
+        serde_json::json!({
+            "kind": "checkpoint",
+            "node": self.node,
+            "seq": self.seq,
+            "hash": self.hash,
+            "time_ms": self.time_ms,
+            "key_id": self.key_id,
+            "sig": self.sig,
+        })
+    }
+
+    /// The checkpoint a record body carries, if it is one.
+    pub fn from_body(body: &Value) -> Option<Checkpoint> {
+        if body.get("kind")?.as_str()? != "checkpoint" {
+            return None;
+        }
+        serde_json::from_value(body.clone()).ok()
+    }
+}
+
+/// Appends one checkpoint to the side file and makes it durable. Past [`FILE_LIMIT`] the file
+/// is rewritten (atomically) with its newer half.
+pub fn append_file(dir: &Path, cp: &Checkpoint) -> std::io::Result<()> {
+    let path = dir.join(FILE);
+    let mut line = serde_json::to_vec(cp).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    f.write_all(&line)?;
+    f.sync_data()?;
+    if f.metadata()?.len() > FILE_LIMIT {
+        let data = std::fs::read(&path)?;
+        let cut = data[data.len() / 2..].iter().position(|&b| b == b'\n').map_or(0, |i| data.len() / 2 + i + 1);
+        crate::store::write_atomic(&path, &data[cut..])?;
+    }
+    Ok(())
+}
+
+/// The checkpoints of the side file, in file order. An unreadable line is reported (the file
+/// is append-only: anything else is damage or tampering).
+pub fn read_file(dir: &Path) -> Result<Vec<Checkpoint>, String> {
+    let path = dir.join(FILE);
+    let f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.is_empty() {
+            continue;
+        }
+        let cp = serde_json::from_str(&line)
+            .map_err(|e| format!("{} line {} is not a checkpoint: {e}", path.display(), i + 1))?;
+        out.push(cp);
+    }
+    Ok(out)
+}
+
+/// The node key: loaded from `path`, or created there (0600, with its `.pub` beside it) when
+/// missing.
+pub fn load_or_create_key(path: &Path) -> Result<KeyPair, String> {
+    if path.exists() {
+        return KeyPair::load(path).map_err(|e| e.to_string());
+    }
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    key.save(&path.with_extension(""), Some("outpost node key: signs audit checkpoints")).map_err(|e| e.to_string())?;
+    tracing::info!(path = %path.display(), keyid = %key.keyid, "created the node key");
+    Ok(key)
+}
+
+/// The node's public key for verification: `<key>.pub` beside the key, else derived from the
+/// private key file. Reads only.
+pub fn public_key(key_path: &Path) -> Result<VerifyingKey, String> {
+    let pub_path = key_path.with_extension("pub");
+    if pub_path.exists() {
+        return crate::registry::keys::load_public(&pub_path)
+            .and_then(|p| p.verifying_key())
+            .map_err(|e| e.to_string());
+    }
+    KeyPair::load(key_path).and_then(|k| k.public().verifying_key()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_verifies_only_as_signed() {
+        let signer = Signer { key: KeyPair::generate().unwrap(), node: "n1".into() };
+        let key = signer.key.public().verifying_key().unwrap();
+        let cp = Checkpoint::sign(&signer, 7, "ab", 1000);
+        assert!(cp.is_signed_by(&key));
+        assert_eq!(Checkpoint::from_body(&cp.body()), Some(cp.clone()));
+        for forged in [
+            Checkpoint { seq: 8, ..cp.clone() },
+            Checkpoint { hash: "ac".into(), ..cp.clone() },
+            Checkpoint { time_ms: 1001, ..cp.clone() },
+            Checkpoint { node: "n2".into(), ..cp.clone() },
+            Checkpoint { sig: "AAAA".into(), ..cp.clone() },
+        ] {
+            assert!(!forged.is_signed_by(&key), "{forged:?}");
+        }
+        let other = KeyPair::generate().unwrap().public().verifying_key().unwrap();
+        assert!(!cp.is_signed_by(&other));
+    }
+}
