@@ -79,6 +79,8 @@ pub struct Agent {
     cancel: CancellationToken,
     tracker: TaskTracker,
     started: watch::Receiver<bool>,
+    /// Stops the HTTP listener first at shutdown (then the rest, with `cancel`).
+    http_cancel: CancellationToken,
     config: Arc<RwLock<Arc<Config>>>,
     service: InferenceService,
     local: Arc<LocalModels>,
@@ -164,12 +166,18 @@ impl Agent {
     /// the models' workers.
     pub async fn shutdown(self) -> Result<(), FatalError> {
         notify::notify("STOPPING=1");
-        self.cancel.cancel();
+        // In order: no new requests and in-flight ones answered; the head signed; then the
+        // other tasks stop (the outbox's last upload carries the checkpoint).
+        self.http_cancel.cancel();
         let result = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), self.server).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(FatalError::Runtime(format!("http server task failed: {e}"))),
             Err(_) => Err(FatalError::Runtime("http server did not stop in time".into())),
         };
+        if let Some(a) = &self.audit {
+            a.checkpoint().await;
+        }
+        self.cancel.cancel();
         self.tracker.close();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
         for name in self.service.repository.names() {
@@ -340,7 +348,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         failures: failures.clone(),
     });
     let app = http::router(state);
-    let server_cancel = cancel.clone();
+    let http_cancel = cancel.child_token();
+    let server_cancel = http_cancel.clone();
     let limits = http::server::Limits::from(&cfg.http);
     let server_tls = tls_handle.clone();
     let server_metrics = service.metrics.clone();
@@ -378,6 +387,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         cancel,
         tracker,
         started: started_rx,
+        http_cancel,
         config,
         service,
         local,

@@ -561,11 +561,12 @@ fn read_response(s: &mut TcpStream) -> Result<(String, Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_without_reading_the_body_keep_http1_connections_and_http2_streams_whole() -> Result<()> {
     let (good, entry) = token("pos", &[Role::Infer], None);
+    let (big, big_entry) = token("big", &[Role::Infer], None);
     let state = tempfile::tempdir()?;
     let text = config(
         state.path(),
         "max_body_bytes = 100000\n",
-        &format!("[auth]\ntokens = [{entry}]\nrate_limit = 0.01\nrate_burst = 2\n"),
+        &format!("[auth]\ntokens = [{entry}, {big_entry}]\nrate_limit = 0.01\nrate_burst = 2\n"),
     );
     let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
     let addr = agent.agent.addr();
@@ -618,7 +619,7 @@ async fn answers_without_reading_the_body_keep_http1_connections_and_http2_strea
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.write_all(
             format!(
-                "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {good}\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+                "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {big}\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
             )
             .as_bytes(),
         )?;
@@ -664,18 +665,17 @@ async fn no_outbound_client_follows_a_redirect_off_the_residency_allow_list() ->
 
     let reg = outpost_tests::registry::TestRegistry::new()?;
     let extra = format!(
-        "{}\n[overflow]\nurl = {allowed:?}\nallow_http = true\nslo_p99 = \"1us\"\n\n[upstream]\nurl = {allowed:?}\nallow_http = true\nflush_interval = \"20ms\"\n\n[privacy]\nresidency_allow = [\"127.0.0.1\"]\n",
+        "{}\n[overflow]\nurl = {allowed:?}\nallow_http = true\n\n[models.faraway]\noverflow = \"remote_only\"\n\n[upstream]\nurl = {allowed:?}\nallow_http = true\nflush_interval = \"20ms\"\n\n[privacy]\nresidency_allow = [\"127.0.0.1\"]\n",
         registry_toml(&allowed, &reg.root_json(), "")
     );
     let agent = TestAgent::start(&[root().join("models")], &extra).await?;
     // The registry: the poll fails, naming the redirect and its target.
     let err = agent.agent.poll_registry().await.err().context("a redirect is an error")?.to_string();
     ensure!(err.contains("redirect refused") && err.contains("127.0.0.2"), "{err}");
-    // Overflow: the request is answered here, and says why it did not go.
-    let (s, answer) = agent.post("/v2/models/mlp/infer", &mlp_request()?).await?;
-    ensure!(s == 200 && answer["parameters"]["route"] == "local", "{s} {answer}");
-    let why = answer["parameters"]["overflow_fallback"].as_str().unwrap_or_default();
-    ensure!(why.contains("redirect refused") && why.contains("127.0.0.2"), "{answer}");
+    // Overflow (a model served only by the target): refused, saying why.
+    let (s, answer) = agent.post("/v2/models/faraway/infer", &mlp_request()?).await?;
+    let why = answer["error"].as_str().unwrap_or_default();
+    ensure!(s == 503 && why.contains("redirect refused") && why.contains("127.0.0.2"), "{s} {answer}");
     // Upstream: the outbox tries, and is refused (bounded wait for its attempt).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !asked.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|p| p.starts_with("/v1/audit")) {

@@ -167,6 +167,8 @@ enum Msg {
     Append(Pending),
     /// A commit made on a caller's thread used up room: zero-fill more, off that caller's path.
     Preallocate,
+    /// Sign the head now (when records came after the last checkpoint), then answer.
+    Checkpoint(oneshot::Sender<()>),
 }
 
 /// Test instrumentation: an ordered trace of durability events, so a test can show that a
@@ -723,6 +725,18 @@ impl Audit {
         sent
     }
 
+    /// Signs the head now when records came after the last checkpoint (before a last upload at
+    /// shutdown, so that the witness gets the head). Resolves once it is durable.
+    pub fn checkpoint(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(Msg::Checkpoint(reply));
+        async move {
+            if sent {
+                let _ = rx.await;
+            }
+        }
+    }
+
     /// Stops accepting appends; the committer finishes what it has, signs a last checkpoint
     /// when records came after the previous one, and exits. Returns once it has (a few ms).
     pub fn close(&self) {
@@ -916,9 +930,11 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
         // Natural batching: everything that arrived while the previous commit was syncing goes
         // into this one. Only with a configured delay does a lone record wait for company.
         let mut batch = Vec::new();
+        let mut checkpoint_asked = Vec::new();
         let mut take = |m: Msg, batch: &mut Vec<Pending>| match m {
             Msg::Append(p) => batch.push(p),
             Msg::Preallocate => preallocate = true,
+            Msg::Checkpoint(reply) => checkpoint_asked.push(reply),
         };
         take(first, &mut batch);
         while batch.len() < 4096 {
@@ -945,6 +961,12 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
                 let _ = p.reply.send(result.clone().map(|first| first + n));
             }
             preallocate = true;
+        }
+        if !checkpoint_asked.is_empty() {
+            let _ = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &[], true);
+            for reply in checkpoint_asked {
+                let _ = reply.send(());
+            }
         }
         if std::mem::take(&mut preallocate) {
             // Room for the next commits, now that this one's answers are free to go.

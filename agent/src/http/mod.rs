@@ -185,7 +185,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
             format!("too many failed authentications from {from}: try again later"),
         );
         e.retry_after = Some(wait);
-        e.close = !finish_body(req.into_body(), UNAUTHENTICATED_DRAIN_CAP).await;
+        e.close = !finish_body_of(req, UNAUTHENTICATED_DRAIN_CAP).await;
         return e.into_response();
     }
     let cert_names = peer.map(|p| p.cert_names).unwrap_or_default();
@@ -220,7 +220,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
                     .await;
             }
             let mut e = ApiError::new(status, denial.to_string());
-            e.close = !finish_body(req.into_body(), UNAUTHENTICATED_DRAIN_CAP).await;
+            e.close = !finish_body_of(req, UNAUTHENTICATED_DRAIN_CAP).await;
             let mut resp = e.into_response();
             if status == StatusCode::UNAUTHORIZED {
                 resp.headers_mut()
@@ -235,7 +235,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
             let mut e =
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("{} is over its rate limit", principal.name));
             e.retry_after = Some(wait);
-            e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
+            e.close = !finish_body_of(req, DRAIN_CAP).await;
             return e.into_response();
         }
     }
@@ -246,7 +246,7 @@ async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Res
 async fn not_found(State(s): State<HttpState>, req: Request) -> ApiError {
     s.service.metrics.record_http_error();
     let mut e = ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", req.uri().path()));
-    e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
+    e.close = !finish_body_of(req, DRAIN_CAP).await;
     e
 }
 
@@ -256,7 +256,7 @@ async fn method_not_allowed(State(s): State<HttpState>, req: Request) -> ApiErro
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method {} not allowed on {}", req.method(), req.uri().path()),
     );
-    e.close = !finish_body(req.into_body(), DRAIN_CAP).await;
+    e.close = !finish_body_of(req, DRAIN_CAP).await;
     e
 }
 
@@ -399,11 +399,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         // A client waiting for `100 Continue` is answered at once and sends nothing more; one
         // already writing its body has it read and dropped (bounded), so that it sees the
         // answer instead of a reset connection.
-        let waits = headers
-            .get(header::EXPECT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
-        e.close = waits || !finish_body(body, DRAIN_CAP).await;
+        e.close = !finish_body(headers, body, DRAIN_CAP).await;
         return Err(e);
     }
     let mut body = body;
@@ -414,7 +410,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 let mut e = too_large();
-                e.close = !finish_body(body, DRAIN_CAP).await;
+                // Already sending (past any `100 Continue`): drained so that it sees the answer.
+                e.close = !finish_body(&HeaderMap::new(), body, DRAIN_CAP).await;
                 return Err(e);
             }
             buf.extend_from_slice(&data);
@@ -423,11 +420,29 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     Ok(Bytes::from(buf))
 }
 
+/// [`finish_body`] for a whole request.
+async fn finish_body_of(req: Request, cap: u64) -> bool {
+    let (parts, body) = req.into_parts();
+    finish_body(&parts.headers, body, cap).await
+}
+
+/// Whether the client waits for `100 Continue` before sending its body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
 /// Reads and drops what is left of a body a handler will not use, bounded in bytes and time,
 /// so that the connection can carry the next request (HTTP/1.1) and the client sees its
 /// stream end normally (HTTP/2). False when the body was not read to its end: the connection
 /// is then closed after the answer.
-async fn finish_body(mut body: Body, cap: u64) -> bool {
+async fn finish_body(headers: &HeaderMap, mut body: Body, cap: u64) -> bool {
+    // A client waiting for `100 Continue` has sent nothing yet: reading would invite the body.
+    if expects_continue(headers) {
+        return false;
+    }
     tokio::time::timeout(DRAIN_TIME, async {
         let mut seen = 0u64;
         loop {
