@@ -402,3 +402,82 @@ async fn registry_unreachable_serves_what_it_has_and_catches_up() -> anyhow::Res
     assert_eq!(infer_golden(&agent, "mlp", "mlp-int8-qdq").await?, "1.1.0");
     agent.stop().await
 }
+
+/// A process's memory figure from /proc (kB): `VmRSS` now, `VmHWM` its peak.
+fn proc_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_blob_declaring_4_gib_streams_in_bounded_memory_while_serving_goes_on() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(dir.path(), &[], &registry_toml(&server.url(), &reg.root_json(), "")))?;
+    let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", path.to_str().unwrap_or_default()])?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", std::time::Duration::from_secs(120))?;
+    let pid = child.child.id();
+    // A careless publisher's mlp@2.0.0: a signed manifest whose blob decompresses to 4 GiB.
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 1)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..4096 {
+        enc.write_all(&zeros)?;
+    }
+    let blob = enc.finish()?;
+    let blob_sha = sha256_hex(&blob);
+    std::fs::write(reg.path().join("blobs/sha256").join(&blob_sha), &blob)?;
+    let mut stmt = reg.statement("mlp")?;
+    stmt.predicate.version = "2.0.0".into();
+    stmt.predicate.blob.sha256 = blob_sha;
+    stmt.predicate.blob.size = blob.len() as u64;
+    stmt.predicate.blob.uncompressed_size = 4 << 30;
+    let manifest = Envelope::sign(MANIFEST_TYPE, &serde_json::to_vec(&stmt)?, &reg.signers()).to_bytes();
+    let sha = sha256_hex(&manifest);
+    std::fs::write(reg.path().join("manifests").join(format!("{sha}.json")), &manifest)?;
+    let mut index = reg.index()?;
+    index.models.get_mut("mlp").expect("mlp").push(IndexEntry {
+        version: "2.0.0".into(),
+        channel: "stable".into(),
+        manifest: DigestRef { sha256: sha, size: manifest.len() as u64 },
+    });
+    index.version += 1;
+    reg.write_index(&index, &reg.signers())?;
+
+    let idle_kb = proc_kb(pid, "VmRSS")?;
+    let http = http_client();
+    let poll = tokio::spawn(http.post(format!("http://{addr}/admin/registry/poll")).send());
+    // Serving goes on while the blob streams through (bounded: at most 100,000 requests).
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let mut served = 0u32;
+    while !poll.is_finished() {
+        anyhow::ensure!(served < 100_000, "the poll did not finish");
+        let r = http.post(format!("http://{addr}/v2/models/mlp/infer")).json(&golden.request(0)).send().await?;
+        assert_eq!(r.status().as_u16(), 200);
+        served += 1;
+    }
+    let answer: serde_json::Value = poll.await??.json().await?;
+    assert!(answer.to_string().contains("decompressed model has sha256"), "{answer}");
+    let peak_kb = proc_kb(pid, "VmHWM")?;
+    eprintln!("4 GiB-declared blob: RSS idle {} MB, peak {} MB; {served} requests served meanwhile", idle_kb / 1024, peak_kb / 1024);
+    assert!(peak_kb < idle_kb + 100 * 1024, "peak RSS {peak_kb} kB against {idle_kb} kB idle");
+    assert!(served > 0);
+    // Nothing of it reached the store.
+    let stored: u64 = std::fs::read_dir(dir.path().join("store/models"))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(stored < 10 << 20, "{stored} bytes in the store");
+    child.signal("TERM")?;
+    assert_eq!(child.wait_exit(std::time::Duration::from_secs(30))?, 0);
+    Ok(())
+}

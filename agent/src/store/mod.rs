@@ -96,6 +96,34 @@ pub struct Store {
     key: Option<crypt::StoreKey>,
 }
 
+/// Decompresses the zstd file `blob` a buffer at a time, handing each to `each`, refused past
+/// `max_size` bytes; returns the sha256 (hex) of what it decompressed to.
+fn decompress_each(
+    blob: &Path,
+    max_size: u64,
+    mut each: impl FnMut(&[u8]) -> Result<(), RegistryError>,
+) -> Result<String, RegistryError> {
+    let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
+    let mut decoder = zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = decoder.read(&mut buf).map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > max_size {
+            return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
+        }
+        hasher.update(&buf[..n]);
+        each(&buf[..n])?;
+        crate::failpoint::hit("store-decompress");
+    }
+    Ok(hex::encode(&hasher.finalize()))
+}
+
 /// Where a model being installed is written: as it is, or sealed with the device key.
 enum ModelWriter {
     Plain(io::BufWriter<File>),
@@ -228,14 +256,18 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Decompresses a verified zstd blob into the store under the model's sha256 as a stream
-    /// (memory: a few buffers, whatever the size): capped at `max_size` bytes while it
-    /// decompresses, hashed and written (encrypted) to a temporary file, which becomes the
-    /// model only when the digest matches, after an fsync.
+    /// Decompresses a verified zstd blob into the store under the model's sha256, as a stream
+    /// (memory: a few buffers, whatever the size), in two passes: the first only hashes what
+    /// the blob decompresses to, capped at `max_size` bytes, so that a blob that is not the
+    /// signed model never reaches the disk; the second writes it (encrypted) to a temporary
+    /// file that becomes the model after an fsync.
     pub fn install_model(&self, blob: &Path, model_sha: &str, max_size: u64) -> Result<PathBuf, RegistryError> {
-        let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
-        let mut decoder =
-            zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
+        let got = decompress_each(blob, max_size, |_| Ok(()))?;
+        if got != model_sha {
+            return Err(RegistryError::Digest(format!(
+                "decompressed model has sha256 {got}, manifest says {model_sha}"
+            )));
+        }
         let dest = self.model_path(model_sha);
         let dir = dest.parent().unwrap_or(Path::new(".")).to_owned();
         let tmp = temp_sibling(&dest);
@@ -243,34 +275,12 @@ impl Store {
         let result = (|| {
             let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(storing)?;
             let mut out = match &self.key {
-                Some(k) => {
-                    ModelWriter::Sealed(crypt::Sealer::new(k, model_sha, io::BufWriter::new(f)).map_err(storing)?)
-                }
+                Some(k) => ModelWriter::Sealed(crypt::Sealer::new(k, model_sha, io::BufWriter::new(f)).map_err(storing)?),
                 None => ModelWriter::Plain(io::BufWriter::new(f)),
             };
-            let mut hasher = sha2::Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut size = 0u64;
-            loop {
-                let n = decoder
-                    .read(&mut buf)
-                    .map_err(|e| RegistryError::Invalid(format!("blob does not decompress: {e}")))?;
-                if n == 0 {
-                    break;
-                }
-                size += n as u64;
-                if size > max_size {
-                    return Err(RegistryError::TooLarge(format!("blob decompresses past {max_size} bytes")));
-                }
-                hasher.update(&buf[..n]);
-                out.write(&buf[..n]).map_err(storing)?;
-                crate::failpoint::hit("store-decompress");
-            }
-            let got = hex::encode(&hasher.finalize());
-            if got != model_sha {
-                return Err(RegistryError::Digest(format!(
-                    "decompressed model has sha256 {got}, manifest says {model_sha}"
-                )));
+            let again = decompress_each(blob, max_size, |chunk| out.write(chunk).map_err(storing))?;
+            if again != model_sha {
+                return Err(RegistryError::Digest(format!("blob changed while it was installed (now {again})")));
             }
             let f = out.finish().map_err(storing)?;
             f.sync_all().map_err(storing)?;
