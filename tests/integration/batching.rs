@@ -585,3 +585,76 @@ fn the_latency_estimate_counts_waits_for_a_core_held_by_other_runs() {
     // What is left of the estimate is the run time, still about one MLP run.
     assert!(estimate - Duration::from_micros(waited) < Duration::from_millis(1), "{estimate:?}");
 }
+
+/// A one-row request of `model` from its golden case `case`, float inputs scaled by `scale`.
+fn scaled_request(golden: &outpost_tests::GoldenSet, case: usize, scale: f64, id: &str) -> Value {
+    let mut body = golden.request(case);
+    for input in body["inputs"].as_array_mut().into_iter().flatten() {
+        if input["datatype"].as_str().is_some_and(|d| d.starts_with("FP")) {
+            if let Some(data) = input["data"].as_array_mut() {
+                for x in data.iter_mut() {
+                    *x = serde_json::json!(x.as_f64().unwrap_or(0.0) * scale);
+                }
+            }
+        }
+    }
+    body["id"] = serde_json::json!(id);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_answered_in_a_batch_equals_the_same_row_answered_alone_for_every_demo_model() -> anyhow::Result<()> {
+    use outpost_tests::DEMO_MODELS;
+    let extra: String =
+        DEMO_MODELS.iter().map(|m| format!("[models.{m}]\nmax_batch = 16\nmax_queue_delay = \"5ms\"\n\n")).collect();
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    // Rows of varied range: each golden case at scales 1/4 to 16 (random draws, fixed seed).
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for model in DEMO_MODELS {
+        let golden = golden_for(&root().join("models").join(model))?;
+        let cases = golden.golden.cases.len();
+        let requests: Vec<Value> = (0..64)
+            .map(|i| {
+                let scale = 2f64.powf(rand_f64(&mut rng) * 6.0 - 2.0);
+                scaled_request(&golden, i % cases, scale, &format!("{model}-{i}"))
+            })
+            .collect();
+        // Alone: one at a time.
+        let mut alone = Vec::new();
+        for r in &requests {
+            let (s, answer) = agent.post(&format!("/v2/models/{model}/infer"), r).await?;
+            anyhow::ensure!(s == 200, "{model}: {s} {answer}");
+            alone.push(outpost::protocol::json::tensors_from_value(answer["outputs"].clone())?);
+        }
+        // Together: 64 at once, batched with each other.
+        let path = format!("/v2/models/{model}/infer");
+        let calls = requests.iter().map(|r| agent.post(&path, r));
+        let together = futures::future::join_all(calls).await;
+        for (i, (r, want)) in together.into_iter().zip(&alone).enumerate() {
+            let (s, answer) = r?;
+            anyhow::ensure!(s == 200, "{model}: {s} {answer}");
+            let have = outpost::protocol::json::tensors_from_value(answer["outputs"].clone())?;
+            for w in want {
+                let h = have.iter().find(|t| t.name == w.name).ok_or_else(|| anyhow::anyhow!("no {}", w.name))?;
+                outpost::engine::golden::compare(h, w, golden.golden.tolerance)
+                    .map_err(|e| anyhow::anyhow!("{model} request {i}, output {}: {e}", w.name))?;
+            }
+        }
+        let (_, meta) = agent.get(&format!("/v2/models/{model}")).await?;
+        let p = &meta["parameters"];
+        eprintln!("{model}: max_batch {}, runs {}, batching_off {}", p["max_batch"], p["runs"], p["batching_off"]);
+        anyhow::ensure!(
+            p["max_batch"] == 16 || p["batching_off"].is_string(),
+            "batching is on, or the metadata says why not: {meta}"
+        );
+    }
+    agent.stop().await
+}
+
+/// A uniform draw in [0, 1) (xorshift64*: repeatable, no dependency).
+fn rand_f64(state: &mut u64) -> f64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -467,7 +467,11 @@ async fn attack_a_blob_declaring_4_gib_streams_in_bounded_memory_while_serving_g
     let answer: serde_json::Value = poll.await??.json().await?;
     assert!(answer.to_string().contains("decompressed model has sha256"), "{answer}");
     let peak_kb = proc_kb(pid, "VmHWM")?;
-    eprintln!("4 GiB-declared blob: RSS idle {} MB, peak {} MB; {served} requests served meanwhile", idle_kb / 1024, peak_kb / 1024);
+    eprintln!(
+        "4 GiB-declared blob: RSS idle {} MB, peak {} MB; {served} requests served meanwhile",
+        idle_kb / 1024,
+        peak_kb / 1024
+    );
     assert!(peak_kb < idle_kb + 100 * 1024, "peak RSS {peak_kb} kB against {idle_kb} kB idle");
     assert!(served > 0);
     // Nothing of it reached the store.

@@ -99,6 +99,52 @@ impl Golden {
     }
 }
 
+impl Golden {
+    /// Whether each row's answer is its own: every case, as it is and with its float inputs a
+    /// quarter as wide, run alone and then joined on the batch axis with each case's inputs 16
+    /// times wider (a companion of another range), must give the same rows within the
+    /// tolerance. Err names the output that changed.
+    pub fn rows_independent(&self, model: &LoadedModel) -> Result<(), String> {
+        use super::batch::{compatible, concat, rows, split};
+        let scaled = |inputs: &[Tensor], k: f32| -> Vec<Tensor> {
+            inputs
+                .iter()
+                .map(|t| {
+                    let mut t = t.clone();
+                    match &mut t.data {
+                        TensorData::F16(v) | TensorData::F32(v) => v.iter_mut().for_each(|x| *x *= k),
+                        TensorData::F64(v) => v.iter_mut().for_each(|x| *x *= f64::from(k)),
+                        _ => {}
+                    }
+                    t
+                })
+                .collect()
+        };
+        let mut cases = Vec::new();
+        for case in &self.cases {
+            cases.push(model.validate(case.inputs.clone()).map_err(|e| e.to_string())?);
+        }
+        let owns: Vec<Vec<Tensor>> = cases.iter().flat_map(|c| [c.clone(), scaled(c, 0.25)]).collect();
+        let companions: Vec<Vec<Tensor>> = cases.iter().map(|c| scaled(c, 16.0)).collect();
+        for own in &owns {
+            let Ok(alone) = model.run(own.clone()) else { continue };
+            for companion in companions.iter().filter(|c| compatible(own, c)) {
+                let split_at = [rows(own), rows(companion)];
+                let joined = concat(vec![own.clone(), companion.clone()])?;
+                let Ok(out) = model.run(joined) else { continue };
+                let Some(together) = split(out, &split_at)?.into_iter().next() else { continue };
+                for want in &alone {
+                    let Some(have) = together.iter().find(|t| t.name == want.name) else { continue };
+                    compare(have, want, self.tolerance).map_err(|e| {
+                        format!("output '{}' of a row changes with the rows it shares a run with ({e})", want.name)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Compares one output with its expected value; returns the largest absolute error.
 pub fn compare(have: &Tensor, want: &Tensor, tol: Tolerance) -> Result<f64, String> {
     if have.shape != want.shape {

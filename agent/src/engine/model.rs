@@ -126,6 +126,10 @@ pub struct LoadedModel {
     index_bounds: Vec<(String, i64)>,
     /// Whether float inputs may hold NaN or infinities (`models.<name>.allow_non_finite`).
     pub allow_non_finite: bool,
+    /// Why rows may not share a run with other callers' rows: the loader found a row's answer
+    /// changing with its batch companions (e.g. dynamic quantization scales computed over the
+    /// batch). `None`: independent, or not checked.
+    pub rows_depend: Option<String>,
 }
 
 /// Graph inputs used directly (or through a `Cast`) as the indices of a `Gather` whose table is
@@ -356,6 +360,7 @@ impl LoadedModel {
             symbolic: std::sync::RwLock::new(None),
             index_bounds: index_bounds(proto),
             allow_non_finite: false,
+            rows_depend: None,
         })
     }
 

@@ -206,6 +206,14 @@ impl Served {
     pub fn start(name: &str, version: &str, model: Arc<LoadedModel>, opts: &ServeOptions) -> Served {
         let max_queue = opts.max_queue.max(1);
         let batching = opts.batch.clone().filter(|p| {
+            if let Some(why) = model.rows_depend.as_deref().filter(|_| p.max_batch > 1) {
+                tracing::warn!(
+                    model = name,
+                    reason = why,
+                    "batching configured but off: a row's answer depends on its batch"
+                );
+                return false;
+            }
             let usable = p.max_batch > 1 && model.batch_axis();
             if p.max_batch > 1 && !usable {
                 tracing::warn!(

@@ -330,6 +330,7 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "plan_shapes": if served.model.symbolic() { "symbolic" } else { "concrete" },
         "plan_candidates": candidates,
         "max_batch": served.batching.as_ref().map_or(1, |b| b.max_batch),
+        "batching_off": served.model.rows_depend,
         "max_queue_delay_us": served.batching.as_ref().map_or(0, |b| b.max_delay.as_micros() as u64),
         "preferred_batch": served.batching.as_ref().map(|b| b.preferred.clone()).unwrap_or_default(),
         "batch_sizes": served.batching.as_ref().map(|b| b.sizes.clone()).unwrap_or_default(),

@@ -139,6 +139,15 @@ pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<
         detail.push_str(&consider_symbolic(&model, golden));
     }
     model.allow_non_finite = cfg.allow_non_finite;
+    // Batching joins callers' rows in one run: only for models whose rows are independent.
+    if let (Some(golden), Some(policy)) = (&golden, &cfg.batch) {
+        if policy.max_batch > 1 && model.batch_axis() {
+            if let Err(why) = golden.rows_independent(&model) {
+                detail.push_str(&format!("; batching off: {why}"));
+                model.rows_depend = Some(why);
+            }
+        }
+    }
     warm(&model, cfg, onnx.len())?;
     Ok(Prepared { model, detail, bytes: onnx.len() })
 }

@@ -104,7 +104,8 @@ fn decompress_each(
     mut each: impl FnMut(&[u8]) -> Result<(), RegistryError>,
 ) -> Result<String, RegistryError> {
     let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
-    let mut decoder = zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
+    let mut decoder =
+        zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut size = 0u64;
@@ -275,7 +276,9 @@ impl Store {
         let result = (|| {
             let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(storing)?;
             let mut out = match &self.key {
-                Some(k) => ModelWriter::Sealed(crypt::Sealer::new(k, model_sha, io::BufWriter::new(f)).map_err(storing)?),
+                Some(k) => {
+                    ModelWriter::Sealed(crypt::Sealer::new(k, model_sha, io::BufWriter::new(f)).map_err(storing)?)
+                }
                 None => ModelWriter::Plain(io::BufWriter::new(f)),
             };
             let again = decompress_each(blob, max_size, |chunk| out.write(chunk).map_err(storing))?;
