@@ -175,7 +175,7 @@ impl GoldenSet {
         for want in self.golden.cases[i].outputs.iter().filter(|t| names.contains(&t.name.as_str())) {
             let have = got.iter().find(|t| t.name == want.name).ok_or_else(|| anyhow!("no output {}", want.name))?;
             max_err = max_err
-                .max(compare(have, want, self.golden.tolerance).map_err(|e| anyhow!("output {}: {e}", want.name))?);
+                .max(compare(have, want, &self.golden.tolerance).map_err(|e| anyhow!("output {}: {e}", want.name))?);
         }
         Ok(max_err)
     }

@@ -636,7 +636,7 @@ async fn a_row_answered_in_a_batch_equals_the_same_row_answered_alone_for_every_
             let have = outpost::protocol::json::tensors_from_value(answer["outputs"].clone())?;
             for w in want {
                 let h = have.iter().find(|t| t.name == w.name).ok_or_else(|| anyhow::anyhow!("no {}", w.name))?;
-                outpost::engine::golden::compare(h, w, golden.golden.tolerance)
+                outpost::engine::golden::compare(h, w, &golden.golden.tolerance)
                     .map_err(|e| anyhow::anyhow!("{model} request {i}, output {}: {e}", w.name))?;
             }
         }

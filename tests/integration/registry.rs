@@ -485,3 +485,74 @@ async fn attack_a_blob_declaring_4_gib_streams_in_bounded_memory_while_serving_g
     assert_eq!(child.wait_exit(std::time::Duration::from_secs(30))?, 0);
     Ok(())
 }
+
+/// `outpost model publish` of `model` with `golden` into `reg`, as the README shows it.
+fn publish_cli(
+    reg: &TestRegistry,
+    key: &std::path::Path,
+    model: &std::path::Path,
+    golden: &std::path::Path,
+) -> anyhow::Result<(i32, String)> {
+    let out = std::process::Command::new(outpost_bin())
+        .args(["model", "publish"])
+        .arg(model)
+        .args(["--name", "candidate", "--version", "1.0.0", "--key"])
+        .arg(key)
+        .arg("--registry")
+        .arg(reg.path())
+        .arg("--golden")
+        .arg(golden)
+        .output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+#[test]
+fn the_readme_publish_workflow_refuses_a_model_tract_computes_wrongly_and_a_meaningless_tolerance() -> anyhow::Result<()>
+{
+    let reg = TestRegistry::new()?;
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("index");
+    reg.index_keys[0].save(&key, None)?;
+    let key = key.with_extension("key");
+    let before = std::fs::read(reg.path().join("index.json"))?;
+
+    // A golden file whose tolerance also accepts the outputs permuted: refused before loading.
+    let mut loose: serde_json::Value = serde_json::from_slice(&std::fs::read(root().join("models/cnn/golden.json"))?)?;
+    loose["tolerance"]["atol"] = json!(1.0);
+    let loose_path = keys.path().join("loose.json");
+    std::fs::write(&loose_path, serde_json::to_vec(&loose)?)?;
+    let (code, err) = publish_cli(&reg, &key, &root().join("models/cnn/model.onnx"), &loose_path)?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("output 'probabilities'") && err.contains("cannot tell"), "{err}");
+
+    // ONNX Runtime's default static QDQ of MiniLM, which tract runs to wrong embeddings: the
+    // README's commands (make-golden.py with its defaults, then publish) refuse it.
+    let fixture = root().join(".cache/fixtures/minilm-int8-qdq-default");
+    if !fixture.join("model.onnx").is_file() {
+        assert!(!full_suite(), "OUTPOST_TEST_FULL=1 but the MiniLM fixture is not built");
+        eprintln!("skipped the MiniLM part: scripts/gen-models.sh --minilm");
+        return Ok(());
+    }
+    let python = std::env::var("OUTPOST_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let fixture_golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("golden.json"))?)?;
+    let cases: Vec<&serde_json::Value> =
+        fixture_golden["cases"].as_array().into_iter().flatten().map(|c| &c["inputs"]).collect();
+    let cases_path = keys.path().join("cases.json");
+    std::fs::write(&cases_path, serde_json::to_vec(&cases)?)?;
+    let golden = keys.path().join("golden.json");
+    let out = std::process::Command::new(python)
+        .arg(root().join("scripts/make-golden.py"))
+        .arg(fixture.join("model.onnx"))
+        .arg("--inputs")
+        .arg(&cases_path)
+        .arg("--out")
+        .arg(&golden)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedding: embedding"));
+    let (code, err) = publish_cli(&reg, &key, &fixture.join("model.onnx"), &golden)?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cosine similarity"), "{err}");
+    assert_eq!(std::fs::read(reg.path().join("index.json"))?, before, "index untouched");
+    Ok(())
+}

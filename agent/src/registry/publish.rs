@@ -138,6 +138,9 @@ pub fn publish(dir: &Path, p: &Publication, signers: &[&KeyPair]) -> Result<Stri
         std::fs::read(p.golden).map_err(|e| RegistryError::Io(format!("{}: {e}", p.golden.display())))?;
     let golden: serde_json::Value =
         serde_json::from_slice(&golden_bytes).map_err(|e| RegistryError::Invalid(format!("golden file: {e}")))?;
+    crate::engine::golden::Golden::parse(&golden_bytes)
+        .and_then(|g| g.tolerances_discriminate())
+        .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.golden.display())))?;
     let prepared = crate::lifecycle::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default())
         .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.model.display())))?;
     let sig = &prepared.model.signature;
