@@ -6,7 +6,11 @@ only; every run bounded by --seconds. Run through scripts/bench-serve.sh, which 
 peers and wrk.
 
     bench-serve.py --outpost BIN --mlserver-python PY --kserve-python PY [--seconds 5]
-                   [--models mlp,cnn,minilm] [--concurrency 1,8,64]
+                   [--models mlp,cnn,minilm] [--concurrency 1,8,64] [--baseline BIN] [--peers none]
+
+--baseline BIN adds the same agent built from another commit (audit log on), alternated with
+the others in the same run: a before/after comparison. --peers none leaves out MLServer and
+KServe (and the agent with the audit log off).
 """
 import argparse
 import json
@@ -135,14 +139,15 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_outpost(binary, name, src, work, audit=True):
-    models = work / f"outpost-models-{audit}"
+def start_outpost(binary, name, src, work, audit=True, label=None):
+    tag = f"{audit}-{label or ''}".replace(" ", "-").replace(",", "")
+    models = work / f"outpost-models-{tag}"
     shutil.rmtree(models, ignore_errors=True)
     shutil.copytree(src, models / name)
     port = free_port()
-    cfg = work / f"outpost-{audit}.toml"
+    cfg = work / f"outpost-{tag}.toml"
     cfg.write_text(
-        f'[node]\nsite = "bench"\nname = "bench"\nstate_dir = "{work / f"outpost-state-{audit}"}"\n\n'
+        f'[node]\nsite = "bench"\nname = "bench"\nstate_dir = "{work / f"outpost-state-{tag}"}"\n\n'
         f'[http]\nlisten = "127.0.0.1:{port}"\n\n[local_models]\ndirs = ["{models}"]\n\n'
         f"[audit]\nenabled = {'true' if audit else 'false'}\n\n"
         f'[models.{name}]\nmax_queue = 1024\nmax_batch = 8\nmax_queue_delay = "0s"\n'
@@ -150,12 +155,12 @@ def start_outpost(binary, name, src, work, audit=True):
     env = dict(os.environ, RUST_LOG="warn")
     base = f"http://127.0.0.1:{port}"
     return Server(
-        "Outpost" if audit else "Outpost, audit off",
+        label or ("Outpost" if audit else "Outpost, audit off"),
         [binary, "run", "--config", str(cfg)],
         f"{base}/v2/models/{name}/ready",
         f"{base}/v2/models/{name}/infer",
         env=env,
-        log=work / f"outpost-{audit}.log",
+        log=work / f"outpost-{tag}.log",
     ), base
 
 
@@ -204,12 +209,16 @@ def start_kserve(python, name, src, work):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outpost", required=True)
-    ap.add_argument("--mlserver-python", required=True)
-    ap.add_argument("--kserve-python", required=True)
+    ap.add_argument("--mlserver-python")
+    ap.add_argument("--kserve-python")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--models", default="mlp,cnn,minilm")
     ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--baseline", help="the agent built from another commit, for a before/after run")
+    ap.add_argument("--peers", default="all", choices=["all", "none"])
     args = ap.parse_args()
+    if args.peers == "all" and not (args.mlserver_python and args.kserve_python):
+        sys.exit("--mlserver-python and --kserve-python are needed unless --peers none")
     if not 1 <= args.seconds <= 60:
         sys.exit("--seconds must be 1-60")
     concs = [int(c) for c in args.concurrency.split(",")]
@@ -223,9 +232,12 @@ def main():
             outpost, base = start_outpost(args.outpost, name, src, work)
             servers = [outpost]
             try:
-                servers.append(start_outpost(args.outpost, name, src, work, audit=False)[0])
-                servers.append(start_mlserver(args.mlserver_python, name, src, work))
-                servers.append(start_kserve(args.kserve_python, name, src, work))
+                if args.baseline:
+                    servers.append(start_outpost(args.baseline, name, src, work, label="Outpost, baseline")[0])
+                if args.peers == "all":
+                    servers.append(start_outpost(args.outpost, name, src, work, audit=False)[0])
+                    servers.append(start_mlserver(args.mlserver_python, name, src, work))
+                    servers.append(start_kserve(args.kserve_python, name, src, work))
                 # Warm every server, then alternate servers at each concurrency.
                 for s in servers:
                     wrk(s.infer_url, body, 1, 1, work)
