@@ -508,6 +508,11 @@ async fn a_flood_of_unauthenticated_requests_neither_fills_the_audit_log_nor_sto
     // Inference from the point of sale goes on.
     let (s, _, answer) = call(&agent.http, "POST", &url, Some(&good), Some(&mlp_request()?)).await?;
     ensure!(s == 200, "{s} {answer}");
+    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    ensure!(
+        m.contains(&format!("outpost_http_access_denied_total{{reason=\"source_blocked\"}} {refused}")),
+        "{m}"
+    );
     let grown = audit.retained_bytes() - before;
     ensure!(grown < 16 * 1024, "the audit log grew by {grown} bytes for 100,000 refused requests");
     let state = agent.stop_keep_state().await?;

@@ -30,7 +30,7 @@ struct ModelMetrics {
 type OverflowKey = (String, &'static str, &'static str);
 
 /// Reasons access control refuses a request, as `/metrics` labels them.
-pub const ACCESS_DENIALS: [&str; 3] = ["unauthenticated", "forbidden", "rate_limited"];
+pub const ACCESS_DENIALS: [&str; 4] = ["unauthenticated", "forbidden", "rate_limited", "source_blocked"];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -38,7 +38,7 @@ pub struct Metrics {
     http_errors: AtomicU64,
     audit_refusals: AtomicU64,
     /// Requests refused by access control: unauthenticated, forbidden, rate limited.
-    access_denied: [AtomicU64; 3],
+    access_denied: [AtomicU64; 4],
     connections_refused: AtomicU64,
     /// HTTP connections accepted and not yet finished (each holds a `max_connections` slot).
     pub connections_open: AtomicU64,
