@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::locks::MutexExt;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -254,7 +255,7 @@ impl RateLimiter {
     pub fn check(&self, principal: &str, rate: f64, burst: u32) -> Result<(), std::time::Duration> {
         let now = Instant::now();
         let burst = f64::from(burst.max(1));
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.buckets.locked();
         if map.len() >= Self::MAX_PRINCIPALS && !map.contains_key(principal) {
             map.clear();
         }
@@ -322,7 +323,7 @@ impl FailureGuard {
     /// Before authenticating: `Err(wait)` while `source` has spent its failure budget (the
     /// refusal is counted for its summary).
     pub fn admit(&self, source: std::net::IpAddr) -> Result<(), std::time::Duration> {
-        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.sources.locked();
         let Some(f) = map.get_mut(&source) else { return Ok(()) };
         self.refill(f, Instant::now());
         if f.tokens >= 1.0 {
@@ -336,7 +337,7 @@ impl FailureGuard {
     /// (the first of its window), false when only counted.
     pub fn failed(&self, source: std::net::IpAddr) -> bool {
         let now = Instant::now();
-        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.sources.locked();
         if map.len() >= Self::MAX_SOURCES && !map.contains_key(&source) {
             // Forget the sources that have earned their budget back.
             let full = self.burst;
@@ -362,7 +363,7 @@ impl FailureGuard {
     /// them; those sources start a new window. Sources quiet for a whole window are forgotten.
     pub fn due(&self, shutdown: bool) -> Vec<FailureSummary> {
         let now = Instant::now();
-        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.sources.locked();
         let mut out = Vec::new();
         map.retain(|source, f| {
             let age = now.duration_since(f.window_start);

@@ -288,7 +288,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
     match cli.command {
         Command::CheckConfig { config } => {
             let c = load_config(config.as_ref())?;
-            crate::check_against_store(&c)?;
+            crate::check_environment(&c)?;
             match &c.path {
                 Some(p) => println!("{}: ok", p.display()),
                 None => println!("dev profile: ok"),
@@ -406,7 +406,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match load_config(path.as_ref()).and_then(|c| crate::check_against_store(&c).map(|()| c)) {
+                match load_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c)) {
                     Ok(new) => agent.reload(new).await,
                     Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
                 }

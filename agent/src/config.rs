@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::registry::sync::RegistryConfig;
-
 /// Largest request body the agent accepts, whatever the configuration says.
 pub const MAX_BODY_CEILING: usize = 1 << 30;
 
@@ -28,6 +26,118 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+}
+
+// ------------------------------------------------------------------------------------------
+// Settings of the parts that config does not depend on (they depend on config)
+// ------------------------------------------------------------------------------------------
+
+/// `[registry]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub trusted_root: PathBuf,
+    pub poll_interval: Duration,
+    pub channel: String,
+    pub allow_http: bool,
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+    /// Largest compressed blob downloaded.
+    pub max_blob_bytes: u64,
+    /// Largest model a blob may decompress to.
+    pub max_model_bytes: u64,
+}
+
+/// `[mqtt]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub topic_prefix: String,
+    /// Shared-subscription group; empty: a plain subscription.
+    pub shared_group: String,
+    pub qos: u8,
+    pub keep_alive: Duration,
+    /// Requests in flight (MQTT v5 Receive Maximum).
+    pub inflight: u16,
+    pub session_expiry: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub max_payload_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// `[upstream]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    /// Bytes of telemetry kept while upstream is unreachable; the oldest goes first.
+    pub quota_bytes: u64,
+    pub batch_records: usize,
+    pub flush_interval: Duration,
+    pub telemetry_interval: Duration,
+    pub timeout: Duration,
+    pub ca: Option<PathBuf>,
+    pub allow_http: bool,
+}
+
+/// `[overflow]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverflowConfig {
+    /// Base URL of the target's V2 API (no trailing slash).
+    pub url: String,
+    /// The URL's host, checked against the residency allow-list before every send.
+    pub host: String,
+    /// Default latency objective: a request the box is estimated to answer later than this goes
+    /// upstream.
+    pub slo_p99: Duration,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Per upstream request, capped by the request's own deadline.
+    pub timeout: Duration,
+    /// Send tensors with the binary tensor extension (else JSON).
+    pub binary: bool,
+    /// Failures (errors, timeouts) within `failure_window` that open the breaker.
+    pub failure_threshold: u32,
+    pub failure_window: Duration,
+    /// How long the breaker stays open before a half-open probe.
+    pub open_for: Duration,
+}
+
+/// When a model may use the overflow target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OverflowMode {
+    /// When the local answer would miss the objective, the queue is full, or confidence is low.
+    #[default]
+    Auto,
+    /// Never (whatever the manifest allows).
+    Never,
+    /// Always upstream: the model is not served on this box (too large). The operator states
+    /// that its inputs may leave the site; sensitive tensors and residency rules still apply.
+    RemoteOnly,
+}
+
+/// `[models.<name>]` overflow keys.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOverflow {
+    pub mode: OverflowMode,
+    /// The model's name on the target (default: the same).
+    pub remote_model: Option<String>,
+    pub remote_version: Option<String>,
+    /// Overrides `overflow.slo_p99`.
+    pub slo_p99: Option<Duration>,
+    /// Output holding class probabilities; its top value is the answer's confidence.
+    pub confidence_output: Option<String>,
+    /// Below this confidence the target's answer is asked for.
+    pub confidence_min: Option<f64>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -272,11 +382,11 @@ pub struct Config {
     pub audit: Option<crate::audit::AuditConfig>,
     pub privacy: PrivacyConfig,
     /// The telemetry/audit collector; `None` keeps everything on the box.
-    pub upstream: Option<crate::outbox::UpstreamConfig>,
+    pub upstream: Option<UpstreamConfig>,
     /// MQTT request/response; `None`: no MQTT.
-    pub mqtt: Option<crate::mqtt::MqttConfig>,
+    pub mqtt: Option<MqttConfig>,
     /// The overflow target (a V2 server in the data centre); `None`: everything is served here.
-    pub overflow: Option<crate::overflow::OverflowConfig>,
+    pub overflow: Option<OverflowConfig>,
     /// Tokens, client certificates and roles; `None` (loopback only): everything open.
     pub auth: Option<crate::auth::AuthConfig>,
     /// The model store's device key file; `None` when `[store] encrypt = false`.
@@ -361,7 +471,7 @@ pub struct ModelConfig {
     /// Canary for new registry versions; `None` switches at once.
     pub canary: Option<CanaryConfig>,
     /// When this model's requests may go to the overflow target.
-    pub overflow: crate::overflow::ModelOverflow,
+    pub overflow: ModelOverflow,
     /// `false` forbids overflow whatever the signed manifest allows (configuration can only
     /// tighten residency).
     pub may_leave_site: bool,
@@ -416,7 +526,7 @@ impl Default for ModelConfig {
             intra_op_threads: None,
             version_policy: VersionPolicy::Latest,
             canary: None,
-            overflow: crate::overflow::ModelOverflow::default(),
+            overflow: ModelOverflow::default(),
             may_leave_site: true,
             cache_bytes: 0,
         }
@@ -638,7 +748,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         return Err(err("http.request_timeout must be between 1us and 1h".into()));
     }
 
-    let http = validate_http(&raw.http, listen, max_body as usize, request_timeout, raw.auth.is_some(), dev, &resolve)
+    let http = validate_http(&raw.http, listen, max_body as usize, request_timeout, raw.auth.is_some(), &resolve)
         .map_err(err)?;
     let auth = raw.auth.map(validate_auth).transpose().map_err(err)?;
     let engine_threads = raw.engine.threads.map_or_else(crate::engine::cpu::cores, |t| t as usize);
@@ -737,7 +847,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
             let dur = |v: Option<String>, d: &str, k: &str| {
                 parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| err(format!("upstream.{k}: {e}")))
             };
-            Some(crate::outbox::UpstreamConfig {
+            Some(UpstreamConfig {
                 url: u.url,
                 token_file: u.token_file.map(resolve),
                 quota_bytes: u.quota_bytes.unwrap_or(1 << 30),
@@ -818,7 +928,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
             }
             ("pinned", Some(v)) if !v.is_empty() => {
                 for ver in &v {
-                    if crate::registry::SemVer::parse(ver).is_none() {
+                    if outpost_proto::registry::SemVer::parse(ver).is_none() {
                         return Err(err(format!("models.{mname}.versions: '{ver}' is not a semantic version")));
                     }
                 }
@@ -935,7 +1045,6 @@ fn validate_http(
     max_body_bytes: usize,
     request_timeout: Duration,
     has_auth: bool,
-    dev: bool,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<HttpConfig, String> {
     let tls = match (&h.tls_cert, &h.tls_key) {
@@ -963,11 +1072,6 @@ fn validate_http(
                 "http.listen {listen} is not a loopback address: set http.tls_cert and http.tls_key \
                  (or http.allow_plaintext = true to serve the LAN without TLS)"
             ));
-        }
-    }
-    if let Some(t) = &tls {
-        if !dev {
-            crate::tls::server_config(t).map_err(|e| format!("http TLS: {e}"))?;
         }
     }
     let dur = |v: &Option<String>, d: &str, k: &str| -> Result<Duration, String> {
@@ -1023,7 +1127,7 @@ fn validate_auth(a: RawAuth) -> Result<crate::auth::AuthConfig, String> {
         }
         let who = format!("token '{}'", t.name);
         let token_roles = roles(&t.roles, &who)?;
-        let bytes = crate::registry::hex::decode(&t.sha256)
+        let bytes = outpost_proto::registry::hex::decode(&t.sha256)
             .filter(|b| b.len() == 32)
             .ok_or_else(|| format!("auth: {who}: sha256 must be 64 hex digits (see `outpost token create`)"))?;
         let mut sha256 = [0u8; 32];
@@ -1059,7 +1163,7 @@ fn validate_mqtt(
     node: &str,
     http_timeout: Duration,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
-) -> Result<crate::mqtt::MqttConfig, String> {
+) -> Result<MqttConfig, String> {
     let url = m.url.unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
@@ -1103,7 +1207,7 @@ fn validate_mqtt(
     if client_id.is_empty() || client_id.len() > 128 {
         return Err("mqtt.client_id must be 1-128 characters".into());
     }
-    Ok(crate::mqtt::MqttConfig {
+    Ok(MqttConfig {
         host,
         port,
         tls,
@@ -1147,7 +1251,7 @@ fn validate_registry(
     let trusted_root = resolve(r.trusted_root);
     let root_bytes =
         std::fs::read(&trusted_root).map_err(|e| format!("registry.trusted_root {}: {e}", trusted_root.display()))?;
-    match crate::registry::trust::root_is_demo(&root_bytes) {
+    match outpost_proto::registry::root_is_demo(&root_bytes) {
         None => return Err(format!("registry.trusted_root {} is not a registry root", trusted_root.display())),
         Some(true) if !dev => {
             return Err(format!(
@@ -1188,7 +1292,7 @@ fn validate_overflow(
     o: RawOverflow,
     residency_allow: &[String],
     resolve: &dyn Fn(PathBuf) -> PathBuf,
-) -> Result<crate::overflow::OverflowConfig, String> {
+) -> Result<OverflowConfig, String> {
     let allow_http = o.allow_http.unwrap_or(false);
     if !(o.url.starts_with("https://") || (allow_http && o.url.starts_with("http://"))) {
         return Err(format!("overflow.url '{}' must be https:// (http:// needs overflow.allow_http = true)", o.url));
@@ -1207,7 +1311,7 @@ fn validate_overflow(
         }
         Ok(d)
     };
-    Ok(crate::overflow::OverflowConfig {
+    Ok(OverflowConfig {
         url: o.url.trim_end_matches('/').to_owned(),
         host,
         slo_p99: dur(o.slo_p99, "50ms", "slo_p99")?,
@@ -1223,8 +1327,7 @@ fn validate_overflow(
     })
 }
 
-fn validate_model_overflow(name: &str, m: &RawModel) -> Result<crate::overflow::ModelOverflow, String> {
-    use crate::overflow::{ModelOverflow, OverflowMode};
+fn validate_model_overflow(name: &str, m: &RawModel) -> Result<ModelOverflow, String> {
     let mode = match m.overflow.as_deref().unwrap_or("auto") {
         "auto" => OverflowMode::Auto,
         "never" => OverflowMode::Never,
@@ -1355,10 +1458,6 @@ mod tests {
         assert_eq!(a.tokens[0].roles, vec![crate::auth::Role::Infer]);
         assert_eq!(a.tokens[0].models.as_deref(), Some(&["mlp".to_owned()][..]));
         assert_eq!(c.store_key_file, Some(PathBuf::from("/var/lib/outpost/store.key")));
-        // TLS files are read at validation: a missing certificate is a config error.
-        let tls = format!("[http]\nlisten = \"0.0.0.0:8080\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n{auth}");
-        let e = parse(&tls).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/c.pem"), "{e}");
     }
 
     #[test]

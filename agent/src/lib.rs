@@ -12,6 +12,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
+pub mod locks;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::locks::RwLockExt;
 use api::{InferenceService, LogSink, Repository};
 use config::{Config, ConfigError};
 use lifecycle::LocalModels;
@@ -111,7 +113,7 @@ impl Agent {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config.read_locked().clone()
     }
 
     /// Applies a new, already validated configuration: model settings and directories take
@@ -133,7 +135,7 @@ impl Agent {
         }
         engine::cpu::set_threads(new.engine_threads);
         let new = Arc::new(new);
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        *self.config.write_locked() = new.clone();
         let refused = self.local.reconcile(&self.service, &new).await;
         tracing::info!(refused = refused.len(), "configuration reloaded");
         notify::notify("READY=1");
@@ -199,7 +201,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         FatalError::Runtime(format!("cannot create state directory {}: {e}", config.node.state_dir.display()))
     })?;
     let lock = lock_state_dir(&config.node.state_dir)?;
-    check_against_store(&config)?;
+    check_environment(&config)?;
     let tls_handle = match &config.http.tls {
         Some(files) => Some(Arc::new(
             http::server::TlsHandle::new(files).map_err(|e| FatalError::Runtime(format!("http TLS: {e}")))?,
@@ -240,7 +242,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         }
     };
     let primary: Arc<dyn api::EventSink> = match &audit {
-        Some(a) => Arc::new(audit::sink::AuditSink::new(a.clone(), metrics.clone())),
+        Some(a) => Arc::new(api::audit_sink::AuditSink::new(a.clone(), metrics.clone())),
         None => Arc::new(LogSink),
     };
     let (lifecycle_tx, _) = tokio::sync::broadcast::channel(256);
@@ -252,7 +254,6 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             overflow::Overflow::new(oc.clone(), Some(privacy.clone()))
                 .map_err(|e| FatalError::Runtime(format!("overflow: {e}")))?,
         );
-        *service.metrics.overflow_breaker.write().unwrap_or_else(|p| p.into_inner()) = Some(ov.clone());
         tracing::info!(target_url = %oc.url, slo_p99 = ?oc.slo_p99, "overflow target configured");
         service.overflow = Some(ov);
     }
@@ -261,7 +262,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let started_flag = Arc::new(AtomicBool::new(false));
     let (started_tx, started_rx) = watch::channel(false);
     let local = Arc::new(LocalModels::default());
-    let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let cfg = config.read_locked().clone();
 
     // The registry task first: the service must carry its verdict channel before anything
     // clones the service.
@@ -400,15 +401,20 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     })
 }
 
-/// Settings that the installed signed manifests forbid (the configuration may only tighten a
-/// manifest): a configuration error naming the model and the key.
-pub fn check_against_store(config: &Config) -> Result<(), FatalError> {
+/// What a configuration needs beyond its own text, checked by `check-config`, at start and at
+/// reload: the listener's TLS files load, and no setting loosens an installed signed manifest
+/// (the configuration may only tighten one). A configuration error names the key.
+pub fn check_environment(config: &Config) -> Result<(), FatalError> {
+    let invalid = |message: String| {
+        let path = config.path.clone().unwrap_or_else(|| "dev profile".into());
+        FatalError::Config(ConfigError::Invalid { path, message })
+    };
+    if let (Some(files), Some(_)) = (&config.http.tls, &config.path) {
+        tls::server_config(files).map_err(|e| invalid(format!("http TLS: {e}")))?;
+    }
     match registry::sync::residency_conflicts(config).into_iter().next() {
         None => Ok(()),
-        Some(message) => {
-            let path = config.path.clone().unwrap_or_else(|| "dev profile".into());
-            Err(FatalError::Config(ConfigError::Invalid { path, message }))
-        }
+        Some(message) => Err(invalid(message)),
     }
 }
 
@@ -476,7 +482,7 @@ impl AgentControl {
     }
 
     fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config.read_locked().clone()
     }
 
     /// A registry model goes through the registry task (which owns the store); otherwise a
@@ -590,4 +596,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let agent = start(config).await?;
     shutdown.await;
     agent.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moved from `config` (which no longer reads files outside its text): TLS files are read
+    /// when a configuration is checked, and a missing certificate is a configuration error.
+    #[test]
+    fn a_missing_tls_certificate_is_a_configuration_error() {
+        let digest = "0".repeat(64);
+        let text = format!(
+            "[http]\nlisten = \"0.0.0.0:8080\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n\
+             [auth]\ntokens = [{{ name = \"pos\", sha256 = \"{digest}\", roles = [\"infer\"] }}]\n"
+        );
+        let config = Config::parse(&text, std::path::Path::new("/etc/outpost/outpost.toml")).expect("valid text");
+        let e = check_environment(&config).expect_err("the certificate is missing");
+        assert_eq!(e.exit_code(), 78);
+        assert!(e.to_string().contains("/nonexistent/c.pem"), "{e}");
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use crate::protocol::Tensor;
-use crate::registry::hex;
+use outpost_proto::registry::hex;
 
 #[derive(Clone)]
 pub struct Privacy {

@@ -207,7 +207,7 @@ async fn the_response_cache_returns_identical_bytes_and_never_crosses_versions()
     golden.check(0, &serde_json::from_slice(&second)?)?;
     let other = raw(serde_json::to_vec(&golden.request(1))?).await?;
     golden.check(1, &serde_json::from_slice(&other)?)?;
-    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = agent.agent.service().render_metrics();
     assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"hit\"} 1"), "{metrics}");
     assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"miss\"} 2"), "{metrics}");
 
@@ -216,7 +216,7 @@ async fn the_response_cache_returns_identical_bytes_and_never_crosses_versions()
     agent.agent.poll_registry().await?;
     let after: serde_json::Value = serde_json::from_slice(&raw(body).await?)?;
     assert_eq!(after["model_version"], "2.0.0", "{after}");
-    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = agent.agent.service().render_metrics();
     assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"hit\"} 1"), "{metrics}");
     assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"miss\"} 3"), "{metrics}");
     agent.stop().await

@@ -1,6 +1,7 @@
 //! Integration tests: the real agent over real loopback HTTP, real ONNX models, golden
 //! outputs from ONNX Runtime. One test binary; the harness is the `outpost_tests` library.
 
+mod architecture;
 mod audit;
 mod bad_requests;
 mod batching;

@@ -120,7 +120,7 @@ async fn overflow_when_the_box_would_miss_its_objective_and_never_for_models_tha
     let seen = proxy.requests();
     ensure!(seen.len() == 5 && seen.iter().all(|r| r["path"] == "/v2/models/mlp/infer"), "{seen:?}");
 
-    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = agent.agent.service().render_metrics();
     ensure!(
         metrics.contains("outpost_overflow_requests_total{model=\"mlp\",reason=\"slo\",result=\"ok\"} 5"),
         "{metrics}"
@@ -183,7 +183,7 @@ async fn every_breaker_transition_with_errors_hangs_resets_and_slow_answers() ->
     ensure!(route(&answer) == ("9.0.0", "overflow"), "{answer}");
     let (_, status) = agent.get("/admin/status").await?;
     ensure!(status["overflow"]["breaker"] == "closed" && status["overflow"]["opened"] == 3, "{status}");
-    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = agent.agent.service().render_metrics();
     ensure!(metrics.contains("outpost_overflow_breaker_state 0"), "{metrics}");
     ensure!(metrics.contains("outpost_overflow_breaker_opened_total 3"), "{metrics}");
     agent.stop().await?;

@@ -130,7 +130,7 @@ async fn mtls_refuses_missing_and_foreign_certificates_and_records_the_principal
     let (s, _, _) = call(&agent.http, "GET", &format!("{url}/metrics"), None, None).await?;
     ensure!(s == 403, "infer role may not read metrics: {s}");
 
-    let metrics = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = agent.agent.service().render_metrics();
     ensure!(metrics.contains("outpost_tls_handshake_failures_total 2"), "{metrics}");
     let state = agent.stop_keep_state().await?;
     let recs = crate::audit::records(state.path())?;
@@ -243,7 +243,7 @@ async fn wrong_and_revoked_tokens_are_refused_and_rate_limits_answer_429() -> Re
         retry_after.as_deref().is_some_and(|v| v.parse::<u64>().is_ok_and(|n| (1..=5).contains(&n))),
         "{retry_after:?}"
     );
-    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let m = agent.agent.service().render_metrics();
     ensure!(m.contains("outpost_http_access_denied_total{reason=\"unauthenticated\"} 2"), "{m}");
     ensure!(m.contains("outpost_http_access_denied_total{reason=\"rate_limited\"} 1"), "{m}");
     agent.stop().await
@@ -365,7 +365,7 @@ async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> 
     // max_connections = 3: three open, answered connections; the fourth is closed at once.
     // First the connections above must be gone on the server's side too: a client sees the
     // close a moment before the server's task gives its slot back.
-    let metrics = || agent.agent.service().metrics.render(&agent.agent.service().repository);
+    let metrics = || agent.agent.service().render_metrics();
     let until = std::time::Instant::now() + Duration::from_secs(10);
     while !metrics().contains("outpost_http_connections_open 0\n") && std::time::Instant::now() < until {
         tokio::task::yield_now().await;
@@ -508,11 +508,8 @@ async fn a_flood_of_unauthenticated_requests_neither_fills_the_audit_log_nor_sto
     // Inference from the point of sale goes on.
     let (s, _, answer) = call(&agent.http, "POST", &url, Some(&good), Some(&mlp_request()?)).await?;
     ensure!(s == 200, "{s} {answer}");
-    let m = agent.agent.service().metrics.render(&agent.agent.service().repository);
-    ensure!(
-        m.contains(&format!("outpost_http_access_denied_total{{reason=\"source_blocked\"}} {refused}")),
-        "{m}"
-    );
+    let m = agent.agent.service().render_metrics();
+    ensure!(m.contains(&format!("outpost_http_access_denied_total{{reason=\"source_blocked\"}} {refused}")), "{m}");
     let grown = audit.retained_bytes() - before;
     ensure!(grown < 16 * 1024, "the audit log grew by {grown} bytes for 100,000 refused requests");
     let state = agent.stop_keep_state().await?;

@@ -2,6 +2,7 @@
 //! the model, decide local or overflow (the router), validate against its signature, queue,
 //! wait within the deadline, select outputs, count, and report to the event sink.
 
+pub mod audit_sink;
 pub mod control;
 pub mod events;
 pub mod repository;
@@ -15,6 +16,7 @@ pub use events::{Event, EventSink, LogSink, RequestOutcome};
 pub use repository::{ModelState, ModelStatus, Repository, Verdict};
 
 use crate::engine::{JobError, RunError, SubmitError};
+use crate::locks::RwLockExt;
 use crate::protocol::{InferRequest, InferResponse};
 use crate::telemetry::Metrics;
 
@@ -209,10 +211,24 @@ impl InferenceService {
         }
     }
 
+    /// Every model as the metrics show it.
+    pub fn model_gauges(&self) -> Vec<crate::telemetry::ModelGauge> {
+        self.repository.gauges()
+    }
+
+    /// The `/metrics` text: counters, what serves, and the overflow breaker.
+    pub fn render_metrics(&self) -> String {
+        let breaker = self.overflow.as_ref().map(|ov| crate::telemetry::BreakerGauge {
+            state: ov.breaker.state().as_gauge(),
+            opened: ov.breaker.opened.load(std::sync::atomic::Ordering::Relaxed),
+        });
+        self.metrics.render(&self.model_gauges(), breaker)
+    }
+
     /// The overflow target and `model`'s policy, unless overflow is off for it.
     fn overflow_for(&self, model: &str) -> Option<(&crate::overflow::Overflow, crate::overflow::ModelOverflow)> {
         let ov = self.overflow.as_deref()?;
-        let cfg = self.config.as_ref()?.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let cfg = self.config.as_ref()?.read_locked().clone();
         let model_cfg = cfg.model(model);
         // `may_leave_site = false` in the configuration (applied live) forbids overflow.
         let allowed = model_cfg.may_leave_site && model_cfg.overflow.mode != crate::overflow::OverflowMode::Never;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::InferError;
 use crate::config::CanaryConfig;
 use crate::engine::Served;
+use crate::locks::{MutexExt, RwLockExt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelState {
@@ -136,11 +137,11 @@ impl Repository {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
-        self.models.read().unwrap_or_else(|p| p.into_inner())
+        self.models.read_locked()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
-        self.models.write().unwrap_or_else(|p| p.into_inner())
+        self.models.write_locked()
     }
 
     /// The handle a request for `name` goes to: the given version, or the default version —
@@ -274,7 +275,7 @@ impl Repository {
                 return None;
             }
             let stats = if is_candidate { &canary.candidate } else { &canary.stable };
-            stats.lock().unwrap_or_else(|p| p.into_inner()).record(error, run);
+            stats.locked().record(error, run);
             judge(name, canary)?
         };
         // Apply: the route changes now; persisting it is the caller's business.
@@ -358,6 +359,20 @@ impl Repository {
         self.read().get(name).is_some_and(|e| e.versions.values().any(|s| !s.may_leave_site))
     }
 
+    /// Every model as the metrics show it.
+    pub fn gauges(&self) -> Vec<crate::telemetry::ModelGauge> {
+        self.list()
+            .into_iter()
+            .map(|(name, status, served)| crate::telemetry::ModelGauge {
+                name,
+                state: status.state.as_str(),
+                version: status.version,
+                ready: served.is_some(),
+                queue_depth: served.map_or(0, |s| s.queue_depth()),
+            })
+            .collect()
+    }
+
     /// Every serving handle (all versions), for metrics.
     pub fn all_served(&self) -> Vec<Arc<Served>> {
         self.read().values().flat_map(|e| e.versions.values().cloned()).collect()
@@ -369,11 +384,11 @@ impl Repository {
 }
 
 fn judge(name: &str, c: &Canary) -> Option<Verdict> {
-    let cand = c.candidate.lock().unwrap_or_else(|p| p.into_inner());
+    let cand = c.candidate.locked();
     if cand.requests < c.cfg.min_requests {
         return None;
     }
-    let stable = c.stable.lock().unwrap_or_else(|p| p.into_inner());
+    let stable = c.stable.locked();
     let (ce, se) = (cand.error_rate(), stable.error_rate());
     if ce > se + c.cfg.max_error_rate {
         return Some(Verdict::Rollback {
@@ -424,7 +439,7 @@ fn judge(name: &str, c: &Canary) -> Option<Verdict> {
 
 /// Orders semantic versions numerically, anything else as text.
 pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    use crate::registry::SemVer;
+    use outpost_proto::registry::SemVer;
     match (SemVer::parse(a), SemVer::parse(b)) {
         (Some(x), Some(y)) => x.cmp(&y),
         _ => a.cmp(b),

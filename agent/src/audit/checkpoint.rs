@@ -13,7 +13,7 @@ use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::registry::KeyPair;
+use outpost_proto::registry::KeyPair;
 
 /// The side file of checkpoints, one JSON object per line.
 pub const FILE: &str = "checkpoints.ndjson";
@@ -147,7 +147,7 @@ pub fn load_or_create_key(path: &Path) -> Result<KeyPair, String> {
 pub fn public_key(key_path: &Path) -> Result<VerifyingKey, String> {
     let pub_path = key_path.with_extension("pub");
     if pub_path.exists() {
-        return crate::registry::keys::load_public(&pub_path)
+        return outpost_proto::registry::keys::load_public(&pub_path)
             .and_then(|p| p.verifying_key())
             .map_err(|e| e.to_string());
     }

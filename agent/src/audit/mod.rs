@@ -25,7 +25,6 @@
 //! `range`, `prune`, `verify`) did not change.
 
 pub mod checkpoint;
-pub mod sink;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -40,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::registry::hex;
+use crate::locks::MutexExt;
+use outpost_proto::registry::hex;
 
 /// Hash of "nothing before the first record".
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -105,11 +105,11 @@ pub struct Anchor {
 mod hex_array {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::registry::hex::encode(v))
+        s.serialize_str(&outpost_proto::registry::hex::encode(v))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = String::deserialize(d)?;
-        crate::registry::hex::decode(&s)
+        outpost_proto::registry::hex::decode(&s)
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| serde::de::Error::custom("bad anchor hash"))
     }
@@ -752,7 +752,7 @@ impl Audit {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.shared.store.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.store.locked()
     }
 
     /// Bytes of records retained (the quota's measure).
@@ -840,7 +840,7 @@ impl Audit {
         if self.shared.keep_unsent && self.is_full() {
             return Some(AuditError::QuotaFull(self.shared.quota).to_string());
         }
-        self.shared.refusing.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared.refusing.locked().clone()
     }
 }
 
@@ -915,7 +915,7 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
     loop {
         if Instant::now() >= next_maintenance {
             next_maintenance = Instant::now() + MAINTENANCE_TICK;
-            let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = s.store.locked();
             if let Err(e) = maintain(s, &mut store) {
                 tracing::warn!(error = %e, "audit prune failed");
             }
@@ -956,21 +956,21 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
         s.queued.fetch_sub(batch.len() as u64, Ordering::SeqCst);
         if !batch.is_empty() {
             let bodies: Vec<&[u8]> = batch.iter().map(|p| p.body.as_slice()).collect();
-            let result = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &bodies, false);
+            let result = commit(s, &mut s.store.locked(), &bodies, false);
             for (p, n) in batch.into_iter().zip(0..) {
                 let _ = p.reply.send(result.clone().map(|first| first + n));
             }
             preallocate = true;
         }
         if !checkpoint_asked.is_empty() {
-            let _ = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &[], true);
+            let _ = commit(s, &mut s.store.locked(), &[], true);
             for reply in checkpoint_asked {
                 let _ = reply.send(());
             }
         }
         if std::mem::take(&mut preallocate) {
             // Room for the next commits, now that this one's answers are free to go.
-            let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = s.store.locked();
             store.preallocate();
             if s.bytes.load(Ordering::SeqCst).saturating_mul(10) >= s.quota.saturating_mul(8) {
                 if let Err(e) = maintain(s, &mut store) {
@@ -980,7 +980,7 @@ fn committer(s: &Shared, rx: &std::sync::mpsc::Receiver<Msg>) {
         }
     }
     // Closed: the head as it is now is signed, so a cut tail is seen.
-    let _ = commit(s, &mut s.store.lock().unwrap_or_else(|p| p.into_inner()), &[], true);
+    let _ = commit(s, &mut s.store.locked(), &[], true);
 }
 
 /// Chains `bodies` after the head, writes them and makes them durable, in one commit, with a
@@ -993,7 +993,7 @@ fn commit(s: &Shared, store: &mut Store, bodies: &[&[u8]], close: bool) -> Resul
     // The lock only on a change (the flag is read without it on every commit).
     if failed || s.store_failing.load(Ordering::Relaxed) {
         s.store_failing.store(failed, Ordering::Relaxed);
-        *s.refusing.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(ToString::to_string);
+        *s.refusing.locked() = result.as_ref().err().map(ToString::to_string);
     }
     result
 }
@@ -1199,7 +1199,7 @@ pub fn verify(dir: &Path, key: Option<&ed25519_dalek::VerifyingKey>) -> Result<V
 
 /// A time in ms since the epoch as RFC 3339 (UTC), for messages.
 fn time_text(ms: i64) -> String {
-    crate::registry::format_time(ms.div_euclid(1000))
+    outpost_proto::registry::format_time(ms.div_euclid(1000))
 }
 
 /// Every record (as stored JSON) with `time_ms >= since_ms`, for `outpost audit export`.
@@ -1523,7 +1523,7 @@ mod segment_tests {
 #[cfg(test)]
 mod checkpoint_tests {
     use super::*;
-    use crate::registry::KeyPair;
+    use outpost_proto::registry::KeyPair;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
+use crate::locks::MutexExt;
 use crate::protocol::Tensor;
 
 /// The key: SHA-256 over every input (name, datatype, shape, data) and the requested outputs.
@@ -59,7 +60,7 @@ impl ResponseCache {
     }
 
     pub fn get(&self, key: &[u8; 32]) -> Option<Vec<Tensor>> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.locked();
         g.tick += 1;
         let tick = g.tick;
         let (old, outputs) = {
@@ -78,7 +79,7 @@ impl ResponseCache {
         if size > self.capacity / 4 {
             return;
         }
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.locked();
         if g.entries.contains_key(&key) {
             return;
         }
@@ -97,7 +98,7 @@ impl ResponseCache {
 
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
+        self.inner.locked().bytes
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::batch::{self, BatchPolicy};
 use super::model::{LoadedModel, RunError};
+use crate::locks::MutexExt;
 use crate::protocol::Tensor;
 
 /// By default, runs at most this long on average (per request) may run on the requester's
@@ -364,7 +365,7 @@ impl Served {
     /// stops at the end of its slice or is dropped mid-way.
     async fn lead(&self, job: Job) {
         {
-            let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
+            let mut led = self.led.locked();
             led.jobs.push_back(job);
             if std::mem::replace(&mut led.leading, true) {
                 return;
@@ -375,7 +376,7 @@ impl Served {
         let started = Instant::now();
         loop {
             let jobs = {
-                let mut led = self.led.lock().unwrap_or_else(|p| p.into_inner());
+                let mut led = self.led.locked();
                 let jobs = take_batch(&mut led.jobs, self.batching.as_ref());
                 if jobs.is_empty() {
                     led.leading = false;
@@ -483,7 +484,7 @@ impl Drop for Leader<'_> {
             return;
         }
         let jobs = {
-            let mut led = self.served.led.lock().unwrap_or_else(|p| p.into_inner());
+            let mut led = self.served.led.locked();
             led.leading = false;
             std::mem::take(&mut led.jobs)
         };

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use crate::api::{InferError, InferenceService, ModelState, RequestContext, Transport};
 use crate::auth::{Denial, Permission, Principal};
 use crate::config::Config;
+use crate::locks::RwLockExt;
 use crate::protocol::json::{binary_outputs_wanted, encode_response, parse_binary_request, parse_request};
 
 /// Shared state of the HTTP adapter, behind one reference count: handlers and the access layer
@@ -78,7 +79,7 @@ impl HttpState {
 
 impl HttpState {
     fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config.read_locked().clone()
     }
 }
 
@@ -555,7 +556,7 @@ async fn repository_index(State(s): State<HttpState>) -> Response {
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    let text = s.service.metrics.render(&s.service.repository);
+    let text = s.service.render_metrics();
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 
@@ -685,13 +686,13 @@ async fn admin_audit_export(
     }
     let since_ms = match q.since.as_deref() {
         None => 0,
-        Some(t) => match crate::registry::parse_time(t) {
+        Some(t) => match outpost_proto::registry::parse_time(t) {
             Ok(secs) => secs * 1000,
             Err(_) => {
                 let ago = crate::config::parse_duration(t).map_err(|_| {
                     ApiError::new(StatusCode::BAD_REQUEST, format!("since={t}: not an RFC 3339 time or a duration"))
                 })?;
-                (crate::registry::now() - ago.as_secs() as i64) * 1000
+                (outpost_proto::registry::now() - ago.as_secs() as i64) * 1000
             }
         },
     };

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::config::{HttpConfig, TlsFiles};
+use crate::locks::RwLockExt;
 use crate::telemetry::Metrics;
 
 /// A TLS handshake must finish within this time.
@@ -44,12 +45,12 @@ impl TlsHandle {
     /// Reads the certificate, key and client CA again; on error the current ones stay.
     pub fn reload(&self, files: &TlsFiles) -> Result<(), String> {
         let config = crate::tls::server_config(files)?;
-        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        *self.acceptor.write_locked() = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         Ok(())
     }
 
     fn current(&self) -> tokio_rustls::TlsAcceptor {
-        self.acceptor.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.acceptor.read_locked().clone()
     }
 }
 

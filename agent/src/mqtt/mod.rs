@@ -11,7 +11,6 @@
 //! by the v5 Receive Maximum. A retained `<prefix>/<site>/<node>/status` (with a Last Will)
 //! says online/offline; lifecycle events go to `<prefix>/<site>/<node>/events`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,30 +26,7 @@ use crate::api::events::Event;
 use crate::api::{InferError, InferenceService, RequestContext, Transport};
 use crate::protocol::json::{parse_request, response_json};
 
-/// `[mqtt]` settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MqttConfig {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-    pub client_id: String,
-    pub topic_prefix: String,
-    /// Shared-subscription group; empty: a plain subscription.
-    pub shared_group: String,
-    pub qos: u8,
-    pub keep_alive: Duration,
-    /// Requests in flight (MQTT v5 Receive Maximum).
-    pub inflight: u16,
-    pub session_expiry: Duration,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub max_payload_bytes: usize,
-    pub request_timeout: Duration,
-}
-
+pub use crate::config::MqttConfig;
 pub use outpost_proto::mqtt::Topics;
 
 fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {

@@ -14,23 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::Repository;
 use crate::audit::{Audit, AuditError};
+pub use crate::config::UpstreamConfig;
 use crate::privacy::{url_host, Privacy};
 use crate::telemetry::Metrics;
-
-/// `[upstream]` settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamConfig {
-    pub url: String,
-    pub token_file: Option<PathBuf>,
-    /// Bytes of telemetry kept while upstream is unreachable; the oldest goes first.
-    pub quota_bytes: u64,
-    pub batch_records: usize,
-    pub flush_interval: Duration,
-    pub telemetry_interval: Duration,
-    pub timeout: Duration,
-    pub ca: Option<PathBuf>,
-    pub allow_http: bool,
-}
 
 const META_SENT: &[u8] = b"\xffsent";
 const META_INFLIGHT: &[u8] = b"\xffinflight";
@@ -314,8 +300,8 @@ impl Outbox {
         let snap = serde_json::json!({
             "node": self.node,
             "site": self.site,
-            "time_ms": crate::registry::now() * 1000,
-            "metrics": self.metrics.snapshot(&self.repo),
+            "time_ms": outpost_proto::registry::now() * 1000,
+            "metrics": self.metrics.snapshot(&self.repo.gauges()),
         });
         let dropped = self.spool.push(&snap)?;
         if dropped > 0 {

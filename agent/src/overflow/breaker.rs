@@ -3,6 +3,7 @@
 //! again on its failure. An admission that is dropped without an outcome (the request was
 //! cancelled) counts as a failure for a probe, so the breaker can never stay half-open.
 
+use crate::locks::MutexExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -61,7 +62,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// The state now (an open breaker whose time is up reads as half-open).

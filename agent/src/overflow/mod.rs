@@ -6,67 +6,14 @@
 
 pub mod breaker;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use breaker::{Admission, Breaker, BreakerState};
 
+pub use crate::config::{ModelOverflow, OverflowConfig, OverflowMode};
 use crate::protocol::json::{encode_request, parse_response};
 use crate::protocol::{InferRequest, InferResponse};
-
-/// `[overflow]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OverflowConfig {
-    /// Base URL of the target's V2 API (no trailing slash).
-    pub url: String,
-    /// The URL's host, checked against the residency allow-list before every send.
-    pub host: String,
-    /// Default latency objective: a request the box is estimated to answer later than this goes
-    /// upstream.
-    pub slo_p99: Duration,
-    pub token_file: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    /// Per upstream request, capped by the request's own deadline.
-    pub timeout: Duration,
-    /// Send tensors with the binary tensor extension (else JSON).
-    pub binary: bool,
-    /// Failures (errors, timeouts) within `failure_window` that open the breaker.
-    pub failure_threshold: u32,
-    pub failure_window: Duration,
-    /// How long the breaker stays open before a half-open probe.
-    pub open_for: Duration,
-}
-
-/// When a model may use the overflow target.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OverflowMode {
-    /// When the local answer would miss the objective, the queue is full, or confidence is low.
-    #[default]
-    Auto,
-    /// Never (whatever the manifest allows).
-    Never,
-    /// Always upstream: the model is not served on this box (too large). The operator states
-    /// that its inputs may leave the site; sensitive tensors and residency rules still apply.
-    RemoteOnly,
-}
-
-/// `[models.<name>]` overflow keys.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ModelOverflow {
-    pub mode: OverflowMode,
-    /// The model's name on the target (default: the same).
-    pub remote_model: Option<String>,
-    pub remote_version: Option<String>,
-    /// Overrides `overflow.slo_p99`.
-    pub slo_p99: Option<Duration>,
-    /// Output holding class probabilities; its top value is the answer's confidence.
-    pub confidence_output: Option<String>,
-    /// Below this confidence the target's answer is asked for.
-    pub confidence_min: Option<f64>,
-}
 
 /// Why a request went (or tried to go) upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,25 +24,11 @@ use super::{
 };
 use crate::api::events::{Event, LifecycleKind};
 use crate::api::{InferenceService, Verdict};
+pub use crate::config::RegistryConfig;
 use crate::config::{valid_name, Config, ModelConfig, VersionPolicy};
 use crate::engine::Served;
+use crate::locks::RwLockExt;
 use crate::store::{InstalledModel, InstalledVersion, Rejection, Store, StoreState};
-
-/// `[registry]` settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RegistryConfig {
-    pub url: String,
-    pub trusted_root: PathBuf,
-    pub poll_interval: Duration,
-    pub channel: String,
-    pub allow_http: bool,
-    pub ca: Option<PathBuf>,
-    pub timeout: Duration,
-    /// Largest compressed blob downloaded.
-    pub max_blob_bytes: u64,
-    /// Largest model a blob may decompress to.
-    pub max_model_bytes: u64,
-}
 
 /// What one poll (or import) did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -111,7 +97,7 @@ impl RegistrySync {
         let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         let trusted = Trusted::load(state_dir, &cfg.trusted_root)?;
         let store = Store::open(state_dir).map_err(|e| RegistryError::Io(format!("model store: {e}")))?;
-        let key_file = config.read().unwrap_or_else(|p| p.into_inner()).store_key_file.clone();
+        let key_file = config.read_locked().store_key_file.clone();
         let key = match key_file {
             // A missing key is created only for an empty store: stored models would then be
             // unreadable, and a silent new key would hide that.
@@ -136,7 +122,7 @@ impl RegistrySync {
     }
 
     fn model_config(&self, name: &str) -> ModelConfig {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).model(name)
+        self.config.read_locked().model(name)
     }
 
     fn save(&self) {
@@ -779,7 +765,7 @@ pub fn residency_conflicts(cfg: &Config) -> Vec<String> {
     };
     cfg.models
         .iter()
-        .filter(|(_, m)| m.overflow.mode == crate::overflow::OverflowMode::RemoteOnly)
+        .filter(|(_, m)| m.overflow.mode == crate::config::OverflowMode::RemoteOnly)
         .filter(|(name, _)| state.installed.get(*name).is_some_and(|m| m.all().any(stays)))
         .map(|(name, _)| {
             format!(

@@ -55,13 +55,6 @@ pub fn verify_root_self(bytes: &[u8]) -> Result<Root, RegistryError> {
     Ok(root)
 }
 
-/// Reads only the `demo_only` flag of a root file (for config validation; not a trust decision).
-pub fn root_is_demo(bytes: &[u8]) -> Option<bool> {
-    let env = Envelope::parse(bytes).ok()?;
-    let root: Root = serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
-    Some(root.demo_only)
-}
-
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Meta {
     index_etag: Option<String>,

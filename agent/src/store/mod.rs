@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::registry::{hex, RegistryError};
+use outpost_proto::registry::{hex, RegistryError};
 
 use outpost_proto::fsutil::{fsync_dir, temp_sibling};
 pub use outpost_proto::fsutil::{write_atomic, write_secret};
@@ -250,7 +250,7 @@ impl Store {
     pub fn read_manifest(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
         let bytes =
             std::fs::read(self.manifest_path(sha)).map_err(|e| RegistryError::Io(format!("manifest {sha}: {e}")))?;
-        let got = crate::registry::sha256_hex(&bytes);
+        let got = outpost_proto::registry::sha256_hex(&bytes);
         if got != sha {
             return Err(RegistryError::Digest(format!("stored manifest {sha} was modified (now {got})")));
         }
@@ -314,7 +314,7 @@ impl Store {
             }
             (_, false) => bytes,
         };
-        let got = crate::registry::sha256_hex(&plain);
+        let got = outpost_proto::registry::sha256_hex(&plain);
         if got != sha {
             return Err(RegistryError::Digest(format!(
                 "stored model {} was modified on disk (sha256 now {got})",

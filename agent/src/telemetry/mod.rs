@@ -1,12 +1,11 @@
 //! Local telemetry: counters and latency histograms per model, rendered as Prometheus text.
 
+use crate::locks::RwLockExt;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-
-use crate::api::Repository;
 
 /// Upper bounds of the latency histogram, seconds.
 const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -32,6 +31,26 @@ type OverflowKey = (String, &'static str, &'static str);
 /// Reasons access control refuses a request, as `/metrics` labels them.
 pub const ACCESS_DENIALS: [&str; 4] = ["unauthenticated", "forbidden", "rate_limited", "source_blocked"];
 
+/// One model as the metrics show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelGauge {
+    pub name: String,
+    /// The model's state word (`READY`, `LOADING`, …).
+    pub state: &'static str,
+    pub version: Option<String>,
+    /// A version serves it.
+    pub ready: bool,
+    pub queue_depth: usize,
+}
+
+/// The overflow target's circuit breaker as the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerGauge {
+    /// 0 closed, 1 open, 2 half-open.
+    pub state: u8,
+    pub opened: u64,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     models: RwLock<BTreeMap<String, Arc<ModelMetrics>>>,
@@ -47,8 +66,6 @@ pub struct Metrics {
     overflow: RwLock<BTreeMap<OverflowKey, (u64, u64)>>,
     /// Response cache lookups per model: (hits, misses).
     cache: RwLock<BTreeMap<String, (u64, u64)>>,
-    /// The overflow breaker's state and how often it opened, set by the overflow module.
-    pub overflow_breaker: RwLock<Option<Arc<crate::overflow::Overflow>>>,
     /// Raised alarms: name → detail.
     alarms: RwLock<BTreeMap<String, String>>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
@@ -61,10 +78,10 @@ impl Metrics {
     }
 
     fn model(&self, name: &str) -> Arc<ModelMetrics> {
-        if let Some(m) = self.models.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        if let Some(m) = self.models.read_locked().get(name) {
             return m.clone();
         }
-        self.models.write().unwrap_or_else(|p| p.into_inner()).entry(name.to_owned()).or_default().clone()
+        self.models.write_locked().entry(name.to_owned()).or_default().clone()
     }
 
     pub fn record_request(&self, model: &str, outcome: &str, latency: Duration) {
@@ -88,7 +105,7 @@ impl Metrics {
 
     /// Raises (`Some(detail)`) or clears (`None`) an alarm; transitions are logged.
     pub fn set_alarm(&self, name: &str, detail: Option<String>) {
-        let mut alarms = self.alarms.write().unwrap_or_else(|p| p.into_inner());
+        let mut alarms = self.alarms.write_locked();
         match detail {
             Some(d) => {
                 if alarms.insert(name.to_owned(), d.clone()).is_none() {
@@ -104,16 +121,17 @@ impl Metrics {
     }
 
     pub fn alarms(&self) -> BTreeMap<String, String> {
-        self.alarms.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.alarms.read_locked().clone()
     }
 
     pub fn set_gauge(&self, name: &str, value: f64) {
-        self.gauges.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), value);
+        self.gauges.write_locked().insert(name.to_owned(), value);
     }
 
-    /// A snapshot for upstream telemetry: counters and histograms per model, gauges, alarms.
-    pub fn snapshot(&self, repo: &Repository) -> serde_json::Value {
-        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+    /// A snapshot for upstream telemetry: counters and histograms per model, what serves,
+    /// gauges, alarms.
+    pub fn snapshot(&self, serving: &[ModelGauge]) -> serde_json::Value {
+        let models = self.models.read_locked();
         let per_model: serde_json::Map<String, serde_json::Value> = models
             .iter()
             .map(|(name, m)| {
@@ -135,24 +153,19 @@ impl Metrics {
                 )
             })
             .collect();
-        let versions: serde_json::Map<String, serde_json::Value> = repo
-            .list()
-            .into_iter()
-            .map(|(name, st, served)| {
+        let versions: serde_json::Map<String, serde_json::Value> = serving
+            .iter()
+            .map(|m| {
                 (
-                    name,
-                    serde_json::json!({
-                        "state": st.state.as_str(),
-                        "version": st.version,
-                        "queue_depth": served.map_or(0, |s| s.queue_depth()),
-                    }),
+                    m.name.clone(),
+                    serde_json::json!({ "state": m.state, "version": m.version, "queue_depth": m.queue_depth }),
                 )
             })
             .collect();
         serde_json::json!({
             "models": per_model,
             "serving": versions,
-            "gauges": *self.gauges.read().unwrap_or_else(|p| p.into_inner()),
+            "gauges": *self.gauges.read_locked(),
             "alarms": self.alarms(),
         })
     }
@@ -170,7 +183,7 @@ impl Metrics {
 
     /// One response cache lookup.
     pub fn record_cache(&self, model: &str, hit: bool) {
-        let mut m = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.cache.write_locked();
         let e = m.entry(model.to_owned()).or_insert((0, 0));
         if hit {
             e.0 += 1;
@@ -181,7 +194,7 @@ impl Metrics {
 
     /// One attempt to answer from the overflow target; `result` is "ok" or "failed".
     pub fn record_overflow(&self, model: &str, reason: &'static str, result: &'static str, latency: Duration) {
-        let mut m = self.overflow.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.overflow.write_locked();
         let e = m.entry((model.to_owned(), reason, result)).or_insert((0, 0));
         e.0 += 1;
         e.1 += latency.as_micros() as u64;
@@ -197,10 +210,11 @@ impl Metrics {
         self.tls_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self, repo: &Repository) -> String {
+    /// Prometheus text exposition format 0.0.4, with what serves and the overflow breaker as
+    /// the caller sees them.
+    pub fn render(&self, serving: &[ModelGauge], breaker: Option<BreakerGauge>) -> String {
         let mut out = String::with_capacity(4096);
-        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let models = self.models.read_locked();
         out.push_str("# HELP outpost_inference_requests_total Inference requests by model and outcome.\n");
         out.push_str("# TYPE outpost_inference_requests_total counter\n");
         for (name, m) in models.iter() {
@@ -237,19 +251,18 @@ impl Metrics {
         drop(models);
         out.push_str("# HELP outpost_queue_depth Requests queued or running per model.\n");
         out.push_str("# TYPE outpost_queue_depth gauge\n");
-        let listed = repo.list();
-        for (name, _, served) in &listed {
-            let depth = served.as_ref().map_or(0, |s| s.queue_depth());
-            let _ = writeln!(out, "outpost_queue_depth{{model=\"{name}\"}} {depth}");
+        for m in serving {
+            let _ = writeln!(out, "outpost_queue_depth{{model=\"{}\"}} {}", m.name, m.queue_depth);
         }
         out.push_str("# HELP outpost_model_ready 1 when the model serves, 0 otherwise.\n");
         out.push_str("# TYPE outpost_model_ready gauge\n");
-        for (name, status, served) in &listed {
-            let version = status.version.as_deref().unwrap_or("");
+        for m in serving {
+            let version = m.version.as_deref().unwrap_or("");
             let _ = writeln!(
                 out,
-                "outpost_model_ready{{model=\"{name}\",version=\"{version}\"}} {}",
-                u8::from(served.is_some())
+                "outpost_model_ready{{model=\"{}\",version=\"{version}\"}} {}",
+                m.name,
+                u8::from(m.ready)
             );
         }
         out.push_str("# HELP outpost_http_rejected_total HTTP requests refused before reaching a model.\n");
@@ -267,7 +280,7 @@ impl Metrics {
             );
         }
         {
-            let m = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            let m = self.cache.read_locked();
             out.push_str("# HELP outpost_cache_requests_total Response cache lookups by model and result.\n");
             out.push_str("# TYPE outpost_cache_requests_total counter\n");
             for (model, (hits, misses)) in m.iter() {
@@ -276,7 +289,7 @@ impl Metrics {
             }
         }
         {
-            let m = self.overflow.read().unwrap_or_else(|p| p.into_inner());
+            let m = self.overflow.read_locked();
             out.push_str(
                 "# HELP outpost_overflow_requests_total Requests tried on the overflow target, by reason and result.\n",
             );
@@ -288,19 +301,15 @@ impl Metrics {
                 );
             }
         }
-        if let Some(ov) = self.overflow_breaker.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(b) = breaker {
             out.push_str(
                 "# HELP outpost_overflow_breaker_state The overflow target's circuit breaker: 0 closed, 1 open, 2 half-open.\n",
             );
             out.push_str("# TYPE outpost_overflow_breaker_state gauge\n");
-            let _ = writeln!(out, "outpost_overflow_breaker_state {}", ov.breaker.state().as_gauge());
+            let _ = writeln!(out, "outpost_overflow_breaker_state {}", b.state);
             out.push_str("# HELP outpost_overflow_breaker_opened_total Times the overflow breaker opened.\n");
             out.push_str("# TYPE outpost_overflow_breaker_opened_total counter\n");
-            let _ = writeln!(
-                out,
-                "outpost_overflow_breaker_opened_total {}",
-                ov.breaker.opened.load(std::sync::atomic::Ordering::Relaxed)
-            );
+            let _ = writeln!(out, "outpost_overflow_breaker_opened_total {}", b.opened);
         }
         out.push_str(
             "# HELP outpost_http_connections_refused_total Connections closed at accept (http.max_connections).\n",
@@ -334,7 +343,7 @@ impl Metrics {
             let on = self.alarms.read().map(|a| a.contains_key(name)).unwrap_or(false);
             let _ = writeln!(out, "outpost_alarm{{name=\"{name}\"}} {}", u8::from(on));
         }
-        for (name, v) in self.gauges.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (name, v) in self.gauges.read_locked().iter() {
             let _ = writeln!(out, "# TYPE outpost_{name} gauge\noutpost_{name} {v}");
         }
         out

@@ -376,3 +376,11 @@ mod tests {
         }
     }
 }
+
+/// Reads only the `demo_only` flag of a root file (for configuration checks; not a trust
+/// decision). `None`: not a registry root.
+pub fn root_is_demo(bytes: &[u8]) -> Option<bool> {
+    let env = dsse::Envelope::parse(bytes).ok()?;
+    let root: Root = serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
+    Some(root.demo_only)
+}

@@ -3,8 +3,8 @@
 
 use serde_json::json;
 
-use super::Audit;
-use crate::api::events::{Event, EventSink, LogSink, SinkFuture};
+use super::events::{Event, EventSink, LogSink, SinkFuture};
+use crate::audit::{Audit, AuditError};
 
 pub struct AuditSink {
     pub audit: Audit,
@@ -60,11 +60,11 @@ pub fn body(event: &Event) -> serde_json::Value {
 }
 
 /// What the request path is told of an append; a full quota raises the alarm.
-fn outcome(metrics: &crate::telemetry::Metrics, result: Result<u64, super::AuditError>) -> Result<(), String> {
+fn outcome(metrics: &crate::telemetry::Metrics, result: Result<u64, AuditError>) -> Result<(), String> {
     match result {
         Ok(_) => Ok(()),
         Err(e) => {
-            if matches!(e, super::AuditError::QuotaFull(_)) {
+            if matches!(e, AuditError::QuotaFull(_)) {
                 metrics.set_alarm("audit_quota_full", Some(e.to_string()));
             }
             Err(e.to_string())
@@ -76,7 +76,7 @@ impl AuditSink {
     /// Logs the event and waits for its record's append (on the commit thread).
     fn after(
         &self,
-        append: impl std::future::Future<Output = Result<u64, super::AuditError>> + Send + 'static,
+        append: impl std::future::Future<Output = Result<u64, AuditError>> + Send + 'static,
         event: Event,
     ) -> SinkFuture {
         let logged = self.log.record(event);
