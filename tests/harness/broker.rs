@@ -132,7 +132,7 @@ fn free_port() -> Result<u16> {
 }
 
 impl Broker {
-    pub fn start(opts: BrokerOptions) -> Result<Broker> {
+    pub fn start(opts: BrokerOptions<'_>) -> Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut conf = format!(

@@ -7,7 +7,7 @@ use std::path::Path;
 use outpost_tests::root;
 
 /// Every top-level module of `src` with the top-level modules its code names.
-pub fn module_graph(src: &Path) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+fn module_graph(src: &Path) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
     let mut files = Vec::new();
     let mut dirs = vec![src.to_path_buf()];
     while let Some(d) = dirs.pop() {
@@ -54,7 +54,7 @@ pub fn module_graph(src: &Path) -> anyhow::Result<BTreeMap<String, BTreeSet<Stri
 }
 
 /// The strongly connected components of more than one module (Tarjan).
-pub fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     struct State<'g> {
         graph: &'g BTreeMap<String, BTreeSet<String>>,
         index: BTreeMap<&'g str, usize>,

@@ -123,7 +123,7 @@ pub struct Publication<'a> {
 /// Publishes a model: refuses it unless tract loads it and reproduces the golden vectors;
 /// writes the zstd blob, the signed manifest and a new signed index with a higher version.
 /// Returns the manifest digest.
-pub fn publish(dir: &Path, p: &Publication, signers: &[&KeyPair]) -> Result<String, RegistryError> {
+pub fn publish(dir: &Path, p: &Publication<'_>, signers: &[&KeyPair]) -> Result<String, RegistryError> {
     if !valid_name(p.name) {
         return Err(RegistryError::Invalid(format!("model name '{}' must be 1-128 of [A-Za-z0-9._-]", p.name)));
     }

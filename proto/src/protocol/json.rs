@@ -94,7 +94,7 @@ impl FlatVisitor<'_> {
 impl<'de> Visitor<'de> for FlatVisitor<'_> {
     type Value = ();
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a number, boolean, string or (nested) array of them")
     }
 
@@ -516,7 +516,7 @@ pub fn response_json(resp: &InferResponse, binary: &[Option<usize>]) -> Vec<u8> 
             if !r.parameters.is_empty() {
                 m.serialize_entry("parameters", &r.parameters)?;
             }
-            let outs: Vec<OutputSer> = r
+            let outs: Vec<OutputSer<'_>> = r
                 .outputs
                 .iter()
                 .enumerate()
@@ -562,7 +562,7 @@ pub fn encode_response(resp: &InferResponse, binary: impl Fn(&str) -> bool) -> (
 
 /// Serializes tensors as a V2 tensor list (golden files, test helpers).
 pub fn tensors_to_value(tensors: &[Tensor]) -> Value {
-    let outs: Vec<OutputSer> = tensors.iter().map(|t| OutputSer { tensor: t, binary_size: None }).collect();
+    let outs: Vec<OutputSer<'_>> = tensors.iter().map(|t| OutputSer { tensor: t, binary_size: None }).collect();
     serde_json::to_value(outs).unwrap_or(Value::Null)
 }
 

@@ -333,6 +333,14 @@ impl Ord for SemVer {
     }
 }
 
+/// Reads only the `demo_only` flag of a root file (for configuration checks; not a trust
+/// decision). `None`: not a registry root.
+pub fn root_is_demo(bytes: &[u8]) -> Option<bool> {
+    let env = dsse::Envelope::parse(bytes).ok()?;
+    let root: Root = serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
+    Some(root.demo_only)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,12 +383,4 @@ mod tests {
             let _ = serde_json::from_slice::<Statement>(&bytes);
         }
     }
-}
-
-/// Reads only the `demo_only` flag of a root file (for configuration checks; not a trust
-/// decision). `None`: not a registry root.
-pub fn root_is_demo(bytes: &[u8]) -> Option<bool> {
-    let env = dsse::Envelope::parse(bytes).ok()?;
-    let root: Root = serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
-    Some(root.demo_only)
 }
