@@ -365,3 +365,32 @@ fn tar_with(name: &str, data: &[u8]) -> Vec<u8> {
     out.resize(512 * 2 + 1024, 0);
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_replaced_by_a_newer_one_does_not_come_back_after_that_one_is_rolled_back() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "2.0.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let extra = registry_toml(&server.url(), &reg.root_json(), CANARY);
+    let agent = TestAgent::start(&[], &extra).await?;
+    // 3.0.0 starts as a canary; 3.1.0 (failing on some rows) replaces it before its verdict.
+    reg.publish("mlp", "mlp", "3.0.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.canaries, vec![("mlp".to_owned(), "3.0.0".to_owned())], "{report:?}");
+    reg.publish_dir(&fixture("mlp-flaky"), "mlp", "3.1.0")?;
+    let report = agent.agent.poll_registry().await?;
+    assert_eq!(report.canaries, vec![("mlp".to_owned(), "3.1.0".to_owned())], "{report:?}");
+    let (_, failed) = drive_canary(&agent, &[0, 1], 400).await?;
+    assert!(failed > 0);
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    // Restarted: neither 3.1.0 nor the replaced 3.0.0 comes back as a canary.
+    let state = agent.stop_keep_state().await?;
+    let agent = TestAgent::start_with_state(state, &[], &extra).await?;
+    let report = agent.agent.poll_registry().await?;
+    assert!(report.canaries.is_empty() && report.installed.is_empty(), "{report:?}");
+    assert_eq!(agent.agent.service().repository.canary_version("mlp"), None);
+    assert_eq!(agent.agent.service().repository.versions("mlp"), vec!["2.0.0"]);
+    let list = model_list(&agent.config_path())?;
+    assert!(list.contains("3.0.0") && list.contains("superseded by 3.1.0"), "{list}");
+    agent.stop().await
+}

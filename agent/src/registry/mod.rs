@@ -14,5 +14,6 @@ pub mod client;
 pub mod publish;
 pub mod sync;
 pub mod trust;
+pub mod versions;
 
 pub use outpost_proto::registry::*;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{FetchOptions, Fetcher};
 use super::dsse::Envelope;
 use super::trust::Trusted;
+use super::versions::{self, Intake, ServingChange};
 use super::{
     check_hex_digest, now, sha256_hex, IndexEntry, RegistryError, SemVer, Statement, MANIFEST_TYPE, MAX_MANIFEST_BYTES,
     PREDICATE_TYPE, STATEMENT_TYPE,
@@ -414,49 +415,76 @@ impl RegistrySync {
     ) -> Result<bool, RegistryError> {
         let (new, served) = self.fetch_and_prepare(fetcher, name, entry).await?;
         crate::failpoint::hit("before-persist");
-        let existing = self.state.installed.get(name).cloned();
         let serving_now = self.service.repository.serving(name, None).is_ok();
-        match (&cfg.version_policy, existing) {
-            (VersionPolicy::Pinned(_), Some(mut m)) => {
-                m.also.push(new);
-                self.state.installed.insert(name.to_owned(), m);
-                self.save();
-                self.service.repository.add_version(served);
-                Ok(false)
-            }
-            (VersionPolicy::Latest, Some(mut m)) if cfg.canary.is_some() && serving_now => {
-                if let Some(old) = m.candidate.take() {
-                    // A newer version replaces a canary still in progress.
-                    self.service.repository.remove_version(name, &old.version);
+        let intake = match &cfg.version_policy {
+            VersionPolicy::Pinned(_) => Intake::Pinned,
+            VersionPolicy::Latest if cfg.canary.is_some() && serving_now => Intake::Canary,
+            VersionPolicy::Latest => Intake::Replace,
+        };
+        let (m, t) = versions::install(self.state.installed.get(name).cloned(), new, intake);
+        self.state.installed.insert(name.to_owned(), m);
+        self.persist(name, &t);
+        let canary = t.serving.iter().any(|c| matches!(c, ServingChange::StartCanary(_)));
+        self.apply_serving(name, t.serving, Some(served), cfg);
+        Ok(canary)
+    }
+
+    /// Records a transition's rejected versions and persists the state (before the serving
+    /// table changes, so a crash never leaves it serving what the record does not hold).
+    fn persist(&mut self, name: &str, t: &versions::Transition) {
+        for (v, why) in &t.rejected {
+            tracing::info!(model = name, version = %v.version, reason = %why, "version rejected");
+            self.reject(name, v, why);
+        }
+        self.save();
+        if !t.rejected.is_empty() {
+            self.store.gc(&self.state);
+        }
+    }
+
+    /// Applies a transition's serving-table changes; `prepared` is the new version they name.
+    fn apply_serving(&self, name: &str, changes: Vec<ServingChange>, mut prepared: Option<Served>, cfg: &ModelConfig) {
+        let repo = &self.service.repository;
+        for change in changes {
+            match change {
+                ServingChange::Activate(version) => {
+                    if let Some(served) = prepared.take() {
+                        repo.activate(served);
+                        lifecycle(
+                            &self.service,
+                            name,
+                            &version,
+                            LifecycleKind::Activated,
+                            "now the default version".into(),
+                        );
+                    }
                 }
-                let version = new.version.clone();
-                m.candidate = Some(new);
-                self.state.installed.insert(name.to_owned(), m);
-                self.save();
-                self.service.repository.add_version(served);
-                if let Some(c) = cfg.canary.clone() {
-                    let share = c.share;
-                    self.service.repository.start_canary(name, &version, c);
-                    lifecycle(
-                        &self.service,
-                        name,
-                        &version,
-                        LifecycleKind::CanaryStarted,
-                        format!("{:.0}% of traffic", share * 100.0),
-                    );
+                ServingChange::Add(_) => {
+                    if let Some(served) = prepared.take() {
+                        repo.add_version(served);
+                    }
                 }
-                Ok(true)
-            }
-            (_, existing) => {
-                let previous = existing.map(|m| m.current);
-                let version = new.version.clone();
-                let mut m = InstalledModel::new(new);
-                m.previous = previous;
-                self.state.installed.insert(name.to_owned(), m);
-                self.save();
-                self.service.repository.activate(served);
-                lifecycle(&self.service, name, &version, LifecycleKind::Activated, "now the default version".into());
-                Ok(false)
+                ServingChange::StartCanary(version) => {
+                    if let Some(c) = cfg.canary.clone() {
+                        let share = c.share;
+                        repo.start_canary(name, &version, c);
+                        lifecycle(
+                            &self.service,
+                            name,
+                            &version,
+                            LifecycleKind::CanaryStarted,
+                            format!("{:.0}% of traffic", share * 100.0),
+                        );
+                    }
+                }
+                ServingChange::Remove(version) => {
+                    repo.remove_version(name, &version);
+                }
+                ServingChange::Restore(_) => {
+                    if let Some(served) = prepared.take() {
+                        repo.activate(served);
+                    }
+                }
             }
         }
     }
@@ -543,19 +571,20 @@ impl RegistrySync {
             Verdict::Promote { model, version, .. } | Verdict::Rollback { model, version, .. } => (model, version),
         };
         let Some(mut m) = self.state.installed.get(name).cloned() else { return };
-        let Some(cand) = m.candidate.take().filter(|c| &c.version == version) else { return };
-        match &verdict {
+        // The serving table applied the verdict on the request path already.
+        let t = match &verdict {
             Verdict::Promote { detail, .. } => {
                 tracing::info!(model = %name, version = %version, %detail, "canary promoted");
-                m.previous = Some(std::mem::replace(&mut m.current, cand));
+                versions::promote(&mut m, version)
             }
             Verdict::Rollback { reason, .. } => {
                 tracing::warn!(model = %name, version = %version, %reason, "canary rolled back");
-                self.reject(name, &cand, &format!("rolled back: {reason}"));
+                versions::reject_canary(&mut m, version, &format!("rolled back: {reason}"))
             }
-        }
+        };
+        let Some(t) = t else { return };
         self.state.installed.insert(name.clone(), m);
-        self.save();
+        self.persist(name, &t);
         self.store.gc(&self.state);
     }
 
@@ -569,33 +598,29 @@ impl RegistrySync {
             .cloned()
             .ok_or_else(|| RegistryError::NotFound(format!("no installed registry model '{name}'")))?;
         let reason = "rolled back by an operator";
-        if let Some(cand) = m.candidate.take() {
-            self.service.repository.remove_version(name, &cand.version);
-            self.reject(name, &cand, reason);
-            self.state.installed.insert(name.to_owned(), m);
-            self.save();
-            lifecycle(&self.service, name, &cand.version, LifecycleKind::RolledBack, reason.into());
-            return Ok(format!("canary {} of {name} rolled back", cand.version));
-        }
-        let prev = m
-            .previous
-            .take()
+        let before = m.current.version.clone();
+        let t = versions::roll_back(&mut m, reason)
             .ok_or_else(|| RegistryError::NotFound(format!("{name} has no previous version to roll back to")))?;
-        let served = self.served_from_store(name, &prev).await?;
-        let bad = std::mem::replace(&mut m.current, prev.clone());
-        self.reject(name, &bad, reason);
+        // A version restored from the store is loaded (and re-verified) before anything changes.
+        let restored = match t.serving.first() {
+            Some(ServingChange::Restore(_)) => Some(self.served_from_store(name, &m.current).await?),
+            _ => None,
+        };
+        let (bad, message) = match &restored {
+            Some(_) => (before.clone(), format!("{name} rolled back from {before} to {}", m.current.version)),
+            None => {
+                let cand = t.rejected.first().map(|(v, _)| v.version.clone()).unwrap_or_default();
+                (cand.clone(), format!("canary {cand} of {name} rolled back"))
+            }
+        };
+        let detail =
+            if restored.is_some() { format!("{reason}; {} serves", m.current.version) } else { reason.to_owned() };
         self.state.installed.insert(name.to_owned(), m);
-        self.save();
-        self.service.repository.activate(served);
-        lifecycle(
-            &self.service,
-            name,
-            &bad.version,
-            LifecycleKind::RolledBack,
-            format!("{reason}; {} serves", prev.version),
-        );
+        self.persist(name, &t);
+        self.apply_serving(name, t.serving, restored, &self.model_config(name));
+        lifecycle(&self.service, name, &bad, LifecycleKind::RolledBack, detail);
         self.store.gc(&self.state);
-        Ok(format!("{name} rolled back from {} to {}", bad.version, prev.version))
+        Ok(message)
     }
 
     fn spool_dir(&self) -> PathBuf {
