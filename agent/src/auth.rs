@@ -271,12 +271,13 @@ impl RateLimiter {
     }
 }
 
-/// Failed authentications per source address. A source that keeps failing is refused before
-/// its credentials are even read (429), so a flood of bad requests can neither guess tokens
-/// quickly nor fill the audit log: each source's first failure in a window is recorded in
-/// full, the rest only counted and recorded as one summary per window.
+/// Failed authentications per source address (IPv6 by /64). A source that keeps failing is
+/// refused before its credentials are even read (429), so a flood of bad requests can neither
+/// guess tokens quickly nor fill the audit log: each source's first failure in a window is
+/// recorded in full (at most [`FailureGuard::FULL_PER_WINDOW`] a window over all sources),
+/// and all the rest as one summary record per window.
 pub struct FailureGuard {
-    sources: Mutex<HashMap<std::net::IpAddr, SourceFailures>>,
+    state: Mutex<Failures>,
     /// Failures a source may make per second, after its burst.
     pub rate: f64,
     pub burst: f64,
@@ -284,26 +285,39 @@ pub struct FailureGuard {
     pub window: std::time::Duration,
 }
 
+#[derive(Default)]
+struct Failures {
+    sources: HashMap<std::net::IpAddr, SourceFailures>,
+    window_start: Option<Instant>,
+    /// Failures recorded in full this window.
+    full: u64,
+    /// Failures and refusals this window not recorded in full.
+    unreported: u64,
+    /// Sources that failed this window.
+    failing: u64,
+}
+
 struct SourceFailures {
     tokens: f64,
     last: Instant,
-    window_start: Instant,
-    /// Failures and refusals since the window's full record, not yet in a summary.
-    unreported: u64,
+    /// This window's failures and refusals of the source.
+    in_window: u64,
 }
 
-/// A summary of one source's failures over a window.
+/// One window's failures that were not recorded in full.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailureSummary {
-    pub source: std::net::IpAddr,
     pub count: u64,
+    pub sources: u64,
+    /// The sources with the most, with their counts (at most 10).
+    pub top: Vec<(std::net::IpAddr, u64)>,
     pub seconds: u64,
 }
 
 impl Default for FailureGuard {
     fn default() -> Self {
         FailureGuard {
-            sources: Mutex::new(HashMap::new()),
+            state: Mutex::new(Failures::default()),
             rate: 10.0,
             burst: 100.0,
             window: std::time::Duration::from_secs(60),
@@ -311,9 +325,22 @@ impl Default for FailureGuard {
     }
 }
 
+/// The key a source is counted under: its address, or its /64 for IPv6 (one host holds many).
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl FailureGuard {
-    /// Sources tracked at most; past it the quietest are forgotten.
+    /// Sources tracked at most; past it the quietest are forgotten, and new ones only counted.
     const MAX_SOURCES: usize = 10_000;
+    /// Failures recorded in full per window, over all sources.
+    pub const FULL_PER_WINDOW: u64 = 100;
 
     fn refill(&self, f: &mut SourceFailures, now: Instant) {
         f.tokens = (f.tokens + now.duration_since(f.last).as_secs_f64() * self.rate).min(self.burst);
@@ -321,64 +348,76 @@ impl FailureGuard {
     }
 
     /// Before authenticating: `Err(wait)` while `source` has spent its failure budget (the
-    /// refusal is counted for its summary).
+    /// refusal is counted for the summary).
     pub fn admit(&self, source: std::net::IpAddr) -> Result<(), std::time::Duration> {
-        let mut map = self.sources.locked();
-        let Some(f) = map.get_mut(&source) else { return Ok(()) };
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(f) = st.sources.get_mut(&source_key(source)) else { return Ok(()) };
         self.refill(f, Instant::now());
         if f.tokens >= 1.0 {
             return Ok(());
         }
-        f.unreported += 1;
-        Err(std::time::Duration::from_secs_f64((1.0 - f.tokens) / self.rate.max(1e-9)))
+        f.in_window += 1;
+        let wait = std::time::Duration::from_secs_f64((1.0 - f.tokens) / self.rate.max(1e-9));
+        st.unreported += 1;
+        Err(wait)
     }
 
     /// After a failed authentication from `source`: true when it is to be recorded in full
-    /// (the first of its window), false when only counted.
+    /// (the source's first of the window, within the window's budget), false when counted.
     pub fn failed(&self, source: std::net::IpAddr) -> bool {
         let now = Instant::now();
-        let mut map = self.sources.locked();
-        if map.len() >= Self::MAX_SOURCES && !map.contains_key(&source) {
-            // Forget the sources that have earned their budget back.
+        let key = source_key(source);
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.window_start.get_or_insert(now);
+        if st.sources.len() >= Self::MAX_SOURCES && !st.sources.contains_key(&key) {
             let full = self.burst;
-            map.retain(|_, f| f.tokens < full && f.unreported > 0);
-            if map.len() >= Self::MAX_SOURCES {
-                map.clear();
-            }
-        }
-        let mut first = false;
-        let f = map.entry(source).or_insert_with(|| {
-            first = true;
-            SourceFailures { tokens: self.burst, last: now, window_start: now, unreported: 0 }
-        });
-        self.refill(f, now);
-        f.tokens = (f.tokens - 1.0).max(0.0);
-        if !first {
-            f.unreported += 1;
-        }
-        first
-    }
-
-    /// Summaries of the windows that have ended (all windows, at `shutdown`) with failures in
-    /// them; those sources start a new window. Sources quiet for a whole window are forgotten.
-    pub fn due(&self, shutdown: bool) -> Vec<FailureSummary> {
-        let now = Instant::now();
-        let mut map = self.sources.locked();
-        let mut out = Vec::new();
-        map.retain(|source, f| {
-            let age = now.duration_since(f.window_start);
-            if age < self.window && !(shutdown && f.unreported > 0) {
-                return true;
-            }
-            if f.unreported == 0 {
+            st.sources.retain(|_, f| f.tokens < full || f.in_window > 0);
+            if st.sources.len() >= Self::MAX_SOURCES {
+                st.unreported += 1;
                 return false;
             }
-            out.push(FailureSummary { source: *source, count: f.unreported, seconds: age.as_secs() });
-            f.unreported = 0;
-            f.window_start = now;
-            true
-        });
-        out
+        }
+        let burst = self.burst;
+        let f = st.sources.entry(key).or_insert_with(|| SourceFailures { tokens: burst, last: now, in_window: 0 });
+        self.refill(f, now);
+        f.tokens = (f.tokens - 1.0).max(0.0);
+        f.in_window += 1;
+        let first = f.in_window == 1;
+        if first {
+            st.failing += 1;
+        }
+        if first && st.full < Self::FULL_PER_WINDOW {
+            st.full += 1;
+            return true;
+        }
+        st.unreported += 1;
+        false
+    }
+
+    /// The summary of the window that has ended (or of the current one, at `shutdown`), when
+    /// it holds failures not recorded in full; a new window starts.
+    pub fn due(&self, shutdown: bool) -> Option<FailureSummary> {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = st.window_start?;
+        if now.duration_since(started) < self.window && !shutdown {
+            return None;
+        }
+        let mut top: Vec<(std::net::IpAddr, u64)> =
+            st.sources.iter().filter(|(_, f)| f.in_window > 0).map(|(ip, f)| (*ip, f.in_window)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.truncate(10);
+        let summary = FailureSummary {
+            count: st.unreported,
+            sources: st.failing,
+            top,
+            seconds: now.duration_since(started).as_secs(),
+        };
+        let full = self.burst;
+        st.sources.retain(|_, f| f.tokens < full);
+        st.sources.values_mut().for_each(|f| f.in_window = 0);
+        *st = Failures { sources: std::mem::take(&mut st.sources), ..Failures::default() };
+        (summary.count > 0).then_some(summary)
     }
 }
 
@@ -399,8 +438,30 @@ mod tests {
         assert!(guard.admit(bad).is_err(), "the budget is spent");
         assert!(guard.admit(bad).is_err());
         assert!(guard.admit(good).is_ok(), "other sources are not affected");
-        assert_eq!(guard.due(false), vec![FailureSummary { source: bad, count: 4, seconds: 0 }]);
-        assert_eq!(guard.due(false), vec![], "counted once");
+        let s = guard.due(false).expect("a summary");
+        assert_eq!((s.count, s.sources, s.top.clone()), (4, 1, vec![(bad, 5)]));
+        assert_eq!(guard.due(false), None, "counted once");
+        assert!(guard.admit(bad).is_err(), "still blocked in the next window");
+    }
+
+    #[test]
+    fn many_sources_get_a_bounded_number_of_full_records_and_one_summary() {
+        let guard = FailureGuard { window: std::time::Duration::ZERO, ..Default::default() };
+        let mut full = 0;
+        for i in 0..5_000u32 {
+            let ip =
+                std::net::IpAddr::V6((0x2001_0db8_0000_0000_0000_0000_0000_0000u128 | (u128::from(i) << 64)).into());
+            full += u64::from(guard.failed(ip));
+        }
+        assert_eq!(full, FailureGuard::FULL_PER_WINDOW);
+        let s = guard.due(true).expect("a summary");
+        assert_eq!((s.count, s.sources), (5_000 - FailureGuard::FULL_PER_WINDOW, 5_000));
+        assert!(s.top.len() <= 10);
+        // One host's many IPv6 addresses count as one source.
+        let a: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        assert!(guard.failed(a));
+        assert!(!guard.failed(b), "the same /64");
     }
 
     fn cfg() -> AuthConfig {

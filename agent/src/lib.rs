@@ -177,7 +177,11 @@ impl Agent {
             Err(_) => Err(FatalError::Runtime("http server did not stop in time".into())),
         };
         if let Some(a) = &self.audit {
-            a.checkpoint().await;
+            // Bounded: a disk that hangs must not hold the shutdown (the head is then signed
+            // at the next start's first checkpoint).
+            if tokio::time::timeout(SHUTDOWN_GRACE, a.checkpoint()).await.is_err() {
+                tracing::warn!("audit: the closing checkpoint did not complete in time");
+            }
         }
         self.cancel.cancel();
         self.tracker.close();
@@ -571,14 +575,18 @@ async fn summarize_auth_failures(
             _ = tick.tick() => false,
             _ = cancel.cancelled() => true,
         };
-        for f in failures.due(shutdown) {
+        if let Some(f) = failures.due(shutdown) {
+            let top: Vec<String> = f.top.iter().map(|(ip, n)| format!("{ip} x{n}")).collect();
             let _ = events
                 .record(api::Event::AuthFailure {
                     principal: "unauthenticated".into(),
                     transport: "http".into(),
                     reason: format!(
-                        "{} more failed or refused requests from {} over {} s (summary)",
-                        f.count, f.source, f.seconds
+                        "{} more failed or refused requests from {} sources over {} s (summary; most: {})",
+                        f.count,
+                        f.sources,
+                        f.seconds,
+                        top.join(", ")
                     ),
                     path: "*".into(),
                     count: f.count,

@@ -5,7 +5,7 @@
 //! `audit verify` detects records cut from the tail, a deleted last segment, or a rewritten
 //! record whose hash was recomputed, as far back as the last checkpoint still on the box.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -105,22 +105,23 @@ pub fn append_file(dir: &Path, cp: &Checkpoint) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The checkpoints of the side file, in file order. An unreadable line is reported (the file
-/// is append-only: anything else is damage or tampering).
+/// The checkpoints of the side file, in file order. An unreadable whole line is reported (the
+/// file is append-only: anything else is damage or tampering); a last line without its newline
+/// is a write cut short by a crash, and is left out.
 pub fn read_file(dir: &Path) -> Result<Vec<Checkpoint>, String> {
     let path = dir.join(FILE);
-    let f = match std::fs::File::open(&path) {
-        Ok(f) => f,
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+    for (i, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
+        let Some(line) = line.strip_suffix(b"\n") else { break };
         if line.is_empty() {
             continue;
         }
-        let cp = serde_json::from_str(&line)
+        let cp = serde_json::from_slice(line)
             .map_err(|e| format!("{} line {} is not a checkpoint: {e}", path.display(), i + 1))?;
         out.push(cp);
     }
@@ -176,5 +177,21 @@ mod tests {
         }
         let other = KeyPair::generate().unwrap().public().verifying_key().unwrap();
         assert!(!cp.is_signed_by(&other));
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_left_out_and_a_damaged_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer { key: KeyPair::generate().unwrap(), node: "n1".into() };
+        append_file(dir.path(), &Checkpoint::sign(&signer, 1, "aa", 1)).unwrap();
+        append_file(dir.path(), &Checkpoint::sign(&signer, 2, "bb", 2)).unwrap();
+        let path = dir.path().join(FILE);
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 20]).unwrap();
+        assert_eq!(read_file(dir.path()).unwrap().len(), 1, "the torn last line is not a checkpoint yet");
+        let mut damaged = whole.clone();
+        damaged[5] = b'#';
+        std::fs::write(&path, &damaged).unwrap();
+        assert!(read_file(dir.path()).unwrap_err().contains("line 1 is not a checkpoint"));
     }
 }

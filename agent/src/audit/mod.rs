@@ -744,10 +744,16 @@ impl Audit {
             g.take();
         }
         let handle = self.committer.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+        let Some(h) = handle.filter(|h| h.thread().id() != std::thread::current().id()) else { return };
+        // Bounded: a commit stuck in a hung disk must not keep the process from exiting.
+        let until = Instant::now() + CLOSE_WAIT;
+        while !h.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!("audit: the commit thread did not finish within {CLOSE_WAIT:?}; leaving it");
         }
     }
 
@@ -904,6 +910,9 @@ impl Store {
 fn drop_bytes(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
 }
+
+/// How long [`Audit::close`] waits for the commit thread to finish.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the committer looks after retention and due checkpoints while idle.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
