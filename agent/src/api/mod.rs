@@ -6,6 +6,7 @@ pub mod audit_sink;
 pub mod control;
 pub mod events;
 pub mod repository;
+pub mod router;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -306,11 +307,9 @@ impl InferenceService {
             Some(p) => (p.digest_inputs(&request.inputs), p.pseudonymize(&request.parameters)),
             None => (String::new(), serde_json::Map::new()),
         };
-        let mut served_as: Option<(String, Option<Duration>)> = None;
-        let mut routing = Routing::default();
         let (_in_flight, alone) = InFlight::enter(&self.in_flight);
-        routing.alone = alone;
-        let result = self.infer_inner(ctx, model, version, request, &mut served_as, &mut routing).await;
+        let mut routing = Routing { alone, ..Routing::default() };
+        let Routed { result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
         let mut ctx = ctx.clone();
         if routing.answered_upstream {
             ctx.route = Route::Overflow;
@@ -370,40 +369,64 @@ impl InferenceService {
         }
     }
 
-    async fn infer_inner(
+    /// Routes one request (the router's decisions: [`router`]) and carries it out: upstream,
+    /// from the version's cache, or run here. `routing` records where and why.
+    async fn route(
         &self,
         ctx: &RequestContext,
         model: &str,
         version: Option<&str>,
         request: InferRequest,
-        served_as: &mut Option<(String, Option<Duration>)>,
         routing: &mut Routing,
-    ) -> Result<InferResponse, InferError> {
-        use crate::overflow::{OverflowMode, Reason};
+    ) -> Routed {
+        use crate::overflow::Reason;
         let overflow = self.overflow_for(model);
-        let sensitive = self.carries_sensitive(&request);
-        // Remote-only models are not served here at all, unless a signed manifest keeps them here.
-        let remote_only = overflow.as_ref().filter(|(_, p)| p.mode == OverflowMode::RemoteOnly);
-        if let Some((ov, policy)) = remote_only.filter(|_| !self.repository.must_stay(model)) {
-            if sensitive {
-                return Err(InferError::InvalidInput(format!(
+        let facts = router::Facts {
+            mode: overflow.as_ref().map(|(_, p)| p.mode),
+            must_stay: self.repository.must_stay(model),
+            sensitive: self.carries_sensitive(&request),
+        };
+        let unserved = |result| Routed { result, served_as: None };
+        match (router::at_arrival(&facts), &overflow) {
+            (router::Arrival::RefuseSensitive, _) => {
+                return unserved(Err(InferError::InvalidInput(format!(
                     "model '{model}' is served only by the overflow target, and this request carries inputs marked sensitive, which never leave the site"
-                )));
+                ))))
             }
-            return match self.try_upstream((ov, policy), ctx, model, &request, Reason::RemoteOnly, routing).await {
-                Some(resp) => Ok(resp),
-                None => Err(InferError::Overloaded {
+            (router::Arrival::RemoteOnly, Some((ov, policy))) => {
+                let answer = self.try_upstream((ov, policy), ctx, model, &request, Reason::RemoteOnly, routing).await;
+                return unserved(answer.ok_or_else(|| InferError::Overloaded {
                     model: model.to_owned(),
                     reason: routing
                         .fallback
                         .clone()
                         .unwrap_or_else(|| "served only by the overflow target, whose circuit breaker is open".into()),
                     retry_after: ov.config.open_for,
-                }),
-            };
+                }));
+            }
+            _ => {}
         }
-        let served = self.repository.serving(model, version)?;
-        *served_as = Some((served.version.clone(), None));
+        let served = match self.repository.serving(model, version) {
+            Ok(s) => s,
+            Err(e) => return unserved(Err(e)),
+        };
+        let upstream = overflow.filter(|_| router::may_overflow(&facts, served.may_leave_site));
+        let (result, run_time) = self.run_here(ctx, model, request, &served, upstream, routing).await;
+        Routed { result, served_as: Some((served.version.clone(), run_time)) }
+    }
+
+    /// Serves a request with `served` (or upstream, as the router decides before and after the
+    /// run); the run's time when it ran here.
+    async fn run_here(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        request: InferRequest,
+        served: &Arc<crate::engine::Served>,
+        upstream: Option<(&crate::overflow::Overflow, crate::overflow::ModelOverflow)>,
+        routing: &mut Routing,
+    ) -> (Result<InferResponse, InferError>, Option<Duration>) {
+        use crate::overflow::Reason;
         // The version's response cache: a hit is this version's own earlier answer.
         let cache_key = served.cache.as_ref().map(|_| {
             let names: Vec<String> = request.outputs.iter().map(|o| o.name.clone()).collect();
@@ -415,45 +438,35 @@ impl InferenceService {
             if let Some(outputs) = hit {
                 let mut parameters = serde_json::Map::new();
                 parameters.insert("route".into(), Value::String(Route::Local.as_str().into()));
-                return Ok(InferResponse {
+                let cached = InferResponse {
                     model_name: served.name.clone(),
                     model_version: served.version.clone(),
                     id: request.id,
                     parameters,
                     outputs,
-                });
+                };
+                return (Ok(cached), None);
             }
         }
-        // Overflow is possible only for a model whose signed manifest allows it (and the config
-        // does not forbid), for requests without sensitive inputs, on an explicit default route.
-        let upstream = overflow.filter(|(_, p)| p.mode == OverflowMode::Auto && served.may_leave_site && !sensitive);
         let original = upstream.as_ref().map(|_| request.clone());
         if let (Some((ov, policy)), Some(orig)) = (&upstream, &original) {
-            // The request's age so far plus the box's estimate, against the objective less 10 %
-            // headroom for encoding the answer and run-time jitter.
             let expected = ctx.received.elapsed() + served.estimated_latency();
-            let reason = if served.queue_full() {
-                Some(Reason::QueueFull)
-            } else if expected > ov.slo(policy).mul_f64(0.9) {
-                Some(Reason::Slo)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            if let Some(reason) = router::before_run(served.queue_full(), expected, ov.slo(policy)) {
                 if let Some(resp) = self.try_upstream((ov, policy), ctx, model, orig, reason, routing).await {
-                    return Ok(resp);
+                    return (Ok(resp), None);
                 }
             }
         }
-        let inputs = served.model.validate(request.inputs).map_err(|e| match e {
-            RunError::InvalidInput(m) => InferError::InvalidInput(m),
-            RunError::Engine(m) => InferError::Internal(m),
-        })?;
+        let inputs = match served.model.validate(request.inputs) {
+            Ok(i) => i,
+            Err(RunError::InvalidInput(m)) => return (Err(InferError::InvalidInput(m)), None),
+            Err(RunError::Engine(m)) => return (Err(InferError::Internal(m)), None),
+        };
         // Requested outputs must exist before any work is queued.
-        for o in &request.outputs {
-            if !served.model.signature.outputs.iter().any(|s| s.name == o.name) {
-                return Err(InferError::InvalidInput(format!("unknown output '{}'", o.name)));
-            }
+        if let Some(o) =
+            request.outputs.iter().find(|o| !served.model.signature.outputs.iter().any(|s| s.name == o.name))
+        {
+            return (Err(InferError::InvalidInput(format!("unknown output '{}'", o.name))), None);
         }
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
         // for a place until their deadline (their in-flight count is bounded by the broker).
@@ -475,37 +488,44 @@ impl InferenceService {
                                 if let Some(resp) =
                                     self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
                                 {
-                                    return Ok(resp);
+                                    return (Ok(resp), None);
                                 }
                             }
                         }
-                        return Err(match e {
+                        let refused = match e {
                             SubmitError::QueueFull(_) => InferError::Overloaded {
                                 model: model.to_owned(),
                                 reason: e.to_string(),
-                                retry_after: retry_after(&served),
+                                retry_after: retry_after(served),
                             },
                             SubmitError::Closed => InferError::NotReady(model.to_owned()),
-                        });
+                        };
+                        return (Err(refused), None);
                     }
                 };
-                tokio::time::timeout_at(ctx.deadline.into(), rx)
-                    .await
-                    .map_err(|_| InferError::DeadlineExceeded)?
-                    .map_err(|_| InferError::Internal("inference worker stopped".into()))?
+                match tokio::time::timeout_at(ctx.deadline.into(), rx).await {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(_)) => return (Err(InferError::Internal("inference worker stopped".into())), None),
+                    Err(_) => return (Err(InferError::DeadlineExceeded), None),
+                }
             }
         };
-        *served_as = Some((served.version.clone(), Some(run_time)));
-        let mut outputs = result.map_err(|e| match e {
-            JobError::Expired => InferError::DeadlineExceeded,
-            JobError::QueueTimeout(_) => InferError::Overloaded {
-                model: model.to_owned(),
-                reason: e.to_string(),
-                retry_after: retry_after(&served),
-            },
-            JobError::Run(RunError::InvalidInput(m)) => InferError::InvalidInput(m),
-            JobError::Run(RunError::Engine(m)) => InferError::Internal(m),
-        })?;
+        let mut outputs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                let e = match e {
+                    JobError::Expired => InferError::DeadlineExceeded,
+                    JobError::QueueTimeout(_) => InferError::Overloaded {
+                        model: model.to_owned(),
+                        reason: e.to_string(),
+                        retry_after: retry_after(served),
+                    },
+                    JobError::Run(RunError::InvalidInput(m)) => InferError::InvalidInput(m),
+                    JobError::Run(RunError::Engine(m)) => InferError::Internal(m),
+                };
+                return (Err(e), Some(run_time));
+            }
+        };
         if !request.outputs.is_empty() {
             outputs = request
                 .outputs
@@ -531,23 +551,29 @@ impl InferenceService {
         // Confidence escalation: a low-confidence local answer asks the target; its answer wins,
         // and the local one stands if the target fails.
         if let (Some((ov, policy)), Some(orig)) = (&upstream, &original) {
-            if let (Some(output), Some(min)) = (&policy.confidence_output, policy.confidence_min) {
-                if crate::overflow::confidence(&local, output).is_some_and(|c| c < min) {
-                    if let Some(resp) =
-                        self.try_upstream((ov, policy), ctx, model, orig, Reason::LowConfidence, routing).await
-                    {
-                        return Ok(resp);
-                    }
-                    let mut local = local;
-                    if let Some(f) = &routing.fallback {
-                        local.parameters.insert("overflow_fallback".into(), Value::String(f.clone()));
-                    }
-                    return Ok(local);
+            let confidence = policy.confidence_output.as_ref().and_then(|o| crate::overflow::confidence(&local, o));
+            if router::escalate(confidence, policy.confidence_min) {
+                if let Some(resp) =
+                    self.try_upstream((ov, policy), ctx, model, orig, Reason::LowConfidence, routing).await
+                {
+                    return (Ok(resp), Some(run_time));
                 }
+                let mut local = local;
+                if let Some(f) = &routing.fallback {
+                    local.parameters.insert("overflow_fallback".into(), Value::String(f.clone()));
+                }
+                return (Ok(local), Some(run_time));
             }
         }
-        Ok(local)
+        (Ok(local), Some(run_time))
     }
+}
+
+/// What routing a request gave: the answer, and the version that served it with its run time.
+struct Routed {
+    result: Result<InferResponse, InferError>,
+    /// The version looked up to serve it (`None`: not served here), and its run's time.
+    served_as: Option<(String, Option<Duration>)>,
 }
 
 #[cfg(test)]
