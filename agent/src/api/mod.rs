@@ -16,7 +16,7 @@ use serde_json::Value;
 pub use events::{Event, EventSink, LogSink, RequestOutcome};
 pub use repository::{ModelState, ModelStatus, Repository, Verdict};
 
-use crate::engine::{JobError, RunError, SubmitError};
+use crate::engine::{CallError, JobError, RunError, SubmitError};
 use crate::locks::RwLockExt;
 use crate::protocol::{InferRequest, InferResponse};
 use crate::telemetry::Metrics;
@@ -63,7 +63,7 @@ pub struct Routing {
     pub fallback: Option<String>,
     /// The only request being answered when it arrived, while requests have been arriving one
     /// at a time (`InFlight::enter`): a short run may then stay on the runtime's thread
-    /// (`Served::run_inline`).
+    /// (`engine::place`).
     pub alone: bool,
 }
 
@@ -164,38 +164,7 @@ pub struct InferenceService {
     /// The live configuration (per-model overflow policy).
     pub config: Option<Arc<std::sync::RwLock<Arc<crate::config::Config>>>>,
     /// Requests being answered, over every model and transport.
-    in_flight: Arc<InFlightCount>,
-}
-
-/// Requests being answered now, and a moving average of that count as requests arrive.
-#[derive(Default)]
-struct InFlightCount {
-    now: std::sync::atomic::AtomicUsize,
-    /// In sixteenths of a request; weight 1/8 for the newest arrival.
-    average_16: std::sync::atomic::AtomicUsize,
-}
-
-/// Counts a request as being answered until dropped.
-struct InFlight(Arc<InFlightCount>);
-
-impl InFlight {
-    /// Enters a request; tells whether requests have been arriving one at a time: this one is
-    /// the only one being answered, and so were the ones before it, on average. (A lull
-    /// between two waves of concurrent requests does not count.)
-    fn enter(count: &Arc<InFlightCount>) -> (InFlight, bool) {
-        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-        let now = count.now.fetch_add(1, SeqCst) + 1;
-        let old = count.average_16.load(Relaxed);
-        let average = old - old / 8 + now.min(1 << 20) * 2;
-        count.average_16.store(average, Relaxed);
-        (InFlight(count.clone()), now == 1 && average <= 24)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
+    in_flight: Arc<crate::engine::InFlightCount>,
 }
 
 impl InferenceService {
@@ -307,7 +276,7 @@ impl InferenceService {
             Some(p) => (p.digest_inputs(&request.inputs), p.pseudonymize(&request.parameters)),
             None => (String::new(), serde_json::Map::new()),
         };
-        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
+        let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
         let Routed { result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
         let mut ctx = ctx.clone();
@@ -341,7 +310,7 @@ impl InferenceService {
             parameters,
         };
         // Still the only request being answered: its record may be made durable right here.
-        let alone = routing.alone && self.in_flight.now.load(std::sync::atomic::Ordering::SeqCst) == 1;
+        let alone = routing.alone && self.in_flight.now() == 1;
         let recorded = if alone { self.events.record_alone(event) } else { self.events.record(event) }.await;
         // An answer whose record could not be kept is not given (fail closed).
         match recorded {
@@ -471,44 +440,30 @@ impl InferenceService {
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
         // for a place until their deadline (their in-flight count is bounded by the broker).
         let wait = ctx.transport == Transport::Mqtt;
-        // The only request being answered, and a short run: it costs less here than a hand-off
-        // to a worker thread. With others in flight the runtime's threads are better spent
-        // reading them (their requests can then join a batch) and the run goes to a worker.
-        let inline =
-            if routing.alone { served.run_inline(inputs, ctx.deadline).map_err(|h| h.inputs) } else { Err(inputs) };
-        let (result, run_time) = match inline {
+        let (result, run_time) = match served.call(inputs, ctx.deadline, wait, routing.alone).await {
             Ok(done) => done,
-            Err(inputs) => {
-                let rx = match served.submit(inputs, ctx.deadline, wait).await {
-                    Ok(rx) => rx,
-                    Err(e) => {
-                        if let (Some((ov, policy)), Some(orig), SubmitError::QueueFull(_)) = (&upstream, &original, &e)
+            Err(CallError::Refused(e)) => {
+                if let (Some((ov, policy)), Some(orig), SubmitError::QueueFull(_)) = (&upstream, &original, &e) {
+                    if routing.overflow.is_none() {
+                        if let Some(resp) =
+                            self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
                         {
-                            if routing.overflow.is_none() {
-                                if let Some(resp) =
-                                    self.try_upstream((ov, policy), ctx, model, orig, Reason::QueueFull, routing).await
-                                {
-                                    return (Ok(resp), None);
-                                }
-                            }
+                            return (Ok(resp), None);
                         }
-                        let refused = match e {
-                            SubmitError::QueueFull(_) => InferError::Overloaded {
-                                model: model.to_owned(),
-                                reason: e.to_string(),
-                                retry_after: retry_after(served),
-                            },
-                            SubmitError::Closed => InferError::NotReady(model.to_owned()),
-                        };
-                        return (Err(refused), None);
                     }
-                };
-                match tokio::time::timeout_at(ctx.deadline.into(), rx).await {
-                    Ok(Ok(done)) => done,
-                    Ok(Err(_)) => return (Err(InferError::Internal("inference worker stopped".into())), None),
-                    Err(_) => return (Err(InferError::DeadlineExceeded), None),
                 }
+                let refused = match e {
+                    SubmitError::QueueFull(_) => InferError::Overloaded {
+                        model: model.to_owned(),
+                        reason: e.to_string(),
+                        retry_after: retry_after(served),
+                    },
+                    SubmitError::Closed => InferError::NotReady(model.to_owned()),
+                };
+                return (Err(refused), None);
             }
+            Err(CallError::DeadlineExceeded) => return (Err(InferError::DeadlineExceeded), None),
+            Err(CallError::Stopped) => return (Err(InferError::Internal("inference worker stopped".into())), None),
         };
         let mut outputs = match result {
             Ok(o) => o,
@@ -574,32 +529,4 @@ struct Routed {
     result: Result<InferResponse, InferError>,
     /// The version looked up to serve it (`None`: not served here), and its run's time.
     served_as: Option<(String, Option<Duration>)>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_count_as_alone_only_when_they_have_been_arriving_one_at_a_time() {
-        let count = Arc::new(InFlightCount::default());
-        for _ in 0..20 {
-            let (_one, alone) = InFlight::enter(&count);
-            assert!(alone, "one request at a time");
-        }
-        // A wave of eight at once: its first finds nothing in flight (nothing says a wave is
-        // coming), the others are not alone.
-        let wave: Vec<_> = (0..8).map(|_| InFlight::enter(&count)).collect();
-        assert!(wave[0].1 && wave[1..].iter().all(|(_, alone)| !alone));
-        assert_eq!(count.now.load(std::sync::atomic::Ordering::SeqCst), 8);
-        drop(wave);
-        assert_eq!(count.now.load(std::sync::atomic::Ordering::SeqCst), 0, "every guard gave its place back");
-        // The lull after the wave: the next arrival finds nothing in flight, but requests have
-        // been arriving together; only after a run of single arrivals is one alone again.
-        let (_first, alone) = InFlight::enter(&count);
-        assert!(!alone, "right after a wave");
-        drop(_first);
-        let settled = (0..50).position(|_| InFlight::enter(&count).1).expect("alone again after single arrivals");
-        assert!(settled > 0, "not at once");
-    }
 }

@@ -5,11 +5,16 @@ pub mod batch;
 pub mod cache;
 pub mod cpu;
 pub mod golden;
+pub mod inflight;
 pub mod model;
 pub mod rewrite;
 pub mod worker;
 
 pub use batch::BatchPolicy;
 pub use golden::{Golden, GoldenReport, Tolerance};
+pub use inflight::{InFlight, InFlightCount};
 pub use model::{Dim, LoadError, LoadedModel, RunError, Signature, TensorSpec};
-pub use worker::{Handoff, JobError, NotInline, ServeOptions, Served, SubmitError, INLINE_MAX_US};
+pub use worker::{
+    place, CallError, Handoff, JobError, LoadSnapshot, NotInline, Place, ServeOptions, Served, SubmitError, Ticket,
+    INLINE_MAX_US,
+};

@@ -87,8 +87,89 @@ struct Job {
     queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<(JobResult, Duration)>,
-    /// A place in the queue, given back when the job is done.
+    /// Its place in the queue, given back when the job is answered.
+    ticket: Ticket,
+}
+
+/// A request's admission: its place in the version's queue and its count in the depth, one
+/// and the same, given back together when it is dropped. Every job (queued, led or run inline)
+/// holds one, so the queue policy, the router's estimate and the split rule see the same load.
+pub struct Ticket {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    depth: Arc<AtomicUsize>,
+}
+
+impl Ticket {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, depth: &Arc<AtomicUsize>) -> Ticket {
+        depth.fetch_add(1, Ordering::SeqCst);
+        Ticket { _permit: permit, depth: depth.clone() }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.depth.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// On the caller's thread, now: the one request being answered, a short run, its plan
+    /// built, nothing queued, no batching wait or padding.
+    Inline,
+    /// Led on the runtime's thread by the first request to arrive (short runs under load).
+    Lead,
+    /// Handed to the worker threads.
+    Queue,
+}
+
+/// What the placement rule weighs, read from a version at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSnapshot {
+    /// The only request being answered ([`crate::engine::InFlight`]).
+    pub alone: bool,
+    /// The version is closing, or the request's deadline has passed.
+    pub closing: bool,
+    /// The average run time per request, ns (0: none timed yet).
+    pub run_ns: u64,
+    /// The short-run limit, ns.
+    pub short_run_ns: u64,
+    /// Requests queued or running for this version.
+    pub depth: usize,
+    /// The plan for this request's shape is built.
+    pub plan_built: bool,
+    /// Batching would wait for company (`max_queue_delay` > 0).
+    pub batching_waits: bool,
+    /// Batching would pad this request up to a run size.
+    pub pads: bool,
+    /// Rows a batch may hold (1 without batching).
+    pub max_batch: u64,
+}
+
+/// The placement rule: inline when it costs less than a hand-off (alone, short, ready, idle);
+/// led when runs are short per request and per batch and no batching delay is set; else queued.
+pub fn place(s: &LoadSnapshot) -> Place {
+    let short = s.run_ns > 0 && s.run_ns <= s.short_run_ns;
+    if s.alone && short && s.depth == 0 && s.plan_built && !s.closing && !s.batching_waits && !s.pads {
+        return Place::Inline;
+    }
+    let short_batches = s.run_ns.saturating_mul(s.max_batch) <= s.short_run_ns.saturating_mul(LEAD_MAX_BATCH_RUNS);
+    if short && short_batches && !s.batching_waits {
+        return Place::Lead;
+    }
+    Place::Queue
+}
+
+/// Why a call was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Refused(#[from] SubmitError),
+    #[error("the request's deadline passed")]
+    DeadlineExceeded,
+    #[error("inference worker stopped")]
+    Stopped,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,22 +407,60 @@ impl Served {
             self.permits.clone().try_acquire_owned().map_err(|_| SubmitError::QueueFull(self.capacity))?
         };
         let (reply, rx) = oneshot::channel();
-        self.depth.fetch_add(1, Ordering::SeqCst);
+        let ticket = Ticket::new(permit, &self.depth);
         let rows = batch::rows(&inputs);
-        let job = Job { inputs, rows, queued: Instant::now(), deadline, reply, _permit: permit };
+        let job = Job { inputs, rows, queued: Instant::now(), deadline, reply, ticket };
         if self.leads() {
             self.lead(job).await;
             return Ok(rx);
         }
         match self.tx.try_send(job) {
             Ok(()) => Ok(rx),
-            Err(e) => {
-                self.depth.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
-                    TrySendError::Disconnected(_) => SubmitError::Closed,
-                })
-            }
+            Err(e) => Err(match e {
+                TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
+                TrySendError::Disconnected(_) => SubmitError::Closed,
+            }),
+        }
+    }
+
+    /// Runs a request where [`place`] says, and waits for its answer until `deadline`: inline
+    /// on this thread, led on it, or queued for the workers (waiting for a queue place when
+    /// `wait`, refused at once when full otherwise). `alone`: the only request being answered.
+    pub async fn call(
+        &self,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+        wait: bool,
+        alone: bool,
+    ) -> Result<(JobResult, Duration), CallError> {
+        let inputs = match place(&self.snapshot(&inputs, deadline, alone)) {
+            Place::Inline => match self.run_inline(inputs, deadline) {
+                Ok(done) => return Ok(done),
+                Err(handoff) => handoff.inputs,
+            },
+            Place::Lead | Place::Queue => inputs,
+        };
+        let rx = self.submit(inputs, deadline, wait).await?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(_)) => Err(CallError::Stopped),
+            Err(_) => Err(CallError::DeadlineExceeded),
+        }
+    }
+
+    /// The load [`place`] weighs for `inputs` now.
+    pub fn snapshot(&self, inputs: &[Tensor], deadline: Instant, alone: bool) -> LoadSnapshot {
+        let rows = batch::rows(inputs);
+        LoadSnapshot {
+            alone,
+            closing: self.workers.is_empty() || Instant::now() >= deadline,
+            run_ns: self.run_ns(),
+            short_run_ns: self.short_run_ns,
+            depth: self.queue_depth(),
+            plan_built: self.model.has_plan(inputs),
+            batching_waits: self.batching.as_ref().is_some_and(|p| !p.max_delay.is_zero()),
+            pads: self.batching.as_ref().is_some_and(|p| p.run_rows(rows) != rows),
+            max_batch: self.batching.as_ref().map_or(1, |p| p.max_batch) as u64,
         }
     }
 
@@ -349,12 +468,18 @@ impl Served {
     /// enough (per request and per batch) that a hand-off to a worker would cost more, and no
     /// batching delay to wait out (a leader never waits).
     fn leads(&self) -> bool {
-        let avg = self.run_ns();
-        let max_batch = self.batching.as_ref().map_or(1, |p| p.max_batch) as u64;
-        avg > 0
-            && avg <= self.short_run_ns
-            && avg.saturating_mul(max_batch) <= self.short_run_ns.saturating_mul(LEAD_MAX_BATCH_RUNS)
-            && self.batching.as_ref().is_none_or(|p| p.max_delay.is_zero())
+        let lead_rule = LoadSnapshot {
+            alone: false,
+            closing: false,
+            run_ns: self.run_ns(),
+            short_run_ns: self.short_run_ns,
+            depth: 0,
+            plan_built: false,
+            batching_waits: self.batching.as_ref().is_some_and(|p| !p.max_delay.is_zero()),
+            pads: false,
+            max_batch: self.batching.as_ref().map_or(1, |p| p.max_batch) as u64,
+        };
+        place(&lead_rule) == Place::Lead
     }
 
     /// Queues `job` for a leader; when none is running, this request leads: it yields once,
@@ -409,9 +534,8 @@ impl Served {
     /// channel (as large as the places) has room; only a closed queue refuses it, and dropping
     /// the job then answers its requester that the workers stopped.
     fn hand_to_workers(&self, job: Job) {
-        if self.tx.try_send(job).is_err() {
-            self.depth.fetch_sub(1, Ordering::SeqCst);
-        }
+        // A refused job is dropped: its ticket goes back, its requester hears the workers stopped.
+        let _ = self.tx.try_send(job);
     }
 
     /// Runs a request on the caller's thread when handing it to a worker would cost more than
@@ -441,12 +565,19 @@ impl Served {
         if avg > self.short_run_ns {
             return hand_off(NotInline::LongRuns, inputs);
         }
-        if self.depth.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        if self.queue_depth() != 0 {
             return hand_off(NotInline::Busy, inputs);
         }
-        let claimed = self.permits.clone().try_acquire_owned().ok().zip(super::cpu::try_acquire());
-        let Some((_permit, slot)) = claimed else {
-            self.depth.fetch_sub(1, Ordering::SeqCst);
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return hand_off(NotInline::Busy, inputs);
+        };
+        let ticket = Ticket::new(permit, &self.depth);
+        if self.queue_depth() != 1 {
+            // Another request took a place at the same instant: it goes first.
+            drop(ticket);
+            return hand_off(NotInline::Busy, inputs);
+        }
+        let Some(slot) = super::cpu::try_acquire() else {
             return hand_off(NotInline::NoCpu, inputs);
         };
         let started = Instant::now();
@@ -456,7 +587,7 @@ impl Served {
         // A free slot at once: no wait.
         note_wait(&self.stats, Duration::ZERO, 1);
         note_run(&self.stats, &self.avg_run_ns, ran, 1, rows, result.is_ok());
-        self.depth.fetch_sub(1, Ordering::SeqCst);
+        drop(ticket);
         Ok((result, ran))
     }
 
@@ -619,9 +750,12 @@ impl Worker {
     }
 
     fn answer(&self, job: Job, result: JobResult, ran: Duration) {
-        self.depth.fetch_sub(1, Ordering::SeqCst);
+        // The place goes back before the answer, so that a requester sending its next request
+        // at once finds the version idle.
+        let Job { reply, ticket, .. } = job;
+        drop(ticket);
         // The requester may have gone (deadline, disconnect): nothing to do then.
-        let _ = job.reply.send((result, ran));
+        let _ = reply.send((result, ran));
     }
 }
 
@@ -809,8 +943,57 @@ mod tests {
             queued: Instant::now(),
             deadline: Instant::now() + Duration::from_secs(60),
             reply,
-            _permit: permit,
+            ticket: Ticket::new(permit, &Arc::new(AtomicUsize::new(0))),
         }
+    }
+
+    #[test]
+    fn placement_as_a_table() {
+        let idle = LoadSnapshot {
+            alone: true,
+            closing: false,
+            run_ns: 20_000,
+            short_run_ns: 100_000,
+            depth: 0,
+            plan_built: true,
+            batching_waits: false,
+            pads: false,
+            max_batch: 1,
+        };
+        let cases: [(&str, LoadSnapshot, Place); 12] = [
+            ("alone, short, idle, ready", idle, Place::Inline),
+            ("others in flight", LoadSnapshot { alone: false, ..idle }, Place::Lead),
+            ("something queued", LoadSnapshot { depth: 1, ..idle }, Place::Lead),
+            ("plan not built", LoadSnapshot { plan_built: false, ..idle }, Place::Lead),
+            ("closing or past its deadline", LoadSnapshot { closing: true, ..idle }, Place::Lead),
+            ("would pad", LoadSnapshot { pads: true, ..idle }, Place::Lead),
+            ("batching waits for company", LoadSnapshot { batching_waits: true, ..idle }, Place::Queue),
+            ("no run timed yet", LoadSnapshot { run_ns: 0, ..idle }, Place::Queue),
+            ("long runs", LoadSnapshot { run_ns: 200_000, ..idle }, Place::Queue),
+            ("at the short-run limit", LoadSnapshot { run_ns: 100_000, ..idle }, Place::Inline),
+            (
+                "short, but a full batch too long to lead",
+                LoadSnapshot { alone: false, max_batch: 64, ..idle },
+                Place::Queue,
+            ),
+            ("short, batches within the lead limit", LoadSnapshot { alone: false, max_batch: 8, ..idle }, Place::Lead),
+        ];
+        for (what, snapshot, want) in cases {
+            assert_eq!(place(&snapshot), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_the_queue_place_and_the_depth_count_at_once() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(2));
+        let depth = Arc::new(AtomicUsize::new(0));
+        let a = Ticket::new(permits.clone().try_acquire_owned().unwrap(), &depth);
+        let b = Ticket::new(permits.clone().try_acquire_owned().unwrap(), &depth);
+        assert_eq!((depth.load(Ordering::SeqCst), permits.available_permits()), (2, 0));
+        drop(a);
+        assert_eq!((depth.load(Ordering::SeqCst), permits.available_permits()), (1, 1));
+        drop(b);
+        assert_eq!((depth.load(Ordering::SeqCst), permits.available_permits()), (0, 2));
     }
 
     fn queue(jobs: Vec<Job>) -> Queue {
