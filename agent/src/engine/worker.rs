@@ -434,7 +434,7 @@ impl Served {
         alone: bool,
     ) -> Result<(JobResult, Duration), CallError> {
         let inputs = match place(&self.snapshot(&inputs, deadline, alone)) {
-            Place::Inline => match self.run_inline(inputs, deadline) {
+            Place::Inline => match self.run_placed_inline(inputs) {
                 Ok(done) => return Ok(done),
                 Err(handoff) => handoff.inputs,
             },
@@ -565,6 +565,15 @@ impl Served {
         if avg > self.short_run_ns {
             return hand_off(NotInline::LongRuns, inputs);
         }
+        self.run_placed_inline(inputs)
+    }
+
+    /// Claims a queue place and a CPU slot and runs on this thread: the part of
+    /// [`Served::run_inline`] left once [`place`] has said inline (the rule's inputs are not
+    /// read twice).
+    fn run_placed_inline(&self, inputs: Vec<Tensor>) -> Result<(JobResult, Duration), Handoff> {
+        let hand_off = |why, inputs| Err(Handoff { why, inputs });
+        let rows = batch::rows(&inputs);
         if self.queue_depth() != 0 {
             return hand_off(NotInline::Busy, inputs);
         }
