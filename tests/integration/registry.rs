@@ -32,6 +32,28 @@ async fn serving_v1() -> anyhow::Result<(TestRegistry, StaticServer, TestAgent)>
     Ok((reg, server, agent))
 }
 
+/// Signs `stmt` as a manifest, stores it, and lists it in a new signed index as a version of
+/// its model on the stable channel (after `edit`): a crafted publication.
+fn add_signed_version(
+    reg: &TestRegistry,
+    stmt: &outpost::registry::Statement,
+    edit: impl FnOnce(&mut outpost::registry::Index),
+) -> anyhow::Result<()> {
+    let manifest = Envelope::sign(MANIFEST_TYPE, &serde_json::to_vec(stmt)?, &reg.signers()).to_bytes();
+    let sha = sha256_hex(&manifest);
+    std::fs::write(reg.path().join("manifests").join(format!("{sha}.json")), &manifest)?;
+    let mut index = reg.index()?;
+    edit(&mut index);
+    index.models.entry(stmt.predicate.name.clone()).or_default().push(IndexEntry {
+        version: stmt.predicate.version.clone(),
+        channel: "stable".into(),
+        manifest: DigestRef { sha256: sha, size: manifest.len() as u64 },
+    });
+    index.version += 1;
+    reg.write_index(&index, &reg.signers())?;
+    Ok(())
+}
+
 /// After an attack: the poll failed as expected, 1.0.0 still answers, and the reason is listed.
 async fn assert_refused(
     agent: &TestAgent,
@@ -199,18 +221,9 @@ async fn attack_path_traversal_in_model_name_and_blob_path() -> anyhow::Result<(
     let mut stmt = reg.statement("mlp")?;
     stmt.predicate.version = "1.2.0".into();
     stmt.predicate.blob.sha256 = "../../../../etc/passwd".into();
-    let manifest = Envelope::sign(MANIFEST_TYPE, &serde_json::to_vec(&stmt)?, &reg.signers()).to_bytes();
-    let sha = sha256_hex(&manifest);
-    std::fs::write(reg.path().join("manifests").join(format!("{sha}.json")), &manifest)?;
-    let mut index = reg.index()?;
-    index.models.remove("../../evil");
-    index.models.get_mut("mlp").expect("mlp").push(IndexEntry {
-        version: "1.2.0".into(),
-        channel: "stable".into(),
-        manifest: DigestRef { sha256: sha, size: manifest.len() as u64 },
-    });
-    index.version += 1;
-    reg.write_index(&index, &reg.signers())?;
+    add_signed_version(&reg, &stmt, |index| {
+        index.models.remove("../../evil");
+    })?;
     assert_refused(&agent, agent.agent.poll_registry().await, "is not a sha256 hex digest").await?;
     assert!(server.requests().iter().all(|l| !l.contains("..")), "{:?}", server.requests());
     agent.stop().await
@@ -440,17 +453,7 @@ async fn attack_a_blob_declaring_4_gib_streams_in_bounded_memory_while_serving_g
     stmt.predicate.blob.sha256 = blob_sha;
     stmt.predicate.blob.size = blob.len() as u64;
     stmt.predicate.blob.uncompressed_size = 4 << 30;
-    let manifest = Envelope::sign(MANIFEST_TYPE, &serde_json::to_vec(&stmt)?, &reg.signers()).to_bytes();
-    let sha = sha256_hex(&manifest);
-    std::fs::write(reg.path().join("manifests").join(format!("{sha}.json")), &manifest)?;
-    let mut index = reg.index()?;
-    index.models.get_mut("mlp").expect("mlp").push(IndexEntry {
-        version: "2.0.0".into(),
-        channel: "stable".into(),
-        manifest: DigestRef { sha256: sha, size: manifest.len() as u64 },
-    });
-    index.version += 1;
-    reg.write_index(&index, &reg.signers())?;
+    add_signed_version(&reg, &stmt, |_| {})?;
 
     let idle_kb = proc_kb(pid, "VmRSS")?;
     let http = http_client();
