@@ -19,20 +19,27 @@ pub struct VerifyReport {
     pub signatures_checked: bool,
 }
 
-/// Every stored line of the log, in file order.
-pub(super) fn lines(dir: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
+/// Hands every stored line of the log to `each`, in file order, one segment in memory at a
+/// time (a segment is at most 8 MiB and its zeroed room); stops at `each`'s first error.
+pub(super) fn for_each_line(dir: &Path, mut each: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
     if !dir.exists() {
         // No log yet (the agent never ran here): nothing to check, nothing created.
-        return Ok(out);
+        return Ok(());
     }
     for (_, path) in segment_files(dir).map_err(|e| format!("cannot read audit log {}: {e}", dir.display()))? {
         let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // Without the zero-filled room ahead of the last write.
         let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        out.extend(data[..end].split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec));
+        for line in data[..end].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            each(line)?;
+        }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Whether any stored line is record `seq`.
+fn holds(dir: &Path, seq: u64) -> bool {
+    for_each_line(dir, |line| if seq_of(line) == Some(seq) { Err(String::new()) } else { Ok(()) }).is_err()
 }
 
 /// Checks the chain from the anchor to the head, and every checkpoint (beside the log and in
@@ -61,8 +68,6 @@ pub fn verify(dir: &Path, key: Option<&ed25519_dalek::VerifyingKey>) -> Result<V
             expected.insert(cp.seq, (cp.hash, cp.time_ms));
         }
     }
-    let all = lines(dir)?;
-    let seqs: Vec<Option<u64>> = all.iter().map(|l| seq_of(l)).collect();
     let mut prev = if anchor.seq == 0 { GENESIS.to_owned() } else { anchor.hash_hex() };
     let mut report = VerifyReport {
         anchor: anchor.seq,
@@ -75,15 +80,17 @@ pub fn verify(dir: &Path, key: Option<&ed25519_dalek::VerifyingKey>) -> Result<V
     };
     // The newest record known to be as signed: what a rewrite found later begins after.
     let mut good_up_to = anchor.seq;
-    for (i, (line, (expect, seq))) in all.iter().zip((anchor.seq + 1..).zip(&seqs)).enumerate() {
-        let Some(seq) = *seq else {
+    let mut expect = anchor.seq + 1;
+    for_each_line(dir, |line| {
+        let Some(seq) = seq_of(line) else {
             return Err(format!("record {expect} is unreadable"));
         };
         if seq < expect {
             return Err(format!("record {seq} appears again after record {}: inserted or reordered", expect - 1));
         }
         if seq > expect {
-            return Err(if seqs[i..].contains(&Some(expect)) {
+            // Every line before this one was in order: one holding `expect` can only come later.
+            return Err(if holds(dir, expect) {
                 format!("record {expect} is out of order (found after record {seq}): reordered")
             } else {
                 format!("record {expect} is missing (next present: {seq})")
@@ -121,7 +128,9 @@ pub fn verify(dir: &Path, key: Option<&ed25519_dalek::VerifyingKey>) -> Result<V
         report.last = Some(seq);
         report.records += 1;
         prev = rec.hash;
-    }
+        expect += 1;
+        Ok(())
+    })?;
     let end = report.last.unwrap_or(anchor.seq);
     if let Some((&seq, (_, time_ms))) = expected.range(end + 1..).next_back() {
         return Err(format!(
@@ -143,13 +152,14 @@ pub(super) fn time_text(ms: i64) -> String {
 /// Every record (as stored JSON) with `time_ms >= since_ms`, for `outpost audit export`.
 pub fn export(dir: &Path, since_ms: i64, out: &mut dyn std::io::Write) -> Result<u64, String> {
     let mut n = 0;
-    for line in lines(dir)? {
-        let rec: Record = serde_json::from_slice(&line).map_err(|e| e.to_string())?;
+    for_each_line(dir, |line| {
+        let rec: Record = serde_json::from_slice(line).map_err(|e| e.to_string())?;
         if rec.time_ms >= since_ms {
-            out.write_all(&line).map_err(|e| e.to_string())?;
+            out.write_all(line).map_err(|e| e.to_string())?;
             out.write_all(b"\n").map_err(|e| e.to_string())?;
             n += 1;
         }
-    }
+        Ok(())
+    })?;
     Ok(n)
 }
