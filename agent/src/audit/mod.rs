@@ -19,10 +19,6 @@
 //! hash of the last dropped record): segments older than `retention`, and the oldest ones when
 //! the quota nears full; with `[upstream]` only segments whose records were all sent.
 //! `checkpoints.ndjson` holds the signed checkpoints ([`checkpoint`]).
-//!
-//! This replaced sled 0.34, which kept 54× the retained data on disk after sync-and-delete
-//! cycles and cost 0.4–1.3 ms per durable commit (BENCHMARKS.md); the interface (`append`,
-//! `range`, `prune`, `verify`) did not change.
 
 pub mod checkpoint;
 mod committer;

@@ -613,10 +613,8 @@ impl LoadedModel {
         let out = match catch_unwind(AssertUnwindSafe(|| match pool {
             // The whole plan runs on one of the pool's threads, and the pool's other threads
             // stay awake for the length of the run (they hold its CPU slots), taking shares of
-            // each split product as it comes. Run from outside the pool, every product was
-            // handed to the pool and waited for, and the operators between them ran on a third
-            // thread: an eight-row MiniLM run took 15-26 % longer; with the helpers asleep
-            // between products (a wake-up each), 7-15 % longer (BENCHMARKS.md).
+            // each split product as it comes: no hand-off to the pool and no wake-up per product
+            // (both measured slower; BENCHMARKS.md history).
             Some(Executor::MultiThread(workers)) => {
                 let executor = Executor::MultiThread(workers.clone());
                 with_helpers(&workers, || multithread_tract_scope(executor, || plan.run(tv)))
@@ -691,10 +689,9 @@ impl Drop for StopHelping<'_> {
 }
 
 /// The size, in matrix panels, from which a split run shares a product between its threads
-/// (tract's default: 64). With 64, a one-row MiniLM run (14 tokens) kept its attention
-/// projections whole (60 panels each) and gained nothing from a second core; with 32 it ran
-/// 1.03-1.9x as fast as on one thread (BENCHMARKS.md). Set when the first pool starts; a run
-/// on one thread never consults it.
+/// (tract's default: 64). Low enough that a one-row transformer's attention projections (60
+/// panels for MiniLM at 14 tokens) are shared too (BENCHMARKS.md, engine). Set when the first
+/// pool starts; a run on one thread never consults it.
 const SPLIT_MIN_PANELS: usize = 32;
 
 static SPLIT_PANELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SPLIT_MIN_PANELS);

@@ -696,9 +696,9 @@ impl Worker {
         let results = {
             let _slot = slot;
             // A run with nothing else waiting for this model may split over the cores that are
-            // free: from two rows up, or one row of a model whose runs are long (a one-row
-            // MiniLM run: 1.03-1.9x as fast split; a short run's split costs more than it saves).
-            // The average then follows the split runs; a model near the bound may alternate.
+            // free: from two rows up, or one row of a model whose runs are long (a short run's
+            // split costs more than it saves; BENCHMARKS.md, engine). The average then follows
+            // the split runs; a model near the bound may alternate.
             let alone = self.depth.load(Ordering::SeqCst) <= live.len();
             let long = self.avg_ns.load(Ordering::Relaxed) >= SPLIT_ONE_ROW_MIN_NS;
             let extra: Vec<_> = if self.threads_per_run > 1 && (rows >= 2 || long) && alone {

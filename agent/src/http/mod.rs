@@ -24,8 +24,7 @@ use crate::locks::RwLockExt;
 use crate::protocol::json::{binary_outputs_wanted, encode_response, parse_binary_request, parse_request};
 
 /// Shared state of the HTTP adapter, behind one reference count: handlers and the access layer
-/// take it per request, and cloning the fields one by one (a dozen shared counters, bounced
-/// between cores) measured ~2 % of the serving CPU at 64 clients (BENCHMARKS.md).
+/// take it per request with one increment, not a dozen shared counters bounced between cores.
 #[derive(Clone)]
 pub struct HttpState(Arc<HttpShared>);
 

@@ -160,11 +160,9 @@ const SYMBOLIC_SLACK: f64 = 1.10;
 /// As [`SYMBOLIC_SLACK`], for a model with another dynamic dimension (a sequence length):
 /// concrete plans would follow the lengths traffic brings, each built while requests wait (a
 /// MiniLM plan: about a second of a core) and each holding its own packed copy of the weights
-/// (MiniLM: ~45 MB), evicted and rebuilt once more lengths than `plan_cache` are in use. On
-/// MiniLM the two ran equally fast at one row and at eight (tract picks another matrix kernel
-/// for a symbolic width; BENCHMARKS.md), so the load-time timing, straddling 10 %, decided by
-/// chance: the same model came up with one plan or with plans per shape (RSS 211 or 454 MB)
-/// from one start to the next.
+/// (MiniLM: ~45 MB), evicted and rebuilt once more lengths than `plan_cache` are in use. Where
+/// the two run about equally fast (MiniLM; BENCHMARKS.md, engine), a narrow margin would let
+/// the load-time timing decide by chance from one start to the next.
 const SYMBOLIC_SLACK_FREE_DIMS: f64 = 1.5;
 
 /// Whether a symbolic plan timed at `symbolic` is kept over concrete plans timed at `concrete`.
