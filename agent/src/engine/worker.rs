@@ -433,12 +433,15 @@ impl Served {
         wait: bool,
         alone: bool,
     ) -> Result<(JobResult, Duration), CallError> {
-        let inputs = match place(&self.snapshot(&inputs, deadline, alone)) {
-            Place::Inline => match self.run_placed_inline(inputs) {
+        // Only the one request in flight can be placed inline: under load the snapshot (its
+        // plan lookup locks the plan cache) is not taken, and `submit` leads or queues by the
+        // same rule.
+        let inputs = match alone.then(|| place(&self.snapshot(&inputs, deadline, true))) {
+            Some(Place::Inline) => match self.run_placed_inline(inputs) {
                 Ok(done) => return Ok(done),
                 Err(handoff) => handoff.inputs,
             },
-            Place::Lead | Place::Queue => inputs,
+            _ => inputs,
         };
         let rx = self.submit(inputs, deadline, wait).await?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
