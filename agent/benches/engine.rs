@@ -77,7 +77,8 @@ fn main() {
     let golden_bytes = std::fs::read(model_dir.join("golden.json")).expect("golden.json");
     let golden = Golden::parse(&golden_bytes).expect("golden");
     let prepared =
-        outpost::lifecycle::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default()).expect("model loads");
+        outpost::engine::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default().prepare_options(onnx.len()))
+            .expect("model loads");
     let model = prepared.model;
     match arg(&args, "--plans").as_deref() {
         Some("symbolic") => assert!(model.set_symbolic(true).expect("symbolic plan"), "no dynamic dimension"),

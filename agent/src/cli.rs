@@ -309,7 +309,8 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
                     }
                     None => None,
                 };
-                match crate::lifecycle::prepare(&onnx, golden.as_deref(), &c.model(&src.name)) {
+                match crate::engine::prepare(&onnx, golden.as_deref(), &c.model(&src.name).prepare_options(onnx.len()))
+                {
                     Ok(p) => println!("{}: ok ({})", src.name, p.detail),
                     Err(e) => {
                         failed += 1;
@@ -681,7 +682,7 @@ fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, 
         // The agent's own certificate (or its CA) when it is not in the system store.
         if let Some(ca) = std::env::var_os("OUTPOST_CA_FILE") {
             builder = crate::tls::add_roots(builder, std::path::Path::new(&ca), "OUTPOST_CA_FILE")
-                .map_err(FatalError::Usage)?;
+                .map_err(|e| FatalError::Usage(e.to_string()))?;
         }
         let client = builder.build().map_err(|e| FatalError::Runtime(e.to_string()))?;
         let mut req = if method == "POST" { client.post(url) } else { client.get(url) };

@@ -561,6 +561,15 @@ impl ModelConfig {
         })
     }
 
+    /// How a model of `model_bytes` bytes is prepared.
+    pub fn prepare_options(&self, model_bytes: usize) -> crate::engine::PrepareOptions {
+        crate::engine::PrepareOptions {
+            plan_cache: self.plan_cache,
+            allow_non_finite: self.allow_non_finite,
+            batch: self.batch_policy(model_bytes),
+        }
+    }
+
     /// How a model of `model_bytes` bytes is served.
     pub fn serve_options(&self, model_bytes: usize) -> crate::engine::ServeOptions {
         crate::engine::ServeOptions {

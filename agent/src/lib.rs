@@ -58,6 +58,13 @@ pub enum FatalError {
     },
     #[error("{0}")]
     Runtime(String),
+    /// A part of the agent that cannot start, with the cause.
+    #[error("{what}: {source}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0}")]
     StateLocked(String),
 }
@@ -70,8 +77,13 @@ impl FatalError {
             FatalError::Usage(_) => 64,
             FatalError::Config(_) => 78,
             FatalError::Bind { .. } | FatalError::StateLocked(_) => 69,
-            FatalError::Runtime(_) => 70,
+            FatalError::Runtime(_) | FatalError::Start { .. } => 70,
         }
+    }
+
+    /// A part of the agent that cannot start (`what`), keeping the cause as the error's source.
+    pub fn start(what: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> FatalError {
+        FatalError::Start { what, source: Box::new(source) }
     }
 }
 
@@ -207,9 +219,9 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let lock = lock_state_dir(&config.node.state_dir)?;
     check_environment(&config)?;
     let tls_handle = match &config.http.tls {
-        Some(files) => Some(Arc::new(
-            http::server::TlsHandle::new(files).map_err(|e| FatalError::Runtime(format!("http TLS: {e}")))?,
-        )),
+        Some(files) => {
+            Some(Arc::new(http::server::TlsHandle::new(files).map_err(|e| FatalError::start("http TLS", e))?))
+        }
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -227,13 +239,13 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             config.privacy.sensitive_inputs.clone(),
             config.privacy.residency_allow.clone(),
         )
-        .map_err(FatalError::Runtime)?,
+        .map_err(|e| FatalError::start("privacy", e))?,
     );
     let audit = match &config.audit {
         Some(ac) => {
             let trace = cfg!(feature = "failpoints").then(|| Arc::new(audit::Trace::default()));
             let key = audit::checkpoint::load_or_create_key(&config.node.key_file)
-                .map_err(|e| FatalError::Runtime(format!("node key: {e}")))?;
+                .map_err(|e| FatalError::start("audit", e))?;
             let signer = audit::checkpoint::Signer { key, node: config.node.name.clone() };
             Some(
                 audit::Audit::open_signed(&config.node.state_dir.join("audit"), ac, Some(signer), trace)
@@ -255,8 +267,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     service.privacy = Some(privacy.clone());
     if let Some(oc) = &config.overflow {
         let ov = Arc::new(
-            overflow::Overflow::new(oc.clone(), Some(privacy.clone()))
-                .map_err(|e| FatalError::Runtime(format!("overflow: {e}")))?,
+            overflow::Overflow::new(oc.clone(), Some(privacy.clone())).map_err(|e| FatalError::start("overflow", e))?,
         );
         tracing::info!(target_url = %oc.url, slo_p99 = ?oc.slo_p99, "overflow target configured");
         service.overflow = Some(ov);
@@ -336,7 +347,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             Some(privacy.clone()),
             &cfg.node.state_dir.join("telemetry"),
         )
-        .map_err(FatalError::Runtime)?;
+        .map_err(|e| FatalError::start("upstream", e))?;
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
     let failures = Arc::new(auth::FailureGuard::default());

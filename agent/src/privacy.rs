@@ -2,6 +2,7 @@
 //! before they reach the audit log, telemetry or anything upstream; inputs are only ever
 //! recorded as a keyed digest; outbound hosts must be on the residency allow-list.
 
+use crate::store::KeyFileError;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -36,18 +37,20 @@ impl Privacy {
         pseudonymize: Vec<String>,
         sensitive_inputs: Vec<String>,
         residency_allow: Vec<String>,
-    ) -> Result<Privacy, String> {
+    ) -> Result<Privacy, KeyFileError> {
+        const WHAT: &str = "HMAC key";
         let key = match std::fs::read(key_file) {
             Ok(k) if k.len() >= 32 => k,
-            Ok(_) => return Err(format!("{}: an HMAC key needs at least 32 bytes", key_file.display())),
+            Ok(_) => {
+                let why = "an HMAC key needs at least 32 bytes".to_owned();
+                return Err(KeyFileError::Invalid { what: WHAT, path: key_file.to_owned(), why });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut k = vec![0u8; 32];
-                getrandom::fill(&mut k).map_err(|e| format!("no randomness for the HMAC key: {e}"))?;
-                crate::store::write_secret(key_file, &k).map_err(|e| format!("{}: {e}", key_file.display()))?;
+                let k = crate::store::create_secret(WHAT, key_file, 32)?;
                 tracing::info!(path = %key_file.display(), "created a new HMAC key for pseudonymization");
                 k
             }
-            Err(e) => return Err(format!("{}: {e}", key_file.display())),
+            Err(source) => return Err(KeyFileError::Io { what: WHAT, path: key_file.to_owned(), source }),
         };
         let pseudonymize = pseudonymize.into_iter().map(|p| p.trim_start_matches("parameters.").to_owned()).collect();
         Ok(Privacy { key, pseudonymize, sensitive_inputs, residency_allow })

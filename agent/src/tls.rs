@@ -1,4 +1,5 @@
-//! One rustls crypto provider for the whole process (ring).
+//! TLS material: one rustls crypto provider for the whole process (ring), certificates, keys
+//! and tokens read from files, and the rules of outbound clients.
 
 /// Installs ring as the process-wide rustls provider; later calls do nothing.
 pub fn install_crypto_provider() {
@@ -8,52 +9,115 @@ pub fn install_crypto_provider() {
     });
 }
 
+use std::path::{Path, PathBuf};
+
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Every certificate in a PEM file.
-pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+/// Why a TLS setting cannot be used; `setting` names the configuration key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{setting}: cannot read {}: {source}", path.display())]
+    Read {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{setting}: {}: bad PEM {what}: {source}", path.display())]
+    Pem {
+        setting: &'static str,
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{setting}: {}: no certificate in the PEM file", path.display())]
+    NoCertificate { setting: &'static str, path: PathBuf },
+    #[error("{setting}: {source}")]
+    Rustls {
+        setting: &'static str,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{setting}: {}: {source}", path.display())]
+    ClientCa {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("{setting}: {}: {source}", path.display())]
+    Bundle {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{setting}: {source}")]
+    Client {
+        setting: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Settings that only make sense together, or one that another needs.
+    #[error("{0}")]
+    Settings(&'static str),
+}
+
+fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { setting, path: path.to_owned(), source })
+}
+
+/// Every certificate of the PEM file at `path` (`setting` names it in errors).
+pub fn certificates(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(setting, path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad PEM certificate: {e}"))?;
+        .map_err(|source| TlsError::Pem { setting, path: path.to_owned(), what: "certificate", source })?;
     if certs.is_empty() {
-        return Err("no certificate in the PEM file".into());
+        return Err(TlsError::NoCertificate { setting, path: path.to_owned() });
     }
     Ok(certs)
 }
 
-/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("bad PEM private key: {e}"))
+/// The private key of the PEM file at `path` (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(&read(setting, path)?).map_err(|source| TlsError::Pem {
+        setting,
+        path: path.to_owned(),
+        what: "private key",
+        source,
+    })
 }
 
 /// The LAN listener's rustls configuration: certificate chain and key, and, with a client CA,
 /// mandatory client certificates (mTLS). ALPN offers HTTP/2 and HTTP/1.1.
-pub fn server_config(files: &crate::config::TlsFiles) -> Result<rustls::ServerConfig, String> {
+pub fn server_config(files: &crate::config::TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
     install_crypto_provider();
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    let chain = certificates(&read(&files.cert)?).map_err(|e| format!("{}: {e}", files.cert.display()))?;
-    let key = private_key(&read(&files.key)?).map_err(|e| format!("{}: {e}", files.key.display()))?;
+    let chain = certificates("http.tls_cert", &files.cert)?;
+    let key = private_key("http.tls_key", &files.key)?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS versions: {e}"))?;
+        .map_err(|source| TlsError::Rustls { setting: "TLS versions", source })?;
     let builder = match &files.client_ca {
         Some(ca) => {
+            let setting = "http.tls_client_ca";
             let mut roots = rustls::RootCertStore::empty();
-            for c in certificates(&read(ca)?).map_err(|e| format!("{}: {e}", ca.display()))? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            for c in certificates(setting, ca)? {
+                roots.add(c).map_err(|source| TlsError::Rustls { setting, source })?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                 .build()
-                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                .map_err(|source| TlsError::ClientCa { setting, path: ca.clone(), source })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| format!("{} and {} do not make a usable pair: {e}", files.cert.display(), files.key.display()))?;
+        .map_err(|source| TlsError::Rustls { setting: "http.tls_cert and http.tls_key (not a usable pair)", source })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -101,11 +165,16 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
 /// the setting in error messages.
 pub fn add_roots(
     mut builder: reqwest::ClientBuilder,
-    ca: &std::path::Path,
-    key: &str,
-) -> Result<reqwest::ClientBuilder, String> {
-    let pem = std::fs::read(ca).map_err(|e| format!("{key} {}: {e}", ca.display()))?;
-    for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{key} {}: {e}", ca.display()))? {
+    ca: &Path,
+    setting: &'static str,
+) -> Result<reqwest::ClientBuilder, TlsError> {
+    let pem = read(setting, ca)?;
+    let bundle = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| TlsError::Bundle {
+        setting,
+        path: ca.to_owned(),
+        source,
+    })?;
+    for c in bundle {
         builder = builder.add_root_certificate(c);
     }
     Ok(builder)
@@ -131,7 +200,8 @@ pub fn redirect_refused(url: &str, resp: &reqwest::Response) -> Option<String> {
     ))
 }
 
-/// A bearer token from a file (surrounding whitespace dropped); `key` names the setting.
-pub fn read_token(path: &std::path::Path, key: &str) -> Result<String, String> {
-    Ok(std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?.trim().to_owned())
+/// A bearer token from a file (surrounding whitespace dropped); `setting` names the key.
+pub fn read_token(path: &Path, setting: &'static str) -> Result<String, TlsError> {
+    let bytes = read(setting, path)?;
+    Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
 }

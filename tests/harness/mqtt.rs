@@ -56,7 +56,7 @@ impl Requester {
         if let Some(pki) = tls {
             outpost::tls::install_crypto_provider();
             let mut roots = rustls::RootCertStore::empty();
-            for c in outpost::tls::certificates(&std::fs::read(pki.path("ca.pem"))?).map_err(|e| anyhow!(e))? {
+            for c in outpost::tls::certificates("test ca", &pki.path("ca.pem"))? {
                 roots.add(c)?;
             }
             let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();

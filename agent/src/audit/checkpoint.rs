@@ -5,6 +5,7 @@
 //! `audit verify` detects records cut from the tail, a deleted last segment, or a rewritten
 //! record whose hash was recomputed, as far back as the last checkpoint still on the box.
 
+use crate::store::KeyFileError;
 use std::io::Write;
 use std::path::Path;
 
@@ -130,29 +131,39 @@ pub fn read_file(dir: &Path) -> Result<Vec<Checkpoint>, String> {
 
 /// The node key: loaded from `path`, or created there (0600, with its `.pub` beside it) when
 /// missing.
-pub fn load_or_create_key(path: &Path) -> Result<KeyPair, String> {
+pub fn load_or_create_key(path: &Path) -> Result<KeyPair, KeyFileError> {
+    const WHAT: &str = "node key";
+    let key_error = |source| KeyFileError::Key { what: WHAT, path: path.to_owned(), source };
     if path.exists() {
-        return KeyPair::load(path).map_err(|e| e.to_string());
+        return KeyPair::load(path).map_err(key_error);
     }
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let key = KeyPair::generate().map_err(key_error)?;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(|source| KeyFileError::Io {
+            what: WHAT,
+            path: parent.to_owned(),
+            source,
+        })?;
     }
-    key.save(&path.with_extension(""), Some("outpost node key: signs audit checkpoints")).map_err(|e| e.to_string())?;
+    key.save(&path.with_extension(""), Some("outpost node key: signs audit checkpoints")).map_err(key_error)?;
     tracing::info!(path = %path.display(), keyid = %key.keyid, "created the node key");
     Ok(key)
 }
 
 /// The node's public key for verification: `<key>.pub` beside the key, else derived from the
 /// private key file. Reads only.
-pub fn public_key(key_path: &Path) -> Result<VerifyingKey, String> {
+pub fn public_key(key_path: &Path) -> Result<VerifyingKey, KeyFileError> {
     let pub_path = key_path.with_extension("pub");
     if pub_path.exists() {
         return outpost_proto::registry::keys::load_public(&pub_path)
             .and_then(|p| p.verifying_key())
-            .map_err(|e| e.to_string());
+            .map_err(|source| KeyFileError::Key { what: "node public key", path: pub_path, source });
     }
-    KeyPair::load(key_path).and_then(|k| k.public().verifying_key()).map_err(|e| e.to_string())
+    KeyPair::load(key_path).and_then(|k| k.public().verifying_key()).map_err(|source| KeyFileError::Key {
+        what: "node key",
+        path: key_path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

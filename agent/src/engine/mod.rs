@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod golden;
 pub mod inflight;
 pub mod model;
+pub mod prepare;
 pub mod rewrite;
 pub mod worker;
 
@@ -14,6 +15,7 @@ pub use batch::BatchPolicy;
 pub use golden::{Golden, GoldenReport, Tolerance};
 pub use inflight::{InFlight, InFlightCount};
 pub use model::{Dim, LoadError, LoadedModel, RunError, Signature, TensorSpec};
+pub use prepare::{prepare, PrepareOptions, Prepared};
 pub use worker::{
     place, CallError, Handoff, JobError, LoadSnapshot, NotInline, Place, ServeOptions, Served, SubmitError, Ticket,
     INLINE_MAX_US,

@@ -37,13 +37,13 @@ pub struct TlsHandle {
 }
 
 impl TlsHandle {
-    pub fn new(files: &TlsFiles) -> Result<TlsHandle, String> {
+    pub fn new(files: &TlsFiles) -> Result<TlsHandle, crate::tls::TlsError> {
         let config = crate::tls::server_config(files)?;
         Ok(TlsHandle { acceptor: RwLock::new(tokio_rustls::TlsAcceptor::from(Arc::new(config))) })
     }
 
     /// Reads the certificate, key and client CA again; on error the current ones stay.
-    pub fn reload(&self, files: &TlsFiles) -> Result<(), String> {
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), crate::tls::TlsError> {
         let config = crate::tls::server_config(files)?;
         *self.acceptor.write_locked() = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         Ok(())

@@ -1,17 +1,16 @@
-//! Model lifecycle: find model sources, load them off the request path, reproduce their golden
-//! vectors, warm up, then activate atomically. A failure at any step leaves whatever was
-//! serving untouched and is reported to the event sink.
+//! Model lifecycle: local model sources, and the one way a prepared model goes into service
+//! ([`start`], [`activate_prepared`]) for local and registry models alike. Preparation itself
+//! (load, golden vectors, plan, warm-up) is the engine's ([`crate::engine::prepare`]). A failure
+//! at any step leaves whatever was serving untouched and is recorded as an event.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::api::events::{Event, LifecycleKind};
 use crate::api::InferenceService;
 use crate::config::{valid_name, ModelConfig};
-use crate::engine::rewrite::{self, Candidate, Variant};
-use crate::engine::{Golden, LoadError, LoadedModel, Served};
+use crate::engine::{Prepared, Served};
 
 /// Largest model file the agent reads.
 pub const MAX_MODEL_BYTES: u64 = 2 << 30;
@@ -71,269 +70,25 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// What a successful preparation measured.
-#[derive(Debug)]
-pub struct Prepared {
-    pub model: LoadedModel,
-    pub detail: String,
-    /// Size of the ONNX file (how batched runs are sized: `ModelConfig::serve_options`).
-    pub bytes: usize,
+/// Records a lifecycle event and waits for the event sink (the audit log among them) to take
+/// it: an activation is not reported done before its record is.
+pub async fn record(service: &InferenceService, model: &str, version: &str, kind: LifecycleKind, detail: String) {
+    let event = Event::Lifecycle { model: model.to_owned(), version: version.to_owned(), kind, detail };
+    let _ = service.events.record(event).await;
 }
 
-/// Runs of the first golden case timed per candidate, and the time they may take.
-const TIMED_RUNS: usize = 25;
-const TIMING_BUDGET: Duration = Duration::from_millis(300);
-/// A rewrite must beat the published graph by this factor to replace it.
-const REWRITE_MARGIN: f64 = 0.95;
-/// A candidate whose first run is this many times slower than the fastest passing plan is
-/// rejected without its golden check.
-const SLOWER_SKIP: u32 = 3;
-
-/// The median of up to `runs` timed runs of the first golden case (at least 3 when `runs`
-/// allows, then as many as fit in the timing budget), after one untimed run that builds the plan.
-fn median_run(model: &LoadedModel, golden: &Golden, runs: usize) -> Result<Duration, String> {
-    let case = golden.cases.first().ok_or("golden file has no cases")?;
-    let inputs = model.validate(case.inputs.clone()).map_err(|e| e.to_string())?;
-    model.run(inputs.clone()).map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    let mut times = Vec::with_capacity(runs);
-    while times.len() < runs.max(1) && (times.len() < 3 || started.elapsed() < TIMING_BUDGET) {
-        let t = Instant::now();
-        model.run(inputs.clone()).map_err(|e| e.to_string())?;
-        times.push(t.elapsed());
-    }
-    times.sort_unstable();
-    Ok(times[times.len() / 2])
+/// Starts the worker threads of a prepared model: a `Served` ready to take traffic, not yet
+/// in the serving table.
+pub fn start(name: &str, version: &str, prepared: Prepared, cfg: &ModelConfig) -> Served {
+    Served::start(name, version, Arc::new(prepared.model), &cfg.serve_options(prepared.bytes))
 }
 
-/// Loads a model and checks its golden vectors. For a quantized model, every candidate graph
-/// (see [`crate::engine::rewrite`]) is loaded, checked and timed, and the fastest that
-/// reproduces the golden vectors is kept; none passing refuses the model. Blocking: run on a
-/// blocking thread.
-pub fn prepare(onnx: &[u8], golden: Option<&[u8]>, cfg: &ModelConfig) -> Result<Prepared, LoadError> {
-    let started = Instant::now();
-    let proto = LoadedModel::parse(onnx)?;
-    let golden = golden.map(|g| Golden::parse(g).map_err(LoadError::Golden)).transpose()?;
-    let (mut model, mut detail) = match &golden {
-        Some(golden) if rewrite::is_quantized(&proto) => choose(&proto, golden, cfg, started)?,
-        Some(golden) => {
-            let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
-            let report = golden.check(&model).map_err(LoadError::Golden)?;
-            let detail = format!(
-                "golden vectors reproduced: {} cases, max abs error {:.2e} (tolerance {:e}); loaded in {} ms",
-                report.cases,
-                report.max_abs_error,
-                golden.tolerance.atol,
-                started.elapsed().as_millis()
-            );
-            (model, detail)
-        }
-        None => {
-            let model = LoadedModel::load_proto(&proto, Variant::Published, cfg.plan_cache)?;
-            (model, format!("no golden vectors; loaded in {} ms", started.elapsed().as_millis()))
-        }
-    };
-    if let Some(golden) =
-        golden.as_ref().filter(|_| onnx.len() >= crate::engine::model::LARGE_MODEL_BYTES && model.symbol_count() > 0)
-    {
-        detail.push_str(&consider_symbolic(&model, golden));
-    }
-    model.allow_non_finite = cfg.allow_non_finite;
-    // Batching joins callers' rows in one run: only for models whose rows are independent.
-    if let (Some(golden), Some(policy)) = (&golden, &cfg.batch) {
-        if policy.max_batch > 1 && model.batch_axis() {
-            if let Err(why) = golden.rows_independent(&model) {
-                detail.push_str(&format!("; batching off: {why}"));
-                model.rows_depend = Some(why);
-            }
-        }
-    }
-    warm(&model, cfg, onnx.len())?;
-    Ok(Prepared { model, detail, bytes: onnx.len() })
-}
-
-/// The symbolic plan is kept when at most this much slower than a concrete one, for a model
-/// whose only dynamic dimension is the batch: its concrete plans are few (one per batch size
-/// it runs at) and built at load.
-const SYMBOLIC_SLACK: f64 = 1.10;
-
-/// As [`SYMBOLIC_SLACK`], for a model with another dynamic dimension (a sequence length):
-/// concrete plans would follow the lengths traffic brings, each built while requests wait (a
-/// MiniLM plan: about a second of a core) and each holding its own packed copy of the weights
-/// (MiniLM: ~45 MB), evicted and rebuilt once more lengths than `plan_cache` are in use. Where
-/// the two run about equally fast (MiniLM; BENCHMARKS.md, engine), a narrow margin would let
-/// the load-time timing decide by chance from one start to the next.
-const SYMBOLIC_SLACK_FREE_DIMS: f64 = 1.5;
-
-/// Whether a symbolic plan timed at `symbolic` is kept over concrete plans timed at `concrete`.
-fn keeps_symbolic(symbolic: Duration, concrete: Duration, free_dimension: bool) -> bool {
-    let slack = if free_dimension { SYMBOLIC_SLACK_FREE_DIMS } else { SYMBOLIC_SLACK };
-    symbolic.as_secs_f64() <= concrete.as_secs_f64() * slack
-}
-
-/// Large models: one plan with symbolic dimensions instead of one per batch size and sequence
-/// length (each holds its own packed copy of the weights), kept only when it reproduces the
-/// golden vectors and runs within 10 % of a concrete plan (50 % with a dynamic dimension besides
-/// the batch: [`SYMBOLIC_SLACK_FREE_DIMS`]). tract's symbolic plans are as fast as concrete
-/// ones on transformers and several times slower on convolutions.
-fn consider_symbolic(model: &LoadedModel, golden: &Golden) -> String {
-    let Ok(concrete) = median_run(model, golden, TIMED_RUNS) else { return String::new() };
-    match model.set_symbolic(true) {
-        Ok(true) => {}
-        Ok(false) => return String::new(),
-        Err(e) => return format!("; concrete plans per shape ({e})"),
-    }
-    let verdict = golden.check(model).map_err(|e| format!("golden vectors: {e}")).and_then(|_| {
-        let t = median_run(model, golden, TIMED_RUNS)?;
-        if keeps_symbolic(t, concrete, model.signature.has_free_dimension()) {
-            Ok(t)
-        } else {
-            Err(format!("{} µs vs {} µs concrete", t.as_micros(), concrete.as_micros()))
-        }
-    });
-    match verdict {
-        Ok(t) => {
-            tracing::info!(
-                symbolic_us = t.as_micros() as u64,
-                concrete_us = concrete.as_micros() as u64,
-                "one symbolic plan for every shape"
-            );
-            format!(
-                "; one symbolic plan for every shape ({} µs vs {} µs concrete)",
-                t.as_micros(),
-                concrete.as_micros()
-            )
-        }
-        Err(why) => {
-            let _ = model.set_symbolic(false);
-            format!("; concrete plans per shape (symbolic plan: {why})")
-        }
-    }
-}
-
-/// Builds the plans traffic will need, before it arrives: batch 1, each preferred batch size,
-/// then every other size a batch can run at up to `max_batch` (as the batch sizes in effect
-/// round them up), as many as the plan cache keeps. A plan built under traffic holds a core
-/// for the build while the requests of that size wait: the first seconds of batched traffic
-/// had a p99 twice the later one (BENCHMARKS.md).
-fn warm(model: &LoadedModel, cfg: &ModelConfig, bytes: usize) -> Result<(), LoadError> {
-    let mut sizes = vec![1];
-    if let Some(b) = cfg.batch_policy(bytes).filter(|_| model.batch_axis() && model.symbol_count() == 1) {
-        let wanted = std::iter::once(1).chain(b.preferred.iter().copied()).chain(2..=b.max_batch);
-        let room = cfg.plan_cache.max(1);
-        sizes.clear();
-        for n in wanted.map(|n| b.run_rows(n)) {
-            if sizes.len() == room {
-                break;
-            }
-            if !sizes.contains(&n) {
-                sizes.push(n);
-            }
-        }
-    }
-    if model.symbol_count() == 0 {
-        return model.prepare(&[]).map_err(|e| LoadError::Parse(e.to_string()));
-    }
-    if model.symbol_count() == 1 {
-        for n in sizes {
-            model.prepare(&[n]).map_err(|e| LoadError::Parse(e.to_string()))?;
-        }
-    }
-    Ok(())
-}
-
-/// The plan chooser: the fastest candidate that reproduces the golden vectors.
-fn choose(
-    proto: &tract_onnx::pb::ModelProto,
-    golden: &Golden,
-    cfg: &ModelConfig,
-    started: Instant,
-) -> Result<(LoadedModel, String), LoadError> {
-    let mut candidates: Vec<Candidate> = Vec::new();
-    let mut best: Option<(LoadedModel, Duration, crate::engine::GoldenReport)> = None;
-    let mut first_error: Option<LoadError> = None;
-    // Rewrites first, the published graph last: a candidate whose first run is far slower than
-    // the fastest passing one is not worth its golden check (tract's integer kernels can be
-    // 25x slower than the float rewrite).
-    let mut variants: Vec<(Variant, Option<tract_onnx::pb::ModelProto>)> =
-        rewrite::variants(proto).into_iter().map(|(v, p)| (v, Some(p))).collect();
-    variants.push((Variant::Published, None));
-    for (variant, rewritten) in variants {
-        let loaded = LoadedModel::load_proto(rewritten.as_ref().unwrap_or(proto), variant, cfg.plan_cache);
-        let checked = loaded.and_then(|m| {
-            if let Some((_, fastest, _)) = &best {
-                let first = median_run(&m, golden, 1).map_err(LoadError::Golden)?;
-                if first > *fastest * SLOWER_SKIP {
-                    return Err(LoadError::Slower(format!(
-                        "one run took {} µs, over {SLOWER_SKIP}x the fastest passing plan ({} µs)",
-                        first.as_micros(),
-                        fastest.as_micros()
-                    )));
-                }
-            }
-            let report = golden.check(&m).map_err(LoadError::Golden)?;
-            let time = median_run(&m, golden, TIMED_RUNS).map_err(LoadError::Golden)?;
-            Ok((m, time, report))
-        });
-        match checked {
-            Ok((m, time, report)) => {
-                candidates.push(Candidate { variant, outcome: Ok(time) });
-                let better = match &best {
-                    None => true,
-                    // A rewrite must beat the published graph by the margin to replace it.
-                    Some(_) if variant == Variant::Published => {
-                        best.as_ref().is_some_and(|(_, t, _)| time.as_secs_f64() * REWRITE_MARGIN <= t.as_secs_f64())
-                    }
-                    Some((_, t, _)) => time < *t,
-                };
-                if better {
-                    best = Some((m, time, report));
-                }
-            }
-            Err(e) => {
-                candidates.push(Candidate { variant, outcome: Err(e.to_string()) });
-                // The published graph's own failure leads the refusal message.
-                if variant == Variant::Published {
-                    first_error = Some(e);
-                } else {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-    }
-    // Reported in the publisher's order: the graph as published first.
-    candidates.sort_by_key(|c| c.variant != Variant::Published);
-    let summary = candidates
-        .iter()
-        .map(|c| match &c.outcome {
-            Ok(t) => format!("{} {} µs", c.variant.as_str(), t.as_micros()),
-            Err(e) => format!("{} rejected ({e})", c.variant.as_str()),
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    match best {
-        Some((model, _, report)) => {
-            tracing::info!(plan = model.variant.as_str(), candidates = %summary, "plan chosen");
-            let detail = format!(
-                "golden vectors reproduced: {} cases, max abs error {:.2e} (tolerance {:e}); plan {} chosen of: {summary}; loaded in {} ms",
-                report.cases,
-                report.max_abs_error,
-                golden.tolerance.atol,
-                model.variant.as_str(),
-                started.elapsed().as_millis()
-            );
-            let mut model = model;
-            model.candidates = candidates;
-            Ok((model, detail))
-        }
-        None => Err(match first_error {
-            Some(LoadError::Golden(m)) if candidates.len() > 1 => {
-                LoadError::Golden(format!("{m} (no candidate plan passes: {summary})"))
-            }
-            Some(e) => e,
-            None => LoadError::Golden(format!("no candidate plan passes: {summary}")),
-        }),
-    }
+/// Makes a started model the default version of its name (an atomic switch: requests in
+/// flight finish on the version they started on) and records the activation.
+pub async fn activate_prepared(service: &InferenceService, served: Served, detail: String) {
+    let (name, version) = (served.name.clone(), served.version.clone());
+    service.repository.activate(served);
+    record(service, &name, &version, LifecycleKind::Activated, detail).await;
 }
 
 /// Loads, checks and activates one local model. A refusal is recorded and returned.
@@ -348,37 +103,20 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
             Some(p) => Some(read_capped(p, MAX_GOLDEN_BYTES)?),
             None => None,
         };
-        prepare(&onnx, golden.as_deref(), &cfg_clone).map_err(|e| e.to_string())
+        crate::engine::prepare(&onnx, golden.as_deref(), &cfg_clone.prepare_options(onnx.len()))
+            .map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
     match result {
         Ok(prepared) => {
-            let served =
-                Served::start(&src.name, &src.version, Arc::new(prepared.model), &cfg.serve_options(prepared.bytes));
-            service.repository.activate(served);
-            let _ = service
-                .events
-                .record(Event::Lifecycle {
-                    model: src.name.clone(),
-                    version: src.version.clone(),
-                    kind: LifecycleKind::Activated,
-                    detail: prepared.detail,
-                })
-                .await;
+            let detail = prepared.detail.clone();
+            activate_prepared(service, start(&src.name, &src.version, prepared, cfg), detail).await;
             Ok(())
         }
         Err(reason) => {
             service.repository.set_failed(&src.name, &src.version, &reason);
-            let _ = service
-                .events
-                .record(Event::Lifecycle {
-                    model: src.name.clone(),
-                    version: src.version.clone(),
-                    kind: LifecycleKind::Refused,
-                    detail: reason.clone(),
-                })
-                .await;
+            record(service, &src.name, &src.version, LifecycleKind::Refused, reason.clone()).await;
             Err(reason)
         }
     }
@@ -387,15 +125,7 @@ pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &
 /// Takes a model out of service.
 pub async fn unload(service: &InferenceService, name: &str, why: &str) {
     for old in service.repository.remove(name) {
-        let _ = service
-            .events
-            .record(Event::Lifecycle {
-                model: name.to_owned(),
-                version: old.version.clone(),
-                kind: LifecycleKind::Unloaded,
-                detail: why.to_owned(),
-            })
-            .await;
+        record(service, name, &old.version, LifecycleKind::Unloaded, why.to_owned()).await;
     }
 }
 
@@ -487,24 +217,5 @@ impl LocalModels {
             m.insert(name.to_owned(), fingerprint(&src.onnx));
         }
         result
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_model_with_a_sequence_dimension_keeps_its_symbolic_plan_at_a_wider_margin() {
-        let ms = Duration::from_millis;
-        // Batch only: concrete plans are few and built at load, so 10 % decides.
-        assert!(keeps_symbolic(ms(109), ms(100), false));
-        assert!(!keeps_symbolic(ms(115), ms(100), false));
-        // A sequence length as well: a load-time timing 17 % apart still keeps one plan.
-        assert!(keeps_symbolic(ms(117), ms(100), true));
-        assert!(keeps_symbolic(ms(150), ms(100), true));
-        // Several times slower (convolutions with a symbolic size) still goes concrete.
-        assert!(!keeps_symbolic(ms(151), ms(100), true));
-        assert!(!keeps_symbolic(ms(700), ms(100), true));
     }
 }

@@ -27,38 +27,32 @@ use crate::api::{InferError, InferenceService, RequestContext, Transport};
 use crate::protocol::json::{parse_request, response_json};
 
 pub use crate::config::MqttConfig;
+use crate::tls::TlsError;
 pub use outpost_proto::mqtt::Topics;
 
-fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, TlsError> {
     crate::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca {
-        Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|e| format!("mqtt.ca {}: {e}", ca.display()))?;
-            for cert in rustls_pki_certs(&pem)? {
-                roots.add(cert).map_err(|e| format!("mqtt.ca: {e}"))?;
-            }
-        }
-        None => return Err("mqtts:// needs mqtt.ca (the broker's CA certificate)".into()),
+    let ca = cfg.ca.as_ref().ok_or(TlsError::Settings("mqtts:// needs mqtt.ca (the broker's CA certificate)"))?;
+    for cert in crate::tls::certificates("mqtt.ca", ca)? {
+        roots.add(cert).map_err(|source| TlsError::Rustls { setting: "mqtt.ca", source })?;
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     match (&cfg.client_cert, &cfg.client_key) {
         (Some(c), Some(k)) => {
-            let certs = rustls_pki_certs(&std::fs::read(c).map_err(|e| format!("mqtt.client_cert: {e}"))?)?;
-            let key = crate::tls::private_key(&std::fs::read(k).map_err(|e| format!("mqtt.client_key: {e}"))?)?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| format!("mqtt client certificate: {e}"))
+            let certs = crate::tls::certificates("mqtt.client_cert", c)?;
+            let key = crate::tls::private_key("mqtt.client_key", k)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Rustls { setting: "mqtt.client_cert and mqtt.client_key", source })
         }
         (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err("mqtt.client_cert and mqtt.client_key go together".into()),
+        _ => Err(TlsError::Settings("mqtt.client_cert and mqtt.client_key go together")),
     }
 }
 
-fn rustls_pki_certs(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    crate::tls::certificates(pem)
-}
-
 /// Builds the client options from the configuration.
-pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
+pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, TlsError> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_start(false);
@@ -81,10 +75,7 @@ pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String>
     ));
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("mqtt.password_file {}: {e}", p.display()))?
-                .trim()
-                .to_owned(),
+            Some(p) => crate::tls::read_token(p, "mqtt.password_file")?,
             None => String::new(),
         };
         o.set_credentials(user.clone(), password);

@@ -191,6 +191,8 @@ pub enum OutboxError {
     Store(#[from] AuditError),
     #[error("upstream host {0} is not on the residency allow-list")]
     Residency(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Outbox {
@@ -204,7 +206,7 @@ impl Outbox {
         repo: Arc<Repository>,
         privacy: Option<Arc<Privacy>>,
         telemetry_dir: &std::path::Path,
-    ) -> Result<Outbox, String> {
+    ) -> Result<Outbox, OutboxError> {
         crate::tls::install_crypto_provider();
         let token = cfg.token_file.as_deref().map(|p| crate::tls::read_token(p, "upstream.token_file")).transpose()?;
         let mut builder = crate::tls::outbound(reqwest::Client::builder())
@@ -213,8 +215,8 @@ impl Outbox {
         if let Some(ca) = &cfg.ca {
             builder = crate::tls::add_roots(builder, ca, "upstream.ca")?;
         }
-        let client = builder.build().map_err(|e| e.to_string())?;
-        let spool = Spool::open(telemetry_dir, cfg.quota_bytes).map_err(|e| e.to_string())?;
+        let client = builder.build().map_err(|source| crate::tls::TlsError::Client { setting: "upstream", source })?;
+        let spool = Spool::open(telemetry_dir, cfg.quota_bytes)?;
         Ok(Outbox {
             cfg,
             client,

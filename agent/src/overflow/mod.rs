@@ -6,6 +6,7 @@
 
 pub mod breaker;
 
+use crate::tls::TlsError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,7 @@ pub struct Overflow {
 }
 
 impl Overflow {
-    pub fn new(config: OverflowConfig, privacy: Option<Arc<crate::privacy::Privacy>>) -> Result<Overflow, String> {
+    pub fn new(config: OverflowConfig, privacy: Option<Arc<crate::privacy::Privacy>>) -> Result<Overflow, TlsError> {
         crate::tls::install_crypto_provider();
         let mut builder = crate::tls::outbound(reqwest::Client::builder())
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -70,12 +71,18 @@ impl Overflow {
             builder = crate::tls::add_roots(builder, ca, "overflow.ca")?;
         }
         if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
-            let mut pem = std::fs::read(cert).map_err(|e| format!("overflow.client_cert {}: {e}", cert.display()))?;
-            pem.extend(std::fs::read(key).map_err(|e| format!("overflow.client_key {}: {e}", key.display()))?);
-            builder = builder
-                .identity(reqwest::Identity::from_pem(&pem).map_err(|e| format!("overflow client identity: {e}"))?);
+            let read = |setting, path: &std::path::Path| {
+                std::fs::read(path).map_err(|source| TlsError::Read { setting, path: path.to_owned(), source })
+            };
+            let mut pem = read("overflow.client_cert", cert)?;
+            pem.extend(read("overflow.client_key", key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|source| TlsError::Client {
+                setting: "overflow.client_cert and overflow.client_key",
+                source,
+            })?;
+            builder = builder.identity(identity);
         }
-        let client = builder.build().map_err(|e| format!("overflow client: {e}"))?;
+        let client = builder.build().map_err(|source| TlsError::Client { setting: "overflow", source })?;
         let token =
             config.token_file.as_deref().map(|p| crate::tls::read_token(p, "overflow.token_file")).transpose()?;
         let breaker = Breaker::new(config.failure_threshold, config.failure_window, config.open_for);

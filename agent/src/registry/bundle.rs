@@ -36,7 +36,7 @@ fn octal(field: &[u8]) -> Option<u64> {
 
 /// Unpacks a bundle into `dest` (an empty directory). `cap` bounds the total bytes written.
 pub fn unpack(archive: &Path, dest: &Path, cap: u64) -> Result<Vec<String>, RegistryError> {
-    let io = |e: std::io::Error| RegistryError::Io(format!("{}: {e}", archive.display()));
+    let io = |e: std::io::Error| RegistryError::file(archive, e);
     let mut f = std::io::BufReader::new(std::fs::File::open(archive).map_err(io)?);
     let mut names = Vec::new();
     let mut total = 0u64;
@@ -129,7 +129,7 @@ fn header_for(name: &str, size: u64) -> Result<[u8; BLOCK], RegistryError> {
 
 /// Writes a bundle of `files` (registry-relative names) read from `registry`.
 pub fn pack(registry: &Path, files: &[String], out: &Path) -> Result<(), RegistryError> {
-    let io = |e: std::io::Error| RegistryError::Io(format!("{}: {e}", out.display()));
+    let io = |e: std::io::Error| RegistryError::file(out, e);
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
     for name in files {
         if !layout_name_ok(name) {

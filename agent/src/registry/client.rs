@@ -59,7 +59,8 @@ impl Fetcher {
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &opts.ca {
-            builder = crate::tls::add_roots(builder, ca, "registry.ca").map_err(RegistryError::Io)?;
+            builder =
+                crate::tls::add_roots(builder, ca, "registry.ca").map_err(|e| RegistryError::Io(e.to_string()))?;
         }
         let client = builder.build().map_err(|e| RegistryError::Invalid(format!("http client: {e}")))?;
         let base = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };
@@ -121,7 +122,7 @@ impl Fetcher {
     /// Downloads `rel` into `dest`, appending to what an earlier attempt left there. Never
     /// writes more than `size` bytes; fewer is an error that a later call resumes.
     pub async fn download(&self, rel: &str, dest: &Path, size: u64) -> Result<(), RegistryError> {
-        let io = |e: std::io::Error| RegistryError::Io(format!("{}: {e}", dest.display()));
+        let io = |e: std::io::Error| RegistryError::file(dest, e);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(false)
@@ -235,7 +236,7 @@ fn not_found_or_io(path: &Path, e: std::io::Error) -> RegistryError {
     if e.kind() == std::io::ErrorKind::NotFound {
         RegistryError::NotFound(path.display().to_string())
     } else {
-        RegistryError::Io(format!("{}: {e}", path.display()))
+        RegistryError::file(path, e)
     }
 }
 

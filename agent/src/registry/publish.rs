@@ -16,7 +16,7 @@ use crate::config::{valid_name, ModelConfig};
 use crate::store::write_atomic;
 
 fn write(dir: &Path, rel: &str, bytes: &[u8]) -> Result<(), RegistryError> {
-    write_atomic(&dir.join(rel), bytes).map_err(|e| RegistryError::Io(format!("{}: {e}", dir.join(rel).display())))
+    write_atomic(&dir.join(rel), bytes).map_err(|e| RegistryError::file(dir.join(rel), e))
 }
 
 fn role_of(keys: &[PublicKey], threshold: usize) -> Result<(Role, BTreeMap<String, PublicKey>), RegistryError> {
@@ -133,16 +133,16 @@ pub fn publish(dir: &Path, p: &Publication<'_>, signers: &[&KeyPair]) -> Result<
     if !valid_name(p.channel) {
         return Err(RegistryError::Invalid(format!("channel '{}' must be 1-128 of [A-Za-z0-9._-]", p.channel)));
     }
-    let onnx = std::fs::read(p.model).map_err(|e| RegistryError::Io(format!("{}: {e}", p.model.display())))?;
-    let golden_bytes =
-        std::fs::read(p.golden).map_err(|e| RegistryError::Io(format!("{}: {e}", p.golden.display())))?;
+    let onnx = std::fs::read(p.model).map_err(|e| RegistryError::file(p.model, e))?;
+    let golden_bytes = std::fs::read(p.golden).map_err(|e| RegistryError::file(p.golden, e))?;
     let golden: serde_json::Value =
         serde_json::from_slice(&golden_bytes).map_err(|e| RegistryError::Invalid(format!("golden file: {e}")))?;
     crate::engine::golden::Golden::parse(&golden_bytes)
         .and_then(|g| g.tolerances_discriminate())
         .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.golden.display())))?;
-    let prepared = crate::lifecycle::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default())
-        .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.model.display())))?;
+    let prepared =
+        crate::engine::prepare(&onnx, Some(&golden_bytes), &ModelConfig::default().prepare_options(onnx.len()))
+            .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", p.model.display())))?;
     let sig = &prepared.model.signature;
     let decl = |t: &crate::engine::TensorSpec| TensorDecl {
         name: t.name.clone(),

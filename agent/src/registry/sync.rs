@@ -23,11 +23,12 @@ use super::{
     check_hex_digest, now, sha256_hex, IndexEntry, RegistryError, SemVer, Statement, MANIFEST_TYPE, MAX_MANIFEST_BYTES,
     PREDICATE_TYPE, STATEMENT_TYPE,
 };
-use crate::api::events::{Event, LifecycleKind};
+use crate::api::events::LifecycleKind;
 use crate::api::{InferenceService, Verdict};
 pub use crate::config::RegistryConfig;
 use crate::config::{valid_name, Config, ModelConfig, VersionPolicy};
 use crate::engine::Served;
+use crate::lifecycle;
 use crate::locks::RwLockExt;
 use crate::store::{InstalledModel, InstalledVersion, Rejection, Store, StoreState};
 
@@ -77,14 +78,6 @@ pub struct RegistrySync {
     state_dir: PathBuf,
     service: InferenceService,
     config: Arc<RwLock<Arc<Config>>>,
-}
-
-fn lifecycle(service: &InferenceService, model: &str, version: &str, kind: LifecycleKind, detail: String) {
-    let events = service.events.clone();
-    let event = Event::Lifecycle { model: model.to_owned(), version: version.to_owned(), kind, detail };
-    tokio::spawn(async move {
-        let _ = events.record(event).await;
-    });
 }
 
 impl RegistrySync {
@@ -168,7 +161,7 @@ impl RegistrySync {
                     current = Some(v);
                     break;
                 }
-                Err(e) => self.refused_at_start(name, &v, &e),
+                Err(e) => self.refused_at_start(name, &v, &e).await,
             }
         }
         let Some(current) = current else {
@@ -187,7 +180,7 @@ impl RegistrySync {
                     self.service.repository.add_version(served);
                     model.also.push(v.clone());
                 }
-                Err(e) => self.refused_at_start(name, v, &e),
+                Err(e) => self.refused_at_start(name, v, &e).await,
             }
         }
         if let (Some(c), Some(canary)) = (&entry.candidate, cfg.canary.clone()) {
@@ -196,24 +189,25 @@ impl RegistrySync {
                     self.service.repository.add_version(served);
                     self.service.repository.start_canary(name, &c.version, canary);
                     model.candidate = Some(c.clone());
-                    lifecycle(
+                    lifecycle::record(
                         &self.service,
                         name,
                         &c.version,
                         LifecycleKind::CanaryStarted,
                         "canary resumed at start".into(),
-                    );
+                    )
+                    .await;
                 }
-                Err(e) => self.refused_at_start(name, c, &e),
+                Err(e) => self.refused_at_start(name, c, &e).await,
             }
         }
         self.state.installed.insert(name.to_owned(), model);
     }
 
-    fn refused_at_start(&mut self, name: &str, v: &InstalledVersion, e: &RegistryError) {
+    async fn refused_at_start(&mut self, name: &str, v: &InstalledVersion, e: &RegistryError) {
         tracing::error!(model = %name, version = %v.version, error = %e, "installed version refused at start");
         self.service.repository.set_failed(name, &v.version, &e.to_string());
-        lifecycle(&self.service, name, &v.version, LifecycleKind::Refused, e.to_string());
+        lifecycle::record(&self.service, name, &v.version, LifecycleKind::Refused, e.to_string()).await;
         self.state.pending_errors.insert(
             name.to_owned(),
             Rejection { name: name.to_owned(), version: v.version.clone(), reason: e.to_string(), at: now() },
@@ -273,14 +267,18 @@ impl RegistrySync {
         let golden = serde_json::to_vec(&stmt.predicate.golden).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let cfg = self.model_config(name);
         let cfg2 = cfg.clone();
-        let prepared = tokio::task::spawn_blocking(move || crate::lifecycle::prepare(&onnx, Some(&golden), &cfg2))
-            .await
-            .map_err(|e| RegistryError::Refused(format!("loader task failed: {e}")))?
-            .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        let prepared = tokio::task::spawn_blocking(move || {
+            crate::engine::prepare(&onnx, Some(&golden), &cfg2.prepare_options(onnx.len()))
+        })
+        .await
+        .map_err(|e| RegistryError::Refused(format!("loader task failed: {e}")))?
+        .map_err(|e| RegistryError::Refused(e.to_string()))?;
+        let mut prepared = prepared;
         crate::failpoint::hit("mid-activation");
         let version = stmt.predicate.version.clone();
-        lifecycle(&self.service, name, &version, LifecycleKind::Verified, prepared.detail);
-        let mut served = Served::start(name, &version, Arc::new(prepared.model), &cfg.serve_options(prepared.bytes));
+        let detail = std::mem::take(&mut prepared.detail);
+        lifecycle::record(&self.service, name, &version, LifecycleKind::Verified, detail).await;
+        let mut served = lifecycle::start(name, &version, prepared, &cfg);
         // What the signed manifest allows; the configuration's `may_leave_site = false` is
         // applied live by the router.
         served.may_leave_site = stmt.predicate.residency.may_leave_site;
@@ -342,7 +340,8 @@ impl RegistrySync {
                     }
                     Err(e) => {
                         tracing::warn!(model = %name, version = %entry.version, error = %e, "install refused; what serves keeps serving");
-                        lifecycle(&self.service, name, &entry.version, LifecycleKind::Refused, e.to_string());
+                        lifecycle::record(&self.service, name, &entry.version, LifecycleKind::Refused, e.to_string())
+                            .await;
                         self.service.repository.set_failed(name, &entry.version, &e.to_string());
                         let rejection = Rejection {
                             name: name.clone(),
@@ -425,7 +424,7 @@ impl RegistrySync {
         self.state.installed.insert(name.to_owned(), m);
         self.persist(name, &t);
         let canary = t.serving.iter().any(|c| matches!(c, ServingChange::StartCanary(_)));
-        self.apply_serving(name, t.serving, Some(served), cfg);
+        self.apply_serving(name, t.serving, Some(served), cfg).await;
         Ok(canary)
     }
 
@@ -443,20 +442,20 @@ impl RegistrySync {
     }
 
     /// Applies a transition's serving-table changes; `prepared` is the new version they name.
-    fn apply_serving(&self, name: &str, changes: Vec<ServingChange>, mut prepared: Option<Served>, cfg: &ModelConfig) {
+    async fn apply_serving(
+        &self,
+        name: &str,
+        changes: Vec<ServingChange>,
+        mut prepared: Option<Served>,
+        cfg: &ModelConfig,
+    ) {
         let repo = &self.service.repository;
         for change in changes {
             match change {
                 ServingChange::Activate(version) => {
                     if let Some(served) = prepared.take() {
-                        repo.activate(served);
-                        lifecycle(
-                            &self.service,
-                            name,
-                            &version,
-                            LifecycleKind::Activated,
-                            "now the default version".into(),
-                        );
+                        debug_assert_eq!(served.version, version);
+                        lifecycle::activate_prepared(&self.service, served, "now the default version".into()).await;
                     }
                 }
                 ServingChange::Add(_) => {
@@ -468,13 +467,14 @@ impl RegistrySync {
                     if let Some(c) = cfg.canary.clone() {
                         let share = c.share;
                         repo.start_canary(name, &version, c);
-                        lifecycle(
+                        lifecycle::record(
                             &self.service,
                             name,
                             &version,
                             LifecycleKind::CanaryStarted,
                             format!("{:.0}% of traffic", share * 100.0),
-                        );
+                        )
+                        .await;
                     }
                 }
                 ServingChange::Remove(version) => {
@@ -617,8 +617,8 @@ impl RegistrySync {
             if restored.is_some() { format!("{reason}; {} serves", m.current.version) } else { reason.to_owned() };
         self.state.installed.insert(name.to_owned(), m);
         self.persist(name, &t);
-        self.apply_serving(name, t.serving, restored, &self.model_config(name));
-        lifecycle(&self.service, name, &bad, LifecycleKind::RolledBack, detail);
+        self.apply_serving(name, t.serving, restored, &self.model_config(name)).await;
+        lifecycle::record(&self.service, name, &bad, LifecycleKind::RolledBack, detail).await;
         self.store.gc(&self.state);
         Ok(message)
     }
@@ -654,7 +654,7 @@ impl RegistrySync {
     pub async fn import(&mut self, bundle: &Path) -> Result<PollReport, RegistryError> {
         let work = self.state_dir.join("import").join(format!(".unpack-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).map_err(|e| RegistryError::Io(format!("{}: {e}", work.display())))?;
+        std::fs::create_dir_all(&work).map_err(|e| RegistryError::file(&work, e))?;
         let cap = self.cfg.max_blob_bytes.saturating_mul(8).max(64 << 20);
         let result = async {
             let b = bundle.to_path_buf();
@@ -691,7 +691,7 @@ impl RegistrySync {
                 if known {
                     self.state.unloaded.insert(model.clone());
                     self.save();
-                    crate::lifecycle::unload(&self.service, &model, "unloaded through the repository API").await;
+                    lifecycle::unload(&self.service, &model, "unloaded through the repository API").await;
                 }
                 let _ = reply.send(Ok(known));
             }

@@ -74,7 +74,7 @@ impl Trusted {
     /// replaces a persisted root of a lower version.
     pub fn load(state_dir: &Path, pinned: &Path) -> Result<Trusted, RegistryError> {
         let dir = state_dir.join("registry");
-        std::fs::create_dir_all(&dir).map_err(|e| RegistryError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| RegistryError::file(&dir, e))?;
         let pinned_bytes =
             std::fs::read(pinned).map_err(|e| RegistryError::Io(format!("trusted root {}: {e}", pinned.display())))?;
         let pinned_root = verify_root_self(&pinned_bytes)

@@ -7,6 +7,7 @@
 //! renamed to another digest or a wrong key all fail authentication. Plaintext exists only
 //! in memory.
 
+use super::KeyFileError;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -30,28 +31,29 @@ impl std::fmt::Debug for StoreKey {
 
 impl StoreKey {
     /// Reads the key file, or creates it (0600) when it does not exist and `may_create`.
-    pub fn load_or_create(path: &Path, may_create: bool) -> Result<StoreKey, String> {
+    pub fn load_or_create(path: &Path, may_create: bool) -> Result<StoreKey, KeyFileError> {
+        const WHAT: &str = "store key";
+        let io = |source| KeyFileError::Io { what: WHAT, path: path.to_owned(), source };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let mode = std::os::unix::fs::MetadataExt::mode(
-                    &std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?,
-                );
+                let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(path).map_err(io)?);
                 if mode & 0o077 != 0 {
                     tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "store key is readable by others: chmod 600");
                 }
-                let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    format!("store key {} must hold exactly 32 bytes (it has {})", path.display(), bytes.len())
+                let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyFileError::Invalid {
+                    what: WHAT,
+                    path: path.to_owned(),
+                    why: format!("must hold exactly 32 bytes (it has {})", bytes.len()),
                 })?;
                 Ok(StoreKey(Key::from(raw)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && may_create => {
-                let mut raw = [0u8; 32];
-                getrandom::fill(&mut raw).map_err(|e| format!("no randomness for the store key: {e}"))?;
-                super::write_secret(path, &raw).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                let raw = super::create_secret(WHAT, path, 32)?;
                 tracing::info!(file = %path.display(), "created the model store key");
+                let raw: [u8; 32] = raw.as_slice().try_into().unwrap_or([0; 32]);
                 Ok(StoreKey(Key::from(raw)))
             }
-            Err(e) => Err(format!("store key {}: {e}", path.display())),
+            Err(e) => Err(io(e)),
         }
     }
 

@@ -23,6 +23,39 @@ use outpost_proto::registry::{hex, RegistryError};
 use outpost_proto::fsutil::{fsync_dir, temp_sibling};
 pub use outpost_proto::fsutil::{write_atomic, write_secret};
 
+/// Why a key file (the store key, the HMAC key, the node key) cannot be loaded or created;
+/// `what` names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {}: {why}", path.display())]
+    Invalid { what: &'static str, path: PathBuf, why: String },
+    /// The system's random source failed (`getrandom::Error` is not a `std::error::Error`).
+    #[error("no randomness for the {what}: {why}")]
+    Random { what: &'static str, why: String },
+    #[error("{what} {}: {source}", path.display())]
+    Key {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: RegistryError,
+    },
+}
+
+/// Creates a secret of `len` random bytes at `path` (mode 0600).
+pub fn create_secret(what: &'static str, path: &Path, len: usize) -> Result<Vec<u8>, KeyFileError> {
+    let mut raw = vec![0u8; len];
+    getrandom::fill(&mut raw).map_err(|e| KeyFileError::Random { what, why: e.to_string() })?;
+    write_secret(path, &raw).map_err(|source| KeyFileError::Io { what, path: path.to_owned(), source })?;
+    Ok(raw)
+}
+
 /// One installed version of a model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstalledVersion {
@@ -103,7 +136,7 @@ fn decompress_each(
     max_size: u64,
     mut each: impl FnMut(&[u8]) -> Result<(), RegistryError>,
 ) -> Result<String, RegistryError> {
-    let input = File::open(blob).map_err(|e| RegistryError::Io(format!("{}: {e}", blob.display())))?;
+    let input = File::open(blob).map_err(|e| RegistryError::file(blob, e))?;
     let mut decoder =
         zstd::stream::read::Decoder::new(input).map_err(|e| RegistryError::Invalid(format!("zstd: {e}")))?;
     let mut hasher = sha2::Sha256::new();
@@ -220,7 +253,7 @@ impl Store {
                 RegistryError::Io(format!("store state {} is unreadable: {e}", self.state_path().display()))
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreState::default()),
-            Err(e) => Err(RegistryError::Io(format!("{}: {e}", self.state_path().display()))),
+            Err(e) => Err(RegistryError::file(self.state_path(), e)),
         }
     }
 
@@ -301,7 +334,7 @@ impl Store {
     /// encryption is encrypted in place once its digest checks.
     pub fn read_model(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
         let path = self.model_path(sha);
-        let bytes = std::fs::read(&path).map_err(|e| RegistryError::Io(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(|e| RegistryError::file(&path, e))?;
         let encrypted = crypt::is_encrypted(&bytes);
         let plain = match (&self.key, encrypted) {
             (Some(k), true) => crypt::decrypt(k, sha, &bytes)

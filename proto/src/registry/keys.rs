@@ -76,7 +76,7 @@ impl KeyPair {
     }
 
     pub fn load(path: &Path) -> Result<KeyPair, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RegistryError::Io(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| RegistryError::file(path, e))?;
         let file: PrivateKeyFile = serde_json::from_str(&text)
             .map_err(|e| RegistryError::Invalid(format!("{}: not a private key file: {e}", path.display())))?;
         if file.keytype != "ed25519" {
@@ -103,19 +103,17 @@ impl KeyPair {
         };
         let key_path = base.with_extension("key");
         let text = serde_json::to_string_pretty(&private).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        crate::fsutil::write_secret(&key_path, text.as_bytes())
-            .map_err(|e| RegistryError::Io(format!("{}: {e}", key_path.display())))?;
+        crate::fsutil::write_secret(&key_path, text.as_bytes()).map_err(|e| RegistryError::file(key_path, e))?;
         let pub_path = base.with_extension("pub");
         let text = serde_json::to_string_pretty(&self.public()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        crate::fsutil::write_atomic(&pub_path, text.as_bytes())
-            .map_err(|e| RegistryError::Io(format!("{}: {e}", pub_path.display())))?;
+        crate::fsutil::write_atomic(&pub_path, text.as_bytes()).map_err(|e| RegistryError::file(pub_path, e))?;
         Ok(())
     }
 }
 
 /// Reads a `.pub` file.
 pub fn load_public(path: &Path) -> Result<PublicKey, RegistryError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RegistryError::Io(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| RegistryError::file(path, e))?;
     let key: PublicKey = serde_json::from_str(&text)
         .map_err(|e| RegistryError::Invalid(format!("{}: not a public key file: {e}", path.display())))?;
     key.verifying_key()?;

@@ -23,10 +23,17 @@ pub const MAX_ROOT_BYTES: u64 = 1 << 20;
 pub const MAX_INDEX_BYTES: u64 = 16 << 20;
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("i/o: {0}")]
     Io(String),
+    /// A file that cannot be read or written, with the cause.
+    #[error("i/o: {}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fetch failed: {0}")]
     Fetch(String),
     #[error("not found: {0}")]
@@ -51,7 +58,12 @@ impl RegistryError {
     /// Errors that say nothing about the content (network, disk): retried on the next poll
     /// rather than recorded against a version.
     pub fn is_transient(&self) -> bool {
-        matches!(self, RegistryError::Io(_) | RegistryError::Fetch(_))
+        matches!(self, RegistryError::Io(_) | RegistryError::File { .. } | RegistryError::Fetch(_))
+    }
+
+    /// A file error at `path`.
+    pub fn file(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> RegistryError {
+        RegistryError::File { path: path.into(), source }
     }
 }
 
