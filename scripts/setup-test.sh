@@ -8,6 +8,13 @@ command -v python3 >/dev/null || apt_install python3
 # for the TLS material of the MQTT and HTTPS tests.
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_install mosquitto
 command -v openssl >/dev/null || apt_install openssl
+# PostgreSQL for the collector's tests (each test runs initdb into a temporary directory and
+# starts its own server on a free port); setpriv (util-linux) runs it unprivileged under root.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+command -v setpriv >/dev/null || apt_install util-linux
+# Prometheus (remote-write receiver) and Chromium (the fleet page) for the fleet tests.
+[ -x /usr/bin/prometheus ] || command -v prometheus >/dev/null || apt_install prometheus
+[ -x /usr/bin/chromium ] || command -v chromium >/dev/null || apt_install chromium
 # curl: the TLS tests check the listener with it, as an operator would.
 command -v curl >/dev/null || apt_install curl
 # The full suite also builds and checks the .deb and .rpm packages.

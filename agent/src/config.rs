@@ -75,13 +75,16 @@ pub struct MqttConfig {
 /// `[upstream]` settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
-    pub url: String,
+    /// Collectors, tried in order: a failed send moves to the next (`url`, or `urls`).
+    pub urls: Vec<String>,
     pub token_file: Option<PathBuf>,
     /// Bytes of telemetry kept while upstream is unreachable; the oldest goes first.
     pub quota_bytes: u64,
     pub batch_records: usize,
     pub flush_interval: Duration,
     pub telemetry_interval: Duration,
+    /// How often the node's inventory goes up (`POST <url>/v1/heartbeat`).
+    pub heartbeat_interval: Duration,
     pub timeout: Duration,
     pub ca: Option<PathBuf>,
     pub allow_http: bool,
@@ -254,7 +257,9 @@ struct RawPrivacy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    url: String,
+    url: Option<String>,
+    urls: Option<Vec<String>>,
+    heartbeat_interval: Option<String>,
     token_file: Option<PathBuf>,
     quota_bytes: Option<u64>,
     batch_records: Option<usize>,
@@ -842,27 +847,37 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         None => None,
         Some(u) => {
             let allow_http = u.allow_http.unwrap_or(false);
-            if !(u.url.starts_with("https://") || (allow_http && u.url.starts_with("http://"))) {
-                return Err(err(format!(
-                    "upstream.url '{}' must be https:// (http:// needs upstream.allow_http = true)",
-                    u.url
-                )));
-            }
-            let host =
-                crate::privacy::url_host(&u.url).ok_or_else(|| err(format!("upstream.url '{}' has no host", u.url)))?;
-            if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
-                return Err(err(format!("upstream.url host '{host}' is not in privacy.residency_allow")));
+            let urls = match (u.url, u.urls) {
+                (Some(url), None) => vec![url],
+                (None, Some(urls)) if !urls.is_empty() && urls.len() <= 16 => urls,
+                (None, Some(_)) => return Err(err("upstream.urls must list 1 to 16 collectors".into())),
+                (Some(_), Some(_)) => return Err(err("upstream.url and upstream.urls: set one of them".into())),
+                (None, None) => return Err(err("[upstream] needs url (or urls)".into())),
+            };
+            for url in &urls {
+                if !(url.starts_with("https://") || (allow_http && url.starts_with("http://"))) {
+                    return Err(err(format!(
+                        "upstream.url '{url}' must be https:// (http:// needs upstream.allow_http = true)"
+                    )));
+                }
+                let host =
+                    crate::privacy::url_host(url).ok_or_else(|| err(format!("upstream.url '{url}' has no host")))?;
+                if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
+                    return Err(err(format!("upstream.url host '{host}' is not in privacy.residency_allow")));
+                }
             }
             let dur = |v: Option<String>, d: &str, k: &str| {
                 parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| err(format!("upstream.{k}: {e}")))
             };
             Some(UpstreamConfig {
-                url: u.url,
+                urls,
                 token_file: u.token_file.map(resolve),
                 quota_bytes: u.quota_bytes.unwrap_or(1 << 30),
                 batch_records: u.batch_records.unwrap_or(500).clamp(1, 100_000),
                 flush_interval: dur(u.flush_interval, "1s", "flush_interval")?.max(Duration::from_millis(10)),
                 telemetry_interval: dur(u.telemetry_interval, "60s", "telemetry_interval")?
+                    .max(Duration::from_millis(10)),
+                heartbeat_interval: dur(u.heartbeat_interval, "30s", "heartbeat_interval")?
                     .max(Duration::from_millis(10)),
                 timeout: dur(u.timeout, "10s", "timeout")?,
                 ca: u.ca.map(resolve),

@@ -241,11 +241,14 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         )
         .map_err(|e| FatalError::start("privacy", e))?,
     );
+    // The checkpoint key's public half, reported in heartbeats (the collector pins it).
+    let mut node_public_key = None;
     let audit = match &config.audit {
         Some(ac) => {
             let trace = cfg!(feature = "failpoints").then(|| Arc::new(audit::Trace::default()));
             let key = audit::checkpoint::load_or_create_key(&config.node.key_file)
                 .map_err(|e| FatalError::start("audit", e))?;
+            node_public_key = serde_json::to_value(key.public()).ok();
             let signer = audit::checkpoint::Signer { key, node: config.node.name.clone() };
             Some(
                 audit::Audit::open_signed(&config.node.state_dir.join("audit"), ac, Some(signer), trace)
@@ -348,6 +351,15 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             &cfg.node.state_dir.join("telemetry"),
         )
         .map_err(|e| FatalError::start("upstream", e))?;
+        let node_key = node_public_key.clone();
+        let inventory_service = service.clone();
+        let ob = ob.with_inventory(Arc::new(move || {
+            let mut inv = inventory_service.inventory();
+            if let (Some(o), Some(k)) = (inv.as_object_mut(), &node_key) {
+                o.insert("node_key".into(), k.clone());
+            }
+            inv
+        }));
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
     let failures = Arc::new(auth::FailureGuard::default());

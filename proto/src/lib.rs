@@ -1,7 +1,9 @@
 //! The parts of Outpost that parse untrusted bytes and need no inference engine: the V2 data
-//! model and JSON codec, registry metadata and DSSE envelopes, MQTT topics. Kept apart from the
+//! model and JSON codec, registry metadata and DSSE envelopes, MQTT topics, the audit chain's
+//! hash and checkpoints (shared with the collector). Kept apart from the
 //! agent (and tract) so fuzz targets build in seconds; the agent re-exports all of it.
 
+pub mod audit;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -14,8 +14,10 @@ use outpost::protocol::json::tensors_from_value;
 use serde_json::{json, Value};
 
 pub mod broker;
+pub mod collector;
 pub mod faulty;
 pub mod mqtt;
+pub mod postgres;
 pub mod registry;
 pub mod upstream;
 

@@ -21,7 +21,7 @@ fn verify_cli(config: &std::path::Path) -> anyhow::Result<(i32, String)> {
 }
 
 /// The audit log's segment files, in order.
-fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+pub(crate) fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut v: Vec<_> = std::fs::read_dir(state.join("audit"))?
         .flatten()
         .map(|e| e.path())
@@ -32,7 +32,7 @@ fn segments(state: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> 
 }
 
 /// A segment's records as text: the active segment is zero-filled ahead of its last record.
-fn stored_text(seg: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn stored_text(seg: &std::path::Path) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(seg)?.trim_end_matches('\0').to_owned())
 }
 
@@ -416,11 +416,11 @@ async fn serve_and_stop(extra: &str, n: usize) -> anyhow::Result<(std::path::Pat
 }
 
 /// A stored record line, parsed, and written back as the log writes it.
-fn parse_lines(text: &str) -> anyhow::Result<Vec<outpost::audit::Record>> {
+pub(crate) fn parse_lines(text: &str) -> anyhow::Result<Vec<outpost::audit::Record>> {
     text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
-fn write_records(seg: &std::path::Path, recs: &[outpost::audit::Record]) -> anyhow::Result<()> {
+pub(crate) fn write_records(seg: &std::path::Path, recs: &[outpost::audit::Record]) -> anyhow::Result<()> {
     let mut text = String::new();
     for r in recs {
         text.push_str(&serde_json::to_string(r)?);

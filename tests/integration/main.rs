@@ -8,6 +8,7 @@ mod batching;
 mod cli;
 mod crash;
 mod endpoints;
+mod fleet;
 mod lifecycle;
 mod models;
 mod mqtt;

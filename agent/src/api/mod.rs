@@ -195,6 +195,31 @@ impl InferenceService {
         self.metrics.render(&self.model_gauges(), breaker)
     }
 
+    /// The node's inventory for the fleet's heartbeat: every model with its version, state,
+    /// plan and canary; alarms; the overflow breaker.
+    pub fn inventory(&self) -> serde_json::Value {
+        let models: Vec<serde_json::Value> = self
+            .repository
+            .list()
+            .into_iter()
+            .map(|(name, status, served)| {
+                serde_json::json!({
+                    "name": name,
+                    "version": status.version,
+                    "state": status.state.as_str(),
+                    "plan": served.map(|s| s.model.variant.as_str()),
+                    "canary": self.repository.canary_version(&name),
+                })
+            })
+            .collect();
+        let alarms: Vec<String> = self.metrics.alarms().into_keys().collect();
+        serde_json::json!({
+            "models": models,
+            "alarms": alarms,
+            "breaker": self.overflow.as_ref().map(|ov| ov.breaker.state().as_str()),
+        })
+    }
+
     /// The overflow target and `model`'s policy, unless overflow is off for it.
     fn overflow_for(&self, model: &str) -> Option<(&crate::overflow::Overflow, crate::overflow::ModelOverflow)> {
         let ov = self.overflow.as_deref()?;

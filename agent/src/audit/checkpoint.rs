@@ -9,10 +9,7 @@ use crate::store::KeyFileError;
 use std::io::Write;
 use std::path::Path;
 
-use base64::Engine as _;
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use ed25519_dalek::VerifyingKey;
 
 use outpost_proto::registry::KeyPair;
 
@@ -20,8 +17,6 @@ use outpost_proto::registry::KeyPair;
 pub const FILE: &str = "checkpoints.ndjson";
 /// The side file is trimmed to its newest checkpoints past this size.
 const FILE_LIMIT: u64 = 1 << 20;
-/// What the signature covers first (domain separation from every other signature).
-const CONTEXT: &[u8] = b"outpost-audit-checkpoint-v1\n";
 
 /// The node's signing key and name.
 pub struct Signer {
@@ -29,63 +24,12 @@ pub struct Signer {
     pub node: String,
 }
 
-/// A signed statement: the log of `node` had `hash` at `seq` at `time_ms`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub node: String,
-    pub seq: u64,
-    pub hash: String,
-    pub time_ms: i64,
-    pub key_id: String,
-    /// base64 of the ed25519 signature.
-    pub sig: String,
-}
+pub use outpost_proto::audit::Checkpoint;
 
-fn message(node: &str, seq: u64, hash: &str, time_ms: i64) -> Vec<u8> {
-    let mut m = CONTEXT.to_vec();
-    m.extend_from_slice(format!("{node}\n{seq}\n{hash}\n{time_ms}").as_bytes());
-    m
-}
-
-impl Checkpoint {
-    pub fn sign(signer: &Signer, seq: u64, hash: &str, time_ms: i64) -> Checkpoint {
-        let sig = signer.key.sign(&message(&signer.node, seq, hash, time_ms));
-        Checkpoint {
-            node: signer.node.clone(),
-            seq,
-            hash: hash.to_owned(),
-            time_ms,
-            key_id: signer.key.keyid.clone(),
-            sig: base64::engine::general_purpose::STANDARD.encode(sig),
-        }
-    }
-
-    /// Whether `key` signed this checkpoint as it stands.
-    pub fn is_signed_by(&self, key: &VerifyingKey) -> bool {
-        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&self.sig) else { return false };
-        let Ok(sig) = Signature::from_slice(&bytes) else { return false };
-        key.verify(&message(&self.node, self.seq, &self.hash, self.time_ms), &sig).is_ok()
-    }
-
-    /// The record body that carries it in the chain.
-    pub fn body(&self) -> Value {
-        serde_json::json!({
-            "kind": "checkpoint",
-            "node": self.node,
-            "seq": self.seq,
-            "hash": self.hash,
-            "time_ms": self.time_ms,
-            "key_id": self.key_id,
-            "sig": self.sig,
-        })
-    }
-
-    /// The checkpoint a record body carries, if it is one.
-    pub fn from_body(body: &Value) -> Option<Checkpoint> {
-        if body.get("kind")?.as_str()? != "checkpoint" {
-            return None;
-        }
-        serde_json::from_value(body.clone()).ok()
+impl Signer {
+    /// Signs the head `(seq, hash)` of this node's log.
+    pub fn sign(&self, seq: u64, hash: &str, time_ms: i64) -> Checkpoint {
+        Checkpoint::sign(&self.key, &self.node, seq, hash, time_ms)
     }
 }
 
@@ -174,7 +118,7 @@ mod tests {
     fn a_checkpoint_verifies_only_as_signed() {
         let signer = Signer { key: KeyPair::generate().unwrap(), node: "n1".into() };
         let key = signer.key.public().verifying_key().unwrap();
-        let cp = Checkpoint::sign(&signer, 7, "ab", 1000);
+        let cp = signer.sign(7, "ab", 1000);
         assert!(cp.is_signed_by(&key));
         assert_eq!(Checkpoint::from_body(&cp.body()), Some(cp.clone()));
         for forged in [
@@ -194,8 +138,8 @@ mod tests {
     fn a_line_cut_short_by_a_crash_is_left_out_and_a_damaged_one_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer { key: KeyPair::generate().unwrap(), node: "n1".into() };
-        append_file(dir.path(), &Checkpoint::sign(&signer, 1, "aa", 1)).unwrap();
-        append_file(dir.path(), &Checkpoint::sign(&signer, 2, "bb", 2)).unwrap();
+        append_file(dir.path(), &signer.sign(1, "aa", 1)).unwrap();
+        append_file(dir.path(), &signer.sign(2, "bb", 2)).unwrap();
         let path = dir.path().join(FILE);
         let whole = std::fs::read(&path).unwrap();
         std::fs::write(&path, &whole[..whole.len() - 20]).unwrap();

@@ -192,7 +192,7 @@ pub(super) fn commit_inner(s: &Shared, store: &mut Store, bodies: &[&[u8]], clos
         prev = hash;
     }
     let signed = checkpoint.map(|c| {
-        let cp = checkpoint::Checkpoint::sign(&c.signer, seq, &prev, now_ms());
+        let cp = c.signer.sign(seq, &prev, now_ms());
         let body = serde_json::to_vec(&cp.body()).unwrap_or_default();
         seq += 1;
         time = now_ms();

@@ -2,34 +2,8 @@
 
 use super::*;
 
-/// Hash of "nothing before the first record".
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    pub seq: u64,
-    pub time_ms: i64,
-    pub prev: String,
-    pub hash: String,
-    pub body: Value,
-}
-
-impl Record {
-    pub fn compute_hash(seq: u64, time_ms: i64, prev: &str, body: &Value) -> String {
-        hash_of(seq, time_ms, prev, &serde_json::to_vec(body).unwrap_or_default())
-    }
-}
-
-/// `sha256(seq as 8 BE bytes ‖ time_ms as 8 BE bytes ‖ prev hex ‖ body JSON bytes)`, hex.
-pub(super) fn hash_of(seq: u64, time_ms: i64, prev: &str, body_json: &[u8]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(seq.to_be_bytes());
-    h.update(time_ms.to_be_bytes());
-    h.update(prev.as_bytes());
-    h.update(body_json);
-    hex::encode(&h.finalize())
-}
+pub(super) use outpost_proto::audit::hash_of;
+pub use outpost_proto::audit::{Record, GENESIS};
 
 /// One stored line (without its newline), byte for byte what serializing a [`Record`] gives,
 /// built from the body's JSON without parsing it again.

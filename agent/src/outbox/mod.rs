@@ -1,9 +1,12 @@
-//! Store-and-forward to the upstream collector: the audit stream (records of the audit log) and
+//! Store-and-forward to the upstream collectors: the audit stream (records of the audit log) and
 //! the telemetry stream (periodic snapshots) go out in batches as
 //! `POST <upstream>/v1/{audit|telemetry}`, zstd-compressed NDJSON, with an `Idempotency-Key`
 //! of `<node>:<stream>:<first-seq>-<last-seq>`. A batch's boundaries are persisted before it is
 //! sent, so a batch rebuilt after a crash carries the same key and the receiver drops the
-//! duplicate. Records are marked sent only after a 2xx; order is kept per stream.
+//! duplicate. Records are marked sent only after a 2xx; order is kept per stream. With several
+//! collectors (`upstream.urls`), a failed send goes to the next one at once, the same batch with
+//! the same key; the one that answered stays the first tried. The node's inventory goes up as
+//! `POST <upstream>/v1/heartbeat` every `heartbeat_interval`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -181,7 +184,14 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     repo: Arc<Repository>,
     privacy: Option<Arc<Privacy>>,
+    /// The collector tried first (the last one that answered).
+    current: std::sync::atomic::AtomicUsize,
+    inventory: Option<Inventory>,
 }
+
+/// What the heartbeat reports of the node beyond the outbox's own figures (models, alarms,
+/// breaker, key), built when a heartbeat is due.
+pub type Inventory = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -228,7 +238,105 @@ impl Outbox {
             metrics,
             repo,
             privacy,
+            current: std::sync::atomic::AtomicUsize::new(0),
+            inventory: None,
         })
+    }
+
+    /// Sets what heartbeats report of the node.
+    pub fn with_inventory(mut self, inventory: Inventory) -> Outbox {
+        self.inventory = Some(inventory);
+        self
+    }
+
+    /// POSTs `body` to `path` of the first collector that takes it, starting with the one that
+    /// last answered. Every collector is checked against the residency allow-list first.
+    async fn post(&self, path: &str, body: Vec<u8>, headers: &[(&str, String)]) -> Result<(), OutboxError> {
+        let urls = &self.cfg.urls;
+        let start = self.current.load(Ordering::Relaxed) % urls.len();
+        let mut last_error = None;
+        for i in 0..urls.len() {
+            let index = (start + i) % urls.len();
+            let base = &urls[index];
+            let host = url_host(base).unwrap_or_default();
+            if let Some(p) = &self.privacy {
+                if !p.host_allowed(&host) {
+                    self.metrics.set_alarm("residency_refused", Some(format!("upstream host {host} not allowed")));
+                    last_error = Some(OutboxError::Residency(host));
+                    continue;
+                }
+            }
+            let url = format!("{}/v1/{path}", base.trim_end_matches('/'));
+            let mut req = self
+                .client
+                .post(&url)
+                .header("X-Outpost-Node", &self.node)
+                .header("X-Outpost-Site", &self.site)
+                .body(body.clone());
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            let outcome = match req.send().await {
+                Err(e) => Err(OutboxError::Send(format!("{url}: {e}"))),
+                Ok(resp) => match crate::tls::redirect_refused(&url, &resp) {
+                    Some(e) => Err(OutboxError::Send(e)),
+                    None if resp.status().is_success() => Ok(()),
+                    None => {
+                        let status = resp.status().as_u16();
+                        let text = resp.text().await.unwrap_or_default();
+                        Err(OutboxError::Send(format!(
+                            "{url}: HTTP {status} {}",
+                            text.chars().take(200).collect::<String>()
+                        )))
+                    }
+                },
+            };
+            match outcome {
+                Ok(()) => {
+                    if index != start {
+                        tracing::info!(collector = %base, "upstream: sending to this collector now");
+                    }
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    if urls.len() > 1 {
+                        tracing::debug!(error = %e, "upstream send failed; trying the next collector");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| OutboxError::Send("no collector configured".into())))
+    }
+
+    /// Sends the node's inventory (agent version, models, alarms, audit position, node key).
+    async fn heartbeat(&self) -> Result<(), OutboxError> {
+        let mut hb = match &self.inventory {
+            Some(f) => f(),
+            None => serde_json::json!({}),
+        };
+        let head = self.audit.head_seq();
+        let sent = self.audit.sent_seq().unwrap_or(0);
+        if let Some(o) = hb.as_object_mut() {
+            o.insert("node".into(), self.node.clone().into());
+            o.insert("site".into(), self.site.clone().into());
+            o.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
+            o.insert("time_ms".into(), (outpost_proto::registry::now() * 1000).into());
+            o.insert(
+                "audit".into(),
+                serde_json::json!({
+                    "head_seq": head,
+                    "sent_seq": sent,
+                    "backlog_records": head.saturating_sub(sent),
+                }),
+            );
+        }
+        let body = serde_json::to_vec(&hb).map_err(|e| OutboxError::Send(e.to_string()))?;
+        self.post("heartbeat", body, &[("Content-Type", "application/json".into())]).await
     }
 
     /// Sends every complete batch of a stream; returns the records sent.
@@ -253,33 +361,12 @@ impl Outbox {
                 ndjson.push(b'\n');
             }
             let body = zstd::bulk::compress(&ndjson, 3).map_err(|e| OutboxError::Send(e.to_string()))?;
-            let host = url_host(&self.cfg.url).unwrap_or_default();
-            if let Some(p) = &self.privacy {
-                if !p.host_allowed(&host) {
-                    self.metrics.set_alarm("residency_refused", Some(format!("upstream host {host} not allowed")));
-                    return Err(OutboxError::Residency(host));
-                }
-            }
-            let url = format!("{}/v1/{name}", self.cfg.url.trim_end_matches('/'));
-            let mut req = self
-                .client
-                .post(&url)
-                .header("Content-Type", "application/x-ndjson")
-                .header("Content-Encoding", "zstd")
-                .header("Idempotency-Key", format!("{}:{name}:{first}-{last}", self.node))
-                .header("X-Outpost-Node", &self.node)
-                .header("X-Outpost-Site", &self.site)
-                .body(body);
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t);
-            }
-            let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {e}")))?;
-            if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
-                return Err(OutboxError::Send(e));
-            }
-            if !resp.status().is_success() {
-                return Err(OutboxError::Send(format!("{url}: HTTP {}", resp.status().as_u16())));
-            }
+            let headers = [
+                ("Content-Type", "application/x-ndjson".to_owned()),
+                ("Content-Encoding", "zstd".to_owned()),
+                ("Idempotency-Key", format!("{}:{name}:{first}-{last}", self.node)),
+            ];
+            self.post(name, body, &headers).await?;
             crate::failpoint::hit("outbox-after-send");
             stream.mark_sent(last)?;
             sent += recs.len() as u64;
@@ -296,7 +383,6 @@ impl Outbox {
         m.set_gauge("telemetry_backlog_bytes", self.spool.backlog_bytes() as f64);
     }
 
-    /// One round: telemetry snapshot when due, both streams, pruning, gauges.
     /// Queues a telemetry snapshot (dropping the oldest past the quota, with an alarm).
     fn snapshot(&self) -> Result<(), OutboxError> {
         let snap = serde_json::json!({
@@ -315,7 +401,17 @@ impl Outbox {
         Ok(())
     }
 
-    async fn round(&self) -> Result<(), OutboxError> {
+    /// One round: the heartbeat when due (its failure does not hold the streams back), both
+    /// streams, pruning, gauges. Returns whether the heartbeat went.
+    async fn round(&self, heartbeat_due: bool) -> (bool, Result<(), OutboxError>) {
+        let heartbeat_sent = heartbeat_due
+            && match self.heartbeat().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat not sent");
+                    false
+                }
+            };
         let result = async {
             self.drain(&self.audit, "audit").await?;
             self.drain(&self.spool, "telemetry").await
@@ -331,7 +427,7 @@ impl Outbox {
             self.metrics.set_alarm("audit_quota_full", None);
         }
         self.update_gauges();
-        result.map(|_| ())
+        (heartbeat_sent, result.map(|_| ()))
     }
 
     /// Runs until cancelled, then makes one last, time-boxed attempt to flush.
@@ -340,6 +436,7 @@ impl Outbox {
         let now = tokio::time::Instant::now();
         let mut next_snapshot = now + self.cfg.telemetry_interval;
         let mut next_send = now;
+        let mut next_heartbeat = now;
         loop {
             // Snapshots keep their own schedule: they queue (within the quota) while sending
             // is backing off.
@@ -350,7 +447,11 @@ impl Outbox {
                 }
             }
             if tokio::time::Instant::now() >= next_send {
-                match self.round().await {
+                let (heartbeat_sent, result) = self.round(tokio::time::Instant::now() >= next_heartbeat).await;
+                if heartbeat_sent {
+                    next_heartbeat = tokio::time::Instant::now() + self.cfg.heartbeat_interval;
+                }
+                match result {
                     Ok(()) => {
                         if failures > 0 {
                             tracing::info!("upstream reachable again");
@@ -380,7 +481,7 @@ impl Outbox {
                 _ = tokio::time::sleep_until(next_send.min(next_snapshot)) => {}
                 _ = wake.notified() => next_send = tokio::time::Instant::now(),
                 _ = cancel.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), self.round()).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.round(false)).await;
                     return;
                 }
             }
