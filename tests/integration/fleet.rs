@@ -362,3 +362,62 @@ async fn records_are_partitioned_by_day_and_retention_drops_whole_days() -> Resu
     assert_eq!(pg.psql("SELECT string_agg(seq::text, ',') FROM audit_records")?, "3");
     Ok(())
 }
+
+/// Debian's Chromium (`OUTPOST_CHROMIUM` overrides); `None` outside the full suite when absent.
+fn chromium() -> Option<PathBuf> {
+    let p = std::env::var_os("OUTPOST_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into());
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(!outpost_tests::full_suite(), "OUTPOST_TEST_FULL=1 needs chromium (scripts/setup-test.sh installs it)");
+    eprintln!("skipped: no chromium");
+    None
+}
+
+/// Headless Chromium on `url`, as the machine's closed network needs it; `args` add the output.
+fn chromium_run(bin: &Path, url: &str, args: &[&str]) -> Result<std::process::Output> {
+    let profile = tempfile::tempdir()?;
+    let out = std::process::Command::new(bin)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()?;
+    ensure!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_page_renders_in_headless_chromium() -> Result<()> {
+    let Some(browser) = chromium() else { return Ok(()) };
+    let pg = Postgres::start()?;
+    let bin = collector_bin();
+    let c = Collector::start(&bin, &pg.dsn())?;
+    let token = collector::enroll(&bin, &pg.dsn(), "branch-7-till", None)?;
+    collector::enroll(&bin, &pg.dsn(), "never-seen", None)?;
+    let a = agent("branch-7-till", &[&c.url], &token, "").await?;
+    infer(&a, "branch-7-till", 0..5).await?;
+    wait_synced(&pg, "branch-7-till", &a).await?;
+    let reader = collector::reader(&bin, &pg.dsn(), "ops")?;
+    let page = format!("{}/fleet", c.url.replacen("http://", &format!("http://ops:{reader}@"), 1));
+    let dom = String::from_utf8(chromium_run(&browser, &page, &["--dump-dom"])?.stdout)?;
+    assert!(dom.contains("<h1>Outpost fleet</h1>"), "{dom}");
+    assert!(dom.contains("2 nodes") && dom.contains("1 silent"), "{dom}");
+    let row = dom.split("<tr").find(|r| r.contains("branch-7-till")).unwrap_or_default();
+    assert!(row.contains("mlp@1") && row.contains("READY") && row.contains("ok, "), "{row}");
+    assert!(row.contains(env!("CARGO_PKG_VERSION")), "{row}");
+    let silent = dom.split("<tr").find(|r| r.contains("never-seen")).unwrap_or_default();
+    assert!(silent.contains("never") && silent.contains("silent"), "{silent}");
+    // Without the reader's token: the browser gets 401, not the fleet.
+    let denied = String::from_utf8(chromium_run(&browser, &format!("{}/fleet", c.url), &["--dump-dom"])?.stdout)?;
+    assert!(!denied.contains("branch-7-till"), "{denied}");
+    // A screenshot renders (the README's comes from here: OUTPOST_FLEET_SCREENSHOT=path).
+    let shot = tempfile::tempdir()?;
+    let png = std::env::var("OUTPOST_FLEET_SCREENSHOT")
+        .unwrap_or_else(|_| shot.path().join("fleet.png").display().to_string());
+    chromium_run(&browser, &page, &[&format!("--screenshot={png}"), "--window-size=1200,420"])?;
+    assert!(std::fs::read(&png)?.starts_with(b"\x89PNG"), "a PNG screenshot");
+    a.stop().await?;
+    Ok(())
+}
