@@ -85,6 +85,10 @@ pub struct UpstreamConfig {
     pub telemetry_interval: Duration,
     /// How often the node's inventory goes up (`POST <url>/v1/heartbeat`).
     pub heartbeat_interval: Duration,
+    /// Telemetry goes as Prometheus remote-write 1.0 to this URL (instead of `/v1/telemetry`).
+    pub remote_write_url: Option<String>,
+    /// Bearer token for the remote-write receiver.
+    pub remote_write_token_file: Option<PathBuf>,
     pub timeout: Duration,
     pub ca: Option<PathBuf>,
     pub allow_http: bool,
@@ -260,6 +264,8 @@ struct RawUpstream {
     url: Option<String>,
     urls: Option<Vec<String>>,
     heartbeat_interval: Option<String>,
+    remote_write_url: Option<String>,
+    remote_write_token_file: Option<PathBuf>,
     token_file: Option<PathBuf>,
     quota_bytes: Option<u64>,
     batch_records: Option<usize>,
@@ -854,7 +860,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 (Some(_), Some(_)) => return Err(err("upstream.url and upstream.urls: set one of them".into())),
                 (None, None) => return Err(err("[upstream] needs url (or urls)".into())),
             };
-            for url in &urls {
+            for url in urls.iter().chain(&u.remote_write_url) {
                 if !(url.starts_with("https://") || (allow_http && url.starts_with("http://"))) {
                     return Err(err(format!(
                         "upstream.url '{url}' must be https:// (http:// needs upstream.allow_http = true)"
@@ -879,6 +885,8 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                     .max(Duration::from_millis(10)),
                 heartbeat_interval: dur(u.heartbeat_interval, "30s", "heartbeat_interval")?
                     .max(Duration::from_millis(10)),
+                remote_write_url: u.remote_write_url,
+                remote_write_token_file: u.remote_write_token_file.map(resolve),
                 timeout: dur(u.timeout, "10s", "timeout")?,
                 ca: u.ca.map(resolve),
                 allow_http,

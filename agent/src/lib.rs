@@ -353,6 +353,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         .map_err(|e| FatalError::start("upstream", e))?;
         let node_key = node_public_key.clone();
         let inventory_service = service.clone();
+        let exposition_service = service.clone();
+        let ob = ob.with_exposition(Arc::new(move || exposition_service.render_metrics()));
         let ob = ob.with_inventory(Arc::new(move || {
             let mut inv = inventory_service.inventory();
             if let (Some(o), Some(k)) = (inv.as_object_mut(), &node_key) {

@@ -18,6 +18,7 @@ pub mod collector;
 pub mod faulty;
 pub mod mqtt;
 pub mod postgres;
+pub mod prometheus;
 pub mod registry;
 pub mod upstream;
 

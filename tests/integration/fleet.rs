@@ -351,7 +351,8 @@ async fn records_are_partitioned_by_day_and_retention_drops_whole_days() -> Resu
         .send()
         .await?;
     assert_eq!(resp.status().as_u16(), 200);
-    let parts = "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audit_records'";
+    let parts =
+        "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audit_records'";
     assert_eq!(pg.psql(parts)?, "3", "one partition per day");
     let config = tempfile::NamedTempFile::new()?;
     std::fs::write(config.path(), "retention_days = 1\n")?;
@@ -418,6 +419,73 @@ async fn the_fleet_page_renders_in_headless_chromium() -> Result<()> {
         .unwrap_or_else(|_| shot.path().join("fleet.png").display().to_string());
     chromium_run(&browser, &page, &[&format!("--screenshot={png}"), "--window-size=1200,420"])?;
     assert!(std::fs::read(&png)?.starts_with(b"\x89PNG"), "a PNG screenshot");
+    a.stop().await?;
+    Ok(())
+}
+
+/// The value of one series in the agent's own `/metrics` text.
+async fn metric_value(agent: &TestAgent, series: &str) -> Result<f64> {
+    let text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow::anyhow!("no {series} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_reaches_a_real_prometheus_by_remote_write_backlog_included() -> Result<()> {
+    let prom = outpost_tests::prometheus::Prometheus::start("1h")?;
+    let pg = Postgres::start()?;
+    let bin = collector_bin();
+    let c = Collector::start(&bin, &pg.dsn())?;
+    let token = collector::enroll(&bin, &pg.dsn(), "till-m", None)?;
+    // Offline for remote-write first: snapshots queue on the box.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let telemetry = |url: &str| format!("telemetry_interval = \"100ms\"\nremote_write_url = \"{url}\"\n");
+    let a = agent("till-m", &[&c.url], &token, &telemetry(&format!("http://{closed}/api/v1/write"))).await?;
+    infer(&a, "till-m", 0..5).await?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while metric_value(&a, "outpost_telemetry_backlog_bytes").await.unwrap_or(0.0) <= 0.0 {
+        ensure!(Instant::now() < end, "no telemetry queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = a.stop_keep_state().await?;
+    let back_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let a = agent_in(state, "till-m", &[&c.url], &token, &telemetry(&prom.write_url())).await?;
+    infer(&a, "till-m", 5..8).await?;
+    let series = "outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\"}";
+    let promql = "outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\",node=\"till-m\",site=\"test-site\"}";
+    // The newest sample equals what the agent's /metrics says now (no traffic since).
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let want = metric_value(&a, series).await?;
+        let got = prom.query(promql).await?;
+        let have = got.first().and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok());
+        if have == Some(want) && want == 3.0 {
+            break;
+        }
+        if Instant::now() > end {
+            let text = a.http.get(a.url("/metrics")).send().await?.text().await?;
+            let alarms: Vec<&str> =
+                text.lines().filter(|l| l.starts_with("outpost_alarm") || l.contains("telemetry")).collect();
+            let all = prom.query("count by (__name__, node, site) ({__name__=~\"outpost_inference.*\"})").await?;
+            bail!("prometheus has {got:?}, the agent's /metrics {want}; {alarms:?}; {all:?}");
+        }
+        a.agent.wake_outbox();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The backlog arrived with its own times: samples from before the agent came back, when
+    // the counter stood at 5.
+    let range = prom.query(&format!("{promql}[10m]")).await?;
+    let samples = range.first().and_then(|r| r["values"].as_array().cloned()).unwrap_or_default();
+    let before: Vec<f64> = samples
+        .iter()
+        .filter(|s| s[0].as_f64().is_some_and(|t| t < back_at))
+        .filter_map(|s| s[1].as_str()?.parse().ok())
+        .collect();
+    assert!(!before.is_empty() && before.iter().all(|v| *v <= 5.0), "backlog samples: {samples:?}");
+    assert_eq!(before.last(), Some(&5.0), "the last offline snapshot saw all five: {samples:?}");
+    let times: Vec<f64> = samples.iter().filter_map(|s| s[0].as_f64()).collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "in order: {times:?}");
     a.stop().await?;
     Ok(())
 }

@@ -21,6 +21,8 @@ pub use crate::config::UpstreamConfig;
 use crate::privacy::{url_host, Privacy};
 use crate::telemetry::Metrics;
 
+pub mod remote_write;
+
 const META_SENT: &[u8] = b"\xffsent";
 const META_INFLIGHT: &[u8] = b"\xffinflight";
 
@@ -187,7 +189,13 @@ pub struct Outbox {
     /// The collector tried first (the last one that answered).
     current: std::sync::atomic::AtomicUsize,
     inventory: Option<Inventory>,
+    /// The agent's `/metrics` text, sampled for remote-write telemetry.
+    exposition: Option<Exposition>,
+    remote_write_token: Option<String>,
 }
+
+/// The agent's metrics in the text exposition format, as `/metrics` answers.
+pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// What the heartbeat reports of the node beyond the outbox's own figures (models, alarms,
 /// breaker, key), built when a heartbeat is due.
@@ -219,6 +227,11 @@ impl Outbox {
     ) -> Result<Outbox, OutboxError> {
         crate::tls::install_crypto_provider();
         let token = cfg.token_file.as_deref().map(|p| crate::tls::read_token(p, "upstream.token_file")).transpose()?;
+        let remote_write_token = cfg
+            .remote_write_token_file
+            .as_deref()
+            .map(|p| crate::tls::read_token(p, "upstream.remote_write_token_file"))
+            .transpose()?;
         let mut builder = crate::tls::outbound(reqwest::Client::builder())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
@@ -240,7 +253,65 @@ impl Outbox {
             privacy,
             current: std::sync::atomic::AtomicUsize::new(0),
             inventory: None,
+            exposition: None,
+            remote_write_token,
         })
+    }
+
+    /// Sets where remote-write telemetry samples the agent's metrics from.
+    pub fn with_exposition(mut self, exposition: Exposition) -> Outbox {
+        self.exposition = Some(exposition);
+        self
+    }
+
+    /// Sends a batch of telemetry snapshots as one remote-write request. A 4xx other than 429
+    /// is the receiver refusing these samples for good (out of its window, say): the batch is
+    /// dropped with an alarm rather than blocking the stream; anything else is retried.
+    async fn remote_write(&self, url: &str, snapshots: &[(u64, Vec<u8>)]) -> Result<(), OutboxError> {
+        let mut samples = Vec::with_capacity(snapshots.len());
+        for (_, bytes) in snapshots {
+            // The spool keeps `{"seq", "snapshot"}`; a snapshot queued before remote-write was
+            // configured has no exposition and is skipped.
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { continue };
+            let snap = &v["snapshot"];
+            let (Some(t), Some(text)) = (snap["time_ms"].as_i64(), snap["exposition"].as_str()) else { continue };
+            samples.push((t, text.to_owned()));
+        }
+        let body = remote_write::encode(&samples, &[("node", &self.node), ("site", &self.site)]);
+        let host = url_host(url).unwrap_or_default();
+        if let Some(p) = &self.privacy {
+            if !p.host_allowed(&host) {
+                self.metrics.set_alarm("residency_refused", Some(format!("remote-write host {host} not allowed")));
+                return Err(OutboxError::Residency(host));
+            }
+        }
+        let mut req = self
+            .client
+            .post(url)
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(body);
+        if let Some(t) = &self.remote_write_token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {e}")))?;
+        if let Some(e) = crate::tls::redirect_refused(url, &resp) {
+            return Err(OutboxError::Send(e));
+        }
+        let status = resp.status();
+        if status.is_success() {
+            self.metrics.set_alarm("telemetry_rejected", None);
+            return Ok(());
+        }
+        let text: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+        if status.is_client_error() && status.as_u16() != 429 {
+            tracing::warn!(%url, status = status.as_u16(), %text, "remote-write refused a telemetry batch; dropped");
+            self.metrics
+                .set_alarm("telemetry_rejected", Some(format!("remote-write answered {}: {text}", status.as_u16())));
+            return Ok(());
+        }
+        Err(OutboxError::Send(format!("{url}: HTTP {} {text}", status.as_u16())))
     }
 
     /// Sets what heartbeats report of the node.
@@ -355,6 +426,12 @@ impl Outbox {
                 }
             };
             let recs = stream.range(first, last, usize::MAX)?;
+            if let (Some(url), "telemetry") = (&self.cfg.remote_write_url, name) {
+                self.remote_write(url, &recs).await?;
+                stream.mark_sent(last)?;
+                sent += recs.len() as u64;
+                continue;
+            }
             let mut ndjson = Vec::new();
             for (_, v) in &recs {
                 ndjson.extend_from_slice(v);
@@ -385,12 +462,20 @@ impl Outbox {
 
     /// Queues a telemetry snapshot (dropping the oldest past the quota, with an alarm).
     fn snapshot(&self) -> Result<(), OutboxError> {
-        let snap = serde_json::json!({
-            "node": self.node,
-            "site": self.site,
-            "time_ms": outpost_proto::registry::now() * 1000,
-            "metrics": self.metrics.snapshot(&self.repo.gauges()),
-        });
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let snap = match (&self.cfg.remote_write_url, &self.exposition) {
+            // Remote-write: the `/metrics` text as it is now, sent later with this time.
+            (Some(_), Some(exposition)) => serde_json::json!({ "time_ms": time_ms, "exposition": exposition() }),
+            _ => serde_json::json!({
+                "node": self.node,
+                "site": self.site,
+                "time_ms": time_ms,
+                "metrics": self.metrics.snapshot(&self.repo.gauges()),
+            }),
+        };
         let dropped = self.spool.push(&snap)?;
         if dropped > 0 {
             self.metrics.set_alarm(
