@@ -4,8 +4,10 @@
 # cargo-generate-rpm would each take minutes to install on a fresh machine).
 #   scripts/package.sh --bin target/release/outpost --out dist [--version 0.1.0] [--no-rpm]
 #                      [--arch x86_64|aarch64]   (default: this machine's; for cross builds)
+#                      [--collector target/release/outpost-collector]   (its packages too;
+#                      --bin may then be left out)
 . "$(dirname "$0")/lib.sh"
-bin="" out="$ROOT/dist" version="" rpm=1 arch="$(uname -m)"
+bin="" out="$ROOT/dist" version="" rpm=1 arch="$(uname -m)" collector=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
@@ -13,10 +15,12 @@ while [ $# -gt 0 ]; do
     --version) version="$2"; shift 2 ;;
     --no-rpm) rpm=0; shift ;;
     --arch) arch="$2"; shift 2 ;;
-    *) echo "usage: $0 --bin BINARY [--out DIR] [--version V] [--no-rpm] [--arch x86_64|aarch64]" >&2; exit 64 ;;
+    --collector) collector="$2"; shift 2 ;;
+    *) echo "usage: $0 --bin BINARY [--out DIR] [--version V] [--no-rpm] [--arch x86_64|aarch64] [--collector BINARY]" >&2; exit 64 ;;
   esac
 done
-[ -x "$bin" ] || { echo "$0: --bin must name the built outpost binary" >&2; exit 64; }
+[ -n "$bin" ] || [ -n "$collector" ] || { echo "$0: --bin must name the built outpost binary" >&2; exit 64; }
+[ -z "$bin" ] || [ -x "$bin" ] || { echo "$0: --bin must name the built outpost binary" >&2; exit 64; }
 # The version: --version, else the newest released section of CHANGELOG.md, else Cargo's.
 if [ -z "$version" ]; then
   version="$(grep -m1 -oE '^## \[[0-9]+\.[0-9]+\.[0-9]+\]' "$ROOT/CHANGELOG.md" | grep -oE '[0-9.]+' || true)"
@@ -28,6 +32,11 @@ case "$arch" in
   *) echo "unsupported architecture $arch" >&2; exit 1 ;;
 esac
 mkdir -p "$out"
+if [ -n "$collector" ]; then
+  norpm=""; [ "$rpm" = 1 ] || norpm="--no-rpm"
+  "$ROOT/scripts/package-collector.sh" --bin "$collector" --out "$out" --version "$version" --arch "$arch" $norpm
+fi
+[ -n "$bin" ] || exit 0
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

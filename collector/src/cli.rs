@@ -16,7 +16,7 @@ use crate::{db, fleet, http, store};
     about = "Receives Outpost nodes' audit chains, heartbeats and telemetry into PostgreSQL, witnesses each chain, and shows the fleet"
 )]
 struct Cli {
-    /// Configuration file (default /etc/outpost/collector.toml; the embedded defaults when it
+    /// Configuration file (default /etc/outpost-collector/collector.toml; the embedded defaults when it
     /// is absent). Also OUTPOST_COLLECTOR_CONFIG.
     #[arg(long, global = true)]
     config: Option<PathBuf>,

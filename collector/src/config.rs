@@ -1,4 +1,4 @@
-//! The collector's configuration: a TOML file (`/etc/outpost/collector.toml`), every key
+//! The collector's configuration: a TOML file (`/etc/outpost-collector/collector.toml`), every key
 //! optional, unknown keys refused.
 
 use std::net::SocketAddr;
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Where the packaged collector reads its configuration.
-pub const DEFAULT_PATH: &str = "/etc/outpost/collector.toml";
+pub const DEFAULT_PATH: &str = "/etc/outpost-collector/collector.toml";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused_with_the_key() {
-        let p = Path::new("/etc/outpost/collector.toml");
+        let p = Path::new("/etc/outpost-collector/collector.toml");
         let e = Config::parse("listn = \"127.0.0.1:1\"", p).expect_err("unknown key");
         assert!(e.to_string().contains("listn"), "{e}");
         let e = Config::parse("connections = 0", p).expect_err("no connections");

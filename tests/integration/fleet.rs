@@ -11,9 +11,7 @@ use outpost_tests::postgres::Postgres;
 use outpost_tests::{config_text, golden_for, http_client, root, TestAgent};
 use serde_json::{json, Value};
 
-fn collector_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_outpost-collector-under-test"))
-}
+use crate::collector_bin;
 
 /// Starts an agent named `node` shipping to `urls` with `token`.
 async fn agent(node: &str, urls: &[&str], token: &str, extra: &str) -> Result<TestAgent> {

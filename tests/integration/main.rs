@@ -23,6 +23,11 @@ pub fn outpost_bin() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_outpost-under-test"))
 }
 
+/// The `outpost-collector` CLI built for these tests.
+pub fn collector_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_outpost-collector-under-test"))
+}
+
 /// `outpost model list` for a configuration, as a user runs it.
 pub fn model_list(config: &std::path::Path) -> anyhow::Result<String> {
     let out = std::process::Command::new(outpost_bin()).args(["model", "list", "--config"]).arg(config).output()?;

@@ -1,7 +1,8 @@
 //! The .deb and .rpm packages (full suite, as root, on a Debian machine): build from the test
 //! build's binary, lintian, install, check-config with the packaged config, upgrade keeping a
 //! locally edited config, remove (config and state stay), purge (nothing stays); rpm metadata;
-//! the systemd unit's verification and exposure score.
+//! the systemd unit's verification and exposure score. Then the same for `outpost-collector`
+//! (in the same test: dpkg takes one lock).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,6 +151,80 @@ fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
             }
         }
         None => assert!(!have("rpmbuild"), "rpmbuild is installed but no rpm was built"),
+    }
+    collector_packages()
+}
+
+fn collector_packages() -> anyhow::Result<()> {
+    let dist = tempfile::tempdir()?;
+    let bin = crate::collector_bin();
+    let out = dist.path().to_str().unwrap_or_default();
+    let (code, text) = run(
+        root().join("scripts/package.sh").to_str().unwrap_or_default(),
+        &["--collector", bin.to_str().unwrap_or_default(), "--out", out, "--version", "0.1.0"],
+    )?;
+    anyhow::ensure!(code == 0, "package.sh --collector failed: {text}");
+    let deb = dist.path().join("outpost-collector_0.1.0_amd64.deb");
+    let deb_s = deb.to_str().unwrap_or_default();
+    if have("lintian") {
+        let (code, text) =
+            run("lintian", &["--fail-on", "error", "--suppress-tags", "maintainer-script-calls-systemctl", deb_s])?;
+        assert_eq!(code, 0, "lintian reports errors:\n{text}");
+    }
+    let present = || -> Vec<&'static str> {
+        ["/usr/bin/outpost-collector", "/lib/systemd/system/outpost-collector.service", "/etc/outpost-collector"]
+            .into_iter()
+            .filter(|p| Path::new(p).exists())
+            .collect()
+    };
+    let result = (|| -> anyhow::Result<()> {
+        let (code, text) = run("dpkg", &["-i", deb_s])?;
+        assert_eq!(code, 0, "install: {text}");
+        let (code, text) = run("/usr/bin/outpost-collector", &["--version"])?;
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("outpost-collector"), "{text}");
+        assert!(run("getent", &["passwd", "outpost-collector"])?.0 == 0, "system user created");
+        let unit = std::fs::read_to_string("/lib/systemd/system/outpost-collector.service")?;
+        assert!(unit.contains("User=outpost-collector") && unit.contains("ProtectSystem=strict"), "{unit}");
+        if have("systemd-analyze") {
+            let (code, text) = run("systemd-analyze", &["verify", "/lib/systemd/system/outpost-collector.service"])?;
+            eprintln!("systemd-analyze verify ({code}): {text}");
+        }
+        // The packaged configuration is valid: `migrate` gets past it to the database.
+        let (code, text) = run(
+            "/usr/bin/outpost-collector",
+            &[
+                "migrate",
+                "--config",
+                "/etc/outpost-collector/collector.toml",
+                "--database",
+                "host=127.0.0.1 port=1 dbname=x connect_timeout=2",
+            ],
+        )?;
+        assert_eq!(code, 69, "a configuration error would be 78: {text}");
+        let (code, text) = run("dpkg", &["-r", "outpost-collector"])?;
+        assert_eq!(code, 0, "remove: {text}");
+        assert_eq!(present(), vec!["/etc/outpost-collector"], "remove keeps the configuration");
+        let (code, text) = run("dpkg", &["-P", "outpost-collector"])?;
+        assert_eq!(code, 0, "purge: {text}");
+        assert!(present().is_empty(), "purge leaves nothing: {:?}", present());
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = run("dpkg", &["-P", "outpost-collector"]);
+    }
+    result?;
+    if let Some(rpm) =
+        std::fs::read_dir(dist.path())?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "rpm"))
+    {
+        let (_, files) = run("rpm", &["-qlp", rpm.to_str().unwrap_or_default()])?;
+        for f in [
+            "/usr/bin/outpost-collector",
+            "/usr/lib/systemd/system/outpost-collector.service",
+            "/etc/outpost-collector/collector.toml",
+        ] {
+            assert!(files.lines().any(|l| l == f), "{f} in the rpm:\n{files}");
+        }
     }
     Ok(())
 }

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Builds outpost-collector_<version>_<arch>.deb and outpost-collector-<version>-1.<arch>.rpm
+# from an already-built binary. Called by scripts/package.sh --collector BIN.
+#   scripts/package-collector.sh --bin BIN --out DIR --version V --arch x86_64|aarch64 [--no-rpm]
+. "$(dirname "$0")/lib.sh"
+bin="" out="" version="" rpm=1 arch="$(uname -m)"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) bin="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --no-rpm) rpm=0; shift ;;
+    --arch) arch="$2"; shift 2 ;;
+    *) echo "usage: $0 --bin BINARY --out DIR --version V [--arch A] [--no-rpm]" >&2; exit 64 ;;
+  esac
+done
+[ -x "$bin" ] && [ -n "$out" ] && [ -n "$version" ] || { echo "$0: --bin, --out and --version are required" >&2; exit 64; }
+case "$arch" in
+  x86_64) deb_arch=amd64; rpm_arch=x86_64 ;;
+  aarch64) deb_arch=arm64; rpm_arch=aarch64 ;;
+  *) echo "unsupported architecture $arch" >&2; exit 1 ;;
+esac
+P="$ROOT/packaging/collector"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+stage="$work/stage"
+install -d "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/outpost-collector" \
+  "$stage/usr/share/doc/outpost-collector" "$stage/usr/share/man/man1"
+install -m 0755 "$bin" "$stage/usr/bin/outpost-collector"
+strip --strip-unneeded "$stage/usr/bin/outpost-collector" 2>/dev/null || true
+install -m 0644 "$P/outpost-collector.service" "$stage/lib/systemd/system/outpost-collector.service"
+install -m 0640 "$P/collector.toml" "$stage/etc/outpost-collector/collector.toml"
+install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost-collector/README.md"
+gzip -9n -c "$P/outpost-collector.1" > "$stage/usr/share/man/man1/outpost-collector.1.gz"
+cat > "$stage/usr/share/doc/outpost-collector/copyright" <<COPY
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: outpost-collector
+Source: https://example.invalid/outpost
+
+Files: *
+Copyright: 2026 The Outpost authors
+License: Apache-2.0
+
+License: Apache-2.0
+ On Debian systems, the full text of the Apache License 2.0 is in
+ /usr/share/common-licenses/Apache-2.0.
+COPY
+
+# --- .deb ---
+deb="$work/deb"
+cp -a "$stage" "$deb"
+{
+  echo "outpost-collector ($version) stable; urgency=medium"
+  echo
+  echo "  * Release $version; see README.md."
+  echo
+  echo " -- Outpost maintainers <maintainers@outpost.invalid>  $(date -R -d @0)"
+} | gzip -9n > "$deb/usr/share/doc/outpost-collector/changelog.gz"
+install -d "$deb/DEBIAN"
+size="$(du -sk --exclude=DEBIAN "$deb" | cut -f1)"
+cat > "$deb/DEBIAN/control" <<CTRL
+Package: outpost-collector
+Version: $version
+Architecture: $deb_arch
+Maintainer: Outpost maintainers <maintainers@outpost.invalid>
+Installed-Size: $size
+Depends: libc6 (>= 2.34), adduser
+Recommends: postgresql
+Section: net
+Priority: optional
+Homepage: https://example.invalid/outpost
+Description: fleet collector for Outpost edge inference agents
+ Receives the agents' audit chains, heartbeats and telemetry into PostgreSQL,
+ witnesses each node's hash chain and signed checkpoints, and shows the fleet
+ as JSON, a table, a web page and Prometheus metrics.
+CTRL
+echo "/etc/outpost-collector/collector.toml" > "$deb/DEBIAN/conffiles"
+install -m 0755 "$P/postinst" "$P/prerm" "$P/postrm" "$deb/DEBIAN/"
+(cd "$deb" && find . -path ./DEBIAN -prune -o -type f -print0 | sed -z 's|^\./||' | sort -z | xargs -0 md5sum > DEBIAN/md5sums)
+dpkg-deb --root-owner-group -Zxz --build "$deb" "$out/outpost-collector_${version}_${deb_arch}.deb" >/dev/null
+echo "$out/outpost-collector_${version}_${deb_arch}.deb"
+
+# --- .rpm ---
+if [ "$rpm" = 1 ]; then
+  command -v rpmbuild >/dev/null || { echo "rpmbuild not found (Debian package rpm): skipping the rpm" >&2; exit 0; }
+  top="$work/rpm"
+  mkdir -p "$top/BUILD" "$top/RPMS" "$top/SPECS"
+  sed -e "s|@VERSION@|$version|g" -e "s|@STAGE@|$stage|g" "$P/outpost-collector.spec.in" > "$top/SPECS/outpost-collector.spec"
+  rpmbuild -bb --quiet --define "_topdir $top" --target "$rpm_arch" "$top/SPECS/outpost-collector.spec" >/dev/null
+  cp "$top"/RPMS/*/outpost-collector-"$version"-1.*.rpm "$out/"
+  ls "$out"/outpost-collector-"$version"-1.*.rpm
+fi
