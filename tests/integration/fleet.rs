@@ -487,3 +487,35 @@ async fn telemetry_reaches_a_real_prometheus_by_remote_write_backlog_included() 
     a.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_offline_for_a_day_of_traffic_sends_all_of_it_when_back() -> Result<()> {
+    let pg = Postgres::start()?;
+    let bin = collector_bin();
+    let token = collector::enroll(&bin, &pg.dsn(), "till-o", None)?;
+    // Offline: the only collector's address answers nothing.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let a = agent("till-o", &[&format!("http://{closed}")], &token, "").await?;
+    // A branch's day: one request a minute is 1,440; the records wait on the box.
+    let answered = infer(&a, "till-o", 0..1440).await?;
+    assert_eq!(answered.len(), 1440);
+    let head = a.agent.audit().map(|x| x.head_seq()).unwrap_or(0);
+    assert_eq!(pg.psql("SELECT count(*) FROM audit_records")?, "0");
+    let state = a.stop_keep_state().await?;
+    // Back, with a collector: everything arrives, once, in order, without an alarm.
+    let c = Collector::start(&bin, &pg.dsn())?;
+    let a = agent_in(state, "till-o", &[&c.url], &token, "").await?;
+    let synced = wait_synced(&pg, "till-o", &a).await?;
+    assert!(synced > head, "the restart's own records too");
+    let stats =
+        pg.psql("SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM audit_records WHERE node = 'till-o'")?;
+    assert_eq!(stats, format!("{synced}|{synced}|1|{synced}"));
+    let ids = pg.psql(
+        "SELECT count(DISTINCT body::jsonb->>'request_id') FROM audit_records WHERE node = 'till-o' \
+         AND body::jsonb->>'kind' = 'inference'",
+    )?;
+    assert_eq!(ids, "1440");
+    assert!(alarm_kinds(&pg, "till-o")?.is_empty());
+    a.stop().await?;
+    Ok(())
+}
