@@ -5,8 +5,9 @@
 //! - audit lag from an agent's answer to its record's row in PostgreSQL, p50/p99, at the
 //!   default `upstream.flush_interval` (1 s) and at 100 ms.
 //!
-//!     cargo bench -p outpost-tests --bench collector -- [--records 200000] [--nodes 1000]
-//!         [--seconds 10]
+//! ```text
+//! cargo bench -p outpost-tests --bench collector -- [--records 200000] [--nodes 1000] [--seconds 10]
+//! ```
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
