@@ -148,8 +148,10 @@ async fn run(command: Command, mut config: Config) -> Result<ExitCode, Failure> 
             let s = open(&config).await?;
             let token = s.enroll(&node, key.as_deref(), rotate).await.map_err(|e| (65, e.to_string()))?;
             println!("# Node {node} enrolled. On the node, as root:");
+            // Readable by the agent's group only: the agent runs as `outpost`.
             println!(
-                "install -m 600 /dev/null /etc/outpost/upstream.token && echo '{token}' > /etc/outpost/upstream.token"
+                "install -m 640 -o root -g outpost /dev/null /etc/outpost/upstream.token && \
+                 echo '{token}' > /etc/outpost/upstream.token"
             );
             println!("# and in /etc/outpost/outpost.toml:");
             println!("[upstream]");
