@@ -223,6 +223,11 @@ async fn a_node_cannot_write_as_another_and_unknown_nodes_are_refused_and_counte
     };
     assert_eq!(count("other_node"), 1.0, "{text}");
     assert!(count("unknown") >= 2.0 && count("missing") >= 1.0, "{text}");
+    // The database gone: 503 with Retry-After (the agent keeps the batch), never a 500.
+    drop(pg);
+    let resp = post(&a, "till-a", batch(std::slice::from_ref(&r2))?).await?;
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
     Ok(())
 }
 
