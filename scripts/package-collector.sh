@@ -33,19 +33,7 @@ install -m 0644 "$P/outpost-collector.service" "$stage/lib/systemd/system/outpos
 install -m 0640 "$P/collector.toml" "$stage/etc/outpost-collector/collector.toml"
 install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost-collector/README.md"
 gzip -9n -c "$P/outpost-collector.1" > "$stage/usr/share/man/man1/outpost-collector.1.gz"
-cat > "$stage/usr/share/doc/outpost-collector/copyright" <<COPY
-Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
-Upstream-Name: outpost-collector
-Source: https://example.invalid/outpost
-
-Files: *
-Copyright: 2026 The Outpost authors
-License: Apache-2.0
-
-License: Apache-2.0
- On Debian systems, the full text of the Apache License 2.0 is in
- /usr/share/common-licenses/Apache-2.0.
-COPY
+copyright_file outpost-collector "$stage/usr/share/doc/outpost-collector/copyright"
 
 # --- .deb ---
 deb="$work/deb"

@@ -59,19 +59,7 @@ find "$stage/usr/share/outpost" -type d -exec chmod 0755 {} + ; find "$stage/usr
 install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost/README.md"
 install -m 0644 "$ROOT/models/PROVENANCE.md" "$stage/usr/share/doc/outpost/PROVENANCE.md"
 gzip -9n -c "$ROOT/packaging/outpost.1" > "$stage/usr/share/man/man1/outpost.1.gz"
-cat > "$stage/usr/share/doc/outpost/copyright" <<COPY
-Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
-Upstream-Name: outpost
-Source: https://example.invalid/outpost
-
-Files: *
-Copyright: 2026 The Outpost authors
-License: Apache-2.0
-
-License: Apache-2.0
- On Debian systems, the full text of the Apache License 2.0 is in
- /usr/share/common-licenses/Apache-2.0.
-COPY
+copyright_file outpost "$stage/usr/share/doc/outpost/copyright"
 
 # --- .deb ---
 deb="$work/deb"

@@ -166,13 +166,15 @@ fn decode(headers: &HeaderMap, body: &Bytes, cap: usize) -> Result<Vec<u8>, Resp
     }
 }
 
+/// The node a batch comes from and the batch, decompressed.
+async fn node_batch(app: &App, headers: &HeaderMap, body: &Bytes) -> Result<(String, Vec<u8>), Response> {
+    let node = node(app, headers).await?;
+    Ok((node, decode(headers, body, app.max_batch_bytes)?))
+}
+
 async fn audit(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let node = match node(&app, &headers).await {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let ndjson = match decode(&headers, &body, app.max_batch_bytes) {
-        Ok(b) => b,
+    let (node, ndjson) = match node_batch(&app, &headers, &body).await {
+        Ok(nb) => nb,
         Err(r) => return r,
     };
     let result = |r: &str| vec![("result".to_owned(), r.to_owned())];
@@ -227,12 +229,8 @@ async fn heartbeat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
 }
 
 async fn telemetry(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let node = match node(&app, &headers).await {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let ndjson = match decode(&headers, &body, app.max_batch_bytes) {
-        Ok(b) => b,
+    let (node, ndjson) = match node_batch(&app, &headers, &body).await {
+        Ok(nb) => nb,
         Err(r) => return r,
     };
     // The newest snapshot of the batch is kept for the fleet view.

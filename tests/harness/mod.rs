@@ -327,6 +327,25 @@ pub fn serve_until_stopped(listener: tokio::net::TcpListener, app: axum::Router)
 }
 
 /// A child's stderr as lines on a channel (and copied into `log` when given), read by a thread.
+/// Waits for a child's stderr line containing `ready` (at most 60 s), then keeps draining its
+/// log so it never blocks on a full pipe. On failure the child is killed and its log returned.
+pub fn wait_ready(child: &mut Child, ready: &str, what: &str) -> Result<()> {
+    let lines = stderr_lines(child, None)?;
+    let mut log = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) if l.contains(ready) => break,
+            Ok(l) => log.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{what} did not start:\n{}", log.join("\n"))
+            }
+        }
+    }
+    std::thread::spawn(move || while lines.recv().is_ok() {});
+    Ok(())
+}
+
 pub fn stderr_lines(
     child: &mut Child,
     log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,

@@ -5,7 +5,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -89,20 +88,7 @@ impl Postgres {
             .stderr(Stdio::piped())
             .spawn()
             .context("postgres")?;
-        let lines = crate::stderr_lines(&mut child, None)?;
-        let mut log = Vec::new();
-        loop {
-            match lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) if l.contains("ready to accept connections") => break,
-                Ok(l) => log.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    bail!("postgres did not start:\n{}", log.join("\n"))
-                }
-            }
-        }
-        // Keep draining the server's log so it never blocks on a full pipe.
-        std::thread::spawn(move || while lines.recv().is_ok() {});
+        crate::wait_ready(&mut child, "ready to accept connections", "postgres")?;
         let out = Command::new(bin.join("createdb"))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "outpost", "outpost"])
             .output()

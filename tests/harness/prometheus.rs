@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -51,19 +50,7 @@ impl Prometheus {
             .stderr(Stdio::piped())
             .spawn()
             .context("prometheus")?;
-        let lines = crate::stderr_lines(&mut child, None)?;
-        let mut log = Vec::new();
-        loop {
-            match lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) if l.contains("Server is ready to receive web requests") => break,
-                Ok(l) => log.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    bail!("prometheus did not start:\n{}", log.join("\n"))
-                }
-            }
-        }
-        std::thread::spawn(move || while lines.recv().is_ok() {});
+        crate::wait_ready(&mut child, "Server is ready to receive web requests", "prometheus")?;
         Ok(Prometheus { url: format!("http://127.0.0.1:{port}"), child, _dir: dir })
     }
 
