@@ -10,8 +10,48 @@ use crate::FatalError;
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version, about = "Edge inference agent: ONNX models over the Open Inference Protocol")]
 struct Cli {
+    /// Use the dev profile (127.0.0.1:8080, the repository's demo models) whatever is
+    /// installed. Without it and without --config: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml when it exists, else the dev profile.
+    #[arg(long, global = true)]
+    dev: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The configuration file an installed box uses.
+pub const SYSTEM_CONFIG: &str = "/etc/outpost/outpost.toml";
+
+/// `--dev` was given: every command uses the dev profile unless `--config` names a file.
+static DEV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Which configuration a command uses: `--config`; else none under `--dev`; else
+/// `$OUTPOST_CONFIG` (`env`); else `system` when it exists; else none (the dev profile).
+pub fn config_path(
+    explicit: Option<&PathBuf>,
+    dev: bool,
+    env: Option<std::ffi::OsString>,
+    system: &std::path::Path,
+) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.clone());
+    }
+    if dev {
+        return None;
+    }
+    if let Some(e) = env.filter(|e| !e.is_empty()) {
+        return Some(PathBuf::from(e));
+    }
+    system.is_file().then(|| system.to_owned())
+}
+
+fn resolved(explicit: Option<&PathBuf>) -> Option<PathBuf> {
+    config_path(
+        explicit,
+        DEV.load(std::sync::atomic::Ordering::Relaxed),
+        std::env::var_os("OUTPOST_CONFIG"),
+        std::path::Path::new(SYSTEM_CONFIG),
+    )
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,9 +268,17 @@ enum RegistryCommand {
     },
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config, FatalError> {
+/// The configuration a running agent reloads: the file it started from, or the dev profile.
+fn reload_config(path: Option<&PathBuf>) -> Result<Config, FatalError> {
     match path {
         Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::dev_profile()),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, FatalError> {
+    match resolved(path) {
+        Some(p) => Ok(Config::load(&p)?),
         None => Ok(Config::dev_profile()),
     }
 }
@@ -285,6 +333,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, FatalError> {
 }
 
 fn execute(cli: Cli) -> Result<i32, FatalError> {
+    DEV.store(cli.dev, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
         Command::CheckConfig { config } => {
             let c = load_config(config.as_ref())?;
@@ -384,6 +433,8 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             Ok(0)
         }
         Command::Run { config } => {
+            // The file found once, so a reload reads the same one.
+            let config = resolved(config.as_ref());
             let c = load_config(config.as_ref())?;
             init_logging(&c);
             let rt = runtime()?;
@@ -407,7 +458,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match load_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c)) {
+                match reload_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c)) {
                     Ok(new) => agent.reload(new).await,
                     Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
                 }
@@ -661,7 +712,47 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
     }
     let c = load_config(config)?;
     let scheme = if c.http.tls.is_some() { "https" } else { "http" };
-    Ok(format!("{scheme}://{}", c.http.listen))
+    // An agent listening on every address is reached on loopback.
+    let mut addr = c.http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(format!("{scheme}://{addr}"))
+}
+
+/// What a failed request's error chain says, in an operator's words: connection refused, name
+/// not resolved, TLS refused, timed out; else the innermost cause.
+pub fn network_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return "connection refused (is the agent running, on this address?)".into()
+                }
+                std::io::ErrorKind::TimedOut => return "timed out".into(),
+                _ => {}
+            }
+        }
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return format!("TLS refused: {tls} (OUTPOST_CA_FILE names the agent's CA)");
+        }
+        chain.push(c.to_string());
+        cur = c.source();
+    }
+    let text = chain.join(": ");
+    if text.contains("dns error") || text.contains("failed to lookup address") {
+        return format!("name not resolved ({})", chain.last().cloned().unwrap_or_default());
+    }
+    if text.contains("timed out") {
+        return "timed out".into();
+    }
+    chain.last().cloned().unwrap_or(text)
 }
 
 /// One request to the running agent; returns the status and the JSON body.
@@ -692,7 +783,7 @@ fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, 
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req.send().await.map_err(|e| FatalError::Runtime(format!("{url}: {e}")))?;
+        let resp = req.send().await.map_err(|e| FatalError::Unreachable(format!("{url}: {}", network_cause(&e))))?;
         let status = resp.status().as_u16();
         let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
         Ok((status, body))
@@ -761,5 +852,37 @@ fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
             eprintln!("{n} records");
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_path;
+
+    #[test]
+    fn commands_find_the_installed_configuration_unless_told_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let system = dir.path().join("outpost.toml");
+        let explicit = std::path::PathBuf::from("/srv/other.toml");
+        let env = || Some(std::ffi::OsString::from("/srv/env.toml"));
+        // Nothing installed: the dev profile.
+        assert_eq!(config_path(None, false, None, &system), None);
+        std::fs::write(&system, "").expect("write");
+        // Installed: found without --config.
+        assert_eq!(config_path(None, false, None, &system), Some(system.clone()));
+        // $OUTPOST_CONFIG before the installed file; an empty one counts as unset.
+        assert_eq!(config_path(None, false, env(), &system), Some("/srv/env.toml".into()));
+        assert_eq!(config_path(None, false, Some("".into()), &system), Some(system.clone()));
+        // --dev forces the dev profile; --config wins over everything.
+        assert_eq!(config_path(None, true, env(), &system), None);
+        assert_eq!(config_path(Some(&explicit), true, env(), &system), Some(explicit));
+    }
+
+    #[test]
+    fn network_errors_name_their_cause() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(super::network_cause(&refused).starts_with("connection refused"));
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        assert!(super::network_cause(&tls).starts_with("TLS refused"), "{}", super::network_cause(&tls));
     }
 }

@@ -58,6 +58,9 @@ pub enum FatalError {
     },
     #[error("{0}")]
     Runtime(String),
+    /// The running agent (or another service) cannot be reached.
+    #[error("cannot reach {0}")]
+    Unreachable(String),
     /// A part of the agent that cannot start, with the cause.
     #[error("{what}: {source}")]
     Start {
@@ -76,7 +79,7 @@ impl FatalError {
         match self {
             FatalError::Usage(_) => 64,
             FatalError::Config(_) => 78,
-            FatalError::Bind { .. } | FatalError::StateLocked(_) => 69,
+            FatalError::Bind { .. } | FatalError::StateLocked(_) | FatalError::Unreachable(_) => 69,
             FatalError::Runtime(_) | FatalError::Start { .. } => 70,
         }
     }

@@ -265,3 +265,40 @@ fn a_missing_device_key_is_a_configuration_error_that_says_what_to_do() -> anyho
     assert!(!dir.path().join("store.key").exists(), "no new key replaces the lost one");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_use_the_configuration_they_find_and_name_network_causes() -> anyhow::Result<()> {
+    let agent = TestAgent::demo().await?;
+    let dir = tempfile::tempdir()?;
+    // The agent's configuration as an operator's file, with its real address.
+    let addr = agent.base.trim_start_matches("http://").to_owned();
+    let text = config_text(dir.path(), &[root().join("models")], "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let file = dir.path().join("outpost.toml");
+    std::fs::write(&file, text)?;
+    let cli = |args: &[&str], env: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(outpost_bin());
+        c.args(args).env_remove("OUTPOST_CONFIG");
+        if let Some(p) = env {
+            c.env("OUTPOST_CONFIG", p);
+        }
+        c.output()
+    };
+    // $OUTPOST_CONFIG is found without --config, by check-config and by status.
+    let out = cli(&["check-config"], Some(&file))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}: ok", file.display()));
+    let out = cli(&["status"], Some(&file))?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["node"], "test-node");
+    // --dev forces the dev profile.
+    let out = cli(&["check-config", "--dev"], Some(&file))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "dev profile: ok");
+    // An agent that is not there: exit 69 and the cause, not "error sending request".
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let out = cli(&["status", "--url", &format!("http://{closed}")], None)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("connection refused"), "{err}");
+    agent.stop().await
+}
