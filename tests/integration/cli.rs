@@ -133,7 +133,7 @@ fn only_the_dev_profile_may_trust_the_demo_root() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("demo root"), "{}", String::from_utf8_lossy(&out.stderr));
     // The dev profile trusts it and serves the demo models through it.
-    let out = std::process::Command::new(outpost_bin()).args(["check-config"]).current_dir(root()).output()?;
+    let out = std::process::Command::new(outpost_bin()).args(["check-config", "--dev"]).current_dir(root()).output()?;
     assert_eq!(out.status.code(), Some(0));
     Ok(())
 }
