@@ -97,12 +97,15 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
-    /// Show the running agent's status (GET /admin/status).
+    /// Show the running agent's status at a glance (GET /admin/status); --json for all of it.
     Status {
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
         url: Option<String>,
+        /// The whole status as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Publish and manage models.
     #[command(subcommand)]
@@ -407,10 +410,14 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
             Ok(if code == 200 { 0 } else { 1 })
         }
-        Command::Status { config, url } => {
+        Command::Status { config, url, json } => {
             let base = agent_url(config.as_ref(), url)?;
             let (code, body) = http_call("GET", &format!("{base}/admin/status"))?;
-            println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            if json || code != 200 {
+                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            } else {
+                print!("{}", status_table(&body));
+            }
             Ok(if code == 200 { 0 } else { 1 })
         }
         Command::Registry(cmd) => registry_command(cmd),
@@ -722,6 +729,77 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
         });
     }
     Ok(format!("{scheme}://{addr}"))
+}
+
+/// `/admin/status` at a glance: the node line, a row per model, then upstream, MQTT, overflow
+/// and alarms.
+pub fn status_table(s: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let str_of = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
+    let up = s["uptime_seconds"].as_u64().unwrap_or(0);
+    let uptime = match up {
+        0..=119 => format!("{up}s"),
+        120..=7199 => format!("{}m", up / 60),
+        7200..=172_799 => format!("{}h{}m", up / 3600, up % 3600 / 60),
+        _ => format!("{}d{}h", up / 86400, up % 86400 / 3600),
+    };
+    let mut out = String::new();
+    let ready = if s["ready"].as_bool() == Some(true) {
+        "ready".to_owned()
+    } else {
+        format!("NOT READY ({})", str_of(&s["not_ready_reason"]))
+    };
+    let _ = writeln!(
+        out,
+        "{} ({}) outpost {}, up {uptime}, {ready}\n",
+        str_of(&s["node"]),
+        str_of(&s["site"]),
+        str_of(&s["version"])
+    );
+    let mut rows = vec![["MODEL", "VERSION", "STATE", "PLAN", "REQ/S", "P99", "QUEUE", "CANARY"].map(String::from)];
+    for m in s["models"].as_array().into_iter().flatten() {
+        rows.push([
+            str_of(&m["name"]),
+            str_of(&m["version"]),
+            str_of(&m["state"]),
+            str_of(&m["plan"]),
+            format!("{:.1}", m["rate_per_s"].as_f64().unwrap_or(0.0)),
+            m["p99_ms"].as_f64().map_or("-".into(), |p| format!("≤{p} ms")),
+            m["queue_depth"].as_u64().unwrap_or(0).to_string(),
+            str_of(&m["canary"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if let Some(u) = s["upstream"].as_object() {
+        let backlog = u.get("audit_backlog_records").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let _ = writeln!(out, "\nupstream: {} audit records waiting", backlog as u64);
+    }
+    if let Some(m) = s["mqtt"].as_object() {
+        let state = match m.get("connected").and_then(|v| v.as_bool()) {
+            Some(true) => "connected",
+            Some(false) => "DISCONNECTED",
+            None => "not connected yet",
+        };
+        let _ = writeln!(out, "mqtt: {} {state}", m.get("broker").map(str_of).unwrap_or_default());
+    }
+    if let Some(o) = s["overflow"].as_object() {
+        let _ = writeln!(
+            out,
+            "overflow: {} (breaker {})",
+            o.get("url").map(str_of).unwrap_or_default(),
+            o.get("breaker").map(str_of).unwrap_or_default()
+        );
+    }
+    let alarms = s["alarms"]
+        .as_object()
+        .map(|a| a.iter().map(|(k, v)| format!("{k}: {}", str_of(v))).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let _ = writeln!(out, "alarms: {}", if alarms.is_empty() { "none".to_owned() } else { alarms.join("; ") });
+    out
 }
 
 /// What a failed request's error chain says, in an operator's words: connection refused, name

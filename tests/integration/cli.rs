@@ -189,11 +189,28 @@ async fn infer_and_status_are_thin_clients_of_the_running_agent() -> anyhow::Res
         .await?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("unknown model"));
-    let out = tokio::process::Command::new(outpost_bin()).args(["status", "--url", &agent.base]).output().await?;
+    let out =
+        tokio::process::Command::new(outpost_bin()).args(["status", "--json", "--url", &agent.base]).output().await?;
     assert_eq!(out.status.code(), Some(0));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["node"], "test-node");
     assert!(status["models"].as_array().is_some_and(|m| m.len() == DEMO_MODELS.len()));
+    assert_eq!(
+        status["models"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "mlp")).map(|m| m["requests"].clone()),
+        Some(serde_json::json!(1))
+    );
+    // At a glance: a node line, a header, a row per model, the alarms; short enough to read.
+    let out = tokio::process::Command::new(outpost_bin()).args(["status", "--url", &agent.base]).output().await?;
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8(out.stdout)?;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("test-node (test-site) outpost ") && lines[0].ends_with("ready"), "{table}");
+    let header = lines.iter().position(|l| l.starts_with("MODEL")).ok_or_else(|| anyhow::anyhow!("{table}"))?;
+    assert!(lines[header].contains("REQ/S") && lines[header].contains("P99") && lines[header].contains("CANARY"));
+    let mlp = lines.iter().find(|l| l.starts_with("mlp ")).ok_or_else(|| anyhow::anyhow!("{table}"))?;
+    assert!(mlp.contains("READY") && mlp.contains("as-published") && mlp.contains(" ms"), "{mlp}");
+    assert!(table.contains("alarms: none"), "{table}");
+    assert!(lines.len() <= DEMO_MODELS.len() + 6, "{} lines:\n{table}", lines.len());
     agent.stop().await
 }
 
@@ -287,7 +304,7 @@ async fn commands_use_the_configuration_they_find_and_name_network_causes() -> a
     // $OUTPOST_CONFIG is found without --config, by check-config and by status.
     let out = cli(&["check-config"], Some(&file))?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}: ok", file.display()));
-    let out = cli(&["status"], Some(&file))?;
+    let out = cli(&["status", "--json"], Some(&file))?;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["node"], "test-node");

@@ -627,14 +627,20 @@ async fn admin_poll(
 async fn admin_status(State(s): State<HttpState>) -> Response {
     let cfg = s.config();
     let repo = &s.service.repository;
+    let traffic = s.service.metrics.summaries();
     let models: Vec<_> = repo
         .list()
         .into_iter()
         .map(|(name, status, served)| {
+            let t = traffic.get(&name);
             json!({
                 "name": name,
                 "state": status.state.as_str(),
                 "version": status.version,
+                "plan": served.as_ref().map(|x| x.model.variant.as_str()),
+                "requests": t.map_or(0, |t| t.requests),
+                "rate_per_s": t.map_or(0.0, |t| t.rate_per_s),
+                "p99_ms": t.and_then(|t| t.p99_ms),
                 "versions": repo.versions(&name),
                 "canary": repo.canary_version(&name),
                 "queue_depth": served.as_ref().map_or(0, |x| x.queue_depth()),
@@ -660,6 +666,15 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
             "opened": ov.breaker.opened.load(std::sync::atomic::Ordering::Relaxed),
         })),
         "alarms": s.service.metrics.alarms(),
+        "upstream": cfg.upstream.as_ref().map(|u| json!({
+            "urls": u.urls,
+            "audit_backlog_records": s.service.metrics.gauge("audit_backlog_records"),
+            "telemetry_backlog_bytes": s.service.metrics.gauge("telemetry_backlog_bytes"),
+        })),
+        "mqtt": cfg.mqtt.as_ref().map(|m| json!({
+            "broker": format!("{}:{}", m.host, m.port),
+            "connected": s.service.metrics.gauge("mqtt_connected").map(|v| v > 0.0),
+        })),
     }))
     .into_response()
 }

@@ -123,6 +123,7 @@ pub async fn run(
             polled = eventloop.poll() => match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(250);
+                    service.metrics.set_gauge("mqtt_connected", 1.0);
                     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "mqtt connected");
                     if let Err(e) = client.subscribe(sub.clone(), qos(cfg.qos)).await {
                         tracing::warn!(error = %e, "mqtt subscribe failed");
@@ -164,6 +165,7 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    service.metrics.set_gauge("mqtt_connected", 0.0);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

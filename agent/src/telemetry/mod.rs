@@ -1,6 +1,6 @@
 //! Local telemetry: counters and latency histograms per model, rendered as Prometheus text.
 
-use crate::locks::RwLockExt;
+use crate::locks::{MutexExt, RwLockExt};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,11 +70,73 @@ pub struct Metrics {
     alarms: RwLock<BTreeMap<String, String>>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
     gauges: RwLock<BTreeMap<String, f64>>,
+    /// Per model, the request count at the last rate sample (for `summaries`).
+    rate_samples: std::sync::Mutex<BTreeMap<String, (std::time::Instant, u64)>>,
+    started: Option<std::time::Instant>,
+}
+
+/// One model's traffic at a glance (`/admin/status`, `outpost status`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelSummary {
+    pub requests: u64,
+    /// Requests a second since the previous sample (at most every 10 s; since start at first).
+    pub rate_per_s: f64,
+    /// The 99th percentile of end-to-end latency since start, as the histogram's bucket bound
+    /// (`None` past the last bucket or without requests).
+    pub p99_ms: Option<f64>,
+}
+
+/// The HELP text of a gauge other parts set.
+fn gauge_help(name: &str) -> &'static str {
+    match name {
+        "audit_backlog_records" => "Audit records not yet acknowledged upstream.",
+        "audit_retained_bytes" => "Audit record bytes kept on disk (what the quota counts).",
+        "audit_disk_bytes" => "Disk bytes the audit log's segment files take.",
+        "telemetry_backlog_bytes" => "Telemetry snapshot bytes waiting to go upstream.",
+        "mqtt_connected" => "1 while connected to the MQTT broker, 0 otherwise.",
+        _ => "A gauge set by the agent.",
+    }
+}
+
+/// The 99th percentile's bucket bound of a cumulative histogram of `count` observations.
+fn p99_bound(buckets: &[u64], count: u64) -> Option<f64> {
+    if count == 0 {
+        return None;
+    }
+    let want = count - count / 100;
+    BUCKETS.iter().zip(buckets).find(|(_, c)| **c >= want).map(|(le, _)| le * 1000.0)
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::default()
+        Metrics { started: Some(std::time::Instant::now()), ..Self::default() }
+    }
+
+    /// Every model's requests, recent rate and p99, by name.
+    pub fn summaries(&self) -> BTreeMap<String, ModelSummary> {
+        let now = std::time::Instant::now();
+        let since_start = self.started.map_or(1.0, |s| now.duration_since(s).as_secs_f64().max(1.0));
+        let models: Vec<(String, Arc<ModelMetrics>)> =
+            self.models.read_locked().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut samples = self.rate_samples.locked();
+        models
+            .into_iter()
+            .map(|(name, m)| {
+                let count = m.count.load(Ordering::Relaxed);
+                let buckets: Vec<u64> = m.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+                let rate_per_s = match samples.get(&name) {
+                    Some((t, c)) if now.duration_since(*t).as_secs_f64() >= 1.0 => {
+                        count.saturating_sub(*c) as f64 / now.duration_since(*t).as_secs_f64()
+                    }
+                    _ => count as f64 / since_start,
+                };
+                let stale = samples.get(&name).is_none_or(|(t, _)| now.duration_since(*t).as_secs() >= 10);
+                if stale {
+                    samples.insert(name.clone(), (now, count));
+                }
+                (name, ModelSummary { requests: count, rate_per_s, p99_ms: p99_bound(&buckets, count) })
+            })
+            .collect()
     }
 
     fn model(&self, name: &str) -> Arc<ModelMetrics> {
@@ -122,6 +184,11 @@ impl Metrics {
 
     pub fn alarms(&self) -> BTreeMap<String, String> {
         self.alarms.read_locked().clone()
+    }
+
+    /// A gauge set by another part, if it was.
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        self.gauges.read_locked().get(name).copied()
     }
 
     pub fn set_gauge(&self, name: &str, value: f64) {
@@ -344,7 +411,11 @@ impl Metrics {
             let _ = writeln!(out, "outpost_alarm{{name=\"{name}\"}} {}", u8::from(on));
         }
         for (name, v) in self.gauges.read_locked().iter() {
-            let _ = writeln!(out, "# TYPE outpost_{name} gauge\noutpost_{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP outpost_{name} {}\n# TYPE outpost_{name} gauge\noutpost_{name} {v}",
+                gauge_help(name)
+            );
         }
         out
     }
