@@ -221,3 +221,37 @@ async fn the_response_cache_returns_identical_bytes_and_never_crosses_versions()
     assert!(metrics.contains("outpost_cache_requests_total{model=\"mlp\",result=\"miss\"} 3"), "{metrics}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_pass_promtool_check_metrics() -> anyhow::Result<()> {
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    if !promtool.is_file() {
+        assert!(!full_suite(), "OUTPOST_TEST_FULL=1 needs promtool (scripts/setup-test.sh installs prometheus)");
+        return Ok(());
+    }
+    // With an upstream, so the outbox's gauges are there too.
+    let up = outpost_tests::upstream::Receiver::start().await?;
+    let extra = format!("[upstream]\nurl = \"{}\"\nallow_http = true\nflush_interval = \"50ms\"\n", up.url());
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(0)).await?.0, 200);
+    let mut text = String::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !text.contains("outpost_audit_backlog_records") {
+        anyhow::ensure!(std::time::Instant::now() < end, "no outbox gauges:\n{text}");
+        agent.agent.wake_outbox();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    }
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?, text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool:\n{report}");
+    agent.stop().await
+}
