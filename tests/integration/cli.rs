@@ -319,3 +319,21 @@ async fn commands_use_the_configuration_they_find_and_name_network_causes() -> a
     assert!(err.contains("connection refused"), "{err}");
     agent.stop().await
 }
+
+#[test]
+fn settings_for_unknown_models_and_directories_without_a_model_are_warned_of_at_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("mlp"))?;
+    std::fs::copy(root().join("models/mlp/model.onnx"), models.join("mlp/model.onnx"))?;
+    std::fs::create_dir_all(models.join("notes"))?;
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, config_text(&dir.path().join("state"), &[models], "[models.ghost]\nmax_queue = 8\n"))?;
+    let mut agent = ChildAgent::spawn(&outpost_bin(), &["run", "--config", path.to_str().unwrap_or_default()])?;
+    agent.wait_for("without model.onnx", std::time::Duration::from_secs(60))?;
+    let line = agent.wait_for("names no local model", std::time::Duration::from_secs(60))?;
+    assert!(line.contains("ghost"), "{line}");
+    agent.signal("TERM")?;
+    assert_eq!(agent.wait_exit(std::time::Duration::from_secs(30))?, 0);
+    Ok(())
+}

@@ -32,11 +32,15 @@ pub fn scan_local(dirs: &[PathBuf]) -> Vec<ModelSource> {
     let mut found: Vec<ModelSource> = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("model.onnx").is_file())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
+        let mut names: Vec<String> = Vec::new();
+        for e in entries.filter_map(|e| e.ok()) {
+            let path = e.path();
+            if path.join("model.onnx").is_file() {
+                names.extend(e.file_name().into_string().ok());
+            } else if path.is_dir() {
+                tracing::warn!(dir = %path.display(), "a directory in local_models.dirs without model.onnx: not a model");
+            }
+        }
         names.sort();
         for name in names {
             if !valid_name(&name) {
@@ -144,7 +148,14 @@ fn fingerprint(path: &Path) -> (u64, Option<std::time::SystemTime>) {
 
 impl LocalModels {
     /// Loads new and changed models, unloads the ones gone or disabled. Returns refusals.
+    /// Settings for a model that is neither local nor can come from a registry are warned of.
     pub async fn reconcile(&self, service: &InferenceService, config: &crate::config::Config) -> Vec<(String, String)> {
+        let local = scan_local(&config.local_models);
+        if config.registry.is_none() {
+            for name in config.models.keys().filter(|n| !local.iter().any(|s| &s.name == *n)) {
+                tracing::warn!(model = %name, "[models.{name}] names no local model and there is no [registry]: ignored");
+            }
+        }
         let unloaded = self.unloaded.lock().map(|u| u.clone()).unwrap_or_default();
         let sources: Vec<ModelSource> = scan_local(&config.local_models)
             .into_iter()
