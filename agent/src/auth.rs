@@ -117,6 +117,8 @@ pub fn required(method: &str, path: &str) -> Permission {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match (method, segs.as_slice()) {
         ("GET" | "HEAD", ["v2", "health", "live" | "ready"]) => Permission::Public,
+        // The status page holds no data; it reads /admin/status with the caller's credentials.
+        ("GET" | "HEAD", []) => Permission::Public,
         ("POST", ["v2", "models", m, "infer"]) | ("POST", ["v2", "models", m, "versions", _, "infer"]) => {
             Permission::Infer((*m).to_owned())
         }

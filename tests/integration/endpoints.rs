@@ -255,3 +255,54 @@ async fn the_metrics_pass_promtool_check_metrics() -> anyhow::Result<()> {
     assert!(out.status.success() && report.trim().is_empty(), "promtool:\n{report}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_in_headless_chromium_under_the_boxs_auth() -> anyhow::Result<()> {
+    let browser = std::path::Path::new("/usr/bin/chromium");
+    if !browser.is_file() {
+        assert!(!full_suite(), "OUTPOST_TEST_FULL=1 needs chromium (scripts/setup-test.sh installs it)");
+        return Ok(());
+    }
+    let token = "observe-token-for-the-status-page";
+    let digest = outpost_proto::registry::hex::encode(&outpost_proto::registry::sha256(token.as_bytes()));
+    let extra = format!("[auth]\ntokens = [{{ name = \"ops\", sha256 = \"{digest}\", roles = [\"observe\"] }}]\n");
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    let dom = |url: String, extra_args: Vec<String>| -> anyhow::Result<String> {
+        let profile = tempfile::tempdir()?;
+        let out = std::process::Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Lets the page's script fetch and render before the DOM is printed.
+            .arg("--virtual-time-budget=5000")
+            .args(extra_args)
+            .arg(url)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    // The page itself is public and holds no data; without a token it asks for one.
+    let r = agent.http.get(agent.url("/")).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let csp = r.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(csp.contains("script-src 'sha256-") && csp.contains("default-src 'none'"), "{csp}");
+    assert_eq!(agent.get("/admin/status").await?.0, 401);
+    let locked = dom(agent.url("/"), vec!["--dump-dom".into()])?;
+    assert!(locked.contains("sign in") && !locked.contains("as-published"), "{locked}");
+    // The token typed once (here in the fragment, which never reaches the server).
+    let page = format!("{}/#token={token}", agent.base);
+    let html = dom(page.clone(), vec!["--dump-dom".into()])?;
+    assert!(html.contains("test-node (test-site)"), "{html}");
+    assert!(html.contains("ready"), "{html}");
+    for m in DEMO_MODELS {
+        assert!(html.contains(&format!("<td>{m}</td>")), "{m} missing: {html}");
+    }
+    assert!(html.contains("READY") && html.contains("<svg") && html.contains("alarms: none"), "{html}");
+    // A phone-sized screenshot renders (the README's: OUTPOST_STATUS_SCREENSHOT=path).
+    let shot = tempfile::tempdir()?;
+    let png = std::env::var("OUTPOST_STATUS_SCREENSHOT")
+        .unwrap_or_else(|_| shot.path().join("status.png").display().to_string());
+    dom(page, vec![format!("--screenshot={png}"), "--window-size=420,760".into()])?;
+    assert!(std::fs::read(&png)?.starts_with(b"\x89PNG"));
+    agent.stop().await
+}

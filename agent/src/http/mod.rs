@@ -137,6 +137,7 @@ impl From<InferError> for ApiError {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2", get(server_metadata))
@@ -677,6 +678,43 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         })),
     }))
     .into_response()
+}
+
+/// The LAN status page: one self-contained HTML page (no external asset) that shows what
+/// `outpost status` shows, from `/admin/status` under the box's auth (mTLS, or a token typed
+/// once and kept by the browser). It carries no data itself, so it is served to anyone.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The Content-Security-Policy of the page: its one inline script by hash, its inline style,
+/// fetches to this origin only.
+fn status_page_csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let script = STATUS_PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map_or("", |(script, _)| script);
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script.as_bytes()));
+        format!(
+            "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; connect-src 'self'; \
+             img-src 'self' data:; form-action 'none'; frame-ancestors 'none'"
+        )
+    })
+}
+
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        ],
+        [(header::CONTENT_SECURITY_POLICY, status_page_csp())],
+        STATUS_PAGE,
+    )
+        .into_response()
 }
 
 /// Largest audit export one request returns; narrow `since` for more.
