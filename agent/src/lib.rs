@@ -369,6 +369,9 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     }
     let failures = Arc::new(auth::FailureGuard::default());
     tracker.spawn(summarize_auth_failures(failures.clone(), service.events.clone(), cancel.child_token()));
+    if let Some(timeout) = notify::watchdog_timeout() {
+        tracker.spawn(watchdog(timeout, cancel.child_token()));
+    }
     let state = http::HttpState::new(http::HttpShared {
         service: service.clone(),
         config: config.clone(),
@@ -431,6 +434,35 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         tls: tls_handle,
         _lock: lock,
     })
+}
+
+/// systemd's watchdog: pings `WATCHDOG=1` at half the timeout while the runtime turns (this
+/// task runs) and no inference run has been running for longer than the timeout. A stuck run
+/// withholds the ping, and systemd restarts the service.
+async fn watchdog(timeout: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(timeout / 2);
+    let mut withheld = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        match engine::progress::oldest() {
+            Some(running) if running > timeout => {
+                if !withheld {
+                    tracing::error!(
+                        running_s = running.as_secs(),
+                        "an inference run has not finished within the watchdog timeout: withholding the watchdog ping"
+                    );
+                }
+                withheld = true;
+            }
+            _ => {
+                withheld = false;
+                notify::notify("WATCHDOG=1");
+            }
+        }
+    }
 }
 
 /// What a configuration needs beyond its own text, checked by `check-config`, at start and at

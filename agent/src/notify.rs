@@ -18,6 +18,18 @@ pub fn notify(state: &str) {
     }
 }
 
+/// The watchdog timeout systemd set for this process (`WATCHDOG_USEC`, and `WATCHDOG_PID` when
+/// it names this process), if any.
+pub fn watchdog_timeout() -> Option<std::time::Duration> {
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

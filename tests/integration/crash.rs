@@ -82,3 +82,61 @@ async fn crash_at_every_install_step_never_leaves_a_half_installed_model() -> an
     assert_eq!(assert_store_consistent(state.path())?, vec!["mlp@1.1.0"]);
     Ok(())
 }
+
+/// systemd's side of the watchdog: a notify socket the agent pings.
+#[test]
+fn a_stuck_inference_run_withholds_the_watchdog_ping() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir()?;
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path)?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, config_text(&dir.path().join("state"), &[root().join("models")], ""))?;
+    let socket_env = socket_path.display().to_string();
+    let mut agent = ChildAgent::spawn_env(
+        &crate::outpost_bin(),
+        &["run", "--config", config.to_str().unwrap_or_default()],
+        &[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "500000"), ("OUTPOST_FAILPOINTS", "worker-hang")],
+    )?;
+    let addr = agent.wait_listening()?;
+    let recv = |socket: &UnixDatagram| -> Option<String> {
+        let mut buf = [0u8; 256];
+        socket.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // While the agent makes progress, it pings.
+    let mut pings = 0;
+    for _ in 0..50 {
+        if recv(&socket).is_some_and(|m| m.contains("WATCHDOG=1")) {
+            pings += 1;
+            if pings == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(pings, 2, "the agent pings the watchdog while healthy");
+    // A request whose run hangs (the failpoint's marker as its first value).
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let mut body = golden.request(0);
+    body["inputs"][0]["data"][0] = serde_json::json!(-12345.0);
+    let body = serde_json::to_vec(&body)?;
+    let mut stream = std::net::TcpStream::connect(&addr)?;
+    write!(stream, "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    stream.write_all(&body)?;
+    agent.wait_for("withholding the watchdog ping", std::time::Duration::from_secs(30))?;
+    // Pings sent before the run was seen as stuck may be queued: drain them, then none comes
+    // for three timeouts.
+    socket.set_nonblocking(true)?;
+    while recv(&socket).is_some() {}
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(1500)))?;
+    let mut late = Vec::new();
+    while let Some(m) = recv(&socket) {
+        late.push(m);
+    }
+    assert!(!late.iter().any(|m| m.contains("WATCHDOG=1")), "pinged while a run is stuck: {late:?}");
+    drop(stream);
+    let _ = agent.signal("KILL");
+    Ok(())
+}

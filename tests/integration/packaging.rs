@@ -89,6 +89,8 @@ fn deb_install_upgrade_remove_purge_and_rpm_metadata() -> anyhow::Result<()> {
         let (code, text) = run("/usr/bin/outpost", &["check-config", "--config", "/etc/outpost/outpost.toml"])?;
         assert_eq!(code, 0, "installed check-config: {text}");
         assert!(run("getent", &["passwd", "outpost"])?.0 == 0, "system user created");
+        let unit = std::fs::read_to_string("/lib/systemd/system/outpost.service")?;
+        assert!(unit.contains("WatchdogSec=30s") && unit.contains("Type=notify"), "{unit}");
         if have("systemd-analyze") {
             let (code, text) = run("systemd-analyze", &["verify", "/lib/systemd/system/outpost.service"])?;
             eprintln!("systemd-analyze verify ({code}): {text}");

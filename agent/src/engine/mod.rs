@@ -8,6 +8,7 @@ pub mod golden;
 pub mod inflight;
 pub mod model;
 pub mod prepare;
+pub mod progress;
 pub mod rewrite;
 pub mod worker;
 
