@@ -306,3 +306,30 @@ async fn the_status_page_renders_in_headless_chromium_under_the_boxs_auth() -> a
     assert!(std::fs::read(&png)?.starts_with(b"\x89PNG"));
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_build_info_process_figures_and_last_success_times() -> anyhow::Result<()> {
+    let up = outpost_tests::upstream::Receiver::start().await?;
+    let extra = format!("[upstream]\nurl = \"{}\"\nallow_http = true\nflush_interval = \"50ms\"\n", up.url());
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let mut text = String::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while value(&text, "outpost_upstream_last_success_timestamp_seconds").is_none() {
+        anyhow::ensure!(std::time::Instant::now() < end, "no upstream success time:\n{text}");
+        agent.agent.wake_outbox();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let last = value(&text, "outpost_upstream_last_success_timestamp_seconds").unwrap_or(0.0);
+    assert!((now - last).abs() < 60.0, "{last} vs {now}");
+    assert!(text.contains(&format!("outpost_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+    // This test process is the agent's process: its RSS is at least the models' size.
+    assert!(value(&text, "process_resident_memory_bytes").is_some_and(|v| v > 10e6), "{text}");
+    assert!(value(&text, "process_open_fds").is_some_and(|v| v >= 3.0), "{text}");
+    assert!(value(&text, "process_cpu_seconds_total").is_some_and(|v| v > 0.0), "{text}");
+    agent.stop().await
+}

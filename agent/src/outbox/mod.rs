@@ -543,6 +543,10 @@ impl Outbox {
                         }
                         failures = 0;
                         self.metrics.set_alarm("upstream_unreachable", None);
+                        self.metrics.set_gauge(
+                            "upstream_last_success_timestamp_seconds",
+                            outpost_proto::registry::now() as f64,
+                        );
                     }
                     Err(e) => {
                         failures = failures.saturating_add(1);

@@ -295,7 +295,12 @@ impl RegistrySync {
         let fetcher = self.fetcher.clone();
         let result = self.sync_from(&fetcher).await;
         match &result {
-            Ok(_) => self.state.registry_error = None,
+            Ok(_) => {
+                self.state.registry_error = None;
+                self.service
+                    .metrics
+                    .set_gauge("registry_last_success_timestamp_seconds", outpost_proto::registry::now() as f64);
+            }
             Err(e) => {
                 tracing::warn!(registry = fetcher.url(), error = %e, "registry poll failed; serving what is installed");
                 self.state.registry_error = Some(e.to_string());

@@ -86,6 +86,45 @@ pub struct ModelSummary {
     pub p99_ms: Option<f64>,
 }
 
+/// The process's resident memory, CPU time, open file descriptors and start time, from
+/// `/proc/self` (the names Prometheus client libraries use); nothing where `/proc` is absent.
+fn process_metrics(out: &mut String) {
+    // CPU times are in clock ticks: 100 a second on Linux (USER_HZ).
+    let ticks = 100.0;
+    let rss_kb = std::fs::read_to_string("/proc/self/status").ok().and_then(|st| {
+        st.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse::<f64>().ok())
+    });
+    if let Some(kb) = rss_kb {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            kb * 1024.0
+        );
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces): utime and stime are the 12th
+        // and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        let f = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (f(11), f(12)) {
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+                 # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+                (u + s) / ticks
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}",
+            fds.count()
+        );
+    }
+}
+
 /// The HELP text of a gauge other parts set.
 fn gauge_help(name: &str) -> &'static str {
     match name {
@@ -94,6 +133,8 @@ fn gauge_help(name: &str) -> &'static str {
         "audit_disk_bytes" => "Disk bytes the audit log's segment files take.",
         "telemetry_backlog_bytes" => "Telemetry snapshot bytes waiting to go upstream.",
         "mqtt_connected" => "1 while connected to the MQTT broker, 0 otherwise.",
+        "upstream_last_success_timestamp_seconds" => "When a send round upstream last succeeded (Unix time).",
+        "registry_last_success_timestamp_seconds" => "When a registry poll last succeeded (Unix time).",
         _ => "A gauge set by the agent.",
     }
 }
@@ -281,6 +322,13 @@ impl Metrics {
     /// the caller sees them.
     pub fn render(&self, serving: &[ModelGauge], breaker: Option<BreakerGauge>) -> String {
         let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP outpost_build_info The agent's version (the value is always 1).\n# TYPE outpost_build_info gauge\n\
+             outpost_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        process_metrics(&mut out);
         let models = self.models.read_locked();
         out.push_str("# HELP outpost_inference_requests_total Inference requests by model and outcome.\n");
         out.push_str("# TYPE outpost_inference_requests_total counter\n");
