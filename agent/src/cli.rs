@@ -574,6 +574,16 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
             for (name, r) in &state.pending_errors {
                 println!("{:<24} {:<12} {:<10} {}", name, r.version, "pending", r.reason);
             }
+            // Local models (unsigned, from `local_models.dirs`): what the agent loads at start.
+            for src in crate::lifecycle::scan_local(&c.local_models) {
+                if state.installed.contains_key(&src.name) {
+                    continue;
+                }
+                let enabled = c.model(&src.name).enabled;
+                let golden = if src.golden.is_some() { "golden vectors" } else { "no golden vectors" };
+                let state_word = if enabled { "local" } else { "disabled" };
+                println!("{:<24} {:<12} {:<10} {} ({golden})", src.name, src.version, state_word, src.onnx.display());
+            }
             for (sha, r) in &state.rejected {
                 println!(
                     "{:<24} {:<12} {:<10} {} (manifest {})",

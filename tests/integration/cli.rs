@@ -337,3 +337,24 @@ fn settings_for_unknown_models_and_directories_without_a_model_are_warned_of_at_
     assert_eq!(agent.wait_exit(std::time::Duration::from_secs(30))?, 0);
     Ok(())
 }
+
+#[test]
+fn model_list_shows_local_models_too() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(
+        &path,
+        config_text(&dir.path().join("state"), &[root().join("models")], "[models.cnn]\nenabled = false\n"),
+    )?;
+    let text = crate::model_list(&path)?;
+    let row =
+        |name: &str| text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_default().to_owned();
+    assert!(row("mlp").contains(" local ") && row("mlp").contains("golden vectors"), "{text}");
+    assert!(row("cnn").contains(" disabled "), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" local ") || l.contains(" disabled ")).count(),
+        DEMO_MODELS.len(),
+        "{text}"
+    );
+    Ok(())
+}
