@@ -228,6 +228,15 @@ impl ChildAgent {
         }
     }
 
+    /// Like [`ChildAgent::wait_for`], but a matching line already read (while waiting for
+    /// another) counts: for lines whose order against others is not fixed.
+    pub fn seen_or_wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return Ok(line.clone());
+        }
+        self.wait_for(needle, timeout)
+    }
+
     /// The bound address, from the "listening" log line.
     pub fn wait_listening(&mut self) -> Result<String> {
         let line = self.wait_for("listening", Duration::from_secs(60))?;

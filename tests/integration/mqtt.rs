@@ -202,7 +202,7 @@ async fn agent_killed_mid_stream_gets_its_unacked_requests_redelivered() -> anyh
     let req = Requester::connect(broker.port, "pos-kill", None, None).await?;
     let golden = golden_for(&root().join("models/mlp"))?;
     let mut child = ChildAgent::spawn(&outpost_bin(), &args)?;
-    child.wait_for("mqtt connected", Duration::from_secs(60))?;
+    child.seen_or_wait_for("mqtt connected", Duration::from_secs(60))?;
     let mut pending = Vec::new();
     for i in 0..300 {
         let (corr, topic, body) = (format!("k{i}"), format!("{INFER}/mlp"), golden.request(i % 3));
@@ -259,7 +259,7 @@ async fn two_agents_share_the_load_and_one_takes_over_when_the_other_dies() -> a
         std::fs::write(&path, text)?;
         let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", path.to_str().unwrap_or_default()])?;
         let addr = child.wait_listening()?;
-        child.wait_for("mqtt connected", Duration::from_secs(60))?;
+        child.seen_or_wait_for("mqtt connected", Duration::from_secs(60))?;
         agents.push((child, addr));
     }
     let req = Requester::connect(broker.port, "pos-shared", None, None).await?;
