@@ -222,6 +222,25 @@ async fn the_response_cache_returns_identical_bytes_and_never_crosses_versions()
     agent.stop().await
 }
 
+/// An agent with an upstream, one request answered, and its `/metrics` text once a send round
+/// upstream has succeeded (so the outbox's gauges and times are there).
+async fn metrics_once_sent_upstream() -> anyhow::Result<(TestAgent, outpost_tests::upstream::Receiver, String)> {
+    let up = outpost_tests::upstream::Receiver::start().await?;
+    let extra = format!("[upstream]\nurl = \"{}\"\nallow_http = true\nflush_interval = \"50ms\"\n", up.url());
+    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(0)).await?.0, 200);
+    let mut text = String::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !(text.contains("outpost_audit_backlog_records") && text.contains("outpost_upstream_last_success")) {
+        anyhow::ensure!(std::time::Instant::now() < end, "no send round upstream:\n{text}");
+        agent.agent.wake_outbox();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
+    }
+    Ok((agent, up, text))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_pass_promtool_check_metrics() -> anyhow::Result<()> {
     let promtool = std::path::Path::new("/usr/bin/promtool");
@@ -230,19 +249,7 @@ async fn the_metrics_pass_promtool_check_metrics() -> anyhow::Result<()> {
         return Ok(());
     }
     // With an upstream, so the outbox's gauges are there too.
-    let up = outpost_tests::upstream::Receiver::start().await?;
-    let extra = format!("[upstream]\nurl = \"{}\"\nallow_http = true\nflush_interval = \"50ms\"\n", up.url());
-    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
-    let golden = golden_for(&root().join("models/mlp"))?;
-    assert_eq!(agent.post("/v2/models/mlp/infer", &golden.request(0)).await?.0, 200);
-    let mut text = String::new();
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !text.contains("outpost_audit_backlog_records") {
-        anyhow::ensure!(std::time::Instant::now() < end, "no outbox gauges:\n{text}");
-        agent.agent.wake_outbox();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
-    }
+    let (agent, _up, text) = metrics_once_sent_upstream().await?;
     let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -309,20 +316,10 @@ async fn the_status_page_renders_in_headless_chromium_under_the_boxs_auth() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_build_info_process_figures_and_last_success_times() -> anyhow::Result<()> {
-    let up = outpost_tests::upstream::Receiver::start().await?;
-    let extra = format!("[upstream]\nurl = \"{}\"\nallow_http = true\nflush_interval = \"50ms\"\n", up.url());
-    let agent = TestAgent::start(&[root().join("models")], &extra).await?;
+    let (agent, _up, text) = metrics_once_sent_upstream().await?;
     let value = |text: &str, name: &str| -> Option<f64> {
         text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
     };
-    let mut text = String::new();
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while value(&text, "outpost_upstream_last_success_timestamp_seconds").is_none() {
-        anyhow::ensure!(std::time::Instant::now() < end, "no upstream success time:\n{text}");
-        agent.agent.wake_outbox();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
-    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let last = value(&text, "outpost_upstream_last_success_timestamp_seconds").unwrap_or(0.0);
     assert!((now - last).abs() < 60.0, "{last} vs {now}");
