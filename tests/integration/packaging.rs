@@ -34,6 +34,7 @@ fn build(version: &str, out: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)
         &["--bin", bin.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default(), "--version", version],
     )?;
     anyhow::ensure!(code == 0, "package.sh failed: {text}");
+    anyhow::ensure!(!text.contains("brp-") && !text.contains("Illegal option"), "package.sh printed errors: {text}");
     let deb = out.join(format!("outpost_{version}_amd64.deb"));
     anyhow::ensure!(deb.is_file(), "no deb: {text}");
     let rpm = std::fs::read_dir(out)?.flatten().map(|e| e.path()).find(|p| {
