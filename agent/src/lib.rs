@@ -134,11 +134,18 @@ impl Agent {
     /// Applies a new, already validated configuration: model settings and directories take
     /// effect now, tokens and TLS certificates too; a changed listen address or connection
     /// limit needs a restart.
-    pub async fn reload(&self, new: Config) {
+    pub async fn reload(&self, mut new: Config) {
         let old = self.config();
-        if old.http.listen != new.http.listen {
-            tracing::warn!(old = %old.http.listen, new = %new.http.listen, "http.listen changes on restart only");
+        // What only a restart applies keeps its running value (never stored as if applied),
+        // each named in the log and in the `restart_needed` alarm.
+        let pending = keep_restart_only(&old, &mut new);
+        for key in &pending {
+            tracing::warn!(key = %key, "changed in the configuration file: needs a restart (the running value stays)");
         }
+        self.service.metrics.set_alarm(
+            "restart_needed",
+            (!pending.is_empty()).then(|| format!("changed, needs a restart: {}", pending.join(", "))),
+        );
         notify::notify("RELOADING=1");
         match (&self.tls, &new.http.tls) {
             (Some(handle), Some(files)) => match handle.reload(files) {
@@ -434,6 +441,35 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         tls: tls_handle,
         _lock: lock,
     })
+}
+
+/// Restores in `new` the settings only a restart applies (the listen address, TLS on or off,
+/// and the sections whose parts are built at start); returns the keys that had changed.
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
+    let mut pending = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $key:expr) => {
+            if old.$($field).+ != new.$($field).+ {
+                pending.push($key.to_owned());
+                new.$($field).+ = old.$($field).+.clone();
+            }
+        };
+    }
+    keep!(http.listen, "http.listen");
+    if old.http.tls.is_some() != new.http.tls.is_some() {
+        pending.push("http.tls_cert (TLS on or off)".to_owned());
+        new.http.tls = old.http.tls.clone();
+    }
+    keep!(node, "[node]");
+    keep!(log, "[log]");
+    keep!(registry, "[registry]");
+    keep!(mqtt, "[mqtt]");
+    keep!(upstream, "[upstream]");
+    keep!(overflow, "[overflow]");
+    keep!(audit, "[audit]");
+    keep!(privacy, "[privacy]");
+    keep!(store_key_file, "store.key_file");
+    pending
 }
 
 /// systemd's watchdog: pings `WATCHDOG=1` at half the timeout while the runtime turns (this

@@ -330,3 +330,29 @@ async fn metrics_carry_build_info_process_figures_and_last_success_times() -> an
     assert!(value(&text, "process_cpu_seconds_total").is_some_and(|v| v > 0.0), "{text}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_what_it_can_and_names_what_needs_a_restart_without_storing_it() -> anyhow::Result<()> {
+    let agent = TestAgent::demo().await?;
+    let running = agent.agent.config();
+    let path = agent.config_path();
+    // A new listen address and a new [mqtt] section (restart only), and a model disabled (live).
+    let text = std::fs::read_to_string(&path)?.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        + "\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\n[models.cnn]\nenabled = false\n";
+    std::fs::write(&path, text)?;
+    agent.agent.reload(outpost::config::Config::load(&path)?).await;
+    let now = agent.agent.config();
+    assert_eq!(now.http.listen, running.http.listen, "a refused value is not stored");
+    assert!(now.mqtt.is_none(), "a refused section is not stored");
+    assert_eq!(agent.get("/v2/models/cnn/ready").await?.0, 404, "the live part is applied");
+    let (_, status) = agent.get("/admin/status").await?;
+    let alarm = status["alarms"]["restart_needed"].as_str().unwrap_or_default().to_owned();
+    assert!(alarm.contains("http.listen") && alarm.contains("[mqtt]"), "{status}");
+    // Back to what runs: the alarm clears.
+    std::fs::write(&path, config_text(agent.state.path(), &[root().join("models")], ""))?;
+    agent.agent.reload(outpost::config::Config::load(&path)?).await;
+    let (_, status) = agent.get("/admin/status").await?;
+    assert!(status["alarms"].get("restart_needed").is_none(), "{status}");
+    assert_eq!(agent.get("/v2/models/cnn/ready").await?.0, 200);
+    agent.stop().await
+}
