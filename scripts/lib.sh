@@ -63,3 +63,22 @@ License: Apache-2.0
  /usr/share/common-licenses/Apache-2.0.
 COPY
 }
+
+# deb_finish DEBDIR DEBFILE : writes DEBIAN/md5sums and builds DEBFILE; prints its path.
+deb_finish() {
+  (cd "$1" && find . -path ./DEBIAN -prune -o -type f -print0 | sed -z 's|^\./||' | sort -z | xargs -0 md5sum > DEBIAN/md5sums)
+  dpkg-deb --root-owner-group -Zxz --build "$1" "$2" >/dev/null
+  echo "$2"
+}
+
+# rpm_build NAME SPEC_IN STAGE VERSION RPM_ARCH WORK OUT : builds NAME-VERSION-1.ARCH.rpm from
+# the staged tree into OUT (skipped with a note when rpmbuild is missing); prints its path.
+rpm_build() {
+  local name="$1" spec_in="$2" stage="$3" version="$4" arch="$5" top="$6/rpm" out="$7"
+  command -v rpmbuild >/dev/null || { echo "rpmbuild not found (Debian package rpm): skipping the rpm" >&2; return 0; }
+  mkdir -p "$top/BUILD" "$top/RPMS" "$top/SPECS"
+  sed -e "s|@VERSION@|$version|g" -e "s|@STAGE@|$stage|g" "$spec_in" > "$top/SPECS/$name.spec"
+  rpmbuild -bb --quiet --define "_topdir $top" --target "$arch" "$top/SPECS/$name.spec" >/dev/null
+  cp "$top"/RPMS/*/"$name-$version"-1.*.rpm "$out/"
+  ls "$out/$name-$version"-1.*.rpm
+}

@@ -92,17 +92,8 @@ Description: edge inference agent for CPU-only branch servers
 CTRL
 echo "/etc/outpost/outpost.toml" > "$deb/DEBIAN/conffiles"
 install -m 0755 "$ROOT/packaging/debian/postinst" "$ROOT/packaging/debian/prerm" "$ROOT/packaging/debian/postrm" "$deb/DEBIAN/"
-(cd "$deb" && find . -path ./DEBIAN -prune -o -type f -print0 | sed -z 's|^\./||' | sort -z | xargs -0 md5sum > DEBIAN/md5sums)
-dpkg-deb --root-owner-group -Zxz --build "$deb" "$out/outpost_${version}_${deb_arch}.deb" >/dev/null
-echo "$out/outpost_${version}_${deb_arch}.deb"
+deb_finish "$deb" "$out/outpost_${version}_${deb_arch}.deb"
 
 # --- .rpm ---
-if [ "$rpm" = 1 ]; then
-  command -v rpmbuild >/dev/null || { echo "rpmbuild not found (Debian package rpm): skipping the rpm" >&2; exit 0; }
-  top="$work/rpm"
-  mkdir -p "$top/BUILD" "$top/RPMS" "$top/SPECS"
-  sed -e "s|@VERSION@|$version|g" -e "s|@STAGE@|$stage|g" "$ROOT/packaging/rpm/outpost.spec.in" > "$top/SPECS/outpost.spec"
-  rpmbuild -bb --quiet --define "_topdir $top" --target "$rpm_arch" "$top/SPECS/outpost.spec" >/dev/null
-  cp "$top"/RPMS/*/outpost-"$version"-1.*.rpm "$out/"
-  ls "$out"/outpost-"$version"-1.*.rpm
-fi
+[ "$rpm" = 1 ] && rpm_build outpost "$ROOT/packaging/rpm/outpost.spec.in" "$stage" "$version" "$rpm_arch" "$work" "$out"
+exit 0
