@@ -115,7 +115,7 @@ async fn open(config: &Config) -> Result<store::Store, Failure> {
     let pool = db::Pool::open(&config.database, config.connections)
         .await
         .map_err(|e| (69, format!("{e} (database = \"{}\")", config.database)))?;
-    Ok(store::Store { pool })
+    Ok(store::Store { pool, keep_days: config.retention_days })
 }
 
 async fn run(command: Command, mut config: Config) -> Result<ExitCode, Failure> {

@@ -62,6 +62,18 @@ pub struct Applied {
 
 pub struct Store {
     pub pool: Pool,
+    /// Days of records kept (`retention_days`): a record's partition day is kept within them.
+    pub keep_days: u32,
+}
+
+impl Store {
+    /// The partition day of a record at `time_ms`: its own day, kept between the oldest day
+    /// retention keeps and tomorrow, so a node's clock (or a hostile node) cannot make the
+    /// collector create a partition per distinct day it writes. The record's own time is
+    /// stored as sent (and is what its hash covers).
+    fn partition_day(&self, time_ms: i64, today: i64) -> i64 {
+        time_ms.div_euclid(DAY_MS).clamp(today - i64::from(self.keep_days), today + 1)
+    }
 }
 
 impl Store {
@@ -127,10 +139,11 @@ impl Store {
     /// Applies one audit batch of `node` (its NDJSON lines).
     pub async fn apply_batch(&self, node: &str, ndjson: &[u8]) -> Result<Applied, StoreError> {
         let lines = witness::parse(ndjson);
+        let today = now_ms().div_euclid(DAY_MS);
         let days: Vec<i64> = lines
             .iter()
             .filter_map(|l| match l {
-                Line::Record { record, .. } => Some(record.time_ms.div_euclid(DAY_MS)),
+                Line::Record { record, .. } => Some(self.partition_day(record.time_ms, today)),
                 Line::Unreadable(_) => None,
             })
             .collect();
@@ -166,6 +179,7 @@ impl Store {
         if !out.rows.is_empty() {
             let seqs: Vec<i64> = out.rows.iter().map(|r| r.seq as i64).collect();
             let times: Vec<i64> = out.rows.iter().map(|r| r.time_ms).collect();
+            let days: Vec<i32> = out.rows.iter().map(|r| self.partition_day(r.time_ms, today) as i32).collect();
             let prevs: Vec<&str> = out.rows.iter().map(|r| r.prev.as_str()).collect();
             let hashes: Vec<&str> = out.rows.iter().map(|r| r.hash.as_str()).collect();
             let bodies: Vec<&str> = out.rows.iter().map(|r| r.body_json.as_str()).collect();
@@ -173,10 +187,10 @@ impl Store {
             // that retention had dropped and that came back) is left as it is.
             tx.execute(
                 "INSERT INTO audit_records (node, seq, day, time_ms, prev, hash, body, received_ms) \
-                 SELECT $1, s, DATE '1970-01-01' + (t / 86400000)::int, t, p, h, b, $7 \
-                 FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[]) AS x(s, t, p, h, b) \
-                 ON CONFLICT DO NOTHING",
-                &[&node, &seqs, &times, &prevs, &hashes, &bodies, &now],
+                 SELECT $1, s, DATE '1970-01-01' + d, t, p, h, b, $7 \
+                 FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $8::int[]) \
+                 AS x(s, t, p, h, b, d) ON CONFLICT DO NOTHING",
+                &[&node, &seqs, &times, &prevs, &hashes, &bodies, &now, &days],
             )
             .await?;
         }

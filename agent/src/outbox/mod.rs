@@ -487,16 +487,13 @@ impl Outbox {
     }
 
     /// One round: the heartbeat when due (its failure does not hold the streams back), both
-    /// streams, pruning, gauges. Returns whether the heartbeat went.
-    async fn round(&self, heartbeat_due: bool) -> (bool, Result<(), OutboxError>) {
-        let heartbeat_sent = heartbeat_due
-            && match self.heartbeat().await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::debug!(error = %e, "heartbeat not sent");
-                    false
-                }
-            };
+    /// streams, pruning, gauges.
+    async fn round(&self, heartbeat_due: bool) -> Result<(), OutboxError> {
+        if heartbeat_due {
+            if let Err(e) = self.heartbeat().await {
+                tracing::debug!(error = %e, "heartbeat not sent");
+            }
+        }
         let result = async {
             self.drain(&self.audit, "audit").await?;
             self.drain(&self.spool, "telemetry").await
@@ -512,7 +509,7 @@ impl Outbox {
             self.metrics.set_alarm("audit_quota_full", None);
         }
         self.update_gauges();
-        (heartbeat_sent, result.map(|_| ()))
+        result.map(|_| ())
     }
 
     /// Runs until cancelled, then makes one last, time-boxed attempt to flush.
@@ -532,8 +529,11 @@ impl Outbox {
                 }
             }
             if tokio::time::Instant::now() >= next_send {
-                let (heartbeat_sent, result) = self.round(tokio::time::Instant::now() >= next_heartbeat).await;
-                if heartbeat_sent {
+                let heartbeat_due = tokio::time::Instant::now() >= next_heartbeat;
+                let result = self.round(heartbeat_due).await;
+                // A failed heartbeat waits for its next interval too: a receiver without
+                // `/v1/heartbeat` is not asked once a flush.
+                if heartbeat_due {
                     next_heartbeat = tokio::time::Instant::now() + self.cfg.heartbeat_interval;
                 }
                 match result {
