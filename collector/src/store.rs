@@ -72,8 +72,12 @@ impl Store {
     /// collector create a partition per distinct day it writes. The record's own time is
     /// stored as sent (and is what its hash covers).
     fn partition_day(&self, time_ms: i64, today: i64) -> i64 {
-        time_ms.div_euclid(DAY_MS).clamp(today - i64::from(self.keep_days), today + 1)
+        partition_day(time_ms, today, self.keep_days)
     }
+}
+
+fn partition_day(time_ms: i64, today: i64, keep_days: u32) -> i64 {
+    time_ms.div_euclid(DAY_MS).clamp(today - i64::from(keep_days), today + 1)
 }
 
 impl Store {
@@ -358,4 +362,21 @@ async fn record_alarms(
 /// A node key as the agent sends it: `{"keytype": "ed25519", "public": "<hex>"}`.
 pub fn parse_key(json: &str) -> Option<VerifyingKey> {
     serde_json::from_str::<outpost_proto::registry::keys::PublicKey>(json).ok()?.verifying_key().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_records_partition_day_stays_within_retention_and_tomorrow() {
+        let today = 20_000;
+        let at = |day: i64| day * DAY_MS + 1;
+        assert_eq!(partition_day(at(today - 3), today, 30), today - 3, "its own day");
+        assert_eq!(partition_day(at(today + 1), today, 30), today + 1);
+        assert_eq!(partition_day(at(today + 500), today, 30), today + 1, "a clock far ahead");
+        assert_eq!(partition_day(i64::MAX, today, 30), today + 1);
+        assert_eq!(partition_day(at(today - 900), today, 30), today - 30, "older than retention");
+        assert_eq!(partition_day(i64::MIN, today, 30), today - 30);
+    }
 }
