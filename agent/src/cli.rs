@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::FatalError;
 
 #[derive(Debug, Parser)]
@@ -96,6 +96,20 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         url: Option<String>,
+    },
+    /// Make the running agent reload its configuration file and report what it did: exit 0
+    /// when everything changed was applied, 78 when the file is invalid (nothing changes),
+    /// 1 when a setting needs a restart or failed to apply (its running value stays), 69 when
+    /// no agent runs. systemd's `ExecReload=` runs it, so `systemctl reload` fails likewise.
+    Reload {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The agent's process id (default: the one in <state_dir>/lock).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// How long to wait for the agent's report.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
     },
     /// Show the running agent's status at a glance (GET /admin/status); --json for all of it.
     Status {
@@ -286,26 +300,6 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, FatalError> {
     }
 }
 
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        // tract logs probing details at info; keep them out unless asked for.
-        EnvFilter::new(format!("{},tract_linalg=warn,tract_core=warn,tract_onnx=warn,tract_hir=warn", config.log.level))
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    // Panics inside the engine are caught and answered as errors; their message goes to the
-    // structured log rather than raw stderr.
-    std::panic::set_hook(Box::new(|info| {
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
-        tracing::error!(%thread, panic = %info, "panic caught");
-    }));
-}
-
 /// Parses arguments, runs the command, returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -349,7 +343,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
         }
         Command::CheckModels { config } => {
             let c = load_config(config.as_ref())?;
-            init_logging(&c);
+            crate::logging::init(&c);
             let mut failed = 0;
             let sources = crate::lifecycle::scan_local(&c.local_models);
             for src in &sources {
@@ -401,18 +395,18 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             } else {
                 std::fs::read(&data).map_err(|e| FatalError::Usage(format!("{}: {e}", data.display())))?
             };
-            let base = agent_url(config.as_ref(), url)?;
+            let target = agent_target(config.as_ref(), url)?;
             let path = match version {
-                Some(v) => format!("{base}/v2/models/{model}/versions/{v}/infer"),
-                None => format!("{base}/v2/models/{model}/infer"),
+                Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
+                None => format!("/v2/models/{model}/infer"),
             };
-            let (code, answer) = http_post(&path, body)?;
+            let (code, answer) = http_post(&target, &path, body)?;
             println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
             Ok(if code == 200 { 0 } else { 1 })
         }
         Command::Status { config, url, json } => {
-            let base = agent_url(config.as_ref(), url)?;
-            let (code, body) = http_call("GET", &format!("{base}/admin/status"))?;
+            let target = agent_target(config.as_ref(), url)?;
+            let (code, body) = http_call(&target, "GET", "/admin/status")?;
             if json || code != 200 {
                 println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
             } else {
@@ -421,6 +415,11 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             Ok(if code == 200 { 0 } else { 1 })
         }
         Command::Registry(cmd) => registry_command(cmd),
+        Command::Reload { config, pid, timeout } => {
+            let timeout =
+                crate::config::parse_duration(&timeout).map_err(|e| FatalError::Usage(format!("--timeout: {e}")))?;
+            reload_command(config.as_ref(), pid, timeout)
+        }
         Command::Token(TokenCommand::Create { name, roles, models }) => {
             if !crate::config::valid_name(&name) {
                 return Err(FatalError::Usage(format!("token name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
@@ -443,7 +442,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             // The file found once, so a reload reads the same one.
             let config = resolved(config.as_ref());
             let c = load_config(config.as_ref())?;
-            init_logging(&c);
+            crate::logging::init(&c);
             let rt = runtime()?;
             rt.block_on(serve(c, config))?;
             Ok(0)
@@ -467,12 +466,56 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
             _ = hup.recv() => {
                 match reload_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c)) {
                     Ok(new) => agent.reload(new).await,
-                    Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
-                }
+                    Err(e) => agent.refuse_reload(e.to_string()),
+                };
             }
         }
     }
     agent.shutdown().await
+}
+
+/// `outpost reload`: checks the file as the agent will read it, signals the agent, and waits
+/// for its report in `<state_dir>/reload.json`.
+fn reload_command(config: Option<&PathBuf>, pid: Option<u32>, timeout: std::time::Duration) -> Result<i32, FatalError> {
+    use crate::reload::ReloadReport;
+    let c = load_config(config)?;
+    crate::check_environment(&c)?;
+    let dir = &c.node.state_dir;
+    let pid = match pid {
+        Some(p) => p,
+        None => {
+            std::fs::read_to_string(dir.join("lock")).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+                FatalError::Unreachable(format!("no running agent: no pid in {}", dir.join("lock").display()))
+            })?
+        }
+    };
+    let before = ReloadReport::read(dir).filter(|r| r.pid == pid).map_or(0, |r| r.generation);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .map_err(|e| FatalError::Runtime(format!("cannot run kill: {e}")))?;
+    if !status.success() {
+        return Err(FatalError::Unreachable(format!("no running agent with pid {pid}")));
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let report = loop {
+        if let Some(r) = ReloadReport::read(dir).filter(|r| r.pid == pid && r.generation > before) {
+            break r;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(FatalError::Runtime(format!(
+                "the agent (pid {pid}) sent no reload report within {timeout:?} ({})",
+                ReloadReport::path(dir).display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!("{}", report.summary());
+    Ok(match () {
+        _ if report.ok() => 0,
+        _ if report.error.is_some() => 78,
+        _ => 1,
+    })
 }
 
 fn secs(s: &str, what: &str) -> Result<i64, FatalError> {
@@ -521,8 +564,8 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
             }
         }
         ModelCommand::Rollback { model, config, url } => {
-            let base = agent_url(config.as_ref(), url)?;
-            let (code, body) = http_call("POST", &format!("{base}/admin/models/{model}/rollback"))?;
+            let target = agent_target(config.as_ref(), url)?;
+            let (code, body) = http_call(&target, "POST", &format!("/admin/models/{model}/rollback"))?;
             if code == 200 {
                 println!("{}", body["result"].as_str().unwrap_or_default());
                 Ok(0)
@@ -546,11 +589,13 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
             std::fs::copy(&bundle, &tmp).map_err(|e| FatalError::Runtime(format!("{}: {e}", bundle.display())))?;
             std::fs::rename(&tmp, spool.join(&name)).map_err(|e| FatalError::Runtime(e.to_string()))?;
             println!("queued {} ({} files) in {}", bundle.display(), names.len(), spool.display());
-            let base = agent_url(config.as_ref(), url)?;
-            match http_call("POST", &format!("{base}/admin/registry/poll")) {
+            let target = agent_target(config.as_ref(), url)?;
+            match http_call(&target, "POST", "/admin/registry/poll") {
                 Ok((200, body)) => println!("agent imported it: {body}"),
                 Ok((_, body)) => println!("agent answered: {body}"),
-                Err(_) => println!("agent not reachable at {base}: it imports the bundle at its next start or poll"),
+                Err(_) => {
+                    println!("agent not reachable at {}: it imports the bundle at its next start or poll", target.base)
+                }
             }
             Ok(0)
         }
@@ -722,23 +767,61 @@ fn tempfile_dir(state_dir: &std::path::Path) -> Result<PathBuf, FatalError> {
     Ok(d)
 }
 
-/// The running agent's base URL: `--url`, else `http://<http.listen>` of the configuration.
-fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, FatalError> {
-    if let Some(u) = url {
-        return Ok(u.trim_end_matches('/').to_owned());
-    }
+/// How a command reaches the running agent: `--url` or `cli.url`, else `[http]`'s address
+/// (loopback for an unspecified one), https when TLS is on; trust, token and client
+/// certificate from `[cli]` (`OUTPOST_CA_FILE` and `OUTPOST_TOKEN` override).
+struct AgentTarget {
+    base: String,
+    ca: Option<(PathBuf, &'static str)>,
+    token: Option<String>,
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+fn agent_target(config: Option<&PathBuf>, url: Option<String>) -> Result<AgentTarget, FatalError> {
     let c = load_config(config)?;
-    let scheme = if c.http.tls.is_some() { "https" } else { "http" };
-    // An agent listening on every address is reached on loopback.
-    let mut addr = c.http.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
+    let base = match url.or_else(|| c.cli.url.clone()) {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let scheme = if c.http.tls.is_some() { "https" } else { "http" };
+            let mut addr = c.http.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            format!("{scheme}://{addr}")
+        }
+    };
+    let ca = match std::env::var_os("OUTPOST_CA_FILE") {
+        Some(p) => Some((PathBuf::from(p), "OUTPOST_CA_FILE")),
+        None => c
+            .cli
+            .ca
+            .clone()
+            .map(|p| (p, "cli.ca"))
+            .or_else(|| c.http.tls.as_ref().map(|t| (t.cert.clone(), "http.tls_cert"))),
+    };
+    let token = match std::env::var("OUTPOST_TOKEN") {
+        Ok(t) => Some(t.trim().to_owned()),
+        Err(_) => match &c.cli.token_file {
+            Some(p) => Some(crate::tls::read_token(p, "cli.token_file").map_err(|e| FatalError::Usage(e.to_string()))?),
+            None => None,
+        },
+    };
+    let identity = c.cli.client_cert.clone().zip(c.cli.client_key.clone());
+    Ok(AgentTarget { base, ca, token, identity })
+}
+
+/// Seconds as an operator reads them: 42s, 17m, 3h5m, 2d4h.
+fn short_duration(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
     }
-    Ok(format!("{scheme}://{addr}"))
 }
 
 /// `/admin/status` at a glance: the node line, a row per model, then upstream, MQTT, overflow
@@ -746,13 +829,7 @@ fn agent_url(config: Option<&PathBuf>, url: Option<String>) -> Result<String, Fa
 pub fn status_table(s: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let str_of = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
-    let up = s["uptime_seconds"].as_u64().unwrap_or(0);
-    let uptime = match up {
-        0..=119 => format!("{up}s"),
-        120..=7199 => format!("{}m", up / 60),
-        7200..=172_799 => format!("{}h{}m", up / 3600, up % 3600 / 60),
-        _ => format!("{}d{}h", up / 86400, up % 86400 / 3600),
-    };
+    let uptime = short_duration(s["uptime_seconds"].as_u64().unwrap_or(0));
     let mut out = String::new();
     let ready = if s["ready"].as_bool() == Some(true) {
         "ready".to_owned()
@@ -784,9 +861,49 @@ pub fn status_table(s: &serde_json::Value) -> String {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    let now = outpost_proto::registry::now();
+    let ago = |v: &serde_json::Value| match v.as_f64() {
+        Some(t) => format!("{} ago", short_duration((now - t as i64).max(0) as u64)),
+        None => "never".to_owned(),
+    };
+    let _ = writeln!(out);
+    if let Some(r) = s["registry"].as_object() {
+        let polled = r.get("last_poll_at").map_or("not polled yet".to_owned(), |t| format!("polled {}", ago(t)));
+        let result = r.get("result").map(str_of).unwrap_or_else(|| "-".into());
+        let index = r.get("index_version").and_then(|v| v.as_u64()).map_or(String::new(), |v| format!(", index v{v}"));
+        let _ = writeln!(
+            out,
+            "registry: {} {polled}: {result}{index}; last success {}",
+            r.get("url").map(str_of).unwrap_or_default(),
+            r.get("last_success_at").map_or("never".to_owned(), ago)
+        );
+        if let Some(e) = r.get("error").and_then(|v| v.as_str()) {
+            let _ = writeln!(out, "  {e}");
+        }
+        if let Some(d) = r.get("download").filter(|d| d["state"] != "done" && d.is_object()) {
+            let (got, total) = (d["received_bytes"].as_u64().unwrap_or(0), d["total_bytes"].as_u64().unwrap_or(0));
+            let pct = (got * 100).checked_div(total).unwrap_or(0);
+            let eta = d["eta_seconds"].as_u64().map_or("-".to_owned(), short_duration);
+            let _ = writeln!(
+                out,
+                "  download {} {}: {} {pct}% ({} of {} bytes), {}/s, ETA {eta}",
+                str_of(&d["model"]),
+                str_of(&d["version"]),
+                str_of(&d["state"]),
+                got,
+                total,
+                d["rate_bytes_per_s"].as_f64().unwrap_or(0.0) as u64
+            );
+        }
+    }
     if let Some(u) = s["upstream"].as_object() {
         let backlog = u.get("audit_backlog_records").and_then(|v| v.as_f64()).unwrap_or(0.0);
-        let _ = writeln!(out, "\nupstream: {} audit records waiting", backlog as u64);
+        let _ = writeln!(
+            out,
+            "upstream: {} audit records waiting; last success {}",
+            backlog as u64,
+            u.get("last_success_at").map_or("never".to_owned(), ago)
+        );
     }
     if let Some(m) = s["mqtt"].as_object() {
         let state = match m.get("connected").and_then(|v| v.as_bool()) {
@@ -803,6 +920,12 @@ pub fn status_table(s: &serde_json::Value) -> String {
             o.get("url").map(str_of).unwrap_or_default(),
             o.get("breaker").map(str_of).unwrap_or_default()
         );
+    }
+    if let Some(r) = s["reload"].as_object() {
+        let report: Option<crate::reload::ReloadReport> = serde_json::from_value(s["reload"].clone()).ok();
+        if let Some(report) = report {
+            let _ = writeln!(out, "reload: {}: {}", r.get("at").map_or("-".to_owned(), ago), report.summary());
+        }
     }
     let alarms = s["alarms"]
         .as_object()
@@ -828,7 +951,7 @@ pub fn network_cause(e: &(dyn std::error::Error + 'static)) -> String {
             }
         }
         if let Some(tls) = c.downcast_ref::<rustls::Error>() {
-            return format!("TLS refused: {tls} (OUTPOST_CA_FILE names the agent's CA)");
+            return format!("TLS refused: {tls} (cli.ca or OUTPOST_CA_FILE names the CA of the agent's certificate)");
         }
         chain.push(c.to_string());
         cur = c.source();
@@ -844,29 +967,37 @@ pub fn network_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// One request to the running agent; returns the status and the JSON body.
-fn http_call(method: &str, url: &str) -> Result<(u16, serde_json::Value), FatalError> {
-    http_request(method, url, None)
+fn http_call(target: &AgentTarget, method: &str, path: &str) -> Result<(u16, serde_json::Value), FatalError> {
+    http_request(target, method, path, None)
 }
 
 /// POSTs a body to the running agent; returns the status and the JSON answer.
-fn http_post(url: &str, body: Vec<u8>) -> Result<(u16, serde_json::Value), FatalError> {
-    http_request("POST", url, Some(body))
+fn http_post(target: &AgentTarget, path: &str, body: Vec<u8>) -> Result<(u16, serde_json::Value), FatalError> {
+    http_request(target, "POST", path, Some(body))
 }
 
-fn http_request(method: &str, url: &str, body: Option<Vec<u8>>) -> Result<(u16, serde_json::Value), FatalError> {
+fn http_request(
+    target: &AgentTarget,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, serde_json::Value), FatalError> {
     crate::tls::install_crypto_provider();
+    let url = format!("{}{path}", target.base);
     let rt = runtime()?;
     rt.block_on(async {
         let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
-        // The agent's own certificate (or its CA) when it is not in the system store.
-        if let Some(ca) = std::env::var_os("OUTPOST_CA_FILE") {
-            builder = crate::tls::add_roots(builder, std::path::Path::new(&ca), "OUTPOST_CA_FILE")
+        if let Some((ca, setting)) = &target.ca {
+            builder = crate::tls::add_roots(builder, ca, setting).map_err(|e| FatalError::Usage(e.to_string()))?;
+        }
+        if let Some((cert, key)) = &target.identity {
+            builder = crate::tls::add_identity(builder, cert, key, ("cli.client_cert", "cli.client_key"))
                 .map_err(|e| FatalError::Usage(e.to_string()))?;
         }
         let client = builder.build().map_err(|e| FatalError::Runtime(e.to_string()))?;
-        let mut req = if method == "POST" { client.post(url) } else { client.get(url) };
-        if let Ok(token) = std::env::var("OUTPOST_TOKEN") {
-            req = req.bearer_auth(token.trim());
+        let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
+        if let Some(token) = &target.token {
+            req = req.bearer_auth(token);
         }
         if let Some(b) = body {
             req = req.body(b);

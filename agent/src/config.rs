@@ -41,7 +41,11 @@ pub struct RegistryConfig {
     pub channel: String,
     pub allow_http: bool,
     pub ca: Option<PathBuf>,
+    /// The whole of one metadata request (root, index, manifest).
     pub timeout: Duration,
+    /// A blob download with no byte for this long is cut (and resumed at the next attempt);
+    /// its total length is not limited.
+    pub stall_timeout: Duration,
     /// Largest compressed blob downloaded.
     pub max_blob_bytes: u64,
     /// Largest model a blob may decompress to.
@@ -175,6 +179,19 @@ struct RawConfig {
     engine: RawEngine,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    cli: RawCli,
+}
+
+/// How the command line reaches this agent (`outpost status`, `reload`, `infer`, `model …`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCli {
+    url: Option<String>,
+    ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -286,6 +303,7 @@ struct RawRegistry {
     allow_http: Option<bool>,
     ca: Option<PathBuf>,
     timeout: Option<String>,
+    stall_timeout: Option<String>,
     max_blob_bytes: Option<u64>,
     max_model_bytes: Option<u64>,
 }
@@ -407,8 +425,25 @@ pub struct Config {
     pub engine_threads: usize,
     /// Per-model settings; models not named here get [`ModelConfig::default`].
     pub models: BTreeMap<String, ModelConfig>,
+    /// How the command line reaches this agent.
+    pub cli: CliConfig,
     /// Where this configuration came from; `None` for the dev profile.
     pub path: Option<PathBuf>,
+}
+
+/// `[cli]`: how `outpost` commands that talk to the running agent reach it. Unset values
+/// follow `[http]`: its listen address (on loopback when it listens on every address), https
+/// when TLS is on, the agent's own certificate file as the trusted root.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CliConfig {
+    pub url: Option<String>,
+    /// CA certificates (PEM) that verify the agent's certificate.
+    pub ca: Option<PathBuf>,
+    /// A file holding a token's secret, sent as `Authorization: Bearer`.
+    pub token_file: Option<PathBuf>,
+    /// A client certificate and key for a listener that asks for one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -676,6 +711,7 @@ impl Config {
                 store_key_file: Some(root.join(".outpost").join("store.key")),
                 engine_threads: crate::engine::cpu::cores(),
                 models: BTreeMap::new(),
+                cli: CliConfig::default(),
                 path: None,
             }
         })
@@ -1021,6 +1057,24 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         );
     }
 
+    let cli = {
+        let c = raw.cli;
+        if let Some(u) = &c.url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(err(format!("cli.url '{u}' must be http:// or https://")));
+            }
+        }
+        if c.client_cert.is_some() != c.client_key.is_some() {
+            return Err(err("cli.client_cert and cli.client_key go together".into()));
+        }
+        CliConfig {
+            url: c.url.map(|u| u.trim_end_matches('/').to_owned()),
+            ca: c.ca.map(resolve),
+            token_file: c.token_file.map(resolve),
+            client_cert: c.client_cert.map(resolve),
+            client_key: c.client_key.map(resolve),
+        }
+    };
     Ok(Config {
         node: NodeConfig { site, name, key_file, state_dir },
         http,
@@ -1036,6 +1090,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         store_key_file,
         engine_threads,
         models,
+        cli,
         path,
     })
 }
@@ -1303,6 +1358,11 @@ fn validate_registry(
     if timeout.is_zero() {
         return Err("registry.timeout must be positive".into());
     }
+    let stall_timeout = parse_duration(r.stall_timeout.as_deref().unwrap_or("30s"))
+        .map_err(|e| format!("registry.stall_timeout: {e}"))?;
+    if stall_timeout.is_zero() {
+        return Err("registry.stall_timeout must be positive".into());
+    }
     let channel = r.channel.unwrap_or_else(|| "stable".into());
     if !valid_name(&channel) {
         return Err(format!("registry.channel '{channel}' must be 1-128 of [A-Za-z0-9._-]"));
@@ -1315,6 +1375,7 @@ fn validate_registry(
         allow_http,
         ca: r.ca.map(resolve),
         timeout,
+        stall_timeout,
         max_blob_bytes: r.max_blob_bytes.unwrap_or(2 << 30),
         max_model_bytes: r.max_model_bytes.unwrap_or(4 << 30),
     })

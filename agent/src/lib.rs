@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
 pub mod locks;
+pub mod logging;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
@@ -20,6 +21,7 @@ pub mod overflow;
 pub mod privacy;
 pub use outpost_proto::protocol;
 pub mod registry;
+pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
@@ -107,8 +109,38 @@ pub struct Agent {
     tls: Option<Arc<http::server::TlsHandle>>,
     audit: Option<audit::Audit>,
     outbox_wake: Arc<tokio::sync::Notify>,
+    /// The MQTT task, restarted when a reload changes `[mqtt]`.
+    mqtt: tokio::sync::Mutex<Option<MqttTask>>,
+    /// What a restarted MQTT task needs.
+    lifecycle: tokio::sync::broadcast::Sender<api::Event>,
+    /// Reloads so far (names each one in its report).
+    reloads: std::sync::atomic::AtomicU64,
     /// The state directory's lock, held while the agent runs.
     _lock: std::fs::File,
+}
+
+/// A running MQTT task.
+struct MqttTask {
+    cancel: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the MQTT task for `mc`.
+fn spawn_mqtt(
+    tracker: &TaskTracker,
+    parent: &CancellationToken,
+    cfg: &Config,
+    mc: &config::MqttConfig,
+    service: &InferenceService,
+    lifecycle: &tokio::sync::broadcast::Sender<api::Event>,
+    started: watch::Receiver<bool>,
+) -> MqttTask {
+    let topics =
+        mqtt::Topics { prefix: mc.topic_prefix.clone(), site: cfg.node.site.clone(), node: cfg.node.name.clone() };
+    let cancel = parent.child_token();
+    let handle =
+        tracker.spawn(mqtt::run(mc.clone(), topics, service.clone(), lifecycle.subscribe(), started, cancel.clone()));
+    MqttTask { cancel, handle }
 }
 
 impl Agent {
@@ -131,36 +163,144 @@ impl Agent {
         self.config.read_locked().clone()
     }
 
-    /// Applies a new, already validated configuration: model settings and directories take
-    /// effect now, tokens and TLS certificates too; a changed listen address or connection
-    /// limit needs a restart.
-    pub async fn reload(&self, mut new: Config) {
-        let old = self.config();
-        // What only a restart applies keeps its running value (never stored as if applied),
-        // each named in the log and in the `restart_needed` alarm.
-        let pending = keep_restart_only(&old, &mut new);
-        for key in &pending {
-            tracing::warn!(key = %key, "changed in the configuration file: needs a restart (the running value stays)");
-        }
-        self.service.metrics.set_alarm(
-            "restart_needed",
-            (!pending.is_empty()).then(|| format!("changed, needs a restart: {}", pending.join(", "))),
-        );
+    /// Applies a new, already validated configuration. Live: models and their settings, local
+    /// model directories, tokens and roles, TLS certificate files, `[registry]`, `[mqtt]`,
+    /// `log.level`, engine threads, body size and request timeout. The rest needs a restart:
+    /// it keeps its running value, and the report (log, `/admin/status`,
+    /// `<state_dir>/reload.json`) names it.
+    pub async fn reload(&self, mut new: Config) -> reload::ReloadReport {
         notify::notify("RELOADING=1");
-        match (&self.tls, &new.http.tls) {
-            (Some(handle), Some(files)) => match handle.reload(files) {
+        let old = self.config();
+        let mut report = reload::ReloadReport::new(self.next_reload());
+        report.needs_restart = reload::keep_restart_only(&old, &mut new);
+        report.applied = reload::changed_live(&old, &new);
+        let failed = |report: &mut reload::ReloadReport, key: &str, why: String| {
+            report.applied.retain(|k| k != key);
+            report.failed.push(format!("{key}: {why}"));
+        };
+        // The files are read again even when their paths did not change (renewed in place).
+        if let (Some(handle), Some(files)) = (&self.tls, &new.http.tls) {
+            match handle.reload(files) {
                 Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => tracing::error!(error = %e, "TLS reload failed: the current certificate stays"),
-            },
-            (None, None) => {}
-            _ => tracing::warn!("turning TLS on or off takes a restart"),
+                Err(e) => {
+                    failed(&mut report, "http.tls_cert", format!("{e} (the current certificate stays)"));
+                    new.http.tls = old.http.tls.clone();
+                }
+            }
+        }
+        if old.log.level != new.log.level {
+            match logging::set_level(&new.log.level) {
+                Ok(true) => {}
+                Ok(false) => {
+                    report.applied.retain(|k| k != "log.level");
+                    report.applied.push("log.level (RUST_LOG governs the log)".into());
+                }
+                Err(e) => {
+                    failed(&mut report, "log.level", e);
+                    new.log.level = old.log.level.clone();
+                }
+            }
+        }
+        if let (Some(tx), Some(rc)) = (&self.registry, &new.registry) {
+            if old.registry.as_ref() != Some(rc) {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                let sent = tx.send(registry::sync::Command::Reconfigure { cfg: rc.clone(), reply }).await.is_ok();
+                let result = match (sent, rx.await) {
+                    (true, Ok(r)) => r.map_err(|e| e.to_string()),
+                    _ => Err("the registry task stopped".to_owned()),
+                };
+                if let Err(e) = result {
+                    failed(&mut report, "[registry]", e);
+                    new.registry = old.registry.clone();
+                }
+            }
+        }
+        if old.mqtt != new.mqtt {
+            if let Err(e) = self.restart_mqtt(&new).await {
+                failed(&mut report, "[mqtt]", e);
+                new.mqtt = old.mqtt.clone();
+            }
         }
         engine::cpu::set_threads(new.engine_threads);
         let new = Arc::new(new);
         *self.config.write_locked() = new.clone();
-        let refused = self.local.reconcile(&self.service, &new).await;
-        tracing::info!(refused = refused.len(), "configuration reloaded");
+        report.models_refused = self.local.reconcile(&self.service, &new).await.len();
+        self.publish_reload(&report);
         notify::notify("READY=1");
+        report
+    }
+
+    /// Records a reload refused as a whole (the file does not load): nothing changes.
+    pub fn refuse_reload(&self, error: String) -> reload::ReloadReport {
+        let mut report = reload::ReloadReport::new(self.next_reload());
+        report.error = Some(error);
+        self.publish_reload(&report);
+        report
+    }
+
+    fn next_reload(&self) -> u64 {
+        self.reloads.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The report to the log, the status and the state directory; `restart_needed` raised
+    /// while a setting waits for a restart.
+    fn publish_reload(&self, report: &reload::ReloadReport) {
+        if report.ok() {
+            tracing::info!(applied = ?report.applied, models_refused = report.models_refused, "configuration reloaded");
+        } else {
+            for key in &report.needs_restart {
+                tracing::warn!(key = %key, "changed in the configuration file: needs a restart (the running value stays)");
+            }
+            tracing::warn!(summary = %report.summary(), "configuration reload: not everything was applied");
+        }
+        if report.error.is_none() {
+            self.service.metrics.set_alarm(
+                "restart_needed",
+                (!report.needs_restart.is_empty())
+                    .then(|| format!("changed, needs a restart: {}", report.needs_restart.join(", "))),
+            );
+        }
+        self.service.metrics.set_section("reload", serde_json::to_value(report).unwrap_or_default());
+        let dir = self.config().node.state_dir.clone();
+        if let Err(e) = report.write(&dir) {
+            tracing::warn!(error = %e, dir = %dir.display(), "could not write the reload report");
+        }
+    }
+
+    /// Stops the MQTT task and starts one with the new settings (none when `[mqtt]` is gone).
+    /// Settings the client cannot use are refused before the running task stops.
+    async fn restart_mqtt(&self, new: &Config) -> Result<(), String> {
+        if let Some(mc) = &new.mqtt {
+            let topics = mqtt::Topics {
+                prefix: mc.topic_prefix.clone(),
+                site: new.node.site.clone(),
+                node: new.node.name.clone(),
+            };
+            mqtt::options(mc, &topics).map_err(|e| e.to_string())?;
+        }
+        let mut slot = self.mqtt.lock().await;
+        if let Some(task) = slot.take() {
+            task.cancel.cancel();
+            // Bounded: a task that does not stop must not hold the reload.
+            if tokio::time::timeout(Duration::from_secs(5), task.handle).await.is_err() {
+                tracing::warn!("mqtt: the previous connection did not close in time");
+            }
+        }
+        if let Some(mc) = &new.mqtt {
+            *slot = Some(spawn_mqtt(
+                &self.tracker,
+                &self.cancel,
+                new,
+                mc,
+                &self.service,
+                &self.lifecycle,
+                self.started.clone(),
+            ));
+            tracing::info!(broker = %format!("{}:{}", mc.host, mc.port), "mqtt: reconnecting with the new settings");
+        } else {
+            tracing::info!("mqtt: turned off");
+        }
+        Ok(())
     }
 
     /// The audit log, when enabled.
@@ -336,18 +476,10 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         service: service.clone(),
         config: config.clone(),
     });
-    if let Some(mc) = &cfg.mqtt {
-        let topics =
-            mqtt::Topics { prefix: mc.topic_prefix.clone(), site: cfg.node.site.clone(), node: cfg.node.name.clone() };
-        tracker.spawn(mqtt::run(
-            mc.clone(),
-            topics,
-            service.clone(),
-            lifecycle_tx.subscribe(),
-            started_rx.clone(),
-            cancel.child_token(),
-        ));
-    }
+    let mqtt_task = cfg
+        .mqtt
+        .as_ref()
+        .map(|mc| spawn_mqtt(&tracker, &cancel, &cfg, mc, &service, &lifecycle_tx, started_rx.clone()));
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     if let (Some(up), Some(a)) = (&cfg.upstream, &audit) {
         let ob = outbox::Outbox::new(
@@ -439,37 +571,11 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         audit,
         outbox_wake,
         tls: tls_handle,
+        mqtt: tokio::sync::Mutex::new(mqtt_task),
+        lifecycle: lifecycle_tx,
+        reloads: std::sync::atomic::AtomicU64::new(0),
         _lock: lock,
     })
-}
-
-/// Restores in `new` the settings only a restart applies (the listen address, TLS on or off,
-/// and the sections whose parts are built at start); returns the keys that had changed.
-fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
-    let mut pending = Vec::new();
-    macro_rules! keep {
-        ($($field:ident).+, $key:expr) => {
-            if old.$($field).+ != new.$($field).+ {
-                pending.push($key.to_owned());
-                new.$($field).+ = old.$($field).+.clone();
-            }
-        };
-    }
-    keep!(http.listen, "http.listen");
-    if old.http.tls.is_some() != new.http.tls.is_some() {
-        pending.push("http.tls_cert (TLS on or off)".to_owned());
-        new.http.tls = old.http.tls.clone();
-    }
-    keep!(node, "[node]");
-    keep!(log, "[log]");
-    keep!(registry, "[registry]");
-    keep!(mqtt, "[mqtt]");
-    keep!(upstream, "[upstream]");
-    keep!(overflow, "[overflow]");
-    keep!(audit, "[audit]");
-    keep!(privacy, "[privacy]");
-    keep!(store_key_file, "store.key_file");
-    pending
 }
 
 /// systemd's watchdog: pings `WATCHDOG=1` at half the timeout while the runtime turns (this
@@ -650,6 +756,7 @@ impl api::control::ModelControl for AgentControl {
                         "installed": rep.installed,
                         "canaries": rep.canaries,
                         "failed": rep.failed,
+                        "deferred": rep.deferred,
                     })
                 }),
                 None => Err(api::control::ControlError::Failed("no [registry] configured".into())),

@@ -180,6 +180,21 @@ pub fn add_roots(
     Ok(builder)
 }
 
+/// Adds a client certificate and its key (PEM files) to a reqwest client, for a server that
+/// asks for one (mTLS); `settings` name the certificate and key settings in errors.
+pub fn add_identity(
+    builder: reqwest::ClientBuilder,
+    cert: &Path,
+    key: &Path,
+    settings: (&'static str, &'static str),
+) -> Result<reqwest::ClientBuilder, TlsError> {
+    let mut pem = read(settings.0, cert)?;
+    pem.extend(read(settings.1, key)?);
+    let identity =
+        reqwest::Identity::from_pem(&pem).map_err(|source| TlsError::Client { setting: settings.0, source })?;
+    Ok(builder.identity(identity))
+}
+
 /// A client for an outbound path (registry, upstream, overflow): it follows no redirect, so a
 /// redirect from an allowed host cannot send data or trust to a host off the residency
 /// allow-list. A redirect answer is an error naming its target ([`redirect_refused`]).
@@ -204,4 +219,19 @@ pub fn redirect_refused(url: &str, resp: &reqwest::Response) -> Option<String> {
 pub fn read_token(path: &Path, setting: &'static str) -> Result<String, TlsError> {
     let bytes = read(setting, path)?;
     Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
+}
+
+/// An outbound request's error with its causes ("error sending request: connection refused"
+/// rather than the first line alone).
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
 }

@@ -2,6 +2,7 @@
 //! server on loopback that supports ETag and Range, logs requests, and can misbehave on
 //! purpose (serve a truncated file, answer 503, go away).
 
+use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,12 @@ pub struct Faults {
     pub truncate: Mutex<HashMap<String, usize>>,
     /// Answer 503 to everything.
     pub down: AtomicBool,
+    /// Path suffix → send the first this many bytes, then nothing more while the connection
+    /// stays open (a link that stalls).
+    pub stall: Mutex<HashMap<String, usize>>,
+    /// Path suffix → send in this many pieces, one every `throttle_every` (a slow, steady link).
+    pub throttle: Mutex<HashMap<String, usize>>,
+    pub throttle_every: Mutex<std::time::Duration>,
 }
 
 pub struct StaticServer {
@@ -242,6 +249,30 @@ async fn serve_file(State(s): State<ServerState>, req: Request) -> Response {
     let mut body = body;
     if let Some(t) = truncate {
         body.truncate(t);
+    }
+    let find = |m: &Mutex<HashMap<String, usize>>| {
+        m.lock().ok().and_then(|t| t.iter().find(|(k, _)| path.ends_with(k.as_str())).map(|(_, v)| *v))
+    };
+    if let Some(n) = find(&s.faults.stall) {
+        // The length says all of it; the first `n` bytes come, then the link goes quiet until
+        // the client gives up.
+        let first = bytes::Bytes::from(body[..n.min(body.len())].to_vec());
+        let stream =
+            futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(futures::stream::pending());
+        if let Ok(v) = body.len().to_string().parse() {
+            headers.insert(header::CONTENT_LENGTH, v);
+        }
+        return (status, headers, axum::body::Body::from_stream(stream)).into_response();
+    }
+    if let Some(pieces) = find(&s.faults.throttle) {
+        let every = s.faults.throttle_every.lock().map(|d| *d).unwrap_or_default();
+        let size = body.len().div_ceil(pieces.max(1)).max(1);
+        let chunks: Vec<bytes::Bytes> = body.chunks(size).map(bytes::Bytes::copy_from_slice).collect();
+        let stream = futures::stream::iter(chunks).then(move |c| async move {
+            tokio::time::sleep(every).await;
+            Ok::<_, std::io::Error>(c)
+        });
+        return (status, headers, axum::body::Body::from_stream(stream)).into_response();
     }
     (status, headers, body).into_response()
 }

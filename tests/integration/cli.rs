@@ -86,6 +86,75 @@ async fn sighup_reload_and_sigterm_shutdown() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `outpost reload` (what `systemctl reload` runs): applies what can change live and says so,
+/// refuses a setting that needs a restart (exit 1, the running value kept, named in the
+/// status), refuses an invalid file (exit 78, nothing changes), and finds no agent (69).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outpost_reload_reports_what_it_applied_and_fails_when_it_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Without an audit log, each request is logged at debug level: the log level's witness.
+    let base = "[audit]\nenabled = false\n";
+    let path = write_config(dir.path(), base)?;
+    let p = path.to_str().unwrap_or_default();
+    // An empty RUST_LOG: the file's log.level governs.
+    let mut child = ChildAgent::spawn_env(&outpost_bin(), &["run", "--config", p], &[("RUST_LOG", "")])?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    let http = outpost_tests::http_client();
+    let ready = |m: &str| format!("http://{addr}/v2/models/{m}/ready");
+    let reload = || -> anyhow::Result<(Option<i32>, String)> {
+        let out = std::process::Command::new(outpost_bin()).args(["reload", "--config", p]).output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.code(), text))
+    };
+
+    // Live: a model's settings and the log level.
+    let live = format!("{base}[log]\nlevel = \"debug\"\n\n[models.cnn]\nenabled = false\n");
+    std::fs::write(&path, config_text(dir.path(), &[root().join("models")], &live))?;
+    let (code, text) = reload()?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("applied: models.cnn, log.level"), "{text}");
+    assert_eq!(http.get(ready("cnn")).send().await?.status().as_u16(), 404);
+    let body =
+        serde_json::json!({"inputs": [{"name": "X", "shape": [1, 30], "datatype": "FP32", "data": vec![0.5f32; 30]}]});
+    let answer = http.post(format!("http://{addr}/v2/models/mlp/infer")).json(&body).send().await?;
+    assert_eq!(answer.status().as_u16(), 200);
+    let line = child.wait_for("request_id", Duration::from_secs(30))?;
+    assert!(line.contains("DEBUG"), "debug now logged: {line}");
+
+    // A new listen address needs a restart: refused, named, the old address kept.
+    let moved = config_text(dir.path(), &[root().join("models")], &live).replace("127.0.0.1:0", "127.0.0.1:1");
+    std::fs::write(&path, moved)?;
+    let (code, text) = reload()?;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("needs a restart (running value kept): http.listen"), "{text}");
+    let status: serde_json::Value = http.get(format!("http://{addr}/admin/status")).send().await?.json().await?;
+    assert_eq!(status["reload"]["needs_restart"], serde_json::json!(["http.listen"]), "{status}");
+    assert!(status["alarms"]["restart_needed"].as_str().unwrap_or_default().contains("http.listen"), "{status}");
+    let table = std::process::Command::new(outpost_bin())
+        .args(["status", "--config", p, "--url"])
+        .arg(format!("http://{addr}"))
+        .output()?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("reload:") && table.contains("needs a restart"), "{table}");
+    assert_eq!(http.get(ready("mlp")).send().await?.status().as_u16(), 200, "still on its address");
+
+    // An invalid file: refused before the agent is asked; nothing changes.
+    std::fs::write(&path, "[http]\nlisten = 12\n")?;
+    let (code, text) = reload()?;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(text.contains("listen"), "{text}");
+    assert_eq!(http.get(ready("mlp")).send().await?.status().as_u16(), 200);
+
+    // No agent: exit 69.
+    std::fs::write(&path, config_text(dir.path(), &[root().join("models")], &live))?;
+    child.signal("TERM")?;
+    assert_eq!(child.wait_exit(Duration::from_secs(30))?, 0);
+    let (code, text) = reload()?;
+    assert_eq!(code, Some(69), "{text}");
+    Ok(())
+}
+
 #[test]
 fn keygen_init_and_rotate_root_from_the_command_line() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -85,10 +85,13 @@ async fn repository_index_and_metrics() -> anyhow::Result<()> {
     let (s, _) = agent.post("/v2/models/cnn/infer", &json!({"inputs": []})).await?;
     assert_eq!(s, 400);
     let text = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
-    assert!(text.contains("outpost_inference_requests_total{model=\"cnn\",outcome=\"ok\"} 3"), "{text}");
-    assert!(text.contains("outpost_inference_requests_total{model=\"cnn\",outcome=\"invalid_input\"} 1"), "{text}");
-    assert!(text.contains("outpost_inference_failures_total{model=\"cnn\"} 1"), "{text}");
-    assert!(text.contains("outpost_inference_duration_seconds_count{model=\"cnn\"} 4"), "{text}");
+    // Request metrics carry the version that served (a canary is compared with its default).
+    assert!(text.contains("outpost_inference_requests_total{model=\"cnn\",version=\"1\",outcome=\"ok\"} 3"), "{text}");
+    let sum = |prefix: &str| -> u64 {
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    };
+    assert_eq!(sum("outpost_inference_failures_total{model=\"cnn\""), 1, "{text}");
+    assert_eq!(sum("outpost_inference_duration_seconds_count{model=\"cnn\""), 4, "{text}");
     assert!(text.contains("outpost_queue_depth{model=\"cnn\"} 0"), "{text}");
     assert!(text.contains("outpost_model_ready{model=\"mlp\",version=\"1\"} 1"), "{text}");
     agent.stop().await
@@ -260,6 +263,19 @@ async fn the_metrics_pass_promtool_check_metrics() -> anyhow::Result<()> {
     let out = child.wait_with_output()?;
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.trim().is_empty(), "promtool:\n{report}");
+    // A scraper that asks for OpenMetrics (Prometheus does) gets it from the same families.
+    let om = agent
+        .http
+        .get(agent.url("/metrics"))
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await?;
+    let kind = om.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(kind.starts_with("application/openmetrics-text; version=1.0.0"), "{kind}");
+    let om = om.text().await?;
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE outpost_inference_requests counter\n"), "{om}");
+    assert!(om.contains("outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"} 1\n"), "{om}");
     agent.stop().await
 }
 
@@ -336,18 +352,21 @@ async fn a_reload_applies_what_it_can_and_names_what_needs_a_restart_without_sto
     let agent = TestAgent::demo().await?;
     let running = agent.agent.config();
     let path = agent.config_path();
-    // A new listen address and a new [mqtt] section (restart only), and a model disabled (live).
+    // A new listen address and a new [upstream] section (restart only), and a model disabled
+    // (live).
     let text = std::fs::read_to_string(&path)?.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
-        + "\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\n[models.cnn]\nenabled = false\n";
+        + "\n[upstream]\nurl = \"http://127.0.0.1:1\"\nallow_http = true\n\n[models.cnn]\nenabled = false\n";
     std::fs::write(&path, text)?;
-    agent.agent.reload(outpost::config::Config::load(&path)?).await;
+    let report = agent.agent.reload(outpost::config::Config::load(&path)?).await;
+    assert_eq!(report.needs_restart, ["http.listen", "[upstream]"], "{report:?}");
+    assert_eq!(report.applied, ["models.cnn"], "{report:?}");
     let now = agent.agent.config();
     assert_eq!(now.http.listen, running.http.listen, "a refused value is not stored");
-    assert!(now.mqtt.is_none(), "a refused section is not stored");
+    assert!(now.upstream.is_none(), "a refused section is not stored");
     assert_eq!(agent.get("/v2/models/cnn/ready").await?.0, 404, "the live part is applied");
     let (_, status) = agent.get("/admin/status").await?;
     let alarm = status["alarms"]["restart_needed"].as_str().unwrap_or_default().to_owned();
-    assert!(alarm.contains("http.listen") && alarm.contains("[mqtt]"), "{status}");
+    assert!(alarm.contains("http.listen") && alarm.contains("[upstream]"), "{status}");
     // Back to what runs: the alarm clears.
     std::fs::write(&path, config_text(agent.state.path(), &[root().join("models")], ""))?;
     agent.agent.reload(outpost::config::Config::load(&path)?).await;

@@ -466,8 +466,9 @@ async fn telemetry_reaches_a_real_prometheus_by_remote_write_backlog_included() 
     let back_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let a = agent_in(state, "till-m", &[&c.url], &token, &telemetry(&prom.write_url())).await?;
     infer(&a, "till-m", 5..8).await?;
-    let series = "outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\"}";
-    let promql = "outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\",node=\"till-m\",site=\"test-site\"}";
+    let series = "outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"}";
+    let promql =
+        "outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\",node=\"till-m\",site=\"test-site\"}";
     // The newest sample equals what the agent's /metrics says now (no traffic since).
     let end = Instant::now() + Duration::from_secs(60);
     loop {

@@ -34,7 +34,10 @@ async fn v5_request_response_for_every_demo_model() -> anyhow::Result<()> {
     assert_eq!(reply["model_version"], "1");
     // Requests and their audit records carry the transport.
     let metrics = agent.http.get(agent.url("/metrics")).send().await?.text().await?;
-    assert!(metrics.contains("outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\"}"));
+    assert!(
+        metrics.contains("outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
     let recs = agent.agent.audit().expect("audit").range(1, u64::MAX, usize::MAX)?;
     assert!(recs
         .iter()
@@ -283,7 +286,7 @@ async fn two_agents_share_the_load_and_one_takes_over_when_the_other_dies() -> a
         );
         let n: u64 = m
             .lines()
-            .find(|l| l.starts_with("outpost_inference_requests_total{model=\"mlp\",outcome=\"ok\"}"))
+            .find(|l| l.starts_with("outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"}"))
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
@@ -319,4 +322,45 @@ async fn two_agents_share_the_load_and_one_takes_over_when_the_other_dies() -> a
     live.signal("TERM")?;
     assert_eq!(live.wait_exit(Duration::from_secs(30))?, 0);
     Ok(())
+}
+
+/// A reload that moves `[mqtt]` to another broker reconnects there without a restart, and
+/// says so; settings the client cannot use are refused and the running connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_mqtt_to_another_broker_live() -> anyhow::Result<()> {
+    let first = Broker::start(BrokerOptions::default())?;
+    let second = Broker::start(BrokerOptions::default())?;
+    let models = mlp_only()?;
+    let agent = TestAgent::start(&[models.path().to_owned()], &mqtt_toml(&first.url(), "")).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let req = Requester::connect(first.port, "pos-a", None, None).await?;
+    golden.check(0, &req.request(&format!("{INFER}/mlp"), "a", &golden.request(0)).await?)?;
+
+    let text = std::fs::read_to_string(agent.config_path())?;
+    let moved = text.replace(&first.url(), &second.url());
+    std::fs::write(agent.config_path(), &moved)?;
+    let report = agent.agent.reload(outpost::config::Config::load(&agent.config_path())?).await;
+    assert!(report.ok() && report.applied == ["[mqtt]"], "{report:?}");
+    let req = Requester::connect(second.port, "pos-b", None, None).await?;
+    golden.check(0, &req.request(&format!("{INFER}/mlp"), "b", &golden.request(0)).await?)?;
+    let (_, status) = agent.get("/admin/status").await?;
+    assert_eq!(status["mqtt"]["broker"], format!("127.0.0.1:{}", second.port), "{status}");
+
+    // A password file that does not exist: refused, the connection to the second broker
+    // stays, and the stored configuration keeps the running [mqtt].
+    let bad = moved.replace("inflight = 32", "inflight = 32\nusername = \"till\"\npassword_file = \"/nonexistent/pw\"");
+    std::fs::write(agent.config_path(), &bad)?;
+    match outpost::config::Config::load(&agent.config_path()) {
+        Ok(cfg) => {
+            let report = agent.agent.reload(cfg).await;
+            assert!(!report.ok() && report.failed.iter().any(|f| f.starts_with("[mqtt]")), "{report:?}");
+            assert!(
+                agent.agent.config().mqtt.as_ref().is_some_and(|m| m.username.is_none()),
+                "refused value not stored"
+            );
+        }
+        Err(e) => assert!(e.to_string().contains("password_file"), "{e}"),
+    }
+    golden.check(0, &req.request(&format!("{INFER}/mlp"), "c", &golden.request(0)).await?)?;
+    agent.stop().await
 }

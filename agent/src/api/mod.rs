@@ -186,7 +186,7 @@ impl InferenceService {
         self.repository.gauges()
     }
 
-    /// The `/metrics` text: counters, what serves, and the overflow breaker.
+    /// The `/metrics` exposition (OpenMetrics): counters, what serves, and the overflow breaker.
     pub fn render_metrics(&self) -> String {
         let breaker = self.overflow.as_ref().map(|ov| crate::telemetry::BreakerGauge {
             state: ov.breaker.state().as_gauge(),
@@ -324,7 +324,10 @@ impl InferenceService {
             Err(InferError::ModelNotFound(_)) => crate::telemetry::UNKNOWN_MODEL,
             _ => model,
         };
-        self.metrics.record_request(label, outcome.label(), latency);
+        // The version looked up here (a canary is compared with its default by this label);
+        // empty when none was, or when the overflow target answered.
+        let served_here = served_as.as_ref().filter(|_| !routing.answered_upstream).map_or("", |(v, _)| v.as_str());
+        self.metrics.record_request(label, served_here, outcome.label(), latency);
         let event = Event::Request {
             ctx,
             model: model.to_owned(),

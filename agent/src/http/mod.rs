@@ -555,9 +555,22 @@ async fn repository_index(State(s): State<HttpState>) -> Response {
     axum::Json(models).into_response()
 }
 
-async fn metrics(State(s): State<HttpState>) -> Response {
+/// OpenMetrics to a scraper that asks for it (Prometheus does), the text format 0.0.4
+/// otherwise.
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let text = s.service.render_metrics();
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        let kind = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+        ([(header::CONTENT_TYPE, kind)], text).into_response()
+    } else {
+        let kind = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+        ([(header::CONTENT_TYPE, kind)], crate::telemetry::to_text_format(&text)).into_response()
+    }
 }
 
 fn control_error(e: crate::api::control::ControlError) -> ApiError {
@@ -671,11 +684,19 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
             "urls": u.urls,
             "audit_backlog_records": s.service.metrics.gauge("audit_backlog_records"),
             "telemetry_backlog_bytes": s.service.metrics.gauge("telemetry_backlog_bytes"),
+            "last_success_at": s.service.metrics.gauge("upstream_last_success_timestamp_seconds"),
         })),
         "mqtt": cfg.mqtt.as_ref().map(|m| json!({
             "broker": format!("{}:{}", m.host, m.port),
             "connected": s.service.metrics.gauge("mqtt_connected").map(|v| v > 0.0),
         })),
+        "registry": cfg.registry.as_ref().map(|r| {
+            let mut v = s.service.metrics.section("registry").unwrap_or_else(|| json!({ "url": r.url }));
+            v["last_success_at"] = json!(s.service.metrics.gauge("registry_last_success_timestamp_seconds"));
+            v["download"] = s.service.metrics.section("download").unwrap_or(Value::Null);
+            v
+        }),
+        "reload": s.service.metrics.section("reload"),
     }))
     .into_response()
 }

@@ -71,16 +71,7 @@ impl Overflow {
             builder = crate::tls::add_roots(builder, ca, "overflow.ca")?;
         }
         if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
-            let read = |setting, path: &std::path::Path| {
-                std::fs::read(path).map_err(|source| TlsError::Read { setting, path: path.to_owned(), source })
-            };
-            let mut pem = read("overflow.client_cert", cert)?;
-            pem.extend(read("overflow.client_key", key)?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|source| TlsError::Client {
-                setting: "overflow.client_cert and overflow.client_key",
-                source,
-            })?;
-            builder = builder.identity(identity);
+            builder = crate::tls::add_identity(builder, cert, key, ("overflow.client_cert", "overflow.client_key"))?;
         }
         let client = builder.build().map_err(|source| TlsError::Client { setting: "overflow", source })?;
         let token =

@@ -1,5 +1,6 @@
 //! Fetching registry files from `https://`, `http://` (only where configured) or `file://`,
-//! every read capped before and while it happens; blob downloads resume with `Range`.
+//! every read capped before and while it happens; blob downloads resume with `Range`, report
+//! their progress, and are cut only when no byte arrives for the stall timeout.
 
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
@@ -13,23 +14,59 @@ pub struct FetchOptions {
     pub allow_http: bool,
     /// Extra CA certificates (PEM) trusted for `https://` registries.
     pub ca: Option<PathBuf>,
+    /// The whole of one metadata request (root, index, manifest).
     pub timeout: Duration,
+    /// A blob download is cut when no byte arrives for this long (however long it takes in
+    /// all); the next attempt resumes it.
+    pub stall_timeout: Duration,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        FetchOptions { allow_http: false, ca: None, timeout: Duration::from_secs(30) }
+        FetchOptions {
+            allow_http: false,
+            ca: None,
+            timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl From<&crate::config::RegistryConfig> for FetchOptions {
+    fn from(c: &crate::config::RegistryConfig) -> FetchOptions {
+        FetchOptions { allow_http: c.allow_http, ca: c.ca.clone(), timeout: c.timeout, stall_timeout: c.stall_timeout }
     }
 }
 
 enum Base {
     File(PathBuf),
-    Http { base: String, client: reqwest::Client },
+    Http { base: String, client: reqwest::Client, timeout: Duration },
+}
+
+/// Where a blob download stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub received: u64,
+    pub total: u64,
+    /// Bytes a second over this attempt.
+    pub rate: f64,
+    /// At that rate.
+    pub eta: Option<Duration>,
+}
+
+impl Progress {
+    fn at(received: u64, total: u64, resumed_from: u64, elapsed: Duration) -> Progress {
+        let secs = elapsed.as_secs_f64();
+        let rate = if secs > 0.0 { received.saturating_sub(resumed_from) as f64 / secs } else { 0.0 };
+        let eta = (rate > 0.0).then(|| Duration::from_secs_f64(total.saturating_sub(received) as f64 / rate));
+        Progress { received, total, rate, eta }
+    }
 }
 
 pub struct Fetcher {
     base: Base,
     display: String,
+    stall: Duration,
 }
 
 /// The answer to a conditional GET.
@@ -42,7 +79,11 @@ pub enum Fetched {
 impl Fetcher {
     pub fn new(url: &str, opts: &FetchOptions) -> Result<Fetcher, RegistryError> {
         if let Some(path) = url.strip_prefix("file://") {
-            return Ok(Fetcher { base: Base::File(PathBuf::from(path)), display: url.to_owned() });
+            return Ok(Fetcher {
+                base: Base::File(PathBuf::from(path)),
+                display: url.to_owned(),
+                stall: opts.stall_timeout,
+            });
         }
         let is_https = url.starts_with("https://");
         if !is_https && !url.starts_with("http://") {
@@ -54,8 +95,10 @@ impl Fetcher {
             )));
         }
         crate::tls::install_crypto_provider();
+        // No total timeout on the client: blobs take what the link takes. Each read must
+        // progress within the stall timeout; metadata requests also carry `timeout` each.
         let mut builder = crate::tls::outbound(reqwest::Client::builder())
-            .timeout(opts.timeout)
+            .read_timeout(opts.stall_timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &opts.ca {
@@ -64,11 +107,19 @@ impl Fetcher {
         }
         let client = builder.build().map_err(|e| RegistryError::Invalid(format!("http client: {e}")))?;
         let base = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };
-        Ok(Fetcher { base: Base::Http { base, client }, display: url.to_owned() })
+        Ok(Fetcher {
+            base: Base::Http { base, client, timeout: opts.timeout },
+            display: url.to_owned(),
+            stall: opts.stall_timeout,
+        })
     }
 
     pub fn url(&self) -> &str {
         &self.display
+    }
+
+    fn stall_timeout(&self) -> Duration {
+        self.stall
     }
 
     /// Fetches `rel` (at most `cap` bytes); with an ETag, a 304 answers `NotModified`.
@@ -79,9 +130,9 @@ impl Fetcher {
                 let bytes = read_file_capped(&path, cap).await?;
                 Ok(Fetched::Body { bytes, etag: None })
             }
-            Base::Http { base, client } => {
+            Base::Http { base, client, timeout } => {
                 let url = format!("{base}{rel}");
-                let mut req = client.get(&url);
+                let mut req = client.get(&url).timeout(*timeout);
                 if let Some(e) = etag {
                     req = req.header(reqwest::header::IF_NONE_MATCH, e);
                 }
@@ -100,7 +151,11 @@ impl Fetcher {
                 }
                 let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 let mut bytes = Vec::new();
-                while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))? {
+                while let Some(chunk) = resp
+                    .chunk()
+                    .await
+                    .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?
+                {
                     if bytes.len() as u64 + chunk.len() as u64 > cap {
                         return Err(RegistryError::TooLarge(format!("{url} is larger than {cap} bytes")));
                     }
@@ -121,7 +176,14 @@ impl Fetcher {
 
     /// Downloads `rel` into `dest`, appending to what an earlier attempt left there. Never
     /// writes more than `size` bytes; fewer is an error that a later call resumes.
-    pub async fn download(&self, rel: &str, dest: &Path, size: u64) -> Result<(), RegistryError> {
+    /// `progress` hears where it stands about once a second and at the end.
+    pub async fn download(
+        &self,
+        rel: &str,
+        dest: &Path,
+        size: u64,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), RegistryError> {
         let io = |e: std::io::Error| RegistryError::file(dest, e);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -139,8 +201,14 @@ impl Fetcher {
             return Ok(());
         }
         file.seek(std::io::SeekFrom::Start(have)).map_err(io)?;
-        let progress_step = (size / 10).max(8 << 20);
-        let mut next_progress = have + progress_step;
+        let started = std::time::Instant::now();
+        let resumed_from = have;
+        if have > 0 {
+            tracing::info!(blob = rel, received = have, total = size, "resuming a cut download");
+        }
+        let log_step = (size / 10).max(8 << 20);
+        let mut next_log = have + log_step;
+        let mut next_report = started;
         let mut halfway_hit = false;
         match &self.base {
             Base::File(dir) => {
@@ -169,13 +237,16 @@ impl Fetcher {
                     }
                 }
             }
-            Base::Http { base, client } => {
+            Base::Http { base, client, .. } => {
                 let url = format!("{base}{rel}");
                 let mut req = client.get(&url);
                 if have > 0 {
                     req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
                 }
-                let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                let mut resp = req
+                    .send()
+                    .await
+                    .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
                 if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
                     return Err(RegistryError::Fetch(e));
                 }
@@ -201,7 +272,22 @@ impl Fetcher {
                         "{url} is larger than the {size} bytes the manifest says"
                     )));
                 }
-                while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))? {
+                loop {
+                    let chunk = match resp.chunk().await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = file.sync_all();
+                            let why = if e.is_timeout() {
+                                format!("no data for {:?}", self.stall_timeout())
+                            } else {
+                                crate::tls::describe(&e)
+                            };
+                            return Err(RegistryError::Fetch(format!(
+                                "{url}: download cut at {have} of {size} bytes ({why}); it resumes at the next attempt"
+                            )));
+                        }
+                    };
                     if have + chunk.len() as u64 > size {
                         file.set_len(0).map_err(io)?;
                         return Err(RegistryError::TooLarge(format!(
@@ -210,9 +296,22 @@ impl Fetcher {
                     }
                     file.write_all(&chunk).map_err(io)?;
                     have += chunk.len() as u64;
-                    if have >= next_progress {
-                        tracing::info!(blob = rel, received = have, total = size, "downloading");
-                        next_progress = have + progress_step;
+                    let now = std::time::Instant::now();
+                    if now >= next_report {
+                        let p = Progress::at(have, size, resumed_from, now - started);
+                        if have >= next_log {
+                            tracing::info!(
+                                blob = rel,
+                                received = have,
+                                total = size,
+                                rate_bytes_per_s = p.rate as u64,
+                                eta_s = p.eta.map(|d| d.as_secs()),
+                                "downloading"
+                            );
+                            next_log = have + log_step;
+                        }
+                        progress(&p);
+                        next_report = now + Duration::from_secs(1);
                     }
                     if !halfway_hit && have * 2 >= size {
                         halfway_hit = true;
@@ -223,9 +322,10 @@ impl Fetcher {
             }
         }
         file.sync_all().map_err(io)?;
+        progress(&Progress::at(have, size, resumed_from, started.elapsed()));
         if have < size {
             return Err(RegistryError::Fetch(format!(
-                "{rel}: truncated download, {have} of {size} bytes (will resume)"
+                "{rel}: download cut at {have} of {size} bytes; it resumes at the next attempt"
             )));
         }
         Ok(())

@@ -41,6 +41,8 @@ pub struct PollReport {
     /// Versions that started as canaries.
     pub canaries: Vec<(String, String)>,
     pub failed: Vec<(String, String)>,
+    /// Installs put off by a network or disk error (a cut download): retried soon.
+    pub deferred: Vec<(String, String)>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, RegistryError>>;
@@ -61,6 +63,12 @@ pub enum Command {
     Load {
         model: String,
         reply: Reply<bool>,
+    },
+    /// New `[registry]` settings (a reload): a new client and trusted root, the running ones
+    /// kept when they cannot be built.
+    Reconfigure {
+        cfg: RegistryConfig,
+        reply: Reply<()>,
     },
     /// Install from an air-gap bundle (a tar of registry files).
     Import {
@@ -87,7 +95,7 @@ impl RegistrySync {
         service: InferenceService,
         config: Arc<RwLock<Arc<Config>>>,
     ) -> Result<RegistrySync, RegistryError> {
-        let opts = FetchOptions { allow_http: cfg.allow_http, ca: cfg.ca.clone(), timeout: cfg.timeout };
+        let opts = FetchOptions::from(&cfg);
         let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         let trusted = Trusted::load(state_dir, &cfg.trusted_root)?;
         let store = Store::open(state_dir).map_err(|e| RegistryError::Io(format!("model store: {e}")))?;
@@ -113,6 +121,19 @@ impl RegistrySync {
         let store = store.with_key(key);
         let state = store.load_state()?;
         Ok(RegistrySync { cfg, fetcher, trusted, store, state, state_dir: state_dir.to_owned(), service, config })
+    }
+
+    /// Swaps in new `[registry]` settings; on error nothing changes.
+    fn reconfigure(&mut self, cfg: RegistryConfig) -> Result<(), RegistryError> {
+        let opts = FetchOptions::from(&cfg);
+        let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
+        if cfg.trusted_root != self.cfg.trusted_root {
+            self.trusted = Trusted::load(&self.state_dir, &cfg.trusted_root)?;
+        }
+        tracing::info!(registry = %cfg.url, channel = %cfg.channel, "registry settings reloaded");
+        self.fetcher = fetcher;
+        self.cfg = cfg;
+        Ok(())
     }
 
     fn model_config(&self, name: &str) -> ModelConfig {
@@ -294,6 +315,22 @@ impl RegistrySync {
         self.import_spool().await;
         let fetcher = self.fetcher.clone();
         let result = self.sync_from(&fetcher).await;
+        self.service.metrics.set_section(
+            "registry",
+            serde_json::json!({
+                "url": fetcher.url(),
+                "channel": self.cfg.channel,
+                "last_poll_at": now(),
+                "result": match &result {
+                    Ok(r) if r.failed.is_empty() && r.deferred.is_empty() => "ok".to_owned(),
+                    Ok(r) => format!("{} refused, {} deferred", r.failed.len(), r.deferred.len()),
+                    Err(_) => "failed".to_owned(),
+                },
+                "index_version": result.as_ref().ok().map(|r| r.index_version),
+                "error": result.as_ref().err().map(ToString::to_string)
+                    .or_else(|| result.as_ref().ok().and_then(|r| r.failed.first().or(r.deferred.first())).map(|(m, e)| format!("{m}: {e}"))),
+            }),
+        );
         match &result {
             Ok(_) => {
                 self.state.registry_error = None;
@@ -342,6 +379,19 @@ impl RegistrySync {
                         } else {
                             report.installed.push(item);
                         }
+                    }
+                    Err(e) if e.is_transient() => {
+                        // Network or disk, not the version: no verdict against it. A cut
+                        // download resumes where it stopped.
+                        tracing::warn!(model = %name, version = %entry.version, error = %e, "install deferred; retried soon, what serves keeps serving");
+                        let pending = Rejection {
+                            name: name.clone(),
+                            version: entry.version.clone(),
+                            reason: e.to_string(),
+                            at: now(),
+                        };
+                        self.state.pending_errors.insert(name.clone(), pending);
+                        report.deferred.push((name.clone(), e.to_string()));
                     }
                     Err(e) => {
                         tracing::warn!(model = %name, version = %entry.version, error = %e, "install refused; what serves keeps serving");
@@ -532,7 +582,39 @@ impl RegistrySync {
         }
         let model_sha = stmt.model_sha256()?.to_owned();
         let partial = self.store.partial_path(&blob.sha256);
-        fetcher.download(&format!("blobs/sha256/{}", blob.sha256), &partial, blob.size).await?;
+        let metrics = self.service.metrics.clone();
+        let (model, version) = (name.to_owned(), entry.version.clone());
+        let show = move |p: &super::client::Progress, state: &str, error: Option<&str>| {
+            metrics.set_section(
+                "download",
+                serde_json::json!({
+                    "model": model, "version": version, "state": state,
+                    "received_bytes": p.received, "total_bytes": p.total,
+                    "rate_bytes_per_s": p.rate.round(), "eta_seconds": p.eta.map(|d| d.as_secs()),
+                    "error": error, "at": now(),
+                }),
+            );
+        };
+        let last = std::sync::Mutex::new(None);
+        let downloaded = fetcher
+            .download(&format!("blobs/sha256/{}", blob.sha256), &partial, blob.size, &|p| {
+                show(p, "downloading", None);
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(p.clone());
+                }
+            })
+            .await;
+        let at = last.lock().ok().and_then(|l| l.clone()).unwrap_or(super::client::Progress {
+            received: 0,
+            total: blob.size,
+            rate: 0.0,
+            eta: None,
+        });
+        match &downloaded {
+            Ok(()) => show(&at, "done", None),
+            Err(e) => show(&at, "interrupted", Some(&e.to_string())),
+        }
+        downloaded?;
         let got = {
             let p = partial.clone();
             tokio::task::spawn_blocking(move || hash_file(&p))
@@ -691,6 +773,15 @@ impl RegistrySync {
             Command::Rollback { model, reply } => {
                 let _ = reply.send(self.rollback(&model).await);
             }
+            Command::Reconfigure { cfg, reply } => {
+                let result = self.reconfigure(cfg);
+                let applied = result.is_ok();
+                let _ = reply.send(result);
+                if applied {
+                    // The new settings take effect now, not at the old interval's end.
+                    return self.poll_once().await.is_ok();
+                }
+            }
             Command::Unload { model, reply } => {
                 let known = self.state.installed.contains_key(&model);
                 if known {
@@ -727,7 +818,7 @@ impl RegistrySync {
     ) {
         self.serve_installed().await;
         let mut failures = tokio::select! {
-            r = self.poll_once() => u32::from(r.is_err()),
+            r = self.poll_once() => u32::from(!r.is_ok_and(|r| r.deferred.is_empty())),
             _ = cancel.cancelled() => return,
         };
         let _ = first_done.send(());
@@ -743,7 +834,9 @@ impl RegistrySync {
                 biased;
                 Some(v) = verdicts.recv() => self.apply_verdict(v),
                 _ = sleep => {
-                    failures = if self.poll_once().await.is_ok() { 0 } else { failures.saturating_add(1) };
+                    // A deferred install retries on the failure backoff, not the poll interval.
+                    let clean = self.poll_once().await.is_ok_and(|r| r.deferred.is_empty());
+                    failures = if clean { 0 } else { failures.saturating_add(1) };
                 }
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(cmd) => {

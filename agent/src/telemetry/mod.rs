@@ -1,8 +1,12 @@
-//! Local telemetry: counters and latency histograms per model, rendered as Prometheus text.
+//! Local telemetry: counters and latency histograms per model and version, exposed for
+//! Prometheus (see `exposition`).
+
+mod exposition;
+
+pub use exposition::to_text_format;
 
 use crate::locks::{MutexExt, RwLockExt};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -20,10 +24,51 @@ pub const UNKNOWN_MODEL: &str = "_unknown";
 #[derive(Default)]
 struct ModelMetrics {
     outcomes: [AtomicU64; OUTCOMES.len()],
+    /// Cumulative: each counts the requests at or under its bound.
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
 }
+
+/// Counters read out of [`ModelMetrics`] (or summed over versions).
+#[derive(Default)]
+struct Totals {
+    outcomes: [u64; OUTCOMES.len()],
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum_us: u64,
+}
+
+impl ModelMetrics {
+    fn totals(&self) -> Totals {
+        Totals {
+            outcomes: std::array::from_fn(|i| self.outcomes[i].load(Ordering::Relaxed)),
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            count: self.count.load(Ordering::Relaxed),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.outcomes.iter_mut().zip(o.outcomes).for_each(|(a, b)| *a += b);
+        self.buckets.iter_mut().zip(o.buckets).for_each(|(a, b)| *a += b);
+        self.count += o.count;
+        self.sum_us += o.sum_us;
+    }
+}
+
+/// Alarms always exposed (0 when not raised), so a dashboard can alert on them before the
+/// first one is raised; others appear once raised.
+const ALARMS: [&str; 6] = [
+    "audit_quota_full",
+    "telemetry_dropped",
+    "upstream_unreachable",
+    "residency_refused",
+    "mqtt_not_authorized",
+    "restart_needed",
+];
 
 /// Overflow counters' key: model, reason, result.
 type OverflowKey = (String, &'static str, &'static str);
@@ -53,7 +98,9 @@ pub struct BreakerGauge {
 
 #[derive(Default)]
 pub struct Metrics {
-    models: RwLock<BTreeMap<String, Arc<ModelMetrics>>>,
+    /// Request counters and latency per (model, version); the version is empty when no
+    /// version was looked up (an unknown model, a request refused before routing).
+    models: RwLock<BTreeMap<(String, String), Arc<ModelMetrics>>>,
     http_errors: AtomicU64,
     audit_refusals: AtomicU64,
     /// Requests refused by access control: unauthenticated, forbidden, rate limited.
@@ -68,6 +115,9 @@ pub struct Metrics {
     cache: RwLock<BTreeMap<String, (u64, u64)>>,
     /// Raised alarms: name → detail.
     alarms: RwLock<BTreeMap<String, String>>,
+    /// Status sections set by other parts (the last reload, the registry's last poll and
+    /// download): name → JSON, shown in `/admin/status`.
+    sections: RwLock<BTreeMap<String, serde_json::Value>>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
     gauges: RwLock<BTreeMap<String, f64>>,
     /// Per model, the request count at the last rate sample (for `summaries`).
@@ -84,45 +134,6 @@ pub struct ModelSummary {
     /// The 99th percentile of end-to-end latency since start, as the histogram's bucket bound
     /// (`None` past the last bucket or without requests).
     pub p99_ms: Option<f64>,
-}
-
-/// The process's resident memory, CPU time, open file descriptors and start time, from
-/// `/proc/self` (the names Prometheus client libraries use); nothing where `/proc` is absent.
-fn process_metrics(out: &mut String) {
-    // CPU times are in clock ticks: 100 a second on Linux (USER_HZ).
-    let ticks = 100.0;
-    let rss_kb = std::fs::read_to_string("/proc/self/status").ok().and_then(|st| {
-        st.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse::<f64>().ok())
-    });
-    if let Some(kb) = rss_kb {
-        let _ = writeln!(
-            out,
-            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
-             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
-            kb * 1024.0
-        );
-    }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the command name (which may hold spaces): utime and stime are the 12th
-        // and 13th.
-        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-        let f = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-        if let (Some(u), Some(s)) = (f(11), f(12)) {
-            let _ = writeln!(
-                out,
-                "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
-                 # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
-                (u + s) / ticks
-            );
-        }
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        let _ = writeln!(
-            out,
-            "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}",
-            fds.count()
-        );
-    }
 }
 
 /// The HELP text of a gauge other parts set.
@@ -153,18 +164,15 @@ impl Metrics {
         Metrics { started: Some(std::time::Instant::now()), ..Self::default() }
     }
 
-    /// Every model's requests, recent rate and p99, by name.
+    /// Every model's requests, recent rate and p99 (all its versions together), by name.
     pub fn summaries(&self) -> BTreeMap<String, ModelSummary> {
         let now = std::time::Instant::now();
         let since_start = self.started.map_or(1.0, |s| now.duration_since(s).as_secs_f64().max(1.0));
-        let models: Vec<(String, Arc<ModelMetrics>)> =
-            self.models.read_locked().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut samples = self.rate_samples.locked();
-        models
+        self.per_model()
             .into_iter()
-            .map(|(name, m)| {
-                let count = m.count.load(Ordering::Relaxed);
-                let buckets: Vec<u64> = m.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+            .map(|(name, t)| {
+                let count = t.count;
                 let rate_per_s = match samples.get(&name) {
                     Some((t, c)) if now.duration_since(*t).as_secs_f64() >= 1.0 => {
                         count.saturating_sub(*c) as f64 / now.duration_since(*t).as_secs_f64()
@@ -175,20 +183,32 @@ impl Metrics {
                 if stale {
                     samples.insert(name.clone(), (now, count));
                 }
-                (name, ModelSummary { requests: count, rate_per_s, p99_ms: p99_bound(&buckets, count) })
+                (name, ModelSummary { requests: count, rate_per_s, p99_ms: p99_bound(&t.buckets, count) })
             })
             .collect()
     }
 
-    fn model(&self, name: &str) -> Arc<ModelMetrics> {
-        if let Some(m) = self.models.read_locked().get(name) {
-            return m.clone();
+    /// Each model's counters summed over its versions.
+    fn per_model(&self) -> BTreeMap<String, Totals> {
+        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
+        for ((name, _), m) in self.models.read_locked().iter() {
+            out.entry(name.clone()).or_default().add(&m.totals());
         }
-        self.models.write_locked().entry(name.to_owned()).or_default().clone()
+        out
     }
 
-    pub fn record_request(&self, model: &str, outcome: &str, latency: Duration) {
-        let m = self.model(model);
+    fn model(&self, name: &str, version: &str) -> Arc<ModelMetrics> {
+        let key = (name.to_owned(), version.to_owned());
+        if let Some(m) = self.models.read_locked().get(&key) {
+            return m.clone();
+        }
+        self.models.write_locked().entry(key).or_default().clone()
+    }
+
+    /// One request's outcome and end-to-end latency, under the version that served it (`""`
+    /// when none did).
+    pub fn record_request(&self, model: &str, version: &str, outcome: &str, latency: Duration) {
+        let m = self.model(model, version);
         let idx = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
         m.outcomes[idx].fetch_add(1, Ordering::Relaxed);
         let secs = latency.as_secs_f64();
@@ -227,6 +247,16 @@ impl Metrics {
         self.alarms.read_locked().clone()
     }
 
+    /// Sets a status section (see `sections`).
+    pub fn set_section(&self, name: &str, value: serde_json::Value) {
+        self.sections.write_locked().insert(name.to_owned(), value);
+    }
+
+    /// A status section, if it was set.
+    pub fn section(&self, name: &str) -> Option<serde_json::Value> {
+        self.sections.read_locked().get(name).cloned()
+    }
+
     /// A gauge set by another part, if it was.
     pub fn gauge(&self, name: &str) -> Option<f64> {
         self.gauges.read_locked().get(name).copied()
@@ -239,24 +269,20 @@ impl Metrics {
     /// A snapshot for upstream telemetry: counters and histograms per model, what serves,
     /// gauges, alarms.
     pub fn snapshot(&self, serving: &[ModelGauge]) -> serde_json::Value {
-        let models = self.models.read_locked();
-        let per_model: serde_json::Map<String, serde_json::Value> = models
-            .iter()
-            .map(|(name, m)| {
-                let outcomes: serde_json::Map<String, serde_json::Value> = OUTCOMES
-                    .iter()
-                    .enumerate()
-                    .map(|(i, o)| ((*o).to_owned(), serde_json::json!(m.outcomes[i].load(Ordering::Relaxed))))
-                    .collect();
-                let buckets: Vec<u64> = m.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let per_model: serde_json::Map<String, serde_json::Value> = self
+            .per_model()
+            .into_iter()
+            .map(|(name, t)| {
+                let outcomes: serde_json::Map<String, serde_json::Value> =
+                    OUTCOMES.iter().zip(t.outcomes).map(|(o, n)| ((*o).to_owned(), serde_json::json!(n))).collect();
                 (
-                    name.clone(),
+                    name,
                     serde_json::json!({
                         "requests": outcomes,
                         "latency_buckets_le_s": BUCKETS,
-                        "latency_buckets": buckets,
-                        "latency_count": m.count.load(Ordering::Relaxed),
-                        "latency_sum_us": m.sum_us.load(Ordering::Relaxed),
+                        "latency_buckets": t.buckets,
+                        "latency_count": t.count,
+                        "latency_sum_us": t.sum_us,
                     }),
                 )
             })
@@ -318,153 +344,97 @@ impl Metrics {
         self.tls_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition format 0.0.4, with what serves and the overflow breaker as
-    /// the caller sees them.
+    /// The exposition (OpenMetrics, through the `prometheus-client` crate), with what serves
+    /// and the overflow breaker as the caller sees them.
     pub fn render(&self, serving: &[ModelGauge], breaker: Option<BreakerGauge>) -> String {
-        let mut out = String::with_capacity(4096);
-        let _ = writeln!(
-            out,
-            "# HELP outpost_build_info The agent's version (the value is always 1).\n# TYPE outpost_build_info gauge\n\
-             outpost_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        process_metrics(&mut out);
-        let models = self.models.read_locked();
-        out.push_str("# HELP outpost_inference_requests_total Inference requests by model and outcome.\n");
-        out.push_str("# TYPE outpost_inference_requests_total counter\n");
-        for (name, m) in models.iter() {
-            for (i, o) in OUTCOMES.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "outpost_inference_requests_total{{model=\"{name}\",outcome=\"{o}\"}} {}",
-                    m.outcomes[i].load(Ordering::Relaxed)
+        let mut x = exposition::Exposition::default();
+        x.gauge("outpost_build_info", "The agent's version (the value is always 1).")
+            .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        exposition::process_metrics(&mut x);
+        {
+            let models = self.models.read_locked();
+            let f = x.counter("outpost_inference_requests", "Inference requests by model, version and outcome.");
+            for ((name, version), m) in models.iter() {
+                for (i, o) in OUTCOMES.iter().enumerate() {
+                    f.count(
+                        &[("model", name), ("version", version), ("outcome", o)],
+                        m.outcomes[i].load(Ordering::Relaxed),
+                    );
+                }
+            }
+            let f = x.counter(
+                "outpost_inference_failures",
+                "Inference requests that did not succeed, by model and version.",
+            );
+            for ((name, version), m) in models.iter() {
+                let failed: u64 = m.outcomes[1..].iter().map(|c| c.load(Ordering::Relaxed)).sum();
+                f.count(&[("model", name), ("version", version)], failed);
+            }
+            let f = x
+                .histogram("outpost_inference_duration_seconds", "End-to-end inference latency, by model and version.");
+            for ((name, version), m) in models.iter() {
+                let t = m.totals();
+                f.histogram(
+                    &[("model", name), ("version", version)],
+                    &BUCKETS,
+                    &t.buckets,
+                    t.count,
+                    t.sum_us as f64 / 1e6,
                 );
             }
         }
-        out.push_str("# HELP outpost_inference_failures_total Inference requests that did not succeed.\n");
-        out.push_str("# TYPE outpost_inference_failures_total counter\n");
-        for (name, m) in models.iter() {
-            let failed: u64 = m.outcomes[1..].iter().map(|c| c.load(Ordering::Relaxed)).sum();
-            let _ = writeln!(out, "outpost_inference_failures_total{{model=\"{name}\"}} {failed}");
-        }
-        out.push_str("# HELP outpost_inference_duration_seconds End-to-end inference latency.\n");
-        out.push_str("# TYPE outpost_inference_duration_seconds histogram\n");
-        for (name, m) in models.iter() {
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "outpost_inference_duration_seconds_bucket{{model=\"{name}\",le=\"{le}\"}} {}",
-                    m.buckets[i].load(Ordering::Relaxed)
-                );
-            }
-            let count = m.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "outpost_inference_duration_seconds_bucket{{model=\"{name}\",le=\"+Inf\"}} {count}");
-            let sum = m.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "outpost_inference_duration_seconds_sum{{model=\"{name}\"}} {sum}");
-            let _ = writeln!(out, "outpost_inference_duration_seconds_count{{model=\"{name}\"}} {count}");
-        }
-        drop(models);
-        out.push_str("# HELP outpost_queue_depth Requests queued or running per model.\n");
-        out.push_str("# TYPE outpost_queue_depth gauge\n");
+        let f = x.gauge("outpost_queue_depth", "Requests queued or running per model.");
         for m in serving {
-            let _ = writeln!(out, "outpost_queue_depth{{model=\"{}\"}} {}", m.name, m.queue_depth);
+            f.sample(&[("model", &m.name)], m.queue_depth as f64);
         }
-        out.push_str("# HELP outpost_model_ready 1 when the model serves, 0 otherwise.\n");
-        out.push_str("# TYPE outpost_model_ready gauge\n");
+        let f = x.gauge("outpost_model_ready", "1 when the model serves, 0 otherwise.");
         for m in serving {
-            let version = m.version.as_deref().unwrap_or("");
-            let _ = writeln!(
-                out,
-                "outpost_model_ready{{model=\"{}\",version=\"{version}\"}} {}",
-                m.name,
-                u8::from(m.ready)
+            f.sample(
+                &[("model", &m.name), ("version", m.version.as_deref().unwrap_or(""))],
+                f64::from(u8::from(m.ready)),
             );
         }
-        out.push_str("# HELP outpost_http_rejected_total HTTP requests refused before reaching a model.\n");
-        out.push_str("# TYPE outpost_http_rejected_total counter\n");
-        let _ = writeln!(out, "outpost_http_rejected_total {}", self.http_errors.load(Ordering::Relaxed));
-        out.push_str(
-            "# HELP outpost_http_access_denied_total Requests refused by authentication, role or rate limit.\n",
-        );
-        out.push_str("# TYPE outpost_http_access_denied_total counter\n");
+        x.counter("outpost_http_rejected", "HTTP requests refused before reaching a model.")
+            .count(&[], self.http_errors.load(Ordering::Relaxed));
+        let f = x.counter("outpost_http_access_denied", "Requests refused by authentication, role or rate limit.");
         for (i, k) in ACCESS_DENIALS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "outpost_http_access_denied_total{{reason=\"{k}\"}} {}",
-                self.access_denied[i].load(Ordering::Relaxed)
-            );
+            f.count(&[("reason", k)], self.access_denied[i].load(Ordering::Relaxed));
         }
-        {
-            let m = self.cache.read_locked();
-            out.push_str("# HELP outpost_cache_requests_total Response cache lookups by model and result.\n");
-            out.push_str("# TYPE outpost_cache_requests_total counter\n");
-            for (model, (hits, misses)) in m.iter() {
-                let _ = writeln!(out, "outpost_cache_requests_total{{model=\"{model}\",result=\"hit\"}} {hits}");
-                let _ = writeln!(out, "outpost_cache_requests_total{{model=\"{model}\",result=\"miss\"}} {misses}");
-            }
+        let f = x.counter("outpost_cache_requests", "Response cache lookups by model and result.");
+        for (model, (hits, misses)) in self.cache.read_locked().iter() {
+            f.count(&[("model", model), ("result", "hit")], *hits);
+            f.count(&[("model", model), ("result", "miss")], *misses);
         }
-        {
-            let m = self.overflow.read_locked();
-            out.push_str(
-                "# HELP outpost_overflow_requests_total Requests tried on the overflow target, by reason and result.\n",
-            );
-            out.push_str("# TYPE outpost_overflow_requests_total counter\n");
-            for ((model, reason, result), (n, _)) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "outpost_overflow_requests_total{{model=\"{model}\",reason=\"{reason}\",result=\"{result}\"}} {n}"
-                );
-            }
+        let f = x.counter("outpost_overflow_requests", "Requests tried on the overflow target, by reason and result.");
+        for ((model, reason, result), (n, _)) in self.overflow.read_locked().iter() {
+            f.count(&[("model", model), ("reason", reason), ("result", result)], *n);
         }
         if let Some(b) = breaker {
-            out.push_str(
-                "# HELP outpost_overflow_breaker_state The overflow target's circuit breaker: 0 closed, 1 open, 2 half-open.\n",
-            );
-            out.push_str("# TYPE outpost_overflow_breaker_state gauge\n");
-            let _ = writeln!(out, "outpost_overflow_breaker_state {}", b.state);
-            out.push_str("# HELP outpost_overflow_breaker_opened_total Times the overflow breaker opened.\n");
-            out.push_str("# TYPE outpost_overflow_breaker_opened_total counter\n");
-            let _ = writeln!(out, "outpost_overflow_breaker_opened_total {}", b.opened);
+            x.gauge(
+                "outpost_overflow_breaker_state",
+                "The overflow target's circuit breaker: 0 closed, 1 open, 2 half-open.",
+            )
+            .sample(&[], f64::from(b.state));
+            x.counter("outpost_overflow_breaker_opened", "Times the overflow breaker opened.").count(&[], b.opened);
         }
-        out.push_str(
-            "# HELP outpost_http_connections_refused_total Connections closed at accept (http.max_connections).\n",
-        );
-        out.push_str("# TYPE outpost_http_connections_refused_total counter\n");
-        let _ = writeln!(
-            out,
-            "outpost_http_connections_refused_total {}",
-            self.connections_refused.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP outpost_http_connections_open HTTP connections being served.\n");
-        out.push_str("# TYPE outpost_http_connections_open gauge\n");
-        let _ = writeln!(out, "outpost_http_connections_open {}", self.connections_open.load(Ordering::Relaxed));
-        out.push_str("# HELP outpost_tls_handshake_failures_total TLS handshakes that failed or timed out.\n");
-        out.push_str("# TYPE outpost_tls_handshake_failures_total counter\n");
-        let _ = writeln!(out, "outpost_tls_handshake_failures_total {}", self.tls_failures.load(Ordering::Relaxed));
-        out.push_str(
-            "# HELP outpost_audit_refusals_total Answers withheld because their audit record could not be kept.\n",
-        );
-        out.push_str("# TYPE outpost_audit_refusals_total counter\n");
-        let _ = writeln!(out, "outpost_audit_refusals_total {}", self.audit_refusals.load(Ordering::Relaxed));
-        out.push_str("# HELP outpost_alarm 1 while an alarm is raised.\n");
-        out.push_str("# TYPE outpost_alarm gauge\n");
-        for name in [
-            "audit_quota_full",
-            "telemetry_dropped",
-            "upstream_unreachable",
-            "residency_refused",
-            "mqtt_not_authorized",
-        ] {
-            let on = self.alarms.read().map(|a| a.contains_key(name)).unwrap_or(false);
-            let _ = writeln!(out, "outpost_alarm{{name=\"{name}\"}} {}", u8::from(on));
+        x.counter("outpost_http_connections_refused", "Connections closed at accept (http.max_connections).")
+            .count(&[], self.connections_refused.load(Ordering::Relaxed));
+        x.gauge("outpost_http_connections_open", "HTTP connections being served.")
+            .sample(&[], self.connections_open.load(Ordering::Relaxed) as f64);
+        x.counter("outpost_tls_handshake_failures", "TLS handshakes that failed or timed out.")
+            .count(&[], self.tls_failures.load(Ordering::Relaxed));
+        x.counter("outpost_audit_refusals", "Answers withheld because their audit record could not be kept.")
+            .count(&[], self.audit_refusals.load(Ordering::Relaxed));
+        let f = x.gauge("outpost_alarm", "1 while an alarm is raised.");
+        let alarms = self.alarms();
+        for name in
+            ALARMS.iter().copied().chain(alarms.keys().map(String::as_str)).collect::<std::collections::BTreeSet<_>>()
+        {
+            f.sample(&[("name", name)], f64::from(u8::from(alarms.contains_key(name))));
         }
         for (name, v) in self.gauges.read_locked().iter() {
-            let _ = writeln!(
-                out,
-                "# HELP outpost_{name} {}\n# TYPE outpost_{name} gauge\noutpost_{name} {v}",
-                gauge_help(name)
-            );
+            x.gauge(&format!("outpost_{name}"), gauge_help(name)).sample(&[], *v);
         }
-        out
+        x.encode()
     }
 }
