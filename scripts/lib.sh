@@ -64,6 +64,55 @@ License: Apache-2.0
 COPY
 }
 
+# deb_scripts SRCDIR UNIT DEBIANDIR : installs SRCDIR's postinst, prerm and postrm into
+# DEBIANDIR with their #SYSTEMD# line replaced by the service handling dh_installsystemd
+# generates (deb-systemd-helper, deb-systemd-invoke) for UNIT.
+deb_scripts() {
+  local src="$1" unit="$2" dest="$3" s
+  for s in postinst prerm postrm; do
+    awk -v snippet="$ROOT/packaging/debian/systemd/$s" -v unit="$unit" '
+      $0 == "#SYSTEMD#" { while ((getline l < snippet) > 0) { gsub(/@UNIT@/, unit, l); print l }; next }
+      { print }' "$src/$s" > "$dest/$s"
+    chmod 0755 "$dest/$s"
+  done
+}
+
+# deb_changelog PACKAGE VERSION CHANGELOG_MD : the Debian changelog (to stdout) of VERSION from
+# the newest section of CHANGELOG.md, each entry wrapped to 80 columns.
+deb_changelog() {
+  echo "$1 ($2) stable; urgency=medium"
+  echo
+  awk '
+    function flush() { if (entry != "") { print wrap(entry) }; entry = "" }
+    function wrap(text,   out, line, n, i, words) {
+      n = split(text, words, / +/); line = "  *"; out = ""
+      for (i = 1; i <= n; i++) {
+        if (words[i] == "") continue
+        if (length(line) + 1 + length(words[i]) > 78 && line != "  *" && line != "   ") { out = out line "\n"; line = "   " }
+        line = line " " words[i]
+      }
+      return out line
+    }
+    /^## \[/ { n++; next }
+    n == 1 && /^- / { flush(); entry = substr($0, 3); next }
+    n == 1 && /^  +[^ ]/ && entry != "" { sub(/^ +/, ""); entry = entry " " $0; next }
+    n == 1 && /^### / { flush(); next }
+    END { flush() }' "$3"
+  echo
+  echo " -- Outpost maintainers <team@outpost.invalid>  $(date -R -d @0)"
+}
+
+# deb_config_override DEBDIR PACKAGE CONFIG : the lintian override for the package's 0640
+# configuration file (it may name secrets and key paths; root:PACKAGE, not world-readable).
+deb_config_override() {
+  install -d "$1/usr/share/lintian/overrides"
+  {
+    echo "# $3 is 0640 on purpose: it may name secrets and key files (README, Security)."
+    echo "$2: non-standard-file-perm 0640 != 0644 [${3#/}]"
+  } > "$1/usr/share/lintian/overrides/$2"
+  chmod 0644 "$1/usr/share/lintian/overrides/$2"
+}
+
 # deb_finish DEBDIR DEBFILE : writes DEBIAN/md5sums and builds DEBFILE; prints its path.
 deb_finish() {
   (cd "$1" && find . -path ./DEBIAN -prune -o -type f -print0 | sed -z 's|^\./||' | sort -z | xargs -0 md5sum > DEBIAN/md5sums)

@@ -43,17 +43,18 @@ cp -a "$stage" "$deb"
   echo
   echo "  * Release $version; see README.md."
   echo
-  echo " -- Outpost maintainers <maintainers@outpost.invalid>  $(date -R -d @0)"
+  echo " -- Outpost maintainers <team@outpost.invalid>  $(date -R -d @0)"
 } | gzip -9n > "$deb/usr/share/doc/outpost-collector/changelog.gz"
+deb_config_override "$deb" outpost-collector /etc/outpost-collector/collector.toml
 install -d "$deb/DEBIAN"
 size="$(du -sk --exclude=DEBIAN "$deb" | cut -f1)"
 cat > "$deb/DEBIAN/control" <<CTRL
 Package: outpost-collector
 Version: $version
 Architecture: $deb_arch
-Maintainer: Outpost maintainers <maintainers@outpost.invalid>
+Maintainer: Outpost maintainers <team@outpost.invalid>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), adduser
+Depends: libc6 (>= 2.34), adduser, init-system-helpers (>= 1.54~)
 Recommends: postgresql
 Section: net
 Priority: optional
@@ -64,7 +65,7 @@ Description: fleet collector for Outpost edge inference agents
  as JSON, a table, a web page and Prometheus metrics.
 CTRL
 echo "/etc/outpost-collector/collector.toml" > "$deb/DEBIAN/conffiles"
-install -m 0755 "$P/postinst" "$P/prerm" "$P/postrm" "$deb/DEBIAN/"
+deb_scripts "$P" outpost-collector.service "$deb/DEBIAN"
 deb_finish "$deb" "$out/outpost-collector_${version}_${deb_arch}.deb"
 
 # --- .rpm ---

@@ -65,23 +65,18 @@ copyright_file outpost "$stage/usr/share/doc/outpost/copyright"
 deb="$work/deb"
 cp -a "$stage" "$deb"
 mv "$deb/usr/share/doc/outpost/README.md" "$deb/usr/share/doc/outpost/README.md.keep"
-{
-  echo "outpost ($version) stable; urgency=medium"
-  echo
-  awk '/^## \[/{n++} n==1 && /^- /{sub(/^- /, "  * "); print; next} n==1 && /^  [^ ]/{print "   " $0}' "$ROOT/CHANGELOG.md"
-  echo
-  echo " -- Outpost maintainers <maintainers@outpost.invalid>  $(date -R -d @0)"
-} | gzip -9n > "$deb/usr/share/doc/outpost/changelog.gz"
+deb_changelog outpost "$version" "$ROOT/CHANGELOG.md" | gzip -9n > "$deb/usr/share/doc/outpost/changelog.gz"
 mv "$deb/usr/share/doc/outpost/README.md.keep" "$deb/usr/share/doc/outpost/README.md"
+deb_config_override "$deb" outpost /etc/outpost/outpost.toml
 install -d "$deb/DEBIAN"
 size="$(du -sk --exclude=DEBIAN "$deb" | cut -f1)"
 cat > "$deb/DEBIAN/control" <<CTRL
 Package: outpost
 Version: $version
 Architecture: $deb_arch
-Maintainer: Outpost maintainers <maintainers@outpost.invalid>
+Maintainer: Outpost maintainers <team@outpost.invalid>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), adduser
+Depends: libc6 (>= 2.34), adduser, init-system-helpers (>= 1.54~)
 Section: net
 Priority: optional
 Homepage: https://example.invalid/outpost
@@ -91,7 +86,7 @@ Description: edge inference agent for CPU-only branch servers
  canary rollouts, a tamper-evident audit log and store-and-forward upstream.
 CTRL
 echo "/etc/outpost/outpost.toml" > "$deb/DEBIAN/conffiles"
-install -m 0755 "$ROOT/packaging/debian/postinst" "$ROOT/packaging/debian/prerm" "$ROOT/packaging/debian/postrm" "$deb/DEBIAN/"
+deb_scripts "$ROOT/packaging/debian" outpost.service "$deb/DEBIAN"
 deb_finish "$deb" "$out/outpost_${version}_${deb_arch}.deb"
 
 # --- .rpm ---
