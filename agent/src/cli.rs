@@ -474,6 +474,24 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
     agent.shutdown().await
 }
 
+/// The pid of the agent running on `state_dir`: the one noted in its lock file, and only while
+/// the lock is held (a stale file's pid may since belong to another process, which a SIGHUP
+/// would end).
+fn running_agent_pid(dir: &std::path::Path) -> Result<u32, FatalError> {
+    let path = dir.join("lock");
+    let none = |why: &str| FatalError::Unreachable(format!("no running agent on {}: {why}", dir.display()));
+    let file = std::fs::File::open(&path).map_err(|e| none(&format!("{}: {e}", path.display())))?;
+    match file.try_lock_shared() {
+        Ok(()) => return Err(none("its lock is free")),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(none(&format!("{}: {e}", path.display()))),
+    }
+    std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| none(&format!("no pid in {}", path.display())))
+}
+
 /// `outpost reload`: checks the file as the agent will read it, signals the agent, and waits
 /// for its report in `<state_dir>/reload.json`.
 fn reload_command(config: Option<&PathBuf>, pid: Option<u32>, timeout: std::time::Duration) -> Result<i32, FatalError> {
@@ -483,11 +501,7 @@ fn reload_command(config: Option<&PathBuf>, pid: Option<u32>, timeout: std::time
     let dir = &c.node.state_dir;
     let pid = match pid {
         Some(p) => p,
-        None => {
-            std::fs::read_to_string(dir.join("lock")).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
-                FatalError::Unreachable(format!("no running agent: no pid in {}", dir.join("lock").display()))
-            })?
-        }
+        None => running_agent_pid(dir)?,
     };
     let before = ReloadReport::read(dir).filter(|r| r.pid == pid).map_or(0, |r| r.generation);
     let status = std::process::Command::new("kill")

@@ -287,6 +287,10 @@ async fn a_stalled_download_is_cut_shown_and_resumed_and_a_slow_one_completes() 
         .output()?;
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains(&format!("download mlp 1.1.0: interrupted {}%", (size / 3) * 100 / size)), "{table}");
+    assert!(
+        table.contains(&format!("registry: {} polled ", server.url())) && table.contains("0 refused, 1 deferred"),
+        "{table}"
+    );
     let export = agent.http.get(format!("{}/admin/audit/export?since=1h", agent.base)).send().await?.text().await?;
     assert!(
         export.contains("\"event\":\"verified\"") || export.contains("lifecycle"),

@@ -688,3 +688,57 @@ async fn no_outbound_client_follows_a_redirect_off_the_residency_allow_list() ->
     ensure!(reached.load(SeqCst) == 0, "{} requests reached the host off the allow-list", reached.load(SeqCst));
     agent.stop().await
 }
+
+/// The thin clients take the agent's address, TLS and token from the configuration they find
+/// (`[cli]`), as an operator on an mTLS box with tokens would run them: no environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_reach_an_mtls_box_with_the_configurations_cli_settings() -> Result<()> {
+    let pki = Pki::generate()?;
+    let (secret, entry) = token("ops", &[Role::Observe, Role::Admin], None);
+    let state = tempfile::tempdir()?;
+    let auth = format!("[auth]\ntokens = [{entry}]\n");
+    let text = config(state.path(), &tls_keys(&pki, true), &auth);
+    let agent = TestAgent::start_text(state, &text, "https", tls_client(&pki, Some("client"))?).await?;
+    let token_file = agent.state.path().join("cli.token");
+    std::fs::write(&token_file, format!("{secret}\n"))?;
+    let cli = |with_cert: bool| {
+        let mut c = format!(
+            "[cli]\nurl = \"https://localhost:{}\"\nca = {:?}\ntoken_file = {:?}\n",
+            agent.agent.addr().port(),
+            pki.path("ca.pem").display().to_string(),
+            token_file.display().to_string()
+        );
+        if with_cert {
+            c.push_str(&format!(
+                "client_cert = {:?}\nclient_key = {:?}\n",
+                pki.path("client.pem").display().to_string(),
+                pki.path("client.pk8.key").display().to_string()
+            ));
+        }
+        c
+    };
+    let status = |extra: &str| -> Result<(Option<i32>, String)> {
+        let path = agent.state.path().join("cli.toml");
+        std::fs::write(&path, format!("{text}\n{extra}"))?;
+        let out = std::process::Command::new(crate::outpost_bin())
+            .args(["status", "--config"])
+            .arg(&path)
+            .env_remove("OUTPOST_TOKEN")
+            .env_remove("OUTPOST_CA_FILE")
+            .output()?;
+        Ok((
+            out.status.code(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        ))
+    };
+    let (code, out) = status(&cli(true))?;
+    ensure!(code == Some(0) && out.contains("test-node (test-site)"), "with [cli]: {code:?} {out}");
+    // Without the client certificate, the mTLS listener refuses the handshake: exit 69, named.
+    let (code, out) = status(&cli(false))?;
+    ensure!(code == Some(69) && out.contains("outpost:"), "without a client certificate: {code:?} {out}");
+    // Without the token file, the box answers 401: the command fails and says so.
+    let no_token = cli(true).lines().filter(|l| !l.starts_with("token_file")).collect::<Vec<_>>().join("\n");
+    let (code, out) = status(&no_token)?;
+    ensure!(code == Some(1) && out.contains("error"), "without a token: {code:?} {out}");
+    agent.stop().await
+}
