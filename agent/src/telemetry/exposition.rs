@@ -18,6 +18,8 @@ enum Value {
     /// A counter of seconds.
     Seconds(f64),
     Gauge(f64),
+    /// A gauge that counts (written without a fraction).
+    Count(i64),
     Histogram {
         sum: f64,
         count: u64,
@@ -44,6 +46,11 @@ impl Family {
 
     pub(super) fn seconds(&mut self, l: &[(&str, &str)], v: f64) {
         self.samples.push((labels(l), Value::Seconds(v)));
+    }
+
+    /// A gauge that counts things (queue depth, open connections, a 0/1 state).
+    pub(super) fn level(&mut self, l: &[(&str, &str)], v: i64) {
+        self.samples.push((labels(l), Value::Count(v)));
     }
 
     pub(super) fn sample(&mut self, l: &[(&str, &str)], v: f64) {
@@ -126,6 +133,7 @@ fn encode_value(e: &mut MetricEncoder<'_>, value: &Value) -> Result<(), std::fmt
         Value::Counter(v) => e.encode_counter::<NoLabelSet, _, f64>(v, None),
         Value::Seconds(v) => e.encode_counter::<NoLabelSet, _, f64>(v, None),
         Value::Gauge(v) => e.encode_gauge(v),
+        Value::Count(v) => e.encode_gauge(v),
         Value::Histogram { sum, count, buckets } => e.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None),
     }
 }
@@ -152,7 +160,7 @@ pub(super) fn process_metrics(x: &mut Exposition) {
         }
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        x.gauge("process_open_fds", "Number of open file descriptors.").sample(&[], fds.count() as f64);
+        x.gauge("process_open_fds", "Number of open file descriptors.").level(&[], fds.count() as i64);
     }
 }
 
@@ -200,7 +208,8 @@ mod tests {
     fn families_encode_as_openmetrics_and_as_the_text_format() {
         let mut x = Exposition::default();
         x.counter("outpost_requests", "Requests.").count(&[("model", "m"), ("version", "1.0.0")], 3);
-        x.gauge("outpost_up", "Up.").sample(&[], 1.0);
+        x.gauge("outpost_up", "Up.").level(&[], 1);
+        x.gauge("outpost_load", "Load.").sample(&[], 0.5);
         x.histogram("outpost_latency_seconds", "Latency.").histogram(&[("model", "m")], &[0.1, 1.0], &[1, 2], 3, 2.5);
         let om = x.encode();
         assert!(om.contains("# TYPE outpost_requests counter\n"), "{om}");
@@ -216,7 +225,8 @@ mod tests {
             text.contains("# HELP outpost_requests_total Requests.\n# TYPE outpost_requests_total counter\n"),
             "{text}"
         );
-        assert!(text.contains("# TYPE outpost_up gauge\noutpost_up 1.0\n"), "{text}");
+        assert!(text.contains("# TYPE outpost_up gauge\noutpost_up 1\n"), "{text}");
+        assert!(text.contains("outpost_load 0.5\n"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
     }
 }

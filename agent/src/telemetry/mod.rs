@@ -349,7 +349,7 @@ impl Metrics {
     pub fn render(&self, serving: &[ModelGauge], breaker: Option<BreakerGauge>) -> String {
         let mut x = exposition::Exposition::default();
         x.gauge("outpost_build_info", "The agent's version (the value is always 1).")
-            .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+            .level(&[("version", env!("CARGO_PKG_VERSION"))], 1);
         exposition::process_metrics(&mut x);
         {
             let models = self.models.read_locked();
@@ -385,14 +385,11 @@ impl Metrics {
         }
         let f = x.gauge("outpost_queue_depth", "Requests queued or running per model.");
         for m in serving {
-            f.sample(&[("model", &m.name)], m.queue_depth as f64);
+            f.level(&[("model", &m.name)], m.queue_depth as i64);
         }
         let f = x.gauge("outpost_model_ready", "1 when the model serves, 0 otherwise.");
         for m in serving {
-            f.sample(
-                &[("model", &m.name), ("version", m.version.as_deref().unwrap_or(""))],
-                f64::from(u8::from(m.ready)),
-            );
+            f.level(&[("model", &m.name), ("version", m.version.as_deref().unwrap_or(""))], i64::from(m.ready));
         }
         x.counter("outpost_http_rejected", "HTTP requests refused before reaching a model.")
             .count(&[], self.http_errors.load(Ordering::Relaxed));
@@ -414,13 +411,13 @@ impl Metrics {
                 "outpost_overflow_breaker_state",
                 "The overflow target's circuit breaker: 0 closed, 1 open, 2 half-open.",
             )
-            .sample(&[], f64::from(b.state));
+            .level(&[], i64::from(b.state));
             x.counter("outpost_overflow_breaker_opened", "Times the overflow breaker opened.").count(&[], b.opened);
         }
         x.counter("outpost_http_connections_refused", "Connections closed at accept (http.max_connections).")
             .count(&[], self.connections_refused.load(Ordering::Relaxed));
         x.gauge("outpost_http_connections_open", "HTTP connections being served.")
-            .sample(&[], self.connections_open.load(Ordering::Relaxed) as f64);
+            .level(&[], self.connections_open.load(Ordering::Relaxed) as i64);
         x.counter("outpost_tls_handshake_failures", "TLS handshakes that failed or timed out.")
             .count(&[], self.tls_failures.load(Ordering::Relaxed));
         x.counter("outpost_audit_refusals", "Answers withheld because their audit record could not be kept.")
@@ -430,7 +427,7 @@ impl Metrics {
         for name in
             ALARMS.iter().copied().chain(alarms.keys().map(String::as_str)).collect::<std::collections::BTreeSet<_>>()
         {
-            f.sample(&[("name", name)], f64::from(u8::from(alarms.contains_key(name))));
+            f.level(&[("name", name)], i64::from(alarms.contains_key(name)));
         }
         for (name, v) in self.gauges.read_locked().iter() {
             x.gauge(&format!("outpost_{name}"), gauge_help(name)).sample(&[], *v);
