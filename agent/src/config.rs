@@ -181,6 +181,16 @@ struct RawConfig {
     models: BTreeMap<String, RawModel>,
     #[serde(default)]
     cli: RawCli,
+    grpc: Option<RawGrpc>,
+}
+
+/// The gRPC listener (V2 over gRPC); TLS, clients and tokens come from `[http]` and `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpc {
+    listen: String,
+    max_message_bytes: Option<u64>,
+    max_concurrent_streams: Option<u32>,
 }
 
 /// How the command line reaches this agent (`outpost status`, `reload`, `infer`, `model …`).
@@ -427,8 +437,21 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// How the command line reaches this agent.
     pub cli: CliConfig,
+    /// The gRPC listener; `None`: off.
+    pub grpc: Option<GrpcConfig>,
     /// Where this configuration came from; `None` for the dev profile.
     pub path: Option<PathBuf>,
+}
+
+/// `[grpc]`: the Open Inference Protocol over gRPC on its own listener, with the TLS files
+/// and access rules of `[http]` and `[auth]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+    /// Largest message received or sent.
+    pub max_message_bytes: usize,
+    /// Requests in flight on one connection (HTTP/2 streams).
+    pub max_concurrent_streams: u32,
 }
 
 /// `[cli]`: how `outpost` commands that talk to the running agent reach it. Unset values
@@ -712,6 +735,7 @@ impl Config {
                 engine_threads: crate::engine::cpu::cores(),
                 models: BTreeMap::new(),
                 cli: CliConfig::default(),
+                grpc: None,
                 path: None,
             }
         })
@@ -1057,6 +1081,34 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         );
     }
 
+    let grpc = match raw.grpc {
+        None => None,
+        Some(g) => {
+            let listen: SocketAddr = g.listen.parse().map_err(|e| err(format!("grpc.listen '{}': {e}", g.listen)))?;
+            if !listen.ip().is_loopback() {
+                if auth.is_none() {
+                    return Err(err(format!(
+                        "grpc.listen {listen} is not a loopback address: serving the LAN needs an [auth] section"
+                    )));
+                }
+                if http.tls.is_none() && !raw.http.allow_plaintext.unwrap_or(false) {
+                    return Err(err(format!(
+                        "grpc.listen {listen} is not a loopback address: set http.tls_cert and http.tls_key \
+                         (or http.allow_plaintext = true)"
+                    )));
+                }
+            }
+            let max_message_bytes = g.max_message_bytes.unwrap_or(http.max_body_bytes as u64);
+            if !(1024..=(1 << 30)).contains(&max_message_bytes) {
+                return Err(err("grpc.max_message_bytes must be between 1024 and 1073741824".into()));
+            }
+            let max_concurrent_streams = g.max_concurrent_streams.unwrap_or(128);
+            if !(1..=10_000).contains(&max_concurrent_streams) {
+                return Err(err("grpc.max_concurrent_streams must be between 1 and 10000".into()));
+            }
+            Some(GrpcConfig { listen, max_message_bytes: max_message_bytes as usize, max_concurrent_streams })
+        }
+    };
     let cli = {
         let c = raw.cli;
         if let Some(u) = &c.url {
@@ -1091,6 +1143,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         engine_threads,
         models,
         cli,
+        grpc,
         path,
     })
 }

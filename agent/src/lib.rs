@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod failpoint;
+pub mod grpc;
 pub mod http;
 pub mod lifecycle;
 pub mod locks;
@@ -95,6 +96,7 @@ impl FatalError {
 /// A running agent.
 pub struct Agent {
     addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     started: watch::Receiver<bool>,
@@ -147,6 +149,11 @@ impl Agent {
     /// The address the HTTP listener is bound to (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the gRPC listener is bound to, when `[grpc]` is configured.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     pub fn service(&self) -> &InferenceService {
@@ -378,6 +385,14 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         .await
         .map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
     let addr = listener.local_addr().map_err(|source| FatalError::Bind { addr: config.http.listen, source })?;
+    let grpc_listener = match &config.grpc {
+        Some(g) => Some(
+            tokio::net::TcpListener::bind(g.listen)
+                .await
+                .map_err(|source| FatalError::Bind { addr: g.listen, source })?,
+        ),
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let repository = Arc::new(Repository::new());
@@ -522,7 +537,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         audit: audit.clone(),
         failures: failures.clone(),
     });
-    let app = http::router(state);
+    let app = http::router(state.clone());
     let http_cancel = cancel.child_token();
     let server_cancel = http_cancel.clone();
     let limits = http::server::Limits::from(&cfg.http);
@@ -532,6 +547,22 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         http::server::serve(listener, app, server_tls, limits, server_metrics, server_cancel, SHUTDOWN_GRACE).await;
         Ok(())
     });
+    // gRPC on its own listener, through the same server code: TLS (the same handle, so a
+    // reload renews both), connection limits, access control.
+    let grpc_addr = match (&cfg.grpc, grpc_listener) {
+        (Some(g), Some(listener)) => {
+            let addr = listener.local_addr().map_err(|source| FatalError::Bind { addr: g.listen, source })?;
+            let app = grpc::router(state.clone(), g.max_message_bytes, started_rx.clone());
+            let limits = http::server::Limits { max_concurrent_streams: g.max_concurrent_streams, ..limits };
+            let (tls, metrics, cancel) = (tls_handle.clone(), service.metrics.clone(), http_cancel.clone());
+            tracker.spawn(async move {
+                http::server::serve(listener, app, tls, limits, metrics, cancel, SHUTDOWN_GRACE).await;
+            });
+            tracing::info!(%addr, tls = tls_handle.is_some(), "grpc listening");
+            Some(addr)
+        }
+        _ => None,
+    };
     let scheme = if tls_handle.is_some() { "https" } else { "http" };
     let mtls = cfg.http.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     tracing::info!(%addr, scheme, mtls, auth = cfg.auth.is_some(), "listening");
@@ -559,6 +590,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
 
     Ok(Agent {
         addr,
+        grpc_addr,
         cancel,
         tracker,
         started: started_rx,

@@ -110,6 +110,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
         pending.push("http.tls_cert (TLS on or off)".to_owned());
         new.http.tls = old.http.tls.clone();
     }
+    keep!(grpc, "[grpc]");
     keep!(node, "[node]");
     keep!(log.format, "log.format");
     if old.registry.is_some() != new.registry.is_some() {

@@ -30,3 +30,127 @@ async fn tritonclient_http_works_unchanged() -> anyhow::Result<()> {
     }
     agent.stop().await
 }
+
+/// Runs `scripts/tritonclient-grpc-check.py` with `args`; returns whether it passed and what
+/// it printed.
+async fn grpc_check(python: &std::ffi::OsStr, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = tokio::process::Command::new(python)
+        .arg(root().join("scripts/tritonclient-grpc-check.py"))
+        .args(args)
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+fn python() -> Option<std::ffi::OsString> {
+    let p = std::env::var_os("OUTPOST_TEST_PYTHON");
+    if p.is_none() {
+        assert!(!full_suite(), "OUTPOST_TEST_FULL=1 needs OUTPOST_TEST_PYTHON (scripts/test.sh sets it)");
+        eprintln!("skipped: OUTPOST_TEST_PYTHON not set (scripts/test.sh sets it)");
+    }
+    p
+}
+
+/// tritonclient.grpc, sync, asyncio and streaming, on every demo model (and MiniLM when
+/// built): golden outputs, equal to tritonclient.http's; 1,000 requests on one stream each
+/// answered once; INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE and DEADLINE_EXCEEDED provoked,
+/// the agent healthy after a deadline cut a run short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_works_unchanged() -> anyhow::Result<()> {
+    let Some(python) = python() else { return Ok(()) };
+    // A model the engine refuses stays known and unavailable.
+    let refused = tempfile::tempdir()?;
+    copy_dir(&root().join("tests/fixtures/models/unsupported-op"), &refused.path().join("unsupported-op"))?;
+    // A model whose run takes long enough for a client deadline to expire during it.
+    copy_dir(&root().join("tests/fixtures/models/mlp-slow"), &refused.path().join("mlp-slow"))?;
+    let mut dirs = vec![root().join("models"), refused.path().to_owned()];
+    if minilm_available() {
+        dirs.push(minilm_dir());
+    }
+    let agent = TestAgent::start(&dirs, "[grpc]\nlisten = \"127.0.0.1:0\"\n").await?;
+    let url = agent.agent.grpc_addr().map(|a| a.to_string()).unwrap_or_default();
+    let http_url = agent.agent.addr().to_string();
+    let models = root().join("models");
+    let models = models.to_str().unwrap_or_default();
+    let (ok, out) =
+        grpc_check(&python, &["serve", "--url", &url, "--http-url", &http_url, "--models-dir", models]).await?;
+    assert!(ok && out.contains("all models match") && out.contains("stream:"), "{out}");
+    if minilm_available() {
+        let dir = minilm_dir();
+        let (ok, out) = grpc_check(
+            &python,
+            &["serve", "--url", &url, "--http-url", &http_url, "--models-dir", dir.to_str().unwrap_or_default()],
+        )
+        .await?;
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = grpc_check(
+        &python,
+        &["stream", "--url", &url, "--models-dir", models, "--count", "1000", "--model", "mlp", "--model", "cnn"],
+    )
+    .await?;
+    assert!(ok && out.contains("1000 answers, each exactly once"), "{out}");
+
+    for (case, code, model) in [
+        ("bad-shape", "INVALID_ARGUMENT", "mlp"),
+        ("unknown-model", "NOT_FOUND", "mlp"),
+        ("infer", "UNAVAILABLE", "unsupported-op"),
+    ] {
+        let (ok, out) = grpc_check(
+            &python,
+            &["expect", "--url", &url, "--models-dir", models, "--case", case, "--model", model, "--expect", code],
+        )
+        .await?;
+        assert!(ok, "{case}: expected {code}: {out}");
+    }
+    // A deadline shorter than the run: DEADLINE_EXCEEDED, and the agent serves on.
+    let fixtures = root().join("tests/fixtures/models");
+    let (ok, out) = grpc_check(
+        &python,
+        &[
+            "expect",
+            "--url",
+            &url,
+            "--models-dir",
+            fixtures.to_str().unwrap_or_default(),
+            "--case",
+            "slow",
+            "--model",
+            "mlp-slow",
+            "--timeout",
+            "0.001",
+            "--expect",
+            "DEADLINE_EXCEEDED",
+        ],
+    )
+    .await?;
+    assert!(ok, "{out}");
+    let (ok, out) =
+        grpc_check(&python, &["expect", "--url", &url, "--models-dir", models, "--case", "infer", "--expect", "OK"])
+            .await?;
+    assert!(ok, "healthy after the deadline: {out}");
+    let (s, _) = agent.get("/v2/health/ready").await?;
+    assert_eq!(s, 200);
+    // The gRPC requests are in the metrics and the audit log, as gRPC.
+    let metrics = agent.agent.service().render_metrics();
+    assert!(
+        metrics.contains("outpost_inference_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
+    let recs = agent.agent.audit().map(|a| a.range(1, u64::MAX, usize::MAX)).transpose()?.unwrap_or_default();
+    assert!(
+        recs.iter().any(|(_, r)| String::from_utf8_lossy(r).contains("\"transport\":\"grpc\"")),
+        "no audit record with transport grpc"
+    );
+    agent.stop().await
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}

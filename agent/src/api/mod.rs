@@ -25,6 +25,7 @@ use crate::telemetry::Metrics;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Http,
+    Grpc,
     Mqtt,
 }
 
@@ -32,6 +33,7 @@ impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Http => "http",
+            Transport::Grpc => "grpc",
             Transport::Mqtt => "mqtt",
         }
     }
@@ -326,8 +328,9 @@ impl InferenceService {
         };
         // The version looked up here (a canary is compared with its default by this label);
         // empty when none was, or when the overflow target answered.
-        let served_here = served_as.as_ref().filter(|_| !routing.answered_upstream).map_or("", |(v, _)| v.as_str());
-        self.metrics.record_request(label, served_here, outcome.label(), latency);
+        let here = served_as.as_ref().filter(|_| !routing.answered_upstream);
+        let (served_here, run) = here.map_or(("", None), |(v, run)| (v.as_str(), *run));
+        self.metrics.record_request(label, served_here, outcome.label(), latency, run);
         let event = Event::Request {
             ctx,
             model: model.to_owned(),

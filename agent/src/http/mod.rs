@@ -62,7 +62,7 @@ pub struct HttpShared {
 
 impl HttpState {
     /// Records an administrative action in the audit log (best effort: the action happened).
-    async fn audit_admin(&self, principal: &Principal, action: &str, target: &str, outcome: &str) {
+    pub(crate) async fn audit_admin(&self, principal: &Principal, action: &str, target: &str, outcome: &str) {
         let _ = self
             .service
             .events
@@ -77,7 +77,7 @@ impl HttpState {
 }
 
 impl HttpState {
-    fn config(&self) -> Arc<Config> {
+    pub(crate) fn config(&self) -> Arc<Config> {
         self.config.read_locked().clone()
     }
 }
@@ -145,6 +145,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/models/{model}/versions/{version}", get(model_version_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/versions/{version}/ready", get(model_version_ready))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_version_config))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_version_stats))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
@@ -161,87 +166,132 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Access control in front of every route (and the fallback): authenticates the caller, checks
-/// the role matrix and the rate limit, and hands the [`Principal`] to the handler. Without
-/// `[auth]` (loopback only) everyone is `anonymous` with every role.
-async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Response {
-    let config = s.config();
-    let Some(auth) = &config.auth else {
-        req.extensions_mut().insert(Principal::anonymous());
-        return next.run(req).await;
-    };
-    let permission = crate::auth::required(req.method().as_str(), req.uri().path());
-    if permission == Permission::Public {
-        req.extensions_mut().insert(Principal { name: "anonymous".into(), roles: Vec::new(), models: None });
-        return next.run(req).await;
-    }
-    let peer = req.extensions().get::<server::Peer>().cloned();
-    let source = peer.as_ref().map(|p| p.addr.ip());
-    let from = source.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-    // A source that keeps failing is refused before its credentials are read.
-    if let Some(wait) = source.and_then(|ip| s.failures.admit(ip).err()) {
-        s.service.metrics.record_access_denied("source_blocked");
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed authentications from {from}: try again later"),
-        );
-        e.retry_after = Some(wait);
-        e.close = !finish_body_of(req, UNAUTHENTICATED_DRAIN_CAP).await;
-        return e.into_response();
-    }
-    let cert_names = peer.map(|p| p.cert_names).unwrap_or_default();
-    let authorization = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    let outcome = crate::auth::authenticate(auth, authorization, &cert_names)
-        .and_then(|p| crate::auth::authorize(&p, &permission).map(|()| p));
-    let principal = match outcome {
-        Ok(p) => p,
-        Err(denial) => {
-            let (kind, status, who) = match &denial {
-                Denial::Unauthenticated(_) => {
-                    ("unauthenticated", StatusCode::UNAUTHORIZED, "unauthenticated".to_owned())
+/// Why [`HttpState::admit`] refused a caller.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The source keeps failing to authenticate: refused before its credentials are read.
+    SourceBlocked { message: String, retry_after: Duration },
+    /// No credentials, or credentials that match nothing.
+    Unauthenticated(String),
+    /// A known principal without the role or model.
+    Forbidden(String),
+    /// Over `auth.rate_limit`.
+    RateLimited { message: String, retry_after: Duration },
+}
+
+impl HttpState {
+    /// Access control for every transport that takes requests from the LAN (HTTP, gRPC):
+    /// authenticates the caller from its `Authorization` value (header or gRPC metadata) and
+    /// client certificate, checks the role matrix and the rate limit, counts and records each
+    /// refusal. Without `[auth]` (loopback only) everyone is `anonymous` with every role.
+    pub async fn admit(
+        &self,
+        permission: &Permission,
+        authorization: Option<&[u8]>,
+        peer: Option<&server::Peer>,
+        path: &str,
+        transport: &str,
+    ) -> Result<Principal, Refusal> {
+        let config = self.config();
+        let Some(auth) = &config.auth else {
+            return Ok(Principal::anonymous());
+        };
+        if *permission == Permission::Public {
+            return Ok(Principal { name: "anonymous".into(), roles: Vec::new(), models: None });
+        }
+        let source = peer.map(|p| p.addr.ip());
+        let from = source.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        if let Some(wait) = source.and_then(|ip| self.failures.admit(ip).err()) {
+            self.service.metrics.record_access_denied("source_blocked");
+            return Err(Refusal::SourceBlocked {
+                message: format!("too many failed authentications from {from}: try again later"),
+                retry_after: wait,
+            });
+        }
+        let cert_names = peer.map(|p| p.cert_names.clone()).unwrap_or_default();
+        let outcome = crate::auth::authenticate(auth, authorization, &cert_names)
+            .and_then(|p| crate::auth::authorize(&p, permission).map(|()| p));
+        let principal = match outcome {
+            Ok(p) => p,
+            Err(denial) => {
+                let (kind, who) = match &denial {
+                    Denial::Unauthenticated(_) => ("unauthenticated", "unauthenticated".to_owned()),
+                    Denial::Forbidden { principal, .. } => ("forbidden", principal.clone()),
+                };
+                self.service.metrics.record_access_denied(kind);
+                // Each source's first failed authentication of a window in full, the rest in
+                // its summary; a refusal for a role is recorded in full.
+                let unauthenticated = matches!(denial, Denial::Unauthenticated(_));
+                if !unauthenticated || source.is_none_or(|ip| self.failures.failed(ip)) {
+                    tracing::warn!(principal = %who, from = %from, path = %path, transport, reason = %denial, "access denied");
+                    let _ = self
+                        .service
+                        .events
+                        .record(crate::api::Event::AuthFailure {
+                            principal: who,
+                            transport: transport.into(),
+                            reason: format!("{denial} (from {from})"),
+                            path: path.chars().take(256).collect(),
+                            count: 1,
+                        })
+                        .await;
                 }
-                Denial::Forbidden { principal, .. } => ("forbidden", StatusCode::FORBIDDEN, principal.clone()),
-            };
-            s.service.metrics.record_access_denied(kind);
-            // Each source's first failed authentication of a window in full, the rest in its
-            // summary; a refusal for a role (403) is recorded in full.
-            let unauthenticated = matches!(denial, Denial::Unauthenticated(_));
-            if !unauthenticated || source.is_none_or(|ip| s.failures.failed(ip)) {
-                tracing::warn!(principal = %who, from = %from, path = %req.uri().path(), reason = %denial, "access denied");
-                let _ = s
-                    .service
-                    .events
-                    .record(crate::api::Event::AuthFailure {
-                        principal: who,
-                        transport: "http".into(),
-                        reason: format!("{denial} (from {from})"),
-                        path: req.uri().path().chars().take(256).collect(),
-                        count: 1,
-                    })
-                    .await;
+                return Err(match denial {
+                    Denial::Unauthenticated(m) => Refusal::Unauthenticated(m),
+                    Denial::Forbidden { message, .. } => Refusal::Forbidden(message),
+                });
             }
-            let mut e = ApiError::new(status, denial.to_string());
-            e.close = !finish_body_of(req, UNAUTHENTICATED_DRAIN_CAP).await;
+        };
+        if let Some(rate) = auth.rate_limit {
+            if let Err(wait) = self.limiter.check(&principal.name, rate, auth.rate_burst) {
+                self.service.metrics.record_access_denied("rate_limited");
+                return Err(Refusal::RateLimited {
+                    message: format!("{} is over its rate limit", principal.name),
+                    retry_after: wait,
+                });
+            }
+        }
+        Ok(principal)
+    }
+}
+
+/// Access control in front of every route (and the fallback): [`HttpState::admit`], then the
+/// [`Principal`] goes to the handler.
+async fn access(State(s): State<HttpState>, mut req: Request, next: Next) -> Response {
+    let permission = crate::auth::required(req.method().as_str(), req.uri().path());
+    let peer = req.extensions().get::<server::Peer>().cloned();
+    let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    let path = req.uri().path().to_owned();
+    match s.admit(&permission, authorization.as_deref(), peer.as_ref(), &path, "http").await {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(refusal) => {
+            let (mut e, cap) = match refusal {
+                Refusal::SourceBlocked { message, retry_after } => {
+                    let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, message);
+                    e.retry_after = Some(retry_after);
+                    (e, UNAUTHENTICATED_DRAIN_CAP)
+                }
+                Refusal::Unauthenticated(m) => (ApiError::new(StatusCode::UNAUTHORIZED, m), UNAUTHENTICATED_DRAIN_CAP),
+                Refusal::Forbidden(m) => (ApiError::new(StatusCode::FORBIDDEN, m), UNAUTHENTICATED_DRAIN_CAP),
+                Refusal::RateLimited { message, retry_after } => {
+                    let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, message);
+                    e.retry_after = Some(retry_after);
+                    (e, DRAIN_CAP)
+                }
+            };
+            let unauthorized = e.status == StatusCode::UNAUTHORIZED;
+            e.close = !finish_body_of(req, cap).await;
             let mut resp = e.into_response();
-            if status == StatusCode::UNAUTHORIZED {
+            if unauthorized {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"outpost\""));
             }
-            return resp;
-        }
-    };
-    if let Some(rate) = auth.rate_limit {
-        if let Err(wait) = s.limiter.check(&principal.name, rate, auth.rate_burst) {
-            s.service.metrics.record_access_denied("rate_limited");
-            let mut e =
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, format!("{} is over its rate limit", principal.name));
-            e.retry_after = Some(wait);
-            e.close = !finish_body_of(req, DRAIN_CAP).await;
-            return e.into_response();
+            resp
         }
     }
-    req.extensions_mut().insert(principal);
-    next.run(req).await
 }
 
 async fn not_found(State(s): State<HttpState>, req: Request) -> ApiError {
@@ -266,7 +316,7 @@ async fn live() -> Response {
 }
 
 /// Why the agent cannot answer inference requests now, if it cannot.
-fn not_ready(s: &HttpState) -> Option<String> {
+pub(crate) fn not_ready(s: &HttpState) -> Option<String> {
     if !s.started.load(std::sync::atomic::Ordering::SeqCst) {
         return Some("models are still loading".into());
     }
@@ -292,7 +342,7 @@ async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "outpost",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["model_repository", "binary_tensor_data"],
+        "extensions": crate::grpc::EXTENSIONS,
     }))
     .into_response()
 }
@@ -344,6 +394,44 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "runs": runs,
         "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
     })
+}
+
+/// Triton's model configuration extension.
+fn config_of(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let served = s.service.repository.serving(model, version)?;
+    Ok(axum::Json(crate::grpc::model_config_json(&crate::grpc::model_config(&served))).into_response())
+}
+
+async fn model_config(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    config_of(&s, &model, None)
+}
+
+async fn model_version_config(
+    State(s): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    config_of(&s, &model, Some(&version))
+}
+
+/// Triton's statistics extension.
+fn stats_of(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let stats = crate::grpc::statistics(s, model, version)?;
+    Ok(axum::Json(crate::grpc::statistics_json(&stats)).into_response())
+}
+
+async fn all_stats(State(s): State<HttpState>) -> Result<Response, ApiError> {
+    stats_of(&s, "", None)
+}
+
+async fn model_stats(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    stats_of(&s, &model, None)
+}
+
+async fn model_version_stats(
+    State(s): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    stats_of(&s, &model, Some(&version))
 }
 
 async fn model_metadata(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {

@@ -61,6 +61,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// HTTP/2 streams (requests) in flight on one connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl From<&HttpConfig> for Limits {
@@ -70,6 +72,7 @@ impl From<&HttpConfig> for Limits {
             max_header_bytes: h.max_header_bytes,
             header_read_timeout: h.header_read_timeout,
             idle_timeout: h.idle_timeout,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -194,7 +197,7 @@ async fn serve_connection(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     tokio::pin!(conn);
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));

@@ -28,6 +28,28 @@ struct ModelMetrics {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
+    /// Successful requests' end-to-end microseconds (the failures' are `sum_us` minus these).
+    ok_us: AtomicU64,
+    /// Engine runs that served requests here, and their microseconds.
+    runs: AtomicU64,
+    run_us: AtomicU64,
+    /// When the last request finished, milliseconds since the epoch.
+    last_ms: AtomicU64,
+}
+
+/// One model version's statistics (Triton's statistics extension, over HTTP and gRPC).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VersionStats {
+    pub name: String,
+    pub version: String,
+    pub last_inference_ms: u64,
+    pub success: u64,
+    pub success_ns: u64,
+    pub fail: u64,
+    pub fail_ns: u64,
+    pub executions: u64,
+    /// Engine time of the runs that answered successes.
+    pub compute_ns: u64,
 }
 
 /// Counters read out of [`ModelMetrics`] (or summed over versions).
@@ -205,10 +227,45 @@ impl Metrics {
         self.models.write_locked().entry(key).or_default().clone()
     }
 
-    /// One request's outcome and end-to-end latency, under the version that served it (`""`
-    /// when none did).
-    pub fn record_request(&self, model: &str, version: &str, outcome: &str, latency: Duration) {
+    /// Every model version's statistics (`model`: that model's only), by name and version;
+    /// requests no version served are left out.
+    pub fn statistics(&self, model: Option<&str>) -> Vec<VersionStats> {
+        self.models
+            .read_locked()
+            .iter()
+            .filter(|((name, version), _)| !version.is_empty() && model.is_none_or(|m| m == name))
+            .map(|((name, version), m)| {
+                let t = m.totals();
+                let ok_us = m.ok_us.load(Ordering::Relaxed);
+                VersionStats {
+                    name: name.clone(),
+                    version: version.clone(),
+                    last_inference_ms: m.last_ms.load(Ordering::Relaxed),
+                    success: t.outcomes[0],
+                    success_ns: ok_us.saturating_mul(1000),
+                    fail: t.count.saturating_sub(t.outcomes[0]),
+                    fail_ns: t.sum_us.saturating_sub(ok_us).saturating_mul(1000),
+                    executions: m.runs.load(Ordering::Relaxed),
+                    compute_ns: m.run_us.load(Ordering::Relaxed).saturating_mul(1000),
+                }
+            })
+            .collect()
+    }
+
+    /// One request's outcome, end-to-end latency and engine run time, under the version that
+    /// served it (`""` when none did).
+    pub fn record_request(&self, model: &str, version: &str, outcome: &str, latency: Duration, run: Option<Duration>) {
         let m = self.model(model, version);
+        if outcome == "ok" {
+            m.ok_us.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+            if let Some(r) = run {
+                m.runs.fetch_add(1, Ordering::Relaxed);
+                m.run_us.fetch_add(r.as_micros() as u64, Ordering::Relaxed);
+            }
+        }
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        m.last_ms.store(now_ms, Ordering::Relaxed);
         let idx = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
         m.outcomes[idx].fetch_add(1, Ordering::Relaxed);
         let secs = latency.as_secs_f64();

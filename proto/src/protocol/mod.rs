@@ -3,6 +3,7 @@
 //! Nothing here depends on the engine: the parsers build small for fuzzing and are shared by
 //! every adapter (HTTP now, MQTT later).
 
+pub mod grpc;
 pub mod json;
 pub mod tensor;
 

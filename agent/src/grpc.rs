@@ -1,0 +1,610 @@
+//! The gRPC adapter: the Open Inference Protocol's `inference.GRPCInferenceService` with the
+//! Triton extensions `tritonclient.grpc` calls, and the standard `grpc.health.v1` service, on
+//! their own listener (`[grpc]`). A thin layer like HTTP's: the same access control
+//! ([`HttpState::admit`]), then [`crate::api::InferenceService`], so routing, overflow, the
+//! cache, batching, audit and metrics are the ones every transport shares. The listener is the
+//! HTTP server's ([`crate::http::server`]): the same TLS (reloaded with it), connection limits
+//! and timeouts, with HTTP/2 only in practice.
+//!
+//! Messages are prost structs (`outpost_proto::protocol::grpc`); the service table is written
+//! here rather than generated, so the build needs no `protoc`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use futures::StreamExt as _;
+use prost::Message;
+use tonic::Status;
+
+use crate::api::{InferError, RequestContext, Transport};
+use crate::auth::{Permission, Principal};
+use crate::http::{HttpState, Refusal};
+use crate::protocol::grpc as pb;
+
+/// Requests of one `ModelStreamInfer` stream run at once; more wait for a free slot.
+const STREAM_CONCURRENCY: usize = 64;
+
+/// The V2 extensions served (HTTP and gRPC alike).
+pub const EXTENSIONS: [&str; 4] = ["model_repository", "binary_tensor_data", "model_configuration", "statistics"];
+
+/// The router serving both gRPC services (mounted on the gRPC listener).
+pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> axum::Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Overall health follows the agent's readiness to take inference (models loaded).
+    tokio::spawn(follow_readiness(health, started));
+    let inference = Inference(Arc::new(Shared { state, max: max_message_bytes }));
+    axum::Router::new()
+        .route_service(&format!("/{}/{{*method}}", pb::SERVICE), inference)
+        .route_service("/grpc.health.v1.Health/{*method}", health_service)
+        .fallback(|req: axum::extract::Request| async move {
+            status_response(Status::unimplemented(format!("no such method: {}", req.uri().path())))
+        })
+}
+
+async fn follow_readiness(
+    health: tonic_health::server::HealthReporter,
+    mut started: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(pb::SERVICE, ServingStatus::NotServing).await;
+    if started.wait_for(|s| *s).await.is_ok() {
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_service_status(pb::SERVICE, ServingStatus::Serving).await;
+    }
+}
+
+/// A gRPC answer carrying only a status (for paths no service serves).
+fn status_response(status: Status) -> axum::response::Response {
+    status.into_http::<Body>()
+}
+
+struct Shared {
+    state: HttpState,
+    max: usize,
+}
+
+#[derive(Clone)]
+struct Inference(Arc<Shared>);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl tower::Service<axum::extract::Request> for Inference {
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { Ok(dispatch(s, req).await) })
+    }
+}
+
+/// Who called and by when the answer is due.
+struct Call {
+    principal: Principal,
+    timeout: Duration,
+}
+
+async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<tonic::body::Body> {
+    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+    match method.as_str() {
+        "ServerLive" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ServerLiveRequest| Permission::Public,
+                |_, _, _| async { Ok(pb::ServerLiveResponse { live: true }) },
+            )
+            .await
+        }
+        "ServerReady" => unary(
+            s,
+            req,
+            |_: &pb::ServerReadyRequest| Permission::Public,
+            |s, _, _| async move { Ok(pb::ServerReadyResponse { ready: crate::http::not_ready(&s.state).is_none() }) },
+        )
+        .await,
+        "ModelReady" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ModelRef| Permission::Read,
+                |s, _, r| async move {
+                    let ready = s.state.service.repository.serving(&r.name, version(&r.version)).is_ok();
+                    if !ready && s.state.service.repository.status(&r.name).is_none() {
+                        return Err(Status::not_found(format!("unknown model '{}'", r.name)));
+                    }
+                    Ok(pb::ModelReadyResponse { ready })
+                },
+            )
+            .await
+        }
+        "ServerMetadata" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ServerMetadataRequest| Permission::Read,
+                |_, _, _| async {
+                    Ok(pb::ServerMetadataResponse {
+                        name: "outpost".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+                    })
+                },
+            )
+            .await
+        }
+        "ModelMetadata" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ModelRef| Permission::Read,
+                |s, _, r| async move {
+                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
+                    let spec = |t: &crate::engine::TensorSpec| pb::TensorMetadata {
+                        name: t.name.clone(),
+                        datatype: t.datatype.as_str().to_owned(),
+                        shape: t.v2_shape(),
+                    };
+                    let sig = &served.model.signature;
+                    Ok(pb::ModelMetadataResponse {
+                        name: served.name.clone(),
+                        versions: s.state.service.repository.versions(&r.name),
+                        platform: "onnx".into(),
+                        inputs: sig.inputs.iter().map(spec).collect(),
+                        outputs: sig.outputs.iter().map(spec).collect(),
+                    })
+                },
+            )
+            .await
+        }
+        "ModelConfig" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ModelRef| Permission::Read,
+                |s, _, r| async move {
+                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
+                    Ok(pb::ModelConfigResponse { config: Some(model_config(&served)) })
+                },
+            )
+            .await
+        }
+        "ModelStatistics" => {
+            unary(
+                s,
+                req,
+                |_: &pb::ModelRef| Permission::Observe,
+                |s, _, r| async move { statistics(&s.state, &r.name, version(&r.version)).map_err(status) },
+            )
+            .await
+        }
+        "RepositoryIndex" => {
+            unary(
+                s,
+                req,
+                |_: &pb::RepositoryIndexRequest| Permission::Observe,
+                |s, _, r| async move {
+                    let models = s
+                        .state
+                        .service
+                        .repository
+                        .list()
+                        .into_iter()
+                        .filter(|(_, st, _)| !r.ready || st.state == crate::api::ModelState::Ready)
+                        .map(|(name, st, _)| pb::ModelIndex {
+                            name,
+                            version: st.version.unwrap_or_default(),
+                            state: st.state.as_str().to_owned(),
+                            reason: st.reason.unwrap_or_default(),
+                        })
+                        .collect();
+                    Ok(pb::RepositoryIndexResponse { models })
+                },
+            )
+            .await
+        }
+        "RepositoryModelLoad" | "RepositoryModelUnload" => {
+            let load = method == "RepositoryModelLoad";
+            unary(
+                s,
+                req,
+                |_: &pb::RepositoryModelRequest| Permission::Admin,
+                move |s, call, r| async move {
+                    if !r.parameters.is_empty() {
+                        return Err(Status::invalid_argument(
+                            "load and unload take no parameters here (a model's files and settings come from the \
+                         registry and the configuration)",
+                        ));
+                    }
+                    let control = &s.state.control;
+                    let result =
+                        if load { control.load(r.model_name.clone()) } else { control.unload(r.model_name.clone()) }
+                            .await;
+                    let action = if load { "load" } else { "unload" };
+                    let outcome = result.as_ref().map_or_else(|e| e.to_string(), Clone::clone);
+                    s.state.audit_admin(&call.principal, action, &r.model_name, &outcome).await;
+                    result.map(|_| pb::Empty {}).map_err(|e| {
+                        use crate::api::control::ControlError;
+                        match e {
+                            ControlError::NotFound(m) => Status::not_found(format!("unknown model '{m}'")),
+                            ControlError::Failed(m) => Status::invalid_argument(m),
+                            ControlError::Unavailable(m) => with_retry(Status::unavailable(m), Duration::from_secs(1)),
+                        }
+                    })
+                },
+            )
+            .await
+        }
+        "ModelInfer" => {
+            unary(
+                s,
+                req,
+                |r: &pb::ModelInferRequest| Permission::Infer(r.model_name.clone()),
+                |s, call, r| async move { infer(&s, &call, r).await },
+            )
+            .await
+        }
+        "ModelStreamInfer" => stream_infer(s, req).await,
+        _ => Status::unimplemented(format!("{}/{method} is not served here", pb::SERVICE)).into_http(),
+    }
+}
+
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// One unary call: decode (size-capped), admit, run `f`, encode.
+async fn unary<M, R, P, F, Fut>(
+    s: Arc<Shared>,
+    req: axum::extract::Request,
+    permission: P,
+    f: F,
+) -> axum::http::Response<tonic::body::Body>
+where
+    M: Message + Default + Send + 'static,
+    R: Message + Send + 'static,
+    P: Fn(&M) -> Permission + Clone + Send + 'static,
+    F: FnOnce(Arc<Shared>, Call, M) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<R, Status>> + Send + 'static,
+{
+    let max = s.max;
+    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<R, M>::default())
+        .apply_max_message_size_config(Some(max), Some(max));
+    let svc = tower::service_fn(move |request: tonic::Request<M>| {
+        let (s, permission, f) = (s.clone(), permission.clone(), f.clone());
+        async move {
+            let call = admit(&s.state, &request, &permission(request.get_ref())).await?;
+            f(s, call, request.into_inner()).await.map(tonic::Response::new)
+        }
+    });
+    grpc.unary(svc, req).await
+}
+
+/// Access control for one call (or one message of a stream), as HTTP's.
+async fn admit<M>(state: &HttpState, request: &tonic::Request<M>, permission: &Permission) -> Result<Call, Status> {
+    let authorization = request.metadata().get("authorization").map(|v| v.as_bytes().to_vec());
+    let peer = request.extensions().get::<crate::http::server::Peer>();
+    let principal =
+        state.admit(permission, authorization.as_deref(), peer, "grpc", "grpc").await.map_err(|r| match r {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::Forbidden(m) => Status::permission_denied(m),
+            Refusal::SourceBlocked { message, retry_after } | Refusal::RateLimited { message, retry_after } => {
+                with_retry(Status::resource_exhausted(message), retry_after)
+            }
+        })?;
+    let config = state.config();
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_timeout)
+        .map_or(config.http.request_timeout, |t| t.min(config.http.request_timeout));
+    Ok(Call { principal, timeout })
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The status for an inference error (as HTTP maps them to 404, 400, 503 and 500).
+fn status(e: InferError) -> Status {
+    match e {
+        InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => Status::not_found(e.to_string()),
+        InferError::InvalidInput(m) => Status::invalid_argument(m),
+        InferError::NotReady(_) => with_retry(Status::unavailable(e.to_string()), Duration::from_secs(1)),
+        InferError::Overloaded { retry_after, .. } => {
+            with_retry(Status::resource_exhausted(e.to_string()), retry_after)
+        }
+        InferError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        InferError::Unavailable(_) => with_retry(Status::unavailable(e.to_string()), Duration::from_secs(30)),
+        InferError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// `google.rpc.Status` with a `google.rpc.RetryInfo` detail, as `grpc-status-details-bin`.
+mod rich {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Duration {
+        #[prost(int64, tag = "1")]
+        pub(super) seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub(super) nanos: i32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub(super) retry_delay: Option<Duration>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Any {
+        #[prost(string, tag = "1")]
+        pub(super) type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub(super) value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct RpcStatus {
+        #[prost(int32, tag = "1")]
+        pub(super) code: i32,
+        #[prost(string, tag = "2")]
+        pub(super) message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub(super) details: Vec<Any>,
+    }
+}
+
+/// A status that tells the client when to retry: a `google.rpc.RetryInfo` detail and a
+/// `retry-after` metadata entry (seconds, as HTTP's header).
+fn with_retry(s: Status, after: Duration) -> Status {
+    let info = rich::RetryInfo {
+        retry_delay: Some(rich::Duration { seconds: after.as_secs() as i64, nanos: after.subsec_nanos() as i32 }),
+    };
+    let details = rich::RpcStatus {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+        details: vec![rich::Any {
+            type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+            value: info.encode_to_vec(),
+        }],
+    };
+    let mut out = Status::with_details(s.code(), s.message(), details.encode_to_vec().into());
+    if let Ok(v) = after.as_secs().max(1).to_string().parse() {
+        out.metadata_mut().insert("retry-after", v);
+    }
+    out
+}
+
+/// One inference through the shared service.
+async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, Status> {
+    let model = r.model_name.clone();
+    let version = (!r.model_version.is_empty()).then(|| r.model_version.clone());
+    let (request, raw) = match pb::request_from_grpc(r) {
+        Ok(x) => x,
+        Err(e) => {
+            s.state.service.metrics.record_http_error();
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+    };
+    let mut ctx = RequestContext::new(Transport::Grpc, call.timeout);
+    ctx.principal.clone_from(&call.principal.name);
+    if let Some(id) = &request.id {
+        ctx.id = id.clone();
+    }
+    let response = s.state.service.infer(&ctx, &model, version.as_deref(), request).await.map_err(status)?;
+    Ok(pb::response_to_grpc(&response, raw))
+}
+
+/// `ModelStreamInfer`: many requests on one stream, each admitted on its own (its model's
+/// role, the rate limit), up to [`STREAM_CONCURRENCY`] running at once; answers go back as
+/// they finish, each carrying its request's id. A failed request is answered in the stream
+/// (`error_message`) and the stream goes on, as Triton does.
+async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<tonic::body::Body> {
+    let max = s.max;
+    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+        pb::ModelStreamInferResponse,
+        pb::ModelInferRequest,
+    >::default())
+    .apply_max_message_size_config(Some(max), Some(max));
+    let svc = tower::service_fn(move |request: tonic::Request<tonic::Streaming<pb::ModelInferRequest>>| {
+        let s = s.clone();
+        async move {
+            // The stream's credentials and deadline apply to each of its requests.
+            let (metadata, extensions, incoming) = request.into_parts();
+            let stream_s = s.clone();
+            let answers = incoming
+                .map(move |msg| {
+                    let s = stream_s.clone();
+                    let (metadata, extensions) = (metadata.clone(), extensions.clone());
+                    async move {
+                        let r = msg?;
+                        let id = r.id.clone();
+                        let check = tonic::Request::from_parts(metadata, extensions, ());
+                        let answer = match admit(&s.state, &check, &Permission::Infer(r.model_name.clone())).await {
+                            Ok(call) => infer(&s, &call, r).await,
+                            Err(e) => Err(e),
+                        };
+                        Ok(match answer {
+                            Ok(resp) => pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(resp),
+                            },
+                            Err(e) => pb::ModelStreamInferResponse {
+                                error_message: e.message().to_owned(),
+                                infer_response: Some(pb::ModelInferResponse { id, ..Default::default() }),
+                            },
+                        })
+                    }
+                })
+                .buffer_unordered(STREAM_CONCURRENCY);
+            Ok::<_, Status>(tonic::Response::new(answers))
+        }
+    });
+    grpc.streaming(svc, req).await
+}
+
+/// Triton's model configuration for a serving version: its tensors, and with batching the
+/// batch size it takes (dims then leave out the batch dimension).
+pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
+    let sig = &served.model.signature;
+    let batch = served.batching.as_ref();
+    let dims = |t: &crate::engine::TensorSpec| {
+        let shape = t.v2_shape();
+        if batch.is_some() {
+            shape.get(1..).unwrap_or_default().to_vec()
+        } else {
+            shape
+        }
+    };
+    pb::ModelConfig {
+        name: served.name.clone(),
+        platform: "onnx".into(),
+        backend: "tract".into(),
+        max_batch_size: batch.map_or(0, |b| i32::try_from(b.max_batch).unwrap_or(i32::MAX)),
+        input: sig
+            .inputs
+            .iter()
+            .map(|t| pb::ModelTensorConfig {
+                name: t.name.clone(),
+                data_type: pb::ConfigDataType::from(t.datatype) as i32,
+                dims: dims(t),
+            })
+            .collect(),
+        output: sig
+            .outputs
+            .iter()
+            .map(|t| pb::ModelOutputConfig {
+                name: t.name.clone(),
+                data_type: pb::ConfigDataType::from(t.datatype) as i32,
+                dims: dims(t),
+            })
+            .collect(),
+        dynamic_batching: batch.map(|b| pb::ModelDynamicBatching {
+            preferred_batch_size: b.preferred.iter().map(|&p| i32::try_from(p).unwrap_or(i32::MAX)).collect(),
+            max_queue_delay_microseconds: b.max_delay.as_micros() as u64,
+        }),
+    }
+}
+
+/// The same configuration as Triton's JSON (`GET /v2/models/{name}/config`).
+pub fn model_config_json(c: &pb::ModelConfig) -> serde_json::Value {
+    let name = |d: i32| pb::ConfigDataType::try_from(d).map_or("TYPE_INVALID".to_owned(), |t| t.as_str().to_owned());
+    let mut v = serde_json::json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|t| serde_json::json!({"name": t.name, "data_type": name(t.data_type), "dims": t.dims})).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|t| serde_json::json!({"name": t.name, "data_type": name(t.data_type), "dims": t.dims})).collect::<Vec<_>>(),
+    });
+    if let Some(b) = &c.dynamic_batching {
+        v["dynamic_batching"] = serde_json::json!({
+            "preferred_batch_size": b.preferred_batch_size,
+            "max_queue_delay_microseconds": b.max_queue_delay_microseconds,
+        });
+    }
+    v
+}
+
+/// Triton's statistics extension: one entry per version that served requests (of `name`, or
+/// of every model when empty).
+pub fn statistics(
+    state: &HttpState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<pb::ModelStatisticsResponse, InferError> {
+    if !name.is_empty() && state.service.repository.status(name).is_none() {
+        return Err(InferError::ModelNotFound(name.to_owned()));
+    }
+    let stats = state.service.metrics.statistics((!name.is_empty()).then_some(name));
+    let d = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
+    let model_stats = stats
+        .into_iter()
+        .filter(|s| version.is_none_or(|v| v == s.version))
+        .map(|s| pb::ModelStatistics {
+            name: s.name,
+            version: s.version,
+            last_inference: s.last_inference_ms,
+            inference_count: s.success,
+            execution_count: s.executions,
+            inference_stats: Some(pb::InferStatistics {
+                success: d(s.success, s.success_ns),
+                fail: d(s.fail, s.fail_ns),
+                queue: d(s.success, s.success_ns.saturating_sub(s.compute_ns)),
+                compute_input: d(s.executions, 0),
+                compute_infer: d(s.executions, s.compute_ns),
+                compute_output: d(s.executions, 0),
+                cache_hit: d(0, 0),
+                cache_miss: d(0, 0),
+            }),
+        })
+        .collect();
+    Ok(pb::ModelStatisticsResponse { model_stats })
+}
+
+/// The statistics as Triton's JSON (`GET /v2/models/{name}/stats`).
+pub fn statistics_json(r: &pb::ModelStatisticsResponse) -> serde_json::Value {
+    let d = |x: &Option<pb::StatisticDuration>| {
+        let x = x.unwrap_or_default();
+        serde_json::json!({ "count": x.count, "ns": x.ns })
+    };
+    serde_json::json!({
+        "model_stats": r.model_stats.iter().map(|m| {
+            let s = m.inference_stats.clone().unwrap_or_default();
+            serde_json::json!({
+                "name": m.name,
+                "version": m.version,
+                "last_inference": m.last_inference,
+                "inference_count": m.inference_count,
+                "execution_count": m.execution_count,
+                "inference_stats": {
+                    "success": d(&s.success), "fail": d(&s.fail), "queue": d(&s.queue),
+                    "compute_input": d(&s.compute_input), "compute_infer": d(&s.compute_infer),
+                    "compute_output": d(&s.compute_output), "cache_hit": d(&s.cache_hit), "cache_miss": d(&s.cache_miss),
+                },
+                "batch_stats": [],
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_by_unit_and_refuse_garbage() {
+        assert_eq!(parse_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S"] {
+            assert_eq!(parse_timeout(bad), None, "{bad}");
+        }
+    }
+}
