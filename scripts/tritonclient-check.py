@@ -47,6 +47,13 @@ def check_model(client, name, golden, binary):
                 worst = max(worst, err)
             elif not np.array_equal(got, want):
                 raise AssertionError(f"{name} case {i} {t['name']}: {got} != {want}")
+    # Triton's model configuration and statistics extensions.
+    cfg = client.get_model_config(name)
+    assert cfg["name"] == name and len(cfg["input"]) == len(meta["inputs"]), cfg
+    stats = client.get_inference_statistics(name)["model_stats"]
+    served = sum(int(s["inference_count"]) for s in stats)
+    assert served >= len(golden["cases"]), f"{name} statistics count {served}: {stats}"
+    assert all(int(s["inference_stats"]["success"]["ns"]) > 0 for s in stats if int(s["inference_count"])), stats
     return worst
 
 
@@ -61,6 +68,8 @@ def main():
     assert client.is_server_ready(), "server not ready"
     meta = client.get_server_metadata()
     print(f"server: {meta['name']} {meta['version']} extensions={meta['extensions']}")
+    for ext in ("model_configuration", "statistics"):
+        assert ext in meta["extensions"], meta
     failures = 0
     for d in sorted(p for p in args.models_dir.iterdir() if (p / "golden.json").is_file()):
         golden = json.loads((d / "golden.json").read_text())

@@ -211,9 +211,34 @@ def expect(args):
         sys.exit(1)
 
 
+def health(args):
+    """The standard grpc.health.v1 service: the server and the inference service SERVING."""
+    import grpc
+    if args.ca:
+        read = lambda p: Path(p).read_bytes() if p else None
+        creds = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
+        channel = grpc.secure_channel(args.url, creds)
+    else:
+        channel = grpc.insecure_channel(args.url)
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    for service in ("", "inference.GRPCInferenceService"):
+        name = service.encode()
+        request = bytes([0x0A, len(name)]) + name if name else b""
+        answer = check(request, timeout=10)
+        status = answer[1] if len(answer) >= 2 and answer[0] == 0x08 else 0
+        print(f"health {service or '(server)'}: {'SERVING' if status == 1 else status}")
+        assert status == 1, answer
+    try:
+        check(bytes([0x0A, 4]) + b"nope", timeout=10)
+        raise AssertionError("an unknown service has a health status")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        print("health nope: NOT_FOUND")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["serve", "stream", "expect"])
+    ap.add_argument("mode", choices=["serve", "stream", "expect", "health"])
     ap.add_argument("--url", default="127.0.0.1:8001")
     ap.add_argument("--http-url")
     ap.add_argument("--models-dir", type=Path, default=Path(__file__).resolve().parent.parent / "models")
@@ -233,6 +258,8 @@ def main():
     elif args.mode == "stream":
         models = load_models(args.models_dir, args.model)
         print(f"stream: {run_stream(args, models, args.count)} answers, each exactly once")
+    elif args.mode == "health":
+        health(args)
     else:
         expect(args)
 

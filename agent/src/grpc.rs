@@ -221,11 +221,14 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 req,
                 |_: &pb::RepositoryModelRequest| Permission::Admin,
                 move |s, call, r| async move {
-                    if !r.parameters.is_empty() {
-                        return Err(Status::invalid_argument(
-                            "load and unload take no parameters here (a model's files and settings come from the \
-                         registry and the configuration)",
-                        ));
+                    // tritonclient always sends `unload_dependents` (there are none here). A
+                    // model's files and settings come from the registry and the configuration:
+                    // `config` and `file:` overrides are refused rather than ignored.
+                    if let Some(key) = r.parameters.keys().find(|k| k.as_str() != "unload_dependents") {
+                        return Err(Status::invalid_argument(format!(
+                            "parameter '{key}' is not taken here: a model's files and settings come from the \
+                             registry and the configuration"
+                        )));
                     }
                     let control = &s.state.control;
                     let result =

@@ -154,3 +154,108 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// The same zero-trust rules as HTTP: tokens in the `authorization` metadata with the role
+/// matrix per call (UNAUTHENTICATED, PERMISSION_DENIED), per-principal rate limits
+/// (RESOURCE_EXHAUSTED), admin-only repository calls; then TLS with client certificates
+/// (mTLS) from the `[http]` settings, the health service over it, and no handshake without a
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_under_tokens_rate_limits_and_mtls() -> anyhow::Result<()> {
+    use outpost::auth::Role;
+    let Some(python) = python() else { return Ok(()) };
+    let models = root().join("models");
+    let m = models.to_str().unwrap_or_default();
+    let token = |name: &str, roles: &[Role], only: Option<&[String]>| outpost::auth::create_token(name, roles, only);
+    let (ops, ops_entry) = token("ops", &[Role::Admin], None).map_err(anyhow::Error::msg)?;
+    let (pos, pos_entry) = token("pos", &[Role::Infer], Some(&["mlp".to_owned()])).map_err(anyhow::Error::msg)?;
+    let (flood, flood_entry) = token("flood", &[Role::Infer], None).map_err(anyhow::Error::msg)?;
+    let auth = format!(
+        "[auth]\ntokens = [{ops_entry}, {pos_entry}, {flood_entry}]\nrate_limit = 1.0\nrate_burst = 3\n\n[grpc]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let agent = TestAgent::start(&[models.clone()], &auth).await?;
+    let url = agent.agent.grpc_addr().map(|a| a.to_string()).unwrap_or_default();
+    let check = |args: Vec<String>| {
+        let python = python.clone();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            grpc_check(&python, &refs).await
+        }
+    };
+    let expect = |case: &str, model: &str, token: Option<&str>, code: &str, repeat: u32| {
+        let mut a =
+            vec!["expect", "--url", &url, "--models-dir", m, "--case", case, "--model", model, "--expect", code]
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>();
+        a.extend(["--repeat".to_owned(), repeat.to_string()]);
+        if let Some(t) = token {
+            a.extend(["--token".to_owned(), t.to_owned()]);
+        }
+        a
+    };
+    for (what, args) in [
+        ("no token", expect("infer", "mlp", None, "UNAUTHENTICATED", 1)),
+        ("a wrong token", expect("infer", "mlp", Some("not-a-token"), "UNAUTHENTICATED", 1)),
+        ("pos on its model", expect("infer", "mlp", Some(&pos), "OK", 1)),
+        ("pos on another model", expect("infer", "cnn", Some(&pos), "PERMISSION_DENIED", 1)),
+        ("pos unloading", expect("unload", "cnn", Some(&pos), "PERMISSION_DENIED", 1)),
+        ("flood over its rate", expect("infer", "mlp", Some(&flood), "RESOURCE_EXHAUSTED", 10)),
+        ("ops unloading", expect("unload", "cnn", Some(&ops), "OK", 1)),
+        ("infer on the unloaded model", expect("infer", "cnn", Some(&ops), "NOT_FOUND", 1)),
+        ("ops loading", expect("load", "cnn", Some(&ops), "OK", 1)),
+    ] {
+        let (ok, out) = check(args).await?;
+        assert!(ok, "{what}: {out}");
+    }
+    // Refusals are counted like HTTP's.
+    let metrics = agent.agent.service().render_metrics();
+    assert!(metrics.contains("outpost_http_access_denied_total{reason=\"rate_limited\"}"), "{metrics}");
+    assert!(!metrics.contains("outpost_http_access_denied_total{reason=\"rate_limited\"} 0\n"), "{metrics}");
+    agent.stop().await?;
+
+    // mTLS from [http]'s settings: a listed client certificate is the principal.
+    let pki = outpost_tests::broker::Pki::generate()?;
+    let p = |n: &str| pki.path(n).display().to_string();
+    let text = format!(
+        "[http]\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
+        p("server.pem"),
+        p("server.pk8.key"),
+        p("ca.pem")
+    );
+    let state = tempfile::tempdir()?;
+    let cfg = config_text(state.path(), &[models.clone()], "")
+        .replace("[http]\nlisten = \"127.0.0.1:0\"\n", &format!("{text}listen = \"127.0.0.1:0\"\n"))
+        + "[auth]\nclients = [{ subject = \"pos-terminal-1\", roles = [\"infer\", \"observe\"] }]\n\n[grpc]\nlisten = \"127.0.0.1:0\"\n";
+    let agent = TestAgent::start_text(state, &cfg, "https", http_client()).await?;
+    let url = format!("localhost:{}", agent.agent.grpc_addr().map(|a| a.port()).unwrap_or_default());
+    let tls =
+        ["--ca".to_owned(), p("ca.pem"), "--cert".to_owned(), p("client.pem"), "--key".to_owned(), p("client.pk8.key")];
+    let mut args: Vec<String> =
+        ["serve", "--url", &url, "--models-dir", m, "--model", "mlp"].map(str::to_owned).to_vec();
+    args.extend(tls.iter().cloned());
+    let (ok, out) = check(args).await?;
+    assert!(ok && out.contains("all models match"), "mTLS: {out}");
+    let mut args: Vec<String> = ["health", "--url", &url].map(str::to_owned).to_vec();
+    args.extend(tls.iter().cloned());
+    let (ok, out) = check(args).await?;
+    assert!(ok, "health over mTLS: {out}");
+    let args: Vec<String> = [
+        "expect",
+        "--url",
+        &url,
+        "--models-dir",
+        m,
+        "--case",
+        "infer",
+        "--ca",
+        &p("ca.pem"),
+        "--expect",
+        "UNAVAILABLE",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let (ok, out) = check(args).await?;
+    assert!(ok, "no client certificate, no handshake: {out}");
+    agent.stop().await
+}
