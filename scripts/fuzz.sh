@@ -10,7 +10,7 @@
 . "$(dirname "$0")/lib.sh"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cd "$ROOT/fuzz"
-targets=("${1:-v2_json binary_tensor v2_response mqtt_request dsse_manifest}")
+targets=("${1:-v2_json binary_tensor v2_response mqtt_request dsse_manifest grpc_request}")
 seconds="${2:-${FUZZ_SECONDS:-600}}"
 cargo fuzz build --sanitizer none -O
 for t in ${targets[@]}; do

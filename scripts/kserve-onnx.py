@@ -2,7 +2,9 @@
 """KServe's Python V2 model server running one ONNX model with ONNX Runtime (CPU, one
 intra-op thread): the V2 peer scripts/bench-overflow.sh uses as an overflow target.
 
-    kserve-onnx.py --model-dir .cache/models/minilm --http-port 8085 [--name minilm]
+    kserve-onnx.py --model-dir .cache/models/minilm --http-port 8085 [--name minilm] [--grpc-port 8086]
+
+With --grpc-port it also serves the V2 protocol over gRPC (scripts/bench-grpc.sh).
 """
 import argparse
 import uuid
@@ -49,9 +51,12 @@ def main():
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--name", default="minilm")
     ap.add_argument("--http-port", type=int, default=8085)
+    ap.add_argument("--grpc-port", type=int)
     args = ap.parse_args()
     model = OnnxModel(args.name, args.model_dir / "model.onnx")
-    ModelServer(http_port=args.http_port, grpc_port=args.http_port + 1, workers=1, enable_grpc=False).start([model])
+    grpc = args.grpc_port is not None
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port if grpc else args.http_port + 1, workers=1,
+                enable_grpc=grpc).start([model])
 
 
 if __name__ == "__main__":

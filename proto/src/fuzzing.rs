@@ -136,3 +136,29 @@ pub fn dsse_manifest(data: &[u8]) {
         }
     }
 }
+
+/// A `ModelInferRequest` as a gRPC message body: whatever decodes and converts holds
+/// shape-product elements per tensor, and survives a round trip through the response encoder
+/// (raw and typed) and back.
+pub fn grpc_request(data: &[u8]) {
+    use crate::protocol::grpc::{request_from_grpc, response_from_grpc, response_to_grpc, ModelInferRequest};
+    use prost::Message as _;
+    let Ok(msg) = ModelInferRequest::decode(data) else { return };
+    let Ok((req, _)) = request_from_grpc(msg) else { return };
+    for t in &req.inputs {
+        let n: usize = t.shape.iter().product();
+        assert_eq!(t.data.len(), n, "tensor {} holds {} elements for shape {:?}", t.name, t.data.len(), t.shape);
+    }
+    let resp = echo(&req);
+    for raw in [true, false] {
+        let encoded = response_to_grpc(&resp, raw).encode_to_vec();
+        let decoded =
+            crate::protocol::grpc::ModelInferResponse::decode(encoded.as_slice()).expect("the encoder writes protobuf");
+        let back = response_from_grpc(decoded).expect("encoded tensors decode back");
+        // NaN payloads compare unequal: compare the little-endian bytes.
+        let bytes = |ts: &[crate::protocol::Tensor]| {
+            ts.iter().map(|t| (t.name.clone(), t.shape.clone(), t.data.to_le_bytes())).collect::<Vec<_>>()
+        };
+        assert_eq!(bytes(&back.outputs), bytes(&req.inputs), "tensors change in a round trip (raw: {raw})");
+    }
+}

@@ -15,6 +15,7 @@ fn every_fuzz_crash_stays_fixed() {
             Some("v2_response") => outpost_proto::fuzzing::v2_response(&data),
             Some("mqtt_request") => outpost_proto::fuzzing::mqtt_request(&data),
             Some("dsse_manifest") => outpost_proto::fuzzing::dsse_manifest(&data),
+            Some("grpc_request") => outpost_proto::fuzzing::grpc_request(&data),
             _ => panic!("{name}: name must start with a fuzz target"),
         }
         n += 1;

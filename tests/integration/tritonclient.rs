@@ -173,7 +173,7 @@ async fn tritonclient_grpc_under_tokens_rate_limits_and_mtls() -> anyhow::Result
     let auth = format!(
         "[auth]\ntokens = [{ops_entry}, {pos_entry}, {flood_entry}]\nrate_limit = 1.0\nrate_burst = 3\n\n[grpc]\nlisten = \"127.0.0.1:0\"\n"
     );
-    let agent = TestAgent::start(&[models.clone()], &auth).await?;
+    let agent = TestAgent::start(std::slice::from_ref(&models), &auth).await?;
     let url = agent.agent.grpc_addr().map(|a| a.to_string()).unwrap_or_default();
     let check = |args: Vec<String>| {
         let python = python.clone();
@@ -224,7 +224,7 @@ async fn tritonclient_grpc_under_tokens_rate_limits_and_mtls() -> anyhow::Result
         p("ca.pem")
     );
     let state = tempfile::tempdir()?;
-    let cfg = config_text(state.path(), &[models.clone()], "")
+    let cfg = config_text(state.path(), std::slice::from_ref(&models), "")
         .replace("[http]\nlisten = \"127.0.0.1:0\"\n", &format!("{text}listen = \"127.0.0.1:0\"\n"))
         + "[auth]\nclients = [{ subject = \"pos-terminal-1\", roles = [\"infer\", \"observe\"] }]\n\n[grpc]\nlisten = \"127.0.0.1:0\"\n";
     let agent = TestAgent::start_text(state, &cfg, "https", http_client()).await?;

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# gRPC against HTTP on one agent (MLP and CNN, 1, 8 and 64 clients), and against KServe's
+# Python server over gRPC, same model and load generator, same run. The agent and KServe are
+# pinned to CPU 0 (inside the bench), the load generator to CPU 1; it reports its own CPU.
+# Installs what it needs: KServe in a venv under .cache/. Loopback only; bounded in time.
+#   scripts/bench-grpc.sh [--seconds 5] [--models mlp,cnn] [--concurrency 1,8,64]
+. "$(dirname "$0")/lib.sh"
+"$ROOT/scripts/setup-test.sh"
+venv "$CACHE/venv-kserve" "$ROOT/scripts/requirements-kserve.txt"
+cd "$ROOT"
+cargo bench --no-run -q -p outpost-tests --bench grpc --locked
+exec taskset -c 1 cargo bench -q -p outpost-tests --bench grpc --locked -- \
+  --kserve-python "$CACHE/venv-kserve/bin/python" "$@"

@@ -1,0 +1,274 @@
+//! gRPC against HTTP on one agent, and against KServe's Python server over gRPC, same model,
+//! same load generator, same run. Closed loop: `c` clients each send the model's first golden
+//! request and wait for the answer, for `--seconds` per point (bounded in count too). The
+//! agent (an `outpost` process) is pinned to CPU 0 and this load generator to CPU 1 by
+//! `scripts/bench-grpc.sh`, which reports the generator's own CPU use per point so it can be
+//! seen not to be the bottleneck. gRPC: one HTTP/2 connection (tonic), as `tritonclient.grpc`
+//! uses one; HTTP: a pool of keep-alive HTTP/1.1 connections (reqwest), V2 JSON.
+//!
+//! The engine's own time comes from the statistics extension (`compute_infer` over
+//! `execution_count`): a transport's overhead at one client is its mean latency minus it.
+//!
+//!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
+//!         [--concurrency 1,8,64] [--kserve-python PY]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use outpost_proto::protocol::grpc as pb;
+use outpost_tests::*;
+
+/// Most requests one point sends (a bound beside the time).
+const MAX_REQUESTS: usize = 2_000_000;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// This process's user and system CPU seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let f = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (f(11) + f(12)) / 100.0
+}
+
+#[derive(Clone)]
+enum Target {
+    Grpc { channel: tonic::transport::Channel, request: pb::ModelInferRequest },
+    Http { client: reqwest::Client, url: String, body: bytes::Bytes },
+}
+
+impl Target {
+    async fn call(&self) -> Result<()> {
+        match self {
+            Target::Grpc { channel, request } => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready().await?;
+                let path =
+                    tonic::codegen::http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+                let codec = tonic_prost::ProstCodec::<pb::ModelInferRequest, pb::ModelInferResponse>::default();
+                let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
+                ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
+            }
+            Target::Http { client, url, body } => {
+                let r = client.post(url).body(body.clone()).send().await?;
+                ensure!(r.status().is_success(), "HTTP {}", r.status());
+                r.bytes().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Point {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    mean_ms: f64,
+    errors: usize,
+    client_cpu: f64,
+}
+
+async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
+    // Warm up: connections open, plans cached.
+    for _ in 0..20 {
+        let _ = target.call().await;
+    }
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(MAX_REQUESTS));
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (target, budget) = (target.clone(), budget.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while Instant::now() < end
+                    && budget
+                        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |b| {
+                            b.checked_sub(1)
+                        })
+                        .is_ok()
+                {
+                    let t = Instant::now();
+                    match tokio::time::timeout(Duration::from_secs(10), target.call()).await {
+                        Ok(Ok(())) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let client_cpu = (cpu_seconds() - cpu0) / wall;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let q =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    Point {
+        rps: lat.len() as f64 / wall,
+        p50: q(0.5),
+        p99: q(0.99),
+        mean_ms: lat.iter().sum::<f64>() / lat.len().max(1) as f64,
+        errors,
+        client_cpu,
+    }
+}
+
+/// (execution count, compute_infer ns) of a model on the agent, from the statistics extension.
+async fn engine_time(http: &reqwest::Client, base: &str, model: &str) -> Result<(u64, u64)> {
+    let v: serde_json::Value = http.get(format!("{base}/v2/models/{model}/stats")).send().await?.json().await?;
+    let mut out = (0, 0);
+    for s in v["model_stats"].as_array().into_iter().flatten() {
+        out.0 += s["inference_stats"]["compute_infer"]["count"].as_u64().unwrap_or(0);
+        out.1 += s["inference_stats"]["compute_infer"]["ns"].as_u64().unwrap_or(0);
+    }
+    Ok(out)
+}
+
+fn spawn_agent(config: &Path) -> Result<(ChildAgent, String)> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_outpost-under-test"));
+    let taskset = Command::new("taskset").arg("-V").output().is_ok();
+    let cfg = config.to_str().context("path")?;
+    let mut child = if taskset {
+        let args = ["-c", "0", bin.to_str().context("path")?, "run", "--config", cfg];
+        ChildAgent::spawn_env(Path::new("taskset"), &args, &[("RUST_LOG", "warn,outpost=info")])?
+    } else {
+        eprintln!("taskset not found: the agent is not pinned");
+        ChildAgent::spawn(&bin, &["run", "--config", cfg])?
+    };
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    Ok((child, addr))
+}
+
+/// KServe's Python server with the model's ONNX file, gRPC on `port`, pinned to CPU 0.
+fn spawn_kserve(python: &str, model: &str, port: u16) -> Result<Child> {
+    let dir = root().join("models").join(model);
+    let http_port = free_port()?;
+    let child = Command::new("taskset")
+        .args(["-c", "0", python])
+        .arg(root().join("scripts/kserve-onnx.py"))
+        .args(["--model-dir"])
+        .arg(&dir)
+        .args(["--name", model, "--http-port", &http_port.to_string(), "--grpc-port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(child)
+}
+
+fn grpc_request(model: &str) -> Result<pb::ModelInferRequest> {
+    let golden = golden_for(&root().join("models").join(model))?;
+    let body = serde_json::to_vec(&golden.request(0))?;
+    let req = outpost_proto::protocol::json::parse_request(&body)?;
+    let mut g = pb::ModelInferRequest { model_name: model.to_owned(), ..Default::default() };
+    for t in &req.inputs {
+        g.inputs.push(pb::InferInputTensor {
+            name: t.name.clone(),
+            datatype: t.datatype().as_str().to_owned(),
+            shape: t.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        });
+        g.raw_input_contents.push(t.data.to_le_bytes());
+    }
+    Ok(g)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = arg(&args, "--seconds").and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let models = arg(&args, "--models").unwrap_or_else(|| "mlp,cnn".into());
+    let conc: Vec<usize> = arg(&args, "--concurrency")
+        .unwrap_or_else(|| "1,8,64".into())
+        .split(',')
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let kserve = arg(&args, "--kserve-python");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let state = tempfile::tempdir()?;
+        let grpc_port = free_port()?;
+        let mut extra = format!("[audit]\nenabled = false\n\n[grpc]\nlisten = \"127.0.0.1:{grpc_port}\"\n\n");
+        for m in models.split(',') {
+            extra.push_str(&format!("[models.{m}]\nmax_batch = 8\nmax_queue_delay = \"0s\"\nmax_queue = 1024\n\n"));
+        }
+        let config = state.path().join("outpost.toml");
+        std::fs::write(&config, config_text(state.path(), &[root().join("models")], &extra))?;
+        let (mut agent, addr) = spawn_agent(&config)?;
+        let base = format!("http://{addr}");
+        let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
+        println!("| model | clients | server | req/s | p50 ms | p99 ms | mean ms | engine ms | overhead ms | errors | generator CPU |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for model in models.split(',') {
+            let request = grpc_request(model)?;
+            let body = serde_json::to_vec(&golden_for(&root().join("models").join(model))?.request(0))?;
+            let targets = [
+                ("Outpost gRPC", Target::Grpc { channel: channel.clone(), request: request.clone() }),
+                ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
+            ];
+            for &c in &conc {
+                for (label, target) in &targets {
+                    let before = engine_time(&http, &base, model).await?;
+                    let p = run_point(target, c, seconds).await;
+                    let after = engine_time(&http, &base, model).await?;
+                    let runs = after.0.saturating_sub(before.0).max(1);
+                    let engine_ms = after.1.saturating_sub(before.1) as f64 / runs as f64 / 1e6;
+                    println!(
+                        "| {model} | {c} | {label} | {:.0} | {:.2} | {:.2} | {:.3} | {engine_ms:.3} | {:.3} | {} | {:.0} % |",
+                        p.rps, p.p50, p.p99, p.mean_ms, p.mean_ms - engine_ms, p.errors, p.client_cpu * 100.0
+                    );
+                }
+            }
+            if let Some(python) = &kserve {
+                let port = free_port()?;
+                let mut child = spawn_kserve(python, model, port)?;
+                let kchannel = {
+                    let end = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))?.tcp_nodelay(true).connect().await;
+                        if let Ok(ch) = ch {
+                            let t = Target::Grpc { channel: ch.clone(), request: request.clone() };
+                            if t.call().await.is_ok() {
+                                break ch;
+                            }
+                        }
+                        ensure!(Instant::now() < end, "KServe did not answer over gRPC within 120 s");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                };
+                let target = Target::Grpc { channel: kchannel, request: request.clone() };
+                for &c in &conc {
+                    let p = run_point(&target, c, seconds).await;
+                    println!(
+                        "| {model} | {c} | KServe gRPC | {:.0} | {:.2} | {:.2} | {:.3} | - | - | {} | {:.0} % |",
+                        p.rps, p.p50, p.p99, p.mean_ms, p.errors, p.client_cpu * 100.0
+                    );
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        agent.signal("TERM")?;
+        agent.wait_exit(Duration::from_secs(30))?;
+        Ok(())
+    })
+}
