@@ -282,8 +282,8 @@ where
     Fut: Future<Output = Result<R, Status>> + Send + 'static,
 {
     let max = s.max;
-    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<R, M>::default())
-        .apply_max_message_size_config(Some(max), Some(max));
+    let mut grpc =
+        tonic::server::Grpc::new(Codec::<R, M>::default()).apply_max_message_size_config(Some(max), Some(max));
     let svc = tower::service_fn(move |request: tonic::Request<M>| {
         let (s, permission, f) = (s.clone(), permission.clone(), f.clone());
         async move {
@@ -314,6 +314,48 @@ async fn admit<M>(state: &HttpState, request: &tonic::Request<M>, permission: &P
         .and_then(parse_timeout)
         .map_or(config.http.request_timeout, |t| t.min(config.http.request_timeout));
     Ok(Call { principal, timeout })
+}
+
+/// Prost's codec with one change: a request that does not decode is the client's error,
+/// `INVALID_ARGUMENT` (tonic's codec says `INTERNAL`, the code for the server's own faults).
+struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Codec(std::marker::PhantomData)
+    }
+}
+
+struct Decoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0
+            .decode(buf)
+            .map_err(|e| Status::invalid_argument(format!("the message does not decode: {}", e.message())))
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = Decoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(tonic_prost::ProstDecoder::default())
+    }
 }
 
 /// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -428,11 +470,8 @@ async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::
 /// (`error_message`) and the stream goes on, as Triton does.
 async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<tonic::body::Body> {
     let max = s.max;
-    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-        pb::ModelStreamInferResponse,
-        pb::ModelInferRequest,
-    >::default())
-    .apply_max_message_size_config(Some(max), Some(max));
+    let mut grpc = tonic::server::Grpc::new(Codec::<pb::ModelStreamInferResponse, pb::ModelInferRequest>::default())
+        .apply_max_message_size_config(Some(max), Some(max));
     let svc = tower::service_fn(move |request: tonic::Request<tonic::Streaming<pb::ModelInferRequest>>| {
         let s = s.clone();
         async move {

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod endpoints;
 mod fleet;
+mod grpc;
 mod lifecycle;
 mod models;
 mod mqtt;
