@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::response::IntoResponse as _;
 use futures::StreamExt as _;
 use prost::Message;
 use tonic::Status;
@@ -44,6 +45,26 @@ pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::
         .fallback(|req: axum::extract::Request| async move {
             status_response(Status::unimplemented(format!("no such method: {}", req.uri().path())))
         })
+        .layer(axum::middleware::from_fn(grpc_only))
+}
+
+/// A request that is not gRPC (a browser, curl, an HTTP client at the wrong port) gets 415,
+/// as the gRPC protocol asks, rather than an empty 200.
+async fn grpc_only(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return next.run(req).await;
+    }
+    (
+        axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "this port serves gRPC (content-type application/grpc); the HTTP API is on http.listen\n",
+    )
+        .into_response()
 }
 
 async fn follow_readiness(

@@ -558,7 +558,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             tracker.spawn(async move {
                 http::server::serve(listener, app, tls, limits, metrics, cancel, SHUTDOWN_GRACE).await;
             });
-            tracing::info!(%addr, tls = tls_handle.is_some(), "grpc listening");
+            tracing::info!(%addr, tls = tls_handle.is_some(), "grpc listener bound");
             Some(addr)
         }
         _ => None,

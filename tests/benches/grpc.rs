@@ -134,7 +134,11 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
 
 /// (execution count, compute_infer ns) of a model on the agent, from the statistics extension.
 async fn engine_time(http: &reqwest::Client, base: &str, model: &str) -> Result<(u64, u64)> {
-    let v: serde_json::Value = http.get(format!("{base}/v2/models/{model}/stats")).send().await?.json().await?;
+    let r = http.get(format!("{base}/v2/models/{model}/stats")).send().await?;
+    let status = r.status();
+    let text = r.text().await?;
+    ensure!(status.is_success(), "{model} statistics: HTTP {status}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{model} statistics: {text:?}"))?;
     let mut out = (0, 0);
     for s in v["model_stats"].as_array().into_iter().flatten() {
         out.0 += s["inference_stats"]["compute_infer"]["count"].as_u64().unwrap_or(0);
@@ -202,6 +206,7 @@ fn main() -> Result<()> {
         .filter_map(|c| c.parse().ok())
         .collect();
     let kserve = arg(&args, "--kserve-python");
+    outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
         let state = tempfile::tempdir()?;
