@@ -43,22 +43,21 @@ pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::
         .route_service(&format!("/{}/{{*method}}", pb::SERVICE), inference)
         .route_service("/grpc.health.v1.Health/{*method}", health_service)
         .fallback(|req: axum::extract::Request| async move {
+            if !is_grpc(&req) {
+                return not_grpc();
+            }
             status_response(Status::unimplemented(format!("no such method: {}", req.uri().path())))
         })
-        .layer(axum::middleware::from_fn(grpc_only))
 }
 
-/// A request that is not gRPC (a browser, curl, an HTTP client at the wrong port) gets 415,
-/// as the gRPC protocol asks, rather than an empty 200.
-async fn grpc_only(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    let grpc = req
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc {
-        return next.run(req).await;
-    }
+/// Whether a request is gRPC (its content type says so).
+fn is_grpc(req: &axum::extract::Request) -> bool {
+    req.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The answer to a request that is not gRPC (a browser, curl, an HTTP client at the wrong
+/// port): 415, as the gRPC protocol asks, rather than an empty 200.
+fn not_grpc() -> axum::response::Response {
     (
         axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
         [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -96,7 +95,7 @@ struct Inference(Arc<Shared>);
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 impl tower::Service<axum::extract::Request> for Inference {
-    type Response = axum::http::Response<tonic::body::Body>;
+    type Response = axum::response::Response;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
 
@@ -105,8 +104,11 @@ impl tower::Service<axum::extract::Request> for Inference {
     }
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        if !is_grpc(&req) {
+            return Box::pin(async { Ok(not_grpc()) });
+        }
         let s = self.0.clone();
-        Box::pin(async move { Ok(dispatch(s, req).await) })
+        Box::pin(async move { Ok(dispatch(s, req).await.map(Body::new)) })
     }
 }
 

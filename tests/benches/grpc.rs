@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use outpost_proto::protocol::grpc as pb;
 use outpost_tests::*;
+use prost::Message as _;
 
 /// Most requests one point sends (a bound beside the time).
 const MAX_REQUESTS: usize = 2_000_000;
@@ -42,8 +43,22 @@ fn cpu_seconds() -> f64 {
 
 #[derive(Clone)]
 enum Target {
-    Grpc { channel: tonic::transport::Channel, request: pb::ModelInferRequest },
-    Http { client: reqwest::Client, url: String, body: bytes::Bytes },
+    Grpc {
+        channel: tonic::transport::Channel,
+        request: pb::ModelInferRequest,
+    },
+    /// The same calls on a bare HTTP/2 connection: gRPC framing by hand, no client-side
+    /// request queue, so the figures are the server's more than tonic's client's.
+    H2 {
+        send: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+        framed: bytes::Bytes,
+        authority: String,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        body: bytes::Bytes,
+    },
 }
 
 impl Target {
@@ -57,6 +72,24 @@ impl Target {
                 let codec = tonic_prost::ProstCodec::<pb::ModelInferRequest, pb::ModelInferResponse>::default();
                 let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
                 ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
+            }
+            Target::H2 { send, framed, authority } => {
+                use http_body_util::BodyExt as _;
+                let req = tonic::codegen::http::Request::post(format!(
+                    "http://{authority}/inference.GRPCInferenceService/ModelInfer"
+                ))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(http_body_util::Full::new(framed.clone()))?;
+                let mut send = send.clone();
+                send.ready().await?;
+                let resp = send.send_request(req).await?;
+                let collected = resp.into_body().collect().await?;
+                let status = collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes().to_vec());
+                ensure!(status.as_deref() == Some(b"0".as_slice()), "grpc-status {status:?}");
+                let body = collected.to_bytes();
+                ensure!(body.len() > 5, "no message");
+                pb::ModelInferResponse::decode(&body[5..])?;
             }
             Target::Http { client, url, body } => {
                 let r = client.post(url).body(body.clone()).send().await?;
@@ -221,13 +254,28 @@ fn main() -> Result<()> {
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
         let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
+        let h2 = {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await?;
+            stream.set_nodelay(true)?;
+            let (send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await?;
+            tokio::spawn(conn);
+            send
+        };
         println!("| model | clients | server | req/s | p50 ms | p99 ms | mean ms | engine ms | overhead ms | errors | generator CPU |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for model in models.split(',') {
             let request = grpc_request(model)?;
             let body = serde_json::to_vec(&golden_for(&root().join("models").join(model))?.request(0))?;
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
+            framed.extend_from_slice(&request.encode_to_vec());
             let targets = [
-                ("Outpost gRPC", Target::Grpc { channel: channel.clone(), request: request.clone() }),
+                ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
+                ("Outpost gRPC (bare h2)", Target::H2 { send: h2.clone(), framed: framed.into(), authority: format!("127.0.0.1:{grpc_port}") }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
             ];
             for &c in &conc {
