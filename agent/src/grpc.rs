@@ -22,6 +22,7 @@ use futures::StreamExt as _;
 use prost::Message;
 use tonic::Status;
 
+use crate::api::triton::{model_config, statistics, EXTENSIONS};
 use crate::api::{InferError, RequestContext, Transport};
 use crate::auth::{Permission, Principal};
 use crate::http::{HttpState, Refusal};
@@ -29,9 +30,6 @@ use crate::protocol::grpc as pb;
 
 /// Requests of one `ModelStreamInfer` stream run at once; more wait for a free slot.
 const STREAM_CONCURRENCY: usize = 64;
-
-/// The V2 extensions served (HTTP and gRPC alike).
-pub const EXTENSIONS: [&str; 4] = ["model_repository", "binary_tensor_data", "model_configuration", "statistics"];
 
 /// The router serving both gRPC services (mounted on the gRPC listener).
 pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> axum::Router {
@@ -208,7 +206,7 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 s,
                 req,
                 |_: &pb::ModelRef| Permission::Observe,
-                |s, _, r| async move { statistics(&s.state, &r.name, version(&r.version)).map_err(status) },
+                |s, _, r| async move { statistics(&s.state.service, &r.name, version(&r.version)).map_err(status) },
             )
             .await
         }
@@ -530,131 +528,6 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
         }
     });
     grpc.streaming(svc, req).await
-}
-
-/// Triton's model configuration for a serving version: its tensors, and with batching the
-/// batch size it takes (dims then leave out the batch dimension).
-pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
-    let sig = &served.model.signature;
-    let batch = served.batching.as_ref();
-    let dims = |t: &crate::engine::TensorSpec| {
-        let shape = t.v2_shape();
-        if batch.is_some() {
-            shape.get(1..).unwrap_or_default().to_vec()
-        } else {
-            shape
-        }
-    };
-    pb::ModelConfig {
-        name: served.name.clone(),
-        platform: "onnx".into(),
-        backend: "tract".into(),
-        max_batch_size: batch.map_or(0, |b| i32::try_from(b.max_batch).unwrap_or(i32::MAX)),
-        input: sig
-            .inputs
-            .iter()
-            .map(|t| pb::ModelTensorConfig {
-                name: t.name.clone(),
-                data_type: pb::ConfigDataType::from(t.datatype) as i32,
-                dims: dims(t),
-            })
-            .collect(),
-        output: sig
-            .outputs
-            .iter()
-            .map(|t| pb::ModelOutputConfig {
-                name: t.name.clone(),
-                data_type: pb::ConfigDataType::from(t.datatype) as i32,
-                dims: dims(t),
-            })
-            .collect(),
-        dynamic_batching: batch.map(|b| pb::ModelDynamicBatching {
-            preferred_batch_size: b.preferred.iter().map(|&p| i32::try_from(p).unwrap_or(i32::MAX)).collect(),
-            max_queue_delay_microseconds: b.max_delay.as_micros() as u64,
-        }),
-    }
-}
-
-/// The same configuration as Triton's JSON (`GET /v2/models/{name}/config`).
-pub fn model_config_json(c: &pb::ModelConfig) -> serde_json::Value {
-    let name = |d: i32| pb::ConfigDataType::try_from(d).map_or("TYPE_INVALID".to_owned(), |t| t.as_str().to_owned());
-    let mut v = serde_json::json!({
-        "name": c.name,
-        "platform": c.platform,
-        "backend": c.backend,
-        "max_batch_size": c.max_batch_size,
-        "input": c.input.iter().map(|t| serde_json::json!({"name": t.name, "data_type": name(t.data_type), "dims": t.dims})).collect::<Vec<_>>(),
-        "output": c.output.iter().map(|t| serde_json::json!({"name": t.name, "data_type": name(t.data_type), "dims": t.dims})).collect::<Vec<_>>(),
-    });
-    if let Some(b) = &c.dynamic_batching {
-        v["dynamic_batching"] = serde_json::json!({
-            "preferred_batch_size": b.preferred_batch_size,
-            "max_queue_delay_microseconds": b.max_queue_delay_microseconds,
-        });
-    }
-    v
-}
-
-/// Triton's statistics extension: one entry per version that served requests (of `name`, or
-/// of every model when empty).
-pub fn statistics(
-    state: &HttpState,
-    name: &str,
-    version: Option<&str>,
-) -> Result<pb::ModelStatisticsResponse, InferError> {
-    if !name.is_empty() && state.service.repository.status(name).is_none() {
-        return Err(InferError::ModelNotFound(name.to_owned()));
-    }
-    let stats = state.service.metrics.statistics((!name.is_empty()).then_some(name));
-    let d = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
-    let model_stats = stats
-        .into_iter()
-        .filter(|s| version.is_none_or(|v| v == s.version))
-        .map(|s| pb::ModelStatistics {
-            name: s.name,
-            version: s.version,
-            last_inference: s.last_inference_ms,
-            inference_count: s.success,
-            execution_count: s.executions,
-            inference_stats: Some(pb::InferStatistics {
-                success: d(s.success, s.success_ns),
-                fail: d(s.fail, s.fail_ns),
-                queue: d(s.success, s.success_ns.saturating_sub(s.compute_ns)),
-                compute_input: d(s.executions, 0),
-                compute_infer: d(s.executions, s.compute_ns),
-                compute_output: d(s.executions, 0),
-                cache_hit: d(0, 0),
-                cache_miss: d(0, 0),
-            }),
-        })
-        .collect();
-    Ok(pb::ModelStatisticsResponse { model_stats })
-}
-
-/// The statistics as Triton's JSON (`GET /v2/models/{name}/stats`).
-pub fn statistics_json(r: &pb::ModelStatisticsResponse) -> serde_json::Value {
-    let d = |x: &Option<pb::StatisticDuration>| {
-        let x = x.unwrap_or_default();
-        serde_json::json!({ "count": x.count, "ns": x.ns })
-    };
-    serde_json::json!({
-        "model_stats": r.model_stats.iter().map(|m| {
-            let s = m.inference_stats.clone().unwrap_or_default();
-            serde_json::json!({
-                "name": m.name,
-                "version": m.version,
-                "last_inference": m.last_inference,
-                "inference_count": m.inference_count,
-                "execution_count": m.execution_count,
-                "inference_stats": {
-                    "success": d(&s.success), "fail": d(&s.fail), "queue": d(&s.queue),
-                    "compute_input": d(&s.compute_input), "compute_infer": d(&s.compute_infer),
-                    "compute_output": d(&s.compute_output), "cache_hit": d(&s.cache_hit), "cache_miss": d(&s.cache_miss),
-                },
-                "batch_stats": [],
-            })
-        }).collect::<Vec<_>>(),
-    })
 }
 
 #[cfg(test)]

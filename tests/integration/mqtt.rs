@@ -342,7 +342,12 @@ async fn a_reload_moves_mqtt_to_another_broker_live() -> anyhow::Result<()> {
     let report = agent.agent.reload(outpost::config::Config::load(&agent.config_path())?).await;
     assert!(report.ok() && report.applied == ["[mqtt]"], "{report:?}");
     let req = Requester::connect(second.port, "pos-b", None, None).await?;
-    golden.check(0, &req.request(&format!("{INFER}/mlp"), "b", &golden.request(0)).await?)?;
+    // The agent subscribes on the second broker a moment after the reload returns: a request
+    // published before that has no subscriber, so the requester sends again until answered.
+    let pending = [("b".to_owned(), format!("{INFER}/mlp"), golden.request(0))];
+    req.send(&pending[0].1, "b", &pending[0].2).await?;
+    req.resend_until_answered(&pending, 30, std::time::Duration::from_secs(1)).await?;
+    golden.check(0, &req.reply("b").ok_or_else(|| anyhow::anyhow!("no reply on the second broker"))?)?;
     let (_, status) = agent.get("/admin/status").await?;
     assert_eq!(status["mqtt"]["broker"], format!("127.0.0.1:{}", second.port), "{status}");
 

@@ -7,6 +7,7 @@ pub mod control;
 pub mod events;
 pub mod repository;
 pub mod router;
+pub mod triton;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

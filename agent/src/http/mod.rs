@@ -342,7 +342,7 @@ async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "outpost",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": crate::grpc::EXTENSIONS,
+        "extensions": crate::api::triton::EXTENSIONS,
     }))
     .into_response()
 }
@@ -399,7 +399,7 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
 /// Triton's model configuration extension.
 fn config_of(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
     let served = s.service.repository.serving(model, version)?;
-    Ok(axum::Json(crate::grpc::model_config_json(&crate::grpc::model_config(&served))).into_response())
+    Ok(axum::Json(crate::api::triton::model_config_json(&crate::api::triton::model_config(&served))).into_response())
 }
 
 async fn model_config(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
@@ -415,8 +415,8 @@ async fn model_version_config(
 
 /// Triton's statistics extension.
 fn stats_of(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
-    let stats = crate::grpc::statistics(s, model, version)?;
-    Ok(axum::Json(crate::grpc::statistics_json(&stats)).into_response())
+    let stats = crate::api::triton::statistics(&s.service, model, version)?;
+    Ok(axum::Json(crate::api::triton::statistics_json(&stats)).into_response())
 }
 
 async fn all_stats(State(s): State<HttpState>) -> Result<Response, ApiError> {
