@@ -239,6 +239,8 @@ fn main() -> Result<()> {
         .filter_map(|c| c.parse().ok())
         .collect();
     let kserve = arg(&args, "--kserve-python");
+    // Only the servers whose label holds this (e.g. "bare", "HTTP"): for profiling one at a time.
+    let only = arg(&args, "--only");
     outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
@@ -279,7 +281,7 @@ fn main() -> Result<()> {
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
             ];
             for &c in &conc {
-                for (label, target) in &targets {
+                for (label, target) in targets.iter().filter(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o))) {
                     let before = engine_time(&http, &base, model).await?;
                     let p = run_point(target, c, seconds).await;
                     let after = engine_time(&http, &base, model).await?;
