@@ -105,10 +105,18 @@ impl tower::Service<axum::extract::Request> for Inference {
         if !is_grpc(&req) {
             return Box::pin(async { Ok(not_grpc()) });
         }
+        // The call's path, for the records of refused calls (tonic's request has no URI).
+        let path = MethodPath(req.uri().path().chars().take(256).collect());
+        let mut req = req;
+        req.extensions_mut().insert(path);
         let s = self.0.clone();
         Box::pin(async move { Ok(dispatch(s, req).await.map(Body::new)) })
     }
 }
+
+/// The path of a call (`/inference.GRPCInferenceService/ModelInfer`).
+#[derive(Clone)]
+struct MethodPath(String);
 
 /// Who called and by when the answer is due.
 struct Call {
@@ -317,10 +325,11 @@ where
 
 /// Access control for one call (or one message of a stream), as HTTP's.
 async fn admit<M>(state: &HttpState, request: &tonic::Request<M>, permission: &Permission) -> Result<Call, Status> {
+    let path = request.extensions().get::<MethodPath>().map_or("grpc", |p| p.0.as_str());
     let authorization = request.metadata().get("authorization").map(|v| v.as_bytes().to_vec());
     let peer = request.extensions().get::<crate::http::server::Peer>();
     let principal =
-        state.admit(permission, authorization.as_deref(), peer, "grpc", "grpc").await.map_err(|r| match r {
+        state.admit(permission, authorization.as_deref(), peer, path, "grpc").await.map_err(|r| match r {
             Refusal::Unauthenticated(m) => Status::unauthenticated(m),
             Refusal::Forbidden(m) => Status::permission_denied(m),
             Refusal::SourceBlocked { message, retry_after } | Refusal::RateLimited { message, retry_after } => {

@@ -208,6 +208,17 @@ async fn tritonclient_grpc_under_tokens_rate_limits_and_mtls() -> anyhow::Result
         let (ok, out) = check(args).await?;
         assert!(ok, "{what}: {out}");
     }
+    // A refusal is recorded with the call's path and transport.
+    let recs = agent.agent.audit().map(|a| a.range(1, u64::MAX, usize::MAX)).transpose()?.unwrap_or_default();
+    assert!(
+        recs.iter().any(|(_, r)| {
+            let r = String::from_utf8_lossy(r);
+            r.contains("\"transport\":\"grpc\"")
+                && r.contains("/inference.GRPCInferenceService/ModelInfer")
+                && r.contains("token:pos")
+        }),
+        "no audit record of the refused gRPC call"
+    );
     // Refusals are counted like HTTP's.
     let metrics = agent.agent.service().render_metrics();
     assert!(metrics.contains("outpost_http_access_denied_total{reason=\"rate_limited\"}"), "{metrics}");
