@@ -333,21 +333,26 @@ async fn a_reload_moves_mqtt_to_another_broker_live() -> anyhow::Result<()> {
     let models = mlp_only()?;
     let agent = TestAgent::start(&[models.path().to_owned()], &mqtt_toml(&first.url(), "")).await?;
     let golden = golden_for(&root().join("models/mlp"))?;
-    let req = Requester::connect(first.port, "pos-a", None, None).await?;
-    golden.check(0, &req.request(&format!("{INFER}/mlp"), "a", &golden.request(0)).await?)?;
+    // The agent subscribes a moment after it is started (and after a reload moves it): a
+    // request published before that has no subscriber, so the requester sends again until
+    // answered, as a client of a restarting agent does.
+    let ask = |req: Requester, corr: &'static str| {
+        let body = golden.request(0);
+        async move {
+            let pending = [(corr.to_owned(), format!("{INFER}/mlp"), body)];
+            req.send(&pending[0].1, corr, &pending[0].2).await?;
+            req.resend_until_answered(&pending, 30, std::time::Duration::from_secs(1)).await?;
+            req.reply(corr).ok_or_else(|| anyhow::anyhow!("no reply to {corr}"))
+        }
+    };
+    golden.check(0, &ask(Requester::connect(first.port, "pos-a", None, None).await?, "a").await?)?;
 
     let text = std::fs::read_to_string(agent.config_path())?;
     let moved = text.replace(&first.url(), &second.url());
     std::fs::write(agent.config_path(), &moved)?;
     let report = agent.agent.reload(outpost::config::Config::load(&agent.config_path())?).await;
     assert!(report.ok() && report.applied == ["[mqtt]"], "{report:?}");
-    let req = Requester::connect(second.port, "pos-b", None, None).await?;
-    // The agent subscribes on the second broker a moment after the reload returns: a request
-    // published before that has no subscriber, so the requester sends again until answered.
-    let pending = [("b".to_owned(), format!("{INFER}/mlp"), golden.request(0))];
-    req.send(&pending[0].1, "b", &pending[0].2).await?;
-    req.resend_until_answered(&pending, 30, std::time::Duration::from_secs(1)).await?;
-    golden.check(0, &req.reply("b").ok_or_else(|| anyhow::anyhow!("no reply on the second broker"))?)?;
+    golden.check(0, &ask(Requester::connect(second.port, "pos-b", None, None).await?, "b").await?)?;
     let (_, status) = agent.get("/admin/status").await?;
     assert_eq!(status["mqtt"]["broker"], format!("127.0.0.1:{}", second.port), "{status}");
 
@@ -366,6 +371,8 @@ async fn a_reload_moves_mqtt_to_another_broker_live() -> anyhow::Result<()> {
         }
         Err(e) => assert!(e.to_string().contains("password_file"), "{e}"),
     }
+    // Still subscribed there: answered at the first try.
+    let req = Requester::connect(second.port, "pos-c", None, None).await?;
     golden.check(0, &req.request(&format!("{INFER}/mlp"), "c", &golden.request(0)).await?)?;
     agent.stop().await
 }
