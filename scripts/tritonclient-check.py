@@ -19,11 +19,31 @@ NP = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int
       "INT8": np.int8, "BOOL": np.bool_}
 
 
+def compare(name, i, golden, result):
+    """Checks one answer (anything with as_numpy) against golden case i; returns the largest
+    absolute error of its float outputs. The gRPC check uses it too."""
+    tol = golden["tolerance"]
+    worst = 0.0
+    for t in golden["cases"][i]["outputs"]:
+        got = result.as_numpy(t["name"])
+        want = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+        if got is None or got.shape != want.shape:
+            raise AssertionError(f"{name} case {i} {t['name']}: shape {None if got is None else got.shape} != {want.shape}")
+        if want.dtype.kind == "f":
+            err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+            limit = tol["atol"] + tol.get("rtol", 0.0) * float(np.max(np.abs(want))) if want.size else 0.0
+            if err > limit:
+                raise AssertionError(f"{name} case {i} {t['name']}: max abs error {err} > {limit}")
+            worst = max(worst, err)
+        elif not np.array_equal(got, want):
+            raise AssertionError(f"{name} case {i} {t['name']}: {got} != {want}")
+    return worst
+
+
 def check_model(client, name, golden, binary):
     meta = client.get_model_metadata(name)
     assert meta["name"] == name, meta
     assert client.is_model_ready(name), f"{name} not ready"
-    tol = golden["tolerance"]
     worst = 0.0
     for i, case in enumerate(golden["cases"]):
         inputs = []
@@ -34,19 +54,7 @@ def check_model(client, name, golden, binary):
             inputs.append(inp)
         outputs = [httpclient.InferRequestedOutput(t["name"], binary_data=binary) for t in case["outputs"]]
         result = client.infer(name, inputs, outputs=outputs, request_id=f"tc-{i}")
-        for t in case["outputs"]:
-            got = result.as_numpy(t["name"])
-            want = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
-            if got is None or got.shape != want.shape:
-                raise AssertionError(f"{name} case {i} {t['name']}: shape {None if got is None else got.shape} != {want.shape}")
-            if want.dtype.kind == "f":
-                err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-                limit = tol["atol"] + tol.get("rtol", 0.0) * float(np.max(np.abs(want))) if want.size else 0.0
-                if err > limit:
-                    raise AssertionError(f"{name} case {i} {t['name']}: max abs error {err} > {limit}")
-                worst = max(worst, err)
-            elif not np.array_equal(got, want):
-                raise AssertionError(f"{name} case {i} {t['name']}: {got} != {want}")
+        worst = max(worst, compare(name, i, golden, result))
     # Triton's model configuration and statistics extensions.
     cfg = client.get_model_config(name)
     assert cfg["name"] == name and len(cfg["input"]) == len(meta["inputs"]), cfg

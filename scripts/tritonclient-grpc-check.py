@@ -14,6 +14,7 @@ Exits non-zero on any mismatch; prints one line per check.
 """
 import argparse
 import asyncio
+import importlib.util
 import json
 import queue
 import sys
@@ -25,8 +26,12 @@ import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-NP = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8,
-      "INT8": np.int8, "BOOL": np.bool_}
+# The golden comparison and datatypes of the HTTP check, shared (its file name has a dash).
+_spec = importlib.util.spec_from_file_location("tritonclient_check", Path(__file__).with_name("tritonclient-check.py"))
+_http_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_http_check)
+NP = _http_check.NP
+compare = _http_check.compare
 
 
 def load_models(models_dir, only=None):
@@ -47,23 +52,6 @@ def grpc_inputs(module, case):
         inputs.append(inp)
     outputs = [module.InferRequestedOutput(t["name"]) for t in case["outputs"]]
     return inputs, outputs
-
-
-def compare(name, i, golden, result):
-    tol = golden["tolerance"]
-    case = golden["cases"][i]
-    for t in case["outputs"]:
-        got = result.as_numpy(t["name"])
-        want = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
-        if got is None or got.shape != want.shape:
-            raise AssertionError(f"{name} case {i} {t['name']}: shape {None if got is None else got.shape} != {want.shape}")
-        if want.dtype.kind == "f":
-            err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-            limit = tol["atol"] + tol.get("rtol", 0.0) * float(np.max(np.abs(want))) if want.size else 0.0
-            if err > limit:
-                raise AssertionError(f"{name} case {i} {t['name']}: max abs error {err} > {limit}")
-        elif not np.array_equal(got, want):
-            raise AssertionError(f"{name} case {i} {t['name']}: {got} != {want}")
 
 
 def client_args(args):
