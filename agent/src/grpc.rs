@@ -110,7 +110,7 @@ impl tower::Service<axum::extract::Request> for Inference {
         let mut req = req;
         req.extensions_mut().insert(path);
         let s = self.0.clone();
-        Box::pin(async move { Ok(dispatch(s, req).await.map(Body::new)) })
+        Box::pin(async move { Ok(dispatch(s, req).await) })
     }
 }
 
@@ -124,7 +124,7 @@ struct Call {
     timeout: Duration,
 }
 
-async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<tonic::body::Body> {
+async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<Body> {
     let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
     match method.as_str() {
         "ServerLive" => {
@@ -288,7 +288,7 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
             .await
         }
         "ModelStreamInfer" => stream_infer(s, req).await,
-        _ => Status::unimplemented(format!("{}/{method} is not served here", pb::SERVICE)).into_http(),
+        _ => status_response(Status::unimplemented(format!("{}/{method} is not served here", pb::SERVICE))),
     }
 }
 
@@ -296,58 +296,208 @@ fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
 
-/// One unary call: decode (size-capped), admit, run `f`, encode.
+/// One unary call: read the one message (size-capped), decode it, admit, run `f`, encode.
+/// Written against HTTP/2 directly rather than through tonic's server machinery (a request
+/// stream, an encoder stream and metadata conversions per call): a unary call is one framed
+/// message each way, and this is the path every inference takes.
 async fn unary<M, R, P, F, Fut>(
     s: Arc<Shared>,
     req: axum::extract::Request,
     permission: P,
     f: F,
-) -> axum::http::Response<tonic::body::Body>
+) -> axum::http::Response<Body>
 where
     M: Message + Default + Send + 'static,
     R: Message + Send + 'static,
-    P: Fn(&M) -> Permission + Clone + Send + 'static,
-    F: FnOnce(Arc<Shared>, Call, M) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<R, Status>> + Send + 'static,
+    P: Fn(&M) -> Permission,
+    F: FnOnce(Arc<Shared>, Call, M) -> Fut,
+    Fut: Future<Output = Result<R, Status>>,
 {
-    let max = s.max;
-    let mut grpc =
-        tonic::server::Grpc::new(Codec::<R, M>::default()).apply_max_message_size_config(Some(max), Some(max));
-    let svc = tower::service_fn(move |request: tonic::Request<M>| {
-        let (s, permission, f) = (s.clone(), permission.clone(), f.clone());
-        async move {
-            let call = admit(&s.state, &request, &permission(request.get_ref())).await?;
-            f(s, call, request.into_inner()).await.map(tonic::Response::new)
+    let (parts, body) = req.into_parts();
+    let answer = async {
+        refuse_encoding(&parts.headers)?;
+        let message = read_message(body, s.max).await?;
+        let request =
+            M::decode(message).map_err(|e| Status::invalid_argument(format!("the message does not decode: {e}")))?;
+        let call = admit(&s.state, &parts.headers, &parts.extensions, &permission(&request)).await?;
+        f(s, call, request).await
+    };
+    match answer.await {
+        Ok(r) => framed_response(&r),
+        Err(status) => status_response(status),
+    }
+}
+
+/// A request in a compression the agent does not take (it announces none, so a client
+/// compresses only when told to by its user).
+fn refuse_encoding(headers: &axum::http::HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding").map(axum::http::HeaderValue::as_bytes) {
+        None | Some(b"identity") => Ok(()),
+        Some(other) => Err(Status::unimplemented(format!(
+            "compression '{}' is not taken here: send messages uncompressed (identity)",
+            String::from_utf8_lossy(other).chars().take(32).collect::<String>()
+        ))),
+    }
+}
+
+/// The one length-prefixed message of a unary request, read up to `max` bytes: a message
+/// declared larger is refused when its prefix arrives, before its bytes are read.
+async fn read_message(body: Body, max: usize) -> Result<bytes::Bytes, Status> {
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut got = Received::default();
+    let mut declared: Option<usize> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Status::cancelled(format!("the request ended early: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        got.push(data);
+        let bytes = got.as_slice();
+        if declared.is_none() && bytes.len() >= 5 {
+            match bytes[0] {
+                0 => {}
+                1 => {
+                    return Err(Status::unimplemented("compressed messages are not taken here: send them uncompressed"))
+                }
+                flag => return Err(Status::invalid_argument(format!("bad message flag {flag} (0 or 1)"))),
+            }
+            let n = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            if n > max {
+                return Err(Status::out_of_range(format!(
+                    "the message is {n} bytes, over grpc.max_message_bytes: the limit is: {max} bytes"
+                )));
+            }
+            declared = Some(n);
         }
-    });
-    grpc.unary(svc, req).await
+        if declared.is_some_and(|n| bytes.len() > 5 + n) {
+            return Err(Status::invalid_argument("a unary call carries one message; this one carries more"));
+        }
+    }
+    let all = got.into_bytes();
+    match declared {
+        Some(n) if all.len() == 5 + n => Ok(all.slice(5..)),
+        Some(n) => Err(Status::invalid_argument(format!(
+            "the request ended inside its message ({} of {n} bytes)",
+            all.len() - 5
+        ))),
+        None => Err(Status::invalid_argument("a unary call carries one message; this one carries none")),
+    }
+}
+
+/// A request body as it arrives: most come in one chunk, kept as it is; more are joined.
+#[derive(Default)]
+enum Received {
+    #[default]
+    Nothing,
+    One(bytes::Bytes),
+    Joined(bytes::BytesMut),
+}
+
+impl Received {
+    fn push(&mut self, data: bytes::Bytes) {
+        *self = match std::mem::take(self) {
+            Received::Nothing => Received::One(data),
+            Received::One(head) => {
+                let mut all = bytes::BytesMut::with_capacity(head.len() + data.len());
+                all.extend_from_slice(&head);
+                all.extend_from_slice(&data);
+                Received::Joined(all)
+            }
+            Received::Joined(mut all) => {
+                all.extend_from_slice(&data);
+                Received::Joined(all)
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Received::Nothing => &[],
+            Received::One(b) => b,
+            Received::Joined(b) => b,
+        }
+    }
+
+    fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            Received::Nothing => bytes::Bytes::new(),
+            Received::One(b) => b,
+            Received::Joined(b) => b.freeze(),
+        }
+    }
+}
+
+/// A successful unary answer: the message, framed, then `grpc-status: 0` in the trailers.
+fn framed_response<R: Message>(r: &R) -> axum::http::Response<Body> {
+    use bytes::BufMut as _;
+    let len = r.encoded_len();
+    let mut buf = bytes::BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    // The buffer has room for the message: encoding cannot fail.
+    let _ = r.encode(&mut buf);
+    let mut trailers = axum::http::HeaderMap::with_capacity(1);
+    trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
+    let mut response =
+        axum::http::Response::new(Body::new(OneMessage { data: Some(buf.freeze()), trailers: Some(trailers) }));
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// A body of one data frame and then trailers.
+struct OneMessage {
+    data: Option<bytes::Bytes>,
+    trailers: Option<axum::http::HeaderMap>,
+}
+
+impl hyper::body::Body for OneMessage {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(hyper::body::Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
 }
 
 /// Access control for one call (or one message of a stream), as HTTP's.
-async fn admit<M>(state: &HttpState, request: &tonic::Request<M>, permission: &Permission) -> Result<Call, Status> {
-    let path = request.extensions().get::<MethodPath>().map_or("grpc", |p| p.0.as_str());
-    let authorization = request.metadata().get("authorization").map(|v| v.as_bytes().to_vec());
-    let peer = request.extensions().get::<crate::http::server::Peer>();
-    let principal =
-        state.admit(permission, authorization.as_deref(), peer, path, "grpc").await.map_err(|r| match r {
-            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
-            Refusal::Forbidden(m) => Status::permission_denied(m),
-            Refusal::SourceBlocked { message, retry_after } | Refusal::RateLimited { message, retry_after } => {
-                with_retry(Status::resource_exhausted(message), retry_after)
-            }
-        })?;
-    let config = state.config();
-    let timeout = request
-        .metadata()
+async fn admit(
+    state: &HttpState,
+    headers: &axum::http::HeaderMap,
+    extensions: &axum::http::Extensions,
+    permission: &Permission,
+) -> Result<Call, Status> {
+    let path = extensions.get::<MethodPath>().map_or("grpc", |p| p.0.as_str());
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).map(axum::http::HeaderValue::as_bytes);
+    let peer = extensions.get::<crate::http::server::Peer>();
+    let principal = state.admit(permission, authorization, peer, path, "grpc").await.map_err(|r| match r {
+        Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+        Refusal::Forbidden(m) => Status::permission_denied(m),
+        Refusal::SourceBlocked { message, retry_after } | Refusal::RateLimited { message, retry_after } => {
+            with_retry(Status::resource_exhausted(message), retry_after)
+        }
+    })?;
+    let limit = state.config().http.request_timeout;
+    let timeout = headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_timeout)
-        .map_or(config.http.request_timeout, |t| t.min(config.http.request_timeout));
+        .map_or(limit, |t| t.min(limit));
     Ok(Call { principal, timeout })
 }
 
 /// Prost's codec with one change: a request that does not decode is the client's error,
 /// `INVALID_ARGUMENT` (tonic's codec says `INTERNAL`, the code for the server's own faults).
+/// Used by the streaming call, which tonic frames.
 struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
 
 impl<T, U> Default for Codec<T, U> {
@@ -498,7 +648,7 @@ async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::
 /// role, the rate limit), up to [`STREAM_CONCURRENCY`] running at once; answers go back as
 /// they finish, each carrying its request's id. A failed request is answered in the stream
 /// (`error_message`) and the stream goes on, as Triton does.
-async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<tonic::body::Body> {
+async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<Body> {
     let max = s.max;
     let mut grpc = tonic::server::Grpc::new(Codec::<pb::ModelStreamInferResponse, pb::ModelInferRequest>::default())
         .apply_max_message_size_config(Some(max), Some(max));
@@ -507,16 +657,18 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
         async move {
             // The stream's credentials and deadline apply to each of its requests.
             let (metadata, extensions, incoming) = request.into_parts();
+            let headers = Arc::new(metadata.into_headers());
+            let extensions = Arc::new(extensions);
             let stream_s = s.clone();
             let answers = incoming
                 .map(move |msg| {
                     let s = stream_s.clone();
-                    let (metadata, extensions) = (metadata.clone(), extensions.clone());
+                    let (headers, extensions) = (headers.clone(), extensions.clone());
                     async move {
                         let r = msg?;
                         let id = r.id.clone();
-                        let check = tonic::Request::from_parts(metadata, extensions, ());
-                        let answer = match admit(&s.state, &check, &Permission::Infer(r.model_name.clone())).await {
+                        let permission = Permission::Infer(r.model_name.clone());
+                        let answer = match admit(&s.state, &headers, &extensions, &permission).await {
                             Ok(call) => infer(&s, &call, r).await,
                             Err(e) => Err(e),
                         };
@@ -536,7 +688,7 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
             Ok::<_, Status>(tonic::Response::new(answers))
         }
     });
-    grpc.streaming(svc, req).await
+    grpc.streaming(svc, req).await.map(Body::new)
 }
 
 #[cfg(test)]

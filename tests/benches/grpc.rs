@@ -10,7 +10,11 @@
 //! `execution_count`): a transport's overhead at one client is its mean latency minus it.
 //!
 //!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
-//!         [--concurrency 1,8,64] [--kserve-python PY]
+//!         [--concurrency 1,8,64] [--rounds 3] [--kserve-python PY] [--only LABEL]
+//!
+//! Every point runs `--rounds` times, the targets in a rotating order (KServe beside the
+//! agent, in the same rotation), and the median round is reported with the range: this VM's
+//! throughput drifts by tens of percent from minute to minute, more than the gaps measured.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,7 +54,9 @@ enum Target {
     /// The same calls on a bare HTTP/2 connection: gRPC framing by hand, no client-side
     /// request queue, so the figures are the server's more than tonic's client's.
     H2 {
-        send: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+        /// Connections, taken in turn by the calls.
+        sends: Arc<Vec<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>>>,
+        next: Arc<std::sync::atomic::AtomicUsize>,
         framed: bytes::Bytes,
         authority: String,
     },
@@ -73,7 +79,8 @@ impl Target {
                 let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
                 ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
             }
-            Target::H2 { send, framed, authority } => {
+            Target::H2 { sends, next, framed, authority } => {
+                let send = &sends[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % sends.len()];
                 use http_body_util::BodyExt as _;
                 let req = tonic::codegen::http::Request::post(format!(
                     "http://{authority}/inference.GRPCInferenceService/ModelInfer"
@@ -108,6 +115,18 @@ struct Point {
     mean_ms: f64,
     errors: usize,
     client_cpu: f64,
+    /// The engine's mean run over the point (Outpost only, from its statistics).
+    engine_ms: Option<f64>,
+}
+
+/// A child process killed when dropped (KServe, whatever way the bench ends).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
@@ -162,6 +181,7 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
         mean_ms: lat.iter().sum::<f64>() / lat.len().max(1) as f64,
         errors,
         client_cpu,
+        engine_ms: None,
     }
 }
 
@@ -212,6 +232,19 @@ fn spawn_kserve(python: &str, model: &str, port: u16) -> Result<Child> {
     Ok(child)
 }
 
+/// A bare HTTP/2 connection (no gRPC client library) to a gRPC port on loopback.
+async fn bare_h2(port: u16) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
 fn grpc_request(model: &str) -> Result<pb::ModelInferRequest> {
     let golden = golden_for(&root().join("models").join(model))?;
     let body = serde_json::to_vec(&golden.request(0))?;
@@ -241,6 +274,8 @@ fn main() -> Result<()> {
     let kserve = arg(&args, "--kserve-python");
     // Only the servers whose label holds this (e.g. "bare", "HTTP"): for profiling one at a time.
     let only = arg(&args, "--only");
+    // Rounds per point; the median round is reported, with the range over rounds.
+    let rounds: usize = arg(&args, "--rounds").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
@@ -256,46 +291,27 @@ fn main() -> Result<()> {
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
         let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
-        let h2 = {
-            let stream = tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await?;
-            stream.set_nodelay(true)?;
-            let (send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(stream),
-            )
-            .await?;
-            tokio::spawn(conn);
-            send
-        };
-        println!("| model | clients | server | req/s | p50 ms | p99 ms | mean ms | engine ms | overhead ms | errors | generator CPU |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        let h2 = bare_h2(grpc_port).await?;
+        println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | errors | generator CPU |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for model in models.split(',') {
             let request = grpc_request(model)?;
             let body = serde_json::to_vec(&golden_for(&root().join("models").join(model))?.request(0))?;
             let mut framed = vec![0u8];
             framed.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
             framed.extend_from_slice(&request.encode_to_vec());
-            let targets = [
+            let framed = bytes::Bytes::from(framed);
+            let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (bare h2)", Target::H2 { send: h2.clone(), framed: framed.into(), authority: format!("127.0.0.1:{grpc_port}") }),
+                ("Outpost gRPC (bare h2)", Target::H2 { sends: Arc::new(vec![h2.clone()]), next: Default::default(), framed: framed.clone(), authority: format!("127.0.0.1:{grpc_port}") }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
             ];
-            for &c in &conc {
-                for (label, target) in targets.iter().filter(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o))) {
-                    let before = engine_time(&http, &base, model).await?;
-                    let p = run_point(target, c, seconds).await;
-                    let after = engine_time(&http, &base, model).await?;
-                    let runs = after.0.saturating_sub(before.0).max(1);
-                    let engine_ms = after.1.saturating_sub(before.1) as f64 / runs as f64 / 1e6;
-                    println!(
-                        "| {model} | {c} | {label} | {:.0} | {:.2} | {:.2} | {:.3} | {engine_ms:.3} | {:.3} | {} | {:.0} % |",
-                        p.rps, p.p50, p.p99, p.mean_ms, p.mean_ms - engine_ms, p.errors, p.client_cpu * 100.0
-                    );
-                }
-            }
+            // KServe runs beside the agent (both pinned to CPU 0, the idle one asleep), so its
+            // rounds interleave with Outpost's and the machine's drift hits both alike.
+            let mut kserve_child = None;
             if let Some(python) = &kserve {
                 let port = free_port()?;
-                let mut child = spawn_kserve(python, model, port)?;
+                kserve_child = Some(KillOnDrop(spawn_kserve(python, model, port)?));
                 let kchannel = {
                     let end = Instant::now() + Duration::from_secs(120);
                     loop {
@@ -310,17 +326,44 @@ fn main() -> Result<()> {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 };
-                let target = Target::Grpc { channel: kchannel, request: request.clone() };
-                for &c in &conc {
-                    let p = run_point(&target, c, seconds).await;
+                // The same two load generators as Outpost's gRPC rows.
+                targets.push(("KServe gRPC (tonic client)", Target::Grpc { channel: kchannel, request: request.clone() }));
+                targets.push(("KServe gRPC (bare h2)", Target::H2 { sends: Arc::new(vec![bare_h2(port).await?]), next: Default::default(), framed: framed.clone(), authority: format!("127.0.0.1:{port}") }));
+            }
+            targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
+            for &c in &conc {
+                let mut results: Vec<Vec<Point>> = targets.iter().map(|_| Vec::new()).collect();
+                for round in 0..rounds {
+                    // Each round starts with a different target.
+                    for k in 0..targets.len() {
+                        let i = (k + round) % targets.len();
+                        let (label, target) = &targets[i];
+                        let outpost = label.starts_with("Outpost");
+                        let before = if outpost { Some(engine_time(&http, &base, model).await?) } else { None };
+                        let mut p = run_point(target, c, seconds).await;
+                        if let Some(before) = before {
+                            let after = engine_time(&http, &base, model).await?;
+                            let runs = after.0.saturating_sub(before.0).max(1);
+                            p.engine_ms = Some(after.1.saturating_sub(before.1) as f64 / runs as f64 / 1e6);
+                        }
+                        results[i].push(p);
+                    }
+                }
+                for ((label, _), mut points) in targets.iter().zip(results) {
+                    points.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                    let (low, high) = (points[0].rps, points[points.len() - 1].rps);
+                    let p = &points[points.len() / 2];
+                    let (engine, overhead) = match p.engine_ms {
+                        Some(e) => (format!("{e:.3}"), format!("{:.3}", p.mean_ms - e)),
+                        None => ("-".into(), "-".into()),
+                    };
                     println!(
-                        "| {model} | {c} | KServe gRPC | {:.0} | {:.2} | {:.2} | {:.3} | - | - | {} | {:.0} % |",
+                        "| {model} | {c} | {label} | {:.0} | {low:.0}–{high:.0} | {:.2} | {:.2} | {:.3} | {engine} | {overhead} | {} | {:.0} % |",
                         p.rps, p.p50, p.p99, p.mean_ms, p.errors, p.client_cpu * 100.0
                     );
                 }
-                let _ = child.kill();
-                let _ = child.wait();
             }
+            drop(kserve_child);
         }
         agent.signal("TERM")?;
         agent.wait_exit(Duration::from_secs(30))?;
