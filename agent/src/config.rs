@@ -182,6 +182,25 @@ struct RawConfig {
     #[serde(default)]
     cli: RawCli,
     grpc: Option<RawGrpc>,
+    #[serde(default)]
+    webhooks: Vec<RawWebhook>,
+}
+
+/// One `[[webhooks]]` subscription: events POSTed to `url`, signed (Standard Webhooks).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    name: Option<String>,
+    url: String,
+    events: Option<Vec<String>>,
+    secret_file: PathBuf,
+    ca: Option<PathBuf>,
+    timeout: Option<String>,
+    allow_http: Option<bool>,
+    max_attempts: Option<u32>,
+    max_queued: Option<usize>,
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
 }
 
 /// The gRPC listener (V2 over gRPC); TLS, clients and tokens come from `[http]` and `[auth]`.
@@ -439,6 +458,8 @@ pub struct Config {
     pub cli: CliConfig,
     /// The gRPC listener; `None`: off.
     pub grpc: Option<GrpcConfig>,
+    /// Event subscriptions (`[[webhooks]]`).
+    pub webhooks: Vec<WebhookConfig>,
     /// Where this configuration came from; `None` for the dev profile.
     pub path: Option<PathBuf>,
 }
@@ -452,6 +473,28 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Requests in flight on one connection (HTTP/2 streams).
     pub max_concurrent_streams: u32,
+}
+
+/// `[[webhooks]]`: where events are POSTed, which ones, and how hard delivery tries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookConfig {
+    /// Names the subscription's queue on disk and in status (unique; the URL by default).
+    pub name: String,
+    pub url: String,
+    /// Event type patterns (`io.outpost.model.activated`, `io.outpost.model.*`, `*`).
+    pub events: Vec<String>,
+    /// The Standard Webhooks secret (`whsec_` and base64), read at start.
+    pub secret_file: PathBuf,
+    pub ca: Option<PathBuf>,
+    /// One delivery attempt's limit (connect, send, answer).
+    pub timeout: Duration,
+    /// Attempts before an event goes to the dead-letter list.
+    pub max_attempts: u32,
+    /// Events waiting at most; when full the oldest goes to the dead-letter list.
+    pub max_queued: usize,
+    /// The first retry's delay, doubled per attempt up to `retry_max`, with jitter.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
 }
 
 /// `[cli]`: how `outpost` commands that talk to the running agent reach it. Unset values
@@ -736,6 +779,7 @@ impl Config {
                 models: BTreeMap::new(),
                 cli: CliConfig::default(),
                 grpc: None,
+                webhooks: Vec::new(),
                 path: None,
             }
         })
@@ -1109,6 +1153,18 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
             Some(GrpcConfig { listen, max_message_bytes: max_message_bytes as usize, max_concurrent_streams })
         }
     };
+
+    let mut webhooks: Vec<WebhookConfig> = Vec::new();
+    for w in raw.webhooks {
+        let hook = validate_webhook(w, &privacy.residency_allow, &resolve).map_err(err)?;
+        if webhooks.iter().any(|o| o.name == hook.name) {
+            return Err(err(format!("two [[webhooks]] are named '{}': give each its own name", hook.name)));
+        }
+        webhooks.push(hook);
+    }
+    if webhooks.len() > 32 {
+        return Err(err("at most 32 [[webhooks]]".into()));
+    }
     let cli = {
         let c = raw.cli;
         if let Some(u) = &c.url {
@@ -1144,6 +1200,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         models,
         cli,
         grpc,
+        webhooks,
         path,
     })
 }
@@ -1431,6 +1488,63 @@ fn validate_registry(
         stall_timeout,
         max_blob_bytes: r.max_blob_bytes.unwrap_or(2 << 30),
         max_model_bytes: r.max_model_bytes.unwrap_or(4 << 30),
+    })
+}
+
+fn validate_webhook(
+    w: RawWebhook,
+    residency_allow: &[String],
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<WebhookConfig, String> {
+    let allow_http = w.allow_http.unwrap_or(false);
+    if !(w.url.starts_with("https://") || (allow_http && w.url.starts_with("http://"))) {
+        return Err(format!("webhooks.url '{}' must be https:// (http:// needs allow_http = true)", w.url));
+    }
+    let host = crate::privacy::url_host(&w.url).ok_or_else(|| format!("webhooks.url '{}' has no host", w.url))?;
+    if !residency_allow.is_empty() && !residency_allow.contains(&host) {
+        return Err(format!("webhooks.url host '{host}' is not in privacy.residency_allow"));
+    }
+    let name = w.name.unwrap_or_else(|| w.url.clone());
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(format!("webhooks.name '{name}' must be 1 to 200 printable characters"));
+    }
+    let events = w.events.unwrap_or_else(|| vec!["*".into()]);
+    for e in &events {
+        let ok = e == "*"
+            || (e.len() <= 200 && e.chars().all(|c| c.is_ascii_alphanumeric() || "._-*".contains(c)))
+                && e.find('*').is_none_or(|i| i == e.len() - 1);
+        if !ok {
+            return Err(format!(
+                "webhooks.events '{e}': an event type (io.outpost.model.activated) or a prefix ending in * \
+                 (io.outpost.model.*)"
+            ));
+        }
+    }
+    let dur = |v: Option<String>, d: &str, k: &str| {
+        parse_duration(v.as_deref().unwrap_or(d)).map_err(|e| format!("webhooks.{k}: {e}"))
+    };
+    let timeout = dur(w.timeout, "10s", "timeout")?.max(Duration::from_millis(10));
+    let retry_initial = dur(w.retry_initial, "1s", "retry_initial")?.max(Duration::from_millis(10));
+    let retry_max = dur(w.retry_max, "10m", "retry_max")?.max(retry_initial);
+    let max_attempts = w.max_attempts.unwrap_or(15);
+    if !(1..=1000).contains(&max_attempts) {
+        return Err("webhooks.max_attempts must be between 1 and 1000".into());
+    }
+    let max_queued = w.max_queued.unwrap_or(10_000);
+    if !(1..=1_000_000).contains(&max_queued) {
+        return Err("webhooks.max_queued must be between 1 and 1000000".into());
+    }
+    Ok(WebhookConfig {
+        name,
+        url: w.url,
+        events,
+        secret_file: resolve(w.secret_file),
+        ca: w.ca.map(resolve),
+        timeout,
+        max_attempts,
+        max_queued,
+        retry_initial,
+        retry_max,
     })
 }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod failpoint;
 pub mod grpc;
 pub mod http;
@@ -114,7 +115,7 @@ pub struct Agent {
     /// The MQTT task, restarted when a reload changes `[mqtt]`.
     mqtt: tokio::sync::Mutex<Option<MqttTask>>,
     /// What a restarted MQTT task needs.
-    lifecycle: tokio::sync::broadcast::Sender<api::Event>,
+    lifecycle: tokio::sync::broadcast::Sender<Arc<events::Published>>,
     /// Reloads so far (names each one in its report).
     reloads: std::sync::atomic::AtomicU64,
     /// The state directory's lock, held while the agent runs.
@@ -134,7 +135,7 @@ fn spawn_mqtt(
     cfg: &Config,
     mc: &config::MqttConfig,
     service: &InferenceService,
-    lifecycle: &tokio::sync::broadcast::Sender<api::Event>,
+    lifecycle: &tokio::sync::broadcast::Sender<Arc<events::Published>>,
     started: watch::Receiver<bool>,
 ) -> MqttTask {
     let topics =
@@ -429,8 +430,31 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         Some(a) => Arc::new(api::audit_sink::AuditSink::new(a.clone(), metrics.clone())),
         None => Arc::new(LogSink),
     };
-    let (lifecycle_tx, _) = tokio::sync::broadcast::channel(256);
-    let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, lifecycle: lifecycle_tx.clone() });
+    // The event stream (webhooks, MQTT), when something takes it.
+    let (lifecycle_tx, announcer) = if config.webhooks.is_empty() && config.mqtt.is_none() {
+        (tokio::sync::broadcast::channel(1).0, events::Announcer::default())
+    } else {
+        let hub = events::Hub::open(&config.node.state_dir, &config.node.site, &config.node.name, &config.webhooks)
+            .map_err(FatalError::Runtime)?;
+        for q in hub.queues() {
+            let client = events::webhooks::client(&q.config).map_err(FatalError::Runtime)?;
+            let signer = events::webhooks::signer(&q.config).map_err(FatalError::Runtime)?;
+            tracker.spawn(events::webhooks::deliver(q.clone(), client, signer, cancel.clone()));
+            tracing::info!(webhook = %q.config.name, url = %q.config.url, "webhook subscription");
+        }
+        let queues: Vec<_> = hub.queues().to_vec();
+        if !queues.is_empty() {
+            metrics.set_provider(
+                "webhooks",
+                Arc::new(move || serde_json::Value::Array(queues.iter().map(|q| q.status()).collect())),
+            );
+        }
+        let tx = hub.subscribe();
+        let announcer = hub.spawn(&tracker, cancel.clone());
+        (tx, announcer)
+    };
+    metrics.set_announcer(announcer.clone());
+    let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, announcer: announcer.clone() });
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
     if let Some(oc) = &config.overflow {
@@ -438,6 +462,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             overflow::Overflow::new(oc.clone(), Some(privacy.clone())).map_err(|e| FatalError::start("overflow", e))?,
         );
         tracing::info!(target_url = %oc.url, slo_p99 = ?oc.slo_p99, "overflow target configured");
+        ov.breaker.set_announcer(announcer.clone());
         service.overflow = Some(ov);
     }
     let config = Arc::new(RwLock::new(Arc::new(config)));

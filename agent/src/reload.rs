@@ -111,6 +111,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
         new.http.tls = old.http.tls.clone();
     }
     keep!(grpc, "[grpc]");
+    keep!(webhooks, "[[webhooks]]");
     keep!(node, "[node]");
     keep!(log.format, "log.format");
     if old.registry.is_some() != new.registry.is_some() {

@@ -23,8 +23,10 @@ impl Topics {
         format!("{}/{}/{}/status", self.prefix, self.site, self.node)
     }
 
-    pub fn events(&self) -> String {
-        format!("{}/{}/{}/events", self.prefix, self.site, self.node)
+    /// Where events of a type are published (CloudEvents JSON; the node is the event's
+    /// `source`).
+    pub fn event(&self, ty: &str) -> String {
+        format!("{}/{}/events/{ty}", self.prefix, self.site)
     }
 
     pub fn result(&self, model: &str) -> String {

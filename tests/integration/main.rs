@@ -18,6 +18,7 @@ mod packaging;
 mod registry;
 mod security;
 mod tritonclient;
+mod webhooks;
 
 /// The `outpost` CLI built for these tests (a thin wrapper around `outpost::cli::main`).
 pub fn outpost_bin() -> std::path::PathBuf {

@@ -142,29 +142,49 @@ impl EventSink for LogSink {
     }
 }
 
-/// Records to a primary sink (awaited) and copies lifecycle events to subscribers (adapters
-/// that announce them, e.g. the MQTT events topic); slow subscribers miss events, never block.
+/// Records to a primary sink (awaited) and announces the events the event stream carries
+/// (lifecycle and administrative ones) to webhooks and MQTT; announcing never blocks.
 pub struct Tee {
     pub primary: std::sync::Arc<dyn EventSink>,
-    pub lifecycle: tokio::sync::broadcast::Sender<Event>,
+    pub announcer: crate::events::Announcer,
+}
+
+/// The notice for an event the stream carries (lifecycle and administrative ones).
+pub fn notice_for(event: &Event) -> Option<crate::events::Notice> {
+    use crate::events::Notice;
+    match event {
+        Event::Lifecycle { model, version, kind, detail } => Some(Notice {
+            kind: format!("model.{}", kind.as_str()),
+            subject: Some(model.clone()),
+            data: serde_json::json!({ "model": model, "version": version, "detail": detail }),
+        }),
+        Event::Admin { principal, action, target, outcome } => Some(Notice {
+            kind: format!("admin.{}", action.replace(|c: char| !c.is_ascii_alphanumeric(), "_")),
+            subject: Some(target.clone()),
+            data: serde_json::json!({
+                "principal": principal, "action": action, "target": target, "outcome": outcome
+            }),
+        }),
+        Event::Request { .. } | Event::AuthFailure { .. } => None,
+    }
 }
 
 impl Tee {
-    fn copy_lifecycle(&self, event: &Event) {
-        if matches!(event, Event::Lifecycle { .. }) {
-            let _ = self.lifecycle.send(event.clone());
+    fn announce(&self, event: &Event) {
+        if let Some(n) = notice_for(event) {
+            self.announcer.announce(n);
         }
     }
 }
 
 impl EventSink for Tee {
     fn record(&self, event: Event) -> SinkFuture {
-        self.copy_lifecycle(&event);
+        self.announce(&event);
         self.primary.record(event)
     }
 
     fn record_alone(&self, event: Event) -> SinkFuture {
-        self.copy_lifecycle(&event);
+        self.announce(&event);
         self.primary.record_alone(event)
     }
 }

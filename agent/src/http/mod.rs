@@ -785,6 +785,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
             v
         }),
         "reload": s.service.metrics.section("reload"),
+        "webhooks": s.service.metrics.section("webhooks"),
     }))
     .into_response()
 }

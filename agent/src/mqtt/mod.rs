@@ -9,7 +9,8 @@
 //! between makes the broker redeliver it. The session is persistent (clean start off), so
 //! requests sent while the agent restarts are served when it returns. In-flight work is bounded
 //! by the v5 Receive Maximum. A retained `<prefix>/<site>/<node>/status` (with a Last Will)
-//! says online/offline; lifecycle events go to `<prefix>/<site>/<node>/events`.
+//! says online/offline; events (CloudEvents JSON, `crate::events`) go to
+//! `<prefix>/<site>/events/<type>`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::events::Event;
 use crate::api::{InferError, InferenceService, RequestContext, Transport};
 use crate::protocol::json::{parse_request, response_json};
 
@@ -100,7 +100,7 @@ pub async fn run(
     cfg: MqttConfig,
     topics: Topics,
     service: InferenceService,
-    mut events: tokio::sync::broadcast::Receiver<Event>,
+    mut events: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::events::Published>>,
     started: tokio::sync::watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
@@ -176,9 +176,14 @@ pub async fn run(
                 }
             },
             ev = events.recv() => {
-                if let Ok(Event::Lifecycle { model, version, kind, detail }) = ev {
-                    let body = json!({ "model": model, "version": version, "event": kind.as_str(), "detail": detail });
-                    let _ = client.try_publish(topics.events(), QoS::AtLeastOnce, false, body.to_string());
+                match ev {
+                    Ok(p) => {
+                        let _ = client.try_publish(topics.event(&p.ty), QoS::AtLeastOnce, false, p.json.clone());
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "mqtt: events published faster than the broker takes them; some skipped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                 }
             }
             _ = cancel.cancelled() => break true,

@@ -48,6 +48,7 @@ pub struct Breaker {
     open_for: Duration,
     /// Times the breaker opened.
     pub opened: AtomicU64,
+    announcer: std::sync::OnceLock<crate::events::Announcer>,
 }
 
 impl Breaker {
@@ -58,6 +59,7 @@ impl Breaker {
             window,
             open_for,
             opened: AtomicU64::new(0),
+            announcer: std::sync::OnceLock::new(),
         }
     }
 
@@ -100,6 +102,21 @@ impl Breaker {
         Some(Admission { breaker: self, probe, settled: false })
     }
 
+    /// Sets where transitions are announced as events.
+    pub fn set_announcer(&self, announcer: crate::events::Announcer) {
+        let _ = self.announcer.set(announcer);
+    }
+
+    fn announce(&self, kind: &str, detail: String) {
+        if let Some(a) = self.announcer.get() {
+            a.announce(crate::events::Notice {
+                kind: kind.to_owned(),
+                subject: Some("overflow".into()),
+                data: serde_json::json!({ "breaker": "overflow", "detail": detail, "open_for_ms": self.open_for.as_millis() as u64 }),
+            });
+        }
+    }
+
     fn settle(&self, probe: bool, ok: Option<bool>) {
         let mut g = self.lock();
         let now = Instant::now();
@@ -111,16 +128,19 @@ impl Breaker {
                 }
                 if failures.len() >= self.threshold {
                     tracing::warn!(failures = failures.len(), open_for = ?self.open_for, "overflow breaker open");
+                    self.announce("breaker.opened", format!("{} failures within {:?}", failures.len(), self.window));
                     *g = Inner::Open { until: now + self.open_for };
                     self.opened.fetch_add(1, Ordering::Relaxed);
                 }
             }
             (Inner::HalfOpen { .. }, Some(true)) if probe => {
                 tracing::info!("overflow breaker closed: the probe succeeded");
+                self.announce("breaker.closed", "the probe succeeded".into());
                 *g = Inner::Closed { failures: VecDeque::new() };
             }
             (Inner::HalfOpen { .. }, Some(false)) if probe => {
                 tracing::warn!(open_for = ?self.open_for, "overflow breaker open again: the probe failed");
+                self.announce("breaker.opened", "the probe failed".into());
                 *g = Inner::Open { until: now + self.open_for };
                 self.opened.fetch_add(1, Ordering::Relaxed);
             }

@@ -140,12 +140,19 @@ pub struct Metrics {
     /// Status sections set by other parts (the last reload, the registry's last poll and
     /// download): name → JSON, shown in `/admin/status`.
     sections: RwLock<BTreeMap<String, serde_json::Value>>,
+    /// Status sections computed when asked (the webhook queues): name → how.
+    providers: RwLock<BTreeMap<String, Provider>>,
+    /// Where alarm transitions are announced as events.
+    announcer: std::sync::OnceLock<crate::events::Announcer>,
     /// Extra gauges set by other parts (audit and outbox backlog, disk use): name → value.
     gauges: RwLock<BTreeMap<String, f64>>,
     /// Per model, the request count at the last rate sample (for `summaries`).
     rate_samples: std::sync::Mutex<BTreeMap<String, (std::time::Instant, u64)>>,
     started: Option<std::time::Instant>,
 }
+
+/// Computes a status section when `/admin/status` is asked.
+pub type Provider = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// One model's traffic at a glance (`/admin/status`, `outpost status`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -290,11 +297,21 @@ impl Metrics {
             Some(d) => {
                 if alarms.insert(name.to_owned(), d.clone()).is_none() {
                     tracing::error!(alarm = name, detail = %d, "alarm raised");
+                    self.announce(crate::events::Notice {
+                        kind: "alarm.raised".into(),
+                        subject: Some(name.to_owned()),
+                        data: serde_json::json!({ "alarm": name, "detail": d }),
+                    });
                 }
             }
             None => {
                 if alarms.remove(name).is_some() {
                     tracing::info!(alarm = name, "alarm cleared");
+                    self.announce(crate::events::Notice {
+                        kind: "alarm.cleared".into(),
+                        subject: Some(name.to_owned()),
+                        data: serde_json::json!({ "alarm": name }),
+                    });
                 }
             }
         }
@@ -309,9 +326,30 @@ impl Metrics {
         self.sections.write_locked().insert(name.to_owned(), value);
     }
 
-    /// A status section, if it was set.
+    /// A status section, if it was set (or has a provider).
     pub fn section(&self, name: &str) -> Option<serde_json::Value> {
-        self.sections.read_locked().get(name).cloned()
+        let provider = self.providers.read_locked().get(name).cloned();
+        match provider {
+            Some(p) => Some(p()),
+            None => self.sections.read_locked().get(name).cloned(),
+        }
+    }
+
+    /// Sets how a status section is computed when asked.
+    pub fn set_provider(&self, name: &str, provider: Provider) {
+        self.providers.write_locked().insert(name.to_owned(), provider);
+    }
+
+    /// Sets where alarm transitions are announced (once; later calls are ignored).
+    pub fn set_announcer(&self, announcer: crate::events::Announcer) {
+        let _ = self.announcer.set(announcer);
+    }
+
+    /// Announces an event, when an announcer is set.
+    pub fn announce(&self, notice: crate::events::Notice) {
+        if let Some(a) = self.announcer.get() {
+            a.announce(notice);
+        }
     }
 
     /// A gauge set by another part, if it was.
