@@ -24,6 +24,10 @@ enum Answer {
     Late(Duration),
     /// Never answers (the connection stays open until the agent goes away).
     Hold,
+    /// A 307 to this URL.
+    Redirect(&'static str),
+    /// This status with a body of this many bytes.
+    Huge(u16, usize),
 }
 
 #[derive(Default)]
@@ -32,7 +36,7 @@ struct Received {
     requests: Vec<(HeaderMap, bytes::Bytes, Option<u16>)>,
     script: VecDeque<Answer>,
     /// Answer for requests past the script.
-    then: Option<u16>,
+    then: Option<Answer>,
 }
 
 #[derive(Clone)]
@@ -43,7 +47,7 @@ struct Receiver {
 }
 
 impl Receiver {
-    async fn start(script: Vec<Answer>, then: u16) -> Result<(Receiver, tokio::sync::oneshot::Sender<()>)> {
+    async fn start(script: Vec<Answer>, then: Answer) -> Result<(Receiver, tokio::sync::oneshot::Sender<()>)> {
         let state = Arc::new(Mutex::new(Received { script: script.into(), then: Some(then), ..Default::default() }));
         let changed = Arc::new(tokio::sync::Notify::new());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -56,13 +60,23 @@ impl Receiver {
                 async move {
                     let (i, answer) = {
                         let mut g = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let answer = g.script.pop_front().unwrap_or(Answer::Status(g.then.unwrap_or(200)));
+                        let answer = g.script.pop_front().or(g.then).unwrap_or(Answer::Status(200));
                         g.requests.push((headers, body, None));
                         (g.requests.len() - 1, answer)
                     };
                     c.notify_waiters();
+                    let mut location = None;
+                    let mut body = Vec::new();
                     let status = match answer {
                         Answer::Status(code) => code,
+                        Answer::Redirect(to) => {
+                            location = Some(to);
+                            307
+                        }
+                        Answer::Huge(code, n) => {
+                            body = vec![b'x'; n];
+                            code
+                        }
                         Answer::Late(d) => {
                             tokio::time::sleep(d).await;
                             200
@@ -74,7 +88,12 @@ impl Receiver {
                     };
                     s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).requests[i].2 = Some(status);
                     c.notify_waiters();
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
+                    let mut r = axum::response::Response::new(axum::body::Body::from(body));
+                    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                    if let Some(to) = location {
+                        r.headers_mut().insert("location", axum::http::HeaderValue::from_static(to));
+                    }
+                    r
                 }
             }),
         );
@@ -176,7 +195,8 @@ fn assert_gapless(deliveries: &[(u64, String, String, Option<u16>)]) -> Result<(
 async fn webhooks_are_signed_ordered_retried_and_shown_when_dead() -> Result<()> {
     let models = mlp_only()?;
     // The first delivery gets a 500, its retry times out, the third attempt succeeds.
-    let (rx, _stop) = Receiver::start(vec![Answer::Status(500), Answer::Late(Duration::from_secs(3))], 200).await?;
+    let (rx, _stop) =
+        Receiver::start(vec![Answer::Status(500), Answer::Late(Duration::from_secs(3))], Answer::Status(200)).await?;
     let state = tempfile::tempdir()?;
     let extra = hook_toml(state.path(), &rx.url, "1s", "events = [\"io.outpost.model.*\", \"io.outpost.admin.*\"]")?;
     let agent = TestAgent::start_with_state(state, &[models.path().to_owned()], &extra).await?;
@@ -237,10 +257,17 @@ async fn webhooks_are_signed_ordered_retried_and_shown_when_dead() -> Result<()>
     let hook = &status["webhooks"][0];
     ensure!(hook["name"] == "ops" && hook["queued"] == 0, "{hook}");
     ensure!(hook["failed_attempts"].as_u64() >= Some(2), "{hook}");
+    // And in the metrics.
+    let metrics = http_client().get(agent.url("/metrics")).send().await?.text().await?;
+    let delivered = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_webhook_delivered_total{webhook=\"ops\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    ensure!(delivered.is_some_and(|n| n >= 4), "delivered in /metrics: {delivered:?}");
     agent.stop().await?;
 
     // A receiver that always fails: after max_attempts the event is dead-lettered, in status.
-    let (bad, _stop2) = Receiver::start(vec![], 503).await?;
+    let (bad, _stop2) = Receiver::start(vec![], Answer::Status(503)).await?;
     let state = tempfile::tempdir()?;
     let extra = hook_toml(state.path(), &bad.url, "1s", "max_attempts = 2")?;
     let agent = TestAgent::start_with_state(state, &[models.path().to_owned()], &extra).await?;
@@ -268,7 +295,7 @@ async fn webhooks_are_signed_ordered_retried_and_shown_when_dead() -> Result<()>
 async fn a_kill_9_mid_delivery_loses_no_event_and_repeats_the_same_id() -> Result<()> {
     let models = mlp_only()?;
     // The first delivery is held open; the agent is killed while it waits.
-    let (rx, _stop) = Receiver::start(vec![Answer::Hold], 200).await?;
+    let (rx, _stop) = Receiver::start(vec![Answer::Hold], Answer::Status(200)).await?;
     let state = tempfile::tempdir()?;
     let extra = hook_toml(state.path(), &rx.url, "60s", "")?;
     let config = state.path().join("outpost.toml");
@@ -333,6 +360,51 @@ async fn events_are_published_on_mqtt_by_type() -> Result<()> {
     ensure!(topic == "outpost/test-site/events/io.outpost.model.unloaded", "{topic}");
     ensure!(event["specversion"] == "1.0" && event["subject"] == "mlp", "{event}");
     ensure!(event["data"]["model"] == "mlp", "{event}");
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redirects_huge_answers_and_floods_stay_bounded() -> Result<()> {
+    let models = mlp_only()?;
+    // Where a redirect would send the events: it must never be reached.
+    let (elsewhere, _s1) = Receiver::start(vec![], Answer::Status(200)).await?;
+    let to: &'static str = Box::leak(elsewhere.url.clone().into_boxed_str());
+    // The receiver redirects, then answers every attempt 500 with 1 MiB of body.
+    let (rx, _s2) = Receiver::start(vec![Answer::Redirect(to)], Answer::Huge(500, 1 << 20)).await?;
+    let state = tempfile::tempdir()?;
+    let extra = hook_toml(state.path(), &rx.url, "5s", "max_attempts = 1000\nmax_queued = 3")?;
+    let agent = TestAgent::start_with_state(state, &[models.path().to_owned()], &extra).await?;
+    rx.wait_until("the redirect and the huge answer", Duration::from_secs(30), |r| {
+        r.requests.iter().filter(|q| q.2.is_some()).count() >= 3
+    })
+    .await?;
+    ensure!(
+        elsewhere.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).requests.is_empty(),
+        "a redirect was followed"
+    );
+    // A flood of events into a queue of 3: the oldest go to the dead-letter list.
+    for _ in 0..10 {
+        for action in ["unload", "load"] {
+            let (s, v) = agent.post(&format!("/v2/repository/models/mlp/{action}"), &serde_json::json!({})).await?;
+            ensure!(s == 200, "{action}: {s} {v}");
+        }
+    }
+    let (_, status) = agent.get("/admin/status").await?;
+    let hook = &status["webhooks"][0];
+    ensure!(hook["queued"].as_u64().is_some_and(|q| q <= 3), "{hook}");
+    ensure!(hook["dead_letter_count"].as_u64().is_some_and(|d| d >= 30), "{hook}");
+    let full = hook["dead_letter"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|d| d["error"].as_str().is_some_and(|e| e.contains("queue full")));
+    ensure!(full, "{hook}");
+    // Each 1 MiB answer was cut to its start in the error; the agent serves on.
+    let last = hook["last_error"].as_str().unwrap_or_default();
+    ensure!(last.contains("500") && last.len() < 600, "last error: {} bytes", last.len());
+    let (s, _) = agent.get("/v2/health/ready").await?;
+    ensure!(s == 200, "not ready after the flood");
     agent.stop().await?;
     Ok(())
 }

@@ -228,9 +228,16 @@ async fn attempt(
     if let Some(refused) = crate::tls::redirect_refused(url, &r) {
         return Err(refused);
     }
-    let text = r.text().await.unwrap_or_default();
-    let excerpt: String = text.chars().take(ANSWER_EXCERPT).collect();
-    Err(format!("the receiver answered {status}: {excerpt}"))
+    // Only the start of the answer is read: a receiver cannot make the agent hold a large one.
+    let mut r = r;
+    let mut head = Vec::new();
+    while head.len() < ANSWER_EXCERPT {
+        match r.chunk().await {
+            Ok(Some(c)) => head.extend_from_slice(&c[..c.len().min(ANSWER_EXCERPT - head.len())]),
+            _ => break,
+        }
+    }
+    Err(format!("the receiver answered {status}: {}", String::from_utf8_lossy(&head)))
 }
 
 /// Drains one subscription's queue in order until `cancel`.

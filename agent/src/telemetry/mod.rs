@@ -509,6 +509,30 @@ impl Metrics {
             .level(&[], i64::from(b.state));
             x.counter("outpost_overflow_breaker_opened", "Times the overflow breaker opened.").count(&[], b.opened);
         }
+        if let Some(serde_json::Value::Array(hooks)) = self.section("webhooks") {
+            let name = |h: &serde_json::Value| h["name"].as_str().unwrap_or_default().to_owned();
+            let n = |h: &serde_json::Value, k: &str| h[k].as_u64().unwrap_or(0);
+            let f = x.gauge("outpost_webhook_queued", "Events waiting for delivery, by webhook.");
+            for h in &hooks {
+                f.level(&[("webhook", &name(h))], n(h, "queued") as i64);
+            }
+            let f = x.counter("outpost_webhook_delivered", "Events a webhook's receiver accepted (2xx).");
+            for h in &hooks {
+                f.count(&[("webhook", &name(h))], n(h, "delivered"));
+            }
+            let f = x.counter("outpost_webhook_failed_attempts", "Delivery attempts that failed, by webhook.");
+            for h in &hooks {
+                f.count(&[("webhook", &name(h))], n(h, "failed_attempts"));
+            }
+            let f = x.counter("outpost_webhook_dead_lettered", "Events moved to a webhook's dead-letter list.");
+            for h in &hooks {
+                f.count(&[("webhook", &name(h))], n(h, "dead_lettered"));
+            }
+        }
+        if let Some(a) = self.announcer.get() {
+            x.counter("outpost_events_dropped", "Events dropped because the event queue was full.")
+                .count(&[], a.dropped());
+        }
         x.counter("outpost_http_connections_refused", "Connections closed at accept (http.max_connections).")
             .count(&[], self.connections_refused.load(Ordering::Relaxed));
         x.gauge("outpost_http_connections_open", "HTTP connections being served.")
