@@ -123,6 +123,7 @@ pub fn required(method: &str, path: &str) -> Permission {
             Permission::Infer((*m).to_owned())
         }
         ("GET" | "HEAD", ["metrics"]) | ("GET" | "HEAD", ["admin", "status"]) => Permission::Observe,
+        ("GET" | "HEAD", ["admin", "experiments", _]) => Permission::Observe,
         ("GET" | "HEAD", ["v2", "models", "stats"])
         | ("GET" | "HEAD", ["v2", "models", _, "stats"])
         | ("GET" | "HEAD", ["v2", "models", _, "versions", _, "stats"]) => Permission::Observe,

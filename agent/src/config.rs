@@ -404,6 +404,18 @@ struct RawModel {
     confidence_min: Option<f64>,
     may_leave_site: Option<bool>,
     cache_bytes: Option<u64>,
+    experiment: Option<RawExperiment>,
+}
+
+/// `[models.<name>.experiment]`: an A/B split of the model's unversioned requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExperiment {
+    versions: Vec<String>,
+    weights: Option<Vec<u32>>,
+    key_parameter: Option<String>,
+    output: Option<String>,
+    output_index: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -589,6 +601,22 @@ pub struct ModelConfig {
     pub may_leave_site: bool,
     /// Response cache per served version, in bytes; 0 turns it off.
     pub cache_bytes: usize,
+    /// An A/B experiment over pinned versions; `None`: the default version answers.
+    pub experiment: Option<ExperimentConfig>,
+}
+
+/// An A/B experiment: requests that name no version are split between `versions` by
+/// `weights`, sticky by the request parameter `key_parameter` (keyed with the node's
+/// pseudonymization key), at random without one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentConfig {
+    pub versions: Vec<String>,
+    pub weights: Vec<u32>,
+    pub key_parameter: Option<String>,
+    /// An output summarized per variant: its argmax as the label, and the mean of element
+    /// `output_index`.
+    pub output: Option<String>,
+    pub output_index: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -641,6 +669,7 @@ impl Default for ModelConfig {
             overflow: ModelOverflow::default(),
             may_leave_site: true,
             cache_bytes: 0,
+            experiment: None,
         }
     }
 }
@@ -1016,8 +1045,30 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     };
 
     let mut models = BTreeMap::new();
-    for (mname, m) in raw.models {
+    for (mname, mut m) in raw.models {
         let model_overflow = validate_model_overflow(&mname, &m).map_err(&err)?;
+        let experiment = match m.experiment.take() {
+            None => None,
+            Some(e) => {
+                let n = e.versions.len();
+                if !(2..=16).contains(&n) {
+                    return Err(err(format!("models.{mname}.experiment.versions: 2 to 16 versions")));
+                }
+                let weights = e.weights.unwrap_or_else(|| vec![1; n]);
+                if weights.len() != n || weights.iter().all(|w| *w == 0) || weights.iter().any(|w| *w > 1_000_000) {
+                    return Err(err(format!(
+                        "models.{mname}.experiment.weights: one weight (0 to 1000000) per version, not all 0"
+                    )));
+                }
+                Some(ExperimentConfig {
+                    versions: e.versions,
+                    weights,
+                    key_parameter: e.key_parameter,
+                    output: e.output,
+                    output_index: e.output_index.unwrap_or(0),
+                })
+            }
+        };
         if m.cache_bytes.is_some_and(|b| b > 1 << 30) {
             return Err(err(format!("models.{mname}.cache_bytes must be at most 1073741824")));
         }
@@ -1121,6 +1172,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 overflow: model_overflow,
                 may_leave_site: m.may_leave_site.unwrap_or(true),
                 cache_bytes: m.cache_bytes.unwrap_or(0) as usize,
+                experiment,
             },
         );
     }

@@ -394,3 +394,69 @@ async fn a_canary_replaced_by_a_newer_one_does_not_come_back_after_that_one_is_r
     assert!(list.contains("3.0.0") && list.contains("superseded by 3.1.0"), "{list}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ab_experiment_is_sticky_by_key_across_restarts_and_reports_per_variant() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    reg.publish("mlp-int8-qdq", "mlp", "1.1.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let settings = "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n\n\
+                    [models.mlp.experiment]\nversions = [\"1.0.0\", \"1.1.0\"]\nweights = [1, 1]\n\
+                    key_parameter = \"customer\"\noutput = \"probabilities\"\noutput_index = 1\n";
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?;
+    let golden = golden_for(&root().join("models/mlp"))?;
+    let ask = |customer: Option<String>| {
+        let mut body = golden.request(0);
+        if let Some(c) = customer {
+            body["parameters"] = serde_json::json!({ "customer": c });
+        }
+        body
+    };
+    // 40 customers, three requests each: each customer always gets the same variant.
+    let mut first: Vec<String> = Vec::new();
+    for c in 0..40 {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (s, body) = agent.post("/v2/models/mlp/infer", &ask(Some(format!("customer-{c}")))).await?;
+            assert_eq!(s, 200, "{body}");
+            let v = body["model_version"].as_str().unwrap_or_default().to_owned();
+            assert_eq!(body["parameters"]["experiment_variant"].as_str(), Some(v.as_str()), "{body}");
+            seen.push(v);
+        }
+        assert!(seen.iter().all(|v| v == &seen[0]), "customer-{c} moved between variants: {seen:?}");
+        first.push(seen[0].clone());
+    }
+    let b = first.iter().filter(|v| v.as_str() == "1.1.0").count();
+    assert!((8..=32).contains(&b), "40 customers split {b} to 1.1.0 at equal weights");
+    // A request naming a version is not part of the experiment.
+    let (s, body) = agent.post("/v2/models/mlp/versions/1.0.0/infer", &ask(Some("customer-1".into()))).await?;
+    assert_eq!(s, 200);
+    assert!(body["parameters"].get("experiment_variant").is_none(), "{body}");
+    // Per variant: counts, no errors, latencies, labels, the mean of probabilities[1].
+    let (s, report) = agent.get("/admin/experiments/mlp").await?;
+    assert_eq!(s, 200, "{report}");
+    let variants = report["variants"].as_array().cloned().unwrap_or_default();
+    assert_eq!(variants.len(), 2, "{report}");
+    let total: u64 = variants.iter().map(|v| v["count"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(total, 120, "{report}");
+    for v in &variants {
+        if v["count"].as_u64() > Some(0) {
+            assert_eq!(v["errors"], 0, "{v}");
+            assert!(v["p99_ms"].as_f64().is_some() && v["output_mean"].as_f64().is_some(), "{v}");
+            let labels: u64 = v["labels"].as_object().map_or(0, |m| m.values().filter_map(|x| x.as_u64()).sum());
+            assert_eq!(Some(labels), v["count"].as_u64(), "{v}");
+        }
+    }
+    assert_eq!(agent.get("/admin/experiments/cnn").await?.0, 404);
+    // After a restart (same state, same key) every customer keeps its variant.
+    let state = agent.stop_keep_state().await?;
+    let agent =
+        TestAgent::start_with_state(state, &[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?;
+    for (c, v) in first.iter().enumerate() {
+        let (s, body) = agent.post("/v2/models/mlp/infer", &ask(Some(format!("customer-{c}")))).await?;
+        assert_eq!(s, 200);
+        assert_eq!(body["model_version"].as_str(), Some(v.as_str()), "customer-{c} after the restart");
+    }
+    agent.stop().await
+}

@@ -5,6 +5,7 @@
 pub mod audit_sink;
 pub mod control;
 pub mod events;
+pub mod experiment;
 pub mod repository;
 pub mod router;
 pub mod triton;
@@ -168,6 +169,8 @@ pub struct InferenceService {
     pub config: Option<Arc<std::sync::RwLock<Arc<crate::config::Config>>>>,
     /// Requests being answered, over every model and transport.
     in_flight: Arc<crate::engine::InFlightCount>,
+    /// What the A/B experiments' requests did, per variant.
+    pub experiments: Arc<experiment::Experiments>,
 }
 
 impl InferenceService {
@@ -181,7 +184,28 @@ impl InferenceService {
             overflow: None,
             config: None,
             in_flight: Arc::default(),
+            experiments: Arc::default(),
         }
+    }
+
+    /// The model's A/B experiment, when one is configured.
+    pub fn experiment(&self, model: &str) -> Option<crate::config::ExperimentConfig> {
+        let config = self.config.as_ref()?.read_locked().clone();
+        config.models.get(model)?.experiment.clone()
+    }
+
+    /// The variant (a pinned version) an unversioned request goes to, when the model runs an
+    /// experiment and that version serves; `None` leaves the choice to the serving table.
+    fn assign_variant(&self, model: &str, request: &InferRequest) -> Option<(String, crate::config::ExperimentConfig)> {
+        let e = self.experiment(model)?;
+        let key = e.key_parameter.as_ref().and_then(|k| experiment::key_of(&request.parameters, k));
+        let hash = |b: &[u8]| self.privacy.as_ref().map_or_else(String::new, |p| p.hmac_hex(b));
+        let keyed: Option<experiment::KeyedHash<'_>> = if self.privacy.is_some() { Some(&hash) } else { None };
+        let i = experiment::assign(keyed, model, key.as_deref(), &e.weights);
+        let version = e.versions.get(i)?.clone();
+        // A variant that is not installed leaves the request to the default version.
+        self.repository.serving(model, Some(&version)).ok()?;
+        Some((version, e))
     }
 
     /// Every model as the metrics show it.
@@ -306,7 +330,19 @@ impl InferenceService {
         };
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
-        let Routed { result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
+        let variant = if version.is_none() { self.assign_variant(model, &request) } else { None };
+        let version = variant.as_ref().map(|(v, _)| v.as_str()).or(version);
+        let Routed { mut result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
+        if let Some((v, e)) = &variant {
+            if let Ok(r) = &mut result {
+                r.parameters.insert("experiment_variant".into(), Value::String(v.clone()));
+            }
+            let answered = result.as_ref().ok().filter(|r| &r.model_version == v);
+            // Upstream answers and bad requests say nothing about the variant.
+            if !routing.answered_upstream && !matches!(&result, Err(InferError::InvalidInput(_))) {
+                self.experiments.record(model, v, e, ctx.received.elapsed(), answered);
+            }
+        }
         let mut ctx = ctx.clone();
         if routing.answered_upstream {
             ctx.route = Route::Overflow;

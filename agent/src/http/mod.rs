@@ -158,6 +158,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/models/{model}/rollback", post(admin_rollback))
         .route("/admin/registry/poll", post(admin_poll))
         .route("/admin/status", get(admin_status))
+        .route("/admin/experiments/{model}", get(admin_experiment))
         .route("/admin/audit/export", get(admin_audit_export))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -723,6 +724,14 @@ async fn admin_poll(
     s.audit_admin(&principal, "registry_poll", "registry", &outcome).await;
     let report = result.map_err(control_error)?;
     Ok(axum::Json(report).into_response())
+}
+
+/// An A/B experiment's variants and what their requests did.
+async fn admin_experiment(State(s): State<HttpState>, Path(model): Path<String>) -> Response {
+    match s.service.experiment(&model) {
+        Some(e) => axum::Json(s.service.experiments.report(&model, &e)).into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("model '{model}' runs no experiment")).into_response(),
+    }
 }
 
 /// The agent at a glance: identity, uptime, every model with its versions, canary and queue.
