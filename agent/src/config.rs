@@ -416,6 +416,10 @@ struct RawExperiment {
     key_parameter: Option<String>,
     output: Option<String>,
     output_index: Option<usize>,
+    candidate: Option<String>,
+    min_requests: Option<u64>,
+    max_error_rate_increase: Option<f64>,
+    max_p99_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -617,6 +621,20 @@ pub struct ExperimentConfig {
     /// `output_index`.
     pub output: Option<String>,
     pub output_index: usize,
+    /// Rules: judge this variant against the first other one, promote or stop it.
+    pub rules: Option<ExperimentRules>,
+}
+
+/// When an experiment's candidate is promoted or stopped: after both it and the baseline
+/// served `min_requests`, it is stopped if its error rate exceeds the baseline's by more than
+/// `max_error_rate_increase` or its p99 the baseline's times `max_p99_ratio`, else promoted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentRules {
+    pub candidate: String,
+    pub baseline: String,
+    pub min_requests: u64,
+    pub max_error_rate_increase: f64,
+    pub max_p99_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1060,12 +1078,40 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                         "models.{mname}.experiment.weights: one weight (0 to 1000000) per version, not all 0"
                     )));
                 }
+                let rules = match e.candidate {
+                    None => None,
+                    Some(candidate) => {
+                        let Some(baseline) = e.versions.iter().find(|v| **v != candidate).cloned() else {
+                            return Err(err(format!("models.{mname}.experiment: no baseline besides the candidate")));
+                        };
+                        if !e.versions.contains(&candidate) {
+                            return Err(err(format!(
+                                "models.{mname}.experiment.candidate '{candidate}' is not one of its versions"
+                            )));
+                        }
+                        let rate = e.max_error_rate_increase.unwrap_or(0.01);
+                        let ratio = e.max_p99_ratio.unwrap_or(1.5);
+                        if !(0.0..=1.0).contains(&rate) || !(1.0..=100.0).contains(&ratio) {
+                            return Err(err(format!(
+                                "models.{mname}.experiment: max_error_rate_increase 0 to 1, max_p99_ratio 1 to 100"
+                            )));
+                        }
+                        Some(ExperimentRules {
+                            candidate,
+                            baseline,
+                            min_requests: e.min_requests.unwrap_or(200).clamp(1, 10_000_000),
+                            max_error_rate_increase: rate,
+                            max_p99_ratio: ratio,
+                        })
+                    }
+                };
                 Some(ExperimentConfig {
                     versions: e.versions,
                     weights,
                     key_parameter: e.key_parameter,
                     output: e.output,
                     output_index: e.output_index.unwrap_or(0),
+                    rules,
                 })
             }
         };

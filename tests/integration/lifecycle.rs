@@ -460,3 +460,65 @@ async fn an_ab_experiment_is_sticky_by_key_across_restarts_and_reports_per_varia
     }
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_rules_promote_a_candidate_that_holds_with_the_event_emitted() -> anyhow::Result<()> {
+    use outpost_tests::broker::{Broker, BrokerOptions};
+    let broker = Broker::start(BrokerOptions::default())?;
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    reg.publish("mlp-int8-qdq", "mlp", "1.1.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    // Latency is not judged here (max_p99_ratio 100: loopback noise is not the point); errors are.
+    let settings = format!(
+        "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n\n\
+         [models.mlp.experiment]\nversions = [\"1.0.0\", \"1.1.0\"]\ncandidate = \"1.1.0\"\nmin_requests = 20\n\
+         max_error_rate_increase = 0.0\nmax_p99_ratio = 100.0\n\n{}",
+        outpost_tests::mqtt::mqtt_toml(&broker.url(), "")
+    );
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), &settings)).await?;
+    let opts = rumqttc::MqttOptions::new("experiment-events", "127.0.0.1", broker.port);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+    client
+        .subscribe("outpost/test-site/events/io.outpost.model.experiment_promoted", rumqttc::QoS::AtLeastOnce)
+        .await?;
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await??
+        {
+            break;
+        }
+    }
+    let golden = golden_for(&root().join("models/mlp"))?;
+    // Random draws (no key): requests until the rules conclude, bounded.
+    let mut concluded = false;
+    for _ in 0..400 {
+        let (s, _) = agent.post("/v2/models/mlp/infer", &golden.request(0)).await?;
+        assert_eq!(s, 200);
+        let (_, report) = agent.get("/admin/experiments/mlp").await?;
+        if report["running"] == false {
+            assert_eq!(report["conclusion"]["verdict"], "promoted", "{report}");
+            concluded = true;
+            break;
+        }
+    }
+    assert!(concluded, "no verdict after 400 requests");
+    // The candidate is the default now, and the experiment no longer splits.
+    for _ in 0..5 {
+        let (s, body) = agent.post("/v2/models/mlp/infer", &golden.request(0)).await?;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")), "{body}");
+        assert!(body["parameters"].get("experiment_variant").is_none(), "{body}");
+    }
+    // The verdict went out as an event.
+    let event = loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+            tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await??
+        {
+            break serde_json::from_slice::<Value>(&p.payload)?;
+        }
+    };
+    assert_eq!(event["type"], "io.outpost.model.experiment_promoted", "{event}");
+    assert_eq!(event["data"]["version"], "1.1.0", "{event}");
+    assert!(event["data"]["detail"].as_str().is_some_and(|d| d.contains("held")), "{event}");
+    agent.stop().await
+}

@@ -38,6 +38,10 @@ pub enum LifecycleKind {
     Promoted,
     /// A version was taken back (canary regression or by hand); it will not be reinstalled.
     RolledBack,
+    /// An A/B experiment's rules made its candidate the default version.
+    ExperimentPromoted,
+    /// An A/B experiment's guard stopped it: every request goes to the default version again.
+    ExperimentStopped,
 }
 
 impl LifecycleKind {
@@ -50,6 +54,8 @@ impl LifecycleKind {
             LifecycleKind::CanaryStarted => "canary_started",
             LifecycleKind::Promoted => "promoted",
             LifecycleKind::RolledBack => "rolled_back",
+            LifecycleKind::ExperimentPromoted => "experiment_promoted",
+            LifecycleKind::ExperimentStopped => "experiment_stopped",
         }
     }
 }
@@ -124,7 +130,7 @@ impl EventSink for LogSink {
                 "request"
             ),
             Event::Lifecycle { model, version, kind, detail } => match kind {
-                LifecycleKind::Refused | LifecycleKind::RolledBack => {
+                LifecycleKind::Refused | LifecycleKind::RolledBack | LifecycleKind::ExperimentStopped => {
                     tracing::warn!(model = %model, version = %version, event = kind.as_str(), %detail, "model refused")
                 }
                 _ => {

@@ -76,13 +76,88 @@ struct VariantStats {
     summed: u64,
 }
 
+/// An experiment's end, by its rules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conclusion {
+    /// The candidate held: it becomes the default version.
+    Promote { candidate: String, detail: String },
+    /// The candidate regressed: every request goes to the default version.
+    Stop { candidate: String, detail: String },
+}
+
 /// Per model and version, what the experiment's requests did.
 #[derive(Default)]
 pub struct Experiments {
     stats: Mutex<BTreeMap<(String, String), VariantStats>>,
+    /// Experiments that ended, by model (until the agent restarts or the configuration
+    /// changes the experiment).
+    concluded: Mutex<BTreeMap<String, (ExperimentConfig, Conclusion)>>,
+}
+
+impl VariantStats {
+    fn p99_us(&self) -> Option<u64> {
+        let mut lat: Vec<u64> = self.latencies_us.iter().copied().collect();
+        lat.sort_unstable();
+        lat.get(((lat.len() as f64 * 0.99) as usize).min(lat.len().saturating_sub(1))).copied()
+    }
+
+    fn error_rate(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.count as f64
+        }
+    }
 }
 
 impl Experiments {
+    /// Whether the experiment (as configured now) has ended.
+    pub fn conclusion(&self, model: &str, config: &ExperimentConfig) -> Option<Conclusion> {
+        self.concluded.locked().get(model).filter(|(c, _)| c == config).map(|(_, v)| v.clone())
+    }
+
+    /// Applies the experiment's rules after a request, every 25 requests of a variant: the
+    /// conclusion, once (the caller carries it out).
+    pub fn judge(&self, model: &str, config: &ExperimentConfig) -> Option<Conclusion> {
+        let rules = config.rules.as_ref()?;
+        let verdict = {
+            let stats = self.stats.locked();
+            let c = stats.get(&(model.to_owned(), rules.candidate.clone()))?;
+            let b = stats.get(&(model.to_owned(), rules.baseline.clone()))?;
+            if c.count < rules.min_requests || b.count < rules.min_requests || (c.count + b.count) % 25 != 0 {
+                return None;
+            }
+            let (ce, be) = (c.error_rate(), b.error_rate());
+            let (cp, bp) = (c.p99_us()?, b.p99_us()?);
+            let stats_text = format!(
+                "candidate {} ({} requests, error rate {:.2}%, p99 {} us) against baseline {} ({} requests, {:.2}%, {} us)",
+                rules.candidate, c.count, ce * 100.0, cp, rules.baseline, b.count, be * 100.0, bp
+            );
+            if ce > be + rules.max_error_rate_increase {
+                Conclusion::Stop {
+                    candidate: rules.candidate.clone(),
+                    detail: format!(
+                        "error rate over the allowed +{:.2}%: {stats_text}",
+                        rules.max_error_rate_increase * 100.0
+                    ),
+                }
+            } else if cp as f64 > bp.max(1) as f64 * rules.max_p99_ratio {
+                Conclusion::Stop {
+                    candidate: rules.candidate.clone(),
+                    detail: format!("p99 over {}x the baseline's: {stats_text}", rules.max_p99_ratio),
+                }
+            } else {
+                Conclusion::Promote { candidate: rules.candidate.clone(), detail: format!("held: {stats_text}") }
+            }
+        };
+        let mut concluded = self.concluded.locked();
+        if concluded.get(model).is_some_and(|(c, _)| c == config) {
+            return None;
+        }
+        concluded.insert(model.to_owned(), (config.clone(), verdict.clone()));
+        Some(verdict)
+    }
+
     /// Records one request the experiment routed.
     pub fn record(
         &self,
@@ -154,8 +229,18 @@ impl Experiments {
                 })
             })
             .collect();
+        let conclusion = self.concluded.locked().get(model).filter(|(c, _)| c == config).map(|(_, v)| match v {
+            Conclusion::Promote { candidate, detail } => {
+                serde_json::json!({ "verdict": "promoted", "candidate": candidate, "detail": detail })
+            }
+            Conclusion::Stop { candidate, detail } => {
+                serde_json::json!({ "verdict": "stopped", "candidate": candidate, "detail": detail })
+            }
+        });
         serde_json::json!({
             "model": model,
+            "running": conclusion.is_none(),
+            "conclusion": conclusion,
             "key_parameter": config.key_parameter,
             "output": config.output,
             "output_index": config.output_index,
@@ -191,6 +276,76 @@ mod tests {
             }
             prop_assert!(w[first] > 0);
         }
+    }
+
+    fn with_rules() -> ExperimentConfig {
+        ExperimentConfig {
+            versions: vec!["1.0.0".into(), "1.1.0".into()],
+            weights: vec![1, 1],
+            key_parameter: None,
+            output: None,
+            output_index: 0,
+            rules: Some(crate::config::ExperimentRules {
+                candidate: "1.1.0".into(),
+                baseline: "1.0.0".into(),
+                min_requests: 50,
+                max_error_rate_increase: 0.05,
+                max_p99_ratio: 2.0,
+            }),
+        }
+    }
+
+    fn ok_response() -> InferResponse {
+        InferResponse {
+            model_name: "m".into(),
+            model_version: "v".into(),
+            id: None,
+            parameters: serde_json::Map::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Feeds `n` requests per variant; `candidate_fails(i)` says which of the candidate's fail.
+    fn feed(
+        x: &Experiments,
+        e: &ExperimentConfig,
+        n: usize,
+        candidate_ms: u64,
+        candidate_fails: impl Fn(usize) -> bool,
+    ) -> Vec<Conclusion> {
+        let mut verdicts = Vec::new();
+        let ok = ok_response();
+        for i in 0..n {
+            x.record("m", "1.0.0", e, Duration::from_millis(10), Some(&ok));
+            verdicts.extend(x.judge("m", e));
+            let answer = (!candidate_fails(i)).then_some(&ok);
+            x.record("m", "1.1.0", e, Duration::from_millis(candidate_ms), answer);
+            verdicts.extend(x.judge("m", e));
+        }
+        verdicts
+    }
+
+    #[test]
+    fn rules_promote_a_candidate_that_holds_and_stop_one_that_regresses() {
+        let e = with_rules();
+        // As good as the baseline: promoted once, after both served 50.
+        let x = Experiments::default();
+        let v = feed(&x, &e, 200, 11, |_| false);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(matches!(&v[0], Conclusion::Promote { candidate, .. } if candidate == "1.1.0"), "{v:?}");
+        assert!(x.conclusion("m", &e).is_some());
+        // One failure in five: stopped on its error rate.
+        let x = Experiments::default();
+        let v = feed(&x, &e, 200, 10, |i| i % 5 == 0);
+        assert!(matches!(&v[..], [Conclusion::Stop { detail, .. }] if detail.contains("error rate")), "{v:?}");
+        // Three times slower: stopped on its p99.
+        let x = Experiments::default();
+        let v = feed(&x, &e, 200, 30, |_| false);
+        assert!(matches!(&v[..], [Conclusion::Stop { detail, .. }] if detail.contains("p99")), "{v:?}");
+        // No rules: never a verdict.
+        let x = Experiments::default();
+        let plain = ExperimentConfig { rules: None, ..with_rules() };
+        assert!(feed(&x, &plain, 200, 30, |i| i % 2 == 0).is_empty());
     }
 
     #[test]

@@ -198,6 +198,9 @@ impl InferenceService {
     /// experiment and that version serves; `None` leaves the choice to the serving table.
     fn assign_variant(&self, model: &str, request: &InferRequest) -> Option<(String, crate::config::ExperimentConfig)> {
         let e = self.experiment(model)?;
+        if self.experiments.conclusion(model, &e).is_some() {
+            return None;
+        }
         let key = e.key_parameter.as_ref().and_then(|k| experiment::key_of(&request.parameters, k));
         let hash = |b: &[u8]| self.privacy.as_ref().map_or_else(String::new, |p| p.hmac_hex(b));
         let keyed: Option<experiment::KeyedHash<'_>> = if self.privacy.is_some() { Some(&hash) } else { None };
@@ -341,6 +344,9 @@ impl InferenceService {
             // Upstream answers and bad requests say nothing about the variant.
             if !routing.answered_upstream && !matches!(&result, Err(InferError::InvalidInput(_))) {
                 self.experiments.record(model, v, e, ctx.received.elapsed(), answered);
+                if let Some(c) = self.experiments.judge(model, e) {
+                    self.conclude(model, c).await;
+                }
             }
         }
         let mut ctx = ctx.clone();
@@ -388,6 +394,25 @@ impl InferenceService {
                 Err(InferError::Unavailable(format!("not answered: the audit record could not be kept ({e})")))
             }
         }
+    }
+
+    /// Carries out an experiment's conclusion (the candidate becomes the default, or the
+    /// split ends) and records it: a lifecycle event, so the audit log and the event stream
+    /// have it.
+    async fn conclude(&self, model: &str, c: experiment::Conclusion) {
+        let (version, kind, detail) = match c {
+            experiment::Conclusion::Promote { candidate, detail } => {
+                if !self.repository.set_default(model, &candidate) {
+                    tracing::warn!(model, version = %candidate, "experiment: the candidate no longer serves");
+                }
+                (candidate, events::LifecycleKind::ExperimentPromoted, detail)
+            }
+            experiment::Conclusion::Stop { candidate, detail } => {
+                (candidate, events::LifecycleKind::ExperimentStopped, detail)
+            }
+        };
+        tracing::info!(model, %version, verdict = kind.as_str(), %detail, "experiment concluded");
+        let _ = self.events.record(Event::Lifecycle { model: model.to_owned(), version, kind, detail }).await;
     }
 
     /// A canary verdict was applied to the serving table: tell the log, the event sink and
