@@ -405,6 +405,16 @@ struct RawModel {
     may_leave_site: Option<bool>,
     cache_bytes: Option<u64>,
     experiment: Option<RawExperiment>,
+    shadow: Option<RawShadow>,
+}
+
+/// `[models.<name>.shadow]`: a candidate version that gets a copy of live requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    version: String,
+    share: Option<f64>,
+    output: Option<String>,
 }
 
 /// `[models.<name>.experiment]`: an A/B split of the model's unversioned requests.
@@ -607,6 +617,18 @@ pub struct ModelConfig {
     pub cache_bytes: usize,
     /// An A/B experiment over pinned versions; `None`: the default version answers.
     pub experiment: Option<ExperimentConfig>,
+    /// A shadow candidate; `None`: no copies.
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// Shadow traffic: `share` of the requests the default version answers are copied to
+/// `version` off the request path, when a core is free; its answers are compared, never sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    pub version: String,
+    pub share: f64,
+    /// The output whose argmax is the label compared (default: the first output).
+    pub output: Option<String>,
 }
 
 /// An A/B experiment: requests that name no version are split between `versions` by
@@ -688,6 +710,7 @@ impl Default for ModelConfig {
             may_leave_site: true,
             cache_bytes: 0,
             experiment: None,
+            shadow: None,
         }
     }
 }
@@ -1065,6 +1088,16 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     let mut models = BTreeMap::new();
     for (mname, mut m) in raw.models {
         let model_overflow = validate_model_overflow(&mname, &m).map_err(&err)?;
+        let shadow = match m.shadow.take() {
+            None => None,
+            Some(sh) => {
+                let share = sh.share.unwrap_or(1.0);
+                if !(0.0..=1.0).contains(&share) || sh.version.is_empty() {
+                    return Err(err(format!("models.{mname}.shadow: a version, and a share from 0 to 1")));
+                }
+                Some(ShadowConfig { version: sh.version, share, output: sh.output })
+            }
+        };
         let experiment = match m.experiment.take() {
             None => None,
             Some(e) => {
@@ -1219,6 +1252,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 may_leave_site: m.may_leave_site.unwrap_or(true),
                 cache_bytes: m.cache_bytes.unwrap_or(0) as usize,
                 experiment,
+                shadow,
             },
         );
     }

@@ -522,3 +522,66 @@ async fn experiment_rules_promote_a_candidate_that_holds_with_the_event_emitted(
     assert!(event["data"]["detail"].as_str().is_some_and(|d| d.contains("held")), "{event}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_copies_never_change_an_answer_and_yield_to_live_requests() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    reg.publish("mlp-int8-qdq", "mlp", "1.1.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    // 1.1.0 (int8) is the default; 1.0.0 (float, other numbers) shadows every request.
+    let settings = "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n\n\
+                    [models.mlp.shadow]\nversion = \"1.0.0\"\nshare = 1.0\noutput = \"probabilities\"\n";
+    let agent = Arc::new(TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?);
+    let g11 = golden_for(&root().join("models/mlp-int8-qdq"))?;
+    let report = |agent: Arc<TestAgent>| async move {
+        let (s, r) = agent.get("/admin/experiments/mlp").await?;
+        anyhow::ensure!(s == 200, "{r}");
+        Ok::<Value, anyhow::Error>(r["shadow"].clone())
+    };
+    let settled = |r: &Value| {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        n("sampled") > 0 && n("compared") + n("dropped_busy") + n("failed") == n("sampled")
+    };
+    // One at a time: every answer is the default version's own, whatever the shadow says.
+    for i in 0..30 {
+        let (s, body) = agent.post("/v2/models/mlp/infer", &g11.request(i % 3)).await?;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")), "{body}");
+        g11.check(i % 3, &body)?;
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut r = report(agent.clone()).await?;
+    while !settled(&r) {
+        assert!(Instant::now() < end, "shadow copies never settled: {r}");
+        tokio::task::yield_now().await;
+        r = report(agent.clone()).await?;
+    }
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["compared"].as_u64() >= Some(10), "{r}");
+    assert!(r["max_abs_diff"].as_f64().is_some_and(|d| d > 0.0), "the float version answers differently: {r}");
+    assert!(r["cosine_mean"].as_f64().is_some_and(|c| c > 0.99), "{r}");
+    assert!(r["label_agreement"].as_f64().is_some(), "{r}");
+    assert!(r["run_p99_ms"].as_f64().is_some(), "{r}");
+    // Sixteen at once: copies of requests answered while others were live are dropped.
+    let before = r["dropped_busy"].as_u64().unwrap_or(0);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (agent, body) = (agent.clone(), g11.request(i % 3));
+        tasks.push(tokio::spawn(async move { agent.post("/v2/models/mlp/infer", &body).await }));
+    }
+    for t in tasks {
+        let (s, body) = t.await??;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")), "{body}");
+    }
+    let mut r = report(agent.clone()).await?;
+    while !settled(&r) {
+        assert!(Instant::now() < end, "shadow copies never settled: {r}");
+        tokio::task::yield_now().await;
+        r = report(agent.clone()).await?;
+    }
+    assert!(r["dropped_busy"].as_u64() > Some(before), "no copy yielded under load: {r}");
+    match Arc::try_unwrap(agent) {
+        Ok(agent) => agent.stop().await,
+        Err(_) => anyhow::bail!("agent still shared"),
+    }
+}

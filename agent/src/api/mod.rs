@@ -8,6 +8,7 @@ pub mod events;
 pub mod experiment;
 pub mod repository;
 pub mod router;
+pub mod shadow;
 pub mod triton;
 
 use std::sync::Arc;
@@ -104,6 +105,13 @@ fn retry_after(served: &crate::engine::Served) -> Duration {
     Duration::from_secs(served.estimated_latency().as_secs().saturating_add(1).min(60))
 }
 
+/// A uniform draw in [0, 1).
+fn sample() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 pub fn next_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
@@ -171,6 +179,8 @@ pub struct InferenceService {
     in_flight: Arc<crate::engine::InFlightCount>,
     /// What the A/B experiments' requests did, per variant.
     pub experiments: Arc<experiment::Experiments>,
+    /// What the shadow candidates' copies did.
+    pub shadows: Arc<shadow::Shadows>,
 }
 
 impl InferenceService {
@@ -185,6 +195,7 @@ impl InferenceService {
             config: None,
             in_flight: Arc::default(),
             experiments: Arc::default(),
+            shadows: Arc::default(),
         }
     }
 
@@ -192,6 +203,46 @@ impl InferenceService {
     pub fn experiment(&self, model: &str) -> Option<crate::config::ExperimentConfig> {
         let config = self.config.as_ref()?.read_locked().clone();
         config.models.get(model)?.experiment.clone()
+    }
+
+    /// The model's shadow candidate, when one is configured.
+    pub fn shadow(&self, model: &str) -> Option<crate::config::ShadowConfig> {
+        let config = self.config.as_ref()?.read_locked().clone();
+        config.models.get(model)?.shadow.clone()
+    }
+
+    /// Runs a shadow copy of an answered request on the candidate, off the request path,
+    /// if live work leaves room; its outputs are compared with the answer's, never sent.
+    fn shadow_copy(
+        &self,
+        model: &str,
+        cfg: crate::config::ShadowConfig,
+        inputs: Vec<crate::protocol::Tensor>,
+        live: &InferResponse,
+    ) {
+        let Some(slot) = self.shadows.try_start(model, &cfg.version, self.in_flight.now()) else { return };
+        let (svc, model, answer) = (self.clone(), model.to_owned(), live.outputs.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let shadows = &svc.shadows;
+            let Ok(served) = svc.repository.serving(&model, Some(&cfg.version)) else {
+                shadows.dropped(&model, &cfg.version, true);
+                return;
+            };
+            let Ok(inputs) = served.model.validate(inputs) else {
+                shadows.dropped(&model, &cfg.version, true);
+                return;
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            match served.call(inputs, deadline, false, false).await {
+                Ok((Ok(outputs), run)) => {
+                    let c = shadow::compare(&answer, &outputs, cfg.output.as_deref());
+                    shadows.record(&model, &cfg.version, &c, run);
+                }
+                Err(CallError::Refused(_)) => shadows.dropped(&model, &cfg.version, false),
+                Ok((Err(_), _)) | Err(_) => shadows.dropped(&model, &cfg.version, true),
+            }
+        });
     }
 
     /// The variant (a pinned version) an unversioned request goes to, when the model runs an
@@ -334,8 +385,19 @@ impl InferenceService {
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
         let variant = if version.is_none() { self.assign_variant(model, &request) } else { None };
+        // A sampled share of the default version's requests is copied to the shadow candidate.
+        let shadow = match (version, &variant) {
+            (None, None) => self.shadow(model).filter(|s| s.share >= 1.0 || sample() < s.share),
+            _ => None,
+        };
+        let shadow_inputs = shadow.as_ref().map(|_| request.inputs.clone());
         let version = variant.as_ref().map(|(v, _)| v.as_str()).or(version);
         let Routed { mut result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
+        if let (Some(cfg), Some(inputs), Ok(answer)) = (shadow, shadow_inputs, &result) {
+            if !routing.answered_upstream && answer.model_version != cfg.version {
+                self.shadow_copy(model, cfg, inputs, answer);
+            }
+        }
         if let Some((v, e)) = &variant {
             if let Ok(r) = &mut result {
                 r.parameters.insert("experiment_variant".into(), Value::String(v.clone()));

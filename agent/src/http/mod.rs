@@ -728,10 +728,20 @@ async fn admin_poll(
 
 /// An A/B experiment's variants and what their requests did.
 async fn admin_experiment(State(s): State<HttpState>, Path(model): Path<String>) -> Response {
-    match s.service.experiment(&model) {
-        Some(e) => axum::Json(s.service.experiments.report(&model, &e)).into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, format!("model '{model}' runs no experiment")).into_response(),
+    let (experiment, shadow) = (s.service.experiment(&model), s.service.shadow(&model));
+    if experiment.is_none() && shadow.is_none() {
+        return ApiError::new(StatusCode::NOT_FOUND, format!("model '{model}' runs no experiment and no shadow"))
+            .into_response();
     }
+    let mut report = match &experiment {
+        Some(e) => s.service.experiments.report(&model, e),
+        None => json!({ "model": model }),
+    };
+    if let Some(sh) = shadow {
+        report["shadow"] = s.service.shadows.report(&model, &sh.version);
+        report["shadow"]["share"] = json!(sh.share);
+    }
+    axum::Json(report).into_response()
 }
 
 /// The agent at a glance: identity, uptime, every model with its versions, canary and queue.
