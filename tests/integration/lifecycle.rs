@@ -585,3 +585,83 @@ async fn shadow_copies_never_change_an_answer_and_yield_to_live_requests() -> an
         Err(_) => anyhow::bail!("agent still shared"),
     }
 }
+
+/// The demo MLP with its last layer negated: the same inputs and outputs, every label flipped.
+/// Built with ONNX, its golden vectors computed by ONNX Runtime (`scripts/make-golden.py`).
+fn flipped_mlp(python: &std::ffi::OsStr, dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let out = dir.join("mlp-flipped");
+    std::fs::create_dir_all(&out)?;
+    let src = root().join("models/mlp");
+    let script = r#"
+import json, sys
+import onnx
+from onnx import numpy_helper
+src, out = sys.argv[1], sys.argv[2]
+m = onnx.load(f"{src}/model.onnx")
+for init in m.graph.initializer:
+    if init.name in ("coefficient2", "intercepts2"):
+        init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+onnx.save(m, f"{out}/model.onnx")
+cases = [c["inputs"] for c in json.load(open(f"{src}/golden.json"))["cases"]]
+json.dump(cases, open(f"{out}/cases.json", "w"))
+"#;
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let o = std::process::Command::new(python).args(args).output()?;
+        anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Ok(())
+    };
+    run(&["-c".as_ref(), script.as_ref(), src.as_os_str(), out.as_os_str()])?;
+    let make_golden = root().join("scripts/make-golden.py");
+    let (model, cases, golden) = (out.join("model.onnx"), out.join("cases.json"), out.join("golden.json"));
+    run(&[
+        make_golden.as_os_str(),
+        model.as_os_str(),
+        "--inputs".as_ref(),
+        cases.as_os_str(),
+        "--out".as_ref(),
+        golden.as_os_str(),
+    ])?;
+    std::fs::remove_file(cases)?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_that_flips_every_label_never_changes_an_answer() -> anyhow::Result<()> {
+    let Some(python) = std::env::var_os("OUTPOST_TEST_PYTHON") else {
+        assert!(!full_suite(), "OUTPOST_TEST_FULL=1 needs OUTPOST_TEST_PYTHON (scripts/test.sh sets it)");
+        eprintln!("skipped: OUTPOST_TEST_PYTHON not set (scripts/test.sh sets it)");
+        return Ok(());
+    };
+    let work = tempfile::tempdir()?;
+    let flipped = flipped_mlp(&python, work.path())?;
+    let reg = TestRegistry::new()?;
+    reg.publish("mlp", "mlp", "1.0.0")?;
+    reg.publish_dir(&flipped, "mlp", "1.2.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    // 1.2.0 is the default; 1.0.0, which answers every case the other way, shadows it.
+    let settings = "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.2.0\"]\n\n\
+                    [models.mlp.shadow]\nversion = \"1.0.0\"\noutput = \"probabilities\"\n";
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?;
+    let served = golden_for(&flipped)?;
+    let other = golden_for(&root().join("models/mlp"))?;
+    for i in 0..30 {
+        let (s, body) = agent.post("/v2/models/mlp/infer", &served.request(i % 3)).await?;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("1.2.0")), "{body}");
+        served.check(i % 3, &body)?;
+        assert!(other.check(i % 3, &body).is_err(), "the two versions should disagree: {body}");
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let (_, r) = agent.get("/admin/experiments/mlp").await?;
+        let s = r["shadow"].clone();
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        if n("sampled") == 30 && n("compared") + n("dropped_busy") + n("failed") == 30 {
+            break s;
+        }
+        assert!(Instant::now() < end, "shadow copies never settled: {s}");
+        tokio::task::yield_now().await;
+    };
+    assert!(r["compared"].as_u64() >= Some(10), "{r}");
+    assert_eq!(r["label_agreement"].as_f64(), Some(0.0), "every label differs: {r}");
+    agent.stop().await
+}
