@@ -415,6 +415,9 @@ struct RawShadow {
     version: String,
     share: Option<f64>,
     output: Option<String>,
+    min_compared: Option<u64>,
+    min_agreement: Option<f64>,
+    max_p99_ratio: Option<f64>,
 }
 
 /// `[models.<name>.experiment]`: an A/B split of the model's unversioned requests.
@@ -629,6 +632,17 @@ pub struct ShadowConfig {
     pub share: f64,
     /// The output whose argmax is the label compared (default: the first output).
     pub output: Option<String>,
+    /// Rules: after `min_compared` copies the candidate is promoted when its label agreement
+    /// is at least `min_agreement` and its run p99 at most `max_p99_ratio` times the default
+    /// version's, else the shadow is stopped.
+    pub rules: Option<ShadowRules>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowRules {
+    pub min_compared: u64,
+    pub min_agreement: f64,
+    pub max_p99_ratio: f64,
 }
 
 /// An A/B experiment: requests that name no version are split between `versions` by
@@ -1095,7 +1109,24 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 if !(0.0..=1.0).contains(&share) || sh.version.is_empty() {
                     return Err(err(format!("models.{mname}.shadow: a version, and a share from 0 to 1")));
                 }
-                Some(ShadowConfig { version: sh.version, share, output: sh.output })
+                let rules = match sh.min_compared {
+                    None => None,
+                    Some(n) => {
+                        let agreement = sh.min_agreement.unwrap_or(0.99);
+                        let ratio = sh.max_p99_ratio.unwrap_or(1.5);
+                        if !(0.0..=1.0).contains(&agreement) || !(1.0..=100.0).contains(&ratio) {
+                            return Err(err(format!(
+                                "models.{mname}.shadow: min_agreement 0 to 1, max_p99_ratio 1 to 100"
+                            )));
+                        }
+                        Some(ShadowRules {
+                            min_compared: n.clamp(1, 10_000_000),
+                            min_agreement: agreement,
+                            max_p99_ratio: ratio,
+                        })
+                    }
+                };
+                Some(ShadowConfig { version: sh.version, share, output: sh.output, rules })
             }
         };
         let experiment = match m.experiment.take() {

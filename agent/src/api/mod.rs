@@ -219,6 +219,7 @@ impl InferenceService {
         cfg: crate::config::ShadowConfig,
         inputs: Vec<crate::protocol::Tensor>,
         live: &InferResponse,
+        live_run: Option<Duration>,
     ) {
         let Some(slot) = self.shadows.try_start(model, &cfg.version, self.in_flight.now()) else { return };
         let (svc, model, answer) = (self.clone(), model.to_owned(), live.outputs.clone());
@@ -237,7 +238,10 @@ impl InferenceService {
             match served.call(inputs, deadline, false, false).await {
                 Ok((Ok(outputs), run)) => {
                     let c = shadow::compare(&answer, &outputs, cfg.output.as_deref());
-                    shadows.record(&model, &cfg.version, &c, run);
+                    shadows.record(&model, &cfg.version, &c, run, live_run);
+                    if let Some(verdict) = shadows.judge(&model, &cfg) {
+                        svc.conclude(&model, verdict).await;
+                    }
                 }
                 Err(CallError::Refused(_)) => shadows.dropped(&model, &cfg.version, false),
                 Ok((Err(_), _)) | Err(_) => shadows.dropped(&model, &cfg.version, true),
@@ -387,7 +391,10 @@ impl InferenceService {
         let variant = if version.is_none() { self.assign_variant(model, &request) } else { None };
         // A sampled share of the default version's requests is copied to the shadow candidate.
         let shadow = match (version, &variant) {
-            (None, None) => self.shadow(model).filter(|s| s.share >= 1.0 || sample() < s.share),
+            (None, None) => self
+                .shadow(model)
+                .filter(|s| self.shadows.conclusion(model, s).is_none())
+                .filter(|s| s.share >= 1.0 || sample() < s.share),
             _ => None,
         };
         let shadow_inputs = shadow.as_ref().map(|_| request.inputs.clone());
@@ -395,7 +402,8 @@ impl InferenceService {
         let Routed { mut result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
         if let (Some(cfg), Some(inputs), Ok(answer)) = (shadow, shadow_inputs, &result) {
             if !routing.answered_upstream && answer.model_version != cfg.version {
-                self.shadow_copy(model, cfg, inputs, answer);
+                let live_run = served_as.as_ref().and_then(|(_, run)| *run);
+                self.shadow_copy(model, cfg, inputs, answer, live_run);
             }
         }
         if let Some((v, e)) = &variant {

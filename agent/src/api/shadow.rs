@@ -33,6 +33,14 @@ struct Stats {
     cosine_min: Option<f64>,
     cosines: u64,
     run_us: VecDeque<u64>,
+    /// The default version's run times for the same requests.
+    live_run_us: VecDeque<u64>,
+}
+
+fn p99(v: &VecDeque<u64>) -> Option<u64> {
+    let mut s: Vec<u64> = v.iter().copied().collect();
+    s.sort_unstable();
+    s.get(((s.len() as f64 * 0.99) as usize).min(s.len().saturating_sub(1))).copied()
 }
 
 /// Per model and candidate version, what its shadow copies did.
@@ -41,6 +49,8 @@ pub struct Shadows {
     stats: Mutex<BTreeMap<(String, String), Stats>>,
     /// A copy is running (at most one at a time, over all models).
     busy: AtomicBool,
+    /// Shadows their rules ended, by model, with the settings they ended under.
+    concluded: Mutex<BTreeMap<String, (crate::config::ShadowConfig, super::experiment::Conclusion)>>,
 }
 
 /// How a candidate's outputs compare with the answer's.
@@ -117,7 +127,60 @@ impl Shadows {
         }
     }
 
-    pub fn record(&self, model: &str, version: &str, c: &Comparison, run: Duration) {
+    /// Whether the shadow (as configured now) has ended by its rules.
+    pub fn conclusion(
+        &self,
+        model: &str,
+        config: &crate::config::ShadowConfig,
+    ) -> Option<super::experiment::Conclusion> {
+        self.concluded.locked().get(model).filter(|(c, _)| c == config).map(|(_, v)| v.clone())
+    }
+
+    /// Applies the shadow's rules (every 5 comparisons once `min_compared` is reached; off the
+    /// request path): the conclusion, once.
+    pub fn judge(&self, model: &str, config: &crate::config::ShadowConfig) -> Option<super::experiment::Conclusion> {
+        use super::experiment::Conclusion;
+        let rules = config.rules.as_ref()?;
+        let verdict = {
+            let stats = self.stats.locked();
+            let s = stats.get(&(model.to_owned(), config.version.clone()))?;
+            if s.compared < rules.min_compared || s.compared % 5 != 0 {
+                return None;
+            }
+            let agreement = if s.labels_compared == 0 { 0.0 } else { s.labels_agree as f64 / s.labels_compared as f64 };
+            let (cp, lp) = (p99(&s.run_us)?, p99(&s.live_run_us)?);
+            let text = format!(
+                "shadow {} over {} requests: label agreement {:.2}%, run p99 {} us against the default's {} us",
+                config.version,
+                s.compared,
+                agreement * 100.0,
+                cp,
+                lp
+            );
+            let candidate = config.version.clone();
+            if agreement < rules.min_agreement {
+                Conclusion::Stop {
+                    candidate,
+                    detail: format!("agreement under {:.2}%: {text}", rules.min_agreement * 100.0),
+                }
+            } else if cp as f64 > lp.max(1) as f64 * rules.max_p99_ratio {
+                Conclusion::Stop {
+                    candidate,
+                    detail: format!("p99 over {}x the default's: {text}", rules.max_p99_ratio),
+                }
+            } else {
+                Conclusion::Promote { candidate, detail: format!("held: {text}") }
+            }
+        };
+        let mut concluded = self.concluded.locked();
+        if concluded.get(model).is_some_and(|(c, _)| c == config) {
+            return None;
+        }
+        concluded.insert(model.to_owned(), (config.clone(), verdict.clone()));
+        Some(verdict)
+    }
+
+    pub fn record(&self, model: &str, version: &str, c: &Comparison, run: Duration, live_run: Option<Duration>) {
         let mut stats = self.stats.locked();
         let s = stats.entry((model.to_owned(), version.to_owned())).or_default();
         s.compared += 1;
@@ -136,6 +199,12 @@ impl Shadows {
             s.run_us.pop_front();
         }
         s.run_us.push_back(run.as_micros() as u64);
+        if let Some(l) = live_run {
+            if s.live_run_us.len() == KEPT {
+                s.live_run_us.pop_front();
+            }
+            s.live_run_us.push_back(l.as_micros() as u64);
+        }
     }
 
     pub fn report(&self, model: &str, version: &str) -> serde_json::Value {
@@ -146,8 +215,17 @@ impl Shadows {
         run.sort_unstable();
         let q =
             |p: f64| (!run.is_empty()).then(|| run[((run.len() as f64 * p) as usize).min(run.len() - 1)] as f64 / 1e3);
+        let conclusion = self.concluded.locked().get(model).map(|(_, v)| match v {
+            super::experiment::Conclusion::Promote { detail, .. } => {
+                serde_json::json!({ "verdict": "promoted", "detail": detail })
+            }
+            super::experiment::Conclusion::Stop { detail, .. } => {
+                serde_json::json!({ "verdict": "stopped", "detail": detail })
+            }
+        });
         serde_json::json!({
             "version": version,
+            "conclusion": conclusion,
             "sampled": s.sampled,
             "dropped_busy": s.dropped_busy,
             "failed": s.failed,
@@ -183,6 +261,30 @@ mod tests {
         assert_eq!(flipped.label_agrees, Some(false));
         assert!((flipped.max_abs_diff - 0.7).abs() < 1e-6, "{flipped:?}");
         assert!(flipped.cosine.unwrap_or(1.0) < 0.5);
+    }
+
+    #[test]
+    fn rules_promote_an_agreeing_shadow_and_stop_a_slow_one() {
+        use crate::api::experiment::Conclusion;
+        let cfg = |ratio: f64| crate::config::ShadowConfig {
+            version: "2".into(),
+            share: 1.0,
+            output: None,
+            rules: Some(crate::config::ShadowRules { min_compared: 20, min_agreement: 0.9, max_p99_ratio: ratio }),
+        };
+        let agree = Comparison { label_agrees: Some(true), max_abs_diff: 0.01, cosine: Some(0.999) };
+        for (ratio, promoted) in [(2.0, true), (1.2, false)] {
+            let (s, c) = (Shadows::default(), cfg(ratio));
+            let mut verdicts = Vec::new();
+            for _ in 0..100 {
+                // The candidate runs 1.5x as long as the default.
+                s.record("m", "2", &agree, Duration::from_micros(150), Some(Duration::from_micros(100)));
+                verdicts.extend(s.judge("m", &c));
+            }
+            assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+            assert_eq!(matches!(verdicts[0], Conclusion::Promote { .. }), promoted, "{verdicts:?}");
+            assert!(s.conclusion("m", &c).is_some());
+        }
     }
 
     #[test]
