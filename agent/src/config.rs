@@ -427,6 +427,7 @@ struct RawExperiment {
     versions: Vec<String>,
     weights: Option<Vec<u32>>,
     key_parameter: Option<String>,
+    key_header: Option<String>,
     output: Option<String>,
     output_index: Option<usize>,
     candidate: Option<String>,
@@ -653,6 +654,8 @@ pub struct ExperimentConfig {
     pub versions: Vec<String>,
     pub weights: Vec<u32>,
     pub key_parameter: Option<String>,
+    /// An HTTP header keying the split when the parameter is absent (lower-case).
+    pub key_header: Option<String>,
     /// An output summarized per variant: its argmax as the label, and the mean of element
     /// `output_index`.
     pub output: Option<String>,
@@ -1173,6 +1176,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                     versions: e.versions,
                     weights,
                     key_parameter: e.key_parameter,
+                    key_header: e.key_header.map(|h| h.to_ascii_lowercase()),
                     output: e.output,
                     output_index: e.output_index.unwrap_or(0),
                     rules,

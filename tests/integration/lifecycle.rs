@@ -403,7 +403,8 @@ async fn an_ab_experiment_is_sticky_by_key_across_restarts_and_reports_per_varia
     let server = StaticServer::start(reg.path()).await?;
     let settings = "[models.mlp]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n\n\
                     [models.mlp.experiment]\nversions = [\"1.0.0\", \"1.1.0\"]\nweights = [1, 1]\n\
-                    key_parameter = \"customer\"\noutput = \"probabilities\"\noutput_index = 1\n";
+                    key_parameter = \"customer\"\nkey_header = \"X-Customer\"\noutput = \"probabilities\"\n\
+                    output_index = 1\n";
     let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?;
     let golden = golden_for(&root().join("models/mlp"))?;
     let ask = |customer: Option<String>| {
@@ -429,6 +430,18 @@ async fn an_ab_experiment_is_sticky_by_key_across_restarts_and_reports_per_varia
     }
     let b = first.iter().filter(|v| v.as_str() == "1.1.0").count();
     assert!((8..=32).contains(&b), "40 customers split {b} to 1.1.0 at equal weights");
+    // The same key in the header (no parameter) gets the same variant.
+    for (c, want) in first.iter().enumerate().take(10) {
+        let r = http_client()
+            .post(agent.url("/v2/models/mlp/infer"))
+            .header("x-customer", format!("customer-{c}"))
+            .json(&ask(None))
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 200);
+        let body: Value = r.json().await?;
+        assert_eq!(body["model_version"].as_str(), Some(want.as_str()), "customer-{c} by header: {body}");
+    }
     // A request naming a version is not part of the experiment.
     let (s, body) = agent.post("/v2/models/mlp/versions/1.0.0/infer", &ask(Some("customer-1".into()))).await?;
     assert_eq!(s, 200);
@@ -439,7 +452,7 @@ async fn an_ab_experiment_is_sticky_by_key_across_restarts_and_reports_per_varia
     let variants = report["variants"].as_array().cloned().unwrap_or_default();
     assert_eq!(variants.len(), 2, "{report}");
     let total: u64 = variants.iter().map(|v| v["count"].as_u64().unwrap_or(0)).sum();
-    assert_eq!(total, 120, "{report}");
+    assert_eq!(total, 130, "{report}");
     for v in &variants {
         if v["count"].as_u64() > Some(0) {
             assert_eq!(v["errors"], 0, "{v}");

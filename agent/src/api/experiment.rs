@@ -283,6 +283,7 @@ mod tests {
             versions: vec!["1.0.0".into(), "1.1.0".into()],
             weights: vec![1, 1],
             key_parameter: None,
+            key_header: None,
             output: None,
             output_index: 0,
             rules: Some(crate::config::ExperimentRules {

@@ -83,6 +83,9 @@ pub struct RequestContext {
     pub deadline: Instant,
     pub route: Route,
     pub received: Instant,
+    /// The value of the header an A/B experiment is keyed by (`experiment.key_header`), when
+    /// the transport has headers and the request carries it.
+    pub experiment_key: Option<String>,
 }
 
 impl RequestContext {
@@ -91,6 +94,7 @@ impl RequestContext {
         RequestContext {
             id: next_request_id(),
             principal: "anonymous".to_owned(),
+            experiment_key: None,
             transport,
             deadline: now + timeout,
             route: Route::Local,
@@ -251,12 +255,21 @@ impl InferenceService {
 
     /// The variant (a pinned version) an unversioned request goes to, when the model runs an
     /// experiment and that version serves; `None` leaves the choice to the serving table.
-    fn assign_variant(&self, model: &str, request: &InferRequest) -> Option<(String, crate::config::ExperimentConfig)> {
+    fn assign_variant(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        request: &InferRequest,
+    ) -> Option<(String, crate::config::ExperimentConfig)> {
         let e = self.experiment(model)?;
         if self.experiments.conclusion(model, &e).is_some() {
             return None;
         }
-        let key = e.key_parameter.as_ref().and_then(|k| experiment::key_of(&request.parameters, k));
+        let key = e
+            .key_parameter
+            .as_ref()
+            .and_then(|k| experiment::key_of(&request.parameters, k))
+            .or_else(|| e.key_header.as_ref().and(ctx.experiment_key.clone()));
         let hash = |b: &[u8]| self.privacy.as_ref().map_or_else(String::new, |p| p.hmac_hex(b));
         let keyed: Option<experiment::KeyedHash<'_>> = if self.privacy.is_some() { Some(&hash) } else { None };
         let i = experiment::assign(keyed, model, key.as_deref(), &e.weights);
@@ -388,7 +401,7 @@ impl InferenceService {
         };
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
-        let variant = if version.is_none() { self.assign_variant(model, &request) } else { None };
+        let variant = if version.is_none() { self.assign_variant(ctx, model, &request) } else { None };
         // A sampled share of the default version's requests is copied to the shadow candidate.
         let shadow = match (version, &variant) {
             (None, None) => self

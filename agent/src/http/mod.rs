@@ -606,6 +606,14 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
     if let Some(id) = &request.id {
         ctx.id = id.clone();
     }
+    if version.is_none() {
+        if let Some(h) =
+            config.models.get(&model).and_then(|m| m.experiment.as_ref()).and_then(|e| e.key_header.as_ref())
+        {
+            ctx.experiment_key =
+                parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(|v| v.chars().take(256).collect());
+        }
+    }
     let response = s.service.infer(&ctx, &model, version.as_deref(), request).await?;
     if let Some(t) = &s.trace {
         t.note(format!("reply {}", ctx.id));
