@@ -292,16 +292,20 @@ pub async fn deliver(
                     webhook = %q.config.name, id = %stored.id, attempts = stored.attempts, error = %e,
                     "webhook delivery failed"
                 );
+                // The hub may have moved this event to the dead-letter list meanwhile (a full
+                // queue): it is updated or removed here only if it is still queued as read.
                 if stored.attempts >= q.config.max_attempts {
                     stored.error = Some(e);
-                    let _ = q.queue.remove(&key);
-                    if let Err(e) = q.bury(&key, stored) {
-                        tracing::error!(webhook = %q.config.name, error = %e, "dead-letter list unwritable");
+                    let taken = q.queue.compare_and_swap(&key, Some(&value), None::<&[u8]>);
+                    if matches!(taken, Ok(Ok(()))) {
+                        if let Err(e) = q.bury(&key, stored) {
+                            tracing::error!(webhook = %q.config.name, error = %e, "dead-letter list unwritable");
+                        }
                     }
                     continue;
                 }
                 if let Ok(v) = serde_json::to_vec(&stored) {
-                    let _ = q.queue.insert(&key, v);
+                    let _ = q.queue.compare_and_swap(&key, Some(&value), Some(v));
                 }
                 let wait = backoff(&q.config, stored.attempts, jitter());
                 tokio::select! {
