@@ -260,8 +260,8 @@ impl InferenceService {
         ctx: &RequestContext,
         model: &str,
         request: &InferRequest,
+        e: crate::config::ExperimentConfig,
     ) -> Option<(String, crate::config::ExperimentConfig)> {
-        let e = self.experiment(model)?;
         if self.experiments.conclusion(model, &e).is_some() {
             return None;
         }
@@ -401,15 +401,21 @@ impl InferenceService {
         };
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
-        let variant = if version.is_none() { self.assign_variant(ctx, model, &request) } else { None };
-        // A sampled share of the default version's requests is copied to the shadow candidate.
-        let shadow = match (version, &variant) {
-            (None, None) => self
-                .shadow(model)
-                .filter(|s| self.shadows.conclusion(model, s).is_none())
-                .filter(|s| s.share >= 1.0 || sample() < s.share),
-            _ => None,
+        // The model's experiment and shadow, read together (one configuration lookup), and
+        // only for requests that name no version.
+        let (experiment, shadow) = match (version, &self.config) {
+            (None, Some(config)) => {
+                let config = config.read_locked();
+                config.models.get(model).map_or((None, None), |m| (m.experiment.clone(), m.shadow.clone()))
+            }
+            _ => (None, None),
         };
+        let variant = experiment.and_then(|e| self.assign_variant(ctx, model, &request, e));
+        // A sampled share of the default version's requests is copied to the shadow candidate.
+        let shadow = shadow
+            .filter(|_| variant.is_none())
+            .filter(|s| self.shadows.conclusion(model, s).is_none())
+            .filter(|s| s.share >= 1.0 || sample() < s.share);
         let shadow_inputs = shadow.as_ref().map(|_| request.inputs.clone());
         let version = variant.as_ref().map(|(v, _)| v.as_str()).or(version);
         let Routed { mut result, served_as } = self.route(ctx, model, version, request, &mut routing).await;
