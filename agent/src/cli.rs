@@ -935,6 +935,21 @@ pub fn status_table(s: &serde_json::Value) -> String {
             o.get("breaker").map(str_of).unwrap_or_default()
         );
     }
+    for h in s["webhooks"].as_array().into_iter().flatten() {
+        let n = |k: &str| h[k].as_u64().unwrap_or(0);
+        let mut line = format!(
+            "webhook {}: {} queued, {} delivered, {} dead-lettered; last success {}",
+            str_of(&h["name"]),
+            n("queued"),
+            n("delivered"),
+            n("dead_letter_count"),
+            h.get("last_success_at").filter(|v| !v.is_null()).map_or("never".to_owned(), ago)
+        );
+        if let Some(e) = h["last_error"].as_str() {
+            line.push_str(&format!("; last error: {}", e.chars().take(120).collect::<String>()));
+        }
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(r) = s["reload"].as_object() {
         let report: Option<crate::reload::ReloadReport> = serde_json::from_value(s["reload"].clone()).ok();
         if let Some(report) = report {
@@ -1091,6 +1106,19 @@ fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
 #[cfg(test)]
 mod tests {
     use super::config_path;
+
+    #[test]
+    fn the_status_table_shows_each_webhook() {
+        let s = serde_json::json!({ "webhooks": [{
+            "name": "ops", "queued": 3, "delivered": 12, "dead_letter_count": 1,
+            "last_success_at": null, "last_error": "the receiver answered 503"
+        }]});
+        let table = super::status_table(&s);
+        assert!(
+            table.contains("webhook ops: 3 queued, 12 delivered, 1 dead-lettered; last success never; last error: the receiver answered 503"),
+            "{table}"
+        );
+    }
 
     #[test]
     fn commands_find_the_installed_configuration_unless_told_otherwise() {
