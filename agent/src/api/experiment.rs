@@ -92,6 +92,8 @@ pub struct Experiments {
     /// Experiments that ended, by model (until the agent restarts or the configuration
     /// changes the experiment).
     concluded: Mutex<BTreeMap<String, (ExperimentConfig, Conclusion)>>,
+    /// Models whose verdict is being carried out (judged once; shown once carried out).
+    pending: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl VariantStats {
@@ -116,15 +118,16 @@ impl Experiments {
         self.concluded.locked().get(model).filter(|(c, _)| c == config).map(|(_, v)| v.clone())
     }
 
-    /// Applies the experiment's rules after a request, every 25 requests of a variant: the
-    /// conclusion, once (the caller carries it out).
+    /// Applies the experiment's rules (when [`Experiments::record`] says a check is due): the
+    /// conclusion, once (the caller carries it out). It sorts the recent latencies, so it runs
+    /// off the request path.
     pub fn judge(&self, model: &str, config: &ExperimentConfig) -> Option<Conclusion> {
         let rules = config.rules.as_ref()?;
         let verdict = {
             let stats = self.stats.locked();
             let c = stats.get(&(model.to_owned(), rules.candidate.clone()))?;
             let b = stats.get(&(model.to_owned(), rules.baseline.clone()))?;
-            if c.count < rules.min_requests || b.count < rules.min_requests || (c.count + b.count) % 25 != 0 {
+            if c.count < rules.min_requests || b.count < rules.min_requests {
                 return None;
             }
             let (ce, be) = (c.error_rate(), b.error_rate());
@@ -150,15 +153,20 @@ impl Experiments {
                 Conclusion::Promote { candidate: rules.candidate.clone(), detail: format!("held: {stats_text}") }
             }
         };
-        let mut concluded = self.concluded.locked();
-        if concluded.get(model).is_some_and(|(c, _)| c == config) {
+        if self.conclusion(model, config).is_some() || !self.pending.locked().insert(model.to_owned()) {
             return None;
         }
-        concluded.insert(model.to_owned(), (config.clone(), verdict.clone()));
         Some(verdict)
     }
 
-    /// Records one request the experiment routed.
+    /// Marks a verdict carried out: the experiment stops splitting and its report says so.
+    pub fn settle(&self, model: &str, config: &ExperimentConfig, verdict: Conclusion) {
+        self.concluded.locked().insert(model.to_owned(), (config.clone(), verdict));
+        self.pending.locked().remove(model);
+    }
+
+    /// Records one request the experiment routed; `true` when the rules are due a check
+    /// (every 25th request of a variant, when the experiment has rules).
     pub fn record(
         &self,
         model: &str,
@@ -166,7 +174,7 @@ impl Experiments {
         config: &ExperimentConfig,
         latency: Duration,
         response: Option<&InferResponse>,
-    ) {
+    ) -> bool {
         let summary = response.and_then(|r| {
             let name = config.output.as_ref()?;
             let values = r.outputs.iter().find(|o| &o.name == name)?.data.to_f64()?;
@@ -197,6 +205,7 @@ impl Experiments {
                 s.summed += 1;
             }
         }
+        config.rules.is_some() && s.count % 25 == 0
     }
 
     /// The experiment's report: per variant, its weight and what its requests did.
@@ -317,11 +326,17 @@ mod tests {
         let mut verdicts = Vec::new();
         let ok = ok_response();
         for i in 0..n {
-            x.record("m", "1.0.0", e, Duration::from_millis(10), Some(&ok));
-            verdicts.extend(x.judge("m", e));
             let answer = (!candidate_fails(i)).then_some(&ok);
-            x.record("m", "1.1.0", e, Duration::from_millis(candidate_ms), answer);
-            verdicts.extend(x.judge("m", e));
+            let due = [
+                x.record("m", "1.0.0", e, Duration::from_millis(10), Some(&ok)),
+                x.record("m", "1.1.0", e, Duration::from_millis(candidate_ms), answer),
+            ];
+            for _ in due.iter().filter(|d| **d) {
+                if let Some(v) = x.judge("m", e) {
+                    x.settle("m", e, v.clone());
+                    verdicts.push(v);
+                }
+            }
         }
         verdicts
     }

@@ -431,11 +431,18 @@ impl InferenceService {
             }
             let answered = result.as_ref().ok().filter(|r| &r.model_version == v);
             // Upstream answers and bad requests say nothing about the variant.
-            if !routing.answered_upstream && !matches!(&result, Err(InferError::InvalidInput(_))) {
-                self.experiments.record(model, v, e, ctx.received.elapsed(), answered);
-                if let Some(c) = self.experiments.judge(model, e) {
-                    self.conclude(model, c).await;
-                }
+            if !routing.answered_upstream
+                && !matches!(&result, Err(InferError::InvalidInput(_)))
+                && self.experiments.record(model, v, e, ctx.received.elapsed(), answered)
+            {
+                // The check sorts recent latencies: off the request path.
+                let (svc, model, e) = (self.clone(), model.to_owned(), e.clone());
+                tokio::spawn(async move {
+                    if let Some(c) = svc.experiments.judge(&model, &e) {
+                        svc.conclude(&model, c.clone()).await;
+                        svc.experiments.settle(&model, &e, c);
+                    }
+                });
             }
         }
         let mut ctx = ctx.clone();
