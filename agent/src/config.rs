@@ -302,6 +302,7 @@ struct RawPrivacy {
     pseudonymize: Option<Vec<String>>,
     sensitive_inputs: Option<Vec<String>>,
     residency_allow: Option<Vec<String>>,
+    hosts: Option<BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -682,8 +683,12 @@ pub struct PrivacyConfig {
     pub hmac_key_file: PathBuf,
     pub pseudonymize: Vec<String>,
     pub sensitive_inputs: Vec<String>,
-    /// Hosts outbound connections may go to; empty: any configured host.
+    /// Hosts and address ranges outbound connections may go to, as written; empty: anywhere.
     pub residency_allow: Vec<String>,
+    /// The same, parsed: what every outbound connection is checked against.
+    pub residency: crate::residency::AllowList,
+    /// Names resolved from here instead of DNS (`[privacy.hosts]`).
+    pub hosts: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 /// Which registry versions of a model serve.
@@ -856,6 +861,8 @@ impl Config {
                     pseudonymize: vec![],
                     sensitive_inputs: vec![],
                     residency_allow: vec![],
+                    residency: crate::residency::AllowList::default(),
+                    hosts: std::collections::HashMap::new(),
                 },
                 upstream: None,
                 mqtt: None,
@@ -1033,7 +1040,23 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         hmac_key_file: rp.hmac_key_file.map(resolve).unwrap_or_else(|| state_dir.join("hmac.key")),
         pseudonymize: rp.pseudonymize.unwrap_or_default(),
         sensitive_inputs: rp.sensitive_inputs.unwrap_or_default(),
-        residency_allow: rp.residency_allow.unwrap_or_default().into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        residency_allow: rp.residency_allow.clone().unwrap_or_default(),
+        residency: crate::residency::AllowList::parse(&rp.residency_allow.unwrap_or_default()).map_err(&err)?,
+        hosts: {
+            let mut hosts = std::collections::HashMap::new();
+            for (name, addrs) in rp.hosts.unwrap_or_default() {
+                let parsed: Result<Vec<std::net::IpAddr>, _> = addrs.iter().map(|a| a.parse()).collect();
+                match parsed {
+                    Ok(v) if !v.is_empty() && v.len() <= 16 => {
+                        hosts.insert(name.trim_end_matches('.').to_ascii_lowercase(), v);
+                    }
+                    _ => {
+                        return Err(err(format!("privacy.hosts.\"{name}\": 1 to 16 IP addresses, e.g. [\"10.0.0.5\"]")))
+                    }
+                }
+            }
+            hosts
+        },
     };
     for p in &privacy.pseudonymize {
         if p.trim_start_matches("parameters.").is_empty() {
@@ -1059,7 +1082,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
                 }
                 let host =
                     crate::privacy::url_host(url).ok_or_else(|| err(format!("upstream.url '{url}' has no host")))?;
-                if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
+                if !privacy.residency.host_allowed(&host) {
                     return Err(err(format!("upstream.url host '{host}' is not in privacy.residency_allow")));
                 }
             }
@@ -1086,7 +1109,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     };
     if let Some(reg) = &registry {
         if let Some(host) = crate::privacy::url_host(&reg.url) {
-            if !privacy.residency_allow.is_empty() && !privacy.residency_allow.contains(&host) {
+            if !privacy.residency.host_allowed(&host) {
                 return Err(err(format!("registry.url host '{host}' is not in privacy.residency_allow")));
             }
         }
@@ -1094,13 +1117,18 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
 
     let overflow = match raw.overflow {
         None => None,
-        Some(o) => Some(validate_overflow(o, &privacy.residency_allow, &resolve).map_err(err)?),
+        Some(o) => Some(validate_overflow(o, &privacy.residency, &resolve).map_err(err)?),
     };
 
     let mqtt = match raw.mqtt {
         None => None,
         Some(m) => Some(validate_mqtt(m, &name, request_timeout, &resolve).map_err(err)?),
     };
+    if let Some(m) = &mqtt {
+        if !privacy.residency.host_allowed(&m.host) {
+            return Err(err(format!("mqtt.host '{}' is not in privacy.residency_allow", m.host)));
+        }
+    }
 
     let mut models = BTreeMap::new();
     for (mname, mut m) in raw.models {
@@ -1323,7 +1351,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
 
     let mut webhooks: Vec<WebhookConfig> = Vec::new();
     for w in raw.webhooks {
-        let hook = validate_webhook(w, &privacy.residency_allow, &resolve).map_err(err)?;
+        let hook = validate_webhook(w, &privacy.residency, &resolve).map_err(err)?;
         if webhooks.iter().any(|o| o.name == hook.name) {
             return Err(err(format!("two [[webhooks]] are named '{}': give each its own name", hook.name)));
         }
@@ -1660,7 +1688,7 @@ fn validate_registry(
 
 fn validate_webhook(
     w: RawWebhook,
-    residency_allow: &[String],
+    residency: &crate::residency::AllowList,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<WebhookConfig, String> {
     let allow_http = w.allow_http.unwrap_or(false);
@@ -1668,7 +1696,7 @@ fn validate_webhook(
         return Err(format!("webhooks.url '{}' must be https:// (http:// needs allow_http = true)", w.url));
     }
     let host = crate::privacy::url_host(&w.url).ok_or_else(|| format!("webhooks.url '{}' has no host", w.url))?;
-    if !residency_allow.is_empty() && !residency_allow.contains(&host) {
+    if !residency.host_allowed(&host) {
         return Err(format!("webhooks.url host '{host}' is not in privacy.residency_allow"));
     }
     let name = w.name.unwrap_or_else(|| w.url.clone());
@@ -1717,7 +1745,7 @@ fn validate_webhook(
 
 fn validate_overflow(
     o: RawOverflow,
-    residency_allow: &[String],
+    residency: &crate::residency::AllowList,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<OverflowConfig, String> {
     let allow_http = o.allow_http.unwrap_or(false);
@@ -1725,7 +1753,7 @@ fn validate_overflow(
         return Err(format!("overflow.url '{}' must be https:// (http:// needs overflow.allow_http = true)", o.url));
     }
     let host = crate::privacy::url_host(&o.url).ok_or_else(|| format!("overflow.url '{}' has no host", o.url))?;
-    if !residency_allow.is_empty() && !residency_allow.contains(&host) {
+    if !residency.host_allowed(&host) {
         return Err(format!("overflow.url host '{host}' is not in privacy.residency_allow"));
     }
     if o.client_cert.is_some() != o.client_key.is_some() {
@@ -1863,6 +1891,8 @@ mod tests {
                 "residency_allow",
             ),
             ("[overflow]\nurl = \"https://gpu.example\"\nopen_for = \"0s\"", "overflow.open_for"),
+            ("[privacy]\nresidency_allow = [\"10.0.0.0/33\"]", "not an address range"),
+            ("[privacy.hosts]\n\"r.example\" = [\"not-an-address\"]", "privacy.hosts"),
             ("[models.mlp]\nmay_leave_site = true", "only a signed manifest"),
             ("[models.mlp]\noverflow = \"sometimes\"", "models.mlp.overflow"),
             ("[models.mlp]\nconfidence_min = 0.5", "go together"),

@@ -24,6 +24,7 @@ pub mod privacy;
 pub use outpost_proto::protocol;
 pub mod registry;
 pub mod reload;
+pub mod residency;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
@@ -398,15 +399,22 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let tracker = TaskTracker::new();
     let repository = Arc::new(Repository::new());
     let metrics = Arc::new(Metrics::new());
-    let privacy = Arc::new(
-        privacy::Privacy::load(
-            &config.privacy.hmac_key_file,
-            config.privacy.pseudonymize.clone(),
-            config.privacy.sensitive_inputs.clone(),
-            config.privacy.residency_allow.clone(),
-        )
-        .map_err(|e| FatalError::start("privacy", e))?,
-    );
+    let mut privacy = privacy::Privacy::load(
+        &config.privacy.hmac_key_file,
+        config.privacy.pseudonymize.clone(),
+        config.privacy.sensitive_inputs.clone(),
+        config.privacy.residency.clone(),
+    )
+    .map_err(|e| FatalError::start("privacy", e))?;
+    // Every outbound connection passes the residency guard; its records reach the audit log
+    // once that sink exists (below).
+    let guard = Arc::new(residency::Guard::new(
+        config.privacy.residency.clone(),
+        config.privacy.hosts.clone(),
+        Some(metrics.clone()),
+    ));
+    privacy.guard = Some(guard.clone());
+    let privacy = Arc::new(privacy);
     // The checkpoint key's public half, reported in heartbeats (the collector pins it).
     let mut node_public_key = None;
     let audit = match &config.audit {
@@ -437,9 +445,9 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         let hub = events::Hub::open(&config.node.state_dir, &config.node.site, &config.node.name, &config.webhooks)
             .map_err(FatalError::Runtime)?;
         for q in hub.queues() {
-            let client = events::webhooks::client(&q.config).map_err(FatalError::Runtime)?;
+            let client = events::webhooks::client(&q.config, Some(guard.clone())).map_err(FatalError::Runtime)?;
             let signer = events::webhooks::signer(&q.config).map_err(FatalError::Runtime)?;
-            tracker.spawn(events::webhooks::deliver(q.clone(), client, signer, cancel.clone()));
+            tracker.spawn(events::webhooks::deliver(q.clone(), client, signer, Some(guard.clone()), cancel.clone()));
             tracing::info!(webhook = %q.config.name, url = %q.config.url, "webhook subscription");
         }
         let queues: Vec<_> = hub.queues().to_vec();
@@ -455,6 +463,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     };
     metrics.set_announcer(announcer.clone());
     let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, announcer: announcer.clone() });
+    guard.set_sink(events.clone());
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
     if let Some(oc) = &config.overflow {

@@ -1,6 +1,7 @@
 //! Privacy rules (`[privacy]`): configured request parameters are replaced by a keyed HMAC
 //! before they reach the audit log, telemetry or anything upstream; inputs are only ever
-//! recorded as a keyed digest; outbound hosts must be on the residency allow-list.
+//! recorded as a keyed digest; outbound hosts must be on the residency allow-list
+//! (checked at connect time: [`crate::residency`]).
 
 use crate::store::KeyFileError;
 use std::path::Path;
@@ -19,8 +20,10 @@ pub struct Privacy {
     pseudonymize: Vec<String>,
     /// Input tensors that must never leave the box (only their digest is recorded).
     pub sensitive_inputs: Vec<String>,
-    /// Hosts outbound connections may go to; empty: no list configured.
-    pub residency_allow: Vec<String>,
+    /// Hosts and ranges outbound connections may go to; empty: no list configured.
+    pub residency: crate::residency::AllowList,
+    /// Checks every outbound connection against `residency` (set by the agent at start).
+    pub guard: Option<std::sync::Arc<crate::residency::Guard>>,
 }
 
 impl std::fmt::Debug for Privacy {
@@ -36,7 +39,7 @@ impl Privacy {
         key_file: &Path,
         pseudonymize: Vec<String>,
         sensitive_inputs: Vec<String>,
-        residency_allow: Vec<String>,
+        residency: crate::residency::AllowList,
     ) -> Result<Privacy, KeyFileError> {
         const WHAT: &str = "HMAC key";
         let key = match std::fs::read(key_file) {
@@ -53,7 +56,7 @@ impl Privacy {
             Err(source) => return Err(KeyFileError::Io { what: WHAT, path: key_file.to_owned(), source }),
         };
         let pseudonymize = pseudonymize.into_iter().map(|p| p.trim_start_matches("parameters.").to_owned()).collect();
-        Ok(Privacy { key, pseudonymize, sensitive_inputs, residency_allow })
+        Ok(Privacy { key, pseudonymize, sensitive_inputs, residency, guard: None })
     }
 
     pub fn hmac_hex(&self, bytes: &[u8]) -> String {
@@ -114,7 +117,7 @@ impl Privacy {
 
     /// Whether an outbound connection to `host` is allowed.
     pub fn host_allowed(&self, host: &str) -> bool {
-        self.residency_allow.is_empty() || self.residency_allow.iter().any(|h| h.eq_ignore_ascii_case(host))
+        self.residency.host_allowed(host)
     }
 }
 

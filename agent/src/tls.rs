@@ -195,11 +195,21 @@ pub fn add_identity(
     Ok(builder.identity(identity))
 }
 
-/// A client for an outbound path (registry, upstream, overflow): it follows no redirect, so a
-/// redirect from an allowed host cannot send data or trust to a host off the residency
-/// allow-list. A redirect answer is an error naming its target ([`redirect_refused`]).
-pub fn outbound(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
-    builder.redirect(reqwest::redirect::Policy::none())
+/// A client for an outbound path (`purpose`: registry, upstream, overflow, a webhook): it
+/// follows no redirect, so a redirect from an allowed host cannot send data or trust to a host
+/// off the residency allow-list (a redirect answer is an error naming its target,
+/// [`redirect_refused`]); it takes no proxy from the environment, so the address it connects
+/// to is the destination's; and every name it connects to is resolved through the residency
+/// guard ([`crate::residency`]), which drops addresses outside the allow-list.
+pub fn outbound(
+    builder: reqwest::ClientBuilder,
+    purpose: &str,
+    guard: Option<std::sync::Arc<crate::residency::Guard>>,
+) -> reqwest::ClientBuilder {
+    builder
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(crate::residency::Resolver::new(purpose, guard))
 }
 
 /// The error for a redirect answer, naming where it pointed; `None` for any other status.

@@ -16,6 +16,7 @@ mod mqtt;
 mod overflow;
 mod packaging;
 mod registry;
+mod residency;
 mod security;
 mod tritonclient;
 mod webhooks;

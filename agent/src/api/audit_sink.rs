@@ -56,6 +56,13 @@ pub fn body(event: &Event) -> serde_json::Value {
             "path": path,
             "count": count,
         }),
+        Event::Outbound { purpose, host, address, allowed } => json!({
+            "kind": "outbound",
+            "purpose": purpose,
+            "host": host,
+            "address": address,
+            "allowed": allowed,
+        }),
     }
 }
 

@@ -95,6 +95,14 @@ pub enum Event {
         path: String,
         count: u64,
     },
+    /// An outbound destination used for the first time or at a new address (`allowed`), or
+    /// refused for residency (`address` lists what the name resolved to).
+    Outbound {
+        purpose: String,
+        host: String,
+        address: String,
+        allowed: bool,
+    },
 }
 
 pub type SinkFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -143,6 +151,9 @@ impl EventSink for LogSink {
             Event::AuthFailure { principal, transport, reason, path, count } => {
                 tracing::warn!(%principal, %transport, %reason, %path, count, "authentication failed")
             }
+            Event::Outbound { purpose, host, address, allowed } => {
+                tracing::info!(%purpose, %host, %address, allowed, "outbound destination")
+            }
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -171,7 +182,12 @@ pub fn notice_for(event: &Event) -> Option<crate::events::Notice> {
                 "principal": principal, "action": action, "target": target, "outcome": outcome
             }),
         }),
-        Event::Request { .. } | Event::AuthFailure { .. } => None,
+        Event::Outbound { purpose, host, address, allowed: false } => Some(Notice {
+            kind: "residency.refused".into(),
+            subject: Some(host.clone()),
+            data: serde_json::json!({ "purpose": purpose, "host": host, "addresses": address }),
+        }),
+        Event::Request { .. } | Event::AuthFailure { .. } | Event::Outbound { .. } => None,
     }
 }
 

@@ -174,9 +174,9 @@ fn jitter() -> f64 {
 }
 
 /// The HTTP client of one subscription: its CA, its timeout, no redirects.
-pub fn client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
+pub fn client(config: &WebhookConfig, guard: Option<Arc<crate::residency::Guard>>) -> Result<reqwest::Client, String> {
     crate::tls::install_crypto_provider();
-    let mut b = crate::tls::outbound(reqwest::Client::builder())
+    let mut b = crate::tls::outbound(reqwest::Client::builder(), &format!("webhook {}", config.name), guard)
         .timeout(config.timeout)
         .connect_timeout(config.timeout)
         .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
@@ -204,6 +204,7 @@ async fn attempt(
     client: &reqwest::Client,
     signer: &standardwebhooks::Webhook,
     url: &str,
+    seen: Option<(&crate::residency::Guard, &str)>,
     s: &Stored,
 ) -> Result<(), String> {
     let timestamp = i64::try_from(now_secs()).unwrap_or(i64::MAX);
@@ -221,6 +222,9 @@ async fn attempt(
             let what = if e.is_timeout() { "timed out" } else { "failed" };
             format!("POST {what}: {}", crate::tls::describe(&e))
         })?;
+    if let Some((guard, purpose)) = seen {
+        guard.answered(purpose, url, &r);
+    }
     let status = r.status();
     if status.is_success() {
         return Ok(());
@@ -245,8 +249,10 @@ pub async fn deliver(
     q: Arc<Queue>,
     client: reqwest::Client,
     signer: standardwebhooks::Webhook,
+    guard: Option<Arc<crate::residency::Guard>>,
     cancel: CancellationToken,
 ) {
+    let purpose = format!("webhook {}", q.config.name);
     loop {
         let head = match q.queue.first() {
             Ok(h) => h,
@@ -270,7 +276,7 @@ pub async fn deliver(
             }
         };
         let outcome = tokio::select! {
-            r = attempt(&client, &signer, &q.config.url, &stored) => r,
+            r = attempt(&client, &signer, &q.config.url, guard.as_deref().map(|g| (g, purpose.as_str())), &stored) => r,
             () = cancel.cancelled() => return,
         };
         match outcome {

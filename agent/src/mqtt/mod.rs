@@ -37,7 +37,16 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, TlsError> {
     for cert in crate::tls::certificates("mqtt.ca", ca)? {
         roots.add(cert).map_err(|source| TlsError::Rustls { setting: "mqtt.ca", source })?;
     }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    // The connection goes to the address the residency guard allowed, so rustls is given that
+    // address; the certificate is still checked against the configured host name.
+    let webpki = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|source| TlsError::ClientCa { setting: "mqtt.ca", path: ca.clone(), source })?;
+    let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())
+        .map_err(|_| TlsError::Settings("mqtt.host is not a valid TLS server name"))?;
+    let builder = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner: webpki, name }));
     match (&cfg.client_cert, &cfg.client_key) {
         (Some(c), Some(k)) => {
             let certs = crate::tls::certificates("mqtt.client_cert", c)?;
@@ -51,9 +60,58 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, TlsError> {
     }
 }
 
-/// Builds the client options from the configuration.
+/// Checks the broker's certificate against the configured host name, whatever address the
+/// connection was made to.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _connected_to: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Builds the client options from the configuration (checks them; [`options_at`] connects).
 pub fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, TlsError> {
-    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    options_at(cfg, topics, &cfg.host)
+}
+
+/// The client options for a connection to `address` (the broker's address, as the residency
+/// guard allowed it).
+pub fn options_at(cfg: &MqttConfig, topics: &Topics, address: &str) -> Result<MqttOptions, TlsError> {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), address.to_owned(), cfg.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32));
@@ -95,6 +153,38 @@ fn qos(n: u8) -> QoS {
     }
 }
 
+/// The outbound path's name in residency records and refusals.
+const BROKER: &str = "mqtt broker";
+
+/// Options for a connection to the broker at an address the residency guard allows; waits
+/// (backing off) while there is none, `None` when cancelled meanwhile.
+async fn allowed_options(
+    cfg: &MqttConfig,
+    topics: &Topics,
+    guard: Option<&crate::residency::Guard>,
+    backoff: &mut Duration,
+    cancel: &CancellationToken,
+) -> Option<(MqttOptions, std::net::SocketAddr)> {
+    loop {
+        let outcome = match crate::residency::resolve(guard, BROKER, &cfg.host, cfg.port).await {
+            Ok(addrs) => match addrs.first() {
+                Some(a) => options_at(cfg, topics, &a.ip().to_string()).map(|o| (o, *a)).map_err(|e| e.to_string()),
+                None => Err(format!("{}: no address", cfg.host)),
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(x) => return Some(x),
+            Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt: not connecting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Runs the adapter until cancelled. `events` receives lifecycle events to publish.
 pub async fn run(
     cfg: MqttConfig,
@@ -104,27 +194,32 @@ pub async fn run(
     started: tokio::sync::watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
-    let opts = match options(&cfg, &topics) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "mqtt disabled: bad configuration");
-            return;
-        }
-    };
+    if let Err(e) = options(&cfg, &topics) {
+        tracing::error!(error = %e, "mqtt disabled: bad configuration");
+        return;
+    }
     let inflight = TaskTracker::new();
     let mut backoff = Duration::from_millis(250);
     let sub = topics.requests(&cfg.shared_group);
     // A fresh client per connection: the broker's persistent session carries what matters
     // (requests not yet acknowledged are delivered again), and no client-side state from a
-    // dead connection can wedge the new one.
-    let (mut client, mut eventloop) = AsyncClient::new(opts.clone(), usize::from(cfg.inflight).max(16) * 2);
+    // dead connection can wedge the new one. Each connection goes to an address the residency
+    // guard allows, resolved anew.
+    let guard = service.privacy.as_ref().and_then(|p| p.guard.clone());
+    let Some((opts, mut broker)) = allowed_options(&cfg, &topics, guard.as_deref(), &mut backoff, &cancel).await else {
+        return;
+    };
+    let (mut client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
     let stopping = loop {
         tokio::select! {
             polled = eventloop.poll() => match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(250);
                     service.metrics.set_gauge("mqtt_connected", 1.0);
-                    tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), session_present = ack.session_present, "mqtt connected");
+                    tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), address = %broker, session_present = ack.session_present, "mqtt connected");
+                    if let Some(g) = &guard {
+                        g.connected(BROKER, &cfg.host, broker);
+                    }
                     if let Err(e) = client.subscribe(sub.clone(), qos(cfg.qos)).await {
                         tracing::warn!(error = %e, "mqtt subscribe failed");
                     }
@@ -172,7 +267,9 @@ pub async fn run(
                         _ = cancel.cancelled() => break false,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    (client, eventloop) = AsyncClient::new(opts.clone(), usize::from(cfg.inflight).max(16) * 2);
+                    let Some((opts, at)) = allowed_options(&cfg, &topics, guard.as_deref(), &mut backoff, &cancel).await else { break false };
+                    broker = at;
+                    (client, eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
                 }
             },
             ev = events.recv() => {

@@ -232,9 +232,13 @@ impl Outbox {
             .as_deref()
             .map(|p| crate::tls::read_token(p, "upstream.remote_write_token_file"))
             .transpose()?;
-        let mut builder = crate::tls::outbound(reqwest::Client::builder())
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
+        let mut builder = crate::tls::outbound(
+            reqwest::Client::builder(),
+            "upstream",
+            privacy.as_ref().and_then(|p| p.guard.clone()),
+        )
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout.min(Duration::from_secs(10)));
         if let Some(ca) = &cfg.ca {
             builder = crate::tls::add_roots(builder, ca, "upstream.ca")?;
         }
@@ -267,6 +271,13 @@ impl Outbox {
     /// Sends a batch of telemetry snapshots as one remote-write request. A 4xx other than 429
     /// is the receiver refusing these samples for good (out of its window, say): the batch is
     /// dropped with an alarm rather than blocking the stream; anything else is retried.
+    /// Records the collector's address (audit, first time and on change).
+    fn answered(&self, url: &str, resp: &reqwest::Response) {
+        if let Some(g) = self.privacy.as_ref().and_then(|p| p.guard.as_ref()) {
+            g.answered("upstream", url, resp);
+        }
+    }
+
     async fn remote_write(&self, url: &str, snapshots: &[(u64, Vec<u8>)]) -> Result<(), OutboxError> {
         let mut samples = Vec::with_capacity(snapshots.len());
         for (_, bytes) in snapshots {
@@ -295,7 +306,8 @@ impl Outbox {
         if let Some(t) = &self.remote_write_token {
             req = req.bearer_auth(t);
         }
-        let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {e}")))?;
+        let resp = req.send().await.map_err(|e| OutboxError::Send(format!("{url}: {}", crate::tls::describe(&e))))?;
+        self.answered(url, &resp);
         if let Some(e) = crate::tls::redirect_refused(url, &resp) {
             return Err(OutboxError::Send(e));
         }
@@ -351,19 +363,22 @@ impl Outbox {
                 req = req.bearer_auth(t);
             }
             let outcome = match req.send().await {
-                Err(e) => Err(OutboxError::Send(format!("{url}: {e}"))),
-                Ok(resp) => match crate::tls::redirect_refused(&url, &resp) {
-                    Some(e) => Err(OutboxError::Send(e)),
-                    None if resp.status().is_success() => Ok(()),
-                    None => {
-                        let status = resp.status().as_u16();
-                        let text = resp.text().await.unwrap_or_default();
-                        Err(OutboxError::Send(format!(
-                            "{url}: HTTP {status} {}",
-                            text.chars().take(200).collect::<String>()
-                        )))
+                Err(e) => Err(OutboxError::Send(format!("{url}: {}", crate::tls::describe(&e)))),
+                Ok(resp) => {
+                    self.answered(&url, &resp);
+                    match crate::tls::redirect_refused(&url, &resp) {
+                        Some(e) => Err(OutboxError::Send(e)),
+                        None if resp.status().is_success() => Ok(()),
+                        None => {
+                            let status = resp.status().as_u16();
+                            let text = resp.text().await.unwrap_or_default();
+                            Err(OutboxError::Send(format!(
+                                "{url}: HTTP {status} {}",
+                                text.chars().take(200).collect::<String>()
+                            )))
+                        }
                     }
-                },
+                }
             };
             match outcome {
                 Ok(()) => {

@@ -63,10 +63,14 @@ pub struct Overflow {
 impl Overflow {
     pub fn new(config: OverflowConfig, privacy: Option<Arc<crate::privacy::Privacy>>) -> Result<Overflow, TlsError> {
         crate::tls::install_crypto_provider();
-        let mut builder = crate::tls::outbound(reqwest::Client::builder())
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true);
+        let mut builder = crate::tls::outbound(
+            reqwest::Client::builder(),
+            "overflow",
+            privacy.as_ref().and_then(|p| p.guard.clone()),
+        )
+        .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true);
         if let Some(ca) = &config.ca {
             builder = crate::tls::add_roots(builder, ca, "overflow.ca")?;
         }
@@ -122,6 +126,9 @@ impl Overflow {
         }
         let result = async {
             let resp = req.send().await.map_err(|e| UpstreamError::Failed(describe(&e)))?;
+            if let Some(g) = self.privacy.as_ref().and_then(|p| p.guard.as_ref()) {
+                g.answered("overflow", &url, &resp);
+            }
             if let Some(e) = crate::tls::redirect_refused(self.config.url.as_str(), &resp) {
                 return Err(UpstreamError::Refused(e));
             }
@@ -172,7 +179,7 @@ fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {
-        format!("cannot connect: {e}")
+        format!("cannot connect: {}", crate::tls::describe(e))
     } else {
         let mut s = e.to_string();
         let mut src = std::error::Error::source(e);

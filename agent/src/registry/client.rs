@@ -19,6 +19,8 @@ pub struct FetchOptions {
     /// A blob download is cut when no byte arrives for this long (however long it takes in
     /// all); the next attempt resumes it.
     pub stall_timeout: Duration,
+    /// Checks each connection against the residency allow-list and records it.
+    pub residency: Option<std::sync::Arc<crate::residency::Guard>>,
 }
 
 impl Default for FetchOptions {
@@ -28,19 +30,31 @@ impl Default for FetchOptions {
             ca: None,
             timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
+            residency: None,
         }
     }
 }
 
 impl From<&crate::config::RegistryConfig> for FetchOptions {
     fn from(c: &crate::config::RegistryConfig) -> FetchOptions {
-        FetchOptions { allow_http: c.allow_http, ca: c.ca.clone(), timeout: c.timeout, stall_timeout: c.stall_timeout }
+        FetchOptions {
+            allow_http: c.allow_http,
+            ca: c.ca.clone(),
+            timeout: c.timeout,
+            stall_timeout: c.stall_timeout,
+            residency: None,
+        }
     }
 }
 
 enum Base {
     File(PathBuf),
-    Http { base: String, client: reqwest::Client, timeout: Duration },
+    Http {
+        base: String,
+        client: reqwest::Client,
+        timeout: Duration,
+        guard: Option<std::sync::Arc<crate::residency::Guard>>,
+    },
 }
 
 /// Where a blob download stands.
@@ -97,7 +111,7 @@ impl Fetcher {
         crate::tls::install_crypto_provider();
         // No total timeout on the client: blobs take what the link takes. Each read must
         // progress within the stall timeout; metadata requests also carry `timeout` each.
-        let mut builder = crate::tls::outbound(reqwest::Client::builder())
+        let mut builder = crate::tls::outbound(reqwest::Client::builder(), "registry", opts.residency.clone())
             .read_timeout(opts.stall_timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
@@ -108,7 +122,7 @@ impl Fetcher {
         let client = builder.build().map_err(|e| RegistryError::Invalid(format!("http client: {e}")))?;
         let base = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };
         Ok(Fetcher {
-            base: Base::Http { base, client, timeout: opts.timeout },
+            base: Base::Http { base, client, timeout: opts.timeout, guard: opts.residency.clone() },
             display: url.to_owned(),
             stall: opts.stall_timeout,
         })
@@ -130,13 +144,19 @@ impl Fetcher {
                 let bytes = read_file_capped(&path, cap).await?;
                 Ok(Fetched::Body { bytes, etag: None })
             }
-            Base::Http { base, client, timeout } => {
+            Base::Http { base, client, timeout, guard } => {
                 let url = format!("{base}{rel}");
                 let mut req = client.get(&url).timeout(*timeout);
                 if let Some(e) = etag {
                     req = req.header(reqwest::header::IF_NONE_MATCH, e);
                 }
-                let mut resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {e}")))?;
+                let mut resp = req
+                    .send()
+                    .await
+                    .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
+                if let Some(g) = guard {
+                    g.answered("registry", &url, &resp);
+                }
                 if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
                     return Err(RegistryError::Fetch(e));
                 }
@@ -237,7 +257,7 @@ impl Fetcher {
                     }
                 }
             }
-            Base::Http { base, client, .. } => {
+            Base::Http { base, client, guard, .. } => {
                 let url = format!("{base}{rel}");
                 let mut req = client.get(&url);
                 if have > 0 {
@@ -247,6 +267,9 @@ impl Fetcher {
                     .send()
                     .await
                     .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
+                if let Some(g) = guard {
+                    g.answered("registry", &url, &resp);
+                }
                 if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
                     return Err(RegistryError::Fetch(e));
                 }

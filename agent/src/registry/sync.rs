@@ -95,7 +95,8 @@ impl RegistrySync {
         service: InferenceService,
         config: Arc<RwLock<Arc<Config>>>,
     ) -> Result<RegistrySync, RegistryError> {
-        let opts = FetchOptions::from(&cfg);
+        let mut opts = FetchOptions::from(&cfg);
+        opts.residency = service.privacy.as_ref().and_then(|p| p.guard.clone());
         let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         let trusted = Trusted::load(state_dir, &cfg.trusted_root)?;
         let store = Store::open(state_dir).map_err(|e| RegistryError::Io(format!("model store: {e}")))?;
@@ -125,7 +126,8 @@ impl RegistrySync {
 
     /// Swaps in new `[registry]` settings; on error nothing changes.
     fn reconfigure(&mut self, cfg: RegistryConfig) -> Result<(), RegistryError> {
-        let opts = FetchOptions::from(&cfg);
+        let mut opts = FetchOptions::from(&cfg);
+        opts.residency = self.service.privacy.as_ref().and_then(|p| p.guard.clone());
         let fetcher = Arc::new(Fetcher::new(&cfg.url, &opts)?);
         if cfg.trusted_root != self.cfg.trusted_root {
             self.trusted = Trusted::load(&self.state_dir, &cfg.trusted_root)?;

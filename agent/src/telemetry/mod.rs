@@ -128,6 +128,7 @@ pub struct Metrics {
     /// Requests refused by access control: unauthenticated, forbidden, rate limited.
     access_denied: [AtomicU64; 4],
     connections_refused: AtomicU64,
+    residency_refused: AtomicU64,
     /// HTTP connections accepted and not yet finished (each holds a `max_connections` slot).
     pub connections_open: AtomicU64,
     tls_failures: AtomicU64,
@@ -429,6 +430,11 @@ impl Metrics {
         e.1 += latency.as_micros() as u64;
     }
 
+    /// An outbound connection refused for residency (its destination is off the allow-list).
+    pub fn record_residency_refused(&self) {
+        self.residency_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A connection closed at accept because `http.max_connections` were open.
     pub fn record_connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -533,6 +539,11 @@ impl Metrics {
             x.counter("outpost_events_dropped", "Events dropped because the event queue was full.")
                 .count(&[], a.dropped());
         }
+        x.counter(
+            "outpost_residency_refused",
+            "Outbound connections refused: the destination is outside privacy.residency_allow.",
+        )
+        .count(&[], self.residency_refused.load(Ordering::Relaxed));
         x.counter("outpost_http_connections_refused", "Connections closed at accept (http.max_connections).")
             .count(&[], self.connections_refused.load(Ordering::Relaxed));
         x.gauge("outpost_http_connections_open", "HTTP connections being served.")
