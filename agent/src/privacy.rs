@@ -121,12 +121,11 @@ impl Privacy {
     }
 }
 
-/// The host of an http(s) URL.
+/// The host of an http(s) URL, as the HTTP client will read it: an address in any of the
+/// forms URLs allow (`127.1`, `0x7f.0.0.1`, `2130706433`) comes back as the address it is
+/// (`127.0.0.1`), so the residency check sees the address the client will connect to.
 pub fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let host =
-        if let Some(h) = host_port.strip_prefix('[') { h.split(']').next()? } else { host_port.split(':').next()? };
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
 }

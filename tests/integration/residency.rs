@@ -207,6 +207,9 @@ async fn a_destination_address_off_the_list_is_refused_with_the_configuration() 
     let cases = [
         ("[registry]\nurl = \"http://127.0.0.2:1\"\ntrusted_root = \"r.json\"\nallow_http = true\n", "registry.url"),
         ("[upstream]\nurl = \"http://127.0.0.2:1\"\nallow_http = true\n", "upstream.url"),
+        // The short and numeric forms a URL parser reads as 127.0.0.2.
+        ("[upstream]\nurl = \"http://127.2:1\"\nallow_http = true\n", "upstream.url"),
+        ("[overflow]\nurl = \"http://2130706434:1\"\nallow_http = true\n", "overflow.url"),
         ("[overflow]\nurl = \"http://127.0.0.2:1\"\nallow_http = true\n", "overflow.url"),
         (
             &format!(
@@ -217,11 +220,16 @@ async fn a_destination_address_off_the_list_is_refused_with_the_configuration() 
         ),
         ("[mqtt]\nurl = \"mqtt://127.0.0.2:1\"\n", "mqtt.host"),
     ];
-    for (section, setting) in cases {
+    // With names listed and without: an address-only list lets any name through to the
+    // connect-time check, so an address must never pass for a name.
+    for (allow, (section, setting)) in ["\"127.0.0.1/32\", \"*.branch.example\"", "\"127.0.0.1/32\""]
+        .into_iter()
+        .flat_map(|a| cases.iter().map(move |c| (a, c)))
+    {
         let text = config_text(
             state.path(),
             &[root().join("models")],
-            &format!("{section}\n[privacy]\nresidency_allow = [\"127.0.0.1/32\", \"*.branch.example\"]\n"),
+            &format!("{section}\n[privacy]\nresidency_allow = [{allow}]\n"),
         );
         let path = state.path().join("outpost.toml");
         std::fs::write(&path, text)?;
