@@ -408,11 +408,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     .map_err(|e| FatalError::start("privacy", e))?;
     // Every outbound connection passes the residency guard; its records reach the audit log
     // once that sink exists (below).
-    let guard = Arc::new(residency::Guard::new(
-        config.privacy.residency.clone(),
-        config.privacy.hosts.clone(),
-        Some(metrics.clone()),
-    ));
+    let guard = Arc::new(residency::Guard::new(config.privacy.residency.clone(), config.privacy.hosts.clone()));
     privacy.guard = Some(guard.clone());
     let privacy = Arc::new(privacy);
     // The checkpoint key's public half, reported in heartbeats (the collector pins it).
@@ -463,7 +459,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     };
     metrics.set_announcer(announcer.clone());
     let events: Arc<dyn api::EventSink> = Arc::new(api::events::Tee { primary, announcer: announcer.clone() });
-    guard.set_sink(events.clone());
+    guard.set_recorder(residency_recorder(metrics.clone(), events.clone()));
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
     if let Some(oc) = &config.overflow {
@@ -877,6 +873,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let agent = start(config).await?;
     shutdown.await;
     agent.shutdown().await
+}
+
+/// Residency findings to the metrics (every refusal counts and raises the alarm) and to the
+/// audit log (a destination when first used or at a new address, a refusal when it changes).
+fn residency_recorder(metrics: Arc<Metrics>, sink: Arc<dyn api::EventSink>) -> residency::Recorder {
+    Arc::new(move |finding: &residency::Outbound, new: bool| {
+        if !finding.allowed {
+            metrics.record_residency_refused();
+            let why = format!(
+                "the {} destination {} ({}) is outside privacy.residency_allow",
+                finding.purpose, finding.host, finding.address
+            );
+            metrics.set_alarm("residency_refused", Some(why));
+        }
+        if !new {
+            return;
+        }
+        let recording = sink.record(api::Event::Outbound {
+            purpose: finding.purpose.clone(),
+            host: finding.host.clone(),
+            address: finding.address.clone(),
+            allowed: finding.allowed,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = recording.await {
+                    tracing::warn!(error = %e, "could not record an outbound destination");
+                }
+            });
+        }
+    })
 }
 
 #[cfg(test)]

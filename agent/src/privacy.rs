@@ -121,11 +121,4 @@ impl Privacy {
     }
 }
 
-/// The host of an http(s) URL, as the HTTP client will read it: an address in any of the
-/// forms URLs allow (`127.1`, `0x7f.0.0.1`, `2130706433`) comes back as the address it is
-/// (`127.0.0.1`), so the residency check sees the address the client will connect to.
-pub fn url_host(url: &str) -> Option<String> {
-    let parsed = reqwest::Url::parse(url).ok()?;
-    let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
-}
+pub use crate::residency::url_host;

@@ -24,8 +24,20 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::api::events::{Event, EventSink};
-use crate::telemetry::Metrics;
+/// One outbound destination as recorded: used (`allowed`, at `address`) or refused
+/// (`address` lists what the name resolved to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub purpose: String,
+    pub host: String,
+    pub address: String,
+    pub allowed: bool,
+}
+
+/// Where a guard's findings go (the agent wires it to its metrics and audit log): every
+/// refusal, and every destination used for the first time or at a new address; `new` says
+/// the finding differs from the last one recorded for its path and host.
+pub type Recorder = Arc<dyn Fn(&Outbound, bool) + Send + Sync>;
 
 /// The allow-list: names and address ranges. Empty: no list configured, anything goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -167,10 +179,9 @@ pub struct Refused {
 pub struct Guard {
     allow: AllowList,
     hosts: HashMap<String, Vec<IpAddr>>,
-    metrics: Option<Arc<Metrics>>,
-    /// Where records go (the audit log); set once it exists. Records made before wait here.
-    sink: OnceLock<Arc<dyn EventSink>>,
-    early: Mutex<Vec<Event>>,
+    /// Where findings go; set once the audit log exists. Findings made before wait here.
+    recorder: OnceLock<Recorder>,
+    early: Mutex<Vec<(Outbound, bool)>>,
     /// (purpose, host) → the last recorded outcome (`Some(address)` connected, `None` refused).
     seen: Mutex<HashMap<(String, String), Option<IpAddr>>>,
 }
@@ -182,25 +193,24 @@ impl std::fmt::Debug for Guard {
 }
 
 impl Guard {
-    pub fn new(allow: AllowList, hosts: HashMap<String, Vec<IpAddr>>, metrics: Option<Arc<Metrics>>) -> Guard {
+    pub fn new(allow: AllowList, hosts: HashMap<String, Vec<IpAddr>>) -> Guard {
         Guard {
             allow,
             hosts,
-            metrics,
-            sink: OnceLock::new(),
+            recorder: OnceLock::new(),
             early: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Sends records to `sink` from now on, with those made before.
-    pub fn set_sink(&self, sink: Arc<dyn EventSink>) {
-        if self.sink.set(sink.clone()).is_err() {
+    /// Sends findings to `recorder` from now on, with those made before.
+    pub fn set_recorder(&self, recorder: Recorder) {
+        if self.recorder.set(recorder.clone()).is_err() {
             return;
         }
         let early = self.early.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
-        for event in early {
-            spawn_record(&sink, event);
+        for (finding, new) in early {
+            recorder(&finding, new);
         }
     }
 
@@ -234,10 +244,6 @@ impl Guard {
 
     fn refused(&self, r: &Refused) {
         tracing::error!(purpose = %r.purpose, host = %r.host, addresses = %r.addresses, "outbound connection refused: outside privacy.residency_allow");
-        if let Some(m) = &self.metrics {
-            m.record_residency_refused();
-            m.set_alarm("residency_refused", Some(r.to_string()));
-        }
         self.record(&r.purpose, &r.host, None, &r.addresses);
     }
 
@@ -250,38 +256,44 @@ impl Guard {
 
     /// [`Guard::connected`] for an answer from `url`.
     pub fn answered(&self, purpose: &str, url: &str, resp: &reqwest::Response) {
-        if let (Some(host), Some(addr)) = (crate::privacy::url_host(url), resp.remote_addr()) {
+        if let (Some(host), Some(addr)) = (url_host(url), resp.remote_addr()) {
             self.connected(purpose, &host, addr);
         }
     }
 
     fn record(&self, purpose: &str, host: &str, addr: Option<IpAddr>, addresses: &str) {
         let key = (purpose.to_owned(), host.to_owned());
-        {
+        let new = {
             let Ok(mut seen) = self.seen.lock() else { return };
-            if seen.get(&key) == Some(&addr) {
-                return;
+            let new = seen.get(&key) != Some(&addr);
+            if new {
+                if seen.len() >= 4096 {
+                    seen.clear();
+                }
+                seen.insert(key, addr);
             }
-            if seen.len() >= 4096 {
-                seen.clear();
-            }
-            seen.insert(key, addr);
+            new
+        };
+        // A connection already recorded at this address is not news; a refusal always is
+        // (it counts), though only a changed one is recorded again.
+        if !new && addr.is_some() {
+            return;
         }
-        if addr.is_some() {
+        if new && addr.is_some() {
             tracing::info!(purpose, host, address = addresses, "outbound destination");
         }
-        let event = Event::Outbound {
+        let finding = Outbound {
             purpose: purpose.to_owned(),
             host: host.to_owned(),
             address: addresses.to_owned(),
             allowed: addr.is_some(),
         };
-        match self.sink.get() {
-            Some(sink) => spawn_record(sink, event),
+        match self.recorder.get() {
+            Some(recorder) => recorder(&finding, new),
             None => {
                 if let Ok(mut early) = self.early.lock() {
                     if early.len() < 256 {
-                        early.push(event);
+                        early.push((finding, new));
                     }
                 }
             }
@@ -289,15 +301,13 @@ impl Guard {
     }
 }
 
-fn spawn_record(sink: &Arc<dyn EventSink>, event: Event) {
-    let recording = sink.record(event);
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = recording.await {
-                tracing::warn!(error = %e, "could not record an outbound destination");
-            }
-        });
-    }
+/// The host of an http(s) URL, as the HTTP client will read it: an address in any of the
+/// forms URLs allow (`127.1`, `0x7f.0.0.1`, `2130706433`) comes back as the address it is
+/// (`127.0.0.1`), so the residency check sees the address the client will connect to.
+pub fn url_host(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
 }
 
 /// The addresses `purpose` may connect to for `host:port`: through `guard` when there is one,
@@ -391,7 +401,7 @@ mod tests {
             ("both.test".to_owned(), vec!["127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap()]),
             ("outside.test".to_owned(), vec!["127.0.0.2".parse().unwrap()]),
         ]);
-        let g = Guard::new(list(&["127.0.0.1/32"]), hosts, None);
+        let g = Guard::new(list(&["127.0.0.1/32"]), hosts);
         let got = g.resolve("registry", "both.test", 80).await.unwrap();
         assert_eq!(got, vec!["127.0.0.1:80".parse::<SocketAddr>().unwrap()]);
         let e = g.resolve("webhook hooks", "outside.test", 80).await.unwrap_err();

@@ -90,6 +90,23 @@ pub enum Fetched {
     Body { bytes: Vec<u8>, etag: Option<String> },
 }
 
+/// Sends one registry request: an error carries its causes (a residency refusal among
+/// them), the destination is recorded, and a redirect is refused.
+async fn send(
+    req: reqwest::RequestBuilder,
+    url: &str,
+    guard: Option<&crate::residency::Guard>,
+) -> Result<reqwest::Response, RegistryError> {
+    let resp = req.send().await.map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
+    if let Some(g) = guard {
+        g.answered("registry", url, &resp);
+    }
+    if let Some(e) = crate::tls::redirect_refused(url, &resp) {
+        return Err(RegistryError::Fetch(e));
+    }
+    Ok(resp)
+}
+
 impl Fetcher {
     pub fn new(url: &str, opts: &FetchOptions) -> Result<Fetcher, RegistryError> {
         if let Some(path) = url.strip_prefix("file://") {
@@ -150,16 +167,7 @@ impl Fetcher {
                 if let Some(e) = etag {
                     req = req.header(reqwest::header::IF_NONE_MATCH, e);
                 }
-                let mut resp = req
-                    .send()
-                    .await
-                    .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
-                if let Some(g) = guard {
-                    g.answered("registry", &url, &resp);
-                }
-                if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
-                    return Err(RegistryError::Fetch(e));
-                }
+                let mut resp = send(req, &url, guard.as_deref()).await?;
                 match resp.status().as_u16() {
                     304 => return Ok(Fetched::NotModified),
                     404 => return Err(RegistryError::NotFound(url)),
@@ -263,16 +271,7 @@ impl Fetcher {
                 if have > 0 {
                     req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
                 }
-                let mut resp = req
-                    .send()
-                    .await
-                    .map_err(|e| RegistryError::Fetch(format!("{url}: {}", crate::tls::describe(&e))))?;
-                if let Some(g) = guard {
-                    g.answered("registry", &url, &resp);
-                }
-                if let Some(e) = crate::tls::redirect_refused(&url, &resp) {
-                    return Err(RegistryError::Fetch(e));
-                }
+                let mut resp = send(req, &url, guard.as_deref()).await?;
                 match resp.status().as_u16() {
                     206 => {}
                     200 => {
