@@ -62,10 +62,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and exit: 0 valid, 78 invalid.
+    /// Validate a configuration file and exit: 0 valid, 78 invalid. With --baseline, also
+    /// check it against a signed compliance baseline and list every drift: 0 holds, 1 drifts.
     CheckConfig {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A signed baseline (the registry's baseline.json), verified against the trusted root.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
     /// Load every configured model and reproduce its golden vectors, then exit: 0 all pass, 1 otherwise.
     CheckModels {
@@ -229,6 +233,37 @@ enum AuditCommand {
         #[arg(long, default_value = "ndjson")]
         format: String,
     },
+    /// A data-subject request: print (NDJSON) the records whose pseudonymized parameters hold
+    /// VALUE, each compared under its own key epoch. Reads only; exit 0 found, 1 none.
+    Find {
+        /// The subject's value as clients send it (e.g. a customer id).
+        #[arg(long)]
+        subject: String,
+        /// Only this parameter (default: any pseudonymized parameter).
+        #[arg(long)]
+        param: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Erasure: the running agent destroys the pseudonymization keys of the epochs that ended
+    /// before DATE (crypto-shredding) and records it; those records stay, chained, but can no
+    /// longer be linked to anyone.
+    Forget {
+        /// `now`, an RFC 3339 time or how long ago (e.g. 30d).
+        #[arg(long)]
+        before: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// End the running agent's pseudonymization key epoch now and start the next.
+    RotateKey {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +298,20 @@ enum RegistryCommand {
         #[arg(long = "model")]
         models: Vec<String>,
     },
+    /// Sign and publish the compliance baseline every site checks its configuration against
+    /// (baseline.json, the next version), from a TOML file: `name = "…"` and a `[rules]` table.
+    Baseline {
+        #[arg(long)]
+        registry: PathBuf,
+        /// Index signing key(s) (.key files); as many as the index threshold needs.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The rules file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+        #[arg(long, default_value = "90d")]
+        expires: String,
+    },
     /// Write the next root version, signed by the current root keys and the new ones.
     RotateRoot {
         #[arg(long)]
@@ -283,6 +332,55 @@ enum RegistryCommand {
         #[arg(long, default_value = "365d")]
         expires: String,
     },
+}
+
+/// `check-config --baseline FILE`: verifies the baseline against the trusted root (the
+/// one the agent keeps, else `registry.trusted_root`), refuses one older than the baseline
+/// the agent trusts, and lists every drift: exit 0 holds, 1 drifts.
+fn check_baseline(c: &Config, file: &std::path::Path) -> Result<i32, FatalError> {
+    use crate::registry::trust::{persisted_baseline, verify_baseline, verify_root_self};
+    let bytes = std::fs::read(file).map_err(|e| FatalError::Usage(format!("{}: {e}", file.display())))?;
+    let kept = c.node.state_dir.join("registry").join("root.json");
+    let root = match std::fs::read(&kept).ok().and_then(|b| verify_root_self(&b).ok()) {
+        Some(r) => r,
+        None => {
+            let pinned = &c
+                .registry
+                .as_ref()
+                .ok_or_else(|| {
+                    FatalError::Usage("--baseline: no trusted root to verify it with: configure [registry]".into())
+                })?
+                .trusted_root;
+            let b = std::fs::read(pinned).map_err(|e| FatalError::Usage(format!("{}: {e}", pinned.display())))?;
+            verify_root_self(&b).map_err(|e| FatalError::Usage(format!("{}: {e}", pinned.display())))?
+        }
+    };
+    let baseline =
+        verify_baseline(&root, &bytes).map_err(|e| FatalError::Usage(format!("{}: refused: {e}", file.display())))?;
+    if let Ok(Some(trusted)) = persisted_baseline(&c.node.state_dir) {
+        if baseline.version < trusted.version {
+            return Err(FatalError::Usage(format!(
+                "{}: refused: baseline version {} is older than the trusted version {}",
+                file.display(),
+                baseline.version,
+                trusted.version
+            )));
+        }
+    }
+    let drifts = crate::compliance::check(c, &baseline.rules, &crate::compliance::served_models(&c.node.state_dir));
+    let expired = crate::registry::parse_time(&baseline.expires).is_ok_and(|t| t <= crate::registry::now());
+    if expired {
+        eprintln!("note: baseline '{}' v{} expired at {}", baseline.name, baseline.version, baseline.expires);
+    }
+    if drifts.is_empty() {
+        println!("baseline '{}' v{}: holds", baseline.name, baseline.version);
+        return Ok(0);
+    }
+    println!("baseline '{}' v{}: {} drifts", baseline.name, baseline.version, drifts.len());
+    for d in &drifts {
+        println!("  {d}");
+    }
+    Ok(1)
 }
 
 /// The configuration a running agent reloads: the file it started from, or the dev profile.
@@ -332,14 +430,17 @@ fn runtime() -> Result<tokio::runtime::Runtime, FatalError> {
 fn execute(cli: Cli) -> Result<i32, FatalError> {
     DEV.store(cli.dev, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, baseline } => {
             let c = load_config(config.as_ref())?;
             crate::check_environment(&c)?;
             match &c.path {
                 Some(p) => println!("{}: ok", p.display()),
                 None => println!("dev profile: ok"),
             }
-            Ok(0)
+            match baseline {
+                Some(file) => check_baseline(&c, &file),
+                None => Ok(0),
+            }
         }
         Command::CheckModels { config } => {
             let c = load_config(config.as_ref())?;
@@ -699,6 +800,30 @@ fn registry_command(cmd: RegistryCommand) -> Result<i32, FatalError> {
             let files = bundle_files(&registry, &models).map_err(fail)?;
             crate::registry::bundle::pack(&registry, &files, &out).map_err(fail)?;
             println!("wrote {} ({} files)", out.display(), files.len());
+            Ok(0)
+        }
+        RegistryCommand::Baseline { registry, keys, rules, expires } => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct RulesFile {
+                name: String,
+                rules: crate::registry::BaselineRules,
+            }
+            let text =
+                std::fs::read_to_string(&rules).map_err(|e| FatalError::Usage(format!("{}: {e}", rules.display())))?;
+            let parsed: RulesFile =
+                toml::from_str(&text).map_err(|e| FatalError::Usage(format!("{}: {e}", rules.display())))?;
+            let signers = load_keys(&keys)?;
+            let refs: Vec<&crate::registry::KeyPair> = signers.iter().collect();
+            let version = crate::registry::publish::publish_baseline(
+                &registry,
+                &parsed.name,
+                parsed.rules,
+                &refs,
+                secs(&expires, "--expires")?,
+            )
+            .map_err(fail)?;
+            println!("published baseline '{}' v{version} in {}", parsed.name, registry.display());
             Ok(0)
         }
         RegistryCommand::RotateRoot {
@@ -1084,14 +1209,7 @@ fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
             let c = load_config(config.as_ref())?;
             let since_ms = match since {
                 None => 0,
-                Some(s) => match crate::registry::parse_time(&s) {
-                    Ok(t) => t * 1000,
-                    Err(_) => {
-                        let ago = crate::config::parse_duration(&s)
-                            .map_err(|_| FatalError::Usage(format!("--since {s}: not a time or a duration")))?;
-                        (crate::registry::now() - ago.as_secs() as i64) * 1000
-                    }
-                },
+                Some(s) => crate::config::parse_time_arg(&s).map_err(|e| FatalError::Usage(format!("--since: {e}")))?,
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
@@ -1100,7 +1218,77 @@ fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {
             eprintln!("{n} records");
             Ok(0)
         }
+        AuditCommand::Find { subject, param, config } => {
+            let c = load_config(config.as_ref())?;
+            let master = crate::privacy::Privacy::read_existing_key(&c.privacy.hmac_key_file)
+                .map_err(|e| FatalError::Runtime(e.to_string()))?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let found = crate::privacy::subject::find(&c.node.state_dir, &master, &subject, param.as_deref(), &mut out)
+                .map_err(FatalError::Runtime)?;
+            eprintln!("{} of {} inference records hold the subject", found.matched, found.searched);
+            if found.unlinkable > 0 {
+                eprintln!(
+                    "{} records are of key epochs {:?}, whose keys were destroyed: they cannot be linked to anyone",
+                    found.unlinkable, found.destroyed
+                );
+            }
+            Ok(if found.matched > 0 { 0 } else { 1 })
+        }
+        AuditCommand::Forget { before, config, url } => {
+            crate::config::parse_time_arg(&before).map_err(|e| FatalError::Usage(format!("--before: {e}")))?;
+            let target = agent_target(config.as_ref(), url)?;
+            let path = format!("/admin/privacy/forget?before={}", query_escape(&before));
+            privacy_call(&target, &path, "forget", |body| match body["destroyed"].as_array() {
+                Some(list) if !list.is_empty() => list
+                    .iter()
+                    .map(|d| format!("destroyed the key of epoch {} ({} to {})", d["epoch"], d["start"], d["end"]))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => "no key epoch ended before that: nothing destroyed".to_owned(),
+            })
+        }
+        AuditCommand::RotateKey { config, url } => {
+            let target = agent_target(config.as_ref(), url)?;
+            privacy_call(&target, "/admin/privacy/rotate", "rotate-key", |body| {
+                format!("key epoch {} ended; epoch {} started", body["ended"], body["started"])
+            })
+        }
     }
+}
+
+/// POSTs a privacy act to the running agent and prints its report: exit 0 done, 1 refused,
+/// 69 no agent.
+fn privacy_call(
+    target: &AgentTarget,
+    path: &str,
+    what: &str,
+    report: impl Fn(&serde_json::Value) -> String,
+) -> Result<i32, FatalError> {
+    match http_call(target, "POST", path) {
+        Ok((200, body)) => {
+            println!("{}", report(&body));
+            Ok(0)
+        }
+        Ok((code, body)) => {
+            eprintln!("outpost: {what} refused ({code}): {}", body["error"].as_str().unwrap_or("unknown error"));
+            Ok(1)
+        }
+        Err(e) => {
+            eprintln!("outpost: no agent answered at {} ({e}); {what} needs the running agent", target.base);
+            Ok(69)
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -184,6 +184,16 @@ struct RawConfig {
     grpc: Option<RawGrpc>,
     #[serde(default)]
     webhooks: Vec<RawWebhook>,
+    #[serde(default)]
+    compliance: RawCompliance,
+}
+
+/// `[compliance]`: how drift from the registry's signed baseline is handled.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompliance {
+    mode: Option<String>,
+    interval: Option<String>,
 }
 
 /// One `[[webhooks]]` subscription: events POSTed to `url`, signed (Standard Webhooks).
@@ -193,7 +203,9 @@ struct RawWebhook {
     name: Option<String>,
     url: String,
     events: Option<Vec<String>>,
+    #[serde(deserialize_with = "crate::credentials::file")]
     secret_file: PathBuf,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
     timeout: Option<String>,
     allow_http: Option<bool>,
@@ -217,9 +229,13 @@ struct RawGrpc {
 #[serde(deny_unknown_fields)]
 struct RawCli {
     url: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_key: Option<PathBuf>,
 }
 
@@ -233,6 +249,7 @@ struct RawEngine {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     encrypt: Option<bool>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     key_file: Option<PathBuf>,
 }
 
@@ -276,9 +293,13 @@ struct RawMqtt {
     inflight: Option<u16>,
     session_expiry: Option<String>,
     username: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     password_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_key: Option<PathBuf>,
     max_payload_bytes: Option<usize>,
     request_timeout: Option<String>,
@@ -298,11 +319,13 @@ struct RawAudit {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPrivacy {
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     hmac_key_file: Option<PathBuf>,
     pseudonymize: Option<Vec<String>>,
     sensitive_inputs: Option<Vec<String>>,
     residency_allow: Option<Vec<String>>,
     hosts: Option<BTreeMap<String, Vec<String>>>,
+    key_period: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,13 +335,16 @@ struct RawUpstream {
     urls: Option<Vec<String>>,
     heartbeat_interval: Option<String>,
     remote_write_url: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     remote_write_token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     token_file: Option<PathBuf>,
     quota_bytes: Option<u64>,
     batch_records: Option<usize>,
     flush_interval: Option<String>,
     telemetry_interval: Option<String>,
     timeout: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
     allow_http: Option<bool>,
 }
@@ -327,10 +353,12 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
     url: String,
+    #[serde(deserialize_with = "crate::credentials::file")]
     trusted_root: PathBuf,
     poll_interval: Option<String>,
     channel: Option<String>,
     allow_http: Option<bool>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
     timeout: Option<String>,
     stall_timeout: Option<String>,
@@ -344,6 +372,7 @@ struct RawNode {
     site: Option<String>,
     name: Option<String>,
     state_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     key_file: Option<PathBuf>,
 }
 
@@ -353,8 +382,11 @@ struct RawHttp {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     request_timeout: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     tls_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     tls_key: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_ca: Option<PathBuf>,
     allow_plaintext: Option<bool>,
     max_connections: Option<u32>,
@@ -442,9 +474,13 @@ struct RawExperiment {
 struct RawOverflow {
     url: String,
     slo_p99: Option<String>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     ca: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "crate::credentials::optional_file")]
     client_key: Option<PathBuf>,
     allow_http: Option<bool>,
     timeout: Option<String>,
@@ -491,6 +527,8 @@ pub struct Config {
     pub grpc: Option<GrpcConfig>,
     /// Event subscriptions (`[[webhooks]]`).
     pub webhooks: Vec<WebhookConfig>,
+    /// Drift from the registry's compliance baseline (`[compliance]`).
+    pub compliance: ComplianceConfig,
     /// Where this configuration came from; `None` for the dev profile.
     pub path: Option<PathBuf>,
 }
@@ -689,6 +727,32 @@ pub struct PrivacyConfig {
     pub residency: crate::residency::AllowList,
     /// Names resolved from here instead of DNS (`[privacy.hosts]`).
     pub hosts: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    /// How long one pseudonymization key epoch lasts.
+    pub key_period: Duration,
+}
+
+/// `compliance.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComplianceMode {
+    /// Drifts from the baseline are reported.
+    #[default]
+    Report,
+    /// Drifts are reported, and a start or reload that would drift is refused.
+    Enforce,
+}
+
+/// `[compliance]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComplianceConfig {
+    pub mode: ComplianceMode,
+    /// How often the running configuration is checked again.
+    pub interval: Duration,
+}
+
+impl Default for ComplianceConfig {
+    fn default() -> Self {
+        ComplianceConfig { mode: ComplianceMode::Report, interval: Duration::from_secs(3600) }
+    }
 }
 
 /// Which registry versions of a model serve.
@@ -863,6 +927,7 @@ impl Config {
                     residency_allow: vec![],
                     residency: crate::residency::AllowList::default(),
                     hosts: std::collections::HashMap::new(),
+                    key_period: Duration::from_secs(30 * 86400),
                 },
                 upstream: None,
                 mqtt: None,
@@ -874,6 +939,7 @@ impl Config {
                 cli: CliConfig::default(),
                 grpc: None,
                 webhooks: Vec::new(),
+                compliance: ComplianceConfig::default(),
                 path: None,
             }
         })
@@ -935,6 +1001,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A point in time given on the command line or in a query, in ms since the Unix epoch:
+/// `now`, an RFC 3339 time (`2026-11-28T00:00:00Z`) or how long ago (`24h`, `30d`).
+pub fn parse_time_arg(s: &str) -> Result<i64, String> {
+    let now_ms = outpost_proto::registry::now().saturating_mul(1000);
+    if s == "now" {
+        return Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now_ms, |d| d.as_millis() as i64));
+    }
+    if let Ok(secs) = outpost_proto::registry::parse_time(s) {
+        return Ok(secs.saturating_mul(1000));
+    }
+    let ago = parse_duration(s).map_err(|_| format!("'{s}' is not now, an RFC 3339 time or a duration"))?;
+    Ok(now_ms - ago.as_millis() as i64)
 }
 
 fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Result<Config, ConfigError> {
@@ -1036,7 +1118,13 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         None
     };
     let rp = raw.privacy.unwrap_or_default();
+    let key_period = parse_duration(rp.key_period.as_deref().unwrap_or("30d"))
+        .map_err(|e| err(format!("privacy.key_period: {e}")))?;
+    if key_period < Duration::from_secs(3600) || key_period > Duration::from_secs(3660 * 86400) {
+        return Err(err("privacy.key_period must be between 1h and 10 years (3660d)".into()));
+    }
     let privacy = PrivacyConfig {
+        key_period,
         hmac_key_file: rp.hmac_key_file.map(resolve).unwrap_or_else(|| state_dir.join("hmac.key")),
         pseudonymize: rp.pseudonymize.unwrap_or_default(),
         sensitive_inputs: rp.sensitive_inputs.unwrap_or_default(),
@@ -1378,6 +1466,18 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
             client_key: c.client_key.map(resolve),
         }
     };
+    let compliance = ComplianceConfig {
+        mode: match raw.compliance.mode.as_deref().unwrap_or("report") {
+            "report" => ComplianceMode::Report,
+            "enforce" => ComplianceMode::Enforce,
+            other => return Err(err(format!("compliance.mode '{other}' must be \"report\" or \"enforce\""))),
+        },
+        interval: parse_duration(raw.compliance.interval.as_deref().unwrap_or("1h"))
+            .map_err(|e| err(format!("compliance.interval: {e}")))?,
+    };
+    if !(Duration::from_secs(1)..=Duration::from_secs(86400)).contains(&compliance.interval) {
+        return Err(err("compliance.interval must be between 1s and 1d".into()));
+    }
     Ok(Config {
         node: NodeConfig { site, name, key_file, state_dir },
         http,
@@ -1396,6 +1496,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         cli,
         grpc,
         webhooks,
+        compliance,
         path,
     })
 }

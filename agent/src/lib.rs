@@ -7,7 +7,9 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod compliance;
 pub mod config;
+pub mod credentials;
 pub mod engine;
 pub mod events;
 pub mod failpoint;
@@ -178,6 +180,10 @@ impl Agent {
     /// it keeps its running value, and the report (log, `/admin/status`,
     /// `<state_dir>/reload.json`) names it.
     pub async fn reload(&self, mut new: Config) -> reload::ReloadReport {
+        if let Some(refusal) = self.service.compliance.as_ref().and_then(|c| enforced_drift(c, &new)) {
+            tracing::warn!(error = %refusal, "reload refused: the running configuration stays");
+            return self.refuse_reload(refusal);
+        }
         notify::notify("RELOADING=1");
         let old = self.config();
         let mut report = reload::ReloadReport::new(self.next_reload());
@@ -234,6 +240,9 @@ impl Agent {
         let new = Arc::new(new);
         *self.config.write_locked() = new.clone();
         report.models_refused = self.local.reconcile(&self.service, &new).await.len();
+        if let Some(c) = &self.service.compliance {
+            check_compliance(&self.service, c, &new, "reload").await;
+        }
         self.publish_reload(&report);
         notify::notify("READY=1");
         report
@@ -377,6 +386,16 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     })?;
     let lock = lock_state_dir(&config.node.state_dir)?;
     check_environment(&config)?;
+    // The compliance baseline last accepted from the registry; enforce refuses to start drifting.
+    let baseline = registry::trust::persisted_baseline(&config.node.state_dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the stored compliance baseline does not verify; none is in force until the next poll");
+        None
+    });
+    let compliance = Arc::new(compliance::Compliance::new(baseline));
+    if let Some(refusal) = enforced_drift(&compliance, &config) {
+        let path = config.path.clone().unwrap_or_else(|| "dev profile".into());
+        return Err(FatalError::Config(ConfigError::Invalid { path, message: refusal }));
+    }
     let tls_handle = match &config.http.tls {
         Some(files) => {
             Some(Arc::new(http::server::TlsHandle::new(files).map_err(|e| FatalError::start("http TLS", e))?))
@@ -405,7 +424,9 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         config.privacy.sensitive_inputs.clone(),
         config.privacy.residency.clone(),
     )
-    .map_err(|e| FatalError::start("privacy", e))?;
+    .map_err(|e| FatalError::start("privacy", e))?
+    .with_epochs(&config.node.state_dir, config.privacy.key_period)
+    .map_err(|e| FatalError::Start { what: "privacy", source: e.into() })?;
     // Every outbound connection passes the residency guard; its records reach the audit log
     // once that sink exists (below).
     let guard = Arc::new(residency::Guard::new(config.privacy.residency.clone(), config.privacy.hosts.clone()));
@@ -462,6 +483,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     guard.set_recorder(residency_recorder(metrics.clone(), events.clone()));
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
+    service.compliance = Some(compliance.clone());
     if let Some(oc) = &config.overflow {
         let ov = Arc::new(
             overflow::Overflow::new(oc.clone(), Some(privacy.clone())).map_err(|e| FatalError::start("overflow", e))?,
@@ -551,6 +573,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         }));
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
+    tracker.spawn(watch_compliance(service.clone(), compliance, config.clone(), cancel.child_token()));
     let failures = Arc::new(auth::FailureGuard::default());
     tracker.spawn(summarize_auth_failures(failures.clone(), service.events.clone(), cancel.child_token()));
     if let Some(timeout) = notify::watchdog_timeout() {
@@ -877,6 +900,82 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// Residency findings to the metrics (every refusal counts and raises the alarm) and to the
 /// audit log (a destination when first used or at a new address, a refusal when it changes).
+/// Why `config` may not be used: `compliance.mode = "enforce"` and it drifts from the
+/// baseline in force.
+fn enforced_drift(compliance: &compliance::Compliance, config: &Config) -> Option<String> {
+    if config.compliance.mode != config::ComplianceMode::Enforce {
+        return None;
+    }
+    let drifts = compliance.evaluate(config);
+    let baseline = compliance.baseline()?;
+    (!drifts.is_empty()).then(|| {
+        let list: Vec<String> = drifts.iter().map(ToString::to_string).collect();
+        format!(
+            "compliance.mode = \"enforce\": the configuration drifts from baseline '{}' v{}: {}",
+            baseline.name,
+            baseline.version,
+            list.join("; ")
+        )
+    })
+}
+
+/// Checks `config` against the baseline in force and reports the finding: status and
+/// metrics always, and when it changed the `compliance_drift` alarm, an event and an audit
+/// record.
+async fn check_compliance(
+    service: &InferenceService,
+    compliance: &compliance::Compliance,
+    config: &Config,
+    trigger: &str,
+) {
+    let Some(baseline) = compliance.baseline() else {
+        return;
+    };
+    let drifts = compliance.evaluate(config);
+    let name = format!("{} v{}", baseline.name, baseline.version);
+    let list: Vec<String> = drifts.iter().map(ToString::to_string).collect();
+    service.metrics.set_gauge("compliance_drifts", drifts.len() as f64);
+    service.metrics.set_section(
+        "compliance",
+        serde_json::json!({
+            "baseline": name,
+            "mode": if config.compliance.mode == config::ComplianceMode::Enforce { "enforce" } else { "report" },
+            "holds": drifts.is_empty(),
+            "drifts": drifts,
+            "checked_at": outpost_proto::registry::format_time(outpost_proto::registry::now()),
+            "trigger": trigger,
+        }),
+    );
+    if !compliance.settle(drifts) {
+        return;
+    }
+    let alarm = (!list.is_empty()).then(|| format!("{name}: {}", list.join("; ")));
+    service.metrics.set_alarm("compliance_drift", alarm);
+    let event = api::Event::Compliance { baseline: name, trigger: trigger.to_owned(), drifts: list };
+    if let Err(e) = service.events.record(event).await {
+        tracing::warn!(error = %e, "could not record a compliance finding");
+    }
+}
+
+/// Checks compliance at start, whenever the baseline changes, and every `compliance.interval`.
+async fn watch_compliance(
+    service: InferenceService,
+    compliance: Arc<compliance::Compliance>,
+    config: Arc<RwLock<Arc<Config>>>,
+    cancel: CancellationToken,
+) {
+    let mut trigger = "start";
+    loop {
+        let cfg = config.read_locked().clone();
+        check_compliance(&service, &compliance, &cfg, trigger).await;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = compliance.changed.notified() => trigger = "baseline",
+            () = tokio::time::sleep(cfg.compliance.interval) => trigger = "interval",
+        }
+    }
+}
+
 fn residency_recorder(metrics: Arc<Metrics>, sink: Arc<dyn api::EventSink>) -> residency::Recorder {
     Arc::new(move |finding: &residency::Outbound, new: bool| {
         if !finding.allowed {

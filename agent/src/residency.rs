@@ -140,6 +140,31 @@ impl AllowList {
         })
     }
 
+    /// The entries of this list that `outer` does not cover (a range inside one of its
+    /// ranges, a name it lists, a `*.domain` under one of its `*.` domains).
+    pub fn outside(&self, outer: &AllowList) -> Vec<String> {
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            if !outer.ranges.iter().any(|o| o.prefix <= r.prefix && o.contains(r.base)) {
+                out.push(format!("{}/{}", r.base, r.prefix));
+            }
+        }
+        for n in &self.names {
+            let covered = match n.strip_prefix("*.") {
+                Some(d) => outer
+                    .names
+                    .iter()
+                    .filter_map(|o| o.strip_prefix("*."))
+                    .any(|e| d == e || d.strip_suffix(e).is_some_and(|rest| rest.ends_with('.'))),
+                None => outer.name_listed(n),
+            };
+            if !covered {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+
     fn address_listed(&self, addr: IpAddr) -> bool {
         self.ranges.iter().any(|r| r.contains(addr))
     }

@@ -6,6 +6,7 @@ mod audit;
 mod bad_requests;
 mod batching;
 mod cli;
+mod compliance;
 mod crash;
 mod endpoints;
 mod fleet;

@@ -14,11 +14,11 @@ use outpost_tests::*;
 use serde_json::Value;
 
 /// A Standard Webhooks secret (`whsec_` and base64).
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// What the receiver does with the next request.
 #[derive(Clone, Copy, Debug)]
-enum Answer {
+pub(crate) enum Answer {
     Status(u16),
     /// Answers only after this long (past the agent's timeout).
     Late(Duration),
@@ -31,23 +31,26 @@ enum Answer {
 }
 
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     /// Every request, in arrival order: headers, body, and the status answered (None: none).
-    requests: Vec<(HeaderMap, bytes::Bytes, Option<u16>)>,
+    pub(crate) requests: Vec<(HeaderMap, bytes::Bytes, Option<u16>)>,
     script: VecDeque<Answer>,
     /// Answer for requests past the script.
     then: Option<Answer>,
 }
 
 #[derive(Clone)]
-struct Receiver {
-    state: Arc<Mutex<Received>>,
+pub(crate) struct Receiver {
+    pub(crate) state: Arc<Mutex<Received>>,
     changed: Arc<tokio::sync::Notify>,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Receiver {
-    async fn start(script: Vec<Answer>, then: Answer) -> Result<(Receiver, tokio::sync::oneshot::Sender<()>)> {
+    pub(crate) async fn start(
+        script: Vec<Answer>,
+        then: Answer,
+    ) -> Result<(Receiver, tokio::sync::oneshot::Sender<()>)> {
         let state = Arc::new(Mutex::new(Received { script: script.into(), then: Some(then), ..Default::default() }));
         let changed = Arc::new(tokio::sync::Notify::new());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -102,7 +105,12 @@ impl Receiver {
     }
 
     /// Waits (bounded) until `cond` holds over what was received.
-    async fn wait_until(&self, what: &str, timeout: Duration, cond: impl Fn(&Received) -> bool) -> Result<()> {
+    pub(crate) async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Received) -> bool,
+    ) -> Result<()> {
         let end = Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -143,7 +151,7 @@ fn hook_toml(dir: &std::path::Path, url: &str, timeout: &str, extra: &str) -> Re
 }
 
 /// Runs the README's ten-line Python verifier on a delivery, as is and with its body changed.
-fn readme_verifier(headers: &HeaderMap, body: &[u8]) -> Result<(bool, bool)> {
+pub(crate) fn readme_verifier(headers: &HeaderMap, body: &[u8]) -> Result<(bool, bool)> {
     let readme = std::fs::read_to_string(root().join("README.md"))?;
     let after = readme.split("by hand, in Python:").nth(1).ok_or_else(|| anyhow!("README: no verifier"))?;
     let code = after

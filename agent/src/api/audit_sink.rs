@@ -21,7 +21,7 @@ impl AuditSink {
 /// The audit record body of an event.
 pub fn body(event: &Event) -> serde_json::Value {
     match event {
-        Event::Request { ctx, model, version, outcome, latency, input_digest, parameters } => json!({
+        Event::Request { ctx, model, version, outcome, latency, key_epoch, input_digest, parameters } => json!({
             "kind": "inference",
             "request_id": ctx.id,
             "principal": ctx.principal,
@@ -31,6 +31,7 @@ pub fn body(event: &Event) -> serde_json::Value {
             "route": ctx.route.as_str(),
             "status": outcome.label(),
             "latency_us": latency.as_micros() as u64,
+            "key_epoch": key_epoch,
             "input_digest": input_digest,
             "parameters": parameters,
         }),
@@ -55,6 +56,13 @@ pub fn body(event: &Event) -> serde_json::Value {
             "reason": reason,
             "path": path,
             "count": count,
+        }),
+        Event::Compliance { baseline, trigger, drifts } => json!({
+            "kind": "compliance",
+            "baseline": baseline,
+            "trigger": trigger,
+            "holds": drifts.is_empty(),
+            "drifts": drifts,
         }),
         Event::Outbound { purpose, host, address, allowed } => json!({
             "kind": "outbound",

@@ -68,6 +68,8 @@ pub enum Event {
         version: Option<String>,
         outcome: RequestOutcome,
         latency: Duration,
+        /// The pseudonymization key epoch of `input_digest` and `parameters`.
+        key_epoch: Option<u64>,
         /// Keyed digest of the inputs (never the inputs themselves).
         input_digest: String,
         /// Request parameters, pseudonymized.
@@ -102,6 +104,14 @@ pub enum Event {
         host: String,
         address: String,
         allowed: bool,
+    },
+    /// The configuration was checked against the compliance baseline and the finding changed:
+    /// `drifts` lists each broken rule (empty: it holds again). `trigger`: start, reload,
+    /// baseline or interval.
+    Compliance {
+        baseline: String,
+        trigger: String,
+        drifts: Vec<String>,
     },
 }
 
@@ -154,6 +164,12 @@ impl EventSink for LogSink {
             Event::Outbound { purpose, host, address, allowed } => {
                 tracing::info!(%purpose, %host, %address, allowed, "outbound destination")
             }
+            Event::Compliance { baseline, trigger, drifts } if drifts.is_empty() => {
+                tracing::info!(%baseline, %trigger, "the configuration holds to the compliance baseline")
+            }
+            Event::Compliance { baseline, trigger, drifts } => {
+                tracing::warn!(%baseline, %trigger, drifts = %drifts.join("; "), "the configuration drifts from the compliance baseline")
+            }
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -186,6 +202,11 @@ pub fn notice_for(event: &Event) -> Option<crate::events::Notice> {
             kind: "residency.refused".into(),
             subject: Some(host.clone()),
             data: serde_json::json!({ "purpose": purpose, "host": host, "addresses": address }),
+        }),
+        Event::Compliance { baseline, trigger, drifts } => Some(Notice {
+            kind: if drifts.is_empty() { "compliance.holds" } else { "compliance.drift" }.into(),
+            subject: Some(baseline.clone()),
+            data: serde_json::json!({ "baseline": baseline, "trigger": trigger, "drifts": drifts }),
         }),
         Event::Request { .. } | Event::AuthFailure { .. } | Event::Outbound { .. } => None,
     }

@@ -185,6 +185,8 @@ pub struct InferenceService {
     pub experiments: Arc<experiment::Experiments>,
     /// What the shadow candidates' copies did.
     pub shadows: Arc<shadow::Shadows>,
+    /// The compliance baseline in force and the drifts last found.
+    pub compliance: Option<Arc<crate::compliance::Compliance>>,
 }
 
 impl InferenceService {
@@ -200,6 +202,7 @@ impl InferenceService {
             in_flight: Arc::default(),
             experiments: Arc::default(),
             shadows: Arc::default(),
+            compliance: None,
         }
     }
 
@@ -395,9 +398,9 @@ impl InferenceService {
         version: Option<&str>,
         request: InferRequest,
     ) -> Result<InferResponse, InferError> {
-        let (input_digest, parameters) = match &self.privacy {
-            Some(p) => (p.digest_inputs(&request.inputs), p.pseudonymize(&request.parameters)),
-            None => (String::new(), serde_json::Map::new()),
+        let (key_epoch, input_digest, parameters) = match &self.privacy {
+            Some(p) => p.seal(&request.inputs, &request.parameters),
+            None => (None, String::new(), serde_json::Map::new()),
         };
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         let mut routing = Routing { alone, ..Routing::default() };
@@ -476,6 +479,7 @@ impl InferenceService {
             version: served_version,
             outcome,
             latency,
+            key_epoch,
             input_digest,
             parameters,
         };

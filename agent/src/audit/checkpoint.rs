@@ -81,6 +81,12 @@ pub fn load_or_create_key(path: &Path) -> Result<KeyPair, KeyFileError> {
     if path.exists() {
         return KeyPair::load(path).map_err(key_error);
     }
+    if crate::credentials::is_credential(path) {
+        let why = "no such credential; a credential is provisioned (outpost keygen, systemd-creds encrypt, then \
+                   LoadCredentialEncrypted=), not created by the agent"
+            .to_owned();
+        return Err(KeyFileError::Invalid { what: WHAT, path: path.to_owned(), why });
+    }
     let key = KeyPair::generate().map_err(key_error)?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|source| KeyFileError::Io {

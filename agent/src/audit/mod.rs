@@ -30,7 +30,7 @@ use committer::*;
 use record::*;
 pub use record::{Anchor, Record, GENESIS};
 use segments::*;
-pub use verify::{export, verify, VerifyReport};
+pub use verify::{each_record, export, verify, VerifyReport};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};

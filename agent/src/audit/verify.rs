@@ -37,6 +37,14 @@ pub(super) fn for_each_line(dir: &Path, mut each: impl FnMut(&[u8]) -> Result<()
     Ok(())
 }
 
+/// Every stored record, oldest first, parsed and as its stored line (reads only).
+pub fn each_record(dir: &Path, mut each: impl FnMut(&Record, &[u8]) -> Result<(), String>) -> Result<(), String> {
+    for_each_line(dir, |line| {
+        let rec: Record = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        each(&rec, line)
+    })
+}
+
 /// Whether any stored line is record `seq`.
 fn holds(dir: &Path, seq: u64) -> bool {
     for_each_line(dir, |line| if seq_of(line) == Some(seq) { Err(String::new()) } else { Ok(()) }).is_err()
@@ -152,8 +160,7 @@ pub(super) fn time_text(ms: i64) -> String {
 /// Every record (as stored JSON) with `time_ms >= since_ms`, for `outpost audit export`.
 pub fn export(dir: &Path, since_ms: i64, out: &mut dyn std::io::Write) -> Result<u64, String> {
     let mut n = 0;
-    for_each_line(dir, |line| {
-        let rec: Record = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    each_record(dir, |rec, line| {
         if rec.time_ms >= since_ms {
             out.write_all(line).map_err(|e| e.to_string())?;
             out.write_all(b"\n").map_err(|e| e.to_string())?;

@@ -160,6 +160,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/status", get(admin_status))
         .route("/admin/experiments/{model}", get(admin_experiment))
         .route("/admin/audit/export", get(admin_audit_export))
+        .route("/admin/privacy/rotate", post(admin_privacy_rotate))
+        .route("/admin/privacy/forget", post(admin_privacy_forget))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -813,6 +815,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         }),
         "reload": s.service.metrics.section("reload"),
         "webhooks": s.service.metrics.section("webhooks"),
+        "compliance": s.service.metrics.section("compliance"),
     }))
     .into_response()
 }
@@ -875,15 +878,8 @@ async fn admin_audit_export(
     }
     let since_ms = match q.since.as_deref() {
         None => 0,
-        Some(t) => match outpost_proto::registry::parse_time(t) {
-            Ok(secs) => secs * 1000,
-            Err(_) => {
-                let ago = crate::config::parse_duration(t).map_err(|_| {
-                    ApiError::new(StatusCode::BAD_REQUEST, format!("since={t}: not an RFC 3339 time or a duration"))
-                })?;
-                (outpost_proto::registry::now() - ago.as_secs() as i64) * 1000
-            }
-        },
+        Some(t) => crate::config::parse_time_arg(t)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("since: {e}")))?,
     };
     let dir = config.node.state_dir.join("audit");
     let result = tokio::task::spawn_blocking(move || {
@@ -902,6 +898,88 @@ async fn admin_audit_export(
         }
     })?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct ForgetQuery {
+    /// Key epochs that ended before this are destroyed (`now`, RFC 3339, or how long ago).
+    before: String,
+}
+
+/// The pseudonymization key epochs, or 404 when the agent keeps none.
+fn key_epochs(s: &HttpState) -> Result<&crate::privacy::epochs::Epochs, ApiError> {
+    s.service
+        .privacy
+        .as_deref()
+        .and_then(|p| p.epochs())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "this agent keeps no pseudonymization key epochs"))
+}
+
+/// Records a privacy act in the audit log; the answer says when it could not be recorded.
+async fn audit_privacy(s: &HttpState, principal: &Principal, action: &str, outcome: &str) -> Result<(), ApiError> {
+    let event = crate::api::Event::Admin {
+        principal: principal.name.clone(),
+        action: action.into(),
+        target: "pseudonymization keys".into(),
+        outcome: outcome.into(),
+    };
+    s.service.events.record(event).await.map_err(|e| {
+        let mut err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{outcome}, but the audit record of it could not be kept: {e}"),
+        );
+        err.retry_after = Some(Duration::from_secs(5));
+        err
+    })
+}
+
+/// Ends the current pseudonymization key epoch now and starts the next (admin).
+async fn admin_privacy_rotate(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    let epochs = key_epochs(&s)?;
+    let (ended, started) = epochs.rotate().map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the next key epoch could not be kept: {e}"))
+    })?;
+    let outcome = format!("key epoch {ended} ended, {started} started");
+    audit_privacy(&s, &principal, "key_rotate", &outcome).await?;
+    Ok(axum::Json(json!({ "ended": ended, "started": started })).into_response())
+}
+
+/// Destroys the pseudonymization keys of the epochs that ended before `before` (admin):
+/// crypto-shredding, recorded in the audit log.
+async fn admin_privacy_forget(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Query(q): axum::extract::Query<ForgetQuery>,
+) -> Result<Response, ApiError> {
+    let epochs = key_epochs(&s)?;
+    let before_ms = crate::config::parse_time_arg(&q.before)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("before: {e}")))?;
+    let destroyed = epochs.forget(before_ms).map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the key epochs could not be destroyed: {e}"))
+    })?;
+    let ids: Vec<u64> = destroyed.iter().map(|d| d.id).collect();
+    let outcome = match ids.as_slice() {
+        [] => format!("no key epoch ended before {}", outpost_proto::registry::format_time(before_ms / 1000)),
+        _ => format!(
+            "destroyed the keys of epochs {ids:?} (ended before {})",
+            outpost_proto::registry::format_time(before_ms / 1000)
+        ),
+    };
+    audit_privacy(&s, &principal, "forget", &outcome).await?;
+    let list: Vec<Value> = destroyed
+        .iter()
+        .map(|d| {
+            json!({
+                "epoch": d.id,
+                "start": outpost_proto::registry::format_time(d.start_ms / 1000),
+                "end": outpost_proto::registry::format_time(d.end_ms / 1000),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "destroyed": list })).into_response())
 }
 
 struct CappedBuf(Vec<u8>);

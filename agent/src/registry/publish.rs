@@ -8,9 +8,9 @@ use super::dsse::Envelope;
 use super::keys::{KeyPair, PublicKey};
 use super::trust::verify_root_self;
 use super::{
-    format_time, now, sha256_hex, BlobRef, DigestRef, Index, IndexEntry, ModelPredicate, RegistryError, Residency,
-    Role, Roles, Root, SemVer, Statement, Subject, TensorDecl, INDEX_TYPE, MANIFEST_TYPE, PREDICATE_TYPE, ROOT_TYPE,
-    STATEMENT_TYPE,
+    format_time, now, sha256_hex, Baseline, BaselineRules, BlobRef, DigestRef, Index, IndexEntry, ModelPredicate,
+    RegistryError, Residency, Role, Roles, Root, SemVer, Statement, Subject, TensorDecl, BASELINE_TYPE, INDEX_TYPE,
+    MANIFEST_TYPE, PREDICATE_TYPE, ROOT_TYPE, STATEMENT_TYPE,
 };
 use crate::config::{valid_name, ModelConfig};
 use crate::store::write_atomic;
@@ -225,4 +225,38 @@ pub fn resign_index(
     index.expires = format_time(now() + expires_in_secs);
     write(dir, "index.json", &sign_json(INDEX_TYPE, &index, signers)?)?;
     Ok(index.version)
+}
+
+/// Signs and writes the registry's compliance baseline (`baseline.json`) with the next
+/// version; the keys must be the root's index keys (checked, so a wrong key fails here, not at
+/// every site). Returns the version written.
+pub fn publish_baseline(
+    dir: &Path,
+    name: &str,
+    rules: BaselineRules,
+    signers: &[&KeyPair],
+    expires_in_secs: i64,
+) -> Result<u64, RegistryError> {
+    if !valid_name(name) {
+        return Err(RegistryError::Invalid(format!("baseline name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
+    }
+    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
+    let root = verify_root_self(&root_bytes)?;
+    let version = match std::fs::read(dir.join("baseline.json")) {
+        Ok(bytes) => super::trust::verify_baseline(&root, &bytes)?.version + 1,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+        Err(e) => return Err(RegistryError::file(dir.join("baseline.json"), e)),
+    };
+    let baseline = Baseline {
+        kind: "baseline".into(),
+        version,
+        expires: format_time(now() + expires_in_secs),
+        name: name.into(),
+        rules,
+    };
+    let bytes = sign_json(BASELINE_TYPE, &baseline, signers)?;
+    // What every site will check: the signatures meet the index threshold and the rules parse.
+    super::trust::verify_baseline(&root, &bytes)?;
+    write(dir, "baseline.json", &bytes)?;
+    Ok(version)
 }

@@ -353,6 +353,22 @@ impl RegistrySync {
         self.trusted.update_root(fetcher).await?;
         let index = self.trusted.update_index(fetcher, now()).await?;
         let mut report = PollReport { index_version: index.version, ..Default::default() };
+        // The compliance baseline, when the registry publishes one. A refused one (forged,
+        // rolled back, expired) leaves the trusted one in force.
+        let mut new_baseline = None;
+        match self.trusted.update_baseline(fetcher, now()).await {
+            Ok((Some(b), true)) => {
+                tracing::info!(baseline = %b.name, version = b.version, "compliance baseline accepted");
+                self.service.metrics.set_alarm("baseline_refused", None);
+                new_baseline = Some(b);
+            }
+            Ok(_) => self.service.metrics.set_alarm("baseline_refused", None),
+            Err(e) => {
+                tracing::warn!(error = %e, "compliance baseline refused; the trusted one stays in force");
+                self.service.metrics.set_alarm("baseline_refused", Some(e.to_string()));
+                report.failed.push(("baseline.json".into(), e.to_string()));
+            }
+        }
         for (name, entries) in &index.models {
             if !valid_name(name) {
                 let msg = format!("index names an invalid model '{}': refused", name.escape_debug());
@@ -421,6 +437,14 @@ impl RegistrySync {
             }
         }
         self.store.gc(&self.state);
+        // Checked once what this poll installs is in place (the baseline may rule on it).
+        if let Some(c) = &self.service.compliance {
+            match new_baseline {
+                Some(b) => c.set_baseline(b),
+                None if !(report.installed.is_empty() && report.canaries.is_empty()) => c.changed.notify_one(),
+                None => {}
+            }
+        }
         Ok(report)
     }
 

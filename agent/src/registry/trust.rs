@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::client::{Fetched, Fetcher};
 use super::dsse::Envelope;
-use super::{parse_time, Index, RegistryError, Role, Root, INDEX_TYPE, MAX_INDEX_BYTES, MAX_ROOT_BYTES, ROOT_TYPE};
+use super::{
+    parse_time, Baseline, Index, RegistryError, Role, Root, BASELINE_TYPE, INDEX_TYPE, MAX_BASELINE_BYTES,
+    MAX_INDEX_BYTES, MAX_ROOT_BYTES, ROOT_TYPE,
+};
 use crate::store::write_atomic;
 
 /// The keys of one role, with its threshold.
@@ -55,6 +58,36 @@ pub fn verify_root_self(bytes: &[u8]) -> Result<Root, RegistryError> {
     Ok(root)
 }
 
+/// Parses a compliance baseline envelope and checks it is signed by a threshold of the
+/// root's index keys (expiry aside: the caller decides what an expired one means).
+pub fn verify_baseline(root: &Root, bytes: &[u8]) -> Result<Baseline, RegistryError> {
+    let env = Envelope::parse(bytes)?;
+    let keys = role_keys(root, &root.roles.index, "index")?;
+    let payload = env.verify(BASELINE_TYPE, &keys.keys, keys.threshold, "baseline")?;
+    let baseline: Baseline =
+        serde_json::from_slice(&payload).map_err(|e| RegistryError::Invalid(format!("baseline payload: {e}")))?;
+    if baseline.kind != "baseline" {
+        return Err(RegistryError::Invalid(format!("baseline _type is '{}'", baseline.kind)));
+    }
+    parse_time(&baseline.expires)?;
+    if let Some(tls) = baseline.rules.tls.as_deref().filter(|t| !matches!(*t, "tls" | "mtls")) {
+        return Err(RegistryError::Invalid(format!("baseline rule tls = '{tls}': \"tls\" or \"mtls\"")));
+    }
+    Ok(baseline)
+}
+
+/// The baseline last accepted from the registry (`<state_dir>/registry/baseline.json`),
+/// verified against the trusted root there; `None` when there is none.
+pub fn persisted_baseline(state_dir: &Path) -> Result<Option<Baseline>, RegistryError> {
+    let dir = state_dir.join("registry");
+    let Ok(bytes) = std::fs::read(dir.join("baseline.json")) else {
+        return Ok(None);
+    };
+    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
+    let root = verify_root_self(&root_bytes)?;
+    verify_baseline(&root, &bytes).map(Some)
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Meta {
     index_etag: Option<String>,
@@ -67,6 +100,8 @@ pub struct Trusted {
     /// The last verified index and its envelope bytes.
     pub index: Option<(Index, Vec<u8>)>,
     index_etag: Option<String>,
+    /// The last verified compliance baseline and its envelope bytes.
+    pub baseline: Option<(Baseline, Vec<u8>)>,
 }
 
 impl Trusted {
@@ -90,7 +125,14 @@ impl Trusted {
         };
         let meta: Meta =
             std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let mut t = Trusted { dir, root, index: None, index_etag: meta.index_etag };
+        let mut t = Trusted { dir, root, index: None, index_etag: meta.index_etag, baseline: None };
+        // Likewise the persisted baseline: its version is the floor.
+        if let Ok(bytes) = std::fs::read(t.dir.join("baseline.json")) {
+            match verify_baseline(&t.root, &bytes) {
+                Ok(b) => t.baseline = Some((b, bytes)),
+                Err(e) => tracing::warn!(error = %e, "persisted compliance baseline no longer verifies; refetching"),
+            }
+        }
         // The persisted index is re-verified against the root (expiry aside): its version is
         // the floor for rollback protection.
         if let Ok(bytes) = std::fs::read(t.dir.join("index.json")) {
@@ -205,5 +247,41 @@ impl Trusted {
         write_atomic(&self.dir.join("meta.json"), &meta).map_err(|e| RegistryError::Io(e.to_string()))?;
         self.index = Some((index.clone(), bytes));
         Ok(index)
+    }
+
+    /// Fetches and verifies the compliance baseline, if the registry publishes one; returns
+    /// the baseline now trusted and whether it changed. A forged, rolled-back or expired one
+    /// is refused and the trusted one stays.
+    pub async fn update_baseline(
+        &mut self,
+        fetcher: &Fetcher,
+        now: i64,
+    ) -> Result<(Option<Baseline>, bool), RegistryError> {
+        let bytes = match fetcher.get_body("baseline.json", MAX_BASELINE_BYTES).await {
+            Ok(b) => b,
+            Err(RegistryError::NotFound(_)) => return Ok((self.baseline.as_ref().map(|(b, _)| b.clone()), false)),
+            Err(e) => return Err(e),
+        };
+        if self.baseline.as_ref().is_some_and(|(_, old)| *old == bytes) {
+            return Ok((self.baseline.as_ref().map(|(b, _)| b.clone()), false));
+        }
+        let baseline = verify_baseline(&self.root, &bytes)?;
+        if let Some((old, _)) = &self.baseline {
+            if baseline.version <= old.version {
+                return Err(RegistryError::Rollback(format!(
+                    "baseline version {} is not newer than the trusted version {}",
+                    baseline.version, old.version
+                )));
+            }
+        }
+        if parse_time(&baseline.expires)? <= now {
+            return Err(RegistryError::Expired(format!(
+                "baseline v{} expired at {}",
+                baseline.version, baseline.expires
+            )));
+        }
+        write_atomic(&self.dir.join("baseline.json"), &bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
+        self.baseline = Some((baseline.clone(), bytes));
+        Ok((Some(baseline), true))
     }
 }

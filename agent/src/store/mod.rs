@@ -48,8 +48,15 @@ pub enum KeyFileError {
     },
 }
 
-/// Creates a secret of `len` random bytes at `path` (mode 0600).
+/// Creates a secret of `len` random bytes at `path` (mode 0600). A secret configured as a
+/// systemd credential is never created: it must be provisioned.
 pub fn create_secret(what: &'static str, path: &Path, len: usize) -> Result<Vec<u8>, KeyFileError> {
+    if crate::credentials::is_credential(path) {
+        let why = "no such credential; a credential is provisioned (systemd-creds encrypt, then \
+                   LoadCredentialEncrypted=), not created by the agent"
+            .to_owned();
+        return Err(KeyFileError::Invalid { what, path: path.to_owned(), why });
+    }
     let mut raw = vec![0u8; len];
     getrandom::fill(&mut raw).map_err(|e| KeyFileError::Random { what, why: e.to_string() })?;
     write_secret(path, &raw).map_err(|source| KeyFileError::Io { what, path: path.to_owned(), source })?;

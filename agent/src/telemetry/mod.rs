@@ -83,8 +83,9 @@ impl Totals {
 
 /// Alarms always exposed (0 when not raised), so a dashboard can alert on them before the
 /// first one is raised; others appear once raised.
-const ALARMS: [&str; 6] = [
+const ALARMS: [&str; 7] = [
     "audit_quota_full",
+    "compliance_drift",
     "telemetry_dropped",
     "upstream_unreachable",
     "residency_refused",
@@ -176,6 +177,7 @@ fn gauge_help(name: &str) -> &'static str {
         "mqtt_connected" => "1 while connected to the MQTT broker, 0 otherwise.",
         "upstream_last_success_timestamp_seconds" => "When a send round upstream last succeeded (Unix time).",
         "registry_last_success_timestamp_seconds" => "When a registry poll last succeeded (Unix time).",
+        "compliance_drifts" => "Rules of the compliance baseline the configuration breaks (0: it holds).",
         _ => "A gauge set by the agent.",
     }
 }

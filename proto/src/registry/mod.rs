@@ -14,6 +14,7 @@ pub use keys::{KeyPair, PublicKey};
 
 pub const ROOT_TYPE: &str = "application/vnd.outpost.root+json";
 pub const INDEX_TYPE: &str = "application/vnd.outpost.index+json";
+pub const BASELINE_TYPE: &str = "application/vnd.outpost.baseline+json";
 pub const MANIFEST_TYPE: &str = "application/vnd.in-toto+json";
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_TYPE: &str = "https://outpost.example/model-manifest/v1";
@@ -22,6 +23,7 @@ pub const PREDICATE_TYPE: &str = "https://outpost.example/model-manifest/v1";
 pub const MAX_ROOT_BYTES: u64 = 1 << 20;
 pub const MAX_INDEX_BYTES: u64 = 16 << 20;
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+pub const MAX_BASELINE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -120,6 +122,55 @@ pub struct Index {
     pub version: u64,
     pub expires: String,
     pub models: BTreeMap<String, Vec<IndexEntry>>,
+}
+
+/// `baseline.json`: a compliance baseline, what every site's configuration must hold. Signed
+/// by the index role, versioned and expiring like the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Baseline {
+    #[serde(rename = "_type")]
+    pub kind: String,
+    pub version: u64,
+    pub expires: String,
+    pub name: String,
+    pub rules: BaselineRules,
+}
+
+/// The rules of a baseline; an absent rule is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineRules {
+    /// Clients must authenticate (`[auth]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auth: bool,
+    /// The HTTP listener must use TLS (`"tls"`) or mutual TLS (`"mtls"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// The audit log must be on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
+    /// Audit records must not be kept longer than this many days (`audit.retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_max_retention_days: Option<u64>,
+    /// `privacy.residency_allow` must be set, each entry within these hosts and ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency_within: Option<Vec<String>>,
+    /// Request parameters that must be pseudonymized.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pseudonymize: Vec<String>,
+    /// Models whose requests must never leave the site (no overflow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stay_on_site: Vec<String>,
+    /// The lowest agent version allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agent_version: Option<String>,
+    /// The quantization kinds a served registry model may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Vec<String>>,
+    /// The model store must be encrypted (`store.encrypt`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store_encrypted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
