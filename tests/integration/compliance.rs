@@ -509,6 +509,21 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
     ensure!(poll.to_string().contains("not newer than the trusted version 2"), "{poll}");
     let (code, _, all) = check_against(&agent.config_path(), &v1_copy)?;
     ensure!(code == Some(64) && all.contains("older than the trusted version 2"), "{all}");
+    // v2 re-signed with other rules (the same version, validly signed): refused too.
+    let resigned = {
+        let mut payload: Value =
+            serde_json::from_slice(&outpost::registry::dsse::Envelope::parse(&v2)?.payload_bytes()?)?;
+        payload["rules"]["auth"] = json!(true);
+        outpost::registry::dsse::Envelope::sign(
+            outpost::registry::BASELINE_TYPE,
+            &serde_json::to_vec(&payload)?,
+            &[&reg.index_keys[0]],
+        )
+        .to_bytes()
+    };
+    std::fs::write(&v1, &resigned)?;
+    let poll = agent.http.post(agent.url("/admin/registry/poll")).send().await?.json::<Value>().await?;
+    ensure!(poll.to_string().contains("not newer than the trusted version 2"), "{poll}");
 
     // Restarted in enforce mode under a baseline it breaks: refused at start.
     std::fs::write(&v1, &v2)?;
@@ -540,6 +555,35 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
             anyhow::bail!("an enforcing agent started drifting from its baseline")
         }
         Err(e) => ensure!(e.to_string().contains("drifts from baseline 'branch-2027' v3"), "{e}"),
+    }
+    Ok(())
+}
+
+/// COMPLIANCE.md names a test in every row, and each one exists: `module::name` in
+/// `tests/integration/module.rs`, `unit path.rs::name` in `agent/src/path.rs`.
+#[test]
+fn every_row_of_the_compliance_map_names_tests_that_exist() -> Result<()> {
+    let map = std::fs::read_to_string(root().join("COMPLIANCE.md"))?;
+    let rows: Vec<&str> = map.lines().filter(|l| l.starts_with("| **")).collect();
+    ensure!(rows.len() >= 9, "COMPLIANCE.md has {} requirement rows", rows.len());
+    for row in rows {
+        let shown = row.rsplit('|').nth(1).unwrap_or_default();
+        let names: Vec<&str> = shown.split('`').skip(1).step_by(2).collect();
+        ensure!(!names.is_empty(), "a row names no test: {row}");
+        for name in names {
+            let (file, func) = name.rsplit_once("::").unwrap_or(("", name));
+            let path = if file.ends_with(".rs") {
+                root().join("agent/src").join(file)
+            } else {
+                root().join("tests/integration").join(format!("{file}.rs"))
+            };
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            ensure!(
+                text.contains(&format!("fn {func}(")),
+                "COMPLIANCE.md names {name}, which {} does not hold",
+                path.display()
+            );
+        }
     }
     Ok(())
 }
