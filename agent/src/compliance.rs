@@ -139,13 +139,15 @@ pub fn served_models(state_dir: &Path) -> Vec<Served> {
 pub struct Compliance {
     baseline: RwLock<Option<Baseline>>,
     drifts: RwLock<Vec<Drift>>,
-    /// Woken when the baseline or the configuration changed: check again now.
-    pub changed: tokio::sync::Notify,
+    /// Woken when the baseline, the configuration or the models changed: check again now.
+    changed: tokio::sync::Notify,
+    /// Why the next check runs.
+    trigger: RwLock<&'static str>,
 }
 
 impl Compliance {
     pub fn new(baseline: Option<Baseline>) -> Compliance {
-        Compliance { baseline: RwLock::new(baseline), ..Compliance::default() }
+        Compliance { baseline: RwLock::new(baseline), trigger: RwLock::new("start"), ..Compliance::default() }
     }
 
     pub fn baseline(&self) -> Option<Baseline> {
@@ -155,7 +157,19 @@ impl Compliance {
     /// A newer verified baseline (from the registry): checked at once.
     pub fn set_baseline(&self, baseline: Baseline) {
         *self.baseline.write_locked() = Some(baseline);
+        self.recheck("baseline");
+    }
+
+    /// Asks for a check now (`trigger`: what changed).
+    pub fn recheck(&self, trigger: &'static str) {
+        *self.trigger.write_locked() = trigger;
         self.changed.notify_one();
+    }
+
+    /// Waits for [`Compliance::recheck`]; returns its trigger.
+    pub async fn rechecked(&self) -> &'static str {
+        self.changed.notified().await;
+        *self.trigger.read_locked()
     }
 
     /// Checks `config` against the baseline in force (none: no drift).

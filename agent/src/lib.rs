@@ -241,7 +241,8 @@ impl Agent {
         *self.config.write_locked() = new.clone();
         report.models_refused = self.local.reconcile(&self.service, &new).await.len();
         if let Some(c) = &self.service.compliance {
-            check_compliance(&self.service, c, &new, "reload").await;
+            // Checked by the compliance task, which then waits the new interval.
+            c.recheck("reload");
         }
         self.publish_reload(&report);
         notify::notify("READY=1");
@@ -957,7 +958,8 @@ async fn check_compliance(
     }
 }
 
-/// Checks compliance at start, whenever the baseline changes, and every `compliance.interval`.
+/// Checks compliance at start, whenever the baseline, the configuration or the installed
+/// models change, and every `compliance.interval`.
 async fn watch_compliance(
     service: InferenceService,
     compliance: Arc<compliance::Compliance>,
@@ -970,7 +972,7 @@ async fn watch_compliance(
         check_compliance(&service, &compliance, &cfg, trigger).await;
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = compliance.changed.notified() => trigger = "baseline",
+            why = compliance.rechecked() => trigger = why,
             () = tokio::time::sleep(cfg.compliance.interval) => trigger = "interval",
         }
     }

@@ -503,6 +503,29 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
     let (_, status) = agent.get("/admin/status").await?;
     ensure!(status["compliance"]["baseline"] == "branch-2026 v2" && status["compliance"]["holds"] == true, "{status}");
     ensure!(status["alarms"].get("compliance_drift").is_none(), "{status}");
+    // A reload is checked, and so is the configuration every compliance.interval.
+    std::fs::write(
+        &path,
+        config_text(
+            agent.state.path(),
+            &[models.path().to_owned()],
+            &format!("{drifting}\n[compliance]\ninterval = \"1s\"\n"),
+        ),
+    )?;
+    let report = agent.agent.reload(outpost::config::Config::load(&path)?).await;
+    ensure!(report.error.is_none(), "{report:?}");
+    for trigger in ["reload", "interval"] {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, status) = agent.get("/admin/status").await?;
+            if status["compliance"]["trigger"] == trigger {
+                break;
+            }
+            ensure!(std::time::Instant::now() < end, "no check by {trigger}: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    std::fs::write(&path, config_text(agent.state.path(), &[models.path().to_owned()], &enforcing))?;
     // Rolled back: v1 served again is refused; v2 stays.
     std::fs::copy(&v1_copy, &v1)?;
     let poll = agent.http.post(agent.url("/admin/registry/poll")).send().await?.json::<Value>().await?;

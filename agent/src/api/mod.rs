@@ -317,6 +317,7 @@ impl InferenceService {
         serde_json::json!({
             "models": models,
             "alarms": alarms,
+            "compliance": self.metrics.section("compliance"),
             "breaker": self.overflow.as_ref().map(|ov| ov.breaker.state().as_str()),
         })
     }

@@ -441,7 +441,7 @@ impl RegistrySync {
         if let Some(c) = &self.service.compliance {
             match new_baseline {
                 Some(b) => c.set_baseline(b),
-                None if !(report.installed.is_empty() && report.canaries.is_empty()) => c.changed.notify_one(),
+                None if !(report.installed.is_empty() && report.canaries.is_empty()) => c.recheck("models"),
                 None => {}
             }
         }
