@@ -58,6 +58,8 @@ cp -r "$ROOT/models/registry" "$stage/usr/share/outpost/registry"
 find "$stage/usr/share/outpost" -type d -exec chmod 0755 {} + ; find "$stage/usr/share/outpost" -type f -exec chmod 0644 {} +
 install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost/README.md"
 install -m 0644 "$ROOT/models/PROVENANCE.md" "$stage/usr/share/doc/outpost/PROVENANCE.md"
+install -d "$stage/usr/share/doc/outpost/examples"
+install -m 0644 "$ROOT/packaging/keepalived/keepalived.conf" "$stage/usr/share/doc/outpost/examples/keepalived.conf"
 gzip -9n -c "$ROOT/packaging/outpost.1" > "$stage/usr/share/man/man1/outpost.1.gz"
 copyright_file outpost "$stage/usr/share/doc/outpost/copyright"
 

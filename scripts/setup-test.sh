@@ -17,6 +17,8 @@ command -v setpriv >/dev/null || apt_install util-linux
 [ -x /usr/bin/chromium ] || command -v chromium >/dev/null || apt_install chromium
 # curl: the TLS tests check the listener with it, as an operator would.
 command -v curl >/dev/null || apt_install curl
+# keepalived (VRRP) for the two-box failover test, run in network namespaces the test makes.
+[ -x /usr/sbin/keepalived ] || command -v keepalived >/dev/null || apt_install keepalived
 # The full suite also builds and checks the .deb and .rpm packages.
 if [ "${OUTPOST_TEST_FULL:-}" = 1 ] && command -v dpkg >/dev/null; then
   apt_install lintian rpm

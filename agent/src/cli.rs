@@ -125,6 +125,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Whether the local agent may hold the site's address (keepalived's track_script): exit 0
+    /// ready, 1 not ready (still loading, no model serving, the audit log failing closed), 69
+    /// not answering. Quick: one request with a short timeout.
+    CheckHealth {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
+    /// keepalived's notify hook: report the VRRP role (TYPE NAME STATE [PRIORITY], as keepalived
+    /// passes them) to the running agent, which shows it and records it; kept for the agent's
+    /// next start when it does not answer.
+    HaNotify {
+        /// INSTANCE or GROUP.
+        kind: String,
+        /// The VRRP instance's name.
+        name: String,
+        /// MASTER, BACKUP, FAULT or STOP.
+        state: String,
+        priority: Option<u32>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Publish and manage models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -440,6 +467,46 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             match baseline {
                 Some(file) => check_baseline(&c, &file),
                 None => Ok(0),
+            }
+        }
+        Command::CheckHealth { config, url, timeout } => {
+            let mut target = agent_target(config.as_ref(), url)?;
+            target.timeout =
+                crate::config::parse_duration(&timeout).map_err(|e| FatalError::Usage(format!("--timeout: {e}")))?;
+            match http_call(&target, "GET", "/v2/health/ready") {
+                Ok((200, _)) => Ok(0),
+                Ok((code, body)) => {
+                    eprintln!("outpost: not ready ({code}): {}", body["error"].as_str().unwrap_or("no reason given"));
+                    Ok(1)
+                }
+                Err(e) => {
+                    eprintln!("outpost: {e}");
+                    Ok(69)
+                }
+            }
+        }
+        Command::HaNotify { kind, name, state, priority, config, url } => {
+            if kind != "INSTANCE" && kind != "GROUP" {
+                return Err(FatalError::Usage(format!("{kind}: keepalived passes INSTANCE or GROUP")));
+            }
+            let role = crate::ha::Role::new(&name, &state, priority).map_err(FatalError::Usage)?;
+            let target = agent_target(config.as_ref(), url)?;
+            let body = serde_json::json!({ "instance": role.instance, "state": role.state, "priority": role.priority });
+            match http_post(&target, "/admin/ha/role", body.to_string().into_bytes()) {
+                Ok((200, _)) => Ok(0),
+                answer => {
+                    // Kept for the agent to record when it (re)starts.
+                    let c = load_config(config.as_ref())?;
+                    crate::ha::save(&c.node.state_dir, &role).map_err(FatalError::Runtime)?;
+                    match answer {
+                        Ok((code, body)) => eprintln!(
+                            "outpost: the agent did not record the role ({code}): {}; kept for its next start",
+                            body["error"].as_str().unwrap_or("unknown error")
+                        ),
+                        Err(e) => eprintln!("outpost: {e}; the role is kept for the agent's next start"),
+                    }
+                    Ok(1)
+                }
             }
         }
         Command::CheckModels { config } => {
@@ -914,6 +981,8 @@ struct AgentTarget {
     ca: Option<(PathBuf, &'static str)>,
     token: Option<String>,
     identity: Option<(PathBuf, PathBuf)>,
+    /// How long a call may take.
+    timeout: std::time::Duration,
 }
 
 fn agent_target(config: Option<&PathBuf>, url: Option<String>) -> Result<AgentTarget, FatalError> {
@@ -950,7 +1019,7 @@ fn agent_target(config: Option<&PathBuf>, url: Option<String>) -> Result<AgentTa
         },
     };
     let identity = c.cli.client_cert.clone().zip(c.cli.client_key.clone());
-    Ok(AgentTarget { base, ca, token, identity })
+    Ok(AgentTarget { base, ca, token, identity, timeout: std::time::Duration::from_secs(120) })
 }
 
 /// Seconds as an operator reads them: 42s, 17m, 3h5m, 2d4h.
@@ -1140,7 +1209,7 @@ fn http_request(
     let url = format!("{}{path}", target.base);
     let rt = runtime()?;
     rt.block_on(async {
-        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
+        let mut builder = reqwest::Client::builder().timeout(target.timeout);
         if let Some((ca, setting)) = &target.ca {
             builder = crate::tls::add_roots(builder, ca, setting).map_err(|e| FatalError::Usage(e.to_string()))?;
         }

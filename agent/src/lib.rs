@@ -14,6 +14,7 @@ pub mod engine;
 pub mod events;
 pub mod failpoint;
 pub mod grpc;
+pub mod ha;
 pub mod http;
 pub mod lifecycle;
 pub mod locks;
@@ -575,6 +576,15 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         tracker.spawn(ob.run(cancel.child_token(), outbox_wake.clone()));
     }
     tracker.spawn(watch_compliance(service.clone(), compliance, config.clone(), cancel.child_token()));
+    // The VRRP role last reported; one reported while the agent was down is recorded now.
+    if let Some(role) = ha::load(&cfg.node.state_dir) {
+        if role.recorded {
+            service.metrics.set_section("ha", role.status());
+            service.metrics.set_gauge("ha_master", if role.state == "MASTER" { 1.0 } else { 0.0 });
+        } else if let Err(e) = ha::report(&service, &cfg.node.state_dir, role, "keepalived").await {
+            tracing::warn!(error = %e, "could not record the HA role reported while the agent was down");
+        }
+    }
     let failures = Arc::new(auth::FailureGuard::default());
     tracker.spawn(summarize_auth_failures(failures.clone(), service.events.clone(), cancel.child_token()));
     if let Some(timeout) = notify::watchdog_timeout() {

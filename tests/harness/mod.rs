@@ -20,6 +20,7 @@ pub mod mqtt;
 pub mod postgres;
 pub mod prometheus;
 pub mod registry;
+pub mod site;
 pub mod upstream;
 
 /// The repository root.

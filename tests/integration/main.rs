@@ -11,6 +11,7 @@ mod crash;
 mod endpoints;
 mod fleet;
 mod grpc;
+mod ha;
 mod lifecycle;
 mod models;
 mod mqtt;

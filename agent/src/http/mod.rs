@@ -161,6 +161,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/experiments/{model}", get(admin_experiment))
         .route("/admin/audit/export", get(admin_audit_export))
         .route("/admin/privacy/rotate", post(admin_privacy_rotate))
+        .route("/admin/ha/role", post(admin_ha_role))
         .route("/admin/privacy/forget", post(admin_privacy_forget))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -816,6 +817,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "reload": s.service.metrics.section("reload"),
         "webhooks": s.service.metrics.section("webhooks"),
         "compliance": s.service.metrics.section("compliance"),
+        "ha": s.service.metrics.section("ha"),
     }))
     .into_response()
 }
@@ -898,6 +900,30 @@ async fn admin_audit_export(
         }
     })?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HaReport {
+    instance: String,
+    state: String,
+    priority: Option<u32>,
+}
+
+/// The VRRP role keepalived gave this box (from its notify hook, `outpost ha-notify`).
+async fn admin_ha_role(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, e);
+    let r: HaReport = serde_json::from_slice(&body).map_err(|e| bad(format!("a role report: {e}")))?;
+    let role = crate::ha::Role::new(&r.instance, &r.state, r.priority).map_err(bad)?;
+    let state_dir = s.config().node.state_dir.clone();
+    crate::ha::report(&s.service, &state_dir, role.clone(), &principal.name).await.map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("role shown, but not recorded in the audit log: {e}"))
+    })?;
+    Ok(axum::Json(role.status()).into_response())
 }
 
 #[derive(serde::Deserialize)]
