@@ -186,6 +186,14 @@ struct RawConfig {
     webhooks: Vec<RawWebhook>,
     #[serde(default)]
     compliance: RawCompliance,
+    ha: Option<RawHa>,
+}
+
+/// `[ha]`: the site's other box, for shared verdicts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHa {
+    peer_keys: Vec<PathBuf>,
 }
 
 /// `[compliance]`: how drift from the registry's signed baseline is handled.
@@ -529,6 +537,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// Drift from the registry's compliance baseline (`[compliance]`).
     pub compliance: ComplianceConfig,
+    /// The node public keys of the site's other boxes (`ha.peer_keys`): their verdicts count.
+    pub ha_peer_keys: Vec<PathBuf>,
     /// Where this configuration came from; `None` for the dev profile.
     pub path: Option<PathBuf>,
 }
@@ -940,6 +950,7 @@ impl Config {
                 grpc: None,
                 webhooks: Vec::new(),
                 compliance: ComplianceConfig::default(),
+                ha_peer_keys: Vec::new(),
                 path: None,
             }
         })
@@ -1478,6 +1489,13 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
     if !(Duration::from_secs(1)..=Duration::from_secs(86400)).contains(&compliance.interval) {
         return Err(err("compliance.interval must be between 1s and 1d".into()));
     }
+    let ha_peer_keys: Vec<PathBuf> = raw.ha.map(|h| h.peer_keys).unwrap_or_default().into_iter().map(resolve).collect();
+    if !ha_peer_keys.is_empty() && mqtt.is_none() {
+        return Err(err("ha.peer_keys: verdicts travel over the site's MQTT broker: configure [mqtt]".into()));
+    }
+    if ha_peer_keys.len() > 16 {
+        return Err(err("ha.peer_keys: at most 16 keys".into()));
+    }
     Ok(Config {
         node: NodeConfig { site, name, key_file, state_dir },
         http,
@@ -1497,6 +1515,7 @@ fn validate(raw: RawConfig, path: Option<PathBuf>, base: &Path, dev: bool) -> Re
         grpc,
         webhooks,
         compliance,
+        ha_peer_keys,
         path,
     })
 }

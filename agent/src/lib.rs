@@ -31,6 +31,7 @@ pub mod residency;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod verdicts;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -486,6 +487,31 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let mut service = InferenceService::new(repository, metrics, events);
     service.privacy = Some(privacy.clone());
     service.compliance = Some(compliance.clone());
+    // Rejections shared with the site's other box over MQTT, signed with the node key.
+    let mut peer_verdicts = None;
+    if !config.ha_peer_keys.is_empty() {
+        let mut peers = Vec::new();
+        for p in &config.ha_peer_keys {
+            let key = outpost_proto::registry::keys::load_public(p).map_err(|e| {
+                let path = config.path.clone().unwrap_or_else(|| "dev profile".into());
+                FatalError::Config(ConfigError::Invalid { path, message: format!("ha.peer_keys: {e}") })
+            })?;
+            peers.push(key);
+        }
+        let key =
+            audit::checkpoint::load_or_create_key(&config.node.key_file).map_err(|e| FatalError::start("ha", e))?;
+        let (sv, rx) =
+            verdicts::SiteVerdicts::new(&config.node.site, &config.node.name, key, &peers, &config.node.state_dir)
+                .map_err(|e| FatalError::Start { what: "ha", source: e.into() })?;
+        let sv = Arc::new(sv);
+        let shown = sv.clone();
+        service.metrics.set_provider(
+            "verdicts",
+            Arc::new(move || serde_json::to_value(shown.status()).unwrap_or(serde_json::Value::Null)),
+        );
+        service.site_verdicts = Some(sv);
+        peer_verdicts = Some(rx);
+    }
     if let Some(oc) = &config.overflow {
         let ov = Arc::new(
             overflow::Overflow::new(oc.clone(), Some(privacy.clone())).map_err(|e| FatalError::start("overflow", e))?,
@@ -525,8 +551,12 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     if let Some(rc) = &cfg.registry {
         let (verdict_tx, verdict_rx) = tokio::sync::mpsc::unbounded_channel();
         service.verdicts = Some(verdict_tx);
-        let sync = registry::sync::RegistrySync::open(rc.clone(), &cfg.node.state_dir, service.clone(), config.clone())
-            .map_err(|e| FatalError::Runtime(format!("registry: {e}")))?;
+        let mut sync =
+            registry::sync::RegistrySync::open(rc.clone(), &cfg.node.state_dir, service.clone(), config.clone())
+                .map_err(|e| FatalError::Runtime(format!("registry: {e}")))?;
+        if let Some(rx) = peer_verdicts.take() {
+            sync = sync.with_peer_verdicts(rx);
+        }
         registry_task = Some((sync, verdict_rx));
     }
     let (registry_tx, registry_first) = match registry_task {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::{model_list, outpost_bin};
 
-fn fixture(name: &str) -> std::path::PathBuf {
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
     root().join("tests/fixtures/models").join(name)
 }
 
@@ -92,10 +92,10 @@ async fn switch_under_load_fails_no_request() -> anyhow::Result<()> {
     Arc::try_unwrap(agent).map_err(|_| anyhow::anyhow!("agent still shared"))?.stop().await
 }
 
-const CANARY: &str = "[models.mlp]\ncanary_share = 0.5\ncanary_min_requests = 20\ncanary_window = \"1h\"\ncanary_max_latency_ratio = 3.0\n";
+pub(crate) const CANARY: &str = "[models.mlp]\ncanary_share = 0.5\ncanary_min_requests = 20\ncanary_window = \"1h\"\ncanary_max_latency_ratio = 3.0\n";
 
 /// Sends golden cases round-robin until the canary of `mlp` is decided (at most `max` requests).
-async fn drive_canary(agent: &TestAgent, cases: &[usize], max: usize) -> anyhow::Result<(usize, usize)> {
+pub(crate) async fn drive_canary(agent: &TestAgent, cases: &[usize], max: usize) -> anyhow::Result<(usize, usize)> {
     let golden = golden_for(&root().join("models/mlp"))?;
     let (mut ok, mut failed) = (0, 0);
     for i in 0..max {

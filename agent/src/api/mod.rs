@@ -187,6 +187,8 @@ pub struct InferenceService {
     pub shadows: Arc<shadow::Shadows>,
     /// The compliance baseline in force and the drifts last found.
     pub compliance: Option<Arc<crate::compliance::Compliance>>,
+    /// Rejections shared with the site's other box (`ha.peer_keys`).
+    pub site_verdicts: Option<Arc<crate::verdicts::SiteVerdicts>>,
 }
 
 impl InferenceService {
@@ -203,6 +205,7 @@ impl InferenceService {
             experiments: Arc::default(),
             shadows: Arc::default(),
             compliance: None,
+            site_verdicts: None,
         }
     }
 

@@ -818,6 +818,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "webhooks": s.service.metrics.section("webhooks"),
         "compliance": s.service.metrics.section("compliance"),
         "ha": s.service.metrics.section("ha"),
+        "verdicts": s.service.metrics.section("verdicts"),
     }))
     .into_response()
 }

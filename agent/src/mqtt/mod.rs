@@ -210,6 +210,10 @@ pub async fn run(
         return;
     };
     let (mut client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
+    // Verdicts shared with the site's other box: retained, one topic per rejected version.
+    let verdicts = service.site_verdicts.clone();
+    let verdict_topics = format!("{}/{}/verdicts/", topics.prefix, topics.site);
+    let mut outgoing = verdicts.as_ref().map(|v| v.subscribe());
     let stopping = loop {
         tokio::select! {
             polled = eventloop.poll() => match polled {
@@ -222,6 +226,16 @@ pub async fn run(
                     }
                     if let Err(e) = client.subscribe(sub.clone(), qos(cfg.qos)).await {
                         tracing::warn!(error = %e, "mqtt subscribe failed");
+                    }
+                    if let Some(v) = &verdicts {
+                        if let Err(e) = client.subscribe(format!("{verdict_topics}#"), QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, "mqtt subscribe to the site's verdicts failed");
+                        }
+                        for (model, sha, bytes) in v.own() {
+                            let _ = client.try_publish(format!("{verdict_topics}{model}/{sha}"), QoS::AtLeastOnce, true, bytes);
+                        }
+                        // Comes back after the retained verdicts the subscription brings.
+                        let _ = client.try_publish(format!("{verdict_topics}_sync/{}", topics.node), QoS::AtLeastOnce, false, v.marker().to_owned());
                     }
                     let online = json!({ "state": "online", "node": topics.node, "version": env!("CARGO_PKG_VERSION") });
                     let _ = client.publish(topics.status(), QoS::AtLeastOnce, true, online.to_string()).await;
@@ -244,6 +258,16 @@ pub async fn run(
                         );
                         tracing::error!(reason = ?ack.reason, "mqtt not authorized: publish refused by the broker (ACL)");
                         service.metrics.set_alarm("mqtt_not_authorized", Some(detail));
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) if verdicts.is_some() && p.topic.starts_with(verdict_topics.as_bytes()) => {
+                    if let Some(v) = &verdicts {
+                        let sync_topic = format!("{verdict_topics}_sync/");
+                        if p.topic.starts_with(sync_topic.as_bytes()) {
+                            v.sync_message(&p.payload);
+                        } else if let Err(e) = v.receive(&p.payload) {
+                            tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), error = %e, "site verdict ignored");
+                        }
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -272,6 +296,10 @@ pub async fn run(
                     (client, eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight).max(16) * 2);
                 }
             },
+            Some(signed) = next_verdict(&mut outgoing) => {
+                let (model, sha, bytes) = signed;
+                let _ = client.try_publish(format!("{verdict_topics}{model}/{sha}"), QoS::AtLeastOnce, true, bytes);
+            }
             ev = events.recv() => {
                 match ev {
                     Ok(p) => {
@@ -303,6 +331,21 @@ pub async fn run(
         tokio::join!(drain, pump);
     })
     .await;
+}
+
+/// This box's next verdict to publish; never resolves without verdict sharing. A verdict
+/// missed for lag is still published at the next connection (from the kept ones).
+async fn next_verdict(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<crate::verdicts::Signed>>,
+) -> Option<crate::verdicts::Signed> {
+    let Some(rx) = rx else { return std::future::pending().await };
+    loop {
+        match rx.recv().await {
+            Ok(v) => return Some(v),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return std::future::pending().await,
+        }
+    }
 }
 
 async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topics, cfg: &MqttConfig, p: Publish) {

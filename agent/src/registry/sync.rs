@@ -31,6 +31,7 @@ use crate::engine::Served;
 use crate::lifecycle;
 use crate::locks::RwLockExt;
 use crate::store::{InstalledModel, InstalledVersion, Rejection, Store, StoreState};
+use crate::verdicts::SiteVerdict;
 
 /// What one poll (or import) did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -86,9 +87,28 @@ pub struct RegistrySync {
     state_dir: PathBuf,
     service: InferenceService,
     config: Arc<RwLock<Arc<Config>>>,
+    /// Versions the site's other box rejected (verified), when verdicts are shared.
+    peer_verdicts: Option<mpsc::UnboundedReceiver<SiteVerdict>>,
+}
+
+/// How a rejection that came from the site's other box starts (it is not shared again).
+const PEER_REASON: &str = "rejected by the site's other box";
+
+/// The next peer verdict; never resolves without a channel.
+async fn recv_peer(rx: &mut Option<mpsc::UnboundedReceiver<SiteVerdict>>) -> Option<SiteVerdict> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl RegistrySync {
+    /// Applies the verdicts the site's other box shares.
+    pub fn with_peer_verdicts(mut self, rx: mpsc::UnboundedReceiver<SiteVerdict>) -> Self {
+        self.peer_verdicts = Some(rx);
+        self
+    }
+
     pub fn open(
         cfg: RegistryConfig,
         state_dir: &Path,
@@ -121,7 +141,17 @@ impl RegistrySync {
         };
         let store = store.with_key(key);
         let state = store.load_state()?;
-        Ok(RegistrySync { cfg, fetcher, trusted, store, state, state_dir: state_dir.to_owned(), service, config })
+        Ok(RegistrySync {
+            cfg,
+            fetcher,
+            trusted,
+            store,
+            state,
+            state_dir: state_dir.to_owned(),
+            service,
+            config,
+            peer_verdicts: None,
+        })
     }
 
     /// Swaps in new `[registry]` settings; on error nothing changes.
@@ -423,8 +453,12 @@ impl RegistrySync {
                             at: now(),
                         };
                         if matches!(e, RegistryError::Refused(_)) {
-                            // Deterministic: the same bytes would fail again. Not retried.
+                            // Deterministic: the same bytes would fail again. Not retried, and
+                            // not installed by the site's other box either.
                             self.state.rejected.insert(entry.manifest.sha256.clone(), rejection.clone());
+                            if let Some(sv) = &self.service.site_verdicts {
+                                sv.publish(name, &entry.version, &entry.manifest.sha256, &e.to_string());
+                            }
                         }
                         self.state.pending_errors.insert(name.clone(), rejection);
                         report.failed.push((name.clone(), e.to_string()));
@@ -515,6 +549,10 @@ impl RegistrySync {
         for (v, why) in &t.rejected {
             tracing::info!(model = name, version = %v.version, reason = %why, "version rejected");
             self.reject(name, v, why);
+            // Shared with the site's other box (not what came from it).
+            if let Some(sv) = self.service.site_verdicts.as_ref().filter(|_| !why.starts_with(PEER_REASON)) {
+                sv.publish(name, &v.version, &v.manifest_sha256, why);
+            }
         }
         self.save();
         if !t.rejected.is_empty() {
@@ -677,6 +715,55 @@ impl RegistrySync {
     // ---------------------------------------------------------------------------------------
     // Verdicts and commands
     // ---------------------------------------------------------------------------------------
+
+    /// A version the site's other box rejected: never installed here; taken back if it runs
+    /// here as a canary, or as the default version when the previous one is still kept.
+    async fn apply_peer_verdict(&mut self, v: SiteVerdict) {
+        if self.state.rejected.contains_key(&v.manifest_sha256) {
+            return;
+        }
+        let reason = format!("{PEER_REASON} {}: {}", v.node, v.reason);
+        tracing::warn!(model = %v.model, version = %v.version, %reason, "version rejected by the site's other box");
+        let rejection =
+            Rejection { name: v.model.clone(), version: v.version.clone(), reason: reason.clone(), at: now() };
+        self.state.rejected.insert(v.manifest_sha256.clone(), rejection);
+        let Some(mut m) = self.state.installed.get(&v.model).cloned() else {
+            self.save();
+            return;
+        };
+        let runs_as_canary = m.candidate.as_ref().is_some_and(|c| c.manifest_sha256 == v.manifest_sha256);
+        let runs_as_default = m.current.manifest_sha256 == v.manifest_sha256 && m.previous.is_some();
+        let t = if runs_as_canary {
+            versions::reject_canary(&mut m, &v.version, &reason)
+        } else if runs_as_default {
+            versions::roll_back(&mut m, &reason)
+        } else {
+            None
+        };
+        let Some(t) = t else {
+            if m.current.manifest_sha256 == v.manifest_sha256 {
+                tracing::warn!(model = %v.model, version = %v.version, "rejected by the site's other box, but no previous version is kept here: it keeps serving");
+            }
+            self.save();
+            return;
+        };
+        let restored = match t.serving.first() {
+            Some(ServingChange::Restore(_)) => match self.served_from_store(&v.model, &m.current).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(model = %v.model, error = %e, "the previous version does not load; the rejected one keeps serving");
+                    self.save();
+                    return;
+                }
+            },
+            _ => None,
+        };
+        self.state.installed.insert(v.model.clone(), m);
+        self.persist(&v.model, &t);
+        self.apply_serving(&v.model, t.serving, restored, &self.model_config(&v.model)).await;
+        lifecycle::record(&self.service, &v.model, &v.version, LifecycleKind::RolledBack, reason).await;
+        self.store.gc(&self.state);
+    }
 
     /// Persists a canary verdict the serving table has already applied.
     fn apply_verdict(&mut self, verdict: Verdict) {
@@ -843,6 +930,16 @@ impl RegistrySync {
         first_done: oneshot::Sender<()>,
     ) {
         self.serve_installed().await;
+        // With a peer box, its verdicts first: a version it rejected is never installed here,
+        // even by this first poll (bounded: without a broker the poll goes ahead).
+        if let Some(sv) = self.service.site_verdicts.clone() {
+            if !sv.wait_synced(Duration::from_secs(10)).await {
+                tracing::warn!("the site's verdicts did not arrive within 10 s (no broker?); polling without them");
+            }
+            while let Some(v) = self.peer_verdicts.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                self.apply_peer_verdict(v).await;
+            }
+        }
         let mut failures = tokio::select! {
             r = self.poll_once() => u32::from(!r.is_ok_and(|r| r.deferred.is_empty())),
             _ = cancel.cancelled() => return,
@@ -859,6 +956,7 @@ impl RegistrySync {
                 // so any later command sees it persisted.
                 biased;
                 Some(v) = verdicts.recv() => self.apply_verdict(v),
+                Some(v) = recv_peer(&mut self.peer_verdicts) => self.apply_peer_verdict(v).await,
                 _ = sleep => {
                     // A deferred install retries on the failure backoff, not the poll interval.
                     let clean = self.poll_once().await.is_ok_and(|r| r.deferred.is_empty());
