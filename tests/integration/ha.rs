@@ -170,6 +170,8 @@ async fn a_version_rejected_on_one_box_is_never_promoted_on_the_other() -> Resul
     let b = TestAgent::start_text(state_b, &text_b, "http", http_client()).await?;
     let status = wait_status(&b, "box b gets the verdict", |s| s["verdicts"]["received"].as_u64() >= Some(1)).await?;
     ensure!(status["verdicts"]["last_from"] == "box-a", "{status}");
+    let metrics = b.http.get(b.url("/metrics")).send().await?.text().await?;
+    ensure!(metrics.contains("outpost_ha_verdict_last_sync_timestamp_seconds "), "no verdict sync metric");
     let report = b.agent.poll_registry().await?;
     ensure!(
         report.canaries.is_empty() && report.installed.is_empty(),

@@ -265,8 +265,17 @@ pub async fn run(
                         let sync_topic = format!("{verdict_topics}_sync/");
                         if p.topic.starts_with(sync_topic.as_bytes()) {
                             v.sync_message(&p.payload);
-                        } else if let Err(e) = v.receive(&p.payload) {
-                            tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), error = %e, "site verdict ignored");
+                        } else {
+                            match v.receive(&p.payload) {
+                                Ok(()) => service.metrics.set_gauge(
+                                    "ha_verdict_last_sync_timestamp_seconds",
+                                    outpost_proto::registry::now() as f64,
+                                ),
+                                Err(e) => {
+                                    service.metrics.set_gauge("ha_verdicts_ignored", v.status().ignored as f64);
+                                    tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), error = %e, "site verdict ignored");
+                                }
+                            }
                         }
                     }
                 }

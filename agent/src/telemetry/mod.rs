@@ -177,6 +177,10 @@ fn gauge_help(name: &str) -> &'static str {
         "mqtt_connected" => "1 while connected to the MQTT broker, 0 otherwise.",
         "upstream_last_success_timestamp_seconds" => "When a send round upstream last succeeded (Unix time).",
         "registry_last_success_timestamp_seconds" => "When a registry poll last succeeded (Unix time).",
+        "ha_verdict_last_sync_timestamp_seconds" => "When a verdict of the site's other box last arrived (Unix time).",
+        "ha_verdicts_ignored" => {
+            "Messages on the site's verdict topics ignored (not signed by a key of the site, malformed)."
+        }
         "ha_master" => "1 while keepalived holds this box MASTER of its VRRP instance, else 0.",
         "compliance_drifts" => "Rules of the compliance baseline the configuration breaks (0: it holds).",
         _ => "A gauge set by the agent.",
