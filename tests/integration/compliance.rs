@@ -265,6 +265,12 @@ const RULES: &str = "name = \"branch-2026\"\n\n[rules]\nauth = true\ntls = \"mtl
 audit_max_retention_days = 30\nresidency_within = [\"127.0.0.0/8\"]\npseudonymize = [\"customer_id\"]\n\
 stay_on_site = [\"mlp\"]\nmin_agent_version = \"0.1.0\"\nquantization = [\"int8-qdq\"]\nstore_encrypted = true\n";
 
+/// `outpost registry baseline` into `registry`, signed with `key`, from `rules`.
+fn publish_baseline(registry: &Path, key: &Path, rules: &Path) -> Result<Output> {
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    outpost(&["registry", "baseline", "--registry", &arg(registry), "--key", &arg(key), "--rules", &arg(rules)], &[])
+}
+
 /// The configuration's drifts as `outpost check-config --baseline` lists them: (exit, rules).
 fn check_against(config: &Path, baseline: &Path) -> Result<(Option<i32>, Vec<String>, String)> {
     let out = outpost(
@@ -296,24 +302,12 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
     let rules = keys.path().join("rules.toml");
     std::fs::write(&rules, RULES)?;
     let index_key = keys.path().join("index.key");
-    let publish = |expect: &str| -> Result<()> {
-        let out = outpost(
-            &[
-                "registry",
-                "baseline",
-                "--registry",
-                reg.path().to_str().unwrap_or_default(),
-                "--key",
-                index_key.to_str().unwrap_or_default(),
-                "--rules",
-                rules.to_str().unwrap_or_default(),
-            ],
-            &[],
-        )?;
-        ensure!(out.status.code() == Some(0) && text(&out).0.contains(expect), "publish: {:?}", text(&out));
-        Ok(())
-    };
-    publish("published baseline 'branch-2026' v1")?;
+    let out = publish_baseline(reg.path(), &index_key, &rules)?;
+    ensure!(
+        out.status.code() == Some(0) && text(&out).0.contains("published baseline 'branch-2026' v1"),
+        "{:?}",
+        text(&out)
+    );
     let v1 = reg.path().join("baseline.json");
     let v1_copy = keys.path().join("baseline-v1.json");
     std::fs::copy(&v1, &v1_copy)?;
@@ -322,35 +316,11 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
     // a rule that does not exist.
     let stranger = outpost::registry::KeyPair::generate()?;
     stranger.save(&keys.path().join("stranger"), None)?;
-    let out = outpost(
-        &[
-            "registry",
-            "baseline",
-            "--registry",
-            reg.path().to_str().unwrap_or_default(),
-            "--key",
-            keys.path().join("stranger.key").to_str().unwrap_or_default(),
-            "--rules",
-            rules.to_str().unwrap_or_default(),
-        ],
-        &[],
-    )?;
+    let out = publish_baseline(reg.path(), &keys.path().join("stranger.key"), &rules)?;
     ensure!(out.status.code() != Some(0), "a stranger's key published a baseline: {:?}", text(&out));
     let typo = keys.path().join("typo.toml");
     std::fs::write(&typo, "name = \"x\"\n[rules]\nauth_required = true\n")?;
-    let out = outpost(
-        &[
-            "registry",
-            "baseline",
-            "--registry",
-            reg.path().to_str().unwrap_or_default(),
-            "--key",
-            index_key.to_str().unwrap_or_default(),
-            "--rules",
-            typo.to_str().unwrap_or_default(),
-        ],
-        &[],
-    )?;
+    let out = publish_baseline(reg.path(), &index_key, &typo)?;
     ensure!(out.status.code() == Some(64) && text(&out).1.contains("auth_required"), "{:?}", text(&out));
 
     // Offline: a configuration drifting on every rule lists each drift (exit 1).
@@ -552,20 +522,7 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
     std::fs::write(&v1, &v2)?;
     let strict = keys.path().join("strict.toml");
     std::fs::write(&strict, RULES.replace("branch-2026", "branch-2027"))?;
-    let (reg_path, strict_path) = (reg.path().to_owned(), strict.clone());
-    let out = outpost(
-        &[
-            "registry",
-            "baseline",
-            "--registry",
-            reg_path.to_str().unwrap_or_default(),
-            "--key",
-            index_key.to_str().unwrap_or_default(),
-            "--rules",
-            strict_path.to_str().unwrap_or_default(),
-        ],
-        &[],
-    )?;
+    let out = publish_baseline(reg.path(), &index_key, &strict)?;
     ensure!(text(&out).0.contains("v3"), "{:?}", text(&out));
     let poll = agent.http.post(agent.url("/admin/registry/poll")).send().await?;
     ensure!(poll.status() == 200, "{}", poll.status());
