@@ -39,7 +39,22 @@ pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::
     let inference = Inference(Arc::new(Shared { state, max: max_message_bytes }));
     axum::Router::new()
         .route_service(&format!("/{}/{{*method}}", pb::SERVICE), inference)
-        .route_service("/grpc.health.v1.Health/{*method}", health_service)
+        .route(
+            "/grpc.health.v1.Health/{*method}",
+            axum::routing::any(move |req: axum::extract::Request| {
+                let health = health_service.clone();
+                async move {
+                    // A probe that does not speak gRPC learns so (415), as on the inference service.
+                    if !is_grpc(&req) {
+                        return not_grpc();
+                    }
+                    match tower::ServiceExt::oneshot(health, req).await {
+                        Ok(answer) => answer.into_response(),
+                        Err(never) => match never {},
+                    }
+                }
+            }),
+        )
         .fallback(|req: axum::extract::Request| async move {
             if !is_grpc(&req) {
                 return not_grpc();

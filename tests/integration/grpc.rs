@@ -131,6 +131,9 @@ async fn hostile_grpc_requests_get_their_status_and_the_agent_serves_on() -> any
     let r = http_client().post(format!("http://{addr}{INFER}")).body(good.clone()).send().await?;
     assert_eq!(r.status().as_u16(), 415);
     assert!(r.text().await?.contains("serves gRPC"));
+    // The health service too: a plain HTTP probe learns it is talking to a gRPC port.
+    let r = http_client().post(format!("http://{addr}/grpc.health.v1.Health/Check")).body("").send().await?;
+    assert_eq!(r.status().as_u16(), 415);
     // The agent serves on.
     let ok = raw_call(&channel, INFER, good).await?;
     assert!(!pb::ModelInferResponse::decode(ok.as_slice())?.outputs.is_empty());

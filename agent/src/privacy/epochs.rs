@@ -100,7 +100,13 @@ pub fn path(state_dir: &Path) -> PathBuf {
 
 fn read(path: &Path) -> Result<File, String> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{}: {e}: restore it from a backup, or remove it to start a new key epoch (the records of \
+                 earlier epochs can then no longer be linked to anyone)",
+                path.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
