@@ -1,4 +1,5 @@
-//! Registry metadata: DSSE envelopes, root, index, manifests, times, versions.
+//! Registry metadata: DSSE envelopes, root, index, manifests, compliance baselines, times,
+//! versions.
 //! The checks are in `outpost_proto::fuzzing`, shared with the regression tests.
 #![no_main]
 

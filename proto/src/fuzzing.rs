@@ -118,6 +118,8 @@ fn trusted() -> &'static BTreeMap<String, ed25519_dalek::VerifyingKey> {
 pub fn dsse_manifest(data: &[u8]) {
     if let Ok(env) = Envelope::parse(data) {
         assert!(env.verify(MANIFEST_TYPE, trusted(), 1, "manifest").is_err(), "an unsigned envelope verified");
+        let baseline = env.verify(crate::registry::BASELINE_TYPE, trusted(), 1, "baseline");
+        assert!(baseline.is_err(), "an unsigned baseline verified");
         if let Ok(payload) = env.payload_bytes() {
             if let Ok(s) = serde_json::from_slice::<Statement>(&payload) {
                 let _ = s.model_sha256();
@@ -126,6 +128,9 @@ pub fn dsse_manifest(data: &[u8]) {
     }
     let _ = serde_json::from_slice::<Root>(data);
     let _ = serde_json::from_slice::<Index>(data);
+    if let Ok(b) = serde_json::from_slice::<crate::registry::Baseline>(data) {
+        let _ = parse_time(&b.expires);
+    }
     if let Ok(s) = serde_json::from_slice::<Statement>(data) {
         let _ = s.model_sha256();
     }
