@@ -1032,8 +1032,8 @@ fn short_duration(secs: u64) -> String {
     }
 }
 
-/// `/admin/status` at a glance: the node line, a row per model, then upstream, MQTT, overflow
-/// and alarms.
+/// `/admin/status` at a glance: the node line, a row per model, then upstream, MQTT, overflow,
+/// webhooks, the HA role and verdicts, compliance, the last reload and alarms.
 pub fn status_table(s: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let str_of = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
@@ -1143,6 +1143,45 @@ pub fn status_table(s: &serde_json::Value) -> String {
             line.push_str(&format!("; last error: {}", e.chars().take(120).collect::<String>()));
         }
         let _ = writeln!(out, "{line}");
+    }
+    if let Some(h) = s["ha"].as_object() {
+        let _ = writeln!(
+            out,
+            "ha: {} of {} since {}",
+            h.get("role").map(str_of).unwrap_or_default(),
+            h.get("instance").map(str_of).unwrap_or_default(),
+            h.get("since").map(str_of).unwrap_or_default()
+        );
+    }
+    if let Some(v) = s["verdicts"].as_object() {
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let last = match (v.get("last_from").and_then(|x| x.as_str()), v.get("last_at").and_then(|x| x.as_str())) {
+            (Some(from), Some(at)) => format!("last from {from} at {at}"),
+            _ => "none from the peer yet".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "verdicts: {} shared, {} received ({last}), {} ignored",
+            n("published"),
+            n("received"),
+            n("ignored")
+        );
+    }
+    if let Some(c) = s["compliance"].as_object() {
+        let drifts: Vec<String> = c
+            .get("drifts")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|d| format!("{}: {}", str_of(&d["rule"]), str_of(&d["detail"])))
+            .collect();
+        let finding = if drifts.is_empty() { "holds".to_owned() } else { format!("drifts: {}", drifts.join("; ")) };
+        let _ = writeln!(
+            out,
+            "compliance: baseline {} ({}): {finding}",
+            c.get("baseline").map(str_of).unwrap_or_default(),
+            c.get("mode").map(str_of).unwrap_or_default()
+        );
     }
     if let Some(r) = s["reload"].as_object() {
         let report: Option<crate::reload::ReloadReport> = serde_json::from_value(s["reload"].clone()).ok();
@@ -1373,6 +1412,26 @@ mod tests {
         let table = super::status_table(&s);
         assert!(
             table.contains("webhook ops: 3 queued, 12 delivered, 1 dead-lettered; last success never; last error: the receiver answered 503"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_status_table_shows_the_role_the_verdicts_and_compliance() {
+        let s = serde_json::json!({
+            "ha": { "role": "MASTER", "instance": "outpost_site", "priority": 150, "since": "2026-12-04T18:00:00Z" },
+            "verdicts": { "published": 2, "received": 1, "ignored": 3, "last_from": "box-b", "last_at": "2026-12-04T18:01:00Z" },
+            "compliance": { "baseline": "branch v3", "mode": "enforce", "holds": false,
+                "drifts": [{ "rule": "auth", "detail": "[auth] is not configured" }] },
+        });
+        let table = super::status_table(&s);
+        assert!(table.contains("ha: MASTER of outpost_site since 2026-12-04T18:00:00Z"), "{table}");
+        assert!(
+            table.contains("verdicts: 2 shared, 1 received (last from box-b at 2026-12-04T18:01:00Z), 3 ignored"),
+            "{table}"
+        );
+        assert!(
+            table.contains("compliance: baseline branch v3 (enforce): drifts: auth: [auth] is not configured"),
             "{table}"
         );
     }

@@ -419,6 +419,12 @@ async fn a_signed_baseline_is_published_verified_checked_and_enforced() -> Resul
         log.lines().any(|l| l.contains("\"kind\":\"compliance\"") && l.contains("\"holds\":false")),
         "no audit record"
     );
+    // The status page shows the finding (headless Chromium).
+    if let Some(browser) = crate::fleet::chromium() {
+        let out = crate::fleet::chromium_run(&browser, &agent.url("/"), &["--virtual-time-budget=5000", "--dump-dom"])?;
+        let html = String::from_utf8_lossy(&out.stdout);
+        ensure!(html.contains("compliance: baseline branch-2026 v1 (report): drifts: auth: "), "{html}");
+    }
 
     // Enforce mode: a reload that would drift is refused, and so is a start.
     let enforcing = format!("{drifting}\n[compliance]\nmode = \"enforce\"\n");

@@ -368,7 +368,7 @@ async fn records_are_partitioned_by_day_and_retention_drops_whole_days() -> Resu
 }
 
 /// Debian's Chromium (`OUTPOST_CHROMIUM` overrides); `None` outside the full suite when absent.
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     let p = std::env::var_os("OUTPOST_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into());
     if p.is_file() {
         return Some(p);
@@ -379,7 +379,7 @@ fn chromium() -> Option<PathBuf> {
 }
 
 /// Headless Chromium on `url`, as the machine's closed network needs it; `args` add the output.
-fn chromium_run(bin: &Path, url: &str, args: &[&str]) -> Result<std::process::Output> {
+pub(crate) fn chromium_run(bin: &Path, url: &str, args: &[&str]) -> Result<std::process::Output> {
     let profile = tempfile::tempdir()?;
     let out = std::process::Command::new(bin)
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
