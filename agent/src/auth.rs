@@ -130,6 +130,9 @@ pub fn required(method: &str, path: &str) -> Permission {
         ("POST", ["v2", "repository", "index"]) => Permission::Observe,
         (_, ["v2", "repository", "models", _, "load" | "unload"]) => Permission::Admin,
         (_, ["admin", ..]) => Permission::Admin,
+        // Batch jobs: submitting, cancelling and reading answers are an operator's.
+        ("GET" | "HEAD", ["v2", "jobs"]) | ("GET" | "HEAD", ["v2", "jobs", _]) => Permission::Observe,
+        (_, ["v2", "jobs", ..]) => Permission::Admin,
         _ => Permission::Read,
     }
 }

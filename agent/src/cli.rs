@@ -152,6 +152,9 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Batch jobs: a file of requests run on the box with the CPU live requests leave free.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Publish and manage models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -161,6 +164,54 @@ enum Command {
     /// Create and maintain a registry directory.
     #[command(subcommand)]
     Registry(RegistryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BatchCommand {
+    /// Submit a file of rows (NDJSON V2 requests, or CSV numbers for a one-input model) to
+    /// the running agent; prints the job id (with --wait: a progress bar, then the summary).
+    Submit {
+        /// The input file.
+        file: PathBuf,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// ndjson or csv (default: from the file's extension, else ndjson).
+        #[arg(long)]
+        format: Option<String>,
+        /// Show progress until the job ends.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// One job's progress, or every job's.
+    Status {
+        id: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Cancel a queued or running job (rows answered so far stay in its output).
+    Cancel {
+        id: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Print a job's output (NDJSON, one line per row in row order: `answer` or `error`).
+    Output {
+        id: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -509,6 +560,7 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
                 }
             }
         }
+        Command::Batch(cmd) => batch_command(cmd),
         Command::CheckModels { config } => {
             let c = load_config(config.as_ref())?;
             crate::logging::init(&c);
@@ -1144,6 +1196,9 @@ pub fn status_table(s: &serde_json::Value) -> String {
         }
         let _ = writeln!(out, "{line}");
     }
+    for j in s["jobs"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "job {}", job_line(j));
+    }
     if let Some(h) = s["ha"].as_object() {
         let _ = writeln!(
             out,
@@ -1238,12 +1293,30 @@ fn http_post(target: &AgentTarget, path: &str, body: Vec<u8>) -> Result<(u16, se
     http_request(target, "POST", path, Some(body))
 }
 
+/// The body of a request to the agent.
+enum Payload {
+    Bytes(Vec<u8>),
+    /// A file, streamed (a batch job's input).
+    File(PathBuf),
+}
+
 fn http_request(
     target: &AgentTarget,
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(u16, serde_json::Value), FatalError> {
+    let (status, bytes) = http_send(target, method, path, body.map(Payload::Bytes))?;
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+}
+
+/// One request to the agent; the status and the answer's bytes.
+fn http_send(
+    target: &AgentTarget,
+    method: &str,
+    path: &str,
+    body: Option<Payload>,
+) -> Result<(u16, Vec<u8>), FatalError> {
     crate::tls::install_crypto_provider();
     let url = format!("{}{path}", target.base);
     let rt = runtime()?;
@@ -1258,6 +1331,13 @@ fn http_request(
         }
         let client = builder.build().map_err(|e| FatalError::Runtime(e.to_string()))?;
         let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
+        let body = match body {
+            None => None,
+            Some(Payload::Bytes(b)) => Some(reqwest::Body::from(b)),
+            Some(Payload::File(p)) => Some(reqwest::Body::from(
+                tokio::fs::File::open(&p).await.map_err(|e| FatalError::Usage(format!("{}: {e}", p.display())))?,
+            )),
+        };
         if let Some(token) = &target.token {
             req = req.bearer_auth(token);
         }
@@ -1266,9 +1346,111 @@ fn http_request(
         }
         let resp = req.send().await.map_err(|e| FatalError::Unreachable(format!("{url}: {}", network_cause(&e))))?;
         let status = resp.status().as_u16();
-        let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
+        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
         Ok((status, body))
     })
+}
+
+/// One line of a job's progress: a bar, rows done, failed, rate and time left.
+fn job_line(j: &serde_json::Value) -> String {
+    let (rows, done) = (j["rows"].as_u64().unwrap_or(0), j["done"].as_u64().unwrap_or(0));
+    let filled = (done.min(rows) * 30).checked_div(rows).map_or(30, |f| f as usize);
+    let mut line = format!(
+        "{} [{}{}] {done}/{rows} rows, {} failed, {}",
+        j["id"].as_str().unwrap_or("-"),
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        j["failed"].as_u64().unwrap_or(0),
+        j["state"].as_str().unwrap_or("-"),
+    );
+    if let Some(r) = j["rows_per_second"].as_f64() {
+        line.push_str(&format!(", {r:.0} rows/s"));
+    }
+    if let Some(e) = j["eta_seconds"].as_f64() {
+        line.push_str(&format!(", {} left", short_duration(e as u64)));
+    }
+    line
+}
+
+fn batch_command(cmd: BatchCommand) -> Result<i32, FatalError> {
+    let refused = |code: u16, body: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        eprintln!("outpost: refused ({code}): {}", v["error"].as_str().unwrap_or("unknown error"));
+        Ok(1)
+    };
+    match cmd {
+        BatchCommand::Submit { file, model, version, format, wait, config, url } => {
+            let format = format.unwrap_or_else(|| {
+                if file.extension().is_some_and(|x| x == "csv") { "csv" } else { "ndjson" }.to_owned()
+            });
+            if !file.is_file() {
+                return Err(FatalError::Usage(format!("{}: not a file", file.display())));
+            }
+            let mut target = agent_target(config.as_ref(), url)?;
+            target.timeout = std::time::Duration::from_secs(3600);
+            let mut path = format!("/v2/jobs?model={}&format={}", query_escape(&model), query_escape(&format));
+            if let Some(v) = &version {
+                path.push_str(&format!("&version={}", query_escape(v)));
+            }
+            let (code, body) = http_send(&target, "POST", &path, Some(Payload::File(file)))?;
+            if code != 201 {
+                return refused(code, &body);
+            }
+            let job: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let id = job["id"].as_str().unwrap_or_default().to_owned();
+            println!("{id}");
+            if !wait {
+                return Ok(0);
+            }
+            target.timeout = std::time::Duration::from_secs(30);
+            loop {
+                let (code, status) = http_call(&target, "GET", &format!("/v2/jobs/{id}"))?;
+                if code != 200 {
+                    eprintln!();
+                    return refused(code, status.to_string().as_bytes());
+                }
+                eprint!("\r{}\x1b[K", job_line(&status));
+                if matches!(status["state"].as_str(), Some("done" | "cancelled")) {
+                    eprintln!();
+                    return Ok(if status["state"] == "done" { 0 } else { 1 });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        BatchCommand::Status { id, config, url } => {
+            let target = agent_target(config.as_ref(), url)?;
+            let path = id.as_ref().map_or_else(|| "/v2/jobs".to_owned(), |i| format!("/v2/jobs/{}", query_escape(i)));
+            let (code, body) = http_call(&target, "GET", &path)?;
+            if code != 200 {
+                return refused(code, body.to_string().as_bytes());
+            }
+            let jobs = if id.is_some() { vec![body] } else { body["jobs"].as_array().cloned().unwrap_or_default() };
+            for j in &jobs {
+                println!("{}", job_line(j));
+            }
+            Ok(0)
+        }
+        BatchCommand::Cancel { id, config, url } => {
+            let target = agent_target(config.as_ref(), url)?;
+            let (code, body) = http_call(&target, "POST", &format!("/v2/jobs/{}/cancel", query_escape(&id)))?;
+            if code != 200 {
+                return refused(code, body.to_string().as_bytes());
+            }
+            println!("{}", if body["cancelled"] == true { "cancelled" } else { "it had already ended" });
+            Ok(0)
+        }
+        BatchCommand::Output { id, config, url } => {
+            let mut target = agent_target(config.as_ref(), url)?;
+            target.timeout = std::time::Duration::from_secs(600);
+            let (code, body) = http_send(&target, "GET", &format!("/v2/jobs/{}/output", query_escape(&id)), None)?;
+            if code != 200 {
+                return refused(code, &body);
+            }
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &body)
+                .map_err(|e| FatalError::Runtime(e.to_string()))?;
+            Ok(0)
+        }
+    }
 }
 
 fn audit_command(cmd: AuditCommand) -> Result<i32, FatalError> {

@@ -16,6 +16,7 @@ pub mod failpoint;
 pub mod grpc;
 pub mod ha;
 pub mod http;
+pub mod jobs;
 pub mod lifecycle;
 pub mod locks;
 pub mod logging;
@@ -615,6 +616,21 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             tracing::warn!(error = %e, "could not record the HA role reported while the agent was down");
         }
     }
+    // Batch jobs, once the models are loaded (a job interrupted by a restart goes on).
+    let jobs = Arc::new(jobs::Jobs::open(&cfg.node.state_dir).map_err(FatalError::Runtime)?);
+    {
+        let (jobs, service, mut started, cancel) =
+            (jobs.clone(), service.clone(), started_rx.clone(), cancel.child_token());
+        tracker.spawn(async move {
+            let ready = tokio::select! {
+                r = started.wait_for(|s| *s) => r.is_ok(),
+                () = cancel.cancelled() => false,
+            };
+            if ready {
+                jobs.run(service, cancel).await;
+            }
+        });
+    }
     let failures = Arc::new(auth::FailureGuard::default());
     tracker.spawn(summarize_auth_failures(failures.clone(), service.events.clone(), cancel.child_token()));
     if let Some(timeout) = notify::watchdog_timeout() {
@@ -630,6 +646,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         limiter: Arc::new(auth::RateLimiter::default()),
         audit: audit.clone(),
         failures: failures.clone(),
+        jobs: jobs.clone(),
     });
     let app = http::router(state.clone());
     let http_cancel = cancel.child_token();

@@ -4,6 +4,7 @@
 mod architecture;
 mod audit;
 mod bad_requests;
+mod batch;
 mod batching;
 mod cli;
 mod compliance;

@@ -30,6 +30,8 @@ pub enum Transport {
     Http,
     Grpc,
     Mqtt,
+    /// A row of a batch job.
+    Batch,
 }
 
 impl Transport {
@@ -38,6 +40,7 @@ impl Transport {
             Transport::Http => "http",
             Transport::Grpc => "grpc",
             Transport::Mqtt => "mqtt",
+            Transport::Batch => "batch",
         }
     }
 }
@@ -207,6 +210,11 @@ impl InferenceService {
             compliance: None,
             site_verdicts: None,
         }
+    }
+
+    /// Requests being answered now (a batch job's next row waits for none).
+    pub fn live_in_flight(&self) -> usize {
+        self.in_flight.now()
     }
 
     /// The model's A/B experiment, when one is configured.
@@ -635,8 +643,9 @@ impl InferenceService {
             return (Err(InferError::InvalidInput(format!("unknown output '{}'", o.name))), None);
         }
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
-        // for a place until their deadline (their in-flight count is bounded by the broker).
-        let wait = ctx.transport == Transport::Mqtt;
+        // for a place until their deadline (their in-flight count is bounded by the broker), and
+        // so do batch rows (one at a time).
+        let wait = matches!(ctx.transport, Transport::Mqtt | Transport::Batch);
         let (result, run_time) = match served.call(inputs, ctx.deadline, wait, routing.alone).await {
             Ok(done) => done,
             Err(CallError::Refused(e)) => {

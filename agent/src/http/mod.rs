@@ -58,6 +58,8 @@ pub struct HttpShared {
     pub audit: Option<crate::audit::Audit>,
     /// Failed authentications per source address.
     pub failures: Arc<crate::auth::FailureGuard>,
+    /// Batch jobs (`/v2/jobs`).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl HttpState {
@@ -162,6 +164,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/audit/export", get(admin_audit_export))
         .route("/admin/privacy/rotate", post(admin_privacy_rotate))
         .route("/admin/ha/role", post(admin_ha_role))
+        .route("/v2/jobs", post(job_submit).get(job_list))
+        .route("/v2/jobs/{id}", get(job_get))
+        .route("/v2/jobs/{id}/cancel", post(job_cancel))
+        .route("/v2/jobs/{id}/output", get(job_output))
         .route("/admin/privacy/forget", post(admin_privacy_forget))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -819,6 +825,7 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "compliance": s.service.metrics.section("compliance"),
         "ha": s.service.metrics.section("ha"),
         "verdicts": s.service.metrics.section("verdicts"),
+        "jobs": s.jobs.active(),
     }))
     .into_response()
 }
@@ -901,6 +908,94 @@ async fn admin_audit_export(
         }
     })?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    model: String,
+    version: Option<String>,
+    format: Option<String>,
+}
+
+/// The largest batch input taken (bytes).
+pub const MAX_JOB_INPUT_BYTES: u64 = 1 << 30;
+
+/// A batch job: the body (NDJSON or CSV rows) is streamed to disk, then queued (admin).
+async fn job_submit(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    axum::extract::Query(q): axum::extract::Query<JobQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let format = match q.format.as_deref().unwrap_or("ndjson") {
+        "ndjson" => crate::jobs::Format::Ndjson,
+        "csv" => crate::jobs::Format::Csv,
+        other => return Err(bad(format!("format '{other}': ndjson or csv"))),
+    };
+    if !crate::config::valid_name(&q.model) {
+        return Err(bad(format!("model '{}': 1-128 of [A-Za-z0-9._-]", q.model.chars().take(128).collect::<String>())));
+    }
+    s.service.repository.serving(&q.model, q.version.as_deref()).map_err(ApiError::from)?;
+    let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e);
+    let mut upload = crate::jobs::Uploading::start(&s.jobs, MAX_JOB_INPUT_BYTES).map_err(unavailable)?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| bad(format!("the upload ended early: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            upload.push(&data).map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e))?;
+        }
+    }
+    let upload = upload.finish().map_err(unavailable)?;
+    let job = s.jobs.submit(upload, &q.model, q.version, format, &principal.name).map_err(unavailable)?;
+    s.audit_admin(
+        &principal,
+        "batch_submit",
+        &format!("{} on {}", job.id, job.model),
+        &format!("{} rows queued", job.rows),
+    )
+    .await;
+    Ok((StatusCode::CREATED, axum::Json(s.jobs.status(&job))).into_response())
+}
+
+async fn job_list(State(s): State<HttpState>) -> Response {
+    let jobs: Vec<Value> = s.jobs.list().iter().map(|j| s.jobs.status(j)).collect();
+    axum::Json(json!({ "jobs": jobs })).into_response()
+}
+
+fn job_of(s: &HttpState, id: &str) -> Result<crate::jobs::Job, ApiError> {
+    s.jobs.get(id).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no job '{}'", id.chars().take(32).collect::<String>()))
+    })
+}
+
+async fn job_get(State(s): State<HttpState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = job_of(&s, &id)?;
+    Ok(axum::Json(s.jobs.status(&job)).into_response())
+}
+
+async fn job_cancel(
+    State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    job_of(&s, &id)?;
+    let cancelled = s.jobs.cancel(&id).map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let outcome = if cancelled { "cancelled" } else { "had already ended" };
+    s.audit_admin(&principal, "batch_cancel", &id, outcome).await;
+    Ok(axum::Json(json!({ "id": id, "cancelled": cancelled })).into_response())
+}
+
+/// The rows answered so far, one NDJSON line each, in row order.
+async fn job_output(State(s): State<HttpState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    job_of(&s, &id)?;
+    let jobs = s.jobs.clone();
+    let bytes = tokio::task::spawn_blocking(move || jobs.output(&id))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
 }
 
 #[derive(serde::Deserialize)]
