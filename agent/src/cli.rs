@@ -1387,6 +1387,15 @@ fn batch_command(cmd: BatchCommand) -> Result<i32, FatalError> {
                 return Err(FatalError::Usage(format!("{}: not a file", file.display())));
             }
             let mut target = agent_target(config.as_ref(), url)?;
+            // The model first: a refusal before the upload, not in the middle of it.
+            let ready = match &version {
+                Some(v) => format!("/v2/models/{}/versions/{}/ready", query_escape(&model), query_escape(v)),
+                None => format!("/v2/models/{}/ready", query_escape(&model)),
+            };
+            let (code, body) = http_send(&target, "GET", &ready, None)?;
+            if code != 200 {
+                return refused(code, &body);
+            }
             target.timeout = std::time::Duration::from_secs(3600);
             let mut path = format!("/v2/jobs?model={}&format={}", query_escape(&model), query_escape(&format));
             if let Some(v) = &version {

@@ -370,6 +370,8 @@ impl Jobs {
             if p.rows_done.is_multiple_of(SYNC_EVERY) {
                 self.checkpoint(&job.id, &mut output, &p)?;
             }
+            // Live requests' tasks run before the next row.
+            tokio::task::yield_now().await;
         }
         self.checkpoint(&job.id, &mut output, &p)?;
         if cancel.is_cancelled() {

@@ -415,6 +415,9 @@ impl InferenceService {
             None => (None, String::new(), serde_json::Map::new()),
         };
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
+        // A batch row never runs on the caller's thread nor commits its record there: the
+        // runtime's thread stays free for live requests.
+        let alone = alone && ctx.transport != Transport::Batch;
         let mut routing = Routing { alone, ..Routing::default() };
         // The model's experiment and shadow, read together (one configuration lookup), and
         // only for requests that name no version.
