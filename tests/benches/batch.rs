@@ -23,34 +23,8 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 async fn live(http: &reqwest::Client, url: &str, body: &bytes::Bytes, clients: usize, seconds: f64) -> (f64, f64, f64) {
-    let end = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (http, url, body) = (http.clone(), url.to_owned(), body.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while Instant::now() < end && lat.len() < MAX_REQUESTS {
-                    let t = Instant::now();
-                    if let Ok(r) = http.post(&url).body(body.clone()).send().await {
-                        if r.status().is_success() && r.bytes().await.is_ok() {
-                            lat.push(t.elapsed().as_secs_f64() * 1e3);
-                        }
-                    }
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap_or_default());
-    }
-    let wall = started.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let q =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    (lat.len() as f64 / wall, q(0.5), q(0.99))
+    let (rps, lat) = closed_loop(http, url, body, clients, seconds, MAX_REQUESTS).await;
+    (rps, quantile(&lat, 0.5), quantile(&lat, 0.99))
 }
 
 async fn job_done(http: &reqwest::Client, base: &str, id: &str) -> Result<u64> {

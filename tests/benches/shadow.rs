@@ -10,9 +10,7 @@
 //!         [--concurrency 1,8]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use outpost_tests::registry::{StaticServer, TestRegistry};
@@ -41,39 +39,8 @@ struct Round {
 }
 
 async fn round(http: &reqwest::Client, url: &str, body: &bytes::Bytes, clients: usize, seconds: f64) -> Round {
-    let end = Instant::now() + Duration::from_secs_f64(seconds);
-    let budget = Arc::new(AtomicUsize::new(MAX_REQUESTS));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (http, url, body, budget) = (http.clone(), url.to_owned(), body.clone(), budget.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while Instant::now() < end
-                    && budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok()
-                {
-                    let t = Instant::now();
-                    let ok = match http.post(&url).body(body.clone()).send().await {
-                        Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                        _ => false,
-                    };
-                    if ok {
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap_or_default());
-    }
-    let wall = started.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let q =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    Round { rps: lat.len() as f64 / wall, p50: q(0.5), p99: q(0.99) }
+    let (rps, lat) = closed_loop(http, url, body, clients, seconds, MAX_REQUESTS).await;
+    Round { rps, p50: quantile(&lat, 0.5), p99: quantile(&lat, 0.99) }
 }
 
 fn main() -> Result<()> {

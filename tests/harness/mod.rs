@@ -297,6 +297,56 @@ impl Drop for ChildAgent {
     }
 }
 
+/// A closed loop for the benches: `clients` callers each POST `body` to `url` and wait for the
+/// answer, for `seconds` and at most `max` requests in all. Returns requests answered per
+/// second and the answered requests' latencies (ms), sorted.
+pub async fn closed_loop(
+    http: &reqwest::Client,
+    url: &str,
+    body: &bytes::Bytes,
+    clients: usize,
+    seconds: f64,
+    max: usize,
+) -> (f64, Vec<f64>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let budget = std::sync::Arc::new(AtomicUsize::new(max));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, body, budget) = (http.clone(), url.to_owned(), body.clone(), budget.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < end
+                    && budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok()
+                {
+                    let t = Instant::now();
+                    let ok = match http.post(&url).body(body.clone()).send().await {
+                        Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                        _ => false,
+                    };
+                    if ok {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap_or_default());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (lat.len() as f64 / wall, lat)
+}
+
+/// The `p` quantile of sorted values (0 when empty).
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0.0)
+}
+
 /// An HTTP client for tests (installs the process's rustls provider first).
 pub fn http_client() -> reqwest::Client {
     outpost::tls::install_crypto_provider();
