@@ -101,6 +101,12 @@ impl Jobs {
     pub fn open(state_dir: &Path) -> Result<Jobs, String> {
         let dir = state_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        // Uploads cut off by a crash or a kill: never submitted, nothing refers to them.
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(".upload-")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Jobs {
             dir,
             wake: tokio::sync::Notify::new(),
@@ -560,6 +566,21 @@ impl Drop for Uploading {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_cut_off_by_a_crash_is_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
+        std::fs::write(dir.path().join("jobs/.upload-0011223344556677"), b"half a file").unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        assert!(!dir.path().join("jobs/.upload-0011223344556677").exists());
+        assert!(jobs.list().is_empty());
+        // An upload over the limit is refused and leaves nothing behind.
+        let mut up = Uploading::start(&jobs, 4).unwrap();
+        assert!(up.push(b"12345").is_err());
+        drop(up);
+        assert_eq!(std::fs::read_dir(dir.path().join("jobs")).unwrap().count(), 0);
+    }
 
     #[test]
     fn rows_are_read_whole_and_bounded() {
