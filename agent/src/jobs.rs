@@ -245,15 +245,14 @@ impl Jobs {
         self.job_dir(id).join("output.ndjson")
     }
 
-    /// The output as far as it is kept (cut at the last progress).
-    pub fn output(&self, id: &str) -> Result<Vec<u8>, String> {
-        let p = self.progress(id);
-        let path = self.output_path(id);
-        let mut bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-        if self.get(id).is_some_and(|j| j.state != State::Done && j.state != State::Cancelled) {
-            bytes.truncate(p.output_len as usize);
+    /// How much of the output is kept: all of it once the job ended, else up to the last
+    /// progress (rows past it may run again).
+    pub fn output_len(&self, id: &str) -> u64 {
+        let on_disk = std::fs::metadata(self.output_path(id)).map_or(0, |m| m.len());
+        match self.get(id) {
+            Some(j) if matches!(j.state, State::Done | State::Cancelled) => on_disk,
+            _ => on_disk.min(self.progress(id).output_len),
         }
-        Ok(bytes)
     }
 
     fn prune(&self) {

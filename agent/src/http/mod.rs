@@ -987,15 +987,16 @@ async fn job_cancel(
     Ok(axum::Json(json!({ "id": id, "cancelled": cancelled })).into_response())
 }
 
-/// The rows answered so far, one NDJSON line each, in row order.
+/// The rows answered so far, one NDJSON line each, in row order (streamed from the file).
 async fn job_output(State(s): State<HttpState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    use tokio::io::AsyncReadExt as _;
     job_of(&s, &id)?;
-    let jobs = s.jobs.clone();
-    let bytes = tokio::task::spawn_blocking(move || jobs.output(&id))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-        .unwrap_or_default();
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
+    let len = s.jobs.output_len(&id);
+    let body = match tokio::fs::File::open(s.jobs.output_path(&id)).await {
+        Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::new(file.take(len))),
+        Err(_) => Body::empty(),
+    };
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 #[derive(serde::Deserialize)]
