@@ -187,10 +187,6 @@ impl Compliance {
         *last = drifts;
         changed
     }
-
-    pub fn drifts(&self) -> Vec<Drift> {
-        self.drifts.read_locked().clone()
-    }
 }
 
 #[cfg(test)]

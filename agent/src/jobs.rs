@@ -437,11 +437,6 @@ impl Jobs {
         let (body, _) = crate::protocol::json::encode_response(&resp, |_| false);
         serde_json::from_slice(&body).map_err(|e| e.to_string())
     }
-
-    /// Cancels nothing; wakes the runner (a job was submitted elsewhere).
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
 }
 
 /// Reads one row (to `\n`), at most `MAX_ROW_BYTES + 1` bytes kept; returns the bytes the row
