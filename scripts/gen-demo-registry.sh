@@ -20,6 +20,10 @@ for d in "$ROOT"/models/*/; do
     *-int8-dyn) q=int8-dynamic ;;
     *) q=fp32 ;;
   esac
+  # A directory with package.json publishes the model with its processing steps.
+  package=()
+  [ -f "$d/package.json" ] && package=(--package "$d/package.json")
   "$bin" model publish "$d/model.onnx" --name "$name" --version 1.0.0 --key "$keys/demo-index.key" \
-    --registry "$ROOT/models/registry" --golden "$d/golden.json" --quantization "$q" --expires 3650d
+    --registry "$ROOT/models/registry" --golden "$d/golden.json" --quantization "$q" --expires 3650d \
+    "${package[@]}"
 done

@@ -37,3 +37,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   HF_HUB_OFFLINE=1 "$TEST_VENV/bin/python" "$ROOT/scripts/gen-models.py" --minilm
   echo "$want" > "$stamp"
 fi
+# MiniLM as a package taking text (its tokenizer, golden vectors from ONNX Runtime fed by the
+# reference tokenizers).
+stamp="$CACHE/models/.gen-packages.sha256"
+want="$(cat "$ROOT/scripts/gen-packages.py" "$ROOT/scripts/gen-models.py" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "building the MiniLM text package into .cache/models/minilm-text"
+  HF_HUB_OFFLINE=1 "$TEST_VENV/bin/python" "$ROOT/scripts/gen-packages.py" --minilm
+  echo "$want" > "$stamp"
+fi

@@ -3,11 +3,14 @@
 
 For every model under --models-dir: server live/ready, model metadata, then every golden case
 through client.infer(); outputs are compared with the ONNX Runtime golden vectors within the
-tolerance stated in golden.json. Exits non-zero on any mismatch.
+tolerance stated in golden.json. A model package (package.json) is checked on its own golden
+vectors: raw inputs (strings, encoded images) sent as BYTES tensors, as any Triton client
+sends them. Exits non-zero on any mismatch.
 
     scripts/tritonclient-check.py --url 127.0.0.1:8080 --models-dir models [--binary]
 """
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -19,6 +22,24 @@ NP = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int
       "INT8": np.int8, "BOOL": np.bool_}
 
 
+def array(t):
+    """A golden tensor as numpy: BYTES as an object array of bytes (base64-decoded when the
+    tensor says so)."""
+    if t["datatype"] == "BYTES":
+        items = [base64.b64decode(x) if t.get("encoding") == "base64" else x.encode() for x in t["data"]]
+        arr = np.empty(len(items), dtype=np.object_)
+        arr[:] = items
+        return arr.reshape(t["shape"])
+    return np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+
+
+def load_golden(d):
+    """The golden vectors a client checks a model directory with: its package's when it has one."""
+    if (d / "package.json").is_file():
+        return json.loads((d / "package.json").read_text())["golden"]
+    return json.loads((d / "golden.json").read_text())
+
+
 def compare(name, i, golden, result):
     """Checks one answer (anything with as_numpy) against golden case i; returns the largest
     absolute error of its float outputs. The gRPC check uses it too."""
@@ -26,7 +47,7 @@ def compare(name, i, golden, result):
     worst = 0.0
     for t in golden["cases"][i]["outputs"]:
         got = result.as_numpy(t["name"])
-        want = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+        want = array(t)
         if got is None or got.shape != want.shape:
             raise AssertionError(f"{name} case {i} {t['name']}: shape {None if got is None else got.shape} != {want.shape}")
         if want.dtype.kind == "f":
@@ -48,7 +69,7 @@ def check_model(client, name, golden, binary):
     for i, case in enumerate(golden["cases"]):
         inputs = []
         for t in case["inputs"]:
-            arr = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+            arr = array(t)
             inp = httpclient.InferInput(t["name"], t["shape"], t["datatype"])
             inp.set_data_from_numpy(arr, binary_data=binary)
             inputs.append(inp)
@@ -80,7 +101,7 @@ def main():
         assert ext in meta["extensions"], meta
     failures = 0
     for d in sorted(p for p in args.models_dir.iterdir() if (p / "golden.json").is_file()):
-        golden = json.loads((d / "golden.json").read_text())
+        golden = load_golden(d)
         try:
             worst = check_model(client, d.name, golden, args.binary)
             print(f"{d.name}: {len(golden['cases'])} cases match (max abs error {worst:.3g})")

@@ -32,6 +32,7 @@ _http_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_http_check)
 NP = _http_check.NP
 compare = _http_check.compare
+array = _http_check.array
 
 
 def load_models(models_dir, only=None):
@@ -39,14 +40,14 @@ def load_models(models_dir, only=None):
     for d in sorted(p for p in models_dir.iterdir() if (p / "golden.json").is_file()):
         if only and d.name not in only:
             continue
-        out.append((d.name, json.loads((d / "golden.json").read_text())))
+        out.append((d.name, _http_check.load_golden(d)))
     return out
 
 
 def grpc_inputs(module, case):
     inputs = []
     for t in case["inputs"]:
-        arr = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+        arr = array(t)
         inp = module.InferInput(t["name"], t["shape"], t["datatype"])
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
@@ -92,7 +93,7 @@ def serve(args):
             if http is not None:
                 hin = []
                 for t in case["inputs"]:
-                    arr = np.array(t["data"], dtype=NP[t["datatype"]]).reshape(t["shape"])
+                    arr = array(t)
                     x = httpclient.InferInput(t["name"], t["shape"], t["datatype"])
                     x.set_data_from_numpy(arr, binary_data=True)
                     hin.append(x)

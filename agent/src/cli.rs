@@ -261,6 +261,10 @@ enum ModelCommand {
         /// How long the new index stays valid.
         #[arg(long, default_value = "30d")]
         expires: String,
+        /// A package declaration (processing steps, `package.json`): the files its steps read
+        /// are taken from its directory and signed with the model.
+        #[arg(long)]
+        package: Option<PathBuf>,
     },
     /// Show installed, pending and rejected versions (reads the state directory).
     List {
@@ -567,17 +571,8 @@ fn execute(cli: Cli) -> Result<i32, FatalError> {
             let mut failed = 0;
             let sources = crate::lifecycle::scan_local(&c.local_models);
             for src in &sources {
-                let onnx = std::fs::read(&src.onnx)
-                    .map_err(|e| FatalError::Runtime(format!("{}: {e}", src.onnx.display())))?;
-                let golden = match &src.golden {
-                    Some(p) => {
-                        Some(std::fs::read(p).map_err(|e| FatalError::Runtime(format!("{}: {e}", p.display())))?)
-                    }
-                    None => None,
-                };
-                match crate::engine::prepare(&onnx, golden.as_deref(), &c.model(&src.name).prepare_options(onnx.len()))
-                {
-                    Ok(p) => println!("{}: ok ({})", src.name, p.detail),
+                match crate::lifecycle::prepare_local(src, &c.model(&src.name)) {
+                    Ok((p, _)) => println!("{}: ok ({})", src.name, p.detail),
                     Err(e) => {
                         failed += 1;
                         println!("{}: REFUSED: {e}", src.name);
@@ -773,6 +768,7 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
             quantization,
             may_leave_site,
             expires,
+            package,
         } => {
             let keys = load_keys(&keys)?;
             let signers: Vec<&crate::registry::KeyPair> = keys.iter().collect();
@@ -785,6 +781,7 @@ fn model_command(cmd: ModelCommand) -> Result<i32, FatalError> {
                 quantization: &quantization,
                 may_leave_site,
                 index_expires_in_secs: secs(&expires, "--expires")?,
+                package: package.as_deref(),
             };
             match crate::registry::publish::publish(&registry, &publication, &signers) {
                 Ok(sha) => {

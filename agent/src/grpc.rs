@@ -195,18 +195,18 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 |_: &pb::ModelRef| Permission::Read,
                 |s, _, r| async move {
                     let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
-                    let spec = |t: &crate::engine::TensorSpec| pb::TensorMetadata {
-                        name: t.name.clone(),
-                        datatype: t.datatype.as_str().to_owned(),
-                        shape: t.v2_shape(),
+                    let spec = |(name, datatype, shape): crate::engine::package::Spec| pb::TensorMetadata {
+                        name,
+                        datatype: datatype.as_str().to_owned(),
+                        shape,
                     };
-                    let sig = &served.model.signature;
+                    let (inputs, outputs) = served.io();
                     Ok(pb::ModelMetadataResponse {
                         name: served.name.clone(),
                         versions: s.state.service.repository.versions(&r.name),
                         platform: "onnx".into(),
-                        inputs: sig.inputs.iter().map(spec).collect(),
-                        outputs: sig.outputs.iter().map(spec).collect(),
+                        inputs: inputs.into_iter().map(spec).collect(),
+                        outputs: outputs.into_iter().map(spec).collect(),
                     })
                 },
             )

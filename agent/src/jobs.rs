@@ -471,6 +471,20 @@ fn trim_row(line: &[u8]) -> &[u8] {
 
 /// A CSV row as the model's one input, shape `[1, n]`, FP32.
 fn csv_request(service: &InferenceService, model: &str, text: &[u8]) -> Result<crate::protocol::InferRequest, String> {
+    let served = service.repository.serving(model, None).map_err(|e| e.to_string())?;
+    // A package with one raw input takes the line itself (a CSV row of named fields, a text).
+    if let Some([(name, _)]) = served.package.as_ref().map(|p| p.raw_inputs.as_slice()) {
+        let data = vec![text.to_vec()];
+        return Ok(crate::protocol::InferRequest {
+            inputs: vec![crate::protocol::Tensor {
+                name: name.clone(),
+                shape: vec![1],
+                data: crate::protocol::TensorData::Bytes(data),
+            }],
+            input_parameters: vec![serde_json::Map::new()],
+            ..Default::default()
+        });
+    }
     let text = std::str::from_utf8(text).map_err(|_| "the row is not UTF-8".to_owned())?;
     let values: Vec<f32> = text
         .split(',')
@@ -480,7 +494,6 @@ fn csv_request(service: &InferenceService, model: &str, text: &[u8]) -> Result<c
                 .map_err(|_| format!("'{}' is not a number", v.trim().chars().take(32).collect::<String>()))
         })
         .collect::<Result<_, _>>()?;
-    let served = service.repository.serving(model, None).map_err(|e| e.to_string())?;
     let input: Vec<String> = served.model.signature.inputs.iter().map(|i| i.name.clone()).collect();
     let [name] = input.as_slice() else {
         return Err(format!("CSV rows need a model with one input; '{model}' has {}", input.len()));

@@ -187,6 +187,20 @@ impl Requester {
     }
 
     /// One request and its reply.
+    /// Sends raw bytes with a v5 Content Type (an image, a text) and waits for the reply.
+    pub async fn request_typed(&self, topic: &str, corr: &str, payload: Vec<u8>, content_type: &str) -> Result<Value> {
+        let props = PublishProperties {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: Some(Bytes::from(corr.as_bytes().to_vec())),
+            content_type: Some(content_type.to_owned()),
+            ..Default::default()
+        };
+        let c = self.client.lock().ok().map(|c| c.clone()).ok_or_else(|| anyhow!("lock"))?;
+        c.publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props).await?;
+        self.wait_all(&[corr.to_owned()], Duration::from_secs(30)).await?;
+        self.reply(corr).ok_or_else(|| anyhow!("no reply"))
+    }
+
     pub async fn request(&self, topic: &str, corr: &str, body: &Value) -> Result<Value> {
         self.send(topic, corr, body).await?;
         self.wait_all(&[corr.to_owned()], Duration::from_secs(30)).await?;

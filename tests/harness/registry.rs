@@ -88,7 +88,10 @@ impl TestRegistry {
     }
 
     fn publish_dir_with(&self, model_dir: &Path, name: &str, version: &str, may_leave_site: bool) -> Result<String> {
+        // A directory with a package declaration publishes the model with its steps.
+        let package = model_dir.join("package.json");
         let p = Publication {
+            package: package.is_file().then_some(package.as_path()),
             model: &model_dir.join("model.onnx"),
             name,
             version,

@@ -17,6 +17,7 @@ mod lifecycle;
 mod models;
 mod mqtt;
 mod overflow;
+mod packages;
 mod packaging;
 mod registry;
 mod residency;

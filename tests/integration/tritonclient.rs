@@ -27,6 +27,11 @@ async fn tritonclient_http_works_unchanged() -> anyhow::Result<()> {
         assert!(out.status.success(), "tritonclient check {mode:?} failed:\n{stdout}\n{stderr}");
         assert!(stdout.contains("all models match"), "{stdout}");
         assert!(stdout.contains("binary_tensor_data"), "the extension is advertised: {stdout}");
+        // Packages too: images and named fields sent as BYTES tensors, unchanged.
+        assert!(
+            stdout.contains("digits-png: 3 cases match") && stdout.contains("cancer-fields: 3 cases match"),
+            "{stdout}"
+        );
     }
     agent.stop().await
 }

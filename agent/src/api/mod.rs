@@ -6,6 +6,7 @@ pub mod audit_sink;
 pub mod control;
 pub mod events;
 pub mod experiment;
+pub mod pipeline;
 pub mod repository;
 pub mod router;
 pub mod shadow;
@@ -192,6 +193,15 @@ pub struct InferenceService {
     pub compliance: Option<Arc<crate::compliance::Compliance>>,
     /// Rejections shared with the site's other box (`ha.peer_keys`).
     pub site_verdicts: Option<Arc<crate::verdicts::SiteVerdicts>>,
+    /// The pipelines served under their own names.
+    pub pipelines: Arc<pipeline::PipelineTable>,
+}
+
+/// Whether a content type says the body is a raw input (an image, a text, a CSV line, bytes)
+/// rather than a V2 request.
+pub fn is_raw_content_type(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    media.starts_with("image/") || media.starts_with("text/") || media == "application/octet-stream"
 }
 
 impl InferenceService {
@@ -209,7 +219,42 @@ impl InferenceService {
             shadows: Arc::default(),
             compliance: None,
             site_verdicts: None,
+            pipelines: Arc::default(),
         }
+    }
+
+    /// A raw input (an encoded image, a text, a row of fields), as sent over HTTP or MQTT
+    /// with its own content type, as a request: one BYTES item for the package's one raw
+    /// input.
+    pub fn raw_request(&self, model: &str, version: Option<&str>, raw: Vec<u8>) -> Result<InferRequest, InferError> {
+        let names: Vec<String> = match self.pipelines.get(model) {
+            // A pipeline's inputs are raw when its first steps take them so.
+            Some(p) => p.inputs.clone(),
+            None => {
+                let served = self.repository.serving(model, version)?;
+                let Some(package) = &served.package else {
+                    return Err(InferError::InvalidInput(format!(
+                        "model '{model}' takes V2 requests (application/json); raw inputs need a model package with processing steps"
+                    )));
+                };
+                package.raw_inputs.iter().map(|(n, _)| n.clone()).collect()
+            }
+        };
+        let [name] = names.as_slice() else {
+            return Err(InferError::InvalidInput(format!(
+                "model '{model}' has {} raw inputs; send a V2 request naming them",
+                names.len()
+            )));
+        };
+        Ok(InferRequest {
+            inputs: vec![crate::protocol::Tensor {
+                name: name.clone(),
+                shape: vec![1],
+                data: crate::protocol::TensorData::Bytes(vec![raw]),
+            }],
+            input_parameters: vec![serde_json::Map::new()],
+            ..Default::default()
+        })
     }
 
     /// Requests being answered now (a batch job's next row waits for none).
@@ -414,6 +459,9 @@ impl InferenceService {
             Some(p) => p.seal(&request.inputs, &request.parameters),
             None => (None, String::new(), serde_json::Map::new()),
         };
+        if let Some(p) = self.pipelines.get(model) {
+            return self.infer_pipeline(ctx, &p, request, (key_epoch, input_digest, parameters)).await;
+        }
         let (_in_flight, alone) = crate::engine::InFlight::enter(&self.in_flight);
         // A batch row never runs on the caller's thread nor commits its record there: the
         // runtime's thread stays free for live requests.
@@ -511,6 +559,43 @@ impl InferenceService {
         }
     }
 
+    /// A pipeline end to end: its steps, then one audit record for the whole (listing the
+    /// steps), made before the answer is given.
+    async fn infer_pipeline(
+        &self,
+        ctx: &RequestContext,
+        p: &pipeline::Pipeline,
+        request: InferRequest,
+        (key_epoch, input_digest, mut parameters): (Option<u64>, String, serde_json::Map<String, Value>),
+    ) -> Result<InferResponse, InferError> {
+        let (_in_flight, _) = crate::engine::InFlight::enter(&self.in_flight);
+        let (result, steps) = self.run_pipeline(ctx, p, request).await;
+        parameters.insert("pipeline_steps".into(), Value::Array(steps));
+        let latency = ctx.received.elapsed();
+        let (version, outcome) = match &result {
+            Ok(r) => (Some(r.model_version.clone()), RequestOutcome::Ok),
+            Err(e) => (None, RequestOutcome::Failed(e.kind())),
+        };
+        self.metrics.record_request(&p.name, &p.version, outcome.label(), latency, None);
+        let event = Event::Request {
+            ctx: ctx.clone(),
+            model: p.name.clone(),
+            version,
+            outcome,
+            latency,
+            key_epoch,
+            input_digest,
+            parameters,
+        };
+        match self.events.record(event).await {
+            Ok(()) => result,
+            Err(e) => {
+                self.metrics.record_audit_refusal();
+                Err(InferError::Unavailable(format!("not answered: the audit record could not be kept ({e})")))
+            }
+        }
+    }
+
     /// Carries out an experiment's conclusion (the candidate becomes the default, or the
     /// split ends) and records it: a lifecycle event, so the audit log and the event stream
     /// have it.
@@ -587,7 +672,9 @@ impl InferenceService {
             Ok(s) => s,
             Err(e) => return unserved(Err(e)),
         };
-        let upstream = overflow.filter(|_| router::may_overflow(&facts, served.may_leave_site));
+        // A package's steps run here only: its raw inputs never go to the overflow target.
+        let upstream =
+            overflow.filter(|_| served.package.is_none() && router::may_overflow(&facts, served.may_leave_site));
         let (result, run_time) = self.run_here(ctx, model, request, &served, upstream, routing).await;
         Routed { result, served_as: Some((served.version.clone(), run_time)) }
     }
@@ -634,15 +721,30 @@ impl InferenceService {
                 }
             }
         }
-        let inputs = match served.model.validate(request.inputs) {
+        // A package's steps turn raw inputs into the model's (image decoding off the
+        // runtime's threads).
+        let model_inputs = match &served.package {
+            None => Ok(request.inputs),
+            Some(p) if p.heavy() => {
+                let (p, inputs) = (p.clone(), request.inputs);
+                tokio::task::spawn_blocking(move || p.pre(inputs))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("pre-processing failed: {e}")))
+            }
+            Some(p) => p.pre(request.inputs),
+        };
+        let model_inputs = match model_inputs {
+            Ok(i) => i,
+            Err(m) => return (Err(InferError::InvalidInput(m)), None),
+        };
+        let inputs = match served.model.validate(model_inputs) {
             Ok(i) => i,
             Err(RunError::InvalidInput(m)) => return (Err(InferError::InvalidInput(m)), None),
             Err(RunError::Engine(m)) => return (Err(InferError::Internal(m)), None),
         };
         // Requested outputs must exist before any work is queued.
-        if let Some(o) =
-            request.outputs.iter().find(|o| !served.model.signature.outputs.iter().any(|s| s.name == o.name))
-        {
+        let known = served.output_names();
+        if let Some(o) = request.outputs.iter().find(|o| !known.contains(&o.name)) {
             return (Err(InferError::InvalidInput(format!("unknown output '{}'", o.name))), None);
         }
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
@@ -690,6 +792,12 @@ impl InferenceService {
                 return (Err(e), Some(run_time));
             }
         };
+        if let Some(p) = &served.package {
+            outputs = match p.post(outputs) {
+                Ok(o) => o,
+                Err(m) => return (Err(InferError::Internal(format!("post-processing failed: {m}"))), Some(run_time)),
+            };
+        }
         if !request.outputs.is_empty() {
             outputs = request
                 .outputs

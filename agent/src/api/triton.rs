@@ -10,14 +10,14 @@ pub const EXTENSIONS: [&str; 4] = ["model_repository", "binary_tensor_data", "mo
 /// Triton's model configuration for a serving version: its tensors, and with batching the
 /// batch size it takes (dims then leave out the batch dimension).
 pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
-    let sig = &served.model.signature;
     let batch = served.batching.as_ref();
-    let dims = |t: &crate::engine::TensorSpec| {
-        let shape = t.v2_shape();
+    // What callers send and get: a package's raw inputs and final outputs.
+    let (inputs, outputs) = served.io();
+    let dims = |shape: &[i64]| {
         if batch.is_some() {
             shape.get(1..).unwrap_or_default().to_vec()
         } else {
-            shape
+            shape.to_vec()
         }
     };
     pb::ModelConfig {
@@ -25,22 +25,20 @@ pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
         platform: "onnx".into(),
         backend: "tract".into(),
         max_batch_size: batch.map_or(0, |b| i32::try_from(b.max_batch).unwrap_or(i32::MAX)),
-        input: sig
-            .inputs
+        input: inputs
             .iter()
-            .map(|t| pb::ModelTensorConfig {
-                name: t.name.clone(),
-                data_type: pb::ConfigDataType::from(t.datatype) as i32,
-                dims: dims(t),
+            .map(|(name, datatype, shape)| pb::ModelTensorConfig {
+                name: name.clone(),
+                data_type: pb::ConfigDataType::from(*datatype) as i32,
+                dims: dims(shape),
             })
             .collect(),
-        output: sig
-            .outputs
+        output: outputs
             .iter()
-            .map(|t| pb::ModelOutputConfig {
-                name: t.name.clone(),
-                data_type: pb::ConfigDataType::from(t.datatype) as i32,
-                dims: dims(t),
+            .map(|(name, datatype, shape)| pb::ModelOutputConfig {
+                name: name.clone(),
+                data_type: pb::ConfigDataType::from(*datatype) as i32,
+                dims: dims(shape),
             })
             .collect(),
         dynamic_batching: batch.map(|b| pb::ModelDynamicBatching {

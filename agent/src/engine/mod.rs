@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod golden;
 pub mod inflight;
 pub mod model;
+pub mod package;
 pub mod prepare;
 pub mod progress;
 pub mod rewrite;

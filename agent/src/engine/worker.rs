@@ -255,6 +255,9 @@ pub struct Served {
     /// Whether the model's inputs may be sent off the site (overflow): its signed manifest says
     /// so; local models and configuration can only keep it `false`.
     pub may_leave_site: bool,
+    /// The processing steps shipped with the model, when it is a package: requests carry raw
+    /// inputs, answers the steps' outputs.
+    pub package: Option<Arc<super::package::Package>>,
     /// This version's response cache (`cache_bytes`), when enabled.
     pub cache: Option<super::cache::ResponseCache>,
     /// The batching in effect (`None` when off or the model has no batch dimension).
@@ -276,6 +279,29 @@ pub struct Served {
 struct Led {
     jobs: VecDeque<Job>,
     leading: bool,
+}
+
+impl Served {
+    /// The inputs and outputs callers see: the model's, or its package's.
+    pub fn io(&self) -> (Vec<super::package::Spec>, Vec<super::package::Spec>) {
+        let sig = &self.model.signature;
+        match &self.package {
+            Some(p) => p.describe(sig),
+            None => {
+                let spec = |t: &super::TensorSpec| (t.name.clone(), t.datatype, t.v2_shape());
+                (sig.inputs.iter().map(spec).collect(), sig.outputs.iter().map(spec).collect())
+            }
+        }
+    }
+
+    /// The outputs a caller may ask for: the model's, or its package's after the steps.
+    pub fn output_names(&self) -> Vec<String> {
+        let model: Vec<String> = self.model.signature.outputs.iter().map(|s| s.name.clone()).collect();
+        match &self.package {
+            Some(p) => p.output_names(&model),
+            None => model,
+        }
+    }
 }
 
 impl std::fmt::Debug for Served {
@@ -340,6 +366,7 @@ impl Served {
             workers,
             avg_run_ns,
             may_leave_site: false,
+            package: None,
             cache: (opts.cache_bytes > 0).then(|| super::cache::ResponseCache::new(opts.cache_bytes)),
             batching,
             stats,

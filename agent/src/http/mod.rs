@@ -359,14 +359,14 @@ async fn server_metadata() -> Response {
 
 fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
     let served = s.service.repository.serving(model, version)?;
-    let spec = |t: &crate::engine::TensorSpec| json!({ "name": t.name, "datatype": t.datatype.as_str(), "shape": t.v2_shape() });
-    let sig = &served.model.signature;
+    let spec = |(name, datatype, shape): &crate::engine::package::Spec| json!({ "name": name, "datatype": datatype.as_str(), "shape": shape });
+    let (inputs, outputs) = served.io();
     Ok(axum::Json(json!({
         "name": served.name,
         "versions": s.service.repository.versions(model),
         "platform": "onnx",
-        "inputs": sig.inputs.iter().map(spec).collect::<Vec<_>>(),
-        "outputs": sig.outputs.iter().map(spec).collect::<Vec<_>>(),
+        "inputs": inputs.iter().map(spec).collect::<Vec<_>>(),
+        "outputs": outputs.iter().map(spec).collect::<Vec<_>>(),
         // Outpost's own: how this version runs (the plan chooser's verdict, batching).
         "parameters": serving_parameters(&served),
     }))
@@ -591,7 +591,7 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
                 count_rejection(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
             })?
             .map_err(count_rejection)?;
-    // Treated as JSON whatever the Content-Type (tritonclient sends none), with a binary
+    // Treated as JSON unless the Content-Type names a raw input (tritonclient sends none), with a binary
     // section when the binary tensor extension's header says where the JSON ends.
     let header_len = match parts.headers.get("inference-header-content-length") {
         None => None,
@@ -602,11 +602,23 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
             ))
         })?),
     };
-    let request = match header_len {
-        Some(n) => parse_binary_request(&bytes, n),
-        None => parse_request(&bytes),
-    }
-    .map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?;
+    // An image, a text or a CSV line sent as it is (its own content type, no binary tensor
+    // header) is the raw input of a model package.
+    let raw = header_len.is_none()
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(crate::api::is_raw_content_type);
+    let request = if raw {
+        s.service.raw_request(&model, version.as_deref(), bytes.to_vec()).map_err(|e| count_rejection(e.into()))?
+    } else {
+        match header_len {
+            Some(n) => parse_binary_request(&bytes, n),
+            None => parse_request(&bytes),
+        }
+        .map_err(|e| count_rejection(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())))?
+    };
     let binary = binary_outputs_wanted(&request);
     let mut ctx = RequestContext::new(Transport::Http, config.http.request_timeout);
     if let Some(p) = parts.extensions.get::<Principal>() {

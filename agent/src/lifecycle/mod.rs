@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::api::events::{Event, LifecycleKind};
 use crate::api::InferenceService;
 use crate::config::{valid_name, ModelConfig};
+use crate::engine::package::{Package, Processing};
 use crate::engine::{Prepared, Served};
 
 /// Largest model file the agent reads.
@@ -17,13 +18,16 @@ pub const MAX_MODEL_BYTES: u64 = 2 << 30;
 /// Largest golden file the agent reads.
 pub const MAX_GOLDEN_BYTES: u64 = 64 << 20;
 
-/// A model on local disk: `<dir>/<name>/model.onnx` with an optional `golden.json`.
+/// A model on local disk: `<dir>/<name>/model.onnx` with an optional `golden.json` and an
+/// optional `package.json` (processing steps, their files beside it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSource {
     pub name: String,
     pub version: String,
     pub onnx: PathBuf,
     pub golden: Option<PathBuf>,
+    /// `package.json`: processing steps shipped with the model, when present.
+    pub package: Option<PathBuf>,
 }
 
 /// Lists the models in local model directories, sorted by name. When two directories hold the
@@ -52,7 +56,9 @@ pub fn scan_local(dirs: &[PathBuf]) -> Vec<ModelSource> {
             }
             let base = dir.join(&name);
             let golden = base.join("golden.json");
+            let package = base.join("package.json");
             found.push(ModelSource {
+                package: package.is_file().then_some(package),
                 name,
                 version: "1".to_owned(),
                 onnx: base.join("model.onnx"),
@@ -72,6 +78,47 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
         return Err(format!("{} is larger than {cap} bytes", path.display()));
     }
     Ok(buf)
+}
+
+/// Largest `package.json`.
+pub const MAX_PACKAGE_DECL_BYTES: u64 = 64 << 20;
+
+/// A local model prepared, with its package when it has one. Blocking: loads, checks the
+/// golden vectors (the model's, then the package's).
+pub fn prepare_local(src: &ModelSource, cfg: &ModelConfig) -> Result<(Prepared, Option<Package>), String> {
+    let onnx = read_capped(&src.onnx, MAX_MODEL_BYTES)?;
+    let golden = match &src.golden {
+        Some(p) => Some(read_capped(p, MAX_GOLDEN_BYTES)?),
+        None => None,
+    };
+    let mut prepared = crate::engine::prepare(&onnx, golden.as_deref(), &cfg.prepare_options(onnx.len()))
+        .map_err(|e| e.to_string())?;
+    let Some(path) = &src.package else { return Ok((prepared, None)) };
+    let decl: Processing = serde_json::from_slice(&read_capped(path, MAX_PACKAGE_DECL_BYTES)?)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files = std::collections::BTreeMap::new();
+    for name in crate::engine::package::needed_files(&decl) {
+        if !valid_name(name) {
+            return Err(format!(
+                "{}: file name '{}' must be 1-128 of [A-Za-z0-9._-]",
+                path.display(),
+                name.escape_debug()
+            ));
+        }
+        let bytes = read_capped(&dir.join(name), crate::engine::package::MAX_PACKAGE_FILE_BYTES)?;
+        // A local package may still pin its files' digests.
+        if let Some(want) = decl.files.get(name) {
+            let got = outpost_proto::registry::sha256_hex(&bytes);
+            if got != want.sha256 {
+                return Err(format!("package file {name} has sha256 {got}; package.json says {}", want.sha256));
+            }
+        }
+        files.insert(name.to_owned(), bytes);
+    }
+    let (package, detail) = crate::engine::package::prepare(&decl, &files, &prepared.model)?;
+    prepared.detail = format!("{}; {detail}", prepared.detail);
+    Ok((prepared, Some(package)))
 }
 
 /// Records a lifecycle event and waits for the event sink (the audit log among them) to take
@@ -98,24 +145,16 @@ pub async fn activate_prepared(service: &InferenceService, served: Served, detai
 /// Loads, checks and activates one local model. A refusal is recorded and returned.
 pub async fn install_local(service: &InferenceService, src: &ModelSource, cfg: &ModelConfig) -> Result<(), String> {
     service.repository.set_loading(&src.name, &src.version);
-    let onnx_path = src.onnx.clone();
-    let golden_path = src.golden.clone();
-    let cfg_clone = cfg.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<Prepared, String> {
-        let onnx = read_capped(&onnx_path, MAX_MODEL_BYTES)?;
-        let golden = match &golden_path {
-            Some(p) => Some(read_capped(p, MAX_GOLDEN_BYTES)?),
-            None => None,
-        };
-        crate::engine::prepare(&onnx, golden.as_deref(), &cfg_clone.prepare_options(onnx.len()))
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
+    let (src_clone, cfg_clone) = (src.clone(), cfg.clone());
+    let result = tokio::task::spawn_blocking(move || prepare_local(&src_clone, &cfg_clone))
+        .await
+        .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
     match result {
-        Ok(prepared) => {
+        Ok((prepared, package)) => {
             let detail = prepared.detail.clone();
-            activate_prepared(service, start(&src.name, &src.version, prepared, cfg), detail).await;
+            let mut served = start(&src.name, &src.version, prepared, cfg);
+            served.package = package.map(Arc::new);
+            activate_prepared(service, served, detail).await;
             Ok(())
         }
         Err(reason) => {
@@ -146,6 +185,18 @@ fn fingerprint(path: &Path) -> (u64, Option<std::time::SystemTime>) {
     std::fs::metadata(path).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None))
 }
 
+/// A local model's fingerprint: its model file's and its package declaration's.
+fn source_fingerprint(src: &ModelSource) -> (u64, Option<std::time::SystemTime>) {
+    let (len, at) = fingerprint(&src.onnx);
+    match &src.package {
+        Some(p) => {
+            let (plen, pat) = fingerprint(p);
+            (len.wrapping_add(plen.rotate_left(32)), at.max(pat))
+        }
+        None => (len, at),
+    }
+}
+
 impl LocalModels {
     /// Loads new and changed models, unloads the ones gone or disabled. Returns refusals.
     /// Settings for a model that is neither local nor can come from a registry are warned of.
@@ -172,7 +223,7 @@ impl LocalModels {
         }
         let mut refused = Vec::new();
         for src in sources {
-            let fp = fingerprint(&src.onnx);
+            let fp = source_fingerprint(&src);
             let unchanged = self.loaded.lock().map(|m| m.get(&src.name) == Some(&fp)).unwrap_or(false);
             if unchanged {
                 continue;
@@ -225,7 +276,7 @@ impl LocalModels {
             .ok_or_else(|| format!("unknown model '{name}'"))?;
         let result = install_local(service, &src, &config.model(name)).await;
         if let Ok(mut m) = self.loaded.lock() {
-            m.insert(name.to_owned(), fingerprint(&src.onnx));
+            m.insert(name.to_owned(), source_fingerprint(&src));
         }
         result
     }

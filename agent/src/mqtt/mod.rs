@@ -366,7 +366,9 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
     let payload = match parsed {
         Err(e) => json!({ "error": e }).to_string().into_bytes(),
         Ok((model, version)) => {
-            answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes).await
+            // A v5 Content Type other than JSON: the payload is the raw input of a package.
+            let raw = props.content_type.as_deref().is_some_and(crate::api::is_raw_content_type);
+            answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes, raw).await
         }
     };
     let reply_topic = match &props.response_topic {
@@ -398,19 +400,25 @@ async fn answer(
     version: Option<&str>,
     payload: &Bytes,
     max: usize,
+    raw: bool,
 ) -> Vec<u8> {
     let error = |msg: String, id: Option<String>| json!({ "error": msg, "id": id }).to_string().into_bytes();
     if payload.len() > max {
         return error(format!("request of {} bytes is larger than {max} bytes", payload.len()), None);
     }
-    let request = match parse_request(payload) {
+    let parsed = if raw {
+        service.raw_request(model, version, payload.to_vec()).map_err(|e| e.to_string())
+    } else {
+        parse_request(payload).map_err(|e| e.to_string())
+    };
+    let request = match parsed {
         Ok(r) => r,
         Err(e) => {
             // The id, if the JSON got that far, still goes back.
             let id = serde_json::from_slice::<serde_json::Value>(payload)
                 .ok()
                 .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-            return error(e.to_string(), id);
+            return error(e, id);
         }
     };
     let id = request.id.clone();

@@ -118,6 +118,8 @@ pub struct Publication<'a> {
     pub quantization: &'a str,
     pub may_leave_site: bool,
     pub index_expires_in_secs: i64,
+    /// `package.json`: processing steps; the files they read are beside it.
+    pub package: Option<&'a Path>,
 }
 
 /// Publishes a model: refuses it unless tract loads it and reproduces the golden vectors;
@@ -149,6 +151,10 @@ pub fn publish(dir: &Path, p: &Publication<'_>, signers: &[&KeyPair]) -> Result<
         datatype: t.datatype.as_str().into(),
         shape: t.v2_shape(),
     };
+    let processing = match p.package {
+        Some(path) => Some(publish_package(dir, path, &prepared.model)?),
+        None => None,
+    };
     let blob = zstd::bulk::compress(&onnx, 19).map_err(|e| RegistryError::Io(format!("zstd: {e}")))?;
     let blob_sha = sha256_hex(&blob);
     let model_sha = sha256_hex(&onnx);
@@ -174,6 +180,7 @@ pub fn publish(dir: &Path, p: &Publication<'_>, signers: &[&KeyPair]) -> Result<
             golden,
             min_agent_version: None,
             residency: Residency { may_leave_site: p.may_leave_site },
+            processing,
         },
     };
     let manifest = sign_json(MANIFEST_TYPE, &stmt, signers)?;
@@ -203,6 +210,45 @@ pub fn publish(dir: &Path, p: &Publication<'_>, signers: &[&KeyPair]) -> Result<
     index.expires = format_time(now() + p.index_expires_in_secs);
     write(dir, "index.json", &sign_json(INDEX_TYPE, &index, signers)?)?;
     Ok(manifest_sha)
+}
+
+/// Reads a package declaration, proves it on the model (its golden vectors, raw input to final
+/// output), writes the files its steps read as blobs and returns the declaration with their
+/// digests, ready to be signed in the manifest.
+fn publish_package(
+    dir: &Path,
+    path: &Path,
+    model: &crate::engine::LoadedModel,
+) -> Result<super::Processing, RegistryError> {
+    use crate::engine::package;
+    let bytes = std::fs::read(path).map_err(|e| RegistryError::file(path, e))?;
+    let mut decl: super::Processing =
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("{}: {e}", path.display())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut files = BTreeMap::new();
+    decl.files.clear();
+    let needed: Vec<String> = package::needed_files(&decl).into_iter().map(str::to_owned).collect();
+    for name in &needed {
+        let name = name.as_str();
+        if !valid_name(name) {
+            return Err(RegistryError::Invalid(format!(
+                "package file name '{}' is not a plain file name",
+                name.escape_debug()
+            )));
+        }
+        let file = base.join(name);
+        let bytes = std::fs::read(&file).map_err(|e| RegistryError::file(&file, e))?;
+        let sha256 = sha256_hex(&bytes);
+        decl.files.insert(name.to_owned(), package::FileRef { sha256, size: bytes.len() as u64 });
+        files.insert(name.to_owned(), bytes);
+    }
+    package::check_files(&decl).map_err(RegistryError::Invalid)?;
+    package::prepare(&decl, &files, model)
+        .map_err(|e| RegistryError::Refused(format!("{} refused: {e}", path.display())))?;
+    for (name, bytes) in &files {
+        write(dir, &format!("blobs/sha256/{}", decl.files[name].sha256), bytes)?;
+    }
+    Ok(decl)
 }
 
 /// Re-signs the index with a new version (e.g. to withdraw a version: `remove` names it).

@@ -197,7 +197,30 @@ impl RegistrySync {
         for name in names {
             self.serve_model_from_store(&name).await;
         }
+        // The pipelines last accepted, as persisted (verified again by `Trusted::load`).
+        if let Some((p, _)) = self.trusted.pipelines.clone() {
+            self.apply_pipelines(&p);
+        }
         self.save();
+    }
+
+    /// Serves the registry's pipelines; one that does not check out is refused by name (the
+    /// others serve). Returns the refusals.
+    fn apply_pipelines(&self, p: &outpost_proto::registry::pipeline::Pipelines) -> Vec<(String, String)> {
+        let mut built = Vec::new();
+        let mut refused = Vec::new();
+        for doc in &p.pipelines {
+            match crate::api::pipeline::Pipeline::build(doc, &p.version.to_string()) {
+                Ok(pipe) => built.push(pipe),
+                Err(e) => {
+                    tracing::warn!(pipeline = %doc.name, error = %e, "pipeline refused");
+                    refused.push((doc.name.clone(), e));
+                }
+            }
+        }
+        tracing::info!(version = p.version, pipelines = built.len(), "registry pipelines in force");
+        self.service.pipelines.set("registry", built);
+        refused
     }
 
     async fn serve_model_from_store(&mut self, name: &str) {
@@ -304,6 +327,9 @@ impl RegistrySync {
         }
         check_hex_digest(&p.blob.sha256)?;
         stmt.model_sha256()?;
+        if let Some(decl) = &p.processing {
+            crate::engine::package::check_files(decl).map_err(RegistryError::Invalid)?;
+        }
         if let Some(min) = &p.min_agent_version {
             let ours = SemVer::parse(env!("CARGO_PKG_VERSION"));
             match (SemVer::parse(min), ours) {
@@ -320,13 +346,28 @@ impl RegistrySync {
         let golden = serde_json::to_vec(&stmt.predicate.golden).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let cfg = self.model_config(name);
         let cfg2 = cfg.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            crate::engine::prepare(&onnx, Some(&golden), &cfg2.prepare_options(onnx.len()))
+        // The package's files, from the store (re-hashed on the way in).
+        let decl = stmt.predicate.processing.clone();
+        let mut files = std::collections::BTreeMap::new();
+        for (file, f) in decl.iter().flat_map(|d| d.files.iter()) {
+            files.insert(file.clone(), self.store.read_file(&f.sha256)?);
+        }
+        let (mut prepared, package) = tokio::task::spawn_blocking(move || {
+            let prepared = crate::engine::prepare(&onnx, Some(&golden), &cfg2.prepare_options(onnx.len()))
+                .map_err(|e| RegistryError::Refused(e.to_string()))?;
+            match &decl {
+                None => Ok((prepared, None)),
+                Some(decl) => {
+                    let (package, detail) = crate::engine::package::prepare(decl, &files, &prepared.model)
+                        .map_err(|e| RegistryError::Refused(format!("package refused: {e}")))?;
+                    let mut prepared = prepared;
+                    prepared.detail = format!("{}; {detail}", prepared.detail);
+                    Ok((prepared, Some(package)))
+                }
+            }
         })
         .await
-        .map_err(|e| RegistryError::Refused(format!("loader task failed: {e}")))?
-        .map_err(|e| RegistryError::Refused(e.to_string()))?;
-        let mut prepared = prepared;
+        .map_err(|e| RegistryError::Refused(format!("loader task failed: {e}")))??;
         crate::failpoint::hit("mid-activation");
         let version = stmt.predicate.version.clone();
         let detail = std::mem::take(&mut prepared.detail);
@@ -335,6 +376,7 @@ impl RegistrySync {
         // What the signed manifest allows; the configuration's `may_leave_site = false` is
         // applied live by the router.
         served.may_leave_site = stmt.predicate.residency.may_leave_site;
+        served.package = package.map(Arc::new);
         Ok(served)
     }
 
@@ -397,6 +439,15 @@ impl RegistrySync {
                 tracing::warn!(error = %e, "compliance baseline refused; the trusted one stays in force");
                 self.service.metrics.set_alarm("baseline_refused", Some(e.to_string()));
                 report.failed.push(("baseline.json".into(), e.to_string()));
+            }
+        }
+        // Pipelines, when the registry publishes them; refused ones leave the trusted ones.
+        match self.trusted.update_pipelines(fetcher, now()).await {
+            Ok((Some(p), true)) => report.failed.extend(self.apply_pipelines(&p)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "pipelines refused; the trusted ones stay in force");
+                report.failed.push(("pipelines.json".into(), e.to_string()));
             }
         }
         for (name, entries) in &index.models {
@@ -700,6 +751,7 @@ impl RegistrySync {
                 let _ = std::fs::remove_file(&partial);
             })?;
         let _ = std::fs::remove_file(&partial);
+        self.fetch_package_files(fetcher, &stmt).await?;
         self.store.put_manifest(&entry.manifest.sha256, &manifest)?;
         let onnx = self.store.read_model(&model_sha)?;
         let served = self.prepare(name, &stmt, onnx).await?;
@@ -710,6 +762,29 @@ impl RegistrySync {
             installed_at: now(),
         };
         Ok((new, served))
+    }
+
+    /// Downloads the files a package's steps read (each capped at its signed size and checked
+    /// against its signed digest) into the store. A file already stored is not fetched again.
+    async fn fetch_package_files(&self, fetcher: &Fetcher, stmt: &Statement) -> Result<(), RegistryError> {
+        let Some(decl) = &stmt.predicate.processing else { return Ok(()) };
+        for (name, f) in &decl.files {
+            if self.store.read_file(&f.sha256).is_ok() {
+                continue;
+            }
+            let bytes = fetcher.get_body(&format!("blobs/sha256/{}", f.sha256), f.size).await?;
+            let got = sha256_hex(&bytes);
+            if got != f.sha256 || bytes.len() as u64 != f.size {
+                return Err(RegistryError::Digest(format!(
+                    "package file {name} has sha256 {got} ({} bytes); the signed manifest says {} ({} bytes)",
+                    bytes.len(),
+                    f.sha256,
+                    f.size
+                )));
+            }
+            self.store.put_file(&f.sha256, &bytes)?;
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------------------------------

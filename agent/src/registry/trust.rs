@@ -15,6 +15,7 @@ use super::{
     MAX_INDEX_BYTES, MAX_ROOT_BYTES, ROOT_TYPE,
 };
 use crate::store::write_atomic;
+use outpost_proto::registry::pipeline::{Pipelines, MAX_PIPELINES_BYTES, PIPELINES_TYPE};
 
 /// The keys of one role, with its threshold.
 #[derive(Debug, Clone)]
@@ -76,6 +77,99 @@ pub fn verify_baseline(root: &Root, bytes: &[u8]) -> Result<Baseline, RegistryEr
     Ok(baseline)
 }
 
+/// Parses a `pipelines.json` envelope and checks it is signed by a threshold of the index
+/// role. Each pipeline's own checks are the serving side's (`api::pipeline`).
+pub fn verify_pipelines(root: &Root, bytes: &[u8]) -> Result<Pipelines, RegistryError> {
+    let env = Envelope::parse(bytes)?;
+    let keys = role_keys(root, &root.roles.index, "index")?;
+    let payload = env.verify(PIPELINES_TYPE, &keys.keys, keys.threshold, "pipelines")?;
+    let p: Pipelines =
+        serde_json::from_slice(&payload).map_err(|e| RegistryError::Invalid(format!("pipelines payload: {e}")))?;
+    if p.kind != "pipelines" {
+        return Err(RegistryError::Invalid(format!("pipelines _type is '{}'", p.kind)));
+    }
+    parse_time(&p.expires)?;
+    Ok(p)
+}
+
+/// A signed document kept beside the index (the baseline, the pipelines): versioned and
+/// expiring.
+trait SignedDoc: Clone {
+    const FILE: &'static str;
+    const WHAT: &'static str;
+    const MAX_BYTES: u64;
+    fn verify(root: &Root, bytes: &[u8]) -> Result<Self, RegistryError>;
+    fn version(&self) -> u64;
+    fn expires(&self) -> &str;
+}
+
+impl SignedDoc for Baseline {
+    const FILE: &'static str = "baseline.json";
+    const WHAT: &'static str = "baseline";
+    const MAX_BYTES: u64 = MAX_BASELINE_BYTES;
+    fn verify(root: &Root, bytes: &[u8]) -> Result<Self, RegistryError> {
+        verify_baseline(root, bytes)
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn expires(&self) -> &str {
+        &self.expires
+    }
+}
+
+impl SignedDoc for Pipelines {
+    const FILE: &'static str = "pipelines.json";
+    const WHAT: &'static str = "pipelines";
+    const MAX_BYTES: u64 = MAX_PIPELINES_BYTES;
+    fn verify(root: &Root, bytes: &[u8]) -> Result<Self, RegistryError> {
+        verify_pipelines(root, bytes)
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn expires(&self) -> &str {
+        &self.expires
+    }
+}
+
+/// Fetches and verifies a signed document, if the registry publishes one; returns the one now
+/// trusted and whether it changed. A forged, rolled-back or expired one is refused and the
+/// trusted one stays; an accepted one is persisted in `dir`.
+async fn update_doc<T: SignedDoc>(
+    slot: &mut Option<(T, Vec<u8>)>,
+    root: &Root,
+    dir: &Path,
+    fetcher: &Fetcher,
+    now: i64,
+) -> Result<(Option<T>, bool), RegistryError> {
+    let bytes = match fetcher.get_body(T::FILE, T::MAX_BYTES).await {
+        Ok(b) => b,
+        Err(RegistryError::NotFound(_)) => return Ok((slot.as_ref().map(|(b, _)| b.clone()), false)),
+        Err(e) => return Err(e),
+    };
+    if slot.as_ref().is_some_and(|(_, old)| *old == bytes) {
+        return Ok((slot.as_ref().map(|(b, _)| b.clone()), false));
+    }
+    let doc = T::verify(root, &bytes)?;
+    if let Some((old, _)) = slot.as_ref() {
+        if doc.version() <= old.version() {
+            return Err(RegistryError::Rollback(format!(
+                "{} version {} is not newer than the trusted version {}",
+                T::WHAT,
+                doc.version(),
+                old.version()
+            )));
+        }
+    }
+    if parse_time(doc.expires())? <= now {
+        return Err(RegistryError::Expired(format!("{} v{} expired at {}", T::WHAT, doc.version(), doc.expires())));
+    }
+    write_atomic(&dir.join(T::FILE), &bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
+    *slot = Some((doc.clone(), bytes));
+    Ok((Some(doc), true))
+}
+
 /// The baseline last accepted from the registry (`<state_dir>/registry/baseline.json`),
 /// verified against the trusted root there; `None` when there is none.
 pub fn persisted_baseline(state_dir: &Path) -> Result<Option<Baseline>, RegistryError> {
@@ -102,6 +196,8 @@ pub struct Trusted {
     index_etag: Option<String>,
     /// The last verified compliance baseline and its envelope bytes.
     pub baseline: Option<(Baseline, Vec<u8>)>,
+    /// The last verified pipelines and their envelope bytes.
+    pub pipelines: Option<(Pipelines, Vec<u8>)>,
 }
 
 impl Trusted {
@@ -125,7 +221,13 @@ impl Trusted {
         };
         let meta: Meta =
             std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let mut t = Trusted { dir, root, index: None, index_etag: meta.index_etag, baseline: None };
+        let mut t = Trusted { dir, root, index: None, index_etag: meta.index_etag, baseline: None, pipelines: None };
+        if let Ok(bytes) = std::fs::read(t.dir.join(Pipelines::FILE)) {
+            match verify_pipelines(&t.root, &bytes) {
+                Ok(p) => t.pipelines = Some((p, bytes)),
+                Err(e) => tracing::warn!(error = %e, "persisted pipelines no longer verify; refetching"),
+            }
+        }
         // Likewise the persisted baseline: its version is the floor.
         if let Ok(bytes) = std::fs::read(t.dir.join("baseline.json")) {
             match verify_baseline(&t.root, &bytes) {
@@ -257,31 +359,16 @@ impl Trusted {
         fetcher: &Fetcher,
         now: i64,
     ) -> Result<(Option<Baseline>, bool), RegistryError> {
-        let bytes = match fetcher.get_body("baseline.json", MAX_BASELINE_BYTES).await {
-            Ok(b) => b,
-            Err(RegistryError::NotFound(_)) => return Ok((self.baseline.as_ref().map(|(b, _)| b.clone()), false)),
-            Err(e) => return Err(e),
-        };
-        if self.baseline.as_ref().is_some_and(|(_, old)| *old == bytes) {
-            return Ok((self.baseline.as_ref().map(|(b, _)| b.clone()), false));
-        }
-        let baseline = verify_baseline(&self.root, &bytes)?;
-        if let Some((old, _)) = &self.baseline {
-            if baseline.version <= old.version {
-                return Err(RegistryError::Rollback(format!(
-                    "baseline version {} is not newer than the trusted version {}",
-                    baseline.version, old.version
-                )));
-            }
-        }
-        if parse_time(&baseline.expires)? <= now {
-            return Err(RegistryError::Expired(format!(
-                "baseline v{} expired at {}",
-                baseline.version, baseline.expires
-            )));
-        }
-        write_atomic(&self.dir.join("baseline.json"), &bytes).map_err(|e| RegistryError::Io(e.to_string()))?;
-        self.baseline = Some((baseline.clone(), bytes));
-        Ok((Some(baseline), true))
+        update_doc(&mut self.baseline, &self.root, &self.dir, fetcher, now).await
+    }
+
+    /// Fetches and verifies the pipelines, if the registry publishes them; as
+    /// [`Trusted::update_baseline`].
+    pub async fn update_pipelines(
+        &mut self,
+        fetcher: &Fetcher,
+        now: i64,
+    ) -> Result<(Option<Pipelines>, bool), RegistryError> {
+        update_doc(&mut self.pipelines, &self.root, &self.dir, fetcher, now).await
     }
 }

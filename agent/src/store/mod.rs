@@ -229,7 +229,11 @@ impl Store {
 
     /// Writes a model file (encrypted when there is a key) atomically under its digest.
     fn write_model(&self, sha: &str, plain: &[u8]) -> io::Result<PathBuf> {
-        let dest = self.model_path(sha);
+        self.write_sealed(self.model_path(sha), sha, plain)
+    }
+
+    /// Writes `plain` durably at `dest` (encrypted with the store key, bound to `sha`).
+    fn write_sealed(&self, dest: PathBuf, sha: &str, plain: &[u8]) -> io::Result<PathBuf> {
         let dir = dest.parent().unwrap_or(Path::new(".")).to_owned();
         let tmp = temp_sibling(&dest);
         let result = (|| {
@@ -271,6 +275,46 @@ impl Store {
 
     pub fn model_path(&self, sha: &str) -> PathBuf {
         self.root.join("models").join(format!("{sha}.onnx"))
+    }
+
+    /// A package file (a tokenizer, a labels file) by its sha256.
+    pub fn file_path(&self, sha: &str) -> PathBuf {
+        self.root.join("files").join(sha)
+    }
+
+    /// Stores a package file whose digest the caller checked (encrypted like models).
+    pub fn put_file(&self, sha: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+        std::fs::create_dir_all(self.root.join("files"))
+            .map_err(|e| RegistryError::file(self.root.join("files"), e))?;
+        self.write_sealed(self.file_path(sha), sha, bytes)
+            .map(|_| ())
+            .map_err(|e| RegistryError::Io(format!("storing package file: {e}")))
+    }
+
+    /// Reads a stored package file, decrypting and re-hashing it: a file changed on disk is
+    /// refused.
+    pub fn read_file(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
+        let path = self.file_path(sha);
+        let bytes = std::fs::read(&path).map_err(|e| RegistryError::file(&path, e))?;
+        let plain = match (&self.key, crypt::is_encrypted(&bytes)) {
+            (Some(k), true) => crypt::decrypt(k, sha, &bytes)
+                .map_err(|e| RegistryError::Digest(format!("stored package file {} {e}", path.display())))?,
+            (None, true) => {
+                return Err(RegistryError::Digest(format!(
+                    "stored package file {} is encrypted and [store] encrypt = false",
+                    path.display()
+                )))
+            }
+            (_, false) => bytes,
+        };
+        let got = outpost_proto::registry::sha256_hex(&plain);
+        if got != sha {
+            return Err(RegistryError::Digest(format!(
+                "stored package file {} was modified on disk (sha256 now {got})",
+                path.display()
+            )));
+        }
+        Ok(plain)
     }
 
     pub fn manifest_path(&self, sha: &str) -> PathBuf {
@@ -393,6 +437,19 @@ impl Store {
             }
         };
         sweep(self.root.join("models"), &|n| keep_models.iter().any(|k| k == n));
+        // Package files: those the kept manifests name.
+        let keep_files: Vec<String> = keep_manifests
+            .iter()
+            .filter_map(|m| {
+                let bytes = std::fs::read(self.manifest_path(m.trim_end_matches(".json"))).ok()?;
+                let env = outpost_proto::registry::dsse::Envelope::parse(&bytes).ok()?;
+                let stmt: outpost_proto::registry::Statement =
+                    serde_json::from_slice(&env.payload_bytes().ok()?).ok()?;
+                Some(stmt.predicate.processing?.files.into_values().map(|f| f.sha256).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect();
+        sweep(self.root.join("files"), &|n| keep_files.iter().any(|k| k == n));
         sweep(self.root.join("manifests"), &|n| keep_manifests.iter().any(|k| *k == n || k == &n.replace(".json", "")));
         let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86400);
         if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {

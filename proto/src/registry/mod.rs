@@ -4,6 +4,8 @@
 
 pub mod dsse;
 pub mod keys;
+pub mod package;
+pub mod pipeline;
 
 use std::collections::BTreeMap;
 
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use keys::{KeyPair, PublicKey};
+pub use package::Processing;
 
 pub const ROOT_TYPE: &str = "application/vnd.outpost.root+json";
 pub const INDEX_TYPE: &str = "application/vnd.outpost.index+json";
@@ -220,6 +223,9 @@ pub struct ModelPredicate {
     #[serde(default)]
     pub min_agent_version: Option<String>,
     pub residency: Residency,
+    /// Processing steps shipped with the model ([`package`]); absent for a bare model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing: Option<Processing>,
 }
 
 /// A model manifest: an in-toto Statement v1 whose subject is the ONNX file.
