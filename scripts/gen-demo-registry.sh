@@ -27,3 +27,6 @@ for d in "$ROOT"/models/*/; do
     --registry "$ROOT/models/registry" --golden "$d/golden.json" --quantization "$q" --expires 3650d \
     "${package[@]}"
 done
+# The demo pipelines (models/pipelines.json), signed like the index.
+"$bin" registry pipelines --registry "$ROOT/models/registry" --key "$keys/demo-index.key" \
+  --file "$ROOT/models/pipelines.json" --expires 3650d

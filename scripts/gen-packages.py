@@ -4,7 +4,8 @@ cover the whole package, raw input in and final output out. The expected outputs
 Runtime's, fed by reference processing written here with numpy (pixels, fields) or by the
 reference `tokenizers` library (text); tract never computes them.
 
-    gen-packages.py --demo     # models/digits-png and models/cancer-fields (committed)
+    gen-packages.py --demo     # models/digits-png, models/cancer-fields, the pipeline demo
+                               # models digit-parity and prob-mean, models/pipelines.json
     gen-packages.py --minilm   # .cache/models/minilm-text (MiniLM with its tokenizer)
 
 Needs numpy, onnxruntime and tokenizers (.cache/venv-test).
@@ -158,6 +159,121 @@ def cancer_fields(models):
     print(f"cancer-fields: {len(cases)} golden cases")
 
 
+def onnx_model(path, nodes, inputs, outputs, inits):
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, path.parent.name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="outpost-gen-packages")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def golden(path, feeds_list):
+    """ONNX Runtime's outputs for each case, written beside the model (atol 1e-5: these are
+    a few float operations)."""
+    import onnxruntime as ort
+
+    sess = session(path)
+    names = [o.name for o in sess.get_outputs()]
+    cases = []
+    for feeds in feeds_list:
+        got = sess.run(None, feeds)
+        cases.append({"inputs": [v2(k, v) for k, v in feeds.items()], "outputs": [v2(n, v) for n, v in zip(names, got)]})
+    g = {"producer": f"onnxruntime {ort.__version__} CPUExecutionProvider, 1 thread", "tolerance": {"atol": 1e-5, "rtol": 0.0},
+         "cases": cases}
+    (path.parent / "golden.json").write_text(json.dumps(g) + "\n")
+
+
+def heads(models):
+    """Two small models the demo pipelines chain after the digits CNN: digit-parity (the
+    probabilities of an even and an odd digit, a sum over classes) and prob-mean (the mean of
+    two probability vectors: where two branches meet)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    probs = [np.array(c["outputs"][0]["data"], dtype=np.float32).reshape(c["outputs"][0]["shape"])
+             for c in json.load(open(models / "cnn" / "golden.json"))["cases"]]
+    w = np.zeros((10, 2), dtype=np.float32)
+    w[0::2, 0], w[1::2, 1] = 1.0, 1.0
+    path = models / "digit-parity" / "model.onnx"
+    onnx_model(path, [helper.make_node("MatMul", ["probabilities", "w"], ["parity"])],
+               [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+               [helper.make_tensor_value_info("parity", TensorProto.FLOAT, ["N", 2])], [numpy_helper.from_array(w, "w")])
+    golden(path, [{"probabilities": p} for p in probs])
+    path = models / "prob-mean" / "model.onnx"
+    onnx_model(path, [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["sum", "half"], ["mean"])],
+               [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 10]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 10])],
+               [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["N", 10])],
+               [numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half")])
+    golden(path, [{"a": p, "b": p[::-1].copy()} for p in probs])
+    print("digit-parity, prob-mean: built with golden vectors")
+
+
+PIPELINES = [
+    {   # A chain, with the image fanned out to two readers that meet again (fan-out, fan-in).
+        "name": "digit-report",
+        "inputs": ["image"],
+        "steps": [
+            {"name": "read", "model": "digits-png", "inputs": {"image": "input.image"}},
+            {"name": "reread", "model": "digits-png", "inputs": {"image": "input.image"}},
+            {"name": "agree", "model": "prob-mean", "inputs": {"a": "read.probabilities", "b": "reread.probabilities"}},
+            {"name": "parity", "model": "digit-parity", "inputs": {"probabilities": "agree.mean"}},
+        ],
+        "outputs": {"digit": "read.digit", "probabilities": "agree.mean", "parity": "parity.parity"},
+    },
+    {   # A cascade: the int8 MLP answers when sure, else the fp32 one.
+        "name": "cancer-triage",
+        "inputs": ["X"],
+        "steps": [
+            {"name": "triage", "cascade": [
+                {"model": "mlp-int8-dyn", "sure": {"output": "probabilities", "at_least": 0.99}},
+                {"model": "mlp"}],
+             "inputs": {"X": "input.X"}},
+        ],
+        "outputs": {"label": "triage.label", "probabilities": "triage.probabilities"},
+    },
+]
+
+
+def pipelines(models):
+    """The demo pipelines, and what ONNX Runtime answers for them on sample inputs (the
+    reference a test compares with), per pipeline."""
+    (models / "pipelines.json").write_text(json.dumps(PIPELINES, indent=1) + "\n")
+    cnn, parity = session(models / "cnn" / "model.onnx"), session(models / "digit-parity" / "model.onnx")
+    mean = session(models / "prob-mean" / "model.onnx")
+    scale = np.float32(16 / 255)
+    probes = {"digit-report": [], "cancer-triage": []}
+    for c in json.load(open(models / "cnn" / "golden.json"))["cases"][:2]:
+        x = np.array(c["inputs"][0]["data"], dtype=np.float32).reshape(-1, 8, 8)
+        pixels = np.rint(x * 255 / 16).astype(np.uint8)
+        p = cnn.run(None, {"pixels": pixels.astype(np.float32)[:, None, :, :] * scale})[0]
+        m = mean.run(None, {"a": p, "b": p})[0]
+        probes["digit-report"].append({
+            "png": base64.b64encode(png(pixels[0])).decode(),
+            "digit": str(int(np.argmax(p[0]))), "probabilities": m[0].tolist(),
+            "parity": parity.run(None, {"probabilities": m})[0][0].tolist(),
+        })
+    small, large = session(models / "mlp-int8-dyn" / "model.onnx"), session(models / "mlp" / "model.onnx")
+    rows = [np.array(c["inputs"][0]["data"], dtype=np.float32).reshape(-1, 30)[:1]
+            for c in json.load(open(models / "mlp" / "golden.json"))["cases"][:2]]
+    # Between a benign and a malignant case, where the small model is least sure.
+    line = [((1 - t) * rows[0] + t * rows[1]).astype(np.float32) for t in np.linspace(0, 1, 401)]
+    rows.append(min(line, key=lambda x: float(np.max(small.run(None, {"X": x})[1]))))
+    for x in rows:
+        s_label, s_probs = small.run(None, {"X": x})
+        sure = bool(np.max(s_probs) >= np.float32(0.99))
+        assert abs(float(np.max(s_probs)) - 0.99) > 1e-3, "a probe at the cascade's bar"
+        label, probs = (s_label, s_probs) if sure else large.run(None, {"X": x})
+        probes["cancer-triage"].append({"X": x[0].tolist(), "answered_by": "mlp-int8-dyn" if sure else "mlp",
+                                        "label": int(label[0]), "probabilities": probs[0].tolist()})
+    assert {p["answered_by"] for p in probes["cancer-triage"]} == {"mlp-int8-dyn", "mlp"}, probes
+    (models / "pipelines-probes.json").write_text(json.dumps(probes) + "\n")
+    print("pipelines.json: digit-report, cancer-triage; reference answers in pipelines-probes.json")
+
+
 SENTENCES = [
     "The branch opens at nine.",
     "A customer asked about the new savings account.",
@@ -222,6 +338,8 @@ def main():
     if a.demo:
         digits_png(Path(a.models))
         cancer_fields(Path(a.models))
+        heads(Path(a.models))
+        pipelines(Path(a.models))
     if a.minilm:
         minilm_text(Path(a.cache))
 

@@ -52,8 +52,11 @@ for d in "$ROOT"/models/*/; do
   n="$(basename "$d")"
   [ -f "$d/model.onnx" ] || continue
   install -d "$stage/usr/share/outpost/models/$n"
-  install -m 0644 "$d/model.onnx" "$d/golden.json" "$stage/usr/share/outpost/models/$n/"
+  # The model, its golden vectors and, for a package, its declaration and the files its
+  # steps read (symlinked demo models are copied as files).
+  install -m 0644 "$d"/* "$stage/usr/share/outpost/models/$n/"
 done
+install -m 0644 "$ROOT/models/pipelines.json" "$stage/usr/share/outpost/models/pipelines.json"
 cp -r "$ROOT/models/registry" "$stage/usr/share/outpost/registry"
 find "$stage/usr/share/outpost" -type d -exec chmod 0755 {} + ; find "$stage/usr/share/outpost" -type f -exec chmod 0644 {} +
 install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/outpost/README.md"

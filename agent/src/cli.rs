@@ -394,6 +394,20 @@ enum RegistryCommand {
         #[arg(long, default_value = "90d")]
         expires: String,
     },
+    /// Sign and publish the registry's pipelines (pipelines.json, the next version) from a
+    /// JSON file holding a list of pipeline documents; each is checked first.
+    Pipelines {
+        #[arg(long)]
+        registry: PathBuf,
+        /// Index signing key(s) (.key files); as many as the index threshold needs.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The pipeline documents (a JSON list).
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "30d")]
+        expires: String,
+    },
     /// Write the next root version, signed by the current root keys and the new ones.
     RotateRoot {
         #[arg(long)]
@@ -916,6 +930,19 @@ fn registry_command(cmd: RegistryCommand) -> Result<i32, FatalError> {
             let files = bundle_files(&registry, &models).map_err(fail)?;
             crate::registry::bundle::pack(&registry, &files, &out).map_err(fail)?;
             println!("wrote {} ({} files)", out.display(), files.len());
+            Ok(0)
+        }
+        RegistryCommand::Pipelines { registry, keys, file, expires } => {
+            let bytes = std::fs::read(&file).map_err(|e| FatalError::Usage(format!("{}: {e}", file.display())))?;
+            let docs: Vec<crate::api::pipeline::PipelineDoc> =
+                serde_json::from_slice(&bytes).map_err(|e| FatalError::Usage(format!("{}: {e}", file.display())))?;
+            let signers = load_keys(&keys)?;
+            let refs: Vec<&crate::registry::KeyPair> = signers.iter().collect();
+            let n = docs.len();
+            let version =
+                crate::registry::publish::publish_pipelines(&registry, docs, &refs, secs(&expires, "--expires")?)
+                    .map_err(fail)?;
+            println!("published {n} pipelines as pipelines.json v{version} in {}", registry.display());
             Ok(0)
         }
         RegistryCommand::Baseline { registry, keys, rules, expires } => {

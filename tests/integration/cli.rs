@@ -44,7 +44,7 @@ fn check_models_reproduces_golden_vectors() -> anyhow::Result<()> {
     let out = std::process::Command::new(outpost_bin()).args(["check-models", "--config"]).arg(&good).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("8 models, 0 refused"), "{stdout}");
+    assert!(stdout.contains("10 models, 0 refused"), "{stdout}");
     // Packages are proven whole: raw input in, final output out.
     assert!(
         stdout.lines().any(|l| l.starts_with("digits-png: ok") && l.contains("package golden vectors reproduced")),

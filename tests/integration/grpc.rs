@@ -49,7 +49,7 @@ impl tonic::codec::Codec for RawCodec {
     }
 }
 
-async fn raw_call(
+pub(crate) async fn raw_call(
     channel: &tonic::transport::Channel,
     path: &'static str,
     body: Vec<u8>,
@@ -60,7 +60,7 @@ async fn raw_call(
     grpc.unary(tonic::Request::new(body), path, RawCodec).await.map(tonic::Response::into_inner)
 }
 
-const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+pub(crate) const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 fn mlp_request(shape: Vec<i64>, raw: Vec<u8>) -> pb::ModelInferRequest {
     pb::ModelInferRequest {

@@ -19,6 +19,7 @@ mod mqtt;
 mod overflow;
 mod packages;
 mod packaging;
+mod pipelines;
 mod registry;
 mod residency;
 mod security;

@@ -358,6 +358,17 @@ async fn server_metadata() -> Response {
 }
 
 fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    if let Some(p) = s.service.pipelines.get(model) {
+        return Ok(axum::Json(json!({
+            "name": p.name,
+            "versions": [p.version],
+            "platform": "pipeline",
+            "inputs": p.inputs.iter().map(|n| json!({ "name": n })).collect::<Vec<_>>(),
+            "outputs": p.output_names().iter().map(|n| json!({ "name": n })).collect::<Vec<_>>(),
+            "parameters": { "steps": p.describe() },
+        }))
+        .into_response());
+    }
     let served = s.service.repository.serving(model, version)?;
     let spec = |(name, datatype, shape): &crate::engine::package::Spec| json!({ "name": name, "datatype": datatype.as_str(), "shape": shape });
     let (inputs, outputs) = served.io();
@@ -456,6 +467,16 @@ async fn model_version_metadata(
 }
 
 fn readiness(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    // A pipeline is ready when every model it may call serves.
+    if let Some(p) = s.service.pipelines.get(model) {
+        if let Some(m) = p.models().into_iter().find(|m| s.service.repository.serving(m, None).is_err()) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("pipeline '{model}' is not ready: model '{m}' does not serve"),
+            ));
+        }
+        return Ok(axum::Json(json!({ "name": p.name, "version": p.version, "ready": true })).into_response());
+    }
     match s.service.repository.serving(model, version) {
         Ok(served) => {
             Ok(axum::Json(json!({ "name": served.name, "version": served.version, "ready": true })).into_response())
@@ -838,6 +859,9 @@ async fn admin_status(State(s): State<HttpState>) -> Response {
         "ha": s.service.metrics.section("ha"),
         "verdicts": s.service.metrics.section("verdicts"),
         "jobs": s.jobs.active(),
+        "pipelines": s.service.pipelines.list().iter().map(|p| json!({
+            "name": p.name, "version": p.version, "models": p.models(), "steps": p.describe(),
+        })).collect::<Vec<_>>(),
     }))
     .into_response()
 }

@@ -80,6 +80,43 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
+/// Largest `pipelines.json` of a local model directory.
+pub const MAX_PIPELINES_BYTES: u64 = 1 << 20;
+
+/// The pipelines of the local model directories: each directory's `pipelines.json` (a JSON
+/// list of pipeline documents, unsigned like local models), the first directory winning a
+/// name. Returns them with the refusals (name or file, reason).
+pub fn scan_pipelines(dirs: &[PathBuf]) -> (Vec<crate::api::pipeline::Pipeline>, Vec<(String, String)>) {
+    use crate::api::pipeline::{Pipeline, PipelineDoc};
+    let (mut found, mut refused): (Vec<Pipeline>, Vec<(String, String)>) = (Vec::new(), Vec::new());
+    for dir in dirs {
+        let path = dir.join("pipelines.json");
+        if !path.is_file() {
+            continue;
+        }
+        let docs = read_capped(&path, MAX_PIPELINES_BYTES).and_then(|b| {
+            serde_json::from_slice::<Vec<PipelineDoc>>(&b).map_err(|e| format!("{}: {e}", path.display()))
+        });
+        let docs = match docs {
+            Ok(d) => d,
+            Err(e) => {
+                refused.push((path.display().to_string(), e));
+                continue;
+            }
+        };
+        for doc in docs {
+            if found.iter().any(|p| p.name == doc.name) {
+                continue;
+            }
+            match Pipeline::build(&doc, "1") {
+                Ok(p) => found.push(p),
+                Err(e) => refused.push((doc.name.clone(), e)),
+            }
+        }
+    }
+    (found, refused)
+}
+
 /// Largest `package.json`.
 pub const MAX_PACKAGE_DECL_BYTES: u64 = 64 << 20;
 
@@ -207,6 +244,11 @@ impl LocalModels {
                 tracing::warn!(model = %name, "[models.{name}] names no local model and there is no [registry]: ignored");
             }
         }
+        let (pipelines, mut refused) = scan_pipelines(&config.local_models);
+        for (name, reason) in &refused {
+            tracing::warn!(pipeline = %name, %reason, "local pipeline refused");
+        }
+        service.pipelines.set("local", pipelines);
         let unloaded = self.unloaded.lock().map(|u| u.clone()).unwrap_or_default();
         let sources: Vec<ModelSource> = scan_local(&config.local_models)
             .into_iter()
@@ -221,7 +263,6 @@ impl LocalModels {
                 }
             }
         }
-        let mut refused = Vec::new();
         for src in sources {
             let fp = source_fingerprint(&src);
             let unchanged = self.loaded.lock().map(|m| m.get(&src.name) == Some(&fp)).unwrap_or(false);

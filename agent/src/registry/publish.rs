@@ -306,3 +306,35 @@ pub fn publish_baseline(
     write(dir, "baseline.json", &bytes)?;
     Ok(version)
 }
+
+/// Signs and writes the registry's pipelines (`pipelines.json`) with the next version, after
+/// checking each document as the agents will; the keys must be the root's index keys.
+/// Returns the version written.
+pub fn publish_pipelines(
+    dir: &Path,
+    docs: Vec<crate::api::pipeline::PipelineDoc>,
+    signers: &[&KeyPair],
+    expires_in_secs: i64,
+) -> Result<u64, RegistryError> {
+    use outpost_proto::registry::pipeline::{Pipelines, PIPELINES_TYPE};
+    let mut names = std::collections::BTreeSet::new();
+    for d in &docs {
+        crate::api::pipeline::Pipeline::build(d, "0").map_err(RegistryError::Invalid)?;
+        if !names.insert(d.name.as_str()) {
+            return Err(RegistryError::Invalid(format!("two pipelines named '{}'", d.name)));
+        }
+    }
+    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
+    let root = verify_root_self(&root_bytes)?;
+    let version = match std::fs::read(dir.join("pipelines.json")) {
+        Ok(bytes) => super::trust::verify_pipelines(&root, &bytes)?.version + 1,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+        Err(e) => return Err(RegistryError::file(dir.join("pipelines.json"), e)),
+    };
+    let doc =
+        Pipelines { kind: "pipelines".into(), version, expires: format_time(now() + expires_in_secs), pipelines: docs };
+    let bytes = sign_json(PIPELINES_TYPE, &doc, signers)?;
+    super::trust::verify_pipelines(&root, &bytes)?;
+    write(dir, "pipelines.json", &bytes)?;
+    Ok(version)
+}
