@@ -12,13 +12,13 @@ use outpost_tests::*;
 use serde_json::{json, Value};
 
 /// The data-centre side: an Outpost serving mlp@9.0.0 and cnn@9.0.0.
-struct Target {
+pub(crate) struct Target {
     _reg: TestRegistry,
     _server: StaticServer,
-    agent: TestAgent,
+    pub(crate) agent: TestAgent,
 }
 
-async fn target() -> Result<Target> {
+pub(crate) async fn target() -> Result<Target> {
     let reg = TestRegistry::new()?;
     reg.publish("mlp", "mlp", "9.0.0")?;
     reg.publish("cnn", "cnn", "9.0.0")?;
@@ -28,7 +28,7 @@ async fn target() -> Result<Target> {
 }
 
 /// The branch box: mlp@1.0.0 may leave the site, cnn@1.0.0 may not (signed manifests).
-async fn edge(
+pub(crate) async fn edge(
     overflow_url: &str,
     overflow_extra: &str,
     models: &str,

@@ -237,3 +237,29 @@ async fn signed_pipelines_from_the_registry_serve_and_forged_or_older_ones_are_r
     assert_eq!((s, body["model_version"].clone()), (200, json!("2")), "{body}");
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_keeps_inputs_marked_sensitive_and_what_comes_of_them_on_the_site() -> anyhow::Result<()> {
+    // The box overflows every mlp request (an objective of 1 µs) to the data-centre agent.
+    let t = crate::overflow::target().await?;
+    let proxy = outpost_tests::faulty::Faulty::start(&t.agent.base).await?;
+    let (reg, _server, agent) = crate::overflow::edge(&proxy.url(), "slo_p99 = \"1us\"", "").await?;
+    let doc: outpost::api::pipeline::PipelineDoc = serde_json::from_value(json!({
+        "name": "screen", "inputs": ["X"],
+        "steps": [{ "name": "m", "model": "mlp", "inputs": { "X": "input.X" } }],
+        "outputs": { "probabilities": "m.probabilities" } }))?;
+    outpost::registry::publish::publish_pipelines(reg.path(), vec![doc], &reg.signers(), 86400)?;
+    agent.agent.poll_registry().await?;
+    let mut body = golden_for(&root().join("models/mlp"))?.request(0);
+    let (s, answer) = agent.post("/v2/models/screen/infer", &body).await?;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["parameters"]["pipeline_steps"][0]["route"], "overflow", "{answer}");
+    assert_eq!(proxy.requests().len(), 1);
+    body["inputs"][0]["parameters"] = json!({ "sensitive": true });
+    let (s, answer) = agent.post("/v2/models/screen/infer", &body).await?;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["parameters"]["pipeline_steps"][0]["route"], "local", "{answer}");
+    assert_eq!(proxy.requests().len(), 1, "nothing more left the site");
+    agent.stop().await?;
+    t.agent.stop().await
+}

@@ -725,7 +725,7 @@ impl InferenceService {
         // runtime's threads).
         let model_inputs = match &served.package {
             None => Ok(request.inputs),
-            Some(p) if p.heavy() => {
+            Some(p) if p.heavy(&request.inputs) => {
                 let (p, inputs) = (p.clone(), request.inputs);
                 tokio::task::spawn_blocking(move || p.pre(inputs))
                     .await

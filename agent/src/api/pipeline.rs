@@ -255,6 +255,9 @@ impl InferenceService {
         request: InferRequest,
     ) -> (Result<InferResponse, InferError>, Vec<Value>) {
         let mut record = Vec::new();
+        // Inputs marked sensitive keep everything derived from them on the site: every step's
+        // inputs are marked so (its model's overflow then refuses them).
+        let sensitive = self.carries_sensitive(&request);
         let mut given: HashMap<String, Tensor> = HashMap::new();
         for t in request.inputs {
             if !p.inputs.contains(&t.name) {
@@ -291,7 +294,7 @@ impl InferenceService {
                     t.name.clone_from(name);
                     inputs.push(t);
                 }
-                calls.push(async move { (i, self.run_step(ctx, step, inputs).await) });
+                calls.push(async move { (i, self.run_step(ctx, step, inputs, sensitive).await) });
             }
             for (i, (result, steps)) in futures::future::join_all(calls).await {
                 record.extend(steps);
@@ -339,13 +342,18 @@ impl InferenceService {
         ctx: &RequestContext,
         step: &Step,
         inputs: Vec<Tensor>,
+        sensitive: bool,
     ) -> (Result<InferResponse, InferError>, Vec<Value>) {
         let mut record = Vec::new();
         let last = step.stages.len() - 1;
+        let mut params = serde_json::Map::new();
+        if sensitive {
+            params.insert("sensitive".into(), Value::Bool(true));
+        }
         for (k, stage) in step.stages.iter().enumerate() {
             let started = Instant::now();
             let request = InferRequest {
-                input_parameters: vec![serde_json::Map::new(); inputs.len()],
+                input_parameters: vec![params.clone(); inputs.len()],
                 inputs: inputs.clone(),
                 ..Default::default()
             };

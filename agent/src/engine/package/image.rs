@@ -12,6 +12,8 @@ use crate::protocol::{Tensor, TensorData};
 const MAX_SIDE: u32 = 16384;
 /// Largest model input side.
 const MAX_TARGET_SIDE: u32 = 4096;
+/// Most pixels decoded for one request, over all its images (at least one image's worth).
+const MAX_REQUEST_PIXELS: u64 = 64 << 20;
 
 pub(super) struct Image {
     step: ImageStep,
@@ -75,8 +77,9 @@ impl Image {
         let images = super::items(t, "encoded images")?;
         let (w, h, c) = (self.step.width as usize, self.step.height as usize, usize::from(self.step.channels));
         let mut out = Vec::with_capacity(images.len() * w * h * c);
+        let mut budget = MAX_REQUEST_PIXELS.max(self.step.max_pixels);
         for (i, bytes) in images.iter().enumerate() {
-            let pixels = self.decode(bytes).map_err(|e| format!("input '{}' item {i}: {e}", t.name))?;
+            let pixels = self.decode(bytes, &mut budget).map_err(|e| format!("input '{}' item {i}: {e}", t.name))?;
             let plane = w * h;
             let base = out.len();
             out.resize(base + plane * c, 0.0);
@@ -93,7 +96,7 @@ impl Image {
     }
 
     /// One image's pixels, `height × width × channels` bytes, row-major.
-    fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    fn decode(&self, bytes: &[u8], budget: &mut u64) -> Result<Vec<u8>, String> {
         if bytes.len() > self.step.max_bytes {
             return Err(format!("{} bytes of image; at most {}", bytes.len(), self.step.max_bytes));
         }
@@ -111,6 +114,14 @@ impl Image {
                 self.step.max_pixels
             ));
         }
+        let pixels = u64::from(iw) * u64::from(ih);
+        if pixels > *budget {
+            return Err(format!(
+                "the request's images hold more than {} pixels in all: refused before decoding",
+                MAX_REQUEST_PIXELS.max(self.step.max_pixels)
+            ));
+        }
+        *budget -= pixels;
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
         let mut limits = Limits::default();
         limits.max_image_width = Some(iw);

@@ -112,10 +112,18 @@ impl Package {
         Ok(Package { pre, post, outputs: decl.outputs.clone(), raw_inputs })
     }
 
-    /// Whether pre-processing may take milliseconds (image decoding): run off the runtime's
-    /// threads.
-    pub fn heavy(&self) -> bool {
-        self.pre.iter().any(|p| matches!(p, Pre::Image(_)))
+    /// Whether pre-processing these inputs may take more than tens of microseconds (image
+    /// decoding, long texts): run off the runtime's threads.
+    pub fn heavy(&self, inputs: &[Tensor]) -> bool {
+        const LIGHT_BYTES: usize = 16 << 10;
+        let raw: usize = inputs
+            .iter()
+            .map(|t| match &t.data {
+                TensorData::Bytes(v) => v.iter().map(Vec::len).sum(),
+                _ => 0,
+            })
+            .sum();
+        raw > LIGHT_BYTES || self.pre.iter().any(|p| matches!(p, Pre::Image(_)))
     }
 
     /// The model inputs for a request's raw inputs; inputs no step reads pass through.

@@ -96,12 +96,6 @@ impl Post {
             }
             Post::TopK { output, k, labels, labels_output, scores_output } => {
                 let (v, width, shape) = rows(outputs, output)?;
-                if width > labels.len() {
-                    return Err(format!(
-                        "output '{output}' has {width} classes; the labels file names {}",
-                        labels.len()
-                    ));
-                }
                 let k = (*k).min(width);
                 let n = v.len() / width;
                 let (mut names, mut scores) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
@@ -110,7 +104,8 @@ impl Post {
                     // Best first; ties keep the lower class index first.
                     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
                     for &i in idx.iter().take(k) {
-                        names.push(labels[i].clone().into_bytes());
+                        // A class the labels file does not name is answered by its index.
+                        names.push(labels.get(i).cloned().unwrap_or_else(|| i.to_string()).into_bytes());
                         scores.push(row[i]);
                     }
                 }

@@ -184,3 +184,26 @@ fn golden_inputs_may_carry_base64_bytes() {
     assert_eq!(g.cases[0].inputs[0].data, TensorData::Bytes(vec![vec![0, 1, 2]]));
     assert!(parse_golden(&json!({ "tolerance": { "atol": 0.0 }, "cases": [] })).is_err());
 }
+
+#[test]
+fn a_class_beyond_the_labels_file_is_named_by_its_index() {
+    let d = decl(json!({ "post": [{ "kind": "top_k", "output": "y", "k": 1, "labels": "l", "labels_output": "label",
+        "scores_output": "score" }], "golden": {} }));
+    let p = Package::build(&d, &|_| Ok(b"a\nb\n".to_vec())).expect("builds");
+    let y = Tensor { name: "y".into(), shape: vec![1, 4], data: TensorData::F32(vec![0.1, 0.2, 0.3, 0.9]) };
+    let out = p.post(vec![y]).expect("no failure for an unnamed class");
+    assert_eq!(out.iter().find(|t| t.name == "label").map(|t| &t.data), Some(&TensorData::Bytes(vec![b"3".to_vec()])));
+}
+
+#[test]
+fn the_pixels_of_one_request_are_bounded_over_all_its_images() {
+    let d = decl(json!({ "pre": [{ "kind": "image", "input": "png", "output": "pixels", "width": 8, "height": 8,
+        "channels": 1, "max_pixels": 16777216 }], "golden": {} }));
+    let p = Package::build(&d, &no_files).expect("builds");
+    // Five black images of 16 Mpx each (a few kilobytes each): four decode, the fifth would
+    // pass the 64 Mpx a request may hold.
+    let big = grey_png(4096, 4096, |_, _| 0);
+    assert!(p.pre(vec![bytes_tensor("png", &[&big, &big, &big, &big])]).is_ok());
+    let err = p.pre(vec![bytes_tensor("png", &[&big, &big, &big, &big, &big])]).unwrap_err();
+    assert!(err.contains("item 4") && err.contains("in all: refused before decoding"), "{err}");
+}
