@@ -207,3 +207,36 @@ fn the_pixels_of_one_request_are_bounded_over_all_its_images() {
     let err = p.pre(vec![bytes_tensor("png", &[&big, &big, &big, &big, &big])]).unwrap_err();
     assert!(err.contains("item 4") && err.contains("in all: refused before decoding"), "{err}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Hostile bytes (noise, and a real PNG and JPEG with bytes changed) never panic a step:
+    /// each is an answer or an error.
+    #[test]
+    fn raw_steps_never_panic_on_hostile_bytes(
+        noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024),
+        flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..8),
+    ) {
+        let d = decl(json!({ "pre": [
+            { "kind": "image", "input": "img", "output": "pixels", "width": 4, "height": 4, "channels": 3 },
+            { "kind": "tabular", "input": "row", "output": "X", "fields": [{ "name": "a" }, { "name": "b", "default": 0.0 }] },
+            { "kind": "text", "input": "text", "tokenizer": "tok.json", "max_length": 16 } ], "golden": {} }));
+        let p = Package::build(&d, &|_| Ok(TOKENIZER.as_bytes().to_vec())).expect("builds");
+        let png = grey_png(16, 16, |x, y| (x * y) as u8);
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        ::image::RgbImage::from_fn(16, 16, |x, y| ::image::Rgb([x as u8, y as u8, 7]))
+            .write_to(&mut jpeg, ::image::ImageFormat::Jpeg)
+            .expect("jpeg encodes");
+        for mut img in [png, jpeg.into_inner()] {
+            for &(at, b) in &flips {
+                let n = img.len();
+                img[at % n] = b;
+            }
+            let _ = p.pre(vec![bytes_tensor("img", &[&img])]);
+        }
+        for input in ["img", "row", "text"] {
+            let _ = p.pre(vec![bytes_tensor(input, &[&noise])]);
+        }
+    }
+}
