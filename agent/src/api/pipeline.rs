@@ -368,6 +368,13 @@ impl InferenceService {
             let run = served_as.as_ref().and_then(|(_, r)| *r);
             let here = served_as.as_ref().filter(|_| !routing.answered_upstream).map_or("", |(v, _)| v.as_str());
             self.metrics.record_request(&stage.model, here, outcome, started.elapsed(), run);
+            // A canary is judged on its pipeline traffic too.
+            if !here.is_empty() {
+                let error = matches!(&result, Err(InferError::Internal(_) | InferError::DeadlineExceeded));
+                if let Some(verdict) = self.repository.observe(&stage.model, here, error, run) {
+                    self.announce(verdict).await;
+                }
+            }
             let sure = match (&result, &stage.sure) {
                 (Ok(r), Some((output, at_least))) => Some(is_sure(r, output, *at_least)),
                 _ => None,
