@@ -330,3 +330,38 @@ fn a_package_whose_golden_vectors_fail_is_refused_at_publication() -> anyhow::Re
     assert!(!reg.index()?.models.contains_key("digits"), "nothing published");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_copy_of_a_package_request_goes_through_the_candidate_s_steps() -> anyhow::Result<()> {
+    let reg = TestRegistry::new()?;
+    reg.publish_dir(&demo("digits-png"), "digits", "1.0.0")?;
+    let next = tempfile::tempdir()?;
+    for f in ["model.onnx", "golden.json", "package.json", "labels.txt"] {
+        std::fs::copy(demo("digits-png").join(f), next.path().join(f))?;
+    }
+    reg.publish_dir(next.path(), "digits", "1.1.0")?;
+    let server = StaticServer::start(reg.path()).await?;
+    let settings = "[models.digits]\nversion_policy = \"pinned\"\nversions = [\"1.0.0\", \"1.1.0\"]\n\n\
+                    [models.digits.shadow]\nversion = \"1.0.0\"\nshare = 1.0\noutput = \"probabilities\"\n";
+    let agent = TestAgent::start(&[], &registry_toml(&server.url(), &reg.root_json(), settings)).await?;
+    let (items, want) = golden_case(&demo("digits-png"), 0)?;
+    for _ in 0..5 {
+        let (s, body) = post_typed(&agent, "/v2/models/digits/infer", items[0].clone(), "image/png").await?;
+        assert_eq!((s, body["model_version"].as_str()), (200, Some("1.1.0")), "{body}");
+        assert_eq!(output(&body, "digit"), &want[0]);
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, r) = agent.get("/admin/experiments/digits").await?;
+        let n = |k: &str| r["shadow"][k].as_u64().unwrap_or(0);
+        if n("sampled") > 0 && n("compared") + n("dropped_busy") + n("failed") == n("sampled") {
+            assert_eq!(n("failed"), 0, "{r}");
+            assert!(n("compared") > 0, "{r}");
+            assert_eq!(r["shadow"]["max_abs_diff"].as_f64(), Some(0.0), "the same model, the same steps: {r}");
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "shadow copies never settled: {r}");
+        tokio::task::yield_now().await;
+    }
+    agent.stop().await
+}

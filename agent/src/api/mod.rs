@@ -293,12 +293,26 @@ impl InferenceService {
                 shadows.dropped(&model, &cfg.version, true);
                 return;
             };
-            let Ok(inputs) = served.model.validate(inputs) else {
+            // A package's copy goes through its steps, as the answer did.
+            let inputs = match served.package.clone() {
+                None => Ok(inputs),
+                Some(p) => {
+                    tokio::task::spawn_blocking(move || p.pre(inputs)).await.unwrap_or_else(|e| Err(e.to_string()))
+                }
+            };
+            let Ok(inputs) = inputs.map_err(RunError::InvalidInput).and_then(|i| served.model.validate(i)) else {
                 shadows.dropped(&model, &cfg.version, true);
                 return;
             };
             let deadline = Instant::now() + Duration::from_secs(10);
-            match served.call(inputs, deadline, false, false).await {
+            let called = served.call(inputs, deadline, false, false).await;
+            let called = match (called, &served.package) {
+                (Ok((Ok(outputs), run)), Some(p)) => {
+                    Ok((p.post(outputs).map_err(|e| JobError::Run(RunError::Engine(e))), run))
+                }
+                (other, _) => other,
+            };
+            match called {
                 Ok((Ok(outputs), run)) => {
                     let c = shadow::compare(&answer, &outputs, cfg.output.as_deref());
                     shadows.record(&model, &cfg.version, &c, run, live_run);
