@@ -47,6 +47,10 @@ def compare(name, i, golden, result):
     worst = 0.0
     for t in golden["cases"][i]["outputs"]:
         got = result.as_numpy(t["name"])
+        if got is not None and got.dtype == np.object_:
+            # BYTES come back as bytes (binary) or str (JSON): compare as bytes.
+            got = np.array([x.encode() if isinstance(x, str) else x for x in got.reshape(-1)],
+                           dtype=np.object_).reshape(got.shape)
         want = array(t)
         if got is None or got.shape != want.shape:
             raise AssertionError(f"{name} case {i} {t['name']}: shape {None if got is None else got.shape} != {want.shape}")
@@ -71,7 +75,8 @@ def check_model(client, name, golden, binary):
         for t in case["inputs"]:
             arr = array(t)
             inp = httpclient.InferInput(t["name"], t["shape"], t["datatype"])
-            inp.set_data_from_numpy(arr, binary_data=binary)
+            # JSON carries text only: binary BYTES (an image) go as binary data, as Triton asks.
+            inp.set_data_from_numpy(arr, binary_data=binary or t.get("encoding") == "base64")
             inputs.append(inp)
         outputs = [httpclient.InferRequestedOutput(t["name"], binary_data=binary) for t in case["outputs"]]
         result = client.infer(name, inputs, outputs=outputs, request_id=f"tc-{i}")

@@ -33,8 +33,19 @@ pub fn full_suite() -> bool {
     std::env::var("OUTPOST_TEST_FULL").is_ok_and(|v| v == "1")
 }
 
-/// The committed demo models, every variant.
-pub const DEMO_MODELS: [&str; 6] = ["cnn", "cnn-int8-dyn", "cnn-int8-qdq", "mlp", "mlp-int8-dyn", "mlp-int8-qdq"];
+/// The committed demo models that take tensors, every variant (their `golden.json` requests
+/// work as they are).
+pub const DEMO_MODELS: [&str; 8] =
+    ["cnn", "cnn-int8-dyn", "cnn-int8-qdq", "digit-parity", "mlp", "mlp-int8-dyn", "mlp-int8-qdq", "prob-mean"];
+/// The committed demo packages (raw inputs; their golden vectors are in `package.json`).
+pub const DEMO_PACKAGES: [&str; 2] = ["cancer-fields", "digits-png"];
+
+/// Every committed demo model and package, sorted.
+pub fn demo_names() -> Vec<&'static str> {
+    let mut all: Vec<&str> = DEMO_MODELS.iter().chain(&DEMO_PACKAGES).copied().collect();
+    all.sort_unstable();
+    all
+}
 /// The transformer variants, built on demand into `.cache/models` by `scripts/gen-models.sh --minilm`.
 pub const MINILM_MODELS: [&str; 3] = ["minilm", "minilm-int8-dyn", "minilm-int8-qdq"];
 

@@ -268,7 +268,7 @@ async fn infer_and_status_are_thin_clients_of_the_running_agent() -> anyhow::Res
     assert_eq!(out.status.code(), Some(0));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["node"], "test-node");
-    assert!(status["models"].as_array().is_some_and(|m| m.len() == DEMO_MODELS.len()));
+    assert!(status["models"].as_array().is_some_and(|m| m.len() == demo_names().len()));
     assert_eq!(
         status["models"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "mlp")).map(|m| m["requests"].clone()),
         Some(serde_json::json!(1))
@@ -284,7 +284,7 @@ async fn infer_and_status_are_thin_clients_of_the_running_agent() -> anyhow::Res
     let mlp = lines.iter().find(|l| l.starts_with("mlp ")).ok_or_else(|| anyhow::anyhow!("{table}"))?;
     assert!(mlp.contains("READY") && mlp.contains("as-published") && mlp.contains(" ms"), "{mlp}");
     assert!(table.contains("alarms: none"), "{table}");
-    assert!(lines.len() <= DEMO_MODELS.len() + 6, "{} lines:\n{table}", lines.len());
+    assert!(lines.len() <= demo_names().len() + 6, "{} lines:\n{table}", lines.len());
     agent.stop().await
 }
 
@@ -427,7 +427,7 @@ fn model_list_shows_local_models_too() -> anyhow::Result<()> {
     assert!(row("cnn").contains(" disabled "), "{text}");
     assert_eq!(
         text.lines().filter(|l| l.contains(" local ") || l.contains(" disabled ")).count(),
-        DEMO_MODELS.len(),
+        demo_names().len(),
         "{text}"
     );
     Ok(())

@@ -74,7 +74,7 @@ async fn repository_index_and_metrics() -> anyhow::Result<()> {
     let (s, index) = agent.post("/v2/repository/index", &json!({})).await?;
     assert_eq!(s, 200);
     let names: Vec<&str> = index.as_array().expect("list").iter().filter_map(|m| m["name"].as_str()).collect();
-    assert_eq!(names, DEMO_MODELS.to_vec());
+    assert_eq!(names, demo_names());
     assert!(index.as_array().expect("list").iter().all(|m| m["state"] == "READY" && m["version"] == "1"));
 
     let golden = golden_for(&root().join("models/cnn"))?;
