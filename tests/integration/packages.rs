@@ -365,3 +365,26 @@ async fn a_shadow_copy_of_a_package_request_goes_through_the_candidate_s_steps()
     }
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_step_file_of_a_local_package_is_checked_again_at_reload() -> anyhow::Result<()> {
+    let models = tempfile::tempdir()?;
+    let dir = models.path().join("digits-png");
+    std::fs::create_dir_all(&dir)?;
+    for f in ["model.onnx", "golden.json", "package.json", "labels.txt"] {
+        std::fs::copy(demo("digits-png").join(f), dir.join(f))?;
+    }
+    let agent = TestAgent::start(&[models.path().to_path_buf()], "").await?;
+    let (items, want) = golden_case(&demo("digits-png"), 0)?;
+    // Labels out of order, package.json untouched: the package's golden vectors catch it at the
+    // reload, and the version that was proven serves on.
+    std::fs::write(dir.join("labels.txt"), "1\n0\n2\n3\n4\n5\n6\n7\n8\n9\n")?;
+    let cfg = agent.agent.config();
+    agent.agent.reload((*cfg).clone()).await;
+    let (_, index) = agent.post("/v2/repository/index", &json!({})).await?;
+    assert!(index.to_string().contains("package golden vectors not reproduced"), "{index}");
+    let (s, body) = post_typed(&agent, "/v2/models/digits-png/infer", items[0].clone(), "image/png").await?;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(output(&body, "digit"), &want[0]);
+    agent.stop().await
+}

@@ -222,16 +222,18 @@ fn fingerprint(path: &Path) -> (u64, Option<std::time::SystemTime>) {
     std::fs::metadata(path).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None))
 }
 
-/// A local model's fingerprint: its model file's and its package declaration's.
+/// A local model's fingerprint: its model file's, and for a package every file beside it
+/// (the declaration, a tokenizer, a labels file), so that a changed step file reloads it.
 fn source_fingerprint(src: &ModelSource) -> (u64, Option<std::time::SystemTime>) {
-    let (len, at) = fingerprint(&src.onnx);
-    match &src.package {
-        Some(p) => {
-            let (plen, pat) = fingerprint(p);
-            (len.wrapping_add(plen.rotate_left(32)), at.max(pat))
-        }
-        None => (len, at),
+    let (mut len, mut at) = fingerprint(&src.onnx);
+    let Some(dir) = src.package.as_ref().and_then(|p| p.parent()) else { return (len, at) };
+    let Ok(entries) = std::fs::read_dir(dir) else { return (len, at) };
+    for (i, e) in entries.flatten().take(256).enumerate() {
+        let (l, t) = fingerprint(&e.path());
+        len = len.wrapping_add(l.rotate_left(i as u32 % 64 + 1));
+        at = at.max(t);
     }
+    (len, at)
 }
 
 impl LocalModels {
