@@ -164,6 +164,9 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 req,
                 |_: &pb::ModelRef| Permission::Read,
                 |s, _, r| async move {
+                    if let Some(p) = s.state.service.pipelines.get(&r.name) {
+                        return Ok(pb::ModelReadyResponse { ready: p.ready(&s.state.service.repository).is_ok() });
+                    }
                     let ready = s.state.service.repository.serving(&r.name, version(&r.version)).is_ok();
                     if !ready && s.state.service.repository.status(&r.name).is_none() {
                         return Err(Status::not_found(format!("unknown model '{}'", r.name)));
@@ -194,12 +197,22 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 req,
                 |_: &pb::ModelRef| Permission::Read,
                 |s, _, r| async move {
-                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
                     let spec = |(name, datatype, shape): crate::engine::package::Spec| pb::TensorMetadata {
                         name,
                         datatype: datatype.as_str().to_owned(),
                         shape,
                     };
+                    if let Some(p) = s.state.service.pipelines.get(&r.name) {
+                        let (inputs, outputs) = p.io(&s.state.service.repository);
+                        return Ok(pb::ModelMetadataResponse {
+                            name: p.name.clone(),
+                            versions: vec![p.version.clone()],
+                            platform: "pipeline".into(),
+                            inputs: inputs.into_iter().map(spec).collect(),
+                            outputs: outputs.into_iter().map(spec).collect(),
+                        });
+                    }
+                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
                     let (inputs, outputs) = served.io();
                     Ok(pb::ModelMetadataResponse {
                         name: served.name.clone(),

@@ -61,6 +61,10 @@ async fn a_pipeline_with_fan_out_and_fan_in_answers_as_onnx_runtime_chained_over
     assert_eq!(s, 200, "{meta}");
     assert_eq!(meta["platform"], "pipeline");
     assert_eq!(meta["parameters"]["steps"].as_array().map(Vec::len), Some(4), "{meta}");
+    // Inputs and outputs as the models that take and give them declare them.
+    assert_eq!(meta["inputs"], json!([{ "name": "image", "datatype": "BYTES", "shape": [-1] }]), "{meta}");
+    let outputs = meta["outputs"].as_array().cloned().unwrap_or_default();
+    assert!(outputs.contains(&json!({ "name": "parity", "datatype": "FP32", "shape": [-1, 2] })), "{meta}");
     let (s, ready) = agent.get("/v2/models/digit-report/ready").await?;
     assert_eq!(s, 200, "{ready}");
 
@@ -113,6 +117,14 @@ async fn a_pipeline_with_fan_out_and_fan_in_answers_as_onnx_runtime_chained_over
         raw_input_contents: vec![raw],
         ..Default::default()
     };
+    let meta = crate::grpc::raw_call(
+        &channel,
+        "/inference.GRPCInferenceService/ModelMetadata",
+        pb::ModelRef { name: "digit-report".into(), version: String::new() }.encode_to_vec(),
+    )
+    .await?;
+    let meta = pb::ModelMetadataResponse::decode(meta.as_slice())?;
+    assert_eq!((meta.platform.as_str(), meta.inputs.len(), meta.outputs.len()), ("pipeline", 1, 3), "{meta:?}");
     let answer = crate::grpc::raw_call(&channel, crate::grpc::INFER, request.encode_to_vec()).await?;
     let answer = pb::ModelInferResponse::decode(answer.as_slice())?;
     let i = answer.outputs.iter().position(|o| o.name == "digit").ok_or_else(|| anyhow::anyhow!("no digit"))?;

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 pub use outpost_proto::registry::pipeline::{CascadeStage, PipelineDoc, PipelineStep, Pipelines, Sure};
 
 use super::{InferError, InferenceService, RequestContext, Routed, Routing};
+use crate::engine::package::Spec;
 use crate::protocol::{InferRequest, InferResponse, Tensor};
 
 /// Most steps in one pipeline.
@@ -179,6 +180,44 @@ impl Pipeline {
     /// The names of the answer's outputs.
     pub fn output_names(&self) -> Vec<String> {
         self.outputs.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The inputs and outputs callers see (name, datatype, shape), as the models that take
+    /// and give them declare them (BYTES `[-1]` while such a model does not serve).
+    pub fn io(&self, repository: &super::Repository) -> (Vec<Spec>, Vec<Spec>) {
+        let io = |model: &str| repository.serving(model, None).ok().map(|s| s.io());
+        let unknown = |n: &str| (n.to_owned(), crate::protocol::DataType::Bytes, vec![-1]);
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|name| {
+                let taker = self.steps.iter().find_map(|s| {
+                    s.inputs.iter().find(|(_, src)| *src == Source::Input(name.clone())).map(|(k, _)| (s, k))
+                });
+                taker
+                    .and_then(|(s, k)| io(&s.stages[0].model)?.0.into_iter().find(|t| &t.0 == k))
+                    .map_or_else(|| unknown(name), |(_, dt, shape)| (name.clone(), dt, shape))
+            })
+            .collect();
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|(name, src)| match src {
+                Source::Step { step, output } => io(&self.steps[*step].stages[0].model)
+                    .and_then(|(_, outs)| outs.into_iter().find(|t| &t.0 == output))
+                    .map_or_else(|| unknown(name), |(_, dt, shape)| (name.clone(), dt, shape)),
+                Source::Input(_) => unknown(name),
+            })
+            .collect();
+        (inputs, outputs)
+    }
+
+    /// Whether every model the pipeline may call serves; the first that does not.
+    pub fn ready(&self, repository: &super::Repository) -> Result<(), String> {
+        match self.models().into_iter().find(|m| repository.serving(m, None).is_err()) {
+            Some(m) => Err(format!("pipeline '{}' is not ready: model '{m}' does not serve", self.name)),
+            None => Ok(()),
+        }
     }
 
     /// The steps as status and metadata show them.

@@ -358,19 +358,20 @@ async fn server_metadata() -> Response {
 }
 
 fn metadata(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let spec = |(name, datatype, shape): &crate::engine::package::Spec| json!({ "name": name, "datatype": datatype.as_str(), "shape": shape });
     if let Some(p) = s.service.pipelines.get(model) {
+        let (inputs, outputs) = p.io(&s.service.repository);
         return Ok(axum::Json(json!({
             "name": p.name,
             "versions": [p.version],
             "platform": "pipeline",
-            "inputs": p.inputs.iter().map(|n| json!({ "name": n })).collect::<Vec<_>>(),
-            "outputs": p.output_names().iter().map(|n| json!({ "name": n })).collect::<Vec<_>>(),
+            "inputs": inputs.iter().map(spec).collect::<Vec<_>>(),
+            "outputs": outputs.iter().map(spec).collect::<Vec<_>>(),
             "parameters": { "steps": p.describe() },
         }))
         .into_response());
     }
     let served = s.service.repository.serving(model, version)?;
-    let spec = |(name, datatype, shape): &crate::engine::package::Spec| json!({ "name": name, "datatype": datatype.as_str(), "shape": shape });
     let (inputs, outputs) = served.io();
     Ok(axum::Json(json!({
         "name": served.name,
@@ -469,12 +470,7 @@ async fn model_version_metadata(
 fn readiness(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
     // A pipeline is ready when every model it may call serves.
     if let Some(p) = s.service.pipelines.get(model) {
-        if let Some(m) = p.models().into_iter().find(|m| s.service.repository.serving(m, None).is_err()) {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("pipeline '{model}' is not ready: model '{m}' does not serve"),
-            ));
-        }
+        p.ready(&s.service.repository).map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
         return Ok(axum::Json(json!({ "name": p.name, "version": p.version, "ready": true })).into_response());
     }
     match s.service.repository.serving(model, version) {
