@@ -294,14 +294,21 @@ impl Store {
     /// Reads a stored package file, decrypting and re-hashing it: a file changed on disk is
     /// refused.
     pub fn read_file(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
-        let path = self.file_path(sha);
-        let bytes = std::fs::read(&path).map_err(|e| RegistryError::file(&path, e))?;
-        let plain = match (&self.key, crypt::is_encrypted(&bytes)) {
+        self.open_sealed(&self.file_path(sha), sha, "package file").map(|(plain, _)| plain)
+    }
+
+    /// Reads `path` (stored under `sha`), decrypting it with the store key when it is
+    /// encrypted, and checks it still hashes to `sha`. Returns the plain bytes and whether the
+    /// file was encrypted.
+    fn open_sealed(&self, path: &Path, sha: &str, what: &str) -> Result<(Vec<u8>, bool), RegistryError> {
+        let bytes = std::fs::read(path).map_err(|e| RegistryError::file(path, e))?;
+        let encrypted = crypt::is_encrypted(&bytes);
+        let plain = match (&self.key, encrypted) {
             (Some(k), true) => crypt::decrypt(k, sha, &bytes)
-                .map_err(|e| RegistryError::Digest(format!("stored package file {} {e}", path.display())))?,
+                .map_err(|e| RegistryError::Digest(format!("stored {what} {} {e}", path.display())))?,
             (None, true) => {
                 return Err(RegistryError::Digest(format!(
-                    "stored package file {} is encrypted and [store] encrypt = false",
+                    "stored {what} {} is encrypted and [store] encrypt = false: no key to open it",
                     path.display()
                 )))
             }
@@ -310,11 +317,11 @@ impl Store {
         let got = outpost_proto::registry::sha256_hex(&plain);
         if got != sha {
             return Err(RegistryError::Digest(format!(
-                "stored package file {} was modified on disk (sha256 now {got})",
+                "stored {what} {} was modified on disk (sha256 now {got})",
                 path.display()
             )));
         }
-        Ok(plain)
+        Ok((plain, encrypted))
     }
 
     pub fn manifest_path(&self, sha: &str) -> PathBuf {
@@ -384,27 +391,7 @@ impl Store {
     /// disk, or one the key cannot open, is refused. A plain file left by a version without
     /// encryption is encrypted in place once its digest checks.
     pub fn read_model(&self, sha: &str) -> Result<Vec<u8>, RegistryError> {
-        let path = self.model_path(sha);
-        let bytes = std::fs::read(&path).map_err(|e| RegistryError::file(&path, e))?;
-        let encrypted = crypt::is_encrypted(&bytes);
-        let plain = match (&self.key, encrypted) {
-            (Some(k), true) => crypt::decrypt(k, sha, &bytes)
-                .map_err(|e| RegistryError::Digest(format!("stored model {} {e}", path.display())))?,
-            (None, true) => {
-                return Err(RegistryError::Digest(format!(
-                    "stored model {} is encrypted and [store] encrypt = false: no key to open it",
-                    path.display()
-                )))
-            }
-            (_, false) => bytes,
-        };
-        let got = outpost_proto::registry::sha256_hex(&plain);
-        if got != sha {
-            return Err(RegistryError::Digest(format!(
-                "stored model {} was modified on disk (sha256 now {got})",
-                path.display()
-            )));
-        }
+        let (plain, encrypted) = self.open_sealed(&self.model_path(sha), sha, "model")?;
         if self.key.is_some() && !encrypted {
             match self.write_model(sha, &plain) {
                 Ok(_) => tracing::info!(model_sha256 = sha, "encrypted a plain stored model"),
