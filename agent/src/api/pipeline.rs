@@ -418,15 +418,19 @@ impl InferenceService {
                 (Ok(r), Some((output, at_least))) => Some(is_sure(r, output, *at_least)),
                 _ => None,
             };
-            record.push(json!({
+            let mut entry = json!({
                 "step": step.name,
                 "model": stage.model,
                 "version": version,
                 "outcome": outcome,
                 "route": if routing.answered_upstream { "overflow" } else { "local" },
-                "sure": sure,
                 "us": started.elapsed().as_micros() as u64,
-            }));
+            });
+            // Only a cascade stage with a bar says whether it was sure.
+            if let (Some(sure), Some(e)) = (sure, entry.as_object_mut()) {
+                e.insert("sure".into(), Value::Bool(sure));
+            }
+            record.push(entry);
             match (result, sure) {
                 (Err(e), _) => return (Err(e), record),
                 (Ok(_), Some(false)) if k < last => continue,
