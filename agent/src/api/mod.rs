@@ -757,9 +757,11 @@ impl InferenceService {
             Err(RunError::Engine(m)) => return (Err(InferError::Internal(m)), None),
         };
         // Requested outputs must exist before any work is queued.
-        let known = served.output_names();
-        if let Some(o) = request.outputs.iter().find(|o| !known.contains(&o.name)) {
-            return (Err(InferError::InvalidInput(format!("unknown output '{}'", o.name))), None);
+        if !request.outputs.is_empty() {
+            let known = served.output_names();
+            if let Some(o) = request.outputs.iter().find(|o| !known.contains(&o.name)) {
+                return (Err(InferError::InvalidInput(format!("unknown output '{}'", o.name))), None);
+            }
         }
         // HTTP clients get 503 + Retry-After at once when the queue is full; MQTT requests wait
         // for a place until their deadline (their in-flight count is bounded by the broker), and

@@ -243,6 +243,8 @@ impl Pipeline {
 #[derive(Default)]
 pub struct PipelineTable {
     by_source: RwLock<BTreeMap<String, BTreeMap<String, Arc<Pipeline>>>>,
+    /// Pipelines held over all sources: a request looks nothing up while there are none.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl PipelineTable {
@@ -251,10 +253,14 @@ impl PipelineTable {
         let map = pipelines.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect();
         if let Ok(mut t) = self.by_source.write() {
             t.insert(source.to_owned(), map);
+            self.count.store(t.values().map(BTreeMap::len).sum(), std::sync::atomic::Ordering::Release);
         }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Pipeline>> {
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
         let t = self.by_source.read().ok()?;
         t.values().find_map(|m| m.get(name).cloned())
     }
