@@ -61,7 +61,10 @@ impl Text {
                 ));
             }
             let s = std::str::from_utf8(b).map_err(|_| format!("input '{}' item {i} is not UTF-8 text", t.name))?;
-            let e = self.tokenizer.encode(s, true).map_err(|e| format!("input '{}' item {i}: {e}", t.name))?;
+            // A tokenizer fault on hostile text is this request's error, never a lost thread.
+            let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tokenizer.encode(s, true)))
+                .map_err(|_| format!("input '{}' item {i}: the tokenizer failed on this text", t.name))?
+                .map_err(|e| format!("input '{}' item {i}: {e}", t.name))?;
             encoded.push(e);
         }
         let longest = encoded.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
