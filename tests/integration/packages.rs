@@ -212,11 +212,14 @@ async fn the_tabular_mlp_takes_a_json_object_of_named_fields_or_a_csv_line() -> 
         post_typed(&agent, "/v2/models/cancer-fields/infer", serde_json::to_vec(&row)?, "text/plain").await?;
     assert_eq!(s, 400, "{body}");
     assert!(body["error"].as_str().is_some_and(|m| m.contains("unknown field 'wrost_area'")), "{body}");
-    // A bare model refuses a raw body clearly.
+    // A bare model refuses an image clearly, and still reads V2 JSON labelled as text.
     let agent2 = TestAgent::start(&[mlp_only()?.path().to_path_buf()], "").await?;
-    let (s, body) = post_typed(&agent2, "/v2/models/mlp/infer", b"1,2,3".to_vec(), "text/csv").await?;
+    let (s, body) = post_typed(&agent2, "/v2/models/mlp/infer", b"\x89PNG".to_vec(), "image/png").await?;
     assert_eq!(s, 400, "{body}");
     assert!(body["error"].as_str().is_some_and(|m| m.contains("model package")), "{body}");
+    let v2 = serde_json::to_vec(&golden_for(&root().join("models/mlp"))?.request(0))?;
+    let (s, body) = post_typed(&agent2, "/v2/models/mlp/infer", v2, "text/plain; charset=utf-8").await?;
+    assert_eq!(s, 200, "{body}");
     agent2.stop().await?;
     agent.stop().await
 }

@@ -197,11 +197,18 @@ pub struct InferenceService {
     pub pipelines: Arc<pipeline::PipelineTable>,
 }
 
-/// Whether a content type says the body is a raw input (an image, a text, a CSV line, bytes)
-/// rather than a V2 request.
-pub fn is_raw_content_type(content_type: &str) -> bool {
+/// What a content type says of a body: `Some(true)` certainly a raw input (an image),
+/// `Some(false)` a raw input when the model takes one (a text, a CSV line, bytes: some clients
+/// label V2 JSON so), `None` a V2 request.
+fn raw_content_type(content_type: &str) -> Option<bool> {
     let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    media.starts_with("image/") || media.starts_with("text/") || media == "application/octet-stream"
+    if media.starts_with("image/") {
+        Some(true)
+    } else if media.starts_with("text/") || media == "application/octet-stream" {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 impl InferenceService {
@@ -220,6 +227,20 @@ impl InferenceService {
             compliance: None,
             site_verdicts: None,
             pipelines: Arc::default(),
+        }
+    }
+
+    /// Whether a body of this content type for `model` is a raw input rather than a V2
+    /// request: images always; texts and bytes when the model is a package or a pipeline (a
+    /// bare model keeps reading them as V2 JSON, as it always did).
+    pub fn is_raw(&self, model: &str, version: Option<&str>, content_type: Option<&str>) -> bool {
+        match content_type.and_then(raw_content_type) {
+            Some(true) => true,
+            Some(false) => {
+                self.pipelines.get(model).is_some()
+                    || self.repository.serving(model, version).is_ok_and(|s| s.package.is_some())
+            }
+            None => false,
         }
     }
 

@@ -621,12 +621,8 @@ async fn run_infer(s: HttpState, model: String, version: Option<String>, req: Re
     };
     // An image, a text or a CSV line sent as it is (its own content type, no binary tensor
     // header) is the raw input of a model package.
-    let raw = header_len.is_none()
-        && parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(crate::api::is_raw_content_type);
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let raw = header_len.is_none() && s.service.is_raw(&model, version.as_deref(), content_type);
     let request = if raw {
         s.service.raw_request(&model, version.as_deref(), bytes.to_vec()).map_err(|e| count_rejection(e.into()))?
     } else {

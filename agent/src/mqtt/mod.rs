@@ -367,7 +367,7 @@ async fn handle(client: &AsyncClient, service: &InferenceService, topics: &Topic
         Err(e) => json!({ "error": e }).to_string().into_bytes(),
         Ok((model, version)) => {
             // A v5 Content Type other than JSON: the payload is the raw input of a package.
-            let raw = props.content_type.as_deref().is_some_and(crate::api::is_raw_content_type);
+            let raw = service.is_raw(&model, version.as_deref(), props.content_type.as_deref());
             answer(service, &mut ctx, &model, version.as_deref(), &p.payload, cfg.max_payload_bytes, raw).await
         }
     };
