@@ -22,7 +22,7 @@ use futures::StreamExt as _;
 use prost::Message;
 use tonic::Status;
 
-use crate::api::triton::{model_config, statistics, EXTENSIONS};
+use crate::api::triton::{statistics, EXTENSIONS};
 use crate::api::{InferError, RequestContext, Transport};
 use crate::auth::{Permission, Principal};
 use crate::http::{HttpState, Refusal};
@@ -231,8 +231,9 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                 req,
                 |_: &pb::ModelRef| Permission::Read,
                 |s, _, r| async move {
-                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
-                    Ok(pb::ModelConfigResponse { config: Some(model_config(&served)) })
+                    let config = crate::api::triton::config_for(&s.state.service, &r.name, version(&r.version))
+                        .map_err(status)?;
+                    Ok(pb::ModelConfigResponse { config: Some(config) })
                 },
             )
             .await

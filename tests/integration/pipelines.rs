@@ -67,6 +67,14 @@ async fn a_pipeline_with_fan_out_and_fan_in_answers_as_onnx_runtime_chained_over
     assert!(outputs.contains(&json!({ "name": "parity", "datatype": "FP32", "shape": [-1, 2] })), "{meta}");
     let (s, ready) = agent.get("/v2/models/digit-report/ready").await?;
     assert_eq!(s, 200, "{ready}");
+    // Triton's model configuration, as tritonclient asks for it.
+    let (s, config) = agent.get("/v2/models/digit-report/config").await?;
+    assert_eq!(s, 200, "{config}");
+    assert_eq!(
+        (config["platform"].as_str(), config["input"][0]["data_type"].as_str()),
+        (Some("pipeline"), Some("TYPE_STRING")),
+        "{config}"
+    );
 
     let probes = probes()?;
     for (i, p) in probes["digit-report"].as_array().cloned().unwrap_or_default().iter().enumerate() {

@@ -7,12 +7,34 @@ use crate::protocol::grpc as pb;
 /// The V2 extensions served (HTTP and gRPC alike).
 pub const EXTENSIONS: [&str; 4] = ["model_repository", "binary_tensor_data", "model_configuration", "statistics"];
 
+/// Triton's model configuration of a model or pipeline, by name (`version` for a model).
+pub fn config_for(
+    service: &InferenceService,
+    name: &str,
+    version: Option<&str>,
+) -> Result<pb::ModelConfig, InferError> {
+    if let Some(p) = service.pipelines.get(name) {
+        let (inputs, outputs) = p.io(&service.repository);
+        return Ok(config_of(&p.name, "pipeline", None, &inputs, &outputs));
+    }
+    Ok(model_config(&*service.repository.serving(name, version)?))
+}
+
 /// Triton's model configuration for a serving version: its tensors, and with batching the
 /// batch size it takes (dims then leave out the batch dimension).
 pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
-    let batch = served.batching.as_ref();
     // What callers send and get: a package's raw inputs and final outputs.
     let (inputs, outputs) = served.io();
+    config_of(&served.name, "onnx", served.batching.as_ref(), &inputs, &outputs)
+}
+
+fn config_of(
+    name: &str,
+    platform: &str,
+    batch: Option<&crate::engine::BatchPolicy>,
+    inputs: &[crate::engine::package::Spec],
+    outputs: &[crate::engine::package::Spec],
+) -> pb::ModelConfig {
     let dims = |shape: &[i64]| {
         if batch.is_some() {
             shape.get(1..).unwrap_or_default().to_vec()
@@ -21,9 +43,10 @@ pub fn model_config(served: &crate::engine::Served) -> pb::ModelConfig {
         }
     };
     pb::ModelConfig {
-        name: served.name.clone(),
-        platform: "onnx".into(),
-        backend: "tract".into(),
+        name: name.to_owned(),
+        platform: platform.into(),
+        // A pipeline is run by the agent itself, its models by tract.
+        backend: if platform == "pipeline" { "outpost" } else { "tract" }.into(),
         max_batch_size: batch.map_or(0, |b| i32::try_from(b.max_batch).unwrap_or(i32::MAX)),
         input: inputs
             .iter()

@@ -420,8 +420,8 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
 
 /// Triton's model configuration extension.
 fn config_of(s: &HttpState, model: &str, version: Option<&str>) -> Result<Response, ApiError> {
-    let served = s.service.repository.serving(model, version)?;
-    Ok(axum::Json(crate::api::triton::model_config_json(&crate::api::triton::model_config(&served))).into_response())
+    let config = crate::api::triton::config_for(&s.service, model, version)?;
+    Ok(axum::Json(crate::api::triton::model_config_json(&config)).into_response())
 }
 
 async fn model_config(State(s): State<HttpState>, Path(model): Path<String>) -> Result<Response, ApiError> {
