@@ -471,19 +471,17 @@ fn trim_row(line: &[u8]) -> &[u8] {
 
 /// A CSV row as the model's one input, shape `[1, n]`, FP32.
 fn csv_request(service: &InferenceService, model: &str, text: &[u8]) -> Result<crate::protocol::InferRequest, String> {
-    let served = service.repository.serving(model, None).map_err(|e| e.to_string())?;
-    // A package with one raw input takes the line itself (a CSV row of named fields, a text).
-    if let Some([(name, _)]) = served.package.as_ref().map(|p| p.raw_inputs.as_slice()) {
-        let data = vec![text.to_vec()];
-        return Ok(crate::protocol::InferRequest {
-            inputs: vec![crate::protocol::Tensor {
-                name: name.clone(),
-                shape: vec![1],
-                data: crate::protocol::TensorData::Bytes(data),
-            }],
-            input_parameters: vec![serde_json::Map::new()],
-            ..Default::default()
-        });
+    // What the model, package or pipeline takes: its inputs as callers see them.
+    let inputs = match service.pipelines.get(model) {
+        Some(p) => p.io(&service.repository).0,
+        None => service.repository.serving(model, None).map_err(|e| e.to_string())?.io().0,
+    };
+    let [(name, datatype, _)] = inputs.as_slice() else {
+        return Err(format!("CSV rows need a model with one input; '{model}' has {}", inputs.len()));
+    };
+    // A raw input (a package's, a pipeline's) takes the line itself: a row of named fields, a text.
+    if *datatype == crate::protocol::DataType::Bytes {
+        return service.raw_request(model, None, text.to_vec()).map_err(|e| e.to_string());
     }
     let text = std::str::from_utf8(text).map_err(|_| "the row is not UTF-8".to_owned())?;
     let values: Vec<f32> = text
@@ -494,10 +492,6 @@ fn csv_request(service: &InferenceService, model: &str, text: &[u8]) -> Result<c
                 .map_err(|_| format!("'{}' is not a number", v.trim().chars().take(32).collect::<String>()))
         })
         .collect::<Result<_, _>>()?;
-    let input: Vec<String> = served.model.signature.inputs.iter().map(|i| i.name.clone()).collect();
-    let [name] = input.as_slice() else {
-        return Err(format!("CSV rows need a model with one input; '{model}' has {}", input.len()));
-    };
     let body = json!({ "inputs": [{ "name": name, "shape": [1, values.len()], "datatype": "FP32", "data": values }] });
     crate::protocol::json::parse_request(body.to_string().as_bytes()).map_err(|e| e.to_string())
 }

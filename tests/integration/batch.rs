@@ -211,3 +211,52 @@ fn a_batch_job_killed_with_kill_9_resumes_and_answers_every_row_once_in_order() 
     ensure!(agent.wait_exit(Duration::from_secs(30))? == 0, "unclean stop");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_jobs_run_on_packages_and_pipelines_too() -> Result<()> {
+    let agent = TestAgent::demo().await?;
+    let base = agent.base.clone();
+    let dir = tempfile::tempdir()?;
+    // A package taking named fields: each CSV line is a row of them, as it is.
+    let sample = std::fs::read_to_string(root().join("models/cancer-fields/sample.csv"))?;
+    let fields = dir.path().join("fields.csv");
+    std::fs::write(&fields, format!("{}{}1,2\n", sample, sample))?;
+    // A pipeline taking a tensor (the cascade): each line is its numbers.
+    let probes: Value = serde_json::from_slice(&std::fs::read(root().join("models/pipelines-probes.json"))?)?;
+    let triage = probes["cancer-triage"].as_array().cloned().unwrap_or_default();
+    let numbers = dir.path().join("numbers.csv");
+    let lines: Vec<String> = triage
+        .iter()
+        .map(|p| {
+            p["X"].as_array().cloned().unwrap_or_default().iter().map(Value::to_string).collect::<Vec<_>>().join(",")
+        })
+        .collect();
+    std::fs::write(&numbers, lines.join("\n") + "\n")?;
+    for (file, model) in [(fields, "cancer-fields"), (numbers, "cancer-triage")] {
+        let (b, f, m) = (base.clone(), file.display().to_string(), model.to_owned());
+        let out = tokio::task::spawn_blocking(move || {
+            cli(&["batch", "submit", &f, "--model", &m, "--format", "csv", "--wait", "--url", &b])
+        })
+        .await??;
+        ensure!(out.status.success(), "{model}: {out:?}");
+        let id = stdout(&out).lines().next().unwrap_or_default().to_owned();
+        let output = stdout(&cli(&["batch", "output", &id, "--url", &base])?);
+        let answers: Vec<Value> = output.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        if model == "cancer-fields" {
+            ensure!(answers.len() == 3, "{output}");
+            for a in &answers[..2] {
+                let diagnosis =
+                    a["answer"]["outputs"].as_array().and_then(|o| o.iter().find(|t| t["name"] == "diagnosis"));
+                ensure!(diagnosis.is_some_and(|d| d["data"] == serde_json::json!(["benign"])), "{output}");
+            }
+            ensure!(answers[2]["error"].as_str().is_some_and(|e| e.contains("2 values")), "{output}");
+        } else {
+            ensure!(answers.len() == triage.len(), "{output}");
+            for (a, p) in answers.iter().zip(&triage) {
+                let label = a["answer"]["outputs"].as_array().and_then(|o| o.iter().find(|t| t["name"] == "label"));
+                ensure!(label.is_some_and(|l| l["data"] == serde_json::json!([p["label"]])), "{output}");
+            }
+        }
+    }
+    agent.stop().await
+}

@@ -965,7 +965,10 @@ async fn job_submit(
     if !crate::config::valid_name(&q.model) {
         return Err(bad(format!("model '{}': 1-128 of [A-Za-z0-9._-]", q.model.chars().take(128).collect::<String>())));
     }
-    s.service.repository.serving(&q.model, q.version.as_deref()).map_err(ApiError::from)?;
+    // A model or a pipeline.
+    if s.service.pipelines.get(&q.model).is_none() {
+        s.service.repository.serving(&q.model, q.version.as_deref()).map_err(ApiError::from)?;
+    }
     let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e);
     let mut upload = crate::jobs::Uploading::start(&s.jobs, MAX_JOB_INPUT_BYTES).map_err(unavailable)?;
     let mut body = body;
