@@ -1223,6 +1223,17 @@ pub fn status_table(s: &serde_json::Value) -> String {
     for j in s["jobs"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "job {}", job_line(j));
     }
+    for p in s["pipelines"].as_array().into_iter().flatten() {
+        let models: Vec<String> = p["models"].as_array().into_iter().flatten().map(str_of).collect();
+        let steps = p["steps"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            out,
+            "pipeline {} v{}: {steps} steps over {}",
+            str_of(&p["name"]),
+            str_of(&p["version"]),
+            models.join(", ")
+        );
+    }
     if let Some(h) = s["ha"].as_object() {
         let _ = writeln!(
             out,

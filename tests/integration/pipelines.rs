@@ -67,6 +67,9 @@ async fn a_pipeline_with_fan_out_and_fan_in_answers_as_onnx_runtime_chained_over
     assert!(outputs.contains(&json!({ "name": "parity", "datatype": "FP32", "shape": [-1, 2] })), "{meta}");
     let (s, ready) = agent.get("/v2/models/digit-report/ready").await?;
     assert_eq!(s, 200, "{ready}");
+    let status = std::process::Command::new(crate::outpost_bin()).args(["status", "--url", &agent.base]).output()?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("pipeline digit-report v1: 4 steps over digit-parity, digits-png, prob-mean"), "{status}");
     // Triton's model configuration, as tritonclient asks for it.
     let (s, config) = agent.get("/v2/models/digit-report/config").await?;
     assert_eq!(s, 200, "{config}");
