@@ -14,6 +14,8 @@ const MAX_SIDE: u32 = 16384;
 const MAX_TARGET_SIDE: u32 = 4096;
 /// Most pixels decoded for one request, over all its images (at least one image's worth).
 const MAX_REQUEST_PIXELS: u64 = 64 << 20;
+/// Most values one request's pixel tensor may hold (64 MiB of FP32), at least one image's.
+const MAX_REQUEST_VALUES: usize = 16 << 20;
 
 pub(super) struct Image {
     step: ImageStep,
@@ -76,7 +78,17 @@ impl Image {
     pub(super) fn run(&self, t: &Tensor) -> Result<Tensor, String> {
         let images = super::items(t, "encoded images")?;
         let (w, h, c) = (self.step.width as usize, self.step.height as usize, usize::from(self.step.channels));
-        let mut out = Vec::with_capacity(images.len() * w * h * c);
+        // The tensor is bounded before anything is decoded or allocated for it.
+        let per_image = w * h * c;
+        if images.len() > 1 && images.len() * per_image > MAX_REQUEST_VALUES.max(per_image) {
+            return Err(format!(
+                "input '{}': {} images of {w}×{h}×{c} values are more than one request takes; send at most {}",
+                t.name,
+                images.len(),
+                (MAX_REQUEST_VALUES / per_image).max(1)
+            ));
+        }
+        let mut out = Vec::with_capacity(images.len() * per_image);
         let mut budget = MAX_REQUEST_PIXELS.max(self.step.max_pixels);
         for (i, bytes) in images.iter().enumerate() {
             let pixels = self.decode(bytes, &mut budget).map_err(|e| format!("input '{}' item {i}: {e}", t.name))?;

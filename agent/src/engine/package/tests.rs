@@ -240,3 +240,22 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn the_tensors_one_request_fills_are_bounded_before_any_work() {
+    // 1024 images of 1024×1024×3 would be 12 GiB of FP32: refused before a byte is decoded.
+    let d = decl(json!({ "pre": [{ "kind": "image", "input": "img", "output": "pixels", "width": 1024, "height": 1024,
+        "channels": 3 }], "golden": {} }));
+    let p = Package::build(&d, &no_files).expect("builds");
+    let junk: Vec<&[u8]> = vec![b"x"; 1024];
+    let err = p.pre(vec![bytes_tensor("img", &junk)]).unwrap_err();
+    assert!(err.contains("more than one request takes") && err.contains("at most 5"), "{err}");
+    // 1024 texts padded to 8192 tokens: 8M positions, over the 4M a request may fill.
+    let d = decl(json!({ "pre": [{ "kind": "text", "input": "text", "tokenizer": "tok.json", "max_length": 8192,
+        "padding": "max_length" }], "golden": {} }));
+    let p = Package::build(&d, &|_| Ok(TOKENIZER.as_bytes().to_vec())).expect("builds");
+    let texts: Vec<&[u8]> = vec![b"hello"; 1024];
+    let err = p.pre(vec![bytes_tensor("text", &texts)]).unwrap_err();
+    assert!(err.contains("at most 512"), "{err}");
+    assert!(p.pre(vec![bytes_tensor("text", &texts[..512])]).is_ok());
+}

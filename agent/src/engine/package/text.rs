@@ -7,6 +7,8 @@ use crate::protocol::{Tensor, TensorData};
 
 /// Longest sequence a step may declare.
 const MAX_LENGTH: usize = 8192;
+/// Most token positions (texts × length) one request may fill (32 MiB per INT64 tensor).
+const MAX_REQUEST_TOKENS: usize = 4 << 20;
 
 pub(super) struct Text {
     step: TextStep,
@@ -50,6 +52,16 @@ impl Text {
     /// `[n]` texts to `[n, length]` ids, mask and type ids (those the model takes).
     pub(super) fn run(&self, t: &Tensor) -> Result<Vec<Tensor>, String> {
         let texts = super::items(t, "text")?;
+        // Bounded before tokenizing: padded to max_length, this is the tensor's size.
+        if texts.len() * self.step.max_length > MAX_REQUEST_TOKENS.max(self.step.max_length) {
+            return Err(format!(
+                "input '{}': {} texts of up to {} tokens are more than one request takes; send at most {}",
+                t.name,
+                texts.len(),
+                self.step.max_length,
+                MAX_REQUEST_TOKENS / self.step.max_length
+            ));
+        }
         let mut encoded = Vec::with_capacity(texts.len());
         for (i, b) in texts.iter().enumerate() {
             if b.len() > self.step.max_text_bytes {
