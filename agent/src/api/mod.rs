@@ -584,7 +584,15 @@ impl InferenceService {
         // Still the only request being answered: its record may be made durable right here.
         let alone = routing.alone && self.in_flight.now() == 1;
         let recorded = if alone { self.events.record_alone(event) } else { self.events.record(event) }.await;
-        // An answer whose record could not be kept is not given (fail closed).
+        self.if_recorded(recorded, result)
+    }
+
+    /// An answer whose record could not be kept is not given (fail closed).
+    fn if_recorded<E: std::fmt::Display>(
+        &self,
+        recorded: Result<(), E>,
+        result: Result<InferResponse, InferError>,
+    ) -> Result<InferResponse, InferError> {
         match recorded {
             Ok(()) => result,
             Err(e) => {
@@ -622,13 +630,8 @@ impl InferenceService {
             input_digest,
             parameters,
         };
-        match self.events.record(event).await {
-            Ok(()) => result,
-            Err(e) => {
-                self.metrics.record_audit_refusal();
-                Err(InferError::Unavailable(format!("not answered: the audit record could not be kept ({e})")))
-            }
-        }
+        let recorded = self.events.record(event).await;
+        self.if_recorded(recorded, result)
     }
 
     /// Carries out an experiment's conclusion (the candidate becomes the default, or the

@@ -273,6 +273,19 @@ pub fn resign_index(
     Ok(index.version)
 }
 
+/// The registry's root, and the version a new signed document beside the index (the
+/// baseline, the pipelines) takes: one more than the one there, which must verify.
+fn next_version<T: super::trust::SignedDoc>(dir: &Path) -> Result<(Root, u64), RegistryError> {
+    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
+    let root = verify_root_self(&root_bytes)?;
+    let version = match std::fs::read(dir.join(T::FILE)) {
+        Ok(bytes) => T::verify(&root, &bytes)?.version() + 1,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+        Err(e) => return Err(RegistryError::file(dir.join(T::FILE), e)),
+    };
+    Ok((root, version))
+}
+
 /// Signs and writes the registry's compliance baseline (`baseline.json`) with the next
 /// version; the keys must be the root's index keys (checked, so a wrong key fails here, not at
 /// every site). Returns the version written.
@@ -286,13 +299,7 @@ pub fn publish_baseline(
     if !valid_name(name) {
         return Err(RegistryError::Invalid(format!("baseline name '{name}' must be 1-128 of [A-Za-z0-9._-]")));
     }
-    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
-    let root = verify_root_self(&root_bytes)?;
-    let version = match std::fs::read(dir.join("baseline.json")) {
-        Ok(bytes) => super::trust::verify_baseline(&root, &bytes)?.version + 1,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
-        Err(e) => return Err(RegistryError::file(dir.join("baseline.json"), e)),
-    };
+    let (root, version) = next_version::<Baseline>(dir)?;
     let baseline = Baseline {
         kind: "baseline".into(),
         version,
@@ -324,13 +331,7 @@ pub fn publish_pipelines(
             return Err(RegistryError::Invalid(format!("two pipelines named '{}'", d.name)));
         }
     }
-    let root_bytes = std::fs::read(dir.join("root.json")).map_err(|e| RegistryError::file(dir.join("root.json"), e))?;
-    let root = verify_root_self(&root_bytes)?;
-    let version = match std::fs::read(dir.join("pipelines.json")) {
-        Ok(bytes) => super::trust::verify_pipelines(&root, &bytes)?.version + 1,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
-        Err(e) => return Err(RegistryError::file(dir.join("pipelines.json"), e)),
-    };
+    let (root, version) = next_version::<Pipelines>(dir)?;
     let doc =
         Pipelines { kind: "pipelines".into(), version, expires: format_time(now() + expires_in_secs), pipelines: docs };
     let bytes = sign_json(PIPELINES_TYPE, &doc, signers)?;

@@ -94,7 +94,7 @@ pub fn verify_pipelines(root: &Root, bytes: &[u8]) -> Result<Pipelines, Registry
 
 /// A signed document kept beside the index (the baseline, the pipelines): versioned and
 /// expiring.
-trait SignedDoc: Clone {
+pub(super) trait SignedDoc: Clone {
     const FILE: &'static str;
     const WHAT: &'static str;
     const MAX_BYTES: u64;

@@ -424,9 +424,12 @@ impl Store {
             }
         };
         sweep(self.root.join("models"), &|n| keep_models.iter().any(|k| k == n));
-        // Package files: those the kept manifests name.
+        // Package files: those the kept manifests name (read only when any file is stored).
+        let files_dir = self.root.join("files");
+        let any_file = std::fs::read_dir(&files_dir).is_ok_and(|mut d| d.next().is_some());
         let keep_files: Vec<String> = keep_manifests
             .iter()
+            .filter(|_| any_file)
             .filter_map(|m| {
                 let bytes = std::fs::read(self.manifest_path(m.trim_end_matches(".json"))).ok()?;
                 let env = outpost_proto::registry::dsse::Envelope::parse(&bytes).ok()?;
@@ -436,7 +439,7 @@ impl Store {
             })
             .flatten()
             .collect();
-        sweep(self.root.join("files"), &|n| keep_files.iter().any(|k| k == n));
+        sweep(files_dir, &|n| keep_files.iter().any(|k| k == n));
         sweep(self.root.join("manifests"), &|n| keep_manifests.iter().any(|k| *k == n || k == &n.replace(".json", "")));
         let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86400);
         if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {
