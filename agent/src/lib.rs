@@ -667,6 +667,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
             let limits = http::server::Limits {
                 max_concurrent_streams: g.max_concurrent_streams,
                 h2_date_header: false,
+                direct_h2: true,
                 ..limits
             };
             let (tls, metrics, cancel) = (tls_handle.clone(), service.metrics.clone(), http_cancel.clone());

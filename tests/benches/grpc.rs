@@ -3,11 +3,13 @@
 //! request and wait for the answer, for `--seconds` per point (bounded in count too). The
 //! agent (an `outpost` process) is pinned to CPU 0 and this load generator to CPU 1 by
 //! `scripts/bench-grpc.sh`, which reports the generator's own CPU use per point so it can be
-//! seen not to be the bottleneck. gRPC: one HTTP/2 connection (tonic), as `tritonclient.grpc`
-//! uses one; HTTP: a pool of keep-alive HTTP/1.1 connections (reqwest), V2 JSON.
+//! seen not to be the bottleneck. gRPC: one HTTP/2 connection, as `tritonclient.grpc` uses one,
+//! through the `h2` crate's client (the lightest) and through tonic's; HTTP: keep-alive
+//! HTTP/1.1 connections, V2 JSON, through bare hyper (the lightest) and through reqwest.
 //!
 //! The engine's own time comes from the statistics extension (`compute_infer` over
-//! `execution_count`): a transport's overhead at one client is its mean latency minus it.
+//! `execution_count`): a transport's overhead at one client is its mean latency minus it. The
+//! agent's own CPU time per request (from /proc) is the server's cost whatever the client.
 //!
 //!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
 //!         [--concurrency 1,8,64] [--rounds 3] [--kserve-python PY] [--only LABEL]
@@ -51,14 +53,21 @@ enum Target {
         channel: tonic::transport::Channel,
         request: pb::ModelInferRequest,
     },
-    /// The same calls on a bare HTTP/2 connection: gRPC framing by hand, no client-side
-    /// request queue, so the figures are the server's more than tonic's client's.
-    H2 {
-        /// Connections, taken in turn by the calls.
-        sends: Arc<Vec<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>>>,
-        next: Arc<std::sync::atomic::AtomicUsize>,
+    /// The same calls through the `h2` crate's client directly: no request queue and no task
+    /// per call on the generator's side, the lightest client there is for these figures.
+    H2Crate {
+        send: h2::client::SendRequest<bytes::Bytes>,
         framed: bytes::Bytes,
         authority: String,
+    },
+    /// The HTTP calls on bare hyper HTTP/1.1 connections (one per client, kept in a pool):
+    /// the HTTP counterpart of the `h2` client, so both transports are measured with their
+    /// lightest client.
+    H1 {
+        pool: Arc<std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>>>,
+        port: u16,
+        path: String,
+        body: bytes::Bytes,
     },
     Http {
         client: reqwest::Client,
@@ -79,24 +88,56 @@ impl Target {
                 let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
                 ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
             }
-            Target::H2 { sends, next, framed, authority } => {
-                let send = &sends[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % sends.len()];
-                use http_body_util::BodyExt as _;
+            Target::H2Crate { send, framed, authority } => {
                 let req = tonic::codegen::http::Request::post(format!(
                     "http://{authority}/inference.GRPCInferenceService/ModelInfer"
                 ))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
-                .body(http_body_util::Full::new(framed.clone()))?;
-                let mut send = send.clone();
-                send.ready().await?;
-                let resp = send.send_request(req).await?;
-                let collected = resp.into_body().collect().await?;
-                let status = collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes().to_vec());
+                .body(())?;
+                let mut send = send.clone().ready().await?;
+                let (answer, mut stream) = send.send_request(req, false)?;
+                stream.send_data(framed.clone(), true)?;
+                let mut body = answer.await?.into_body();
+                let mut message = bytes::BytesMut::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    message.extend_from_slice(&chunk);
+                }
+                let trailers = body.trailers().await?;
+                let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes().to_vec());
                 ensure!(status.as_deref() == Some(b"0".as_slice()), "grpc-status {status:?}");
-                let body = collected.to_bytes();
-                ensure!(body.len() > 5, "no message");
-                pb::ModelInferResponse::decode(&body[5..])?;
+                ensure!(message.len() > 5, "no message");
+                pb::ModelInferResponse::decode(&message[5..])?;
+            }
+            Target::H1 { pool, port, path, body } => {
+                use http_body_util::BodyExt as _;
+                // A pooled connection the agent closed meanwhile (idle between rounds) is dropped.
+                let taken = {
+                    let mut pool = pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?;
+                    std::iter::from_fn(|| pool.pop()).find(|s| !s.is_closed())
+                };
+                let mut send = match taken {
+                    Some(send) => send,
+                    None => {
+                        let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await?;
+                        stream.set_nodelay(true)?;
+                        let (send, conn) =
+                            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+                        tokio::spawn(conn);
+                        send
+                    }
+                };
+                send.ready().await?;
+                let req = tonic::codegen::http::Request::post(path.as_str())
+                    .header("host", format!("127.0.0.1:{port}"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(body.clone()))?;
+                let resp = send.send_request(req).await?;
+                ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+                resp.into_body().collect().await?;
+                pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?.push(send);
             }
             Target::Http { client, url, body } => {
                 let r = client.post(url).body(body.clone()).send().await?;
@@ -117,6 +158,10 @@ struct Point {
     client_cpu: f64,
     /// The engine's mean run over the point (Outpost only, from its statistics).
     engine_ms: Option<f64>,
+    /// The point's length in seconds.
+    wall: f64,
+    /// The agent's CPU time per request, µs (Outpost only, from /proc).
+    agent_us: Option<f64>,
 }
 
 /// A child process killed when dropped (KServe, whatever way the bench ends).
@@ -154,7 +199,18 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
                     let t = Instant::now();
                     match tokio::time::timeout(Duration::from_secs(10), target.call()).await {
                         Ok(Ok(())) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                        _ => errors += 1,
+                        Ok(Err(e)) => {
+                            if errors == 0 {
+                                eprintln!("a call failed: {e:#}");
+                            }
+                            errors += 1;
+                        }
+                        Err(_) => {
+                            if errors == 0 {
+                                eprintln!("a call got no answer in 10 s");
+                            }
+                            errors += 1;
+                        }
                     }
                 }
                 (lat, errors)
@@ -182,6 +238,8 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
         errors,
         client_cpu,
         engine_ms: None,
+        wall,
+        agent_us: None,
     }
 }
 
@@ -233,16 +291,20 @@ fn spawn_kserve(python: &str, model: &str, port: u16) -> Result<Child> {
 }
 
 /// A bare HTTP/2 connection (no gRPC client library) to a gRPC port on loopback.
-async fn bare_h2(port: u16) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+async fn h2_crate(port: u16) -> Result<h2::client::SendRequest<bytes::Bytes>> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream.set_nodelay(true)?;
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await?;
+    let (send, conn) = h2::client::handshake(stream).await?;
     tokio::spawn(conn);
     Ok(send)
+}
+
+/// A process's user and system CPU seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let f = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (f(11) + f(12)) / 100.0
 }
 
 fn grpc_request(model: &str) -> Result<pb::ModelInferRequest> {
@@ -291,9 +353,11 @@ fn main() -> Result<()> {
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
         let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
-        let h2 = bare_h2(grpc_port).await?;
-        println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | errors | generator CPU |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let h2c = h2_crate(grpc_port).await?;
+        let agent_pid = agent.child.id();
+        let http_port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).context("the agent's HTTP port")?;
+        println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | agent CPU µs/req | errors | generator CPU |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for model in models.split(',') {
             let request = grpc_request(model)?;
             let body = serde_json::to_vec(&golden_for(&root().join("models").join(model))?.request(0))?;
@@ -303,7 +367,8 @@ fn main() -> Result<()> {
             let framed = bytes::Bytes::from(framed);
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (bare h2)", Target::H2 { sends: Arc::new(vec![h2.clone()]), next: Default::default(), framed: framed.clone(), authority: format!("127.0.0.1:{grpc_port}") }),
+                ("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), authority: format!("127.0.0.1:{grpc_port}") }),
+                ("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
             ];
             // KServe runs beside the agent (both pinned to CPU 0, the idle one asleep), so its
@@ -326,9 +391,9 @@ fn main() -> Result<()> {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 };
-                // The same two load generators as Outpost's gRPC rows.
-                targets.push(("KServe gRPC (tonic client)", Target::Grpc { channel: kchannel, request: request.clone() }));
-                targets.push(("KServe gRPC (bare h2)", Target::H2 { sends: Arc::new(vec![bare_h2(port).await?]), next: Default::default(), framed: framed.clone(), authority: format!("127.0.0.1:{port}") }));
+                // The same load generator as Outpost's first gRPC row.
+                drop(kchannel);
+                targets.push(("KServe gRPC (h2 client)", Target::H2Crate { send: h2_crate(port).await?, framed: framed.clone(), authority: format!("127.0.0.1:{port}") }));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {
@@ -340,7 +405,12 @@ fn main() -> Result<()> {
                         let (label, target) = &targets[i];
                         let outpost = label.starts_with("Outpost");
                         let before = if outpost { Some(engine_time(&http, &base, model).await?) } else { None };
+                        let cpu0 = process_cpu_seconds(agent_pid);
                         let mut p = run_point(target, c, seconds).await;
+                        if outpost {
+                            let requests = (p.rps * p.wall).max(1.0);
+                            p.agent_us = Some((process_cpu_seconds(agent_pid) - cpu0) / requests * 1e6);
+                        }
                         if let Some(before) = before {
                             let after = engine_time(&http, &base, model).await?;
                             let runs = after.0.saturating_sub(before.0).max(1);
@@ -357,8 +427,9 @@ fn main() -> Result<()> {
                         Some(e) => (format!("{e:.3}"), format!("{:.3}", p.mean_ms - e)),
                         None => ("-".into(), "-".into()),
                     };
+                    let agent_us = p.agent_us.map_or_else(|| "-".into(), |u| format!("{u:.0}"));
                     println!(
-                        "| {model} | {c} | {label} | {:.0} | {low:.0}–{high:.0} | {:.2} | {:.2} | {:.3} | {engine} | {overhead} | {} | {:.0} % |",
+                        "| {model} | {c} | {label} | {:.0} | {low:.0}–{high:.0} | {:.2} | {:.2} | {:.3} | {engine} | {overhead} | {agent_us} | {} | {:.0} % |",
                         p.rps, p.p50, p.p99, p.mean_ms, p.errors, p.client_cpu * 100.0
                     );
                 }

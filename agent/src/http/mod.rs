@@ -2,6 +2,7 @@
 //! check access ([`crate::auth`]), decode the request, call [`InferenceService`], encode the
 //! answer or `{"error": ...}`. [`server`] owns the sockets: TLS, connection limits, timeouts.
 
+mod h2conn;
 pub mod server;
 
 use std::sync::{Arc, RwLock};

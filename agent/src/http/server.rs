@@ -66,6 +66,9 @@ pub struct Limits {
     /// A `Date` header on every HTTP/2 answer (HTTP asks for one; gRPC has no use for it, and
     /// its changing value is header-compression work on every call).
     pub h2_date_header: bool,
+    /// HTTP/2 connections served by the `h2` crate directly ([`super::h2conn`]) rather than
+    /// through hyper (the gRPC listener); other connections still go through hyper.
+    pub direct_h2: bool,
 }
 
 impl From<&HttpConfig> for Limits {
@@ -77,6 +80,7 @@ impl From<&HttpConfig> for Limits {
             idle_timeout: h.idle_timeout,
             max_concurrent_streams: 256,
             h2_date_header: true,
+            direct_h2: false,
         }
     }
 }
@@ -120,15 +124,23 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let app = app.clone();
         let metrics = metrics.clone();
+        let cancel = cancel.clone();
         metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenConnection(metrics.clone());
-            serve_connection(stream, addr, acceptor, app, limits, metrics, watcher).await;
+            serve_connection(stream, addr, acceptor, app, limits, metrics, watcher, cancel).await;
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    // hyper's connections end through `graceful`; the ones served by h2 directly hold their
+    // connection slot until they end: all slots free means every connection has ended.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let ended = async {
+        graceful.shutdown().await;
+        let _ = slots.acquire_many(all).await;
+    };
+    if tokio::time::timeout(grace, ended).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
 }
@@ -151,6 +163,7 @@ async fn serve_connection(
     limits: Limits,
     metrics: Arc<Metrics>,
     watcher: hyper_util::server::graceful::Watcher,
+    cancel: CancellationToken,
 ) {
     let (io, cert_names): (Box<dyn Io>, Vec<String>) = match acceptor {
         None => (Box::new(stream), Vec::new()),
@@ -178,8 +191,35 @@ async fn serve_connection(
         },
     };
     let activity = Arc::new(Activity::new());
-    let io = ActivityIo { inner: io, activity: activity.clone() };
+    let mut io = ActivityIo { inner: io, activity: activity.clone() };
     let peer = Peer { addr, cert_names: Arc::new(cert_names) };
+    // On the gRPC listener, a connection that opens with the HTTP/2 preface is served by h2
+    // directly; anything else (an HTTP/1.1 probe) by hyper, its first bytes read again.
+    if !limits.direct_h2 {
+        return serve_hyper(io, peer, app, limits, activity, watcher).await;
+    }
+    let Some((sniffed, head)) = super::h2conn::sniff(&mut io, limits.header_read_timeout).await else {
+        tracing::debug!(peer = %addr, "connection closed or silent before its first request");
+        return;
+    };
+    let io = super::h2conn::Prefixed { head, inner: io };
+    match sniffed {
+        super::h2conn::Sniffed::H2 => super::h2conn::serve(io, peer, app, limits, activity, cancel).await,
+        super::h2conn::Sniffed::Other => serve_hyper(io, peer, app, limits, activity, watcher).await,
+    }
+}
+
+/// Serves a connection through hyper (HTTP/1.1, or HTTP/2 on the HTTP listener) until it ends
+/// or stays idle for the idle timeout.
+async fn serve_hyper<I: Io + 'static>(
+    io: I,
+    peer: Peer,
+    app: axum::Router,
+    limits: Limits,
+    activity: Arc<Activity>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let addr = peer.addr;
     let svc_activity = activity.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
@@ -229,7 +269,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// When a connection last moved bytes, and how many requests it has in flight (a connection
 /// waiting on a slow model is not idle).
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
@@ -244,20 +284,20 @@ impl Activity {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Duration {
+    pub(super) fn idle_for(&self) -> Duration {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return Duration::ZERO;
         }
         self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 
-    fn begin(self: &Arc<Self>) -> Busy {
+    pub(super) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
     }
 }
 
-struct Busy(Arc<Activity>);
+pub(super) struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {

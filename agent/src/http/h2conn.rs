@@ -1,0 +1,309 @@
+//! HTTP/2 connections served by the `h2` crate directly, for the gRPC listener: every stream
+//! of a connection is answered inside the connection's own task (no task spawned per call,
+//! no waiting on the connection task for send capacity before a one-message answer). A call
+//! is the same `http::Request` the hyper path hands the router, with the same [`Peer`]; what
+//! the router answers goes back as headers, data and trailers.
+//!
+//! Bounds are hyper's defaults and the listener's limits: 1 MiB flow-control windows per stream
+//! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of
+//! buffered answer per stream, the configured header-list size and concurrent streams, and
+//! at most one answer chunk buffered beyond the peer's window per stream.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use super::server::{Activity, Busy, Limits, Peer};
+
+/// The connection preface every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Per-stream and per-connection flow-control windows (hyper's defaults).
+const WINDOW: u32 = 1024 * 1024;
+/// Answer bytes one stream may have buffered (hyper's default).
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+/// Streams a client may make the server reset for its errors before the connection is closed.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// Serves one HTTP/2 connection until the client closes it, it stays idle for the idle
+/// timeout, or `cancel` asks for a graceful shutdown (a GOAWAY, then the calls in flight end).
+pub(super) async fn serve<T>(
+    io: T,
+    peer: Peer,
+    app: axum::Router,
+    limits: Limits,
+    activity: Arc<Activity>,
+    cancel: CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+    let mut conn = match tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer.addr, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer.addr, "HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    let mut calls = FuturesUnordered::new();
+    let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
+                Some(Ok((request, respond))) => {
+                    let busy = activity.begin();
+                    calls.push(answer(request, respond, peer.clone(), app.clone(), busy));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
+                    return;
+                }
+                None => return,
+            },
+            Some(()) = calls.next(), if !calls.is_empty() => {}
+            () = cancel.cancelled(), if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            _ = tick.tick() => {
+                if activity.idle_for() >= limits.idle_timeout {
+                    tracing::debug!(peer = %peer.addr, "closing an idle connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One call: the router's answer to the request, sent back on its stream. A client that
+/// resets the stream cancels the call.
+async fn answer(
+    request: axum::http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: Peer,
+    app: axum::Router,
+    _busy: Busy,
+) {
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(peer);
+    let request = axum::http::Request::from_parts(parts, axum::body::Body::new(Incoming(body)));
+    // The call first: most finish in their first poll (an inline model run), with no need to
+    // look for a reset.
+    let response = tokio::select! {
+        biased;
+        answered = app.oneshot(request) => match answered {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let (mut parts, mut body) = response.into_parts();
+    strip_connection_headers(&mut parts.headers);
+    let empty = hyper::body::Body::is_end_stream(&body);
+    let Ok(mut send) = respond.send_response(axum::http::Response::from_parts(parts, ()), empty) else { return };
+    if empty {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return,
+        };
+        let frame = match frame {
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "an answer's body failed");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                // Wait for window before handing over a chunk, so at most one chunk per stream
+                // waits beyond what the peer accepts (a one-message answer usually has room).
+                send.reserve_capacity(data.len().max(1));
+                if send.capacity() == 0 {
+                    match poll_fn(|cx| poll_capacity_or_reset(&mut send, cx)).await {
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+                let last = hyper::body::Body::is_end_stream(&body);
+                if send.send_data(data, last).is_err() || last {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Capacity assigned to the stream, or `None` when the stream is reset or broken.
+fn poll_capacity_or_reset(send: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Option<usize>> {
+    if let Poll::Ready(_) = send.poll_reset(cx) {
+        return Poll::Ready(None);
+    }
+    match send.poll_capacity(cx) {
+        Poll::Ready(Some(Ok(n))) => Poll::Ready(Some(n)),
+        Poll::Ready(_) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Headers HTTP/2 forbids in an answer (RFC 9113 §8.2.2); h2 refuses an answer carrying them.
+fn strip_connection_headers(headers: &mut axum::http::HeaderMap) {
+    use axum::http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    if headers.is_empty() {
+        return;
+    }
+    for name in [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// A request body read from its stream, handing the window back as data is read.
+struct Incoming(h2::RecvStream);
+
+impl hyper::body::Body for Incoming {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, h2::Error>>> {
+        match self.0.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.0.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+        match self.0.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}
+
+/// How a connection began: the HTTP/2 preface, or something else (its first bytes kept).
+pub(super) enum Sniffed {
+    H2,
+    Other,
+}
+
+/// Reads the first bytes of a connection, up to the preface's length or the first byte that
+/// differs from it, within `within`. `None`: the client sent nothing in time, or left.
+pub(super) async fn sniff<T: AsyncRead + Unpin>(io: &mut T, within: Duration) -> Option<(Sniffed, Bytes)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::with_capacity(PREFACE.len());
+    let read = async {
+        let mut buf = [0u8; PREFACE.len()];
+        while head.len() < PREFACE.len() {
+            let n = io.read(&mut buf[..PREFACE.len() - head.len()]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            head.extend_from_slice(&buf[..n]);
+            if !PREFACE.starts_with(&head) {
+                return Some(Sniffed::Other);
+            }
+        }
+        Some(Sniffed::H2)
+    };
+    let sniffed = tokio::time::timeout(within, read).await.ok()??;
+    Some((sniffed, Bytes::from(head)))
+}
+
+/// A byte stream whose first bytes were already read: they are read again first.
+pub(super) struct Prefixed<T> {
+    pub(super) head: Bytes,
+    pub(super) inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            let chunk = self.head.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
