@@ -345,10 +345,15 @@ where
     let (parts, body) = req.into_parts();
     let answer = async {
         refuse_encoding(&parts.headers)?;
-        let message = read_message(body, s.max).await?;
+        // The call's deadline covers its message's arrival too: a slow sender is cut off, as
+        // an HTTP body is.
+        let timeout = call_timeout(&s.state, &parts.headers);
+        let message = tokio::time::timeout(timeout, read_message(body, s.max))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the request message did not arrive before the deadline"))??;
         let request =
             M::decode(message).map_err(|e| Status::invalid_argument(format!("the message does not decode: {e}")))?;
-        let call = admit(&s.state, &parts.headers, &parts.extensions, &permission(&request)).await?;
+        let call = admit(&s.state, &parts.headers, &parts.extensions, &permission(&request), timeout).await?;
         f(s, call, request).await
     };
     match answer.await {
@@ -504,6 +509,7 @@ async fn admit(
     headers: &axum::http::HeaderMap,
     extensions: &axum::http::Extensions,
     permission: &Permission,
+    timeout: Duration,
 ) -> Result<Call, Status> {
     let path = extensions.get::<MethodPath>().map_or("grpc", |p| p.0.as_str());
     let authorization = headers.get(axum::http::header::AUTHORIZATION).map(axum::http::HeaderValue::as_bytes);
@@ -515,13 +521,13 @@ async fn admit(
             with_retry(Status::resource_exhausted(message), retry_after)
         }
     })?;
-    let limit = state.config().http.request_timeout;
-    let timeout = headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_timeout)
-        .map_or(limit, |t| t.min(limit));
     Ok(Call { principal, timeout })
+}
+
+/// A call's deadline: the client's (`grpc-timeout`), at most `http.request_timeout`.
+fn call_timeout(state: &HttpState, headers: &axum::http::HeaderMap) -> Duration {
+    let limit = state.config().http.request_timeout;
+    headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_timeout).map_or(limit, |t| t.min(limit))
 }
 
 /// Prost's codec with one change: a request that does not decode is the client's error,
@@ -697,10 +703,13 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
                         let r = msg?;
                         let id = r.id.clone();
                         let permission = Permission::Infer(r.model_name.clone());
-                        let answer = match admit(&s.state, &headers, &extensions, &permission).await {
-                            Ok(call) => infer(&s, &call, r).await,
-                            Err(e) => Err(e),
-                        };
+                        let answer =
+                            match admit(&s.state, &headers, &extensions, &permission, call_timeout(&s.state, &headers))
+                                .await
+                            {
+                                Ok(call) => infer(&s, &call, r).await,
+                                Err(e) => Err(e),
+                            };
                         Ok(match answer {
                             Ok(resp) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),

@@ -142,3 +142,123 @@ async fn hostile_grpc_requests_get_their_status_and_the_agent_serves_on() -> any
     tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
     Ok(())
 }
+
+/// One framed gRPC message.
+fn framed(message: &[u8]) -> bytes::Bytes {
+    let mut out = bytes::BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    out.put_slice(message);
+    out.freeze()
+}
+
+/// Reads one framed message from an HTTP/2 answer body.
+async fn read_framed(body: &mut h2::RecvStream, got: &mut bytes::BytesMut) -> anyhow::Result<Vec<u8>> {
+    loop {
+        if got.len() >= 5 {
+            let n = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+            if got.len() >= 5 + n {
+                let message = got.split_to(5 + n);
+                return Ok(message[5..].to_vec());
+            }
+        }
+        let chunk = body.data().await.ok_or_else(|| anyhow::anyhow!("the answer ended"))??;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+}
+
+/// The gRPC listener's own HTTP/2 connections: one that stays silent, or stalls inside the
+/// HTTP/2 preface, is closed after the header read timeout; a call whose message stalls ends
+/// with DEADLINE_EXCEEDED after the request timeout; at shutdown the connection is told
+/// (GOAWAY: no new calls), a stream open before it is still answered, and the agent stops once
+/// that stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let models = mlp_only()?;
+    let state = tempfile::tempdir()?;
+    let text = config_text(state.path(), &[models.path().to_owned()], "[grpc]\nlisten = \"127.0.0.1:0\"\n")
+        .replace("[http]\n", "[http]\nheader_read_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n");
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
+
+    // Silent, and stalled after half the preface: both closed by the agent (EOF), well before
+    // the test's own bound.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(sent).await?;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("a connection that sent {sent:?} was kept open"))?
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a connection that sent {sent:?} got an answer");
+    }
+
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (send, conn) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(conn);
+    let call = |path: &str| {
+        axum::http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+    };
+    let good = mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec();
+
+    // A unary call whose message never comes (half of it sent): DEADLINE_EXCEEDED once
+    // http.request_timeout has passed, not a stream held open for ever.
+    let mut sender = send.clone().ready().await?;
+    let (answer, mut stalled) = sender.send_request(call(INFER)?, false)?;
+    stalled.send_data(framed(&good).slice(..40), false)?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("a call with no message was kept waiting"))??;
+    let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+    assert_eq!(status.as_deref(), Some(&b"4"[..]), "{:?}", answer.headers());
+
+    // A stream of calls, open before the shutdown.
+    let mut sender = send.clone().ready().await?;
+    let (answer, mut stream) = sender.send_request(call("/inference.GRPCInferenceService/ModelStreamInfer")?, false)?;
+    stream.send_data(framed(&good), false)?;
+    let mut body = answer.await?.into_body();
+    let mut got = bytes::BytesMut::new();
+    let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
+    assert!(first.error_message.is_empty(), "{}", first.error_message);
+
+    let stopping = tokio::spawn(agent.stop());
+    // The GOAWAY arrives: a new call on the connection is refused (bounded wait).
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..10_000 {
+            let Ok(mut s) = send.clone().ready().await else { return true };
+            let Ok((answer, mut st)) = s.send_request(call(INFER).expect("a request"), false) else { return true };
+            let _ = st.send_data(framed(&good), true);
+            match answer.await {
+                Err(_) => return true,
+                Ok(r) => {
+                    // Answered before the GOAWAY: drain it and try again.
+                    let mut b = r.into_body();
+                    while b.data().await.is_some() {}
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(refused.ok(), Some(true), "new calls still accepted after the shutdown began");
+
+    // The stream opened before is still answered, and ends cleanly.
+    stream.send_data(framed(&good), true)?;
+    let second = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
+    assert!(second.error_message.is_empty(), "{}", second.error_message);
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await?.unwrap_or_default();
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .map_err(|_| anyhow::anyhow!("shutdown hung"))???;
+    driver.abort();
+    Ok(())
+}
