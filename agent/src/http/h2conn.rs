@@ -171,7 +171,7 @@ async fn answer(
 
 /// Capacity assigned to the stream, or `None` when the stream is reset or broken.
 fn poll_capacity_or_reset(send: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Option<usize>> {
-    if let Poll::Ready(_) = send.poll_reset(cx) {
+    if send.poll_reset(cx).is_ready() {
         return Poll::Ready(None);
     }
     match send.poll_capacity(cx) {

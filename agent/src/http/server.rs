@@ -129,7 +129,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenConnection(metrics.clone());
-            serve_connection(stream, addr, acceptor, app, limits, metrics, watcher, cancel).await;
+            serve_connection(stream, addr, acceptor, app, limits, metrics, Shutdown { watcher, cancel }).await;
         });
     }
     drop(listener);
@@ -162,9 +162,9 @@ async fn serve_connection(
     app: axum::Router,
     limits: Limits,
     metrics: Arc<Metrics>,
-    watcher: hyper_util::server::graceful::Watcher,
-    cancel: CancellationToken,
+    shutdown: Shutdown,
 ) {
+    let Shutdown { watcher, cancel } = shutdown;
     let (io, cert_names): (Box<dyn Io>, Vec<String>) = match acceptor {
         None => (Box::new(stream), Vec::new()),
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -262,6 +262,13 @@ async fn serve_hyper<I: Io + 'static>(
             }
         }
     }
+}
+
+/// How a connection learns of the shutdown: hyper's connections through the watcher, the ones
+/// served by h2 directly through the token.
+struct Shutdown {
+    watcher: hyper_util::server::graceful::Watcher,
+    cancel: CancellationToken,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
