@@ -10,13 +10,14 @@
 //! at most one answer chunk buffered beyond the peer's window per stream.
 
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -73,7 +74,10 @@ pub(super) async fn serve<T>(
             accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
                 Some(Ok((request, respond))) => {
                     let busy = activity.begin();
-                    calls.push(answer(request, respond, peer.clone(), app.clone(), busy));
+                    // A call that panics takes down its own stream (reset when its handle
+                    // drops), not the connection's other calls.
+                    let call = AssertUnwindSafe(answer(request, respond, peer.clone(), app.clone(), busy));
+                    calls.push(call.catch_unwind());
                 }
                 Some(Err(e)) => {
                     tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
@@ -81,7 +85,11 @@ pub(super) async fn serve<T>(
                 }
                 None => return,
             },
-            Some(()) = calls.next(), if !calls.is_empty() => {}
+            Some(ended) = calls.next(), if !calls.is_empty() => {
+                if ended.is_err() {
+                    tracing::error!(peer = %peer.addr, "a gRPC call panicked; its stream was reset");
+                }
+            }
             () = cancel.cancelled(), if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
