@@ -664,12 +664,8 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
         (Some(g), Some(listener)) => {
             let addr = listener.local_addr().map_err(|source| FatalError::Bind { addr: g.listen, source })?;
             let app = grpc::router(state.clone(), g.max_message_bytes, started_rx.clone());
-            let limits = http::server::Limits {
-                max_concurrent_streams: g.max_concurrent_streams,
-                h2_date_header: false,
-                direct_h2: true,
-                ..limits
-            };
+            let limits =
+                http::server::Limits { max_concurrent_streams: g.max_concurrent_streams, direct_h2: true, ..limits };
             let (tls, metrics, cancel) = (tls_handle.clone(), service.metrics.clone(), http_cancel.clone());
             tracker.spawn(async move {
                 http::server::serve(listener, app, tls, limits, metrics, cancel, SHUTDOWN_GRACE).await;

@@ -162,7 +162,10 @@ async fn read_framed(body: &mut h2::RecvStream, got: &mut bytes::BytesMut) -> an
                 return Ok(message[5..].to_vec());
             }
         }
-        let chunk = body.data().await.ok_or_else(|| anyhow::anyhow!("the answer ended"))??;
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
+            .ok_or_else(|| anyhow::anyhow!("the answer ended"))??;
         let _ = body.flow_control().release_capacity(chunk.len());
         got.extend_from_slice(&chunk);
     }
@@ -223,7 +226,10 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
     let mut sender = send.clone().ready().await?;
     let (answer, mut stream) = sender.send_request(call("/inference.GRPCInferenceService/ModelStreamInfer")?, false)?;
     stream.send_data(framed(&good), false)?;
-    let mut body = answer.await?.into_body();
+    let mut body = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??
+        .into_body();
     let mut got = bytes::BytesMut::new();
     let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
     assert!(first.error_message.is_empty(), "{}", first.error_message);
@@ -253,8 +259,14 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
     stream.send_data(framed(&good), true)?;
     let second = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
     assert!(second.error_message.is_empty(), "{}", second.error_message);
-    while body.data().await.is_some() {}
-    let trailers = body.trailers().await?.unwrap_or_default();
+    let rest = async {
+        while body.data().await.is_some() {}
+        body.trailers().await
+    };
+    let trailers = tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .map_err(|_| anyhow::anyhow!("the stream did not end within 10 s"))??
+        .unwrap_or_default();
     assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
     tokio::time::timeout(Duration::from_secs(20), stopping)
         .await

@@ -63,11 +63,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// HTTP/2 streams (requests) in flight on one connection.
     pub max_concurrent_streams: u32,
-    /// A `Date` header on every HTTP/2 answer (HTTP asks for one; gRPC has no use for it, and
-    /// its changing value is header-compression work on every call).
-    pub h2_date_header: bool,
     /// HTTP/2 connections served by the `h2` crate directly ([`super::h2conn`]) rather than
-    /// through hyper (the gRPC listener); other connections still go through hyper.
+    /// through hyper (the gRPC listener: no `Date` header, whose changing value would be
+    /// header-compression work on every call); other connections still go through hyper.
     pub direct_h2: bool,
 }
 
@@ -79,7 +77,6 @@ impl From<&HttpConfig> for Limits {
             header_read_timeout: h.header_read_timeout,
             idle_timeout: h.idle_timeout,
             max_concurrent_streams: 256,
-            h2_date_header: true,
             direct_h2: false,
         }
     }
@@ -241,8 +238,7 @@ async fn serve_hyper<I: Io + 'static>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .auto_date_header(limits.h2_date_header);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     tokio::pin!(conn);
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
