@@ -31,36 +31,69 @@ use crate::protocol::grpc as pb;
 /// Requests of one `ModelStreamInfer` stream run at once; more wait for a free slot.
 const STREAM_CONCURRENCY: usize = 64;
 
-/// The router serving both gRPC services (mounted on the gRPC listener).
-pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> axum::Router {
+/// Both gRPC services, as the gRPC listener serves them (see [`Services`]).
+pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> Services {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Overall health follows the agent's readiness to take inference (models loaded).
     tokio::spawn(follow_readiness(health, started));
-    let inference = Inference(Arc::new(Shared { state, max: max_message_bytes }));
-    axum::Router::new()
-        .route_service(&format!("/{}/{{*method}}", pb::SERVICE), inference)
-        .route(
-            "/grpc.health.v1.Health/{*method}",
-            axum::routing::any(move |req: axum::extract::Request| {
-                let health = health_service.clone();
-                async move {
-                    // A probe that does not speak gRPC learns so (415), as on the inference service.
-                    if !is_grpc(&req) {
-                        return not_grpc();
-                    }
-                    match tower::ServiceExt::oneshot(health, req).await {
-                        Ok(answer) => answer.into_response(),
-                        Err(never) => match never {},
-                    }
-                }
-            }),
-        )
-        .fallback(|req: axum::extract::Request| async move {
-            if !is_grpc(&req) {
-                return not_grpc();
+    let health = tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: axum::extract::Request| {
+        let health = health_service.clone();
+        async move {
+            match tower::ServiceExt::oneshot(health, req).await {
+                Ok(answer) => Ok(answer.into_response()),
+                Err(never) => match never {},
             }
-            status_response(Status::unimplemented(format!("no such method: {}", req.uri().path())))
-        })
+        }
+    }));
+    Services { inference: Inference(Arc::new(Shared { state, max: max_message_bytes })), health }
+}
+
+/// The gRPC listener's service table: a call goes by its path's service name to the inference
+/// service or to the health service; anything else is UNIMPLEMENTED, and a request that is not
+/// gRPC gets 415. Matched by prefix here, without a general router: every inference call
+/// takes this path.
+#[derive(Clone)]
+pub struct Services {
+    inference: Inference,
+    health: tower::util::BoxCloneSyncService<axum::extract::Request, axum::response::Response, Infallible>,
+}
+
+impl tower::Service<axum::extract::Request> for Services {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = futures::future::Either<
+        futures::future::Map<BoxFuture<axum::response::Response>, Answered>,
+        BoxFuture<Result<axum::response::Response, Infallible>>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use futures::future::Either;
+        let path = req.uri().path();
+        if path.strip_prefix('/').and_then(|p| p.strip_prefix(pb::SERVICE)).is_some_and(|p| p.starts_with('/')) {
+            return Either::Left(self.inference.call(req));
+        }
+        if !is_grpc(&req) {
+            return Either::Right(Box::pin(std::future::ready(Ok(not_grpc()))));
+        }
+        if path.starts_with("/grpc.health.v1.Health/") {
+            return Either::Right(Box::pin(self.health.call(req)));
+        }
+        let answer = status_response(Status::unimplemented(format!("no such method: {}", bounded(path))));
+        Either::Right(Box::pin(std::future::ready(Ok(answer))))
+    }
+}
+
+/// A request path cut to at most 256 bytes (on a character boundary), for messages and records.
+fn bounded(path: &str) -> &str {
+    let mut end = path.len().min(256);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
 }
 
 /// Whether a request is gRPC (its content type says so).
@@ -107,31 +140,35 @@ struct Inference(Arc<Shared>);
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// The service's answer as `tower` wants it (it never fails).
+type Answered = fn(axum::response::Response) -> Result<axum::response::Response, Infallible>;
+
 impl tower::Service<axum::extract::Request> for Inference {
     type Response = axum::response::Response;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+    type Future = futures::future::Map<BoxFuture<Self::Response>, Answered>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use futures::FutureExt as _;
         if !is_grpc(&req) {
-            return Box::pin(async { Ok(not_grpc()) });
+            let answer: BoxFuture<_> = Box::pin(std::future::ready(not_grpc()));
+            return answer.map(Ok as Answered);
         }
         // The call's path, for the records of refused calls (tonic's request has no URI).
-        let path = MethodPath(req.uri().path().chars().take(256).collect());
+        let path = MethodPath(req.uri().clone());
         let mut req = req;
         req.extensions_mut().insert(path);
-        let s = self.0.clone();
-        Box::pin(async move { Ok(dispatch(s, req).await) })
+        dispatch(self.0.clone(), req).map(Ok as Answered)
     }
 }
 
 /// The path of a call (`/inference.GRPCInferenceService/ModelInfer`).
 #[derive(Clone)]
-struct MethodPath(String);
+struct MethodPath(axum::http::Uri);
 
 /// Who called and by when the answer is due.
 struct Call {
@@ -139,142 +176,122 @@ struct Call {
     timeout: Duration,
 }
 
-async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<Body> {
-    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
-    match method.as_str() {
-        "ServerLive" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ServerLiveRequest| Permission::Public,
-                |_, _, _| async { Ok(pb::ServerLiveResponse { live: true }) },
-            )
-            .await
-        }
-        "ServerReady" => unary(
+/// The call's method, each boxed on its own: the allocation is the size of the one method's
+/// state, not of the largest.
+fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> BoxFuture<axum::http::Response<Body>> {
+    let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+    match method {
+        "ServerLive" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ServerLiveRequest| Permission::Public,
+            |_, _, _| async { Ok(pb::ServerLiveResponse { live: true }) },
+        )),
+        "ServerReady" => Box::pin(unary(
             s,
             req,
             |_: &pb::ServerReadyRequest| Permission::Public,
             |s, _, _| async move { Ok(pb::ServerReadyResponse { ready: crate::http::not_ready(&s.state).is_none() }) },
-        )
-        .await,
-        "ModelReady" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ModelRef| Permission::Read,
-                |s, _, r| async move {
-                    if let Some(p) = s.state.service.pipelines.get(&r.name) {
-                        return Ok(pb::ModelReadyResponse { ready: p.ready(&s.state.service.repository).is_ok() });
-                    }
-                    let ready = s.state.service.repository.serving(&r.name, version(&r.version)).is_ok();
-                    if !ready && s.state.service.repository.status(&r.name).is_none() {
-                        return Err(Status::not_found(format!("unknown model '{}'", r.name)));
-                    }
-                    Ok(pb::ModelReadyResponse { ready })
-                },
-            )
-            .await
-        }
-        "ServerMetadata" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ServerMetadataRequest| Permission::Read,
-                |_, _, _| async {
-                    Ok(pb::ServerMetadataResponse {
-                        name: "outpost".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
-                    })
-                },
-            )
-            .await
-        }
-        "ModelMetadata" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ModelRef| Permission::Read,
-                |s, _, r| async move {
-                    let spec = |(name, datatype, shape): crate::engine::package::Spec| pb::TensorMetadata {
-                        name,
-                        datatype: datatype.as_str().to_owned(),
-                        shape,
-                    };
-                    if let Some(p) = s.state.service.pipelines.get(&r.name) {
-                        let (inputs, outputs) = p.io(&s.state.service.repository);
-                        return Ok(pb::ModelMetadataResponse {
-                            name: p.name.clone(),
-                            versions: vec![p.version.clone()],
-                            platform: "pipeline".into(),
-                            inputs: inputs.into_iter().map(spec).collect(),
-                            outputs: outputs.into_iter().map(spec).collect(),
-                        });
-                    }
-                    let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
-                    let (inputs, outputs) = served.io();
-                    Ok(pb::ModelMetadataResponse {
-                        name: served.name.clone(),
-                        versions: s.state.service.repository.versions(&r.name),
-                        platform: "onnx".into(),
+        )),
+        "ModelReady" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ModelRef| Permission::Read,
+            |s, _, r| async move {
+                if let Some(p) = s.state.service.pipelines.get(&r.name) {
+                    return Ok(pb::ModelReadyResponse { ready: p.ready(&s.state.service.repository).is_ok() });
+                }
+                let ready = s.state.service.repository.serving(&r.name, version(&r.version)).is_ok();
+                if !ready && s.state.service.repository.status(&r.name).is_none() {
+                    return Err(Status::not_found(format!("unknown model '{}'", r.name)));
+                }
+                Ok(pb::ModelReadyResponse { ready })
+            },
+        )),
+        "ServerMetadata" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ServerMetadataRequest| Permission::Read,
+            |_, _, _| async {
+                Ok(pb::ServerMetadataResponse {
+                    name: "outpost".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+                })
+            },
+        )),
+        "ModelMetadata" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ModelRef| Permission::Read,
+            |s, _, r| async move {
+                let spec = |(name, datatype, shape): crate::engine::package::Spec| pb::TensorMetadata {
+                    name,
+                    datatype: datatype.as_str().to_owned(),
+                    shape,
+                };
+                if let Some(p) = s.state.service.pipelines.get(&r.name) {
+                    let (inputs, outputs) = p.io(&s.state.service.repository);
+                    return Ok(pb::ModelMetadataResponse {
+                        name: p.name.clone(),
+                        versions: vec![p.version.clone()],
+                        platform: "pipeline".into(),
                         inputs: inputs.into_iter().map(spec).collect(),
                         outputs: outputs.into_iter().map(spec).collect(),
+                    });
+                }
+                let served = s.state.service.repository.serving(&r.name, version(&r.version)).map_err(status)?;
+                let (inputs, outputs) = served.io();
+                Ok(pb::ModelMetadataResponse {
+                    name: served.name.clone(),
+                    versions: s.state.service.repository.versions(&r.name),
+                    platform: "onnx".into(),
+                    inputs: inputs.into_iter().map(spec).collect(),
+                    outputs: outputs.into_iter().map(spec).collect(),
+                })
+            },
+        )),
+        "ModelConfig" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ModelRef| Permission::Read,
+            |s, _, r| async move {
+                let config =
+                    crate::api::triton::config_for(&s.state.service, &r.name, version(&r.version)).map_err(status)?;
+                Ok(pb::ModelConfigResponse { config: Some(config) })
+            },
+        )),
+        "ModelStatistics" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::ModelRef| Permission::Observe,
+            |s, _, r| async move { statistics(&s.state.service, &r.name, version(&r.version)).map_err(status) },
+        )),
+        "RepositoryIndex" => Box::pin(unary(
+            s,
+            req,
+            |_: &pb::RepositoryIndexRequest| Permission::Observe,
+            |s, _, r| async move {
+                let models = s
+                    .state
+                    .service
+                    .repository
+                    .list()
+                    .into_iter()
+                    .filter(|(_, st, _)| !r.ready || st.state == crate::api::ModelState::Ready)
+                    .map(|(name, st, _)| pb::ModelIndex {
+                        name,
+                        version: st.version.unwrap_or_default(),
+                        state: st.state.as_str().to_owned(),
+                        reason: st.reason.unwrap_or_default(),
                     })
-                },
-            )
-            .await
-        }
-        "ModelConfig" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ModelRef| Permission::Read,
-                |s, _, r| async move {
-                    let config = crate::api::triton::config_for(&s.state.service, &r.name, version(&r.version))
-                        .map_err(status)?;
-                    Ok(pb::ModelConfigResponse { config: Some(config) })
-                },
-            )
-            .await
-        }
-        "ModelStatistics" => {
-            unary(
-                s,
-                req,
-                |_: &pb::ModelRef| Permission::Observe,
-                |s, _, r| async move { statistics(&s.state.service, &r.name, version(&r.version)).map_err(status) },
-            )
-            .await
-        }
-        "RepositoryIndex" => {
-            unary(
-                s,
-                req,
-                |_: &pb::RepositoryIndexRequest| Permission::Observe,
-                |s, _, r| async move {
-                    let models = s
-                        .state
-                        .service
-                        .repository
-                        .list()
-                        .into_iter()
-                        .filter(|(_, st, _)| !r.ready || st.state == crate::api::ModelState::Ready)
-                        .map(|(name, st, _)| pb::ModelIndex {
-                            name,
-                            version: st.version.unwrap_or_default(),
-                            state: st.state.as_str().to_owned(),
-                            reason: st.reason.unwrap_or_default(),
-                        })
-                        .collect();
-                    Ok(pb::RepositoryIndexResponse { models })
-                },
-            )
-            .await
-        }
+                    .collect();
+                Ok(pb::RepositoryIndexResponse { models })
+            },
+        )),
         "RepositoryModelLoad" | "RepositoryModelUnload" => {
             let load = method == "RepositoryModelLoad";
-            unary(
+            Box::pin(unary(
                 s,
                 req,
                 |_: &pb::RepositoryModelRequest| Permission::Admin,
@@ -304,20 +321,19 @@ async fn dispatch(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Re
                         }
                     })
                 },
-            )
-            .await
+            ))
         }
-        "ModelInfer" => {
-            unary(
-                s,
-                req,
-                |r: &pb::ModelInferRequest| Permission::Infer(r.model_name.clone()),
-                |s, call, r| async move { infer(&s, &call, r).await },
-            )
-            .await
+        "ModelInfer" => Box::pin(unary(
+            s,
+            req,
+            |r: &pb::ModelInferRequest| Permission::Infer(r.model_name.clone()),
+            |s, call, r| async move { infer(&s, &call, r).await },
+        )),
+        "ModelStreamInfer" => Box::pin(stream_infer(s, req)),
+        _ => {
+            let answer = status_response(Status::unimplemented(format!("{}/{method} is not served here", pb::SERVICE)));
+            Box::pin(std::future::ready(answer))
         }
-        "ModelStreamInfer" => stream_infer(s, req).await,
-        _ => status_response(Status::unimplemented(format!("{}/{method} is not served here", pb::SERVICE))),
     }
 }
 
@@ -357,7 +373,7 @@ where
         f(s, call, request).await
     };
     match answer.await {
-        Ok(r) => framed_response(&r),
+        Ok(r) => framed_response(r),
         Err(status) => status_response(status),
     }
 }
@@ -460,8 +476,10 @@ impl Received {
     }
 }
 
-/// A successful unary answer: the message, framed, then `grpc-status: 0` in the trailers.
-fn framed_response<R: Message>(r: &R) -> axum::http::Response<Body> {
+/// A successful unary answer: the message, framed, then `grpc-status: 0` in the trailers. The
+/// message itself rides along in the body, so it is freed when the body is, after the answer
+/// is written (see `http::h2conn`).
+fn framed_response<R: Message + 'static>(r: R) -> axum::http::Response<Body> {
     use bytes::BufMut as _;
     let len = r.encoded_len();
     let mut buf = bytes::BytesMut::with_capacity(5 + len);
@@ -471,8 +489,11 @@ fn framed_response<R: Message>(r: &R) -> axum::http::Response<Body> {
     let _ = r.encode(&mut buf);
     let mut trailers = axum::http::HeaderMap::with_capacity(1);
     trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
-    let mut response =
-        axum::http::Response::new(Body::new(OneMessage { data: Some(buf.freeze()), trailers: Some(trailers) }));
+    let mut response = axum::http::Response::new(Body::new(OneMessage {
+        data: Some(buf.freeze()),
+        trailers: Some(trailers),
+        _message: Box::new(r),
+    }));
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/grpc"));
     response
@@ -482,6 +503,7 @@ fn framed_response<R: Message>(r: &R) -> axum::http::Response<Body> {
 struct OneMessage {
     data: Option<bytes::Bytes>,
     trailers: Option<axum::http::HeaderMap>,
+    _message: Box<dyn Send>,
 }
 
 impl hyper::body::Body for OneMessage {
@@ -511,7 +533,7 @@ async fn admit(
     permission: &Permission,
     timeout: Duration,
 ) -> Result<Call, Status> {
-    let path = extensions.get::<MethodPath>().map_or("grpc", |p| p.0.as_str());
+    let path = extensions.get::<MethodPath>().map_or("grpc", |p| bounded(p.0.path()));
     let authorization = headers.get(axum::http::header::AUTHORIZATION).map(axum::http::HeaderValue::as_bytes);
     let peer = extensions.get::<crate::http::server::Peer>();
     let principal = state.admit(permission, authorization, peer, path, "grpc").await.map_err(|r| match r {
@@ -676,7 +698,7 @@ async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::
         ctx.id = id.clone();
     }
     let response = s.state.service.infer(&ctx, &model, version.as_deref(), request).await.map_err(status)?;
-    Ok(pb::response_to_grpc(&response, raw))
+    Ok(pb::response_to_grpc(response, raw))
 }
 
 /// `ModelStreamInfer`: many requests on one stream, each admitted on its own (its model's
@@ -731,8 +753,17 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
 
 #[cfg(test)]
 mod tests {
-    use super::parse_timeout;
+    use super::{bounded, parse_timeout};
     use std::time::Duration;
+
+    #[test]
+    fn paths_in_records_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("/inference.GRPCInferenceService/ModelInfer"), "/inference.GRPCInferenceService/ModelInfer");
+        let long = format!("/{}", "é".repeat(200));
+        let cut = bounded(&long);
+        assert!(cut.len() <= 256 && cut.len() >= 254, "{}", cut.len());
+        assert!(long.starts_with(cut));
+    }
 
     #[test]
     fn grpc_timeouts_parse_by_unit_and_refuse_garbage() {

@@ -156,7 +156,7 @@ pub fn grpc_request(data: &[u8]) {
     }
     let resp = echo(&req);
     for raw in [true, false] {
-        let encoded = response_to_grpc(&resp, raw).encode_to_vec();
+        let encoded = response_to_grpc(resp.clone(), raw).encode_to_vec();
         let decoded =
             crate::protocol::grpc::ModelInferResponse::decode(encoded.as_slice()).expect("the encoder writes protobuf");
         let back = response_from_grpc(decoded).expect("encoded tensors decode back");

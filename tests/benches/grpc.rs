@@ -54,11 +54,13 @@ enum Target {
         request: pb::ModelInferRequest,
     },
     /// The same calls through the `h2` crate's client directly: no request queue and no task
-    /// per call on the generator's side, the lightest client there is for these figures.
+    /// per call on the generator's side, the lightest client there is for these figures. Like
+    /// the bare HTTP/1.1 client it checks the status and reads the whole answer without
+    /// decoding it (tonic's client, the row above, decodes).
     H2Crate {
         send: h2::client::SendRequest<bytes::Bytes>,
         framed: bytes::Bytes,
-        authority: String,
+        uri: tonic::codegen::http::Uri,
     },
     /// The HTTP calls on bare hyper HTTP/1.1 connections (one per client, kept in a pool):
     /// the HTTP counterpart of the `h2` client, so both transports are measured with their
@@ -66,7 +68,8 @@ enum Target {
     H1 {
         pool: Arc<std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>>>,
         port: u16,
-        path: String,
+        uri: tonic::codegen::http::Uri,
+        host: tonic::codegen::http::HeaderValue,
         body: bytes::Bytes,
     },
     Http {
@@ -88,30 +91,33 @@ impl Target {
                 let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
                 ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
             }
-            Target::H2Crate { send, framed, authority } => {
-                let req = tonic::codegen::http::Request::post(format!(
-                    "http://{authority}/inference.GRPCInferenceService/ModelInfer"
-                ))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())?;
+            Target::H2Crate { send, framed, uri } => {
+                let req = tonic::codegen::http::Request::post(uri.clone())
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())?;
                 let mut send = send.clone().ready().await?;
                 let (answer, mut stream) = send.send_request(req, false)?;
                 stream.send_data(framed.clone(), true)?;
                 let mut body = answer.await?.into_body();
-                let mut message = bytes::BytesMut::new();
+                // Chunks kept as they come (one, usually), as the HTTP/1.1 client's `collect`.
+                let mut chunks = Vec::with_capacity(1);
                 while let Some(chunk) = body.data().await {
                     let chunk = chunk?;
                     let _ = body.flow_control().release_capacity(chunk.len());
-                    message.extend_from_slice(&chunk);
+                    chunks.push(chunk);
                 }
+                let message = match chunks.len() {
+                    1 => chunks.swap_remove(0),
+                    _ => chunks.concat().into(),
+                };
                 let trailers = body.trailers().await?;
                 let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes().to_vec());
                 ensure!(status.as_deref() == Some(b"0".as_slice()), "grpc-status {status:?}");
-                ensure!(message.len() > 5, "no message");
-                pb::ModelInferResponse::decode(&message[5..])?;
+                let declared = message.get(1..5).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                ensure!(declared.is_some_and(|n| n > 0 && message.len() == 5 + n), "not one whole message");
             }
-            Target::H1 { pool, port, path, body } => {
+            Target::H1 { pool, port, uri, host, body } => {
                 use http_body_util::BodyExt as _;
                 // A pooled connection the agent closed meanwhile (idle between rounds) is dropped.
                 let taken = {
@@ -130,8 +136,8 @@ impl Target {
                     }
                 };
                 send.ready().await?;
-                let req = tonic::codegen::http::Request::post(path.as_str())
-                    .header("host", format!("127.0.0.1:{port}"))
+                let req = tonic::codegen::http::Request::post(uri.clone())
+                    .header("host", host.clone())
                     .header("content-type", "application/json")
                     .body(http_body_util::Full::new(body.clone()))?;
                 let resp = send.send_request(req).await?;
@@ -290,6 +296,11 @@ fn spawn_kserve(python: &str, model: &str, port: u16) -> Result<Child> {
     Ok(child)
 }
 
+/// The `ModelInfer` method's URI on a gRPC port on loopback.
+fn grpc_uri(port: u16) -> Result<tonic::codegen::http::Uri> {
+    Ok(format!("http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer").parse()?)
+}
+
 /// A bare HTTP/2 connection (no gRPC client library) to a gRPC port on loopback.
 async fn h2_crate(port: u16) -> Result<h2::client::SendRequest<bytes::Bytes>> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -367,8 +378,8 @@ fn main() -> Result<()> {
             let framed = bytes::Bytes::from(framed);
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), authority: format!("127.0.0.1:{grpc_port}") }),
-                ("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
+                ("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), uri: grpc_uri(grpc_port)? }),
+                ("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, uri: format!("/v2/models/{model}/infer").parse()?, host: format!("127.0.0.1:{http_port}").parse()?, body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
             ];
             // KServe runs beside the agent (both pinned to CPU 0, the idle one asleep), so its
@@ -393,7 +404,7 @@ fn main() -> Result<()> {
                 };
                 // The same load generator as Outpost's first gRPC row.
                 drop(kchannel);
-                targets.push(("KServe gRPC (h2 client)", Target::H2Crate { send: h2_crate(port).await?, framed: framed.clone(), authority: format!("127.0.0.1:{port}") }));
+                targets.push(("KServe gRPC (h2 client)", Target::H2Crate { send: h2_crate(port).await?, framed: framed.clone(), uri: grpc_uri(port)? }));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {

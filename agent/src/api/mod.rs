@@ -482,8 +482,20 @@ impl InferenceService {
         }
     }
 
-    /// Runs one request end to end.
-    pub async fn infer(
+    /// Runs one request end to end. The request's state machine is large (routing, overflow,
+    /// shadow, experiment and pipeline paths): it is allocated once here, so the transports'
+    /// futures that await it stay small instead of each moving a copy of it.
+    pub fn infer<'a>(
+        &'a self,
+        ctx: &'a RequestContext,
+        model: &'a str,
+        version: Option<&'a str>,
+        request: InferRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<InferResponse, InferError>> + Send + 'a>> {
+        Box::pin(self.infer_here(ctx, model, version, request))
+    }
+
+    async fn infer_here(
         &self,
         ctx: &RequestContext,
         model: &str,

@@ -9,7 +9,7 @@
 //! buffered answer per stream, the configured header-list size and concurrent streams, and
 //! at most one answer chunk buffered beyond the peer's window per stream.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::server::{Activity, Busy, Limits, Peer};
+use super::server::{Activity, App, Busy, Limits, Peer};
 
 /// The connection preface every HTTP/2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -37,10 +37,10 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves one HTTP/2 connection until the client closes it, it stays idle for the idle
 /// timeout, or `cancel` asks for a graceful shutdown (a GOAWAY, then the calls in flight end).
-pub(super) async fn serve<T>(
+pub(super) async fn serve<T, A: App>(
     io: T,
     peer: Peer,
-    app: axum::Router,
+    app: A,
     limits: Limits,
     activity: Arc<Activity>,
     cancel: CancellationToken,
@@ -66,18 +66,43 @@ pub(super) async fn serve<T>(
             return;
         }
     };
+    // Calls still running after their first poll; most finish in it (an inline model run) and
+    // never join this set.
     let mut calls = FuturesUnordered::new();
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let mut closing = false;
     loop {
         tokio::select! {
+            biased;
+            () = &mut cancelled, if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            Some(ended) = calls.next(), if !calls.is_empty() => drop(report(&peer, ended)),
             accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
                 Some(Ok((request, respond))) => {
                     let busy = activity.begin();
                     // A call that panics takes down its own stream (reset when its handle
                     // drops), not the connection's other calls.
                     let call = AssertUnwindSafe(answer(request, respond, peer.clone(), app.clone(), busy));
-                    calls.push(call.catch_unwind());
+                    let mut call = Box::pin(call.catch_unwind());
+                    match poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+                        Poll::Ready(ended) => {
+                            // The answer is written before the call's remains are freed.
+                            let spent = report(&peer, ended);
+                            match poll_fn(|cx| Poll::Ready(conn.poll_closed(cx))).await {
+                                Poll::Pending => drop(spent),
+                                Poll::Ready(Ok(())) => return,
+                                Poll::Ready(Err(e)) => {
+                                    tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
+                                    return;
+                                }
+                            }
+                        }
+                        Poll::Pending => calls.push(call),
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
@@ -85,15 +110,6 @@ pub(super) async fn serve<T>(
                 }
                 None => return,
             },
-            Some(ended) = calls.next(), if !calls.is_empty() => {
-                if ended.is_err() {
-                    tracing::error!(peer = %peer.addr, "a gRPC call panicked; its stream was reset");
-                }
-            }
-            () = cancel.cancelled(), if !closing => {
-                closing = true;
-                conn.graceful_shutdown();
-            }
             _ = tick.tick() => {
                 if activity.idle_for() >= limits.idle_timeout {
                     tracing::debug!(peer = %peer.addr, "closing an idle connection");
@@ -104,15 +120,31 @@ pub(super) async fn serve<T>(
     }
 }
 
+/// Logs a call that panicked (its stream was reset when its handle dropped); what an answered
+/// call left, to be dropped.
+fn report(peer: &Peer, ended: std::thread::Result<Option<Spent>>) -> Option<Spent> {
+    ended.unwrap_or_else(|_| {
+        tracing::error!(peer = %peer.addr, "a gRPC call panicked; its stream was reset");
+        None
+    })
+}
+
+/// What an answered call leaves: its answer's body (and what the body was made from) and its
+/// stream's handle. Dropped once the answer is written, so freeing them does not delay it.
+struct Spent {
+    _body: axum::body::Body,
+    _send: h2::SendStream<Bytes>,
+}
+
 /// One call: the router's answer to the request, sent back on its stream. A client that
 /// resets the stream cancels the call.
-async fn answer(
+async fn answer<A: App>(
     request: axum::http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     peer: Peer,
-    app: axum::Router,
+    app: A,
     _busy: Busy,
-) {
+) -> Option<Spent> {
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(peer);
     let request = axum::http::Request::from_parts(parts, axum::body::Body::new(Incoming(body)));
@@ -124,30 +156,30 @@ async fn answer(
             Ok(response) => response,
             Err(never) => match never {},
         },
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return None,
     };
     let (mut parts, mut body) = response.into_parts();
     strip_connection_headers(&mut parts.headers);
     let empty = hyper::body::Body::is_end_stream(&body);
-    let Ok(mut send) = respond.send_response(axum::http::Response::from_parts(parts, ()), empty) else { return };
+    let Ok(mut send) = respond.send_response(axum::http::Response::from_parts(parts, ()), empty) else { return None };
     if empty {
-        return;
+        return Some(Spent { _body: body, _send: send });
     }
     loop {
         let frame = tokio::select! {
             biased;
             frame = body.frame() => frame,
-            _ = poll_fn(|cx| send.poll_reset(cx)) => return,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return None,
         };
         let frame = match frame {
             None => {
                 let _ = send.send_data(Bytes::new(), true);
-                return;
+                return Some(Spent { _body: body, _send: send });
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "an answer's body failed");
                 send.send_reset(h2::Reason::INTERNAL_ERROR);
-                return;
+                return None;
             }
             Some(Ok(frame)) => frame,
         };
@@ -159,19 +191,22 @@ async fn answer(
                 if send.capacity() == 0 {
                     match poll_fn(|cx| poll_capacity_or_reset(&mut send, cx)).await {
                         Some(_) => {}
-                        None => return,
+                        None => return None,
                     }
                 }
                 let last = hyper::body::Body::is_end_stream(&body);
-                if send.send_data(data, last).is_err() || last {
-                    return;
+                if send.send_data(data, last).is_err() {
+                    return None;
+                }
+                if last {
+                    return Some(Spent { _body: body, _send: send });
                 }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let _ = send.send_trailers(trailers);
                 }
-                return;
+                return Some(Spent { _body: body, _send: send });
             }
         }
     }
@@ -191,15 +226,17 @@ fn poll_capacity_or_reset(send: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>
 
 /// Headers HTTP/2 forbids in an answer (RFC 9113 §8.2.2); h2 refuses an answer carrying them.
 fn strip_connection_headers(headers: &mut axum::http::HeaderMap) {
-    use axum::http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    if headers.is_empty() {
-        return;
+    use axum::http::header::{HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    fn forbidden(name: &HeaderName) -> bool {
+        [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE].contains(name)
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
     }
-    for name in [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE] {
+    // Answers rarely carry any (gRPC's never): look before removing.
+    let found: Vec<HeaderName> = headers.keys().filter(|n| forbidden(n)).cloned().collect();
+    for name in found {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// A request body read from its stream, handing the window back as data is read.

@@ -82,11 +82,39 @@ impl From<&HttpConfig> for Limits {
     }
 }
 
+/// What a listener serves: axum's router on the HTTP listener, the gRPC service table
+/// ([`crate::grpc::Services`]) on the gRPC one.
+pub trait App:
+    tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> App for T where
+    T: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `app` on `listener` until `cancel`, then lets open connections finish their requests
 /// for up to `grace`.
-pub async fn serve(
+pub async fn serve<A: App>(
     listener: TcpListener,
-    app: axum::Router,
+    app: A,
     tls: Option<Arc<TlsHandle>>,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -152,11 +180,11 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn serve_connection(
+async fn serve_connection<A: App>(
     stream: TcpStream,
     addr: SocketAddr,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    app: axum::Router,
+    app: A,
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
@@ -208,10 +236,10 @@ async fn serve_connection(
 
 /// Serves a connection through hyper (HTTP/1.1, or HTTP/2 on the HTTP listener) until it ends
 /// or stays idle for the idle timeout.
-async fn serve_hyper<I: Io + 'static>(
+async fn serve_hyper<I: Io + 'static, A: App>(
     io: I,
     peer: Peer,
-    app: axum::Router,
+    app: A,
     limits: Limits,
     activity: Arc<Activity>,
     watcher: hyper_util::server::graceful::Watcher,

@@ -542,53 +542,52 @@ pub fn request_from_grpc(r: ModelInferRequest) -> Result<(InferRequest, bool), P
     Ok((request, raw))
 }
 
-fn typed_contents(d: &TensorData) -> Option<InferTensorContents> {
+fn typed_contents(d: TensorData) -> Option<InferTensorContents> {
     let mut c = InferTensorContents::default();
     match d {
-        TensorData::Bool(v) => c.bool_contents.clone_from(v),
-        TensorData::I8(v) => c.int_contents = v.iter().map(|&x| i32::from(x)).collect(),
-        TensorData::I16(v) => c.int_contents = v.iter().map(|&x| i32::from(x)).collect(),
-        TensorData::I32(v) => c.int_contents.clone_from(v),
-        TensorData::I64(v) => c.int64_contents.clone_from(v),
-        TensorData::U8(v) => c.uint_contents = v.iter().map(|&x| u32::from(x)).collect(),
-        TensorData::U16(v) => c.uint_contents = v.iter().map(|&x| u32::from(x)).collect(),
-        TensorData::U32(v) => c.uint_contents.clone_from(v),
-        TensorData::U64(v) => c.uint64_contents.clone_from(v),
-        TensorData::F32(v) => c.fp32_contents.clone_from(v),
-        TensorData::F64(v) => c.fp64_contents.clone_from(v),
-        TensorData::Bytes(v) => c.bytes_contents.clone_from(v),
+        TensorData::Bool(v) => c.bool_contents = v,
+        TensorData::I8(v) => c.int_contents = v.into_iter().map(i32::from).collect(),
+        TensorData::I16(v) => c.int_contents = v.into_iter().map(i32::from).collect(),
+        TensorData::I32(v) => c.int_contents = v,
+        TensorData::I64(v) => c.int64_contents = v,
+        TensorData::U8(v) => c.uint_contents = v.into_iter().map(u32::from).collect(),
+        TensorData::U16(v) => c.uint_contents = v.into_iter().map(u32::from).collect(),
+        TensorData::U32(v) => c.uint_contents = v,
+        TensorData::U64(v) => c.uint64_contents = v,
+        TensorData::F32(v) => c.fp32_contents = v,
+        TensorData::F64(v) => c.fp64_contents = v,
+        TensorData::Bytes(v) => c.bytes_contents = v,
         TensorData::F16(_) => return None,
     }
     Some(c)
 }
 
 /// The protocol's response as a `ModelInferResponse`: tensors in `raw_output_contents` when
-/// `raw` (or when an output has no typed form, FP16), else in typed `contents`.
-pub fn response_to_grpc(r: &InferResponse, raw: bool) -> ModelInferResponse {
-    let typed: Option<Vec<InferTensorContents>> =
-        if raw { None } else { r.outputs.iter().map(|t| typed_contents(&t.data)).collect() };
-    let outputs = r
-        .outputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| InferOutputTensor {
-            name: t.name.clone(),
-            datatype: t.datatype().as_str().to_owned(),
-            shape: t.shape.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect(),
-            parameters: Parameters::new(),
-            contents: typed.as_ref().and_then(|c| c.get(i).cloned()),
-        })
-        .collect();
+/// `raw` (or when an output has no typed form, FP16), else in typed `contents`. Takes the
+/// response by value: names and typed tensors move over rather than being copied.
+pub fn response_to_grpc(r: InferResponse, raw: bool) -> ModelInferResponse {
+    let raw = raw || r.outputs.iter().any(|t| matches!(t.data, TensorData::F16(_)));
+    let parameters = parameters_from_json(&r.parameters);
+    let mut raw_output_contents = Vec::with_capacity(if raw { r.outputs.len() } else { 0 });
+    let mut outputs = Vec::with_capacity(r.outputs.len());
+    for t in r.outputs {
+        let datatype = t.datatype().as_str().to_owned();
+        let shape = t.shape.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect();
+        let contents = if raw {
+            raw_output_contents.push(t.data.to_le_bytes());
+            None
+        } else {
+            typed_contents(t.data)
+        };
+        outputs.push(InferOutputTensor { name: t.name, datatype, shape, parameters: Parameters::new(), contents });
+    }
     ModelInferResponse {
-        model_name: r.model_name.clone(),
-        model_version: r.model_version.clone(),
-        id: r.id.clone().unwrap_or_default(),
-        parameters: parameters_from_json(&r.parameters),
+        model_name: r.model_name,
+        model_version: r.model_version,
+        id: r.id.unwrap_or_default(),
+        parameters,
         outputs,
-        raw_output_contents: match typed {
-            Some(_) => Vec::new(),
-            None => r.outputs.iter().map(|t| t.data.to_le_bytes()).collect(),
-        },
+        raw_output_contents,
     }
 }
 
@@ -667,11 +666,34 @@ mod tests {
                 parameters: Map::new(),
                 outputs: a.inputs.clone(),
             };
-            let g = response_to_grpc(&resp, raw);
+            let g = response_to_grpc(resp.clone(), raw);
             assert_eq!(g.raw_output_contents.is_empty(), !raw);
             let back = response_from_grpc(ModelInferResponse::decode(g.encode_to_vec().as_slice()).unwrap()).unwrap();
             assert_eq!(back.outputs, resp.outputs);
         }
+    }
+
+    #[test]
+    fn an_fp16_output_sends_every_output_raw_and_typed_ones_keep_their_values() {
+        let tensor = |name: &str, data| Tensor { name: name.into(), shape: vec![2], data };
+        let resp = |outputs| InferResponse {
+            model_name: "m".into(),
+            model_version: "2".into(),
+            id: Some("x".into()),
+            parameters: Map::new(),
+            outputs,
+        };
+        let typed = response_to_grpc(resp(vec![tensor("a", TensorData::I8(vec![-1, 7]))]), false);
+        assert!(typed.raw_output_contents.is_empty());
+        assert_eq!(typed.outputs[0].contents.as_ref().map(|c| c.int_contents.clone()), Some(vec![-1, 7]));
+        assert_eq!((typed.model_version.as_str(), typed.id.as_str()), ("2", "x"));
+        let mixed =
+            resp(vec![tensor("a", TensorData::F32(vec![1.0, 2.0])), tensor("h", TensorData::F16(vec![0.5, 1.0]))]);
+        let g = response_to_grpc(mixed.clone(), false);
+        assert_eq!(g.raw_output_contents.len(), 2);
+        assert!(g.outputs.iter().all(|o| o.contents.is_none()));
+        let back = response_from_grpc(ModelInferResponse::decode(g.encode_to_vec().as_slice()).unwrap()).unwrap();
+        assert_eq!(back.outputs, mixed.outputs);
     }
 
     #[test]
