@@ -101,6 +101,9 @@ fn a_stuck_inference_run_withholds_the_watchdog_ping() -> anyhow::Result<()> {
         &[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "500000"), ("OUTPOST_FAILPOINTS", "worker-hang")],
     )?;
     let addr = agent.wait_listening()?;
+    // The hanging request must reach a loaded model (before that it is refused, and nothing
+    // hangs): the agent listens while its models still load.
+    agent.wait_for("initial model load finished", std::time::Duration::from_secs(120))?;
     let recv = |socket: &UnixDatagram| -> Option<String> {
         let mut buf = [0u8; 256];
         socket.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
