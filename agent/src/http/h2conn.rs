@@ -21,7 +21,6 @@ use futures::{FutureExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
 
 use super::server::{Activity, App, Busy, Limits, Peer};
 
@@ -152,7 +151,7 @@ async fn answer<A: App>(
     // look for a reset.
     let response = tokio::select! {
         biased;
-        answered = app.oneshot(request) => match answered {
+        answered = app.answer(request) => match answered {
             Ok(response) => response,
             Err(never) => match never {},
         },

@@ -83,31 +83,29 @@ impl From<&HttpConfig> for Limits {
 }
 
 /// What a listener serves: axum's router on the HTTP listener, the gRPC service table
-/// ([`crate::grpc::Services`]) on the gRPC one.
-pub trait App:
-    tower::Service<
-        axum::extract::Request,
-        Response = axum::response::Response,
-        Error = std::convert::Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
+/// ([`crate::grpc::Services`]) on the gRPC one; any `tower` service that always answers.
+pub trait App: Clone + Send + Sync + 'static {
+    type Answer: std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>>
+        + Send
+        + 'static;
+    /// The answer to one request.
+    fn answer(self, request: axum::extract::Request) -> Self::Answer;
 }
 
-impl<T> App for T where
-    T: tower::Service<
-            axum::extract::Request,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + Clone
+impl<T> App for T
+where
+    T: tower::Service<axum::extract::Request, Response = axum::response::Response, Error = std::convert::Infallible>
+        + Clone
         + Send
         + Sync
-        + 'static
+        + 'static,
+    T::Future: Send + 'static,
 {
+    type Answer = tower::util::Oneshot<T, axum::extract::Request>;
+
+    fn answer(self, request: axum::extract::Request) -> Self::Answer {
+        self.oneshot(request)
+    }
 }
 
 /// Serves `app` on `listener` until `cancel`, then lets open connections finish their requests
@@ -251,7 +249,7 @@ async fn serve_hyper<I: Io + 'static, A: App>(
         let busy = svc_activity.begin();
         let app = app.clone();
         async move {
-            let resp = app.oneshot(req.map(axum::body::Body::new)).await;
+            let resp = app.answer(req.map(axum::body::Body::new)).await;
             drop(busy);
             resp
         }
