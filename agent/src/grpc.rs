@@ -32,7 +32,7 @@ use crate::protocol::grpc as pb;
 const STREAM_CONCURRENCY: usize = 64;
 
 /// Both gRPC services, as the gRPC listener serves them (see [`Services`]).
-pub fn router(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> Services {
+pub fn services(state: HttpState, max_message_bytes: usize, started: tokio::sync::watch::Receiver<bool>) -> Services {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Overall health follows the agent's readiness to take inference (models loaded).
     tokio::spawn(follow_readiness(health, started));

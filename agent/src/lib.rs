@@ -663,7 +663,7 @@ pub async fn start(config: Config) -> Result<Agent, FatalError> {
     let grpc_addr = match (&cfg.grpc, grpc_listener) {
         (Some(g), Some(listener)) => {
             let addr = listener.local_addr().map_err(|source| FatalError::Bind { addr: g.listen, source })?;
-            let app = grpc::router(state.clone(), g.max_message_bytes, started_rx.clone());
+            let app = grpc::services(state.clone(), g.max_message_bytes, started_rx.clone());
             let limits =
                 http::server::Limits { max_concurrent_streams: g.max_concurrent_streams, direct_h2: true, ..limits };
             let (tls, metrics, cancel) = (tls_handle.clone(), service.metrics.clone(), http_cancel.clone());

@@ -1,8 +1,8 @@
 //! HTTP/2 connections served by the `h2` crate directly, for the gRPC listener: every stream
 //! of a connection is answered inside the connection's own task (no task spawned per call,
 //! no waiting on the connection task for send capacity before a one-message answer). A call
-//! is the same `http::Request` the hyper path hands the router, with the same [`Peer`]; what
-//! the router answers goes back as headers, data and trailers.
+//! is the same `http::Request` the hyper path hands the listener's app, with the same [`Peer`];
+//! what the app answers goes back as headers, data and trailers.
 //!
 //! Bounds are hyper's defaults and the listener's limits: 1 MiB flow-control windows per stream
 //! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of
@@ -135,7 +135,7 @@ struct Spent {
     _send: h2::SendStream<Bytes>,
 }
 
-/// One call: the router's answer to the request, sent back on its stream. A client that
+/// One call: the app's answer to the request, sent back on its stream. A client that
 /// resets the stream cancels the call.
 async fn answer<A: App>(
     request: axum::http::Request<h2::RecvStream>,
