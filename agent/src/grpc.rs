@@ -45,7 +45,7 @@ pub fn services(state: HttpState, max_message_bytes: usize, started: tokio::sync
             }
         }
     }));
-    Services { inference: Inference(Arc::new(Shared { state, max: max_message_bytes })), health }
+    Services { shared: Arc::new(Shared { state, max: max_message_bytes }), health }
 }
 
 /// The gRPC listener's service table: a call goes by its path's service name to the inference
@@ -54,7 +54,7 @@ pub fn services(state: HttpState, max_message_bytes: usize, started: tokio::sync
 /// takes this path.
 #[derive(Clone)]
 pub struct Services {
-    inference: Inference,
+    shared: Arc<Shared>,
     health: tower::util::BoxCloneSyncService<axum::extract::Request, axum::response::Response, Infallible>,
 }
 
@@ -72,15 +72,23 @@ impl tower::Service<axum::extract::Request> for Services {
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
         use futures::future::Either;
+        use futures::FutureExt as _;
         let path = req.uri().path();
-        if path.strip_prefix('/').and_then(|p| p.strip_prefix(pb::SERVICE)).is_some_and(|p| p.starts_with('/')) {
-            return Either::Left(self.inference.call(req));
-        }
+        let inference =
+            path.strip_prefix('/').and_then(|p| p.strip_prefix(pb::SERVICE)).is_some_and(|p| p.starts_with('/'));
+        let health = path.starts_with("/grpc.health.v1.Health/");
         if !is_grpc(&req) {
             return Either::Right(Box::pin(std::future::ready(Ok(not_grpc()))));
         }
-        if path.starts_with("/grpc.health.v1.Health/") {
-            return Either::Right(Box::pin(self.health.call(req)));
+        if inference {
+            // The call's path, for the records of refused calls (tonic's request has no URI).
+            let path = MethodPath(req.uri().clone());
+            let mut req = req;
+            req.extensions_mut().insert(path);
+            return Either::Left(dispatch(self.shared.clone(), req).map(Ok as Answered));
+        }
+        if health {
+            return Either::Right(self.health.call(req));
         }
         let answer = status_response(Status::unimplemented(format!("no such method: {}", bounded(path))));
         Either::Right(Box::pin(std::future::ready(Ok(answer))))
@@ -135,36 +143,10 @@ struct Shared {
     max: usize,
 }
 
-#[derive(Clone)]
-struct Inference(Arc<Shared>);
-
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The service's answer as `tower` wants it (it never fails).
 type Answered = fn(axum::response::Response) -> Result<axum::response::Response, Infallible>;
-
-impl tower::Service<axum::extract::Request> for Inference {
-    type Response = axum::response::Response;
-    type Error = Infallible;
-    type Future = futures::future::Map<BoxFuture<Self::Response>, Answered>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
-        use futures::FutureExt as _;
-        if !is_grpc(&req) {
-            let answer: BoxFuture<_> = Box::pin(std::future::ready(not_grpc()));
-            return answer.map(Ok as Answered);
-        }
-        // The call's path, for the records of refused calls (tonic's request has no URI).
-        let path = MethodPath(req.uri().clone());
-        let mut req = req;
-        req.extensions_mut().insert(path);
-        dispatch(self.0.clone(), req).map(Ok as Answered)
-    }
-}
 
 /// The path of a call (`/inference.GRPCInferenceService/ModelInfer`).
 #[derive(Clone)]
@@ -683,8 +665,9 @@ fn with_retry(s: Status, after: Duration) -> Status {
 
 /// One inference through the shared service.
 async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, Status> {
-    let model = r.model_name.clone();
-    let version = (!r.model_version.is_empty()).then(|| r.model_version.clone());
+    let mut r = r;
+    let model = std::mem::take(&mut r.model_name);
+    let version = Some(std::mem::take(&mut r.model_version)).filter(|v| !v.is_empty());
     let (request, raw) = match pb::request_from_grpc(r) {
         Ok(x) => x,
         Err(e) => {
