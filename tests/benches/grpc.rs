@@ -3,9 +3,12 @@
 //! request and wait for the answer, for `--seconds` per point (bounded in count too). The
 //! agent (an `outpost` process) is pinned to CPU 0 and this load generator to CPU 1 by
 //! `scripts/bench-grpc.sh`, which reports the generator's own CPU use per point so it can be
-//! seen not to be the bottleneck. gRPC: one HTTP/2 connection, as `tritonclient.grpc` uses one,
-//! through the `h2` crate's client (the lightest) and through tonic's; HTTP: keep-alive
-//! HTTP/1.1 connections, V2 JSON, through bare hyper (the lightest) and through reqwest.
+//! seen not to be the bottleneck. gRPC: tonic's client on one HTTP/2 connection, as
+//! `tritonclient.grpc` uses one; HTTP: V2 JSON through reqwest on keep-alive HTTP/1.1. And each
+//! protocol through its lightest client, both built to one plan (`raw`, a connection per
+//! client): the pair that compares the servers' own work, since the client libraries differ by
+//! more than the servers do at one client. `--library-clients` adds the `h2` crate's client and
+//! bare hyper HTTP/1.1 (the libraries' lightest).
 //!
 //! The engine's own time comes from the statistics extension (`compute_infer` over
 //! `execution_count`): a transport's overhead at one client is its mean latency minus it. The
@@ -13,6 +16,7 @@
 //!
 //!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
 //!         [--concurrency 1,8,64] [--rounds 3] [--kserve-python PY] [--only LABEL]
+//!         [--library-clients]
 //!
 //! Every point runs `--rounds` times, the targets in a rotating order (KServe beside the
 //! agent, in the same rotation), and the median round is reported with the range: this VM's
@@ -27,6 +31,9 @@ use anyhow::{ensure, Context, Result};
 use outpost_proto::protocol::grpc as pb;
 use outpost_tests::*;
 use prost::Message as _;
+
+#[path = "grpc/raw.rs"]
+mod raw;
 
 /// Most requests one point sends (a bound beside the time).
 const MAX_REQUESTS: usize = 2_000_000;
@@ -77,6 +84,41 @@ enum Target {
         url: String,
         body: bytes::Bytes,
     },
+    /// Each protocol's lightest client, both built to one plan (see `raw`): gRPC over HTTP/2
+    /// and the HTTP call over HTTP/1.1, one connection per client, kept in a pool.
+    RawGrpc {
+        pool: Arc<std::sync::Mutex<Vec<raw::Grpc>>>,
+        port: u16,
+        path: String,
+        framed: bytes::Bytes,
+    },
+    RawHttp {
+        pool: Arc<std::sync::Mutex<Vec<raw::Http1>>>,
+        port: u16,
+        path: String,
+        body: bytes::Bytes,
+    },
+}
+
+/// The raw gRPC client's calls to a server's `ModelInfer`.
+fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Target {
+    Target::RawGrpc {
+        pool: Default::default(),
+        port,
+        path: "/inference.GRPCInferenceService/ModelInfer".into(),
+        framed: framed.clone(),
+    }
+}
+
+/// A connection from the pool, or a new one.
+fn pooled<T>(pool: &std::sync::Mutex<Vec<T>>) -> Result<Option<T>> {
+    Ok(pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?.pop())
+}
+
+/// A connection whose call succeeded goes back to the pool (a failed one is dropped).
+fn unpool<T>(pool: &std::sync::Mutex<Vec<T>>, conn: T) -> Result<()> {
+    pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?.push(conn);
+    Ok(())
 }
 
 impl Target {
@@ -149,6 +191,22 @@ impl Target {
                 let r = client.post(url).body(body.clone()).send().await?;
                 ensure!(r.status().is_success(), "HTTP {}", r.status());
                 r.bytes().await?;
+            }
+            Target::RawGrpc { pool, port, path, framed } => {
+                let mut conn = match pooled(pool)? {
+                    Some(c) => c,
+                    None => raw::Grpc::connect(*port, path, framed.clone()).await?,
+                };
+                conn.call().await?;
+                unpool(pool, conn)?;
+            }
+            Target::RawHttp { pool, port, path, body } => {
+                let mut conn = match pooled(pool)? {
+                    Some(c) => c,
+                    None => raw::Http1::connect(*port, path, body).await?,
+                };
+                conn.call().await?;
+                unpool(pool, conn)?;
             }
         }
         Ok(())
@@ -347,6 +405,8 @@ fn main() -> Result<()> {
     let kserve = arg(&args, "--kserve-python");
     // Only the servers whose label holds this (e.g. "bare", "HTTP"): for profiling one at a time.
     let only = arg(&args, "--only");
+    // The `h2` crate's and bare hyper's clients too (the libraries' lightest), beside the raw pair.
+    let library_clients = args.iter().any(|a| a == "--library-clients");
     // Rounds per point; the median round is reported, with the range over rounds.
     let rounds: usize = arg(&args, "--rounds").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     outpost::tls::install_crypto_provider();
@@ -378,10 +438,14 @@ fn main() -> Result<()> {
             let framed = bytes::Bytes::from(framed);
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), uri: grpc_uri(grpc_port)? }),
-                ("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, uri: format!("/v2/models/{model}/infer").parse()?, host: format!("127.0.0.1:{http_port}").parse()?, body: body.clone().into() }),
-                ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.into() }),
+                ("Outpost gRPC (raw HTTP/2 client)", raw_grpc(grpc_port, &framed)),
+                ("Outpost HTTP (raw HTTP/1.1 client)", Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
+                ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.clone().into() }),
             ];
+            if library_clients {
+                targets.push(("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), uri: grpc_uri(grpc_port)? }));
+                targets.push(("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, uri: format!("/v2/models/{model}/infer").parse()?, host: format!("127.0.0.1:{http_port}").parse()?, body: body.clone().into() }));
+            }
             // KServe runs beside the agent (both pinned to CPU 0, the idle one asleep), so its
             // rounds interleave with Outpost's and the machine's drift hits both alike.
             let mut kserve_child = None;
@@ -402,9 +466,9 @@ fn main() -> Result<()> {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 };
-                // The same load generator as Outpost's first gRPC row.
+                // The same load generator as Outpost's raw gRPC row.
                 drop(kchannel);
-                targets.push(("KServe gRPC (h2 client)", Target::H2Crate { send: h2_crate(port).await?, framed: framed.clone(), uri: grpc_uri(port)? }));
+                targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed)));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {

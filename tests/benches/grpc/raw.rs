@@ -1,0 +1,400 @@
+//! The lightest load generators there are, one per protocol, written to the same plan so the
+//! two transports are compared on the server's work and not on their client libraries': one
+//! connection per client, the request's bytes built once, one write per call, the answer
+//! read and checked (status, a whole message or body) without decoding it, no task per call
+//! or per connection. The HTTP/1.1 answer head is parsed with `httparse`, the HTTP/2 header
+//! blocks are encoded and decoded with `loona-hpack` (both keep their state per connection).
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _, Result};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// The largest answer either client takes (the bench's answers are a few KiB).
+const MAX_ANSWER: usize = 64 << 20;
+
+async fn connect(port: u16) -> Result<TcpStream> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads more of the connection into `buf`; a closed connection is an error.
+async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    ensure!(stream.read_buf(buf).await? > 0, "the server closed the connection");
+    ensure!(buf.len() <= MAX_ANSWER, "an answer over {MAX_ANSWER} bytes");
+    Ok(())
+}
+
+/// An HTTP/1.1 keep-alive connection sending one fixed POST.
+pub(crate) struct Http1 {
+    stream: TcpStream,
+    request: Bytes,
+    buf: BytesMut,
+}
+
+impl Http1 {
+    pub(crate) async fn connect(port: u16, path: &str, body: &[u8]) -> Result<Self> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        Ok(Self { stream: connect(port).await?, request: request.into(), buf: BytesMut::with_capacity(16 * 1024) })
+    }
+
+    /// One call: a 2xx status and a whole body (by its `content-length`), or an error.
+    pub(crate) async fn call(&mut self) -> Result<()> {
+        self.stream.write_all(&self.request).await?;
+        let (status, head, length) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head) = response.parse(&self.buf)? {
+                let length = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .context("an answer without content-length")?;
+                break (response.code.unwrap_or(0), head, length);
+            }
+            fill(&mut self.stream, &mut self.buf).await?;
+        };
+        ensure!((200..300).contains(&status), "HTTP {status}");
+        ensure!(length <= MAX_ANSWER, "an answer over {MAX_ANSWER} bytes");
+        while self.buf.len() < head + length {
+            fill(&mut self.stream, &mut self.buf).await?;
+        }
+        self.buf.advance(head + length);
+        Ok(())
+    }
+}
+
+// HTTP/2 frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// The window this client opens for the server, per stream and per connection.
+const OPEN_WINDOW: u32 = (1 << 31) - 1;
+/// The largest frame payload a peer must take before it says otherwise.
+const DEFAULT_MAX_FRAME: usize = 16 * 1024;
+
+fn frame_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
+    out.put_uint(len as u64, 3);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream);
+}
+
+/// A unary gRPC call's header block (RFC 7541): `:method POST` and `:scheme http` from the
+/// static table, the rest literals never indexed (static names where there are).
+fn request_block(path: &str, authority: &str) -> Bytes {
+    use loona_hpack::encoder::encode_integer;
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend(encode_integer(s.len(), 7));
+        out.extend_from_slice(s);
+    }
+    let mut out = vec![0x83, 0x86];
+    // Literal without indexing, name from the static table: a 4-bit index prefix.
+    for (index, value) in [(4, path.as_bytes()), (1, authority.as_bytes()), (31, b"application/grpc".as_slice())] {
+        out.extend(encode_integer(index, 4));
+        string(&mut out, value);
+    }
+    out.push(0);
+    string(&mut out, b"te");
+    string(&mut out, b"trailers");
+    out.into()
+}
+
+/// An HTTP/2 connection making unary gRPC calls, one at a time.
+pub(crate) struct Grpc {
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    decoder: loona_hpack::Decoder<'static>,
+    /// The request's header block: static-table references and literals never indexed, so
+    /// the same bytes serve every call.
+    block: Bytes,
+    message: Bytes,
+    next_id: u32,
+    /// What the server lets this client send: on the connection, and on a new stream.
+    send_window: i64,
+    stream_window: i64,
+    /// Answer bytes taken since the connection's window was last topped up.
+    taken: u64,
+}
+
+/// What one frame meant for the call in flight.
+enum Step {
+    More,
+    Ended,
+}
+
+impl Grpc {
+    /// Connects and exchanges settings; `framed` is the length-prefixed request message.
+    pub(crate) async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
+        let mut stream = connect(port).await?;
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        out.put_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        frame_head(&mut out, 6, SETTINGS, 0, 0);
+        out.put_u16(0x4); // SETTINGS_INITIAL_WINDOW_SIZE
+        out.put_u32(OPEN_WINDOW);
+        frame_head(&mut out, 4, WINDOW_UPDATE, 0, 0);
+        out.put_u32(OPEN_WINDOW - 65_535);
+        stream.write_all(&out).await?;
+        out.clear();
+        let mut c = Self {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+            out,
+            decoder: loona_hpack::Decoder::new(),
+            block: request_block(path, &format!("127.0.0.1:{port}")),
+            message: framed,
+            next_id: 1,
+            send_window: 65_535,
+            stream_window: 65_535,
+            taken: 0,
+        };
+        // The server's settings come first (RFC 9113 §3.4).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut settings = false;
+        while !settings {
+            while let Some((kind, flags, id, payload)) = c.next_frame()? {
+                settings |= kind == SETTINGS && flags & ACK == 0;
+                c.control(kind, flags, id, &payload)?;
+            }
+            if !settings {
+                tokio::time::timeout_at(deadline, fill(&mut c.stream, &mut c.buf)).await??;
+            }
+        }
+        Ok(c)
+    }
+
+    /// The next whole frame in the buffer: (type, flags, stream, payload).
+    fn next_frame(&mut self) -> Result<Option<(u8, u8, u32, Bytes)>> {
+        if self.buf.len() < 9 {
+            return Ok(None);
+        }
+        let len = (usize::from(self.buf[0]) << 16) | (usize::from(self.buf[1]) << 8) | usize::from(self.buf[2]);
+        ensure!(len <= MAX_ANSWER, "a frame of {len} bytes");
+        if self.buf.len() < 9 + len {
+            return Ok(None);
+        }
+        let mut head = self.buf.split_to(9);
+        let payload = self.buf.split_to(len).freeze();
+        head.advance(3);
+        let (kind, flags, id) = (head.get_u8(), head.get_u8(), head.get_u32() & 0x7fff_ffff);
+        Ok(Some((kind, flags, id, payload)))
+    }
+
+    /// Handles a connection-level frame (or one for a stream no longer in flight).
+    fn control(&mut self, kind: u8, flags: u8, id: u32, payload: &[u8]) -> Result<()> {
+        match kind {
+            SETTINGS if flags & ACK == 0 => {
+                ensure!(payload.len().is_multiple_of(6), "a malformed SETTINGS frame");
+                for s in payload.chunks_exact(6) {
+                    let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+                    if u16::from_be_bytes([s[0], s[1]]) == 0x4 {
+                        self.stream_window = i64::from(value);
+                    }
+                }
+                frame_head(&mut self.out, 0, SETTINGS, ACK, 0);
+            }
+            PING if flags & ACK == 0 => {
+                frame_head(&mut self.out, payload.len(), PING, ACK, 0);
+                self.out.put_slice(payload);
+            }
+            WINDOW_UPDATE if id == 0 && payload.len() == 4 => {
+                self.send_window +=
+                    i64::from(u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff);
+            }
+            GOAWAY => bail!("the server sent GOAWAY"),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Header block fragment of a HEADERS frame's payload (padding and priority removed).
+    fn fragment(flags: u8, mut payload: Bytes) -> Result<Bytes> {
+        let mut pad = 0;
+        if flags & PADDED != 0 {
+            ensure!(!payload.is_empty(), "a malformed HEADERS frame");
+            pad = usize::from(payload.get_u8());
+        }
+        if flags & PRIORITY != 0 {
+            ensure!(payload.len() >= 5, "a malformed HEADERS frame");
+            payload.advance(5);
+        }
+        ensure!(payload.len() >= pad, "a malformed HEADERS frame");
+        payload.truncate(payload.len() - pad);
+        Ok(payload)
+    }
+
+    /// One call: HTTP 200, one whole message, `grpc-status: 0`; or an error.
+    pub(crate) async fn call(&mut self) -> Result<()> {
+        let id = self.next_id;
+        ensure!(id < (1 << 31), "stream ids used up");
+        self.next_id += 2;
+        let block = self.block.clone();
+        ensure!(block.len() <= DEFAULT_MAX_FRAME, "a header block over one frame");
+        let size = self.message.len() as i64;
+        while self.send_window < size || self.stream_window < size {
+            self.turn(id).await?;
+        }
+        self.send_window -= size;
+        frame_head(&mut self.out, block.len(), HEADERS, END_HEADERS, id);
+        self.out.put_slice(&block);
+        let mut rest = self.message.clone();
+        loop {
+            let n = rest.len().min(DEFAULT_MAX_FRAME);
+            let last = n == rest.len();
+            frame_head(&mut self.out, n, DATA, if last { END_STREAM } else { 0 }, id);
+            self.out.put_slice(&rest.split_to(n));
+            if last {
+                break;
+            }
+        }
+        self.stream.write_all(&self.out).await?;
+        self.out.clear();
+        let mut answer = Answer::default();
+        loop {
+            while let Some((kind, flags, sid, payload)) = self.next_frame()? {
+                if let Step::Ended = self.frame(id, kind, flags, sid, payload, &mut answer)? {
+                    if !self.out.is_empty() {
+                        self.stream.write_all(&self.out).await?;
+                        self.out.clear();
+                    }
+                    return answer.check();
+                }
+            }
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            fill(&mut self.stream, &mut self.buf).await?;
+        }
+    }
+
+    /// Reads and handles frames until one more arrives, while waiting for window.
+    async fn turn(&mut self, id: u32) -> Result<()> {
+        fill(&mut self.stream, &mut self.buf).await?;
+        while let Some((kind, flags, sid, payload)) = self.next_frame()? {
+            ensure!(sid != id, "a frame for a stream not yet opened");
+            self.control(kind, flags, sid, &payload)?;
+        }
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, id: u32, kind: u8, flags: u8, sid: u32, payload: Bytes, answer: &mut Answer) -> Result<Step> {
+        if sid != id || !matches!(kind, DATA | HEADERS | CONTINUATION | RST_STREAM) {
+            self.control(kind, flags, sid, &payload)?;
+            return Ok(Step::More);
+        }
+        match kind {
+            RST_STREAM => bail!("the server reset the stream"),
+            DATA => {
+                self.taken += payload.len() as u64;
+                if self.taken > u64::from(OPEN_WINDOW / 2) {
+                    frame_head(&mut self.out, 4, WINDOW_UPDATE, 0, 0);
+                    self.out.put_u32(u32::try_from(self.taken).unwrap_or(OPEN_WINDOW / 2));
+                    self.taken = 0;
+                }
+                let mut data = payload;
+                if flags & PADDED != 0 {
+                    ensure!(!data.is_empty(), "a malformed DATA frame");
+                    let pad = usize::from(data.get_u8());
+                    ensure!(data.len() >= pad, "a malformed DATA frame");
+                    data.truncate(data.len() - pad);
+                }
+                answer.data(&data)?;
+                if flags & END_STREAM != 0 {
+                    bail!("the answer ended without trailers");
+                }
+                Ok(Step::More)
+            }
+            _ => {
+                let fragment = if kind == HEADERS { Self::fragment(flags, payload)? } else { payload };
+                answer.block.extend_from_slice(&fragment);
+                if kind == HEADERS {
+                    answer.end_stream = flags & END_STREAM != 0;
+                }
+                if flags & END_HEADERS == 0 {
+                    return Ok(Step::More);
+                }
+                let block = std::mem::take(&mut answer.block);
+                let trailers = answer.status.is_some();
+                let (status, grpc_status) = (&mut answer.status, &mut answer.grpc_status);
+                self.decoder
+                    .decode_with_cb(&block, |name, value| match &name[..] {
+                        b":status" if !trailers => {
+                            *status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok())
+                        }
+                        b"grpc-status" => *grpc_status = Some(value.into_owned()),
+                        _ => {}
+                    })
+                    .map_err(|e| anyhow::anyhow!("a header block does not decode: {e:?}"))?;
+                answer.status.get_or_insert(0);
+                Ok(if answer.end_stream { Step::Ended } else { Step::More })
+            }
+        }
+    }
+}
+
+/// What has come of the call in flight.
+#[derive(Default)]
+struct Answer {
+    status: Option<u16>,
+    grpc_status: Option<Vec<u8>>,
+    /// Length-prefixed message bytes seen, and the length the prefix declared.
+    got: usize,
+    declared: Option<usize>,
+    prefix: Vec<u8>,
+    block: Vec<u8>,
+    end_stream: bool,
+}
+
+impl Answer {
+    fn data(&mut self, data: &[u8]) -> Result<()> {
+        if self.declared.is_none() {
+            let want = 5 - self.prefix.len();
+            let n = want.min(data.len());
+            self.prefix.extend_from_slice(&data[..n]);
+            if self.prefix.len() == 5 {
+                ensure!(self.prefix[0] == 0, "a compressed answer");
+                self.declared =
+                    Some(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize);
+            }
+            self.got += data.len() - n;
+        } else {
+            self.got += data.len();
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(self.status == Some(200), "HTTP {:?}", self.status);
+        ensure!(self.grpc_status.as_deref() == Some(b"0".as_slice()), "grpc-status {:?}", self.grpc_status);
+        ensure!(self.declared.is_some_and(|n| n > 0 && n == self.got), "not one whole message");
+        Ok(())
+    }
+}
