@@ -110,9 +110,11 @@ fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Target {
     }
 }
 
-/// A connection from the pool, or a new one.
-fn pooled<T>(pool: &std::sync::Mutex<Vec<T>>) -> Result<Option<T>> {
-    Ok(pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?.pop())
+/// A pooled connection still fit for a call, if any (one the server closed while idle is
+/// dropped, as the library clients' pools do).
+fn pooled<T>(pool: &std::sync::Mutex<Vec<T>>, reusable: impl Fn(&mut T) -> bool) -> Result<Option<T>> {
+    let mut pool = pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?;
+    Ok(std::iter::from_fn(|| pool.pop()).find_map(|mut c| reusable(&mut c).then_some(c)))
 }
 
 /// A connection whose call succeeded goes back to the pool (a failed one is dropped).
@@ -193,7 +195,7 @@ impl Target {
                 r.bytes().await?;
             }
             Target::RawGrpc { pool, port, path, framed } => {
-                let mut conn = match pooled(pool)? {
+                let mut conn = match pooled(pool, raw::Grpc::reusable)? {
                     Some(c) => c,
                     None => raw::Grpc::connect(*port, path, framed.clone()).await?,
                 };
@@ -201,7 +203,7 @@ impl Target {
                 unpool(pool, conn)?;
             }
             Target::RawHttp { pool, port, path, body } => {
-                let mut conn = match pooled(pool)? {
+                let mut conn = match pooled(pool, raw::Http1::reusable)? {
                     Some(c) => c,
                     None => raw::Http1::connect(*port, path, body).await?,
                 };

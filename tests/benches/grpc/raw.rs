@@ -31,6 +31,16 @@ async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
     Ok(())
 }
 
+/// Whether a pooled connection can take another call: not closed by the server meanwhile (an
+/// idle connection it timed out), with nothing unasked for waiting on it.
+fn open_and_quiet(stream: &TcpStream, buf: &mut BytesMut) -> bool {
+    buf.reserve(4096);
+    match stream.try_read_buf(buf) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
+
 /// An HTTP/1.1 keep-alive connection sending one fixed POST.
 pub(crate) struct Http1 {
     stream: TcpStream,
@@ -47,6 +57,11 @@ impl Http1 {
         .into_bytes();
         request.extend_from_slice(body);
         Ok(Self { stream: connect(port).await?, request: request.into(), buf: BytesMut::with_capacity(16 * 1024) })
+    }
+
+    /// Whether the connection can take another call (see `open_and_quiet`).
+    pub(crate) fn reusable(&mut self) -> bool {
+        open_and_quiet(&self.stream, &mut self.buf)
     }
 
     /// One call: a 2xx status and a whole body (by its `content-length`), or an error.
@@ -184,6 +199,31 @@ impl Grpc {
             }
         }
         Ok(c)
+    }
+
+    /// Whether the connection can take another call: open, and what the server sent meanwhile
+    /// (a PING, a GOAWAY) handled; a GOAWAY ends it.
+    pub(crate) fn reusable(&mut self) -> bool {
+        loop {
+            self.buf.reserve(4096);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.next_frame() {
+                Ok(None) => return true,
+                Ok(Some((kind, flags, id, payload))) => {
+                    if self.control(kind, flags, id, &payload).is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     /// The next whole frame in the buffer: (type, flags, stream, payload).
