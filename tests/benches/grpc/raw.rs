@@ -91,20 +91,30 @@ impl Http1 {
     }
 }
 
-// HTTP/2 frame types and flags (RFC 9113 §6).
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
+/// HTTP/2 frame types (RFC 9113 §6).
+mod frame_type {
+    pub(super) const DATA: u8 = 0x0;
+    pub(super) const HEADERS: u8 = 0x1;
+    pub(super) const RST_STREAM: u8 = 0x3;
+    pub(super) const SETTINGS: u8 = 0x4;
+    pub(super) const PING: u8 = 0x6;
+    pub(super) const GOAWAY: u8 = 0x7;
+    pub(super) const WINDOW_UPDATE: u8 = 0x8;
+    pub(super) const CONTINUATION: u8 = 0x9;
+}
+
+/// HTTP/2 frame flags (RFC 9113 §6): `ACK` on SETTINGS and PING, the rest on DATA and HEADERS.
+mod flag {
+    pub(super) const END_STREAM: u8 = 0x1;
+    pub(super) const ACK: u8 = 0x1;
+    pub(super) const END_HEADERS: u8 = 0x4;
+    pub(super) const PADDED: u8 = 0x8;
+    pub(super) const PRIORITY: u8 = 0x20;
+}
+
+use flag::{ACK, END_HEADERS, END_STREAM, PADDED, PRIORITY};
+use frame_type::{CONTINUATION, DATA, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE};
+
 /// The window this client opens for the server, per stream and per connection.
 const OPEN_WINDOW: u32 = (1 << 31) - 1;
 /// The largest frame payload a peer must take before it says otherwise.
