@@ -164,11 +164,7 @@ impl Target {
             Target::H1 { pool, port, uri, host, body } => {
                 use http_body_util::BodyExt as _;
                 // A pooled connection the agent closed meanwhile (idle between rounds) is dropped.
-                let taken = {
-                    let mut pool = pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?;
-                    std::iter::from_fn(|| pool.pop()).find(|s| !s.is_closed())
-                };
-                let mut send = match taken {
+                let mut send = match pooled(pool, |s| !s.is_closed())? {
                     Some(send) => send,
                     None => {
                         let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await?;
@@ -187,7 +183,7 @@ impl Target {
                 let resp = send.send_request(req).await?;
                 ensure!(resp.status().is_success(), "HTTP {}", resp.status());
                 resp.into_body().collect().await?;
-                pool.lock().map_err(|_| anyhow::anyhow!("pool poisoned"))?.push(send);
+                unpool(pool, send)?;
             }
             Target::Http { client, url, body } => {
                 let r = client.post(url).body(body.clone()).send().await?;
@@ -426,7 +422,8 @@ fn main() -> Result<()> {
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
         let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
-        let h2c = h2_crate(grpc_port).await?;
+        // Opened only when asked for: an idle connection is still one the agent holds.
+        let h2c = if library_clients { Some(h2_crate(grpc_port).await?) } else { None };
         let agent_pid = agent.child.id();
         let http_port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).context("the agent's HTTP port")?;
         println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | agent CPU µs/req | errors | generator CPU |");
@@ -444,7 +441,7 @@ fn main() -> Result<()> {
                 ("Outpost HTTP (raw HTTP/1.1 client)", Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.clone().into() }),
             ];
-            if library_clients {
+            if let Some(h2c) = &h2c {
                 targets.push(("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), uri: grpc_uri(grpc_port)? }));
                 targets.push(("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, uri: format!("/v2/models/{model}/infer").parse()?, host: format!("127.0.0.1:{http_port}").parse()?, body: body.clone().into() }));
             }

@@ -2,8 +2,9 @@
 //! two transports are compared on the server's work and not on their client libraries': one
 //! connection per client, the request's bytes built once, one write per call, the answer
 //! read and checked (status, a whole message or body) without decoding it, no task per call
-//! or per connection. The HTTP/1.1 answer head is parsed with `httparse`, the HTTP/2 header
-//! blocks are encoded and decoded with `loona-hpack` (both keep their state per connection).
+//! or per connection. The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers'
+//! header blocks are decoded with `loona-hpack` (its table kept per connection), and the
+//! request's block is built once from `loona-hpack`'s integer encoding.
 
 use std::time::Duration;
 
@@ -218,6 +219,7 @@ impl Grpc {
             self.buf.reserve(4096);
             match self.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return false,
+                Ok(_) if self.buf.len() > MAX_ANSWER => return false,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => return false,
