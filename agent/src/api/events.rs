@@ -128,6 +128,12 @@ pub trait EventSink: Send + Sync {
     fn record_alone(&self, event: Event) -> SinkFuture {
         self.record(event)
     }
+
+    /// Whether this sink keeps what a request's event says of its inputs and parameters (their
+    /// keyed digest, pseudonymized copy and key epoch). When it does not, they are not made.
+    fn keeps_request_details(&self) -> bool {
+        true
+    }
 }
 
 /// Writes events to the log; requests at debug level, lifecycle at info/warn.
@@ -172,6 +178,11 @@ impl EventSink for LogSink {
             }
         }
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// The log line names a request, never its inputs.
+    fn keeps_request_details(&self) -> bool {
+        false
     }
 }
 
@@ -229,5 +240,34 @@ impl EventSink for Tee {
     fn record_alone(&self, event: Event) -> SinkFuture {
         self.announce(&event);
         self.primary.record_alone(event)
+    }
+
+    /// Announcements carry no request events: the primary alone decides.
+    fn keeps_request_details(&self) -> bool {
+        self.primary.keeps_request_details()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that keeps whole records (as the audit log does).
+    struct Keeping;
+
+    impl EventSink for Keeping {
+        fn record(&self, _event: Event) -> SinkFuture {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    #[test]
+    fn request_details_are_made_only_for_a_sink_that_keeps_them() {
+        use std::sync::Arc;
+        assert!(!LogSink.keeps_request_details(), "the log line names no inputs");
+        assert!(Keeping.keeps_request_details(), "a sink keeps them unless it says otherwise");
+        let tee = |primary: Arc<dyn EventSink>| Tee { primary, announcer: crate::events::Announcer::default() };
+        assert!(!tee(Arc::new(LogSink)).keeps_request_details(), "announcements carry no request events");
+        assert!(tee(Arc::new(Keeping)).keeps_request_details(), "the primary decides");
     }
 }

@@ -502,9 +502,10 @@ impl InferenceService {
         version: Option<&str>,
         request: InferRequest,
     ) -> Result<InferResponse, InferError> {
+        // Made only for a sink that keeps them (the audit log): a keyed digest of every input.
         let (key_epoch, input_digest, parameters) = match &self.privacy {
-            Some(p) => p.seal(&request.inputs, &request.parameters),
-            None => (None, String::new(), serde_json::Map::new()),
+            Some(p) if self.events.keeps_request_details() => p.seal(&request.inputs, &request.parameters),
+            _ => (None, String::new(), serde_json::Map::new()),
         };
         if let Some(p) = self.pipelines.get(model) {
             return self.infer_pipeline(ctx, &p, request, (key_epoch, input_digest, parameters)).await;
