@@ -3,6 +3,7 @@
 //! answer or `{"error": ...}`. [`server`] owns the sockets: TLS, connection limits, timeouts.
 
 mod h2conn;
+mod selfwake;
 pub mod server;
 
 use std::sync::{Arc, RwLock};

@@ -265,8 +265,9 @@ async fn serve_hyper<I: Io + 'static, A: App>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(limits.max_concurrent_streams);
-    let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
-    tokio::pin!(conn);
+    // A request answered inline wakes its own connection's task: see `SelfWakes`.
+    let mut conn =
+        super::selfwake::SelfWakes::new(watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc)));
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
     loop {
         tokio::select! {
