@@ -325,6 +325,54 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_closes_connections_that_began_no_request_instead_of_waiting_for_them() -> Result<()> {
+    let pki = Pki::generate()?;
+    // With TLS, a client that opened a connection and sent nothing holds it in the handshake
+    // (on both listeners); without, the gRPC listener waits for its first bytes.
+    for tls in [true, false] {
+        let state = tempfile::tempdir()?;
+        let keys = if tls { tls_keys(&pki, false) } else { String::new() };
+        let text = config(state.path(), &keys, "[grpc]\nlisten = \"127.0.0.1:0\"\n");
+        let cfg_path = state.path().join("outpost.toml");
+        std::fs::write(&cfg_path, &text)?;
+        let args = ["run", "--config", cfg_path.to_str().context("path")?];
+        let mut child = ChildAgent::spawn_env(&crate::outpost_bin(), &args, &[("RUST_LOG", "info,outpost=debug")])?;
+        let grpc = child.wait_for("grpc listener bound", Duration::from_secs(60))?;
+        let grpc: std::net::SocketAddr = grpc
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .context("the gRPC listener's address")?
+            .parse()?;
+        let addr: std::net::SocketAddr = child.wait_listening()?.parse()?;
+        child.wait_for("initial model load finished", Duration::from_secs(60))?;
+        let silent: Vec<std::net::SocketAddr> = if tls { vec![addr, grpc] } else { vec![grpc] };
+        let mut held = Vec::new();
+        for to in &silent {
+            held.push(TcpStream::connect(to)?);
+            // A later connection answered on the same listener: the silent one was accepted
+            // before it (one accept loop, in order).
+            let scheme = if tls { "https" } else { "http" };
+            let client = if tls { tls_client(&pki, None)? } else { http_client() };
+            // (The gRPC listener answers this HTTP/1.1 probe 415.)
+            client.get(format!("{scheme}://localhost:{}/v2/health/live", to.port())).send().await?;
+        }
+        child.signal("TERM")?;
+        ensure!(child.wait_exit(Duration::from_secs(60))? == 0, "the agent stops cleanly");
+        let log = child.log.join("\n");
+        let closed = child.log.iter().filter(|l| l.contains("closed a connection that began no request")).count();
+        ensure!(
+            closed == silent.len(),
+            "tls={tls}: {closed} of {} silent connections closed at shutdown:\n{log}",
+            silent.len()
+        );
+        ensure!(!log.contains("TLS handshake timed out"), "the shutdown waited for a handshake:\n{log}");
+        ensure!(!log.contains("still open after the shutdown grace"), "{log}");
+        drop(held);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_idle_oversized_and_excess_connections_are_cut_off() -> Result<()> {
     let state = tempfile::tempdir()?;
     let http_extra =

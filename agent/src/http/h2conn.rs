@@ -24,7 +24,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::server::{Activity, App, Busy, Limits, Peer};
+use super::server::{closed_at_shutdown, until_shutdown, Activity, App, Busy, Limits, Peer};
 
 /// The connection preface every HTTP/2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -56,7 +56,9 @@ pub(super) async fn serve<T, A: App>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
-    let mut conn = match tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io)).await {
+    let handshake = tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io));
+    let Some(handshake) = until_shutdown(&cancel, handshake).await else { return closed_at_shutdown(peer.addr) };
+    let mut conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer.addr, error = %e, "HTTP/2 handshake failed");

@@ -190,28 +190,32 @@ async fn serve_connection<A: App>(
     let Shutdown { watcher, cancel } = shutdown;
     let (io, cert_names): (Box<dyn Io>, Vec<String>) = match acceptor {
         None => (Box::new(stream), Vec::new()),
-        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => {
-                let names = s
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| crate::tls::certificate_names(c))
-                    .unwrap_or_default();
-                (Box::new(s), names)
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            match until_shutdown(&cancel, handshake).await {
+                None => return closed_at_shutdown(addr),
+                Some(Ok(Ok(s))) => {
+                    let names = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| crate::tls::certificate_names(c))
+                        .unwrap_or_default();
+                    (Box::new(s), names)
+                }
+                Some(Ok(Err(e))) => {
+                    metrics.record_tls_failure();
+                    tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Some(Err(_)) => {
+                    metrics.record_tls_failure();
+                    tracing::info!(peer = %addr, "TLS handshake timed out");
+                    return;
+                }
             }
-            Ok(Err(e)) => {
-                metrics.record_tls_failure();
-                tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                metrics.record_tls_failure();
-                tracing::info!(peer = %addr, "TLS handshake timed out");
-                return;
-            }
-        },
+        }
     };
     let activity = Arc::new(Activity::new());
     let mut io = ActivityIo { inner: io, activity: activity.clone() };
@@ -221,7 +225,9 @@ async fn serve_connection<A: App>(
     if !limits.direct_h2 {
         return serve_hyper(io, peer, app, limits, activity, watcher).await;
     }
-    let Some((sniffed, head)) = super::h2conn::sniff(&mut io, limits.header_read_timeout).await else {
+    let sniffed = until_shutdown(&cancel, super::h2conn::sniff(&mut io, limits.header_read_timeout)).await;
+    let Some(sniffed) = sniffed else { return closed_at_shutdown(addr) };
+    let Some((sniffed, head)) = sniffed else {
         tracing::debug!(peer = %addr, "connection closed or silent before its first request");
         return;
     };
@@ -229,6 +235,22 @@ async fn serve_connection<A: App>(
     match sniffed {
         super::h2conn::Sniffed::H2 => super::h2conn::serve(io, peer, app, limits, activity, cancel).await,
         super::h2conn::Sniffed::Other => serve_hyper(io, peer, app, limits, activity, watcher).await,
+    }
+}
+
+/// A connection that began no request (its TLS handshake or first bytes under way) is closed
+/// at shutdown rather than waited for.
+pub(super) fn closed_at_shutdown(addr: SocketAddr) {
+    tracing::debug!(peer = %addr, "shutting down: closed a connection that began no request");
+}
+
+/// What `f` gives, unless the listener shuts down first (`None`): for the steps before a
+/// connection's first request, which a shutdown need not wait for.
+pub(super) async fn until_shutdown<F: std::future::Future>(cancel: &CancellationToken, f: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = f => Some(out),
+        () = cancel.cancelled() => None,
     }
 }
 
