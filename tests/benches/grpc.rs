@@ -98,16 +98,22 @@ enum Target {
         path: String,
         body: bytes::Bytes,
     },
+    /// The raw gRPC client's calls on one shared HTTP/2 connection, a stream each, as gRPC
+    /// clients (tonic's, tritonclient's) use HTTP/2.
+    RawShared(raw::Mux),
 }
+
+/// Path of the V2 `ModelInfer` call.
+const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// The raw gRPC client's calls to a server's `ModelInfer`.
 fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Target {
-    Target::RawGrpc {
-        pool: Default::default(),
-        port,
-        path: "/inference.GRPCInferenceService/ModelInfer".into(),
-        framed: framed.clone(),
-    }
+    Target::RawGrpc { pool: Default::default(), port, path: MODEL_INFER.into(), framed: framed.clone() }
+}
+
+/// The raw gRPC client's calls to a server's `ModelInfer` on one shared connection.
+async fn raw_shared(port: u16, framed: &bytes::Bytes) -> Result<Target> {
+    Ok(Target::RawShared(raw::Mux::connect(port, MODEL_INFER, framed.clone()).await?))
 }
 
 /// A pooled connection still fit for a call, if any (one the server closed while idle is
@@ -129,8 +135,7 @@ impl Target {
             Target::Grpc { channel, request } => {
                 let mut grpc = tonic::client::Grpc::new(channel.clone());
                 grpc.ready().await?;
-                let path =
-                    tonic::codegen::http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(MODEL_INFER);
                 let codec = tonic_prost::ProstCodec::<pb::ModelInferRequest, pb::ModelInferResponse>::default();
                 let resp = grpc.unary(tonic::Request::new(request.clone()), path, codec).await?;
                 ensure!(!resp.get_ref().outputs.is_empty(), "no outputs");
@@ -198,6 +203,7 @@ impl Target {
                 conn.call().await?;
                 unpool(pool, conn)?;
             }
+            Target::RawShared(mux) => mux.call().await?,
             Target::RawHttp { pool, port, path, body } => {
                 let mut conn = match pooled(pool, raw::Http1::reusable)? {
                     Some(c) => c,
@@ -354,7 +360,7 @@ fn spawn_kserve(python: &str, model: &str, port: u16) -> Result<Child> {
 
 /// The `ModelInfer` method's URI on a gRPC port on loopback.
 fn grpc_uri(port: u16) -> Result<tonic::codegen::http::Uri> {
-    Ok(format!("http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer").parse()?)
+    Ok(format!("http://127.0.0.1:{port}{MODEL_INFER}").parse()?)
 }
 
 /// A bare HTTP/2 connection (no gRPC client library) to a gRPC port on loopback.
@@ -438,6 +444,7 @@ fn main() -> Result<()> {
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
                 ("Outpost gRPC (raw HTTP/2 client)", raw_grpc(grpc_port, &framed)),
+                ("Outpost gRPC (raw, one shared connection)", raw_shared(grpc_port, &framed).await?),
                 ("Outpost HTTP (raw HTTP/1.1 client)", Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.clone().into() }),
             ];
@@ -468,6 +475,7 @@ fn main() -> Result<()> {
                 // The same load generator as Outpost's raw gRPC row.
                 drop(kchannel);
                 targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed)));
+                targets.push(("KServe gRPC (raw, one shared connection)", raw_shared(port, &framed).await?));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {

@@ -1,8 +1,9 @@
 //! The lightest load generators there are, one per protocol, written to the same plan so the
 //! two transports are compared on the server's work and not on their client libraries': one
-//! connection per client, the request's bytes built once, one write per call, the answer
+//! connection per client (and for gRPC also one connection shared by all, a stream per call,
+//! as gRPC clients use HTTP/2), the request's bytes built once, one write per call, the answer
 //! read and checked (status, a whole message or body) without decoding it, no task per call
-//! or per connection. The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers'
+//! (the shared connection has one, which drives it). The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers'
 //! header blocks are decoded with `loona-hpack` (its table kept per connection), and the
 //! request's block is built once from `loona-hpack`'s integer encoding.
 
@@ -164,6 +165,8 @@ pub(crate) struct Grpc {
     stream_window: i64,
     /// Answer bytes taken since the connection's window was last topped up.
     taken: u64,
+    /// Streams the server takes at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_streams: usize,
 }
 
 /// What one frame meant for the call in flight.
@@ -196,6 +199,7 @@ impl Grpc {
             send_window: 65_535,
             stream_window: 65_535,
             taken: 0,
+            max_streams: usize::MAX,
         };
         // The server's settings come first (RFC 9113 §3.4).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -262,8 +266,10 @@ impl Grpc {
                 ensure!(payload.len().is_multiple_of(6), "a malformed SETTINGS frame");
                 for s in payload.chunks_exact(6) {
                     let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-                    if u16::from_be_bytes([s[0], s[1]]) == 0x4 {
-                        self.stream_window = i64::from(value);
+                    match u16::from_be_bytes([s[0], s[1]]) {
+                        0x3 => self.max_streams = value as usize,
+                        0x4 => self.stream_window = i64::from(value),
+                        _ => {}
                     }
                 }
                 frame_head(&mut self.out, 0, SETTINGS, ACK, 0);
@@ -358,10 +364,15 @@ impl Grpc {
     }
 
     fn frame(&mut self, id: u32, kind: u8, flags: u8, sid: u32, payload: Bytes, answer: &mut Answer) -> Result<Step> {
-        if sid != id || !matches!(kind, DATA | HEADERS | CONTINUATION | RST_STREAM) {
+        if sid != id || !for_stream(kind) {
             self.control(kind, flags, sid, &payload)?;
             return Ok(Step::More);
         }
+        self.stream_frame(kind, flags, payload, answer)
+    }
+
+    /// A frame of a call in flight (DATA, HEADERS, CONTINUATION or RST_STREAM) into its answer.
+    fn stream_frame(&mut self, kind: u8, flags: u8, payload: Bytes, answer: &mut Answer) -> Result<Step> {
         match kind {
             RST_STREAM => bail!("the server reset the stream"),
             DATA => {
@@ -409,6 +420,150 @@ impl Grpc {
                 Ok(if answer.end_stream { Step::Ended } else { Step::More })
             }
         }
+    }
+}
+
+/// Whether a frame type belongs to a stream's exchange (the rest are the connection's).
+fn for_stream(kind: u8) -> bool {
+    matches!(kind, DATA | HEADERS | CONTINUATION | RST_STREAM)
+}
+
+/// One HTTP/2 connection shared by every client, as gRPC clients use it: each call its own
+/// stream, opened as soon as it is asked for (within the server's stream limit and window),
+/// the frames of every waiting call written at once, answers matched by stream id. One task
+/// drives the connection; a call is a message to it and a message back.
+#[derive(Clone)]
+pub(crate) struct Mux {
+    calls: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<()>>>,
+}
+
+impl Mux {
+    /// Connects (as [`Grpc::connect`]) and starts the connection's task.
+    pub(crate) async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
+        let conn = Grpc::connect(port, path, framed).await?;
+        let (calls, waiting) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(drive(conn, waiting));
+        Ok(Self { calls })
+    }
+
+    /// One call: HTTP 200, one whole message, `grpc-status: 0`; or an error.
+    pub(crate) async fn call(&self) -> Result<()> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.calls.send(done).map_err(|_| anyhow::anyhow!("the connection has ended"))?;
+        answer.await.map_err(|_| anyhow::anyhow!("the connection ended during the call"))?
+    }
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<()>>;
+
+/// The shared connection's task: opens a stream per waiting call, reads and matches answers,
+/// until every `Mux` is dropped and no call is in flight. A connection error fails every
+/// call in flight and ends the task (later calls fail at once).
+async fn drive(mut c: Grpc, mut waiting: tokio::sync::mpsc::UnboundedReceiver<Reply>) {
+    /// What woke the task.
+    enum Woke {
+        Read,
+        Asked(Option<Reply>),
+    }
+    let mut flight: std::collections::HashMap<u32, (Answer, Reply)> = std::collections::HashMap::new();
+    let mut queued: std::collections::VecDeque<Reply> = std::collections::VecDeque::new();
+    let mut open = true;
+    let failed: anyhow::Error = 'conn: loop {
+        while open {
+            match waiting.try_recv() {
+                Ok(reply) => queued.push_back(reply),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let size = c.message.len() as i64;
+        while !queued.is_empty() && flight.len() < c.max_streams && c.send_window >= size && c.stream_window >= size {
+            match c.open_stream() {
+                Ok(id) => {
+                    if let Some(reply) = queued.pop_front() {
+                        flight.insert(id, (Answer::default(), reply));
+                    }
+                }
+                Err(e) => break 'conn e,
+            }
+        }
+        if !c.out.is_empty() {
+            if let Err(e) = c.stream.write_all(&c.out).await {
+                break e.into();
+            }
+            c.out.clear();
+        }
+        if !open && flight.is_empty() && queued.is_empty() {
+            return;
+        }
+        let woke = tokio::select! {
+            biased;
+            filled = fill(&mut c.stream, &mut c.buf) => filled.map(|()| Woke::Read),
+            reply = waiting.recv(), if open => Ok(Woke::Asked(reply)),
+        };
+        match woke {
+            Ok(Woke::Read) => {}
+            Ok(Woke::Asked(Some(reply))) => queued.push_back(reply),
+            Ok(Woke::Asked(None)) => open = false,
+            Err(e) => break e,
+        }
+        if let Err(e) = c.answers(&mut flight) {
+            break e;
+        }
+    };
+    let why = format!("{failed:#}");
+    for (_, (_, reply)) in flight.drain() {
+        let _ = reply.send(Err(anyhow::anyhow!("{why}")));
+    }
+    for reply in queued {
+        let _ = reply.send(Err(anyhow::anyhow!("{why}")));
+    }
+}
+
+impl Grpc {
+    /// Queues a new stream's HEADERS and DATA frames; returns its id.
+    fn open_stream(&mut self) -> Result<u32> {
+        let id = self.next_id;
+        ensure!(id < (1 << 31), "stream ids used up");
+        self.next_id += 2;
+        ensure!(self.block.len() <= DEFAULT_MAX_FRAME, "a header block over one frame");
+        self.send_window -= self.message.len() as i64;
+        let block = self.block.clone();
+        frame_head(&mut self.out, block.len(), HEADERS, END_HEADERS, id);
+        self.out.put_slice(&block);
+        let mut rest = self.message.clone();
+        loop {
+            let n = rest.len().min(DEFAULT_MAX_FRAME);
+            let last = n == rest.len();
+            frame_head(&mut self.out, n, DATA, if last { END_STREAM } else { 0 }, id);
+            self.out.put_slice(&rest.split_to(n));
+            if last {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Every whole frame in the buffer, each answer that ended given to its caller. A stream's
+    /// own error (a reset, a malformed answer) fails that call only.
+    fn answers(&mut self, flight: &mut std::collections::HashMap<u32, (Answer, Reply)>) -> Result<()> {
+        while let Some((kind, flags, sid, payload)) = self.next_frame()? {
+            let Some((answer, _)) = flight.get_mut(&sid).filter(|_| for_stream(kind)) else {
+                self.control(kind, flags, sid, &payload)?;
+                continue;
+            };
+            let step = self.stream_frame(kind, flags, payload, answer);
+            let ended = match step {
+                Ok(Step::More) => None,
+                Ok(Step::Ended) => Some(answer.check()),
+                Err(e) => Some(Err(e)),
+            };
+            if let Some(result) = ended {
+                if let Some((_, reply)) = flight.remove(&sid) {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
