@@ -5,8 +5,9 @@
 //! `scripts/bench-grpc.sh`, which reports the generator's own CPU use per point so it can be
 //! seen not to be the bottleneck. gRPC: tonic's client on one HTTP/2 connection, as
 //! `tritonclient.grpc` uses one; HTTP: V2 JSON through reqwest on keep-alive HTTP/1.1. And each
-//! protocol through its lightest client, both built to one plan (`raw`, a connection per
-//! client): the pair that compares the servers' own work, since the client libraries differ by
+//! protocol through its lightest client, both built to one plan (`raw`; HTTP/1.1 with a
+//! connection per client, gRPC with one connection shared by all, as each protocol's clients
+//! use them): the pair that compares the servers' own work, since the client libraries differ by
 //! more than the servers do at one client. `--library-clients` adds the `h2` crate's client and
 //! bare hyper HTTP/1.1 (the libraries' lightest).
 //!
@@ -84,36 +85,24 @@ enum Target {
         url: String,
         body: bytes::Bytes,
     },
-    /// Each protocol's lightest client, both built to one plan (see `raw`): gRPC over HTTP/2
-    /// and the HTTP call over HTTP/1.1, one connection per client, kept in a pool.
-    RawGrpc {
-        pool: Arc<std::sync::Mutex<Vec<raw::Grpc>>>,
-        port: u16,
-        path: String,
-        framed: bytes::Bytes,
-    },
+    /// Each protocol's lightest client, both built to one plan (see `raw`): the HTTP call
+    /// over HTTP/1.1, one connection per client, kept in a pool; gRPC on one shared HTTP/2
+    /// connection, a stream per call, as gRPC clients (tonic's, tritonclient's) use HTTP/2.
     RawHttp {
         pool: Arc<std::sync::Mutex<Vec<raw::Http1>>>,
         port: u16,
         path: String,
         body: bytes::Bytes,
     },
-    /// The raw gRPC client's calls on one shared HTTP/2 connection, a stream each, as gRPC
-    /// clients (tonic's, tritonclient's) use HTTP/2.
-    RawShared(raw::Mux),
+    RawGrpc(raw::Mux),
 }
 
 /// Path of the V2 `ModelInfer` call.
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// The raw gRPC client's calls to a server's `ModelInfer`.
-fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Target {
-    Target::RawGrpc { pool: Default::default(), port, path: MODEL_INFER.into(), framed: framed.clone() }
-}
-
-/// The raw gRPC client's calls to a server's `ModelInfer` on one shared connection.
-async fn raw_shared(port: u16, framed: &bytes::Bytes) -> Result<Target> {
-    Ok(Target::RawShared(raw::Mux::connect(port, MODEL_INFER, framed.clone()).await?))
+/// The raw gRPC client's calls to a server's `ModelInfer`, on one shared connection.
+async fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Result<Target> {
+    Ok(Target::RawGrpc(raw::Mux::connect(port, MODEL_INFER, framed.clone()).await?))
 }
 
 /// A pooled connection still fit for a call, if any (one the server closed while idle is
@@ -195,15 +184,7 @@ impl Target {
                 ensure!(r.status().is_success(), "HTTP {}", r.status());
                 r.bytes().await?;
             }
-            Target::RawGrpc { pool, port, path, framed } => {
-                let mut conn = match pooled(pool, raw::Grpc::reusable)? {
-                    Some(c) => c,
-                    None => raw::Grpc::connect(*port, path, framed.clone()).await?,
-                };
-                conn.call().await?;
-                unpool(pool, conn)?;
-            }
-            Target::RawShared(mux) => mux.call().await?,
+            Target::RawGrpc(mux) => mux.call().await?,
             Target::RawHttp { pool, port, path, body } => {
                 let mut conn = match pooled(pool, raw::Http1::reusable)? {
                     Some(c) => c,
@@ -443,8 +424,7 @@ fn main() -> Result<()> {
             let framed = bytes::Bytes::from(framed);
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (raw HTTP/2 client)", raw_grpc(grpc_port, &framed)),
-                ("Outpost gRPC (raw, one shared connection)", raw_shared(grpc_port, &framed).await?),
+                ("Outpost gRPC (raw HTTP/2 client)", raw_grpc(grpc_port, &framed).await?),
                 ("Outpost HTTP (raw HTTP/1.1 client)", Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.clone().into() }),
             ];
@@ -474,8 +454,7 @@ fn main() -> Result<()> {
                 };
                 // The same load generator as Outpost's raw gRPC row.
                 drop(kchannel);
-                targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed)));
-                targets.push(("KServe gRPC (raw, one shared connection)", raw_shared(port, &framed).await?));
+                targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed).await?));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {

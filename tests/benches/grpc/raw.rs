@@ -1,7 +1,7 @@
 //! The lightest load generators there are, one per protocol, written to the same plan so the
-//! two transports are compared on the server's work and not on their client libraries': one
-//! connection per client (and for gRPC also one connection shared by all, a stream per call,
-//! as gRPC clients use HTTP/2), the request's bytes built once, one write per call, the answer
+//! two transports are compared on the server's work and not on their client libraries': each
+//! protocol's connections as its clients use them (HTTP/1.1: one per client; gRPC: one shared
+//! by all, a stream per call), the request's bytes built once, one write per call, the answer
 //! read and checked (status, a whole message or body) without decoding it, no task per call
 //! (the shared connection has one, which drives it). The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers'
 //! header blocks are decoded with `loona-hpack` (its table kept per connection), and the
@@ -149,8 +149,8 @@ fn request_block(path: &str, authority: &str) -> Bytes {
     out.into()
 }
 
-/// An HTTP/2 connection making unary gRPC calls, one at a time.
-pub(crate) struct Grpc {
+/// An HTTP/2 connection making unary gRPC calls (driven by [`Mux`]'s task).
+struct Grpc {
     stream: TcpStream,
     buf: BytesMut,
     out: BytesMut,
@@ -177,7 +177,7 @@ enum Step {
 
 impl Grpc {
     /// Connects and exchanges settings; `framed` is the length-prefixed request message.
-    pub(crate) async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
+    async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
         let mut stream = connect(port).await?;
         let mut out = BytesMut::with_capacity(64 * 1024);
         out.put_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
@@ -214,32 +214,6 @@ impl Grpc {
             }
         }
         Ok(c)
-    }
-
-    /// Whether the connection can take another call: open, and what the server sent meanwhile
-    /// (a PING, a GOAWAY) handled; a GOAWAY ends it.
-    pub(crate) fn reusable(&mut self) -> bool {
-        loop {
-            self.buf.reserve(4096);
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return false,
-                Ok(_) if self.buf.len() > MAX_ANSWER => return false,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return false,
-            }
-        }
-        loop {
-            match self.next_frame() {
-                Ok(None) => return true,
-                Ok(Some((kind, flags, id, payload))) => {
-                    if self.control(kind, flags, id, &payload).is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
     }
 
     /// The next whole frame in the buffer: (type, flags, stream, payload).
@@ -302,73 +276,6 @@ impl Grpc {
         ensure!(payload.len() >= pad, "a malformed HEADERS frame");
         payload.truncate(payload.len() - pad);
         Ok(payload)
-    }
-
-    /// One call: HTTP 200, one whole message, `grpc-status: 0`; or an error.
-    pub(crate) async fn call(&mut self) -> Result<()> {
-        let id = self.next_id;
-        ensure!(id < (1 << 31), "stream ids used up");
-        self.next_id += 2;
-        let block = self.block.clone();
-        ensure!(block.len() <= DEFAULT_MAX_FRAME, "a header block over one frame");
-        let size = self.message.len() as i64;
-        while self.send_window < size || self.stream_window < size {
-            self.turn(id).await?;
-        }
-        self.send_window -= size;
-        frame_head(&mut self.out, block.len(), HEADERS, END_HEADERS, id);
-        self.out.put_slice(&block);
-        let mut rest = self.message.clone();
-        loop {
-            let n = rest.len().min(DEFAULT_MAX_FRAME);
-            let last = n == rest.len();
-            frame_head(&mut self.out, n, DATA, if last { END_STREAM } else { 0 }, id);
-            self.out.put_slice(&rest.split_to(n));
-            if last {
-                break;
-            }
-        }
-        self.stream.write_all(&self.out).await?;
-        self.out.clear();
-        let mut answer = Answer::default();
-        loop {
-            while let Some((kind, flags, sid, payload)) = self.next_frame()? {
-                if let Step::Ended = self.frame(id, kind, flags, sid, payload, &mut answer)? {
-                    if !self.out.is_empty() {
-                        self.stream.write_all(&self.out).await?;
-                        self.out.clear();
-                    }
-                    return answer.check();
-                }
-            }
-            if !self.out.is_empty() {
-                self.stream.write_all(&self.out).await?;
-                self.out.clear();
-            }
-            fill(&mut self.stream, &mut self.buf).await?;
-        }
-    }
-
-    /// Reads and handles frames until one more arrives, while waiting for window.
-    async fn turn(&mut self, id: u32) -> Result<()> {
-        fill(&mut self.stream, &mut self.buf).await?;
-        while let Some((kind, flags, sid, payload)) = self.next_frame()? {
-            ensure!(sid != id, "a frame for a stream not yet opened");
-            self.control(kind, flags, sid, &payload)?;
-        }
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        Ok(())
-    }
-
-    fn frame(&mut self, id: u32, kind: u8, flags: u8, sid: u32, payload: Bytes, answer: &mut Answer) -> Result<Step> {
-        if sid != id || !for_stream(kind) {
-            self.control(kind, flags, sid, &payload)?;
-            return Ok(Step::More);
-        }
-        self.stream_frame(kind, flags, payload, answer)
     }
 
     /// A frame of a call in flight (DATA, HEADERS, CONTINUATION or RST_STREAM) into its answer.
