@@ -18,8 +18,10 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
 
-/// Polls of the inner future one outer poll may make (the first and its repeats).
-const MAX_PASSES: usize = 4;
+/// Polls of the inner future one outer poll may make: the first and one repeat, which is
+/// what a request answered inline needs. A future that yields on purpose (hyper's HTTP/1.1
+/// dispatcher does, after 16 pipelined requests) is let go after its second yield.
+const MAX_PASSES: usize = 2;
 
 /// Not inside a poll of the inner future: a wake goes to the task.
 const IDLE: u8 = 0;
@@ -129,10 +131,10 @@ mod tests {
     fn a_wake_given_during_its_own_poll_is_answered_by_polling_again_not_by_the_task() {
         let (count, waker) = task();
         let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = SelfWakes::new(WakesItself { wakes: 2, polls: polls.clone() });
+        let mut f = SelfWakes::new(WakesItself { wakes: MAX_PASSES - 1, polls: polls.clone() });
         let polled = Pin::new(&mut f).poll(&mut Context::from_waker(&waker));
         assert!(polled.is_ready(), "the repeats within one poll finish it");
-        assert_eq!(polls.load(Ordering::SeqCst), 3);
+        assert_eq!(polls.load(Ordering::SeqCst), MAX_PASSES);
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "no wake reached the task");
     }
 
