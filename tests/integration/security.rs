@@ -325,6 +325,26 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_http1_requests_past_the_connections_yields_are_all_answered() -> Result<()> {
+    let state = tempfile::tempdir()?;
+    let text = config(state.path(), "", "");
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    // 100 requests in one write: hyper's dispatcher yields after 16, and a connection that
+    // keeps waking itself is let go to the runtime after a repeat (`http::selfwake`); each
+    // yield must still end in another poll. The last request closes the connection.
+    let n = 100;
+    let mut head = "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n".repeat(n - 1);
+    head.push_str("GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut c = TcpStream::connect(agent.agent.addr())?;
+    c.write_all(head.as_bytes())?;
+    // Without that poll the connection would wait for its idle tick (15 s here).
+    let got = read_until_closed(&mut c, Duration::from_secs(10))?;
+    let answered = String::from_utf8_lossy(&got).matches("HTTP/1.1 200").count();
+    ensure!(answered == n, "{answered} of {n} pipelined requests answered");
+    agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_closes_connections_that_began_no_request_instead_of_waiting_for_them() -> Result<()> {
     let pki = Pki::generate()?;
     // With TLS, a client that opened a connection and sent nothing holds it in the handshake
