@@ -11,14 +11,12 @@
 
 use std::future::{poll_fn, Future as _};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
-use futures::task::AtomicWaker;
 use futures::{FutureExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -72,31 +70,26 @@ pub(super) async fn serve<T, A: App>(
     // Calls still running after their first poll; most finish in it (an inline model run) and
     // never join this set.
     let mut calls = FuturesUnordered::new();
-    let gate = Arc::new(Gate::default());
-    let gated = Waker::from(gate.clone());
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     let mut closing = false;
     loop {
-        // Every held section below is followed, in the same pass or the next, by a poll of the
-        // connection (the accept branch or an explicit flush): what a held wake was for is
-        // seen there.
         tokio::select! {
             biased;
             () = &mut cancelled, if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
             }
-            () = poll_fn(|cx| gate.held(|| finish_one(&mut calls, &peer, cx))), if !calls.is_empty() => {}
-            accepted = poll_fn(|cx| gate.poll(cx, &gated, |cx| conn.poll_accept(cx))) => match accepted {
+            () = poll_fn(|cx| finish_one(&mut calls, &peer, cx)), if !calls.is_empty() => {}
+            accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
                 Some(Ok((request, respond))) => {
                     let busy = activity.begin();
                     // A call that panics takes down its own stream (reset when its handle
                     // drops), not the connection's other calls.
                     let call = AssertUnwindSafe(answer(request, respond, peer.clone(), app.clone(), busy));
                     let mut call = Box::pin(call.catch_unwind());
-                    let first = poll_fn(|cx| Poll::Ready(gate.held(|| call.as_mut().poll(cx)))).await;
+                    let first = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
                     let spent = match first {
                         Poll::Ready(ended) => report(&peer, ended),
                         Poll::Pending => {
@@ -105,8 +98,8 @@ pub(super) async fn serve<T, A: App>(
                         }
                     };
                     // What the call queued is written now; then its remains are freed.
-                    match poll_fn(|cx| Poll::Ready(gate.poll(cx, &gated, |cx| conn.poll_closed(cx)))).await {
-                        Poll::Pending => gate.held(|| drop(spent)),
+                    match poll_fn(|cx| Poll::Ready(conn.poll_closed(cx))).await {
+                        Poll::Pending => drop(spent),
                         Poll::Ready(Ok(())) => return,
                         Poll::Ready(Err(e)) => {
                             tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
@@ -142,57 +135,6 @@ where
         }
         Poll::Ready(None) => Poll::Ready(()),
         Poll::Pending => Poll::Pending,
-    }
-}
-
-/// The waker the connection keeps, which can be held back while the connection's own task
-/// answers calls.
-///
-/// h2 wakes its connection whenever a stream queues frames, releases window or is dropped
-/// finished. Inside the connection's own task that wake only asks the runtime to poll the task
-/// again, and the runtime schedules such a self-wake as a yield, rousing an idle worker thread
-/// to share work that is not there: a futex call and a second thread woken on every call.
-/// While held, a wake is dropped instead, which is safe because the connection is always polled
-/// after a held section ends (see `serve`), and that poll sees whatever the wake was for.
-/// Wakes from elsewhere (the socket's readiness, another thread) pass through to the task.
-#[derive(Default)]
-struct Gate {
-    held: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Gate {
-    /// Runs `f` with the connection's wakes held back.
-    fn held<R>(&self, f: impl FnOnce() -> R) -> R {
-        struct Release<'a>(&'a AtomicBool);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
-            }
-        }
-        self.held.store(true, Ordering::SeqCst);
-        let _release = Release(&self.held);
-        f()
-    }
-
-    /// Polls the connection with the gated waker, which passes wakes on to the task `cx` is for.
-    fn poll<R>(&self, cx: &mut Context<'_>, gated: &Waker, f: impl FnOnce(&mut Context<'_>) -> R) -> R {
-        self.task.register(cx.waker());
-        f(&mut Context::from_waker(gated))
-    }
-}
-
-impl Wake for Gate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // A wake that finds the gate held happened before the hold ended, so before the poll
-        // of the connection that follows it.
-        if !self.held.load(Ordering::SeqCst) {
-            self.task.wake();
-        }
     }
 }
 
@@ -426,41 +368,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 
     fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Counts the wakes that reach the task.
-    #[derive(Default)]
-    struct Count(std::sync::atomic::AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn the_gate_holds_back_wakes_only_while_held() {
-        let gate = Arc::new(Gate::default());
-        let gated = Waker::from(gate.clone());
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
-        let mut cx = Context::from_waker(&task);
-        // A poll of the connection registers the task behind the gated waker.
-        let seen = gate.poll(&mut cx, &gated, |cx| cx.waker().clone());
-        assert!(seen.will_wake(&gated), "the connection is polled with the gated waker");
-        gate.held(|| seen.wake_by_ref());
-        assert_eq!(count.0.load(Ordering::SeqCst), 0, "a wake while held does not reach the task");
-        seen.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "a wake from outside a held section does");
-        // A hold that ends by a panic is released all the same.
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| gate.held(|| panic!("a call panicked"))));
-        gate.poll(&mut cx, &gated, |_| ());
-        seen.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2, "the hold ended with the panic");
     }
 }

@@ -1,9 +1,10 @@
 //! A connection future polled so that the wakes it gives itself during its own poll are
 //! answered with another poll right away, instead of through the runtime.
 //!
-//! hyper's HTTP/1.1 connection wakes its own task while it answers a request inline: the
-//! request body's channel signals the dispatcher, and the dispatcher the body's reader, both
-//! inside the one task. The runtime takes a wake of a running task as a yield: it queues the
+//! A connection that answers a request inline wakes its own task while doing it: hyper's
+//! HTTP/1.1 connection through the request body's channel (the dispatcher and the body's reader
+//! signal each other inside the one task), and an `h2` connection ([`super::h2conn`]) whenever
+//! a stream queues frames, releases window or is dropped finished. The runtime takes a wake of a running task as a yield: it queues the
 //! task again and, with more than one worker, rouses an idle worker (a futex call and an
 //! eventfd write) to share work that is not there. [`SelfWakes`] notes such a wake instead and
 //! polls again at once, a bounded number of times; a future that keeps waking itself past that
@@ -19,7 +20,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use futures::task::AtomicWaker;
 
 /// Polls of the inner future one outer poll may make: the first and one repeat, which is
-/// what a request answered inline needs. A future that yields on purpose (hyper's HTTP/1.1
+/// what a request answered inline needs (its wakes come before the repeat, which finds the
+/// connection waiting on its socket). A future that yields on purpose (hyper's HTTP/1.1
 /// dispatcher does, after 16 pipelined requests) is let go after its second yield.
 const MAX_PASSES: usize = 2;
 

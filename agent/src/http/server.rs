@@ -233,7 +233,9 @@ async fn serve_connection<A: App>(
     };
     let io = super::h2conn::Prefixed { head, inner: io };
     match sniffed {
-        super::h2conn::Sniffed::H2 => super::h2conn::serve(io, peer, app, limits, activity, cancel).await,
+        super::h2conn::Sniffed::H2 => {
+            super::selfwake::SelfWakes::new(super::h2conn::serve(io, peer, app, limits, activity, cancel)).await
+        }
         super::h2conn::Sniffed::Other => serve_hyper(io, peer, app, limits, activity, watcher).await,
     }
 }
