@@ -2,7 +2,9 @@
 //! of a connection is answered inside the connection's own task (no task spawned per call,
 //! no waiting on the connection task for send capacity before a one-message answer). A call
 //! is the same `http::Request` the hyper path hands the listener's app, with the same [`Peer`];
-//! what the app answers goes back as headers, data and trailers.
+//! what the app answers goes back as headers, data and trailers. The connection runs inside
+//! [`super::selfwake::SelfWakes`] (see `server`): h2's wakes of its own task while a call is
+//! answered in it are met by another poll, not by rousing a second worker.
 //!
 //! Bounds are hyper's defaults and the listener's limits: 1 MiB flow-control windows per stream
 //! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of

@@ -384,6 +384,10 @@ async fn drive(mut c: Grpc, mut waiting: tokio::sync::mpsc::UnboundedReceiver<Re
             }
         }
         let size = c.message.len() as i64;
+        if c.stream_window < size {
+            // No stream could ever carry it: the calls would wait for window that never comes.
+            break anyhow::anyhow!("the message ({size} bytes) is over the server's stream window");
+        }
         while !queued.is_empty() && flight.len() < c.max_streams && c.send_window >= size && c.stream_window >= size {
             match c.open_stream() {
                 Ok(id) => {
