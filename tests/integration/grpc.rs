@@ -1,6 +1,7 @@
 //! The gRPC listener attacked with a raw client (tonic): bytes that are no protobuf, messages
 //! over the size limit, hostile shapes, unknown methods and services, HTTP/1.1 on the gRPC
-//! port, a stream dropped mid-flight. Each gets its status code and the agent serves on.
+//! port, a stream dropped mid-flight, calls reset while queued.
+//! Each gets its status code (or its stream reset) and the agent serves on.
 
 use std::time::Duration;
 
@@ -272,5 +273,72 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
         .await
         .map_err(|_| anyhow::anyhow!("shutdown hung"))???;
     driver.abort();
+    Ok(())
+}
+
+/// Calls cancelled by their client while queued (each stream reset after its request, the
+/// rapid-reset pattern) are not run: the model does no work for answers nobody waits for.
+/// Forty calls queue behind one slow worker; once the connection has taken them all (a cheap
+/// call on the same connection, answered after them, says so), they are reset; a last call
+/// queued behind them tells when the worker has been through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reset_while_queued_are_not_run() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("slow"))?;
+    for f in ["model.onnx", "golden.json"] {
+        std::fs::copy(root().join("tests/fixtures/models/mlp-slow").join(f), dir.path().join("slow").join(f))?;
+    }
+    let extra = "[grpc]\nlisten = \"127.0.0.1:0\"\n\n[models.slow]\ninstances = 1\nmax_queue = 256\n";
+    let agent = TestAgent::start(&[dir.path().to_path_buf()], extra).await?;
+    let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
+    let mut request = mlp_request(vec![1, 30], vec![0; 120]);
+    request.model_name = "slow".into();
+    let message = framed(&request.encode_to_vec());
+    let call = |path: &str| {
+        axum::http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+    };
+    let runs = |meta: &serde_json::Value| meta["parameters"]["runs"].as_u64().unwrap_or(0);
+    let (_, before) = agent.get("/v2/models/slow").await?;
+
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (send, conn) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(conn);
+    let mut queued = Vec::new();
+    for _ in 0..40 {
+        let mut sender = send.clone().ready().await?;
+        let (answer, mut stream) = sender.send_request(call(INFER)?, false)?;
+        stream.send_data(message.clone(), true)?;
+        queued.push((answer, stream));
+    }
+    // Streams are taken in order: once this one is answered, the forty are queued.
+    let mut sender = send.clone().ready().await?;
+    let (live, mut stream) = sender.send_request(call("/inference.GRPCInferenceService/ServerLive")?, false)?;
+    stream.send_data(framed(&pb::ServerLiveRequest {}.encode_to_vec()), true)?;
+    tokio::time::timeout(Duration::from_secs(30), live)
+        .await
+        .map_err(|_| anyhow::anyhow!("ServerLive not answered within 30 s"))??;
+    for (_, stream) in &mut queued {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    drop(queued);
+
+    // A call queued behind them, on another connection: answered once the worker is through.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let last = tokio::time::timeout(Duration::from_secs(60), raw_call(&channel, INFER, request.encode_to_vec()))
+        .await
+        .map_err(|_| anyhow::anyhow!("the last call was not answered within 60 s"))??;
+    assert!(!pb::ModelInferResponse::decode(last.as_slice())?.outputs.is_empty());
+    let (_, after) = agent.get("/v2/models/slow").await?;
+    let ran = runs(&after) - runs(&before);
+    let abandoned = after["parameters"]["abandoned"].as_u64().unwrap_or(0);
+    // The one running when the resets came (and a few more on a slow machine) plus the last.
+    assert!(ran <= 10, "{ran} runs for 40 cancelled calls and 1 live one: {after}");
+    assert!(ran + abandoned >= 41, "{ran} runs and {abandoned} abandoned: {after}");
+    driver.abort();
+    tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
     Ok(())
 }

@@ -230,6 +230,10 @@ pub struct BatchStats {
     /// above waits of nothing). Not run time: it counts in the estimate of a request's
     /// latency, not in a version's latency verdict.
     pub slot_wait_ns: AtomicU64,
+    /// Queued requests whose requester left (a reset stream, a closed connection, its own
+    /// timeout) before their run: not run, so a client that asks and cancels at once cannot
+    /// make the model work for answers nobody waits for.
+    pub abandoned: AtomicU64,
 }
 
 impl BatchStats {
@@ -702,6 +706,10 @@ impl Worker {
         let now = Instant::now();
         let mut live = Vec::with_capacity(jobs.len());
         for job in jobs {
+            if job.reply.is_closed() {
+                self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let refusal = if now > job.deadline {
                 Some(JobError::Expired)
             } else {

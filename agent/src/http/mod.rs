@@ -416,6 +416,7 @@ fn serving_parameters(served: &crate::engine::Served) -> Value {
         "run_us": served.run_us(),
         "slot_wait_us": served.stats.slot_wait_us(),
         "runs": runs,
+        "abandoned": served.stats.abandoned.load(std::sync::atomic::Ordering::Relaxed),
         "mean_batch_rows": if runs == 0 { 0.0 } else { rows as f64 / runs as f64 },
     })
 }
