@@ -1,6 +1,6 @@
 //! The gRPC listener attacked with a raw client (tonic): bytes that are no protobuf, messages
 //! over the size limit, hostile shapes, unknown methods and services, HTTP/1.1 on the gRPC
-//! port, a stream dropped mid-flight, calls reset while queued.
+//! port, a stream dropped mid-flight, a reader that opens no window, calls reset while queued.
 //! Each gets its status code (or its stream reset) and the agent serves on.
 
 use std::time::Duration;
@@ -273,6 +273,56 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
         .await
         .map_err(|_| anyhow::anyhow!("shutdown hung"))???;
     driver.abort();
+    Ok(())
+}
+
+/// A client that asks and then opens no flow-control window for the answer (a reader that
+/// stops reading): its stream is reset (CANCEL) once the idle timeout has passed, instead of
+/// holding the stream, its answer and the connection for ever; the agent serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_opens_no_window_has_its_stream_reset_after_the_idle_timeout() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let models = mlp_only()?;
+    let state = tempfile::tempdir()?;
+    let text = config_text(state.path(), &[models.path().to_owned()], "[grpc]\nlisten = \"127.0.0.1:0\"\n")
+        .replace("[http]\n", "[http]\nidle_timeout = \"1s\"\n");
+    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
+    let good = mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec();
+    let call = || {
+        axum::http::Request::post(format!("http://{addr}{INFER}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+    };
+
+    // Every stream of this connection starts with no window: headers pass, data cannot.
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (send, conn) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await?;
+    let driver = tokio::spawn(conn);
+    let mut sender = send.ready().await?;
+    let (answer, mut body) = sender.send_request(call()?, false)?;
+    body.send_data(framed(&good), true)?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer headers within 10 s"))??;
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(20), body.data())
+        .await
+        .map_err(|_| anyhow::anyhow!("the stream was still held 20 s after its answer stalled"))?;
+    let reason = match ended {
+        Some(Err(e)) => e.reason(),
+        other => anyhow::bail!("expected the stream reset, got {other:?}"),
+    };
+    assert_eq!(reason, Some(h2::Reason::CANCEL));
+    driver.abort();
+
+    // The agent serves on.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let ok = raw_call(&channel, INFER, good).await?;
+    assert!(!pb::ModelInferResponse::decode(ok.as_slice())?.outputs.is_empty());
+    tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
     Ok(())
 }
 

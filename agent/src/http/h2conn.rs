@@ -9,7 +9,8 @@
 //! Bounds are hyper's defaults and the listener's limits: 1 MiB flow-control windows per stream
 //! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of
 //! buffered answer per stream, the configured header-list size and concurrent streams, and
-//! at most one answer chunk buffered beyond the peer's window per stream.
+//! at most one answer chunk buffered beyond the peer's window per stream, for at most the idle
+//! timeout (then the stream is reset).
 
 use std::future::{poll_fn, Future as _};
 use std::panic::AssertUnwindSafe;
@@ -89,7 +90,7 @@ pub(super) async fn serve<T, A: App>(
                     let busy = activity.begin();
                     // A call that panics takes down its own stream (reset when its handle
                     // drops), not the connection's other calls.
-                    let call = AssertUnwindSafe(answer(request, respond, peer.clone(), app.clone(), busy));
+                    let call = AssertUnwindSafe(answer(request, respond, peer.clone(), app.clone(), busy, limits.idle_timeout));
                     let mut call = Box::pin(call.catch_unwind());
                     let first = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
                     let spent = match first {
@@ -157,14 +158,18 @@ struct Spent {
 }
 
 /// One call: the app's answer to the request, sent back on its stream. A client that
-/// resets the stream cancels the call.
+/// resets the stream cancels the call; one that opens no window for `stall` while an answer
+/// chunk waits has the stream reset (CANCEL): as a stalled write on the HTTP listener leaves its
+/// connection idle, a reader that stops reading does not hold the stream and its answer for ever.
 async fn answer<A: App>(
     request: axum::http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     peer: Peer,
     app: A,
     _busy: Busy,
+    stall: Duration,
 ) -> Option<Spent> {
+    let addr = peer.addr;
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(peer);
     let request = axum::http::Request::from_parts(parts, axum::body::Body::new(Incoming(body)));
@@ -209,9 +214,14 @@ async fn answer<A: App>(
                 // waits beyond what the peer accepts (a one-message answer usually has room).
                 send.reserve_capacity(data.len().max(1));
                 if send.capacity() == 0 {
-                    match poll_fn(|cx| poll_capacity_or_reset(&mut send, cx)).await {
-                        Some(_) => {}
-                        None => return None,
+                    match tokio::time::timeout(stall, poll_fn(|cx| poll_capacity_or_reset(&mut send, cx))).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return None,
+                        Err(_) => {
+                            tracing::debug!(peer = %addr, ?stall, "a stream's reader opened no window: reset");
+                            send.send_reset(h2::Reason::CANCEL);
+                            return None;
+                        }
                     }
                 }
                 let last = hyper::body::Body::is_end_stream(&body);
