@@ -684,8 +684,9 @@ async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::
     Ok(pb::response_to_grpc(response, raw))
 }
 
-/// `ModelStreamInfer`: many requests on one stream, each admitted on its own (its model's
-/// role, the rate limit), up to [`STREAM_CONCURRENCY`] running at once; answers go back as
+/// `ModelStreamInfer`: many requests on one stream, the stream refused at once without
+/// credentials (when `[auth]` is on), each request admitted on its own (its model's role, the
+/// rate limit), up to [`STREAM_CONCURRENCY`] running at once; answers go back as
 /// they finish, each carrying its request's id. A failed request is answered in the stream
 /// (`error_message`) and the stream goes on, as Triton does.
 async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http::Response<Body> {
@@ -697,7 +698,11 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
         async move {
             // The stream's credentials and deadline apply to each of its requests.
             let (metadata, extensions, incoming) = request.into_parts();
-            let headers = Arc::new(metadata.into_headers());
+            let headers = metadata.into_headers();
+            // Credentials are checked as the stream opens: a client without them holds no
+            // stream (each request is then admitted for its own model, as below).
+            admit(&s.state, &headers, &extensions, &Permission::Read, call_timeout(&s.state, &headers)).await?;
+            let headers = Arc::new(headers);
             let extensions = Arc::new(extensions);
             let stream_s = s.clone();
             let answers = incoming

@@ -392,3 +392,54 @@ async fn calls_reset_while_queued_are_not_run() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
     Ok(())
 }
+
+/// With `[auth]` on, a `ModelStreamInfer` stream without credentials is refused as it opens
+/// (UNAUTHENTICATED, before any message), instead of being held open waiting for requests it
+/// would refuse one by one; with a token the stream serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_credentials_is_refused_as_it_opens() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let models = mlp_only()?;
+    let (secret, entry) =
+        outpost::auth::create_token("pos", &[outpost::auth::Role::Infer], None).map_err(anyhow::Error::msg)?;
+    let extra = format!("[auth]\ntokens = [{entry}]\n\n[grpc]\nlisten = \"127.0.0.1:0\"\n");
+    let agent = TestAgent::start(&[models.path().to_owned()], &extra).await?;
+    let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (send, conn) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(conn);
+    let open = |token: Option<&str>| {
+        let mut r = axum::http::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelStreamInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(())
+    };
+
+    for token in [None, Some("opt_not-a-token")] {
+        let mut sender = send.clone().ready().await?;
+        // The stream is opened and left silent: the answer must not wait for a message.
+        let (answer, _silent) = sender.send_request(open(token)?, false)?;
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .map_err(|_| anyhow::anyhow!("a stream with token {token:?} was held open"))??;
+        let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+        assert_eq!(status.as_deref(), Some(&b"16"[..]), "{token:?}: {:?}", answer.headers());
+    }
+
+    let mut sender = send.clone().ready().await?;
+    let (answer, mut stream) = sender.send_request(open(Some(&secret))?, false)?;
+    stream.send_data(framed(&mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec()), true)?;
+    let mut body = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??
+        .into_body();
+    let mut got = bytes::BytesMut::new();
+    let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
+    assert!(first.error_message.is_empty(), "{}", first.error_message);
+    driver.abort();
+    tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
+    Ok(())
+}
