@@ -10,7 +10,7 @@
 //! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of
 //! buffered answer per stream, the configured header-list size and concurrent streams, and
 //! at most one answer chunk buffered beyond the peer's window per stream, for at most the idle
-//! timeout (then the stream is reset).
+//! timeout (then the stream is reset). A connection yields to the runtime every 16 calls.
 
 use std::future::{poll_fn, Future as _};
 use std::panic::AssertUnwindSafe;
@@ -36,6 +36,8 @@ const WINDOW: u32 = 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Streams a client may make the server reset for its errors before the connection is closed.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Calls a connection answers before it yields to the runtime's other tasks.
+const CALLS_PER_TURN: u64 = 16;
 
 /// Serves one HTTP/2 connection until the client closes it, it stays idle for the idle
 /// timeout, or `cancel` asks for a graceful shutdown (a GOAWAY, then the calls in flight end).
@@ -77,6 +79,7 @@ pub(super) async fn serve<T, A: App>(
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     let mut closing = false;
+    let mut answered: u64 = 0;
     loop {
         tokio::select! {
             biased;
@@ -108,6 +111,15 @@ pub(super) async fn serve<T, A: App>(
                             tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
                             return;
                         }
+                    }
+                    // A burst of streams in one read is answered some at a time, the other
+                    // connections' calls in between, not all before them: a yield every
+                    // `CALLS_PER_TURN` calls, as hyper yields every 16 pipelined requests (the
+                    // runtime defers a yield's wake, so `SelfWakes` does not meet it with a
+                    // repoll).
+                    answered += 1;
+                    if answered.is_multiple_of(CALLS_PER_TURN) {
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(Err(e)) => {
@@ -380,5 +392,109 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 
     fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_util::sync::CancellationToken;
+
+    use super::super::server::{Activity, Limits, Peer};
+
+    /// `calls` requests for `path` on streams 1, 3, 5..., headers only (literals, no Huffman).
+    fn burst(path: &str, calls: u32) -> Vec<u8> {
+        let mut block = vec![0x83, 0x86, 0x04, u8::try_from(path.len()).unwrap_or(0)];
+        block.extend_from_slice(path.as_bytes());
+        let mut out = Vec::new();
+        for i in 0..calls {
+            out.extend_from_slice(&u32::try_from(block.len()).unwrap_or(0).to_be_bytes()[1..]);
+            out.extend([0x1, 0x5]); // HEADERS, END_STREAM | END_HEADERS
+            out.extend_from_slice(&(2 * i + 1).to_be_bytes());
+            out.extend_from_slice(&block);
+        }
+        out
+    }
+
+    /// Reads frames until `calls` streams have ended.
+    async fn answered(tcp: &mut tokio::net::TcpStream, calls: usize) {
+        let (mut buf, mut ended) = (Vec::new(), 0);
+        while ended < calls {
+            let mut chunk = [0u8; 16384];
+            let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+                .await
+                .expect("answers within 10 s")
+                .expect("read");
+            assert!(n > 0, "the connection ended after {ended} of {calls} answers");
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if (buf[3] == 0x0 || buf[3] == 0x1) && buf[4] & 0x1 != 0 {
+                    ended += 1;
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    }
+
+    /// A burst of 300 calls written at once on one connection is answered 16 at a time: a call
+    /// that arrives with it on another connection is answered in between, not after all 300.
+    /// One runtime thread, an app that answers at once: the order is the connections' own.
+    #[test]
+    fn a_burst_of_calls_yields_to_other_connections() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let order = Arc::new(Mutex::new(Vec::<String>::new()));
+            let seen = order.clone();
+            let app = tower::service_fn(move |req: axum::extract::Request| {
+                seen.lock().expect("order").push(req.uri().path().to_owned());
+                async { Ok::<_, std::convert::Infallible>(axum::response::Response::new(axum::body::Body::empty())) }
+            });
+            let limits = Limits {
+                max_connections: 8,
+                max_header_bytes: 16384,
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_concurrent_streams: 1024,
+                direct_h2: true,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut clients = Vec::new();
+            for _ in 0..2 {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                // Room for the whole burst in the kernel: it goes out in one write.
+                socket.set_send_buffer_size(4 << 20).expect("send buffer");
+                let mut tcp = socket.connect(addr).await.expect("connect");
+                let (io, peer) = listener.accept().await.expect("accept");
+                let peer = Peer { addr: peer, cert_names: Arc::new(Vec::new()) };
+                let cancel = CancellationToken::new();
+                tokio::spawn(super::serve(io, peer, app.clone(), limits, Arc::new(Activity::new()), cancel));
+                // Past the handshake: the preface and SETTINGS out, the server's SETTINGS in.
+                tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.expect("preface");
+                let mut head = [0u8; 9];
+                tcp.read_exact(&mut head).await.expect("settings");
+                let mut settings = vec![0u8; usize::from(head[1]) << 8 | usize::from(head[2])];
+                tcp.read_exact(&mut settings).await.expect("settings");
+                clients.push(tcp);
+            }
+            let (mut b, mut a) = (clients.remove(1), clients.remove(0));
+            let calls = burst("/a", 300);
+            assert_eq!(a.try_write(&calls).expect("write"), calls.len(), "the burst in one write");
+            let call = burst("/b", 1);
+            assert_eq!(b.try_write(&call).expect("write"), call.len());
+            answered(&mut b, 1).await;
+            answered(&mut a, 300).await;
+            let order = order.lock().expect("order").clone();
+            let at = order.iter().position(|p| p == "/b").expect("the other call");
+            // 16 here; without the yield, only the runtime's budget stops the burst (at 127).
+            assert!(at <= 32, "the other connection's call came after {at} of the burst's");
+        });
     }
 }
