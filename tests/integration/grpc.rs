@@ -172,6 +172,52 @@ async fn read_framed(body: &mut h2::RecvStream, got: &mut bytes::BytesMut) -> an
     }
 }
 
+/// A gRPC call's request head for a hand-driven HTTP/2 client, with a bearer token if given.
+fn call_to(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<axum::http::Request<()>, axum::http::Error> {
+    let mut r = axum::http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    r.body(())
+}
+
+/// The `grpc-status` of an answer that ends in its headers (no message), which must come
+/// within 10 s; `what` names the call in the error.
+async fn status_within(answer: h2::client::ResponseFuture, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} was kept waiting"))??;
+    Ok(answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec()))
+}
+
+/// A `ModelStreamInfer` answer's body and what was read of it past its first message, which
+/// must carry no error.
+async fn first_stream_answer(answer: h2::client::ResponseFuture) -> anyhow::Result<(h2::RecvStream, bytes::BytesMut)> {
+    use prost::Message as _;
+    let mut body = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??
+        .into_body();
+    let mut got = bytes::BytesMut::new();
+    let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
+    anyhow::ensure!(first.error_message.is_empty(), "{}", first.error_message);
+    Ok((body, got))
+}
+
+/// An agent serving the MLP over gRPC, with `http` added to its `[http]` settings.
+async fn grpc_agent(models: &std::path::Path, http: &str) -> anyhow::Result<TestAgent> {
+    let state = tempfile::tempdir()?;
+    let text = config_text(state.path(), &[models.to_owned()], "[grpc]\nlisten = \"127.0.0.1:0\"\n")
+        .replace("[http]\n", &format!("[http]\n{http}"));
+    TestAgent::start_text(state, &text, "http", http_client()).await
+}
+
 /// The gRPC listener's own HTTP/2 connections: one that stays silent, or stalls inside the
 /// HTTP/2 preface, is closed after the header read timeout; a call whose message stalls ends
 /// with DEADLINE_EXCEEDED after the request timeout; at shutdown the connection is told
@@ -182,10 +228,7 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
     use prost::Message as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let models = mlp_only()?;
-    let state = tempfile::tempdir()?;
-    let text = config_text(state.path(), &[models.path().to_owned()], "[grpc]\nlisten = \"127.0.0.1:0\"\n")
-        .replace("[http]\n", "[http]\nheader_read_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n");
-    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let agent = grpc_agent(models.path(), "header_read_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n").await?;
     let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
 
     // Silent, and stalled after half the preface: both closed by the agent (EOF), well before
@@ -204,12 +247,7 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (send, conn) = h2::client::handshake(tcp).await?;
     let driver = tokio::spawn(conn);
-    let call = |path: &str| {
-        axum::http::Request::post(format!("http://{addr}{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-    };
+    let call = |path: &str| call_to(addr, path, None);
     let good = mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec();
 
     // A unary call whose message never comes (half of it sent): DEADLINE_EXCEEDED once
@@ -217,23 +255,14 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
     let mut sender = send.clone().ready().await?;
     let (answer, mut stalled) = sender.send_request(call(INFER)?, false)?;
     stalled.send_data(framed(&good).slice(..40), false)?;
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .map_err(|_| anyhow::anyhow!("a call with no message was kept waiting"))??;
-    let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
-    assert_eq!(status.as_deref(), Some(&b"4"[..]), "{:?}", answer.headers());
+    let status = status_within(answer, "a call with no message").await?;
+    assert_eq!(status.as_deref(), Some(&b"4"[..]));
 
     // A stream of calls, open before the shutdown.
     let mut sender = send.clone().ready().await?;
     let (answer, mut stream) = sender.send_request(call("/inference.GRPCInferenceService/ModelStreamInfer")?, false)?;
     stream.send_data(framed(&good), false)?;
-    let mut body = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??
-        .into_body();
-    let mut got = bytes::BytesMut::new();
-    let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
-    assert!(first.error_message.is_empty(), "{}", first.error_message);
+    let (mut body, mut got) = first_stream_answer(answer).await?;
 
     let stopping = tokio::spawn(agent.stop());
     // The GOAWAY arrives: a new call on the connection is refused (bounded wait).
@@ -283,18 +312,10 @@ async fn grpc_connections_close_when_silent_and_drain_at_shutdown() -> anyhow::R
 async fn a_reader_that_opens_no_window_has_its_stream_reset_after_the_idle_timeout() -> anyhow::Result<()> {
     use prost::Message as _;
     let models = mlp_only()?;
-    let state = tempfile::tempdir()?;
-    let text = config_text(state.path(), &[models.path().to_owned()], "[grpc]\nlisten = \"127.0.0.1:0\"\n")
-        .replace("[http]\n", "[http]\nidle_timeout = \"1s\"\n");
-    let agent = TestAgent::start_text(state, &text, "http", http_client()).await?;
+    let agent = grpc_agent(models.path(), "idle_timeout = \"1s\"\n").await?;
     let addr = agent.agent.grpc_addr().ok_or_else(|| anyhow::anyhow!("no gRPC listener"))?;
     let good = mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec();
-    let call = || {
-        axum::http::Request::post(format!("http://{addr}{INFER}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-    };
+    let call = || call_to(addr, INFER, None);
 
     // Every stream of this connection starts with no window: headers pass, data cannot.
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -345,12 +366,7 @@ async fn calls_reset_while_queued_are_not_run() -> anyhow::Result<()> {
     let mut request = mlp_request(vec![1, 30], vec![0; 120]);
     request.model_name = "slow".into();
     let message = framed(&request.encode_to_vec());
-    let call = |path: &str| {
-        axum::http::Request::post(format!("http://{addr}{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-    };
+    let call = |path: &str| call_to(addr, path, None);
     let runs = |meta: &serde_json::Value| meta["parameters"]["runs"].as_u64().unwrap_or(0);
     let (_, before) = agent.get("/v2/models/slow").await?;
 
@@ -408,37 +424,20 @@ async fn a_stream_without_credentials_is_refused_as_it_opens() -> anyhow::Result
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (send, conn) = h2::client::handshake(tcp).await?;
     let driver = tokio::spawn(conn);
-    let open = |token: Option<&str>| {
-        let mut r = axum::http::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelStreamInfer"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
-        if let Some(t) = token {
-            r = r.header("authorization", format!("Bearer {t}"));
-        }
-        r.body(())
-    };
+    let open = |token: Option<&str>| call_to(addr, "/inference.GRPCInferenceService/ModelStreamInfer", token);
 
     for token in [None, Some("opt_not-a-token")] {
         let mut sender = send.clone().ready().await?;
         // The stream is opened and left silent: the answer must not wait for a message.
         let (answer, _silent) = sender.send_request(open(token)?, false)?;
-        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
-            .await
-            .map_err(|_| anyhow::anyhow!("a stream with token {token:?} was held open"))??;
-        let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
-        assert_eq!(status.as_deref(), Some(&b"16"[..]), "{token:?}: {:?}", answer.headers());
+        let status = status_within(answer, &format!("a stream with token {token:?}")).await?;
+        assert_eq!(status.as_deref(), Some(&b"16"[..]), "{token:?}");
     }
 
     let mut sender = send.clone().ready().await?;
     let (answer, mut stream) = sender.send_request(open(Some(&secret))?, false)?;
     stream.send_data(framed(&mlp_request(vec![1, 30], vec![0; 120]).encode_to_vec()), true)?;
-    let mut body = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??
-        .into_body();
-    let mut got = bytes::BytesMut::new();
-    let first = pb::ModelStreamInferResponse::decode(read_framed(&mut body, &mut got).await?.as_slice())?;
-    assert!(first.error_message.is_empty(), "{}", first.error_message);
+    let (_body, _) = first_stream_answer(answer).await?;
     driver.abort();
     tokio::time::timeout(Duration::from_secs(30), agent.stop()).await??;
     Ok(())
