@@ -480,7 +480,8 @@ mod tests {
                 tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.expect("preface");
                 let mut head = [0u8; 9];
                 tcp.read_exact(&mut head).await.expect("settings");
-                let mut settings = vec![0u8; usize::from(head[1]) << 8 | usize::from(head[2])];
+                let mut settings =
+                    vec![0u8; usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])];
                 tcp.read_exact(&mut settings).await.expect("settings");
                 clients.push(tcp);
             }
