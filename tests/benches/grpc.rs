@@ -17,11 +17,15 @@
 //!
 //!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
 //!         [--concurrency 1,8,64] [--rounds 3] [--kserve-python PY] [--only LABEL]
-//!         [--library-clients]
+//!         [--library-clients] [--callgrind]
 //!
 //! Every point runs `--rounds` times, the targets in a rotating order (KServe beside the
 //! agent, in the same rotation), and the median round is reported with the range: this VM's
-//! throughput drifts by tens of percent from minute to minute, more than the gaps measured.
+//! throughput drifts by tens of percent from minute to minute, more than the gaps measured. At
+//! one client the raw pair's overheads are also compared round by round (the median of the
+//! differences, and the rounds gRPC won). `--callgrind` runs the agent under callgrind and
+//! reports, for each client, the agent's instructions per request inside and outside the model
+//! run: a count the machine's drift does not move, for gaps smaller than that drift.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,15 +98,25 @@ enum Target {
         path: String,
         body: bytes::Bytes,
     },
-    RawGrpc(raw::Mux),
+    /// The raw gRPC client's plan: its connection is made for each point (see
+    /// [`Target::for_clients`]), as [`raw::Mux`] drives it differently for one client.
+    RawGrpc {
+        port: u16,
+        framed: bytes::Bytes,
+    },
+    RawGrpcConn(raw::Mux),
 }
+
+/// The rows of the two raw clients, whose overheads at one client are compared round by round.
+const RAW_GRPC: &str = "Outpost gRPC (raw HTTP/2 client)";
+const RAW_HTTP: &str = "Outpost HTTP (raw HTTP/1.1 client)";
 
 /// Path of the V2 `ModelInfer` call.
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// The raw gRPC client's calls to a server's `ModelInfer`, on one shared connection.
-async fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Result<Target> {
-    Ok(Target::RawGrpc(raw::Mux::connect(port, MODEL_INFER, framed.clone()).await?))
+fn raw_grpc(port: u16, framed: &bytes::Bytes) -> Target {
+    Target::RawGrpc { port, framed: framed.clone() }
 }
 
 /// A pooled connection still fit for a call, if any (one the server closed while idle is
@@ -119,6 +133,16 @@ fn unpool<T>(pool: &std::sync::Mutex<Vec<T>>, conn: T) -> Result<()> {
 }
 
 impl Target {
+    /// The target as `clients` clients use it: the raw gRPC client's connection made for them.
+    async fn for_clients(&self, clients: usize) -> Result<Target> {
+        match self {
+            Target::RawGrpc { port, framed } => {
+                Ok(Target::RawGrpcConn(raw::Mux::connect(*port, MODEL_INFER, framed.clone(), clients).await?))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
     async fn call(&self) -> Result<()> {
         match self {
             Target::Grpc { channel, request } => {
@@ -184,7 +208,8 @@ impl Target {
                 ensure!(r.status().is_success(), "HTTP {}", r.status());
                 r.bytes().await?;
             }
-            Target::RawGrpc(mux) => mux.call().await?,
+            Target::RawGrpc { .. } => anyhow::bail!("the raw gRPC client is connected for a point first"),
+            Target::RawGrpcConn(mux) => mux.call().await?,
             Target::RawHttp { pool, port, path, body } => {
                 let mut conn = match pooled(pool, raw::Http1::reusable)? {
                     Some(c) => c,
@@ -223,7 +248,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
+async fn run_point(target: &Target, clients: usize, seconds: f64) -> Result<Point> {
+    let target = &target.for_clients(clients).await?;
     // Warm up: connections open, plans cached.
     for _ in 0..20 {
         let _ = target.call().await;
@@ -279,7 +305,7 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
     lat.sort_by(|a, b| a.total_cmp(b));
     let q =
         |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    Point {
+    Ok(Point {
         rps: lat.len() as f64 / wall,
         p50: q(0.5),
         p99: q(0.99),
@@ -289,7 +315,27 @@ async fn run_point(target: &Target, clients: usize, seconds: f64) -> Point {
         engine_ms: None,
         wall,
         agent_us: None,
-    }
+    })
+}
+
+/// The raw gRPC row's overhead against the raw HTTP row's at one client, round by round: the
+/// two run in the same round, seconds apart, so the machine's drift between rounds (larger than
+/// the gap) falls on both. One line: the median difference, its range, and the rounds gRPC won.
+fn paired_overhead(model: &str, targets: &[(&str, Target)], results: &[Vec<Point>]) -> Option<String> {
+    let rounds = |label: &str| {
+        let i = targets.iter().position(|(l, _)| *l == label)?;
+        results[i].iter().map(|p| p.engine_ms.map(|e| (p.mean_ms - e) * 1e3)).collect::<Option<Vec<f64>>>()
+    };
+    let (grpc, http) = (rounds(RAW_GRPC)?, rounds(RAW_HTTP)?);
+    let mut diff: Vec<f64> = grpc.iter().zip(&http).map(|(g, h)| g - h).collect();
+    diff.sort_by(f64::total_cmp);
+    let (first, last) = (diff.first()?, diff.last()?);
+    let won = diff.iter().filter(|d| **d < 0.0).count();
+    Some(format!(
+        "{model}, 1 client: raw gRPC overhead minus raw HTTP overhead, paired by round: median {:+.1} µs (range {first:+.1} to {last:+.1}); gRPC lower in {won} of {} rounds",
+        diff[diff.len() / 2],
+        diff.len()
+    ))
 }
 
 /// (execution count, compute_infer ns) of a model on the agent, from the statistics extension.
@@ -307,20 +353,101 @@ async fn engine_time(http: &reqwest::Client, base: &str, model: &str) -> Result<
     Ok(out)
 }
 
-fn spawn_agent(config: &Path) -> Result<(ChildAgent, String)> {
+/// The agent, pinned to CPU 0; under callgrind (its profiles written to `callgrind`'s
+/// directory, counting from the first `callgrind_control --zero`) when that is given.
+fn spawn_agent(config: &Path, callgrind: Option<&Path>) -> Result<(ChildAgent, String)> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_outpost-under-test"));
     let taskset = Command::new("taskset").arg("-V").output().is_ok();
     let cfg = config.to_str().context("path")?;
-    let mut child = if taskset {
-        let args = ["-c", "0", bin.to_str().context("path")?, "run", "--config", cfg];
-        ChildAgent::spawn_env(Path::new("taskset"), &args, &[("RUST_LOG", "warn,outpost=info")])?
+    let bin = bin.to_str().context("path")?;
+    let out_file = callgrind.map(|dir| format!("--callgrind-out-file={}/callgrind.%p", dir.display()));
+    let mut args: Vec<&str> = Vec::new();
+    if taskset {
+        args.extend(["-c", "0"]);
     } else {
         eprintln!("taskset not found: the agent is not pinned");
-        ChildAgent::spawn(&bin, &["run", "--config", cfg])?
-    };
+    }
+    if let Some(out_file) = &out_file {
+        args.extend(["valgrind", "--tool=callgrind", out_file.as_str()]);
+    }
+    args.extend([bin, "run", "--config", cfg]);
+    let (program, args) = if taskset { ("taskset", &args[..]) } else { (args[0], &args[1..]) };
+    let mut child = ChildAgent::spawn_env(Path::new(program), args, &[("RUST_LOG", "warn,outpost=info")])?;
     let addr = child.wait_listening()?;
-    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    // Under callgrind the models' load and optimisation run some fifty times slower.
+    let load = if callgrind.is_some() { 900 } else { 120 };
+    child.wait_for("initial model load finished", Duration::from_secs(load))?;
     Ok((child, addr))
+}
+
+/// Calls each client makes under callgrind, once warm: enough that the agent's per-call work
+/// dwarfs what a timer or a housekeeping task adds (each point takes some seconds).
+const COUNTED_CALLS: usize = 2000;
+
+/// The agent's instructions per request (callgrind, user space), each client in turn at one
+/// client: unlike time, a count that does not drift with the machine's load, so the transports'
+/// own costs show apart from the noise. Under callgrind every run is long, so the engine queues
+/// each request rather than running it inline; that path is the same for every transport.
+async fn count_instructions(pid: u32, dir: &Path, targets: &[(&str, Target)]) -> Result<Vec<(String, f64, f64)>> {
+    let mut counted = Vec::new();
+    for (label, target) in targets {
+        let target = target.for_clients(1).await?;
+        for _ in 0..100 {
+            target.call().await?;
+        }
+        callgrind_control(pid, "--zero")?;
+        let end = Instant::now() + Duration::from_secs(600);
+        let mut calls = 0;
+        while calls < COUNTED_CALLS && Instant::now() < end {
+            target.call().await?;
+            calls += 1;
+        }
+        let before = dumps(dir)?;
+        callgrind_control(pid, "--dump")?;
+        let dump = dumps(dir)?.into_iter().find(|d| !before.contains(d)).context("callgrind wrote no profile")?;
+        let text = std::fs::read_to_string(&dump)?;
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+            .and_then(|v| v.trim().parse().ok())
+            .context("a callgrind profile without totals")?;
+        let model = model_run_instructions(&dump)?;
+        counted.push(((*label).to_owned(), total / calls as f64, (total - model) / calls as f64));
+    }
+    Ok(counted)
+}
+
+/// The instructions spent inside the engine's model runs (`LoadedModel::run_on`, inclusive),
+/// from `callgrind_annotate`.
+fn model_run_instructions(dump: &Path) -> Result<f64> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--tree=none", "--auto=no", "--threshold=100"])
+        .arg(dump)
+        .stderr(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "callgrind_annotate failed: {}", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("engine::model::LoadedModel::run_on"))
+        .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse::<f64>().ok())
+        .reduce(f64::max)
+        .context("no model run in the callgrind profile")
+}
+
+fn callgrind_control(pid: u32, what: &str) -> Result<()> {
+    let status = Command::new("callgrind_control")
+        .arg(what)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(status.success(), "callgrind_control {what} failed: {status}");
+    Ok(())
+}
+
+/// The callgrind profiles written so far.
+fn dumps(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?.filter_map(|e| Some(e.ok()?.path())).collect())
 }
 
 /// KServe's Python server with the model's ONNX file, gRPC on `port`, pinned to CPU 0.
@@ -394,6 +521,8 @@ fn main() -> Result<()> {
     let library_clients = args.iter().any(|a| a == "--library-clients");
     // Rounds per point; the median round is reported, with the range over rounds.
     let rounds: usize = arg(&args, "--rounds").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    // The agent under callgrind: instructions per request for each client, instead of timings.
+    let callgrind = args.iter().any(|a| a == "--callgrind");
     outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
@@ -405,7 +534,9 @@ fn main() -> Result<()> {
         }
         let config = state.path().join("outpost.toml");
         std::fs::write(&config, config_text(state.path(), &[root().join("models")], &extra))?;
-        let (mut agent, addr) = spawn_agent(&config)?;
+        let profiles = state.path().join("callgrind");
+        std::fs::create_dir_all(&profiles)?;
+        let (mut agent, addr) = spawn_agent(&config, callgrind.then_some(profiles.as_path()))?;
         let base = format!("http://{addr}");
         let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
         let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?.tcp_nodelay(true).connect().await?;
@@ -413,8 +544,15 @@ fn main() -> Result<()> {
         let h2c = if library_clients { Some(h2_crate(grpc_port).await?) } else { None };
         let agent_pid = agent.child.id();
         let http_port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).context("the agent's HTTP port")?;
-        println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | agent CPU µs/req | errors | generator CPU |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        if callgrind {
+            println!("| model | client | agent instructions per request | in the model run | outside it |");
+            println!("|---|---|---|---|---|");
+        } else {
+            println!("| model | clients | server | req/s | req/s range | p50 ms | p99 ms | mean ms | engine ms | overhead ms | agent CPU µs/req | errors | generator CPU |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        }
+        let mut counted = Vec::new();
+        let mut paired = Vec::new();
         for model in models.split(',') {
             let request = grpc_request(model)?;
             let body = serde_json::to_vec(&golden_for(&root().join("models").join(model))?.request(0))?;
@@ -424,13 +562,29 @@ fn main() -> Result<()> {
             let framed = bytes::Bytes::from(framed);
             let mut targets = vec![
                 ("Outpost gRPC (tonic client)", Target::Grpc { channel: channel.clone(), request: request.clone() }),
-                ("Outpost gRPC (raw HTTP/2 client)", raw_grpc(grpc_port, &framed).await?),
-                ("Outpost HTTP (raw HTTP/1.1 client)", Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
+                (RAW_GRPC, raw_grpc(grpc_port, &framed)),
+                (RAW_HTTP, Target::RawHttp { pool: Default::default(), port: http_port, path: format!("/v2/models/{model}/infer"), body: body.clone().into() }),
                 ("Outpost HTTP", Target::Http { client: http.clone(), url: format!("{base}/v2/models/{model}/infer"), body: body.clone().into() }),
             ];
             if let Some(h2c) = &h2c {
                 targets.push(("Outpost gRPC (h2 client)", Target::H2Crate { send: h2c.clone(), framed: framed.clone(), uri: grpc_uri(grpc_port)? }));
                 targets.push(("Outpost HTTP (bare HTTP/1.1)", Target::H1 { pool: Default::default(), port: http_port, uri: format!("/v2/models/{model}/infer").parse()?, host: format!("127.0.0.1:{http_port}").parse()?, body: body.clone().into() }));
+            }
+            if callgrind {
+                targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
+                let rows = count_instructions(agent_pid, &profiles, &targets).await?;
+                for (label, all, outside) in &rows {
+                    println!("| {model} | {label} | {all:.0} | {:.0} | {outside:.0} |", all - outside);
+                }
+                let of = |l: &str| rows.iter().find(|(label, _, _)| label == l).map(|r| r.2);
+                if let (Some(g), Some(h)) = (of(RAW_GRPC), of(RAW_HTTP)) {
+                    counted.push(format!(
+                        "{model}: raw gRPC minus raw HTTP, agent instructions per request outside the model run: {:+.0} ({:+.1} %)",
+                        g - h,
+                        (g - h) / h * 100.0
+                    ));
+                }
+                continue;
             }
             // KServe runs beside the agent (both pinned to CPU 0, the idle one asleep), so its
             // rounds interleave with Outpost's and the machine's drift hits both alike.
@@ -454,7 +608,7 @@ fn main() -> Result<()> {
                 };
                 // The same load generator as Outpost's raw gRPC row.
                 drop(kchannel);
-                targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed).await?));
+                targets.push(("KServe gRPC (raw HTTP/2 client)", raw_grpc(port, &framed)));
             }
             targets.retain(|(l, _)| only.as_deref().is_none_or(|o| l.contains(o)));
             for &c in &conc {
@@ -467,7 +621,7 @@ fn main() -> Result<()> {
                         let outpost = label.starts_with("Outpost");
                         let before = if outpost { Some(engine_time(&http, &base, model).await?) } else { None };
                         let cpu0 = process_cpu_seconds(agent_pid);
-                        let mut p = run_point(target, c, seconds).await;
+                        let mut p = run_point(target, c, seconds).await?;
                         if outpost {
                             let requests = (p.rps * p.wall).max(1.0);
                             p.agent_us = Some((process_cpu_seconds(agent_pid) - cpu0) / requests * 1e6);
@@ -479,6 +633,9 @@ fn main() -> Result<()> {
                         }
                         results[i].push(p);
                     }
+                }
+                if c == 1 {
+                    paired.extend(paired_overhead(model, &targets, &results));
                 }
                 for ((label, _), mut points) in targets.iter().zip(results) {
                     points.sort_by(|a, b| a.rps.total_cmp(&b.rps));
@@ -496,6 +653,9 @@ fn main() -> Result<()> {
                 }
             }
             drop(kserve_child);
+        }
+        for line in paired.iter().chain(&counted) {
+            println!("{line}");
         }
         agent.signal("TERM")?;
         agent.wait_exit(Duration::from_secs(30))?;

@@ -3,9 +3,10 @@
 //! protocol's connections as its clients use them (HTTP/1.1: one per client; gRPC: one shared
 //! by all, a stream per call), the request's bytes built once, one write per call, the answer
 //! read and checked (status, a whole message or body) without decoding it, no task per call
-//! (the shared connection has one, which drives it). The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers'
-//! header blocks are decoded with `loona-hpack` (its table kept per connection), and the
-//! request's block is built once from `loona-hpack`'s integer encoding.
+//! (a gRPC connection shared by several clients has one, which drives it; a lone client drives
+//! its own). The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers' header
+//! blocks are decoded with `loona-hpack` (its table kept per connection), and the request's
+//! block is built once from `loona-hpack`'s integer encoding.
 
 use std::time::Duration;
 
@@ -43,11 +44,19 @@ fn open_and_quiet(stream: &TcpStream, buf: &mut BytesMut) -> bool {
     }
 }
 
+/// A pooled connection used this recently is taken as still open without asking the kernel:
+/// servers close keep-alive connections after seconds of idleness, not milliseconds, and a
+/// check on every call would put a system call on the HTTP client's path that the gRPC
+/// client's has no counterpart for.
+const FRESH: Duration = Duration::from_millis(100);
+
 /// An HTTP/1.1 keep-alive connection sending one fixed POST.
 pub(crate) struct Http1 {
     stream: TcpStream,
     request: Bytes,
     buf: BytesMut,
+    /// When its last call ended.
+    used: std::time::Instant,
 }
 
 impl Http1 {
@@ -58,12 +67,18 @@ impl Http1 {
         )
         .into_bytes();
         request.extend_from_slice(body);
-        Ok(Self { stream: connect(port).await?, request: request.into(), buf: BytesMut::with_capacity(16 * 1024) })
+        Ok(Self {
+            stream: connect(port).await?,
+            request: request.into(),
+            buf: BytesMut::with_capacity(16 * 1024),
+            used: std::time::Instant::now(),
+        })
     }
 
-    /// Whether the connection can take another call (see `open_and_quiet`).
+    /// Whether the connection can take another call: used within [`FRESH`], or else checked
+    /// (see `open_and_quiet`).
     pub(crate) fn reusable(&mut self) -> bool {
-        open_and_quiet(&self.stream, &mut self.buf)
+        self.used.elapsed() < FRESH || open_and_quiet(&self.stream, &mut self.buf)
     }
 
     /// One call: a 2xx status and a whole body (by its `content-length`), or an error.
@@ -89,6 +104,7 @@ impl Http1 {
             fill(&mut self.stream, &mut self.buf).await?;
         }
         self.buf.advance(head + length);
+        self.used = std::time::Instant::now();
         Ok(())
     }
 }
@@ -149,8 +165,8 @@ fn request_block(path: &str, authority: &str) -> Bytes {
     out.into()
 }
 
-/// An HTTP/2 connection making unary gRPC calls (driven by [`Mux`]'s task).
-struct Grpc {
+/// An HTTP/2 connection making unary gRPC calls (driven by [`Mux`]'s task, or by its one client).
+pub(crate) struct Grpc {
     stream: TcpStream,
     buf: BytesMut,
     out: BytesMut,
@@ -304,22 +320,27 @@ impl Grpc {
             }
             _ => {
                 let fragment = if kind == HEADERS { Self::fragment(flags, payload)? } else { payload };
-                answer.block.extend_from_slice(&fragment);
                 if kind == HEADERS {
                     answer.end_stream = flags & END_STREAM != 0;
                 }
-                if flags & END_HEADERS == 0 {
-                    return Ok(Step::More);
-                }
-                let block = std::mem::take(&mut answer.block);
+                // A block in one frame (the usual case) is decoded where it lies.
+                let block = if answer.block.is_empty() && flags & END_HEADERS != 0 {
+                    fragment
+                } else {
+                    answer.block.extend_from_slice(&fragment);
+                    if flags & END_HEADERS == 0 {
+                        return Ok(Step::More);
+                    }
+                    Bytes::from(std::mem::take(&mut answer.block))
+                };
                 let trailers = answer.status.is_some();
-                let (status, grpc_status) = (&mut answer.status, &mut answer.grpc_status);
+                let (status, grpc_ok) = (&mut answer.status, &mut answer.grpc_ok);
                 self.decoder
                     .decode_with_cb(&block, |name, value| match &name[..] {
                         b":status" if !trailers => {
                             *status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok())
                         }
-                        b"grpc-status" => *grpc_status = Some(value.into_owned()),
+                        b"grpc-status" => *grpc_ok = Some(&value[..] == b"0"),
                         _ => {}
                     })
                     .map_err(|e| anyhow::anyhow!("a header block does not decode: {e:?}"))?;
@@ -337,27 +358,39 @@ fn for_stream(kind: u8) -> bool {
 
 /// One HTTP/2 connection shared by every client, as gRPC clients use it: each call its own
 /// stream, opened as soon as it is asked for (within the server's stream limit and window),
-/// the frames of every waiting call written at once, answers matched by stream id. One task
-/// drives the connection; a call is a message to it and a message back.
+/// the frames of every waiting call written at once, answers matched by stream id. With
+/// several clients one task drives the connection, and a call is a message to it and a message
+/// back; with one client, the client drives the connection itself, as the HTTP/1.1 client does
+/// its own (no hand-off to another task and back on each call).
 #[derive(Clone)]
-pub(crate) struct Mux {
-    calls: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<()>>>,
+pub(crate) enum Mux {
+    Shared(tokio::sync::mpsc::UnboundedSender<Reply>),
+    Own(std::sync::Arc<tokio::sync::Mutex<Grpc>>),
 }
 
 impl Mux {
-    /// Connects (as [`Grpc::connect`]) and starts the connection's task.
-    pub(crate) async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
+    /// Connects (as [`Grpc::connect`]) for `clients` clients; with more than one, starts the
+    /// connection's task.
+    pub(crate) async fn connect(port: u16, path: &str, framed: Bytes, clients: usize) -> Result<Self> {
         let conn = Grpc::connect(port, path, framed).await?;
+        if clients <= 1 {
+            return Ok(Self::Own(std::sync::Arc::new(tokio::sync::Mutex::new(conn))));
+        }
         let (calls, waiting) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(drive(conn, waiting));
-        Ok(Self { calls })
+        Ok(Self::Shared(calls))
     }
 
     /// One call: HTTP 200, one whole message, `grpc-status: 0`; or an error.
     pub(crate) async fn call(&self) -> Result<()> {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        self.calls.send(done).map_err(|_| anyhow::anyhow!("the connection has ended"))?;
-        answer.await.map_err(|_| anyhow::anyhow!("the connection ended during the call"))?
+        match self {
+            Self::Shared(calls) => {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                calls.send(done).map_err(|_| anyhow::anyhow!("the connection has ended"))?;
+                answer.await.map_err(|_| anyhow::anyhow!("the connection ended during the call"))?
+            }
+            Self::Own(conn) => conn.lock().await.call().await,
+        }
     }
 }
 
@@ -432,6 +465,46 @@ async fn drive(mut c: Grpc, mut waiting: tokio::sync::mpsc::UnboundedReceiver<Re
 }
 
 impl Grpc {
+    /// One call on a connection its one client drives: the stream opened (once the server's
+    /// window has room), its frames written, frames read until its answer ends. Frames of the
+    /// connection's own (settings, pings, window) are handled on the way.
+    async fn call(&mut self) -> Result<()> {
+        let size = self.message.len() as i64;
+        ensure!(self.stream_window >= size, "the message ({size} bytes) is over the server's stream window");
+        while self.send_window < size {
+            self.flush().await?;
+            fill(&mut self.stream, &mut self.buf).await?;
+            while let Some((kind, flags, sid, payload)) = self.next_frame()? {
+                self.control(kind, flags, sid, &payload)?;
+            }
+        }
+        let id = self.open_stream()?;
+        let mut answer = Answer::default();
+        loop {
+            self.flush().await?;
+            fill(&mut self.stream, &mut self.buf).await?;
+            while let Some((kind, flags, sid, payload)) = self.next_frame()? {
+                if sid != id || !for_stream(kind) {
+                    self.control(kind, flags, sid, &payload)?;
+                    continue;
+                }
+                if let Step::Ended = self.stream_frame(kind, flags, payload, &mut answer)? {
+                    self.flush().await?;
+                    return answer.check();
+                }
+            }
+        }
+    }
+
+    /// Writes what is queued.
+    async fn flush(&mut self) -> Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
     /// Queues a new stream's HEADERS and DATA frames; returns its id.
     fn open_stream(&mut self) -> Result<u32> {
         let id = self.next_id;
@@ -482,11 +555,14 @@ impl Grpc {
 #[derive(Default)]
 struct Answer {
     status: Option<u16>,
-    grpc_status: Option<Vec<u8>>,
+    /// Whether the trailers said `grpc-status: 0`.
+    grpc_ok: Option<bool>,
     /// Length-prefixed message bytes seen, and the length the prefix declared.
     got: usize,
     declared: Option<usize>,
-    prefix: Vec<u8>,
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// A header block split over frames, joined.
     block: Vec<u8>,
     end_stream: bool,
 }
@@ -494,10 +570,10 @@ struct Answer {
 impl Answer {
     fn data(&mut self, data: &[u8]) -> Result<()> {
         if self.declared.is_none() {
-            let want = 5 - self.prefix.len();
-            let n = want.min(data.len());
-            self.prefix.extend_from_slice(&data[..n]);
-            if self.prefix.len() == 5 {
+            let n = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            if self.prefix_len == 5 {
                 ensure!(self.prefix[0] == 0, "a compressed answer");
                 self.declared =
                     Some(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize);
@@ -511,7 +587,7 @@ impl Answer {
 
     fn check(&self) -> Result<()> {
         ensure!(self.status == Some(200), "HTTP {:?}", self.status);
-        ensure!(self.grpc_status.as_deref() == Some(b"0".as_slice()), "grpc-status {:?}", self.grpc_status);
+        ensure!(self.grpc_ok == Some(true), "grpc-status not 0");
         ensure!(self.declared.is_some_and(|n| n > 0 && n == self.got), "not one whole message");
         Ok(())
     }
