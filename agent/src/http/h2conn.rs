@@ -10,7 +10,8 @@
 //! and per connection (so at most 1 MiB of unread request data per connection), 400 KiB of
 //! buffered answer per stream, the configured header-list size and concurrent streams, and
 //! at most one answer chunk buffered beyond the peer's window per stream, for at most the idle
-//! timeout (then the stream is reset). A connection yields to the runtime every 16 calls.
+//! timeout (then the stream is reset). A connection yields to the runtime every 16 calls. An
+//! answer's frames leave in one write ([`Gather`], at most 16 KiB held per connection).
 
 use std::future::{poll_fn, Future as _};
 use std::panic::AssertUnwindSafe;
@@ -38,6 +39,9 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Calls a connection answers before it yields to the runtime's other tasks.
 const CALLS_PER_TURN: u64 = 16;
+/// Bytes [`Gather`] holds for one write (a default-size DATA frame's worth); past this,
+/// writes go straight to the socket.
+const GATHER_MAX: usize = 16 * 1024;
 
 /// Serves one HTTP/2 connection until the client closes it, it stays idle for the idle
 /// timeout, or `cancel` asks for a graceful shutdown (a GOAWAY, then the calls in flight end).
@@ -59,7 +63,7 @@ pub(super) async fn serve<T, A: App>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
-    let handshake = tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io));
+    let handshake = tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(Gather::new(io)));
     let Some(handshake) = until_shutdown(&cancel, handshake).await else { return closed_at_shutdown(peer.addr) };
     let mut conn = match handshake {
         Ok(Ok(conn)) => conn,
@@ -314,6 +318,104 @@ impl hyper::body::Body for Incoming {
     }
 }
 
+/// The connection's writes, an answer's frames gathered into one. h2 hands a DATA payload over
+/// 256 bytes to the socket on its own (a vectored write of the frames before it and the
+/// payload, then a flush) before it encodes the frames after it, so a gRPC answer whose
+/// message is over 256 bytes went out in two writes and two segments: headers and message,
+/// then trailers. Here such a vectored write is copied and the flush after it is put off once,
+/// so the frames h2 encodes next in the same pass (the trailers) go out with it; every other
+/// flush writes what is held. A put-off flush wakes the task, so what is held is written on the
+/// next pass at the latest. At most [`GATHER_MAX`] bytes are held; larger writes go straight
+/// through, after what is held.
+struct Gather<T> {
+    inner: T,
+    held: bytes::BytesMut,
+    /// The last write was a gathered vectored one: the next flush is put off.
+    put_off: bool,
+}
+
+impl<T> Gather<T> {
+    fn new(inner: T) -> Self {
+        Self { inner, held: bytes::BytesMut::new(), put_off: false }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Gather<T> {
+    /// Writes what is held.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        use bytes::Buf as _;
+        while !self.held.is_empty() {
+            let n = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.held.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Gather<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Gather<T> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let parts = bufs.iter().filter(|b| !b.is_empty()).count();
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        // Nothing to join: straight through.
+        if this.held.is_empty() && parts <= 1 {
+            return std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        if this.held.len() + len > GATHER_MAX {
+            std::task::ready!(this.poll_drain(cx))?;
+            this.put_off = false;
+            return std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            this.held.extend_from_slice(b);
+        }
+        this.put_off |= parts > 1;
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if std::mem::take(&mut this.put_off) {
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        this.put_off = false;
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 /// How a connection began: the HTTP/2 preface, or something else (its first bytes kept).
 pub(super) enum Sniffed {
     H2,
@@ -441,6 +543,147 @@ mod tests {
                 buf.drain(..9 + len);
             }
         }
+    }
+
+    /// A socket that counts the writes that reached it.
+    struct Counting {
+        inner: tokio::net::TcpStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Counting {
+        fn count<T>(&self, written: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+            if let std::task::Poll::Ready(Ok(_)) = &written {
+                self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            written
+        }
+    }
+
+    impl tokio::io::AsyncRead for Counting {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Counting {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            data: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+            self.count(written)
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let written = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            self.count(written)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Reads one frame: (type, flags).
+    async fn frame(tcp: &mut tokio::net::TcpStream) -> (u8, u8) {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut head))
+            .await
+            .expect("a frame within 10 s")
+            .expect("read");
+        let mut payload = vec![0u8; usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])];
+        tcp.read_exact(&mut payload).await.expect("payload");
+        (head[3], head[4])
+    }
+
+    /// Serves one call whose answer is a `size`-byte message and trailers (as a gRPC answer is)
+    /// and reads it whole: the writes that reached the socket for it.
+    async fn writes_for_an_answer_of(size: usize) -> usize {
+        let app = tower::service_fn(move |_req: axum::extract::Request| async move {
+            let mut trailers = axum::http::HeaderMap::new();
+            trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
+            let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+                Ok(hyper::body::Frame::data(bytes::Bytes::from(vec![7u8; size]))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(axum::body::Body::new(body)))
+        });
+        let limits = Limits {
+            max_connections: 8,
+            max_header_bytes: 16384,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 16,
+            direct_h2: true,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut tcp = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (io, peer) = listener.accept().await.expect("accept");
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let io = Counting { inner: io, writes: writes.clone() };
+        let peer = Peer { addr: peer, cert_names: Arc::new(Vec::new()) };
+        tokio::spawn(super::serve(io, peer, app, limits, Arc::new(Activity::new()), CancellationToken::new()));
+        // The preface, SETTINGS with a 1 MiB stream window and a 1 MiB more connection window.
+        tcp.write_all(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x06\x04\0\0\0\0\0\0\x04\0\x10\0\0\0\0\x04\x08\0\0\0\0\0\0\x10\0\0",
+        )
+        .await
+        .expect("preface");
+        // The server's SETTINGS, and its ACK of ours, before the call.
+        let (mut settings, mut ack) = (false, false);
+        while !(settings && ack) {
+            match frame(&mut tcp).await {
+                (0x4, 0x1) => ack = true,
+                (0x4, _) => settings = true,
+                _ => {}
+            }
+        }
+        let before = writes.load(std::sync::atomic::Ordering::SeqCst);
+        tcp.write_all(&burst("/a", 1)).await.expect("request");
+        answered(&mut tcp, 1).await;
+        writes.load(std::sync::atomic::Ordering::SeqCst) - before
+    }
+
+    /// An answer with a message over 256 bytes and trailers (a gRPC answer of a 1.5 KB
+    /// embedding) leaves in one write, as a smaller one does: h2 alone writes its message, then
+    /// its trailers in a second write (and segment). One past what a connection holds for a
+    /// write still arrives whole.
+    #[test]
+    fn an_answer_over_256_bytes_leaves_in_one_write_with_its_trailers() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let writes = writes_for_an_answer_of(1541).await;
+            assert_eq!(writes, 1, "a 1541-byte answer took {writes} writes");
+            let writes = writes_for_an_answer_of(200).await;
+            assert_eq!(writes, 1, "a 200-byte answer took {writes} writes");
+            let writes = writes_for_an_answer_of(100_000).await;
+            assert!(writes >= 2, "a 100,000-byte answer in {writes} writes: the rest went straight through");
+        });
     }
 
     /// A burst of 300 calls written at once on one connection is answered 16 at a time: a call
