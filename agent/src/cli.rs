@@ -693,7 +693,10 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), FatalError> 
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match reload_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c)) {
+                agent.reload_started();
+                let new = reload_config(path.as_ref()).and_then(|c| crate::check_environment(&c).map(|()| c));
+                crate::failpoint::pause("reload-after-read");
+                match new {
                     Ok(new) => agent.reload(new).await,
                     Err(e) => agent.refuse_reload(e.to_string()),
                 };
@@ -732,7 +735,10 @@ fn reload_command(config: Option<&PathBuf>, pid: Option<u32>, timeout: std::time
         Some(p) => p,
         None => running_agent_pid(dir)?,
     };
-    let before = ReloadReport::read(dir).filter(|r| r.pid == pid).map_or(0, |r| r.generation);
+    // A reload already begun may have read the file before it was edited: wait for a report
+    // past it (the signal below makes the agent reload again once it is done).
+    let reported = ReloadReport::read(dir).filter(|r| r.pid == pid).map_or(0, |r| r.generation);
+    let before = crate::reload::read_started(dir, pid).unwrap_or(0).max(reported);
     let status = std::process::Command::new("kill")
         .args(["-HUP", &pid.to_string()])
         .status()
@@ -740,6 +746,7 @@ fn reload_command(config: Option<&PathBuf>, pid: Option<u32>, timeout: std::time
     if !status.success() {
         return Err(FatalError::Unreachable(format!("no running agent with pid {pid}")));
     }
+    crate::failpoint::pause("reload-signalled");
     let deadline = std::time::Instant::now() + timeout;
     let report = loop {
         if let Some(r) = ReloadReport::read(dir).filter(|r| r.pid == pid && r.generation > before) {

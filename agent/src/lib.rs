@@ -264,6 +264,17 @@ impl Agent {
         self.reloads.fetch_add(1, Ordering::SeqCst) + 1
     }
 
+    /// Notes in the state directory that the next reload has begun, before its file is read
+    /// (see [`reload::started_path`]). Reloads run one at a time, so the next report carries
+    /// this generation.
+    pub fn reload_started(&self) {
+        let generation = self.reloads.load(Ordering::SeqCst) + 1;
+        let config = self.config();
+        if let Err(e) = reload::write_started(&config.node.state_dir, std::process::id(), generation) {
+            tracing::warn!(error = %e, "cannot note the reload's start in the state directory");
+        }
+    }
+
     /// The report to the log, the status and the state directory; `restart_needed` raised
     /// while a setting waits for a restart.
     fn publish_reload(&self, report: &reload::ReloadReport) {

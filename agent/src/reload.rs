@@ -88,6 +88,28 @@ impl ReloadReport {
     }
 }
 
+/// Where a state directory notes the reload that has begun: `<pid> <generation>`, written
+/// before the configuration file is read. A reload that began before a file was edited may not
+/// hold the edit, so `outpost reload` waits for a report past the one begun when it signals.
+pub fn started_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("reload-started")
+}
+
+/// Notes that reload `generation` of process `pid` has begun (atomically).
+pub fn write_started(state_dir: &Path, pid: u32, generation: u64) -> std::io::Result<()> {
+    let tmp = state_dir.join(".reload-started.tmp");
+    std::fs::write(&tmp, format!("{pid} {generation}\n"))?;
+    std::fs::rename(&tmp, started_path(state_dir))
+}
+
+/// The generation of the last reload process `pid` began, if it noted one.
+pub fn read_started(state_dir: &Path, pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(started_path(state_dir)).ok()?;
+    let (who, generation) = text.trim().split_once(' ')?;
+    (who.parse::<u32>().ok()? == pid).then_some(())?;
+    generation.parse().ok()
+}
+
 /// Restores in `new` the settings only a restart applies (the listen address and connection
 /// limits, TLS on or off, the log format, adding or removing `[registry]`, and the sections
 /// whose parts are built at start); returns the keys that had changed.
@@ -186,5 +208,16 @@ mod tests {
         assert_eq!(back, r);
         assert!(!back.ok());
         assert!(back.summary().contains("needs a restart (running value kept): http.listen"), "{}", back.summary());
+    }
+
+    #[test]
+    fn the_reload_begun_is_read_back_for_its_own_process_only() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(super::read_started(dir.path(), 42), None);
+        super::write_started(dir.path(), 42, 7).unwrap();
+        assert_eq!(super::read_started(dir.path(), 42), Some(7));
+        assert_eq!(super::read_started(dir.path(), 43), None, "another process's note");
+        std::fs::write(super::started_path(dir.path()), "42 seven\n").unwrap();
+        assert_eq!(super::read_started(dir.path(), 42), None, "garbage is no generation");
     }
 }

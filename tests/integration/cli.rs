@@ -160,6 +160,71 @@ async fn outpost_reload_reports_what_it_applied_and_fails_when_it_refused() -> a
     Ok(())
 }
 
+/// Two `outpost reload` commands race: the first one's reload has read the file when the file
+/// is edited and a second command signals. The second command reports a reload that holds its
+/// edit, not the one that was under way. Failpoints hold the agent after each read of the file
+/// and the second command after its signal, so the order is the test's: the second command
+/// looks while the report of the reload under way is the last one written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_way_when_the_file_is_edited_is_not_the_one_reported_for_the_edit() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir()?;
+    let base = "[audit]\nenabled = false\n";
+    let path = write_config(dir.path(), base)?;
+    let p = path.to_str().unwrap_or_default();
+    let fifos = dir.path().to_str().unwrap_or_default();
+    for name in ["reload-after-read", "reload-signalled"] {
+        let made = std::process::Command::new("mkfifo").arg(dir.path().join(name)).status()?;
+        anyhow::ensure!(made.success(), "mkfifo {name}");
+    }
+    let env = [("OUTPOST_FAILPOINTS", "reload-after-read"), ("OUTPOST_FAILPOINT_DIR", fifos)];
+    let mut child = ChildAgent::spawn_env(&outpost_bin(), &["run", "--config", p], &env)?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    let command = |failpoints: &str| {
+        std::process::Command::new(outpost_bin())
+            .args(["reload", "--config", p])
+            .env("OUTPOST_FAILPOINTS", failpoints)
+            .env("OUTPOST_FAILPOINT_DIR", fifos)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    // A byte in a paused point's FIFO lets it go.
+    let release = |name: &str| {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new().write(true).open(dir.path().join(name))?.write_all(b"g")
+    };
+    let paused = "failpoint reload-after-read: paused";
+
+    // The first command's reload reads the file as it is, and is held there.
+    let first = command("")?;
+    child.wait_for(paused, Duration::from_secs(60))?;
+    // The edit, and a second command, held once it has signalled.
+    let live = format!("{base}[models.cnn]\nenabled = false\n");
+    std::fs::write(&path, config_text(dir.path(), &[root().join("models")], &live))?;
+    let mut second = command("reload-signalled")?;
+    let stderr = second.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let signalled = lines.by_ref().map_while(Result::ok).any(|l| l.contains("failpoint reload-signalled: paused"));
+    anyhow::ensure!(signalled, "the second command ended before it signalled");
+    // The reload under way reports (without the edit); the next one, for the second signal,
+    // has read the edited file and is held. Only then does the second command look.
+    release("reload-after-read")?;
+    child.wait_for(paused, Duration::from_secs(60))?;
+    let first = first.wait_with_output()?;
+    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+    release("reload-signalled")?;
+    release("reload-after-read")?;
+    let second = second.wait_with_output()?;
+    let text = String::from_utf8_lossy(&second.stdout);
+    assert_eq!(second.status.code(), Some(0), "{text}");
+    assert!(text.contains("applied: models.cnn"), "the second command reported: {text}");
+    let http = outpost_tests::http_client();
+    assert_eq!(http.get(format!("http://{addr}/v2/models/cnn/ready")).send().await?.status().as_u16(), 404);
+    Ok(())
+}
+
 #[test]
 fn keygen_init_and_rotate_root_from_the_command_line() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
