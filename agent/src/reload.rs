@@ -102,9 +102,12 @@ pub fn write_started(state_dir: &Path, pid: u32, generation: u64) -> std::io::Re
     std::fs::rename(&tmp, started_path(state_dir))
 }
 
-/// The generation of the last reload process `pid` began, if it noted one.
+/// The generation of the last reload process `pid` began, if it noted one (read up to 64
+/// bytes: a note is two numbers, whatever else the file holds).
 pub fn read_started(state_dir: &Path, pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(started_path(state_dir)).ok()?;
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(started_path(state_dir)).ok()?.take(64).read_to_string(&mut text).ok()?;
     let (who, generation) = text.trim().split_once(' ')?;
     (who.parse::<u32>().ok()? == pid).then_some(())?;
     generation.parse().ok()
