@@ -12,6 +12,21 @@ fn write_config(dir: &std::path::Path, extra: &str) -> anyhow::Result<std::path:
     Ok(path)
 }
 
+/// An agent run on a configuration of `extra` written in `dir`, with `env`, once its models
+/// are loaded: the agent, its HTTP address and the configuration file.
+fn agent_on(
+    dir: &std::path::Path,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(ChildAgent, String, std::path::PathBuf)> {
+    let path = write_config(dir, extra)?;
+    let p = path.to_str().unwrap_or_default();
+    let mut child = ChildAgent::spawn_env(&outpost_bin(), &["run", "--config", p], env)?;
+    let addr = child.wait_listening()?;
+    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    Ok((child, addr, path))
+}
+
 #[test]
 fn exit_codes_follow_sysexits() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -64,10 +79,7 @@ fn check_models_reproduces_golden_vectors() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_and_sigterm_shutdown() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = write_config(dir.path(), "")?;
-    let mut child = ChildAgent::spawn(&outpost_bin(), &["run", "--config", path.to_str().unwrap_or_default()])?;
-    let addr = child.wait_listening()?;
-    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    let (mut child, addr, path) = agent_on(dir.path(), "", &[])?;
     let http = outpost_tests::http_client();
     let ready = |m: &str| format!("http://{addr}/v2/models/{m}/ready");
     assert_eq!(http.get(ready("cnn")).send().await?.status().as_u16(), 200);
@@ -99,12 +111,9 @@ async fn outpost_reload_reports_what_it_applied_and_fails_when_it_refused() -> a
     let dir = tempfile::tempdir()?;
     // Without an audit log, each request is logged at debug level: the log level's witness.
     let base = "[audit]\nenabled = false\n";
-    let path = write_config(dir.path(), base)?;
-    let p = path.to_str().unwrap_or_default();
     // An empty RUST_LOG: the file's log.level governs.
-    let mut child = ChildAgent::spawn_env(&outpost_bin(), &["run", "--config", p], &[("RUST_LOG", "")])?;
-    let addr = child.wait_listening()?;
-    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    let (mut child, addr, path) = agent_on(dir.path(), base, &[("RUST_LOG", "")])?;
+    let p = path.to_str().unwrap_or_default();
     let http = outpost_tests::http_client();
     let ready = |m: &str| format!("http://{addr}/v2/models/{m}/ready");
     let reload = || -> anyhow::Result<(Option<i32>, String)> {
@@ -170,17 +179,14 @@ async fn a_reload_under_way_when_the_file_is_edited_is_not_the_one_reported_for_
     use std::io::BufRead as _;
     let dir = tempfile::tempdir()?;
     let base = "[audit]\nenabled = false\n";
-    let path = write_config(dir.path(), base)?;
-    let p = path.to_str().unwrap_or_default();
     let fifos = dir.path().to_str().unwrap_or_default();
     for name in ["reload-after-read", "reload-signalled"] {
         let made = std::process::Command::new("mkfifo").arg(dir.path().join(name)).status()?;
         anyhow::ensure!(made.success(), "mkfifo {name}");
     }
     let env = [("OUTPOST_FAILPOINTS", "reload-after-read"), ("OUTPOST_FAILPOINT_DIR", fifos)];
-    let mut child = ChildAgent::spawn_env(&outpost_bin(), &["run", "--config", p], &env)?;
-    let addr = child.wait_listening()?;
-    child.wait_for("initial model load finished", Duration::from_secs(120))?;
+    let (mut child, addr, path) = agent_on(dir.path(), base, &env)?;
+    let p = path.to_str().unwrap_or_default();
     let command = |failpoints: &str| {
         std::process::Command::new(outpost_bin())
             .args(["reload", "--config", p])
