@@ -104,6 +104,11 @@ fn bounded(path: &str) -> &str {
     &path[..end]
 }
 
+/// gRPC's own headers, named once: a lookup by a string parses the name on every call.
+const GRPC_ENCODING: axum::http::HeaderName = axum::http::HeaderName::from_static("grpc-encoding");
+const GRPC_TIMEOUT: axum::http::HeaderName = axum::http::HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: axum::http::HeaderName = axum::http::HeaderName::from_static("grpc-status");
+
 /// Whether a request is gRPC (its content type says so).
 fn is_grpc(req: &axum::extract::Request) -> bool {
     req.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -363,7 +368,7 @@ where
 /// A request in a compression the agent does not take (it announces none, so a client
 /// compresses only when told to by its user).
 fn refuse_encoding(headers: &axum::http::HeaderMap) -> Result<(), Status> {
-    match headers.get("grpc-encoding").map(axum::http::HeaderValue::as_bytes) {
+    match headers.get(GRPC_ENCODING).map(axum::http::HeaderValue::as_bytes) {
         None | Some(b"identity") => Ok(()),
         Some(other) => Err(Status::unimplemented(format!(
             "compression '{}' is not taken here: send messages uncompressed (identity)",
@@ -470,7 +475,7 @@ fn framed_response<R: Message + 'static>(r: R) -> axum::http::Response<Body> {
     // The buffer has room for the message: encoding cannot fail.
     let _ = r.encode(&mut buf);
     let mut trailers = axum::http::HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", axum::http::HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS, axum::http::HeaderValue::from_static("0"));
     let mut response = axum::http::Response::new(Body::new(OneMessage {
         data: Some(buf.freeze()),
         trailers: Some(trailers),
@@ -531,7 +536,7 @@ async fn admit(
 /// A call's deadline: the client's (`grpc-timeout`), at most `http.request_timeout`.
 fn call_timeout(state: &HttpState, headers: &axum::http::HeaderMap) -> Duration {
     let limit = state.config().http.request_timeout;
-    headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_timeout).map_or(limit, |t| t.min(limit))
+    headers.get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_timeout).map_or(limit, |t| t.min(limit))
 }
 
 /// Prost's codec with one change: a request that does not decode is the client's error,

@@ -107,7 +107,6 @@ impl RequestContext {
     }
 }
 
-/// Process-unique request ids: time-based prefix plus a counter.
 /// Retry-After for an overloaded model: the time its queue needs to drain, at least 1 s.
 fn retry_after(served: &crate::engine::Served) -> Duration {
     Duration::from_secs(served.estimated_latency().as_secs().saturating_add(1).min(60))
@@ -120,6 +119,7 @@ fn sample() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Process-unique request ids: time-based prefix plus a counter.
 pub fn next_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;

@@ -273,10 +273,10 @@ fn poll_capacity_or_reset(send: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>
 /// Headers HTTP/2 forbids in an answer (RFC 9113 §8.2.2); h2 refuses an answer carrying them.
 fn strip_connection_headers(headers: &mut axum::http::HeaderMap) {
     use axum::http::header::{HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     fn forbidden(name: &HeaderName) -> bool {
-        [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE].contains(name)
-            || name.as_str() == "keep-alive"
-            || name.as_str() == "proxy-connection"
+        [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE, KEEP_ALIVE, PROXY_CONNECTION].contains(name)
     }
     // Answers rarely carry any (gRPC's never): look before removing.
     let found: Vec<HeaderName> = headers.keys().filter(|n| forbidden(n)).cloned().collect();
