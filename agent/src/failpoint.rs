@@ -64,3 +64,16 @@ pub fn pause(name: &str) {
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
 }
+
+/// A bound on short runs a test sets in place of the engine's (`OUTPOST_SHORT_RUN_US`, µs,
+/// with the `failpoints` feature only): under an instruction counter every run is some fifty
+/// times slower, and the engine would queue the runs it takes inline at full speed.
+#[inline]
+pub fn short_run_us() -> Option<u64> {
+    #[cfg(feature = "failpoints")]
+    {
+        std::env::var("OUTPOST_SHORT_RUN_US").ok().and_then(|v| v.parse().ok())
+    }
+    #[cfg(not(feature = "failpoints"))]
+    None
+}

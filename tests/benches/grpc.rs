@@ -23,9 +23,13 @@
 //! agent, in the same rotation), and the median round is reported with the range: this VM's
 //! throughput drifts by tens of percent from minute to minute, more than the gaps measured. At
 //! one client the raw pair's overheads are also compared round by round (the median of the
-//! differences, and the rounds gRPC won). `--callgrind` runs the agent under callgrind and
-//! reports, for each client, the agent's instructions per request inside and outside the model
-//! run: a count the machine's drift does not move, for gaps smaller than that drift.
+//! differences, and the rounds gRPC won), and then interleaved: blocks of 64 calls, one
+//! transport then the other, each block charged its own engine time and agent CPU (see
+//! `interleaved_overhead`), which resolves a gap of a microsecond where rounds cannot.
+//! `--callgrind` runs the agent under callgrind and reports, for each client, the agent's
+//! instructions per request inside and outside the model run: a count the machine's drift does
+//! not move. The engine's short-run bound is raised to match callgrind's slowness, so the counted
+//! path is the one timed (an idle model's run inline).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -338,6 +342,81 @@ fn paired_overhead(model: &str, targets: &[(&str, Target)], results: &[Vec<Point
     ))
 }
 
+/// Calls in one block of [`interleaved_overhead`].
+const BLOCK_CALLS: usize = 64;
+/// Most block pairs [`interleaved_overhead`] runs (a bound beside the time).
+const MAX_BLOCK_PAIRS: usize = 20_000;
+
+/// The raw pair's overheads at one client, interleaved: blocks of [`BLOCK_CALLS`] calls, one
+/// transport then the other (which goes first alternates), for `seconds`. Each block's overhead
+/// is its mean latency minus the engine's mean run over that block (its statistics read before
+/// and after it, outside the timing), so each transport is charged its own engine time. A
+/// block pair lasts some milliseconds, far shorter than this VM's drift, which hits both
+/// transports of a pair alike: the comparison the round-by-round pairing cannot resolve.
+async fn interleaved_overhead(
+    agent: u32,
+    model: &str,
+    targets: &[(&str, Target)],
+    http: &reqwest::Client,
+    base: &str,
+    seconds: f64,
+) -> Result<Option<String>> {
+    let find = |label: &str| targets.iter().find(|(l, _)| *l == label).map(|(_, t)| t);
+    let (Some(grpc), Some(plain)) = (find(RAW_GRPC), find(RAW_HTTP)) else { return Ok(None) };
+    let pair = [grpc.for_clients(1).await?, plain.for_clients(1).await?];
+    for t in &pair {
+        for _ in 0..200 {
+            t.call().await?;
+        }
+    }
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    // Per transport: every block's overhead (µs per call); their sums of latency and engine time.
+    let mut blocks: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut engines: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut agent_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut client_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut pairs = 0;
+    while Instant::now() < end && pairs < MAX_BLOCK_PAIRS {
+        for k in 0..2 {
+            let i = (k + pairs) % 2;
+            let before = engine_time(http, base, model).await?;
+            let (a0, c0) = (schedstat_ns(Some(agent)), schedstat_ns(None));
+            let started = Instant::now();
+            for _ in 0..BLOCK_CALLS {
+                pair[i].call().await?;
+            }
+            let latency = started.elapsed().as_secs_f64() * 1e6 / BLOCK_CALLS as f64;
+            agent_cpu[i].push((schedstat_ns(Some(agent)) - a0) as f64 / 1e3 / BLOCK_CALLS as f64);
+            client_cpu[i].push((schedstat_ns(None) - c0) as f64 / 1e3 / BLOCK_CALLS as f64);
+            let after = engine_time(http, base, model).await?;
+            let runs = after.0.saturating_sub(before.0).max(1);
+            let engine = after.1.saturating_sub(before.1) as f64 / runs as f64 / 1e3;
+            blocks[i].push(latency - engine);
+            engines[i].push(engine);
+        }
+        pairs += 1;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let mut diff: Vec<f64> = blocks[0].iter().zip(&blocks[1]).map(|(g, h)| g - h).collect();
+    diff.sort_by(f64::total_cmp);
+    let q = |f: f64| diff.get(((diff.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or(0.0);
+    let won = diff.iter().filter(|d| **d < 0.0).count();
+    Ok(Some(format!(
+        "{model}, 1 client, interleaved ({pairs} block pairs of {BLOCK_CALLS} calls): overhead raw gRPC {:.1} µs, raw HTTP {:.1} µs (engine {:.1} µs, {:.1} µs; agent CPU {:.1} µs, {:.1} µs; generator CPU {:.1} µs, {:.1} µs); gRPC minus HTTP per pair: median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {won} of {pairs} pairs",
+        mean(&blocks[0]),
+        mean(&blocks[1]),
+        mean(&engines[0]),
+        mean(&engines[1]),
+        mean(&agent_cpu[0]),
+        mean(&agent_cpu[1]),
+        mean(&client_cpu[0]),
+        mean(&client_cpu[1]),
+        q(0.5),
+        q(0.25),
+        q(0.75),
+    )))
+}
+
 /// (execution count, compute_infer ns) of a model on the agent, from the statistics extension.
 async fn engine_time(http: &reqwest::Client, base: &str, model: &str) -> Result<(u64, u64)> {
     let r = http.get(format!("{base}/v2/models/{model}/stats")).send().await?;
@@ -372,7 +451,13 @@ fn spawn_agent(config: &Path, callgrind: Option<&Path>) -> Result<(ChildAgent, S
     }
     args.extend([bin, "run", "--config", cfg]);
     let (program, args) = if taskset { ("taskset", &args[..]) } else { (args[0], &args[1..]) };
-    let mut child = ChildAgent::spawn_env(Path::new(program), args, &[("RUST_LOG", "warn,outpost=info")])?;
+    // Under callgrind a run is some fifty times slower: the engine's short-run bound is raised
+    // to match, so it runs inline what it runs inline at full speed (an idle model's request).
+    let mut env = vec![("RUST_LOG", "warn,outpost=info")];
+    if callgrind.is_some() {
+        env.push(("OUTPOST_SHORT_RUN_US", "100000"));
+    }
+    let mut child = ChildAgent::spawn_env(Path::new(program), args, &env)?;
     let addr = child.wait_listening()?;
     // Under callgrind the models' load and optimisation run some fifty times slower.
     let load = if callgrind.is_some() { 900 } else { 120 };
@@ -478,6 +563,18 @@ async fn h2_crate(port: u16) -> Result<h2::client::SendRequest<bytes::Bytes>> {
     let (send, conn) = h2::client::handshake(stream).await?;
     tokio::spawn(conn);
     Ok(send)
+}
+
+/// A process's CPU time in ns over all its threads (this process's for `None`), from the
+/// scheduler's per-thread accounting: finer than /proc's clock ticks.
+fn schedstat_ns(pid: Option<u32>) -> u64 {
+    let dir = pid.map_or_else(|| "/proc/self/task".to_owned(), |p| format!("/proc/{p}/task"));
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A process's user and system CPU seconds.
@@ -636,6 +733,7 @@ fn main() -> Result<()> {
                 }
                 if c == 1 {
                     paired.extend(paired_overhead(model, &targets, &results));
+                    paired.extend(interleaved_overhead(agent_pid, model, &targets, &http, &base, seconds * rounds as f64).await?);
                 }
                 for ((label, _), mut points) in targets.iter().zip(results) {
                     points.sort_by(|a, b| a.rps.total_cmp(&b.rps));

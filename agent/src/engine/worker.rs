@@ -211,7 +211,7 @@ impl Default for ServeOptions {
             queue_timeout: None,
             cache_bytes: 0,
             batch: None,
-            short_run: Duration::from_micros(INLINE_MAX_US),
+            short_run: Duration::from_micros(crate::failpoint::short_run_us().unwrap_or(INLINE_MAX_US)),
         }
     }
 }

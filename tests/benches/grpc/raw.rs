@@ -6,7 +6,9 @@
 //! (a gRPC connection shared by several clients has one, which drives it; a lone client drives
 //! its own). The HTTP/1.1 answer head is parsed with `httparse`; the HTTP/2 answers' header
 //! blocks are decoded with `loona-hpack` (its table kept per connection), and the request's
-//! block is built once from `loona-hpack`'s integer encoding.
+//! blocks are built once from `loona-hpack`'s integer encoding: the first call of a connection
+//! adds its headers to the server's table, later calls refer to them, as gRPC clients' HPACK
+//! encoders (tonic's `h2`, gRPC core's) do.
 
 use std::time::Duration;
 
@@ -145,24 +147,36 @@ fn frame_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) 
     out.put_u32(stream);
 }
 
-/// A unary gRPC call's header block (RFC 7541): `:method POST` and `:scheme http` from the
-/// static table, the rest literals never indexed (static names where there are).
-fn request_block(path: &str, authority: &str) -> Bytes {
+/// A unary gRPC call's header blocks (RFC 7541), `:method POST` and `:scheme http` from the
+/// static table in both: the first call's, which adds `:path`, `:authority`, `content-type`
+/// and `te` to the server's dynamic table (literals with incremental indexing, static names
+/// where there are), and every later call's, which refers to those four entries. The four
+/// take [`INDEXED_ENTRIES_SIZE`] bytes of the table; nothing else is added to it, so none is
+/// evicted.
+fn request_blocks(path: &str, authority: &str) -> (Bytes, Bytes) {
     use loona_hpack::encoder::encode_integer;
     fn string(out: &mut Vec<u8>, s: &[u8]) {
         out.extend(encode_integer(s.len(), 7));
         out.extend_from_slice(s);
     }
-    let mut out = vec![0x83, 0x86];
-    // Literal without indexing, name from the static table: a 4-bit index prefix.
+    let mut first = vec![0x83, 0x86];
+    // Literal with incremental indexing, name from the static table: `01` and a 6-bit index.
     for (index, value) in [(4, path.as_bytes()), (1, authority.as_bytes()), (31, b"application/grpc".as_slice())] {
-        out.extend(encode_integer(index, 4));
-        string(&mut out, value);
+        loona_hpack::encoder::encode_integer_into(index, 6, 0x40, &mut first).expect("a Vec takes every write");
+        string(&mut first, value);
     }
-    out.push(0);
-    string(&mut out, b"te");
-    string(&mut out, b"trailers");
-    out.into()
+    first.push(0x40);
+    string(&mut first, b"te");
+    string(&mut first, b"trailers");
+    // The newest entry is 62 (RFC 7541 §2.3.3): te, content-type, :authority, :path.
+    let later = vec![0x83, 0x86, 0x80 | 65, 0x80 | 64, 0x80 | 63, 0x80 | 62];
+    (first.into(), later.into())
+}
+
+/// The table space the request's four indexed headers take (RFC 7541 §4.1: each entry is its
+/// name's and value's length plus 32), given the path's and authority's lengths.
+fn indexed_entries_size(path: usize, authority: usize) -> usize {
+    (5 + path + 32) + (10 + authority + 32) + (12 + 16 + 32) + (2 + 8 + 32)
 }
 
 /// An HTTP/2 connection making unary gRPC calls (driven by [`Mux`]'s task, or by its one client).
@@ -171,9 +185,16 @@ pub(crate) struct Grpc {
     buf: BytesMut,
     out: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
-    /// The request's header block: static-table references and literals never indexed, so
-    /// the same bytes serve every call.
+    /// The request's header blocks (see [`request_blocks`]): the first call's, and later ones'.
+    first_block: Bytes,
     block: Bytes,
+    /// Whether the first call's block has been sent.
+    indexed: bool,
+    /// Table space the request's indexed headers need, and what the server's table holds
+    /// (SETTINGS_HEADER_TABLE_SIZE); with too little, every call sends the first block's
+    /// literals without indexing instead.
+    table_needed: usize,
+    table_size: usize,
     message: Bytes,
     next_id: u32,
     /// What the server lets this client send: on the connection, and on a new stream.
@@ -195,6 +216,8 @@ impl Grpc {
     /// Connects and exchanges settings; `framed` is the length-prefixed request message.
     async fn connect(port: u16, path: &str, framed: Bytes) -> Result<Self> {
         let mut stream = connect(port).await?;
+        let authority = format!("127.0.0.1:{port}");
+        let (first_block, block) = request_blocks(path, &authority);
         let mut out = BytesMut::with_capacity(64 * 1024);
         out.put_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         frame_head(&mut out, 6, SETTINGS, 0, 0);
@@ -209,7 +232,11 @@ impl Grpc {
             buf: BytesMut::with_capacity(64 * 1024),
             out,
             decoder: loona_hpack::Decoder::new(),
-            block: request_block(path, &format!("127.0.0.1:{port}")),
+            first_block,
+            block,
+            indexed: false,
+            table_needed: indexed_entries_size(path.len(), authority.len()),
+            table_size: 4096,
             message: framed,
             next_id: 1,
             send_window: 65_535,
@@ -257,6 +284,7 @@ impl Grpc {
                 for s in payload.chunks_exact(6) {
                     let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
                     match u16::from_be_bytes([s[0], s[1]]) {
+                        0x1 => self.table_size = value as usize,
                         0x3 => self.max_streams = value as usize,
                         0x4 => self.stream_window = i64::from(value),
                         _ => {}
@@ -510,9 +538,16 @@ impl Grpc {
         let id = self.next_id;
         ensure!(id < (1 << 31), "stream ids used up");
         self.next_id += 2;
-        ensure!(self.block.len() <= DEFAULT_MAX_FRAME, "a header block over one frame");
+        let block = if self.indexed {
+            self.block.clone()
+        } else {
+            // A server whose table cannot hold the entries gets them added each time: its
+            // table keeps none of them, and the next call adds them again.
+            self.indexed = self.table_needed <= self.table_size;
+            self.first_block.clone()
+        };
+        ensure!(block.len() <= DEFAULT_MAX_FRAME, "a header block over one frame");
         self.send_window -= self.message.len() as i64;
-        let block = self.block.clone();
         frame_head(&mut self.out, block.len(), HEADERS, END_HEADERS, id);
         self.out.put_slice(&block);
         let mut rest = self.message.clone();
