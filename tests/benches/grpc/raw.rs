@@ -151,7 +151,7 @@ fn frame_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) 
 /// static table in both: the first call's, which adds `:path`, `:authority`, `content-type`
 /// and `te` to the server's dynamic table (literals with incremental indexing, static names
 /// where there are), and every later call's, which refers to those four entries. The four
-/// take [`INDEXED_ENTRIES_SIZE`] bytes of the table; nothing else is added to it, so none is
+/// take [`indexed_entries_size`] bytes of the table; nothing else is added to it, so none is
 /// evicted.
 fn request_blocks(path: &str, authority: &str) -> (Bytes, Bytes) {
     use loona_hpack::encoder::encode_integer;
@@ -191,8 +191,8 @@ pub(crate) struct Grpc {
     /// Whether the first call's block has been sent.
     indexed: bool,
     /// Table space the request's indexed headers need, and what the server's table holds
-    /// (SETTINGS_HEADER_TABLE_SIZE); with too little, every call sends the first block's
-    /// literals without indexing instead.
+    /// (SETTINGS_HEADER_TABLE_SIZE); with too little, every call sends the first block (its
+    /// literals, which the server's table cannot keep) instead of referring to entries.
     table_needed: usize,
     table_size: usize,
     message: Bytes,
