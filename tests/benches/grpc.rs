@@ -376,23 +376,26 @@ async fn interleaved_overhead(
     let mut agent_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut client_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut pairs = 0;
+    // The statistics are cumulative: one block's reading after is the next one's before.
+    let mut before = engine_time(http, base, model).await?;
     while Instant::now() < end && pairs < MAX_BLOCK_PAIRS {
         for k in 0..2 {
             let i = (k + pairs) % 2;
-            let before = engine_time(http, base, model).await?;
             let (a0, c0) = (schedstat_ns(Some(agent)), schedstat_ns(None));
             let started = Instant::now();
             for _ in 0..BLOCK_CALLS {
                 pair[i].call().await?;
             }
             let latency = started.elapsed().as_secs_f64() * 1e6 / BLOCK_CALLS as f64;
-            agent_cpu[i].push((schedstat_ns(Some(agent)) - a0) as f64 / 1e3 / BLOCK_CALLS as f64);
-            client_cpu[i].push((schedstat_ns(None) - c0) as f64 / 1e3 / BLOCK_CALLS as f64);
+            // A thread that ended meanwhile takes its time out of the sum: never below zero.
+            agent_cpu[i].push(schedstat_ns(Some(agent)).saturating_sub(a0) as f64 / 1e3 / BLOCK_CALLS as f64);
+            client_cpu[i].push(schedstat_ns(None).saturating_sub(c0) as f64 / 1e3 / BLOCK_CALLS as f64);
             let after = engine_time(http, base, model).await?;
             let runs = after.0.saturating_sub(before.0).max(1);
             let engine = after.1.saturating_sub(before.1) as f64 / runs as f64 / 1e3;
             blocks[i].push(latency - engine);
             engines[i].push(engine);
+            before = after;
         }
         pairs += 1;
     }
