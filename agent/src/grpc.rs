@@ -340,18 +340,18 @@ async fn unary<M, R, P, F, Fut>(
 ) -> axum::http::Response<Body>
 where
     M: Message + Default + Send + 'static,
-    R: Message + Send + 'static,
+    R: Reply,
     P: Fn(&M) -> Permission,
     F: FnOnce(Arc<Shared>, Call, M) -> Fut,
     Fut: Future<Output = Result<R, Status>>,
 {
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let answer = async {
         refuse_encoding(&parts.headers)?;
         // The call's deadline covers its message's arrival too: a slow sender is cut off, as
         // an HTTP body is.
         let timeout = call_timeout(&s.state, &parts.headers);
-        let message = tokio::time::timeout(timeout, read_message(body, s.max))
+        let message = tokio::time::timeout(timeout, read_message(&mut body, s.max))
             .await
             .map_err(|_| Status::deadline_exceeded("the request message did not arrive before the deadline"))??;
         let request =
@@ -360,7 +360,9 @@ where
         f(s, call, request).await
     };
     match answer.await {
-        Ok(r) => framed_response(r),
+        // The request's head and spent body go with the answer, so they are freed after it
+        // is written rather than before.
+        Ok(r) => framed_response(r, (parts, body)),
         Err(status) => status_response(status),
     }
 }
@@ -379,9 +381,8 @@ fn refuse_encoding(headers: &axum::http::HeaderMap) -> Result<(), Status> {
 
 /// The one length-prefixed message of a unary request, read up to `max` bytes: a message
 /// declared larger is refused when its prefix arrives, before its bytes are read.
-async fn read_message(body: Body, max: usize) -> Result<bytes::Bytes, Status> {
+async fn read_message(body: &mut Body, max: usize) -> Result<bytes::Bytes, Status> {
     use http_body_util::BodyExt as _;
-    let mut body = body;
     let mut got = Received::default();
     let mut declared: Option<usize> = None;
     while let Some(frame) = body.frame().await {
@@ -463,23 +464,63 @@ impl Received {
     }
 }
 
+/// What a unary method answers: the message sent back, and with it anything that may wait to
+/// be freed until the answer is written.
+trait Reply: Send + 'static {
+    type Message: Message;
+    fn message(&self) -> &Self::Message;
+}
+
+/// Messages answered alone.
+macro_rules! replies {
+    ($($t:ty),* $(,)?) => {$(
+        impl Reply for $t {
+            type Message = $t;
+            fn message(&self) -> &$t {
+                self
+            }
+        }
+    )*};
+}
+
+replies!(
+    pb::ServerLiveResponse,
+    pb::ServerReadyResponse,
+    pb::ModelReadyResponse,
+    pb::ServerMetadataResponse,
+    pb::ModelMetadataResponse,
+    pb::ModelConfigResponse,
+    pb::ModelStatisticsResponse,
+    pb::RepositoryIndexResponse,
+    pb::Empty,
+);
+
+/// A message and what is left of the request that made it.
+impl<M: Message + Send + 'static, K: Send + 'static> Reply for (M, K) {
+    type Message = M;
+    fn message(&self) -> &M {
+        &self.0
+    }
+}
+
 /// A successful unary answer: the message, framed, then `grpc-status: 0` in the trailers. The
-/// message itself rides along in the body, so it is freed when the body is, after the answer
-/// is written (see `http::h2conn`).
-fn framed_response<R: Message + 'static>(r: R) -> axum::http::Response<Body> {
+/// reply, and `spent` (what is left of the request), ride along in the body, so they are
+/// freed when the body is, after the answer is written (see `http::h2conn`).
+fn framed_response<R: Reply, K: Send + 'static>(r: R, spent: K) -> axum::http::Response<Body> {
     use bytes::BufMut as _;
-    let len = r.encoded_len();
+    let message = r.message();
+    let len = message.encoded_len();
     let mut buf = bytes::BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
     buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
     // The buffer has room for the message: encoding cannot fail.
-    let _ = r.encode(&mut buf);
+    let _ = message.encode(&mut buf);
     let mut trailers = axum::http::HeaderMap::with_capacity(1);
     trailers.insert(GRPC_STATUS, axum::http::HeaderValue::from_static("0"));
     let mut response = axum::http::Response::new(Body::new(OneMessage {
         data: Some(buf.freeze()),
         trailers: Some(trailers),
-        _message: Box::new(r),
+        _spent: Box::new((r, spent)),
     }));
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/grpc"));
@@ -490,7 +531,8 @@ fn framed_response<R: Message + 'static>(r: R) -> axum::http::Response<Body> {
 struct OneMessage {
     data: Option<bytes::Bytes>,
     trailers: Option<axum::http::HeaderMap>,
-    _message: Box<dyn Send>,
+    /// The answer's message and the request's remains, freed with the body.
+    _spent: Box<dyn Send>,
 }
 
 impl hyper::body::Body for OneMessage {
@@ -669,11 +711,14 @@ fn with_retry(s: Status, after: Duration) -> Status {
 }
 
 /// One inference through the shared service.
-async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, Status> {
-    let mut r = r;
-    let model = std::mem::take(&mut r.model_name);
-    let version = Some(std::mem::take(&mut r.model_version)).filter(|v| !v.is_empty());
-    let (request, raw) = match pb::request_from_grpc(r) {
+/// One inference: its answer, and what is left of its request and context (for the caller to
+/// free after the answer is written).
+async fn infer(
+    s: &Shared,
+    call: &Call,
+    mut r: pb::ModelInferRequest,
+) -> Result<(pb::ModelInferResponse, impl Send + 'static), Status> {
+    let (request, raw) = match pb::take_request_from_grpc(&mut r) {
         Ok(x) => x,
         Err(e) => {
             s.state.service.metrics.record_http_error();
@@ -685,8 +730,9 @@ async fn infer(s: &Shared, call: &Call, r: pb::ModelInferRequest) -> Result<pb::
     if let Some(id) = &request.id {
         ctx.id = id.clone();
     }
-    let response = s.state.service.infer(&ctx, &model, version.as_deref(), request).await.map_err(status)?;
-    Ok(pb::response_to_grpc(response, raw))
+    let version = version(&r.model_version);
+    let response = s.state.service.infer(&ctx, &r.model_name, version, request).await.map_err(status)?;
+    Ok((pb::response_to_grpc(response, raw), (r, ctx)))
 }
 
 /// `ModelStreamInfer`: many requests on one stream, the stream refused at once without
@@ -722,7 +768,7 @@ async fn stream_infer(s: Arc<Shared>, req: axum::extract::Request) -> axum::http
                             match admit(&s.state, &headers, &extensions, &permission, call_timeout(&s.state, &headers))
                                 .await
                             {
-                                Ok(call) => infer(&s, &call, r).await,
+                                Ok(call) => infer(&s, &call, r).await.map(|(answer, _)| answer),
                                 Err(e) => Err(e),
                             };
                         Ok(match answer {

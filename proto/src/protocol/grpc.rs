@@ -485,7 +485,15 @@ fn from_contents(name: &str, dt: DataType, c: InferTensorContents) -> Result<Ten
 /// A decoded `ModelInferRequest` as the protocol's request, with whether its tensors came
 /// raw (`raw_input_contents`, as `tritonclient` sends them) or typed (`contents`). Every
 /// tensor must hold exactly its shape's elements; all inputs are raw or none is.
-pub fn request_from_grpc(r: ModelInferRequest) -> Result<(InferRequest, bool), ProtocolError> {
+pub fn request_from_grpc(mut r: ModelInferRequest) -> Result<(InferRequest, bool), ProtocolError> {
+    take_request_from_grpc(&mut r)
+}
+
+/// As [`request_from_grpc`], taking out of `r` only what the request keeps (names, typed
+/// contents, the id): the rest of `r` (raw bytes, once read, datatypes, shapes, parameters)
+/// stays, for its owner to free when it suits (the gRPC listener frees it after the answer
+/// is written).
+pub fn take_request_from_grpc(r: &mut ModelInferRequest) -> Result<(InferRequest, bool), ProtocolError> {
     let raw = !r.raw_input_contents.is_empty();
     if raw && r.raw_input_contents.len() != r.inputs.len() {
         return Err(ProtocolError::new(format!(
@@ -494,12 +502,12 @@ pub fn request_from_grpc(r: ModelInferRequest) -> Result<(InferRequest, bool), P
             r.inputs.len()
         )));
     }
-    let mut raws = r.raw_input_contents.into_iter();
+    let mut raws = r.raw_input_contents.iter();
     let mut total = 0usize;
     let mut inputs = Vec::with_capacity(r.inputs.len());
     let mut input_parameters = Vec::with_capacity(r.inputs.len());
-    for input in r.inputs {
-        let name = input.name;
+    for input in &mut r.inputs {
+        let name = std::mem::take(&mut input.name);
         let dt = DataType::parse(&input.datatype)
             .ok_or_else(|| ProtocolError::new(format!("input '{name}': unknown datatype '{}'", input.datatype)))?;
         let shape = shape_from_i64(&name, &input.shape)?;
@@ -508,8 +516,8 @@ pub fn request_from_grpc(r: ModelInferRequest) -> Result<(InferRequest, bool), P
                 ProtocolError::new(format!("input '{name}': shape {:?} holds too many elements", input.shape))
             })?;
         total += expected;
-        let data = match (raws.next(), input.contents) {
-            (Some(bytes), None) => TensorData::from_le_bytes(dt, &bytes, expected)
+        let data = match (raws.next(), input.contents.take()) {
+            (Some(bytes), None) => TensorData::from_le_bytes(dt, bytes, expected)
                 .map_err(|e| ProtocolError::new(format!("input '{name}': {e}")))?,
             (Some(_), Some(_)) => {
                 return Err(ProtocolError::new(format!("input '{name}': both contents and raw_input_contents")))
@@ -529,11 +537,11 @@ pub fn request_from_grpc(r: ModelInferRequest) -> Result<(InferRequest, bool), P
     }
     let outputs = r
         .outputs
-        .into_iter()
-        .map(|o| RequestedOutput { parameters: parameters_to_json(&o.parameters), name: o.name })
+        .iter_mut()
+        .map(|o| RequestedOutput { parameters: parameters_to_json(&o.parameters), name: std::mem::take(&mut o.name) })
         .collect();
     let request = InferRequest {
-        id: (!r.id.is_empty()).then_some(r.id),
+        id: (!r.id.is_empty()).then(|| std::mem::take(&mut r.id)),
         parameters: parameters_to_json(&r.parameters),
         inputs,
         input_parameters,
@@ -671,6 +679,21 @@ mod tests {
             let back = response_from_grpc(ModelInferResponse::decode(g.encode_to_vec().as_slice()).unwrap()).unwrap();
             assert_eq!(back.outputs, resp.outputs);
         }
+    }
+
+    #[test]
+    fn taking_a_request_leaves_the_rest_of_the_message_to_its_owner() {
+        let mut r = request(true);
+        let (taken, raw) = take_request_from_grpc(&mut r).unwrap();
+        let (whole, _) = request_from_grpc(request(true)).unwrap();
+        assert!(raw);
+        assert_eq!((taken.inputs, taken.id), (whole.inputs, whole.id));
+        // What the request keeps was taken; the raw bytes, datatype and shape stay behind, to be
+        // freed with the message.
+        assert!(r.inputs[0].name.is_empty() && r.id.is_empty());
+        assert_eq!(r.raw_input_contents[0].len(), 16);
+        assert_eq!((r.inputs[0].datatype.as_str(), r.inputs[0].shape.as_slice()), ("FP32", &[1i64, 4][..]));
+        assert_eq!(r.model_name, "mlp");
     }
 
     #[test]
