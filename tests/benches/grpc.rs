@@ -17,7 +17,7 @@
 //!
 //!     cargo bench -p outpost-tests --bench grpc -- [--seconds 5] [--models mlp,cnn]
 //!         [--concurrency 1,8,64] [--rounds 3] [--kserve-python PY] [--only LABEL]
-//!         [--library-clients] [--callgrind]
+//!         [--library-clients] [--callgrind] [--trace]
 //!
 //! Every point runs `--rounds` times, the targets in a rotating order (KServe beside the
 //! agent, in the same rotation), and the median round is reported with the range: this VM's
@@ -26,6 +26,8 @@
 //! differences, and the rounds gRPC won), and then interleaved: blocks of 64 calls, one
 //! transport then the other, each block charged its own engine time and agent CPU (see
 //! `interleaved_overhead`), which resolves a gap of a microsecond where rounds cannot.
+//! `--trace` also records the agent's syscalls meanwhile (`perf`, see `trace`): its own time
+//! from a request's read to its answer's write, without the round trip's wake-ups.
 //! `--callgrind` runs the agent under callgrind and reports, for each client, the agent's
 //! instructions per request inside and outside the model run: a count the machine's drift does
 //! not move. The engine's short-run bound is raised to match callgrind's slowness, so the counted
@@ -43,6 +45,8 @@ use prost::Message as _;
 
 #[path = "grpc/raw.rs"]
 mod raw;
+#[path = "grpc/trace.rs"]
+mod trace;
 
 /// Most requests one point sends (a bound beside the time).
 const MAX_REQUESTS: usize = 2_000_000;
@@ -360,15 +364,17 @@ async fn interleaved_overhead(
     http: &reqwest::Client,
     base: &str,
     seconds: f64,
-) -> Result<Option<String>> {
+    traced: Option<(&Path, [u16; 2])>,
+) -> Result<Vec<String>> {
     let find = |label: &str| targets.iter().find(|(l, _)| *l == label).map(|(_, t)| t);
-    let (Some(grpc), Some(plain)) = (find(RAW_GRPC), find(RAW_HTTP)) else { return Ok(None) };
+    let (Some(grpc), Some(plain)) = (find(RAW_GRPC), find(RAW_HTTP)) else { return Ok(Vec::new()) };
     let pair = [grpc.for_clients(1).await?, plain.for_clients(1).await?];
     for t in &pair {
         for _ in 0..200 {
             t.call().await?;
         }
     }
+    let recording = traced.map(|(dir, _)| trace::Trace::start(agent, dir)).transpose()?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     // Per transport: every block's overhead (µs per call); their sums of latency and engine time.
     let mut blocks: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -399,12 +405,37 @@ async fn interleaved_overhead(
         }
         pairs += 1;
     }
+    let residency = match (recording, traced) {
+        (Some(recording), Some((_, ports))) => Some(recording.finish(agent, ports)?),
+        _ => None,
+    };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let mut diff: Vec<f64> = blocks[0].iter().zip(&blocks[1]).map(|(g, h)| g - h).collect();
-    diff.sort_by(f64::total_cmp);
-    let q = |f: f64| diff.get(((diff.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or(0.0);
+    let quantile = |v: &mut Vec<f64>, f: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or(0.0)
+    };
+    let diff: Vec<f64> = blocks[0].iter().zip(&blocks[1]).map(|(g, h)| g - h).collect();
+    let q = |f: f64| quantile(&mut diff.clone(), f);
     let won = diff.iter().filter(|d| **d < 0.0).count();
-    Ok(Some(format!(
+    let mut lines = Vec::new();
+    if let Some(r) = residency {
+        let (mut g, mut h, mut d) = (r.all(0), r.all(1), r.paired_differences(BLOCK_CALLS / 2));
+        let (eg, eh) = (mean(&engines[0]), mean(&engines[1]));
+        let (mg, mh) = (quantile(&mut g, 0.5), quantile(&mut h, 0.5));
+        lines.push(format!(
+            "{model}, 1 client, agent residency per request (its read of the request to its write of the answer, syscall tracepoints; {} and {} requests): median raw gRPC {mg:.1} µs, raw HTTP {mh:.1} µs (less mean engine time: {:.1} µs, {:.1} µs); gRPC minus HTTP per run pair (means): median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {} of {} pairs",
+            g.len(),
+            h.len(),
+            mg - eg,
+            mh - eh,
+            quantile(&mut d, 0.5),
+            quantile(&mut d, 0.25),
+            quantile(&mut d, 0.75),
+            d.iter().filter(|x| **x < 0.0).count(),
+            d.len(),
+        ));
+    }
+    lines.insert(0, format!(
         "{model}, 1 client, interleaved ({pairs} block pairs of {BLOCK_CALLS} calls): overhead raw gRPC {:.1} µs, raw HTTP {:.1} µs (engine {:.1} µs, {:.1} µs; agent CPU {:.1} µs, {:.1} µs; generator CPU {:.1} µs, {:.1} µs); gRPC minus HTTP per pair: median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {won} of {pairs} pairs",
         mean(&blocks[0]),
         mean(&blocks[1]),
@@ -417,7 +448,8 @@ async fn interleaved_overhead(
         q(0.5),
         q(0.25),
         q(0.75),
-    )))
+    ));
+    Ok(lines)
 }
 
 /// (execution count, compute_infer ns) of a model on the agent, from the statistics extension.
@@ -623,6 +655,9 @@ fn main() -> Result<()> {
     let rounds: usize = arg(&args, "--rounds").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     // The agent under callgrind: instructions per request for each client, instead of timings.
     let callgrind = args.iter().any(|a| a == "--callgrind");
+    // The agent's syscalls traced during the interleaved comparison (`trace`): its own time
+    // from a request's read to its answer's write.
+    let traced = args.iter().any(|a| a == "--trace");
     outpost::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
@@ -736,7 +771,7 @@ fn main() -> Result<()> {
                 }
                 if c == 1 {
                     paired.extend(paired_overhead(model, &targets, &results));
-                    paired.extend(interleaved_overhead(agent_pid, model, &targets, &http, &base, seconds * rounds as f64).await?);
+                    paired.extend(interleaved_overhead(agent_pid, model, &targets, &http, &base, seconds * rounds as f64, traced.then_some((state.path(), [grpc_port, http_port]))).await?);
                 }
                 for ((label, _), mut points) in targets.iter().zip(results) {
                     points.sort_by(|a, b| a.rps.total_cmp(&b.rps));
