@@ -710,9 +710,8 @@ fn with_retry(s: Status, after: Duration) -> Status {
     out
 }
 
-/// One inference through the shared service.
-/// One inference: its answer, and what is left of its request and context (for the caller to
-/// free after the answer is written).
+/// One inference through the shared service: its answer, and what is left of its request and
+/// context (for the caller to free after the answer is written).
 async fn infer(
     s: &Shared,
     call: &Call,

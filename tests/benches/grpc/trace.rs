@@ -69,6 +69,14 @@ impl Trace {
     }
 }
 
+/// A bench that fails between start and finish leaves no perf running.
+impl Drop for Trace {
+    fn drop(&mut self) {
+        let _ = self.perf.kill();
+        let _ = self.perf.wait();
+    }
+}
+
 /// Requests of each connection in the order they came, by runs.
 pub(crate) struct Residency {
     runs: Vec<(usize, Vec<f64>)>,
