@@ -729,8 +729,8 @@ async fn infer(
     if let Some(id) = &request.id {
         ctx.id = id.clone();
     }
-    let version = version(&r.model_version);
-    let response = s.state.service.infer(&ctx, &r.model_name, version, request).await.map_err(status)?;
+    let wanted = version(&r.model_version);
+    let response = s.state.service.infer(&ctx, &r.model_name, wanted, request).await.map_err(status)?;
     Ok((pb::response_to_grpc(response, raw), (r, ctx)))
 }
 

@@ -410,32 +410,15 @@ async fn interleaved_overhead(
         _ => None,
     };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let quantile = |v: &mut Vec<f64>, f: f64| {
+    let sorted = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or(0.0)
+        v
     };
-    let diff: Vec<f64> = blocks[0].iter().zip(&blocks[1]).map(|(g, h)| g - h).collect();
-    let q = |f: f64| quantile(&mut diff.clone(), f);
+    // A quantile of sorted values.
+    let at = |v: &[f64], f: f64| v.get(((v.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or(0.0);
+    let diff = sorted(blocks[0].iter().zip(&blocks[1]).map(|(g, h)| g - h).collect());
     let won = diff.iter().filter(|d| **d < 0.0).count();
-    let mut lines = Vec::new();
-    if let Some(r) = residency {
-        let (mut g, mut h, mut d) = (r.all(0), r.all(1), r.paired_differences(BLOCK_CALLS / 2));
-        let (eg, eh) = (mean(&engines[0]), mean(&engines[1]));
-        let (mg, mh) = (quantile(&mut g, 0.5), quantile(&mut h, 0.5));
-        lines.push(format!(
-            "{model}, 1 client, agent residency per request (its read of the request to its write of the answer, syscall tracepoints; {} and {} requests): median raw gRPC {mg:.1} µs, raw HTTP {mh:.1} µs (less mean engine time: {:.1} µs, {:.1} µs); gRPC minus HTTP per run pair (means): median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {} of {} pairs",
-            g.len(),
-            h.len(),
-            mg - eg,
-            mh - eh,
-            quantile(&mut d, 0.5),
-            quantile(&mut d, 0.25),
-            quantile(&mut d, 0.75),
-            d.iter().filter(|x| **x < 0.0).count(),
-            d.len(),
-        ));
-    }
-    lines.insert(0, format!(
+    let mut lines = vec![format!(
         "{model}, 1 client, interleaved ({pairs} block pairs of {BLOCK_CALLS} calls): overhead raw gRPC {:.1} µs, raw HTTP {:.1} µs (engine {:.1} µs, {:.1} µs; agent CPU {:.1} µs, {:.1} µs; generator CPU {:.1} µs, {:.1} µs); gRPC minus HTTP per pair: median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {won} of {pairs} pairs",
         mean(&blocks[0]),
         mean(&blocks[1]),
@@ -445,10 +428,26 @@ async fn interleaved_overhead(
         mean(&agent_cpu[1]),
         mean(&client_cpu[0]),
         mean(&client_cpu[1]),
-        q(0.5),
-        q(0.25),
-        q(0.75),
-    ));
+        at(&diff, 0.5),
+        at(&diff, 0.25),
+        at(&diff, 0.75),
+    )];
+    if let Some(r) = residency {
+        let (g, h, d) = (sorted(r.all(0)), sorted(r.all(1)), sorted(r.paired_differences(BLOCK_CALLS / 2)));
+        let (mg, mh) = (at(&g, 0.5), at(&h, 0.5));
+        lines.push(format!(
+            "{model}, 1 client, agent residency per request (its read of the request to its write of the answer, syscall tracepoints; {} and {} requests): median raw gRPC {mg:.1} µs, raw HTTP {mh:.1} µs (less mean engine time: {:.1} µs, {:.1} µs); gRPC minus HTTP per run pair (means): median {:+.1} µs (middle half {:+.1} to {:+.1}), gRPC lower in {} of {} pairs",
+            g.len(),
+            h.len(),
+            mg - mean(&engines[0]),
+            mh - mean(&engines[1]),
+            at(&d, 0.5),
+            at(&d, 0.25),
+            at(&d, 0.75),
+            d.iter().filter(|x| **x < 0.0).count(),
+            d.len(),
+        ));
+    }
     Ok(lines)
 }
 
